@@ -1,0 +1,88 @@
+"""Installs pgolf_kernels; builds the CUDA extension pgolf_kernels._C from csrc/ when it can.
+
+The extension is optional: with no nvcc or a CPU-only torch the install still succeeds and
+`pgolf_kernels.extension_status()` reports why the extension is absent (a note is written beside the package).
+Arch list: TORCH_CUDA_ARCH_LIST if set, else Hopper sm_90a plus portable sm_80.
+Build: `pip install --no-build-isolation .` (torch must already be installed); MAX_JOBS caps ninja's jobs.
+"""
+import glob
+import json
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NOTE = os.path.join(HERE, "pgolf_kernels", "_build_note.json")
+
+
+def _write_note(reason):
+    with open(NOTE + ".tmp", "w") as f:
+        json.dump({"reason": reason}, f)
+    os.replace(NOTE + ".tmp", NOTE)
+
+
+def _cuda_extension():
+    """(ext_modules, cmdclass) or ([], {}) with the reason written to the build note."""
+    if os.environ.get("PGOLF_NO_CUDA_EXT") == "1":
+        return None, "build skipped: PGOLF_NO_CUDA_EXT=1"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError as exc:
+        return None, f"torch was not importable at build time ({exc}); install torch first and use --no-build-isolation"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a CPU-only build"
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if not nvcc or not os.path.exists(nvcc):
+        return None, "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    if not sources:
+        return None, "csrc/ holds no sources"
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # Hopper's own instructions (wgmma, setmaxnreg) need sm_90a; sm_80 keeps the build portable.
+        nvcc_flags += ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
+    ext = CUDAExtension(
+        name="pgolf_kernels._C",
+        sources=sources,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+    )
+    return ([ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}), None
+
+
+built, reason = _cuda_extension()
+if built is None:
+    print(f"pgolf_kernels: CUDA extension not built: {reason}")
+    _write_note(reason)
+    ext_modules, cmdclass = [], {}
+else:
+    ext_modules, cmdclass = built
+    if os.path.exists(NOTE):
+        os.remove(NOTE)
+
+setup(
+    name="pgolf",
+    version="0.1.0",
+    description="Fused GPU kernels and a thin trainer for OpenAI's Parameter Golf challenge",
+    packages=find_packages(include=["pgolf_kernels", "pgolf_kernels.*"]),
+    package_data={"pgolf_kernels": ["_build_note.json"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "sentencepiece>=0.2",
+        "tqdm",
+        "zstandard",
+        "brotli",
+        "huggingface_hub",
+    ],
+    extras_require={
+        "prepare": ["lxml", "docutils", "py3langid"],
+        "triton": ["triton>=3.0"],
+        "bench": ["matplotlib"],
+        "test": ["pytest", "lxml", "docutils", "py3langid", "matplotlib"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
