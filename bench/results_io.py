@@ -1,0 +1,128 @@
+"""Writing bench results the one way ../shared/docs/bench-results.md describes.
+
+`write_results(bench, rows, out_dirs, command=..., plot=...)` writes
+`<bench>-<device-slug>-<YYYY-MM-DD>.json` (the object with bench, device, date, commit, versions, command,
+rows), a Markdown table of the rows beside it, and optionally a PNG drawn by `plot(rows, path)` with
+matplotlib from the same rows. Every bench script in bench/ goes through here so the files stay uniform.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return "cpu"
+
+
+def device_slug(name: str | None = None) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3' (vendor word dropped, lower case, dashes)."""
+    name = name or device_name()
+    name = re.sub(r"^nvidia\s+", "", name.strip(), flags=re.I)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        sha = out.stdout.strip()
+        if out.returncode == 0 and sha:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+            return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("PGOLF_COMMIT", "unknown")
+
+
+def versions() -> dict:
+    v = {"python": sys.version.split()[0]}
+    try:
+        import torch
+
+        v["torch"] = torch.__version__
+        v["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "(no rows)\n"
+    if columns is None:
+        columns = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+
+    def fmt(v):
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(bench: str, rows: list[dict], out_dirs, *, command: str | None = None, plot=None,
+                  extra: dict | None = None, notes: str = "") -> list[Path]:
+    """Write JSON + MD (+ PNG when `plot` is given) into each of out_dirs; returns the JSON paths."""
+    dev = device_name()
+    date = _dt.date.today().isoformat()
+    obj = {
+        "bench": bench,
+        "device": dev,
+        "date": date,
+        "commit": git_commit(),
+        "versions": versions(),
+        "command": command or " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv),
+        "rows": rows,
+    }
+    if extra:
+        obj.update(extra)
+    stem = f"{bench}-{device_slug(dev)}-{date}"
+    written = []
+    for d in out_dirs:
+        d = Path(d)
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic_write(d / f"{stem}.json", json.dumps(obj, indent=2) + "\n")
+        md = f"# {bench} on {dev}, {date}\n\ncommit `{obj['commit']}`, versions {obj['versions']}\n\n"
+        md += f"command: `{obj['command']}`\n\n" + markdown_table(rows) + ("\n" + notes + "\n" if notes else "")
+        _atomic_write(d / f"{stem}.md", md)
+        if plot is not None:
+            png = d / f"{stem}.png"
+            tmp = d / f"{stem}.tmp.png"
+            plot(rows, tmp)
+            os.replace(tmp, png)
+        written.append(d / f"{stem}.json")
+    return written
