@@ -1,0 +1,470 @@
+"""The Parameter Golf transformer block: an eager reference and a fused path built from Triton kernels.
+
+`ReferenceBlock` computes exactly the baseline block of the official train_gpt.py (Block / CausalSelfAttention /
+MLP / Rotary / RMSNorm) with the same parameter names and shapes, so a state dict loads across, plus the variants
+the record presets use: MLP mult 2-4, LeakyReLU(0.5)^2 activation and partial RoPE (the first `rope_dims` of the
+head dims rotate, paired i <-> i + rope_dims/2, with frequencies base^(-2i/rope_dims)). Its forward is
+`forward(x, x0) -> x`; run it under `torch.autocast("cuda", torch.bfloat16)` for the baseline's bf16 matmuls.
+
+`FusedBlock` has the same parameters and computes the same function with five fused pieces:
+
+  forward (training and eval):       kernels launched (outside attention)
+    attn_in   resid_mix + RMSNorm + [Wq;Wk;Wv] matmul + q/k RMSNorm + RoPE + q gain      1
+    SDPA      torch scaled_dot_product_attention (cuDNN / flash backend, causal, GQA)      -
+    attn_out  y @ Wproj^T, epilogue  x1 = xm + attn_scale * (.)                            1
+    mlp       up:   (x1 @ Wfc^T) * rstd(x1)  -> pre (RMSNorm as a row scale)               1
+              down: act(pre) @ Wproj^T, epilogue  out = x1 + mlp_scale * (.)               1
+  => one block forward launches 4 kernels outside attention (plus the cached RoPE tables, built once per
+     sequence length). The eager compiled baseline launches about 10 fused elementwise kernels + 6 matmuls.
+
+  backward: attn_in 3 kernels (QKV epilogue backward; dX matmul with RMSNorm + resid_mix backward in the
+  epilogue; dW over rows), attn_out 2 (dY matmul, dW), mlp 4 (dPre matmul with act' in the epilogue, dWproj,
+  dWfc, dX matmul with RMSNorm backward + residual in the epilogue) = 9 Triton kernels, plus small torch
+  reductions of per-tile partial sums (split-over-rows dW, the scale / gain / resid_mix vectors).
+
+Design choices (and why):
+  * Weightless RMSNorm is a row scale: norm(x) @ W^T = rstd * (x @ W^T), so the matmul that consumes a normed
+    tensor computes rstd from the sum of squares of the A tiles it loads anyway; no normalised copy is written.
+    Its backward needs c = sum_j dh_j h_j = sum_k d(pre)_k pre_k, which the preceding kernel's epilogue already
+    has, so the norm backward sits in the dX matmul's epilogue with per-row scalars only.
+  * The MLP stores only `pre` (hidden before the activation); act(pre) is recomputed in the down matmul's
+    operand load, in dWproj's operand load and act'(pre) in dPre's epilogue. Nothing else of width `hidden`
+    is written in forward.
+  * q/k/v come out of one kernel in which a program owns one head of a row tile, so the per-head RMSNorm,
+    RoPE and gain are epilogue math. RoPE pairs are laid out as two half-head accumulators (two matmuls of
+    N = head_dim/2), so rotating is elementwise and partial RoPE is just cos=1 / sin=0 on pass-through columns.
+  * Backward recovers the normalised, unrotated q/k from the q/k that SDPA keeps alive anyway
+    (n = R^T(y) / gain) and needs only the per-head rstd ([M, H+KVH] floats) from forward. A q gain of
+    exactly 0 would make d(q_gain) wrong for that head (y carries no information then).
+  * `scale * (W @ a)` weights: dW = scale * G and dscale = rowsum(W * G) with G = g^T a, so the scale
+    gradients come out of the dW kernel's epilogue without storing the pre-scale output.
+  * Weights stay fp32 (the optimiser's copy) and are cast in-kernel; activations are the input dtype (bf16
+    on GPU), accumulation fp32. The kernels are torch.library custom ops with registered autograd, so
+    torch.compile treats them as opaque calls (no graph break) and eager autograd works.
+
+Status: every kernel is checked against the reference under TRITON_INTERPRET=1 in fp32 (tests/test_block.py).
+The GPU path (bf16, real tile sizes, compiled Triton) is written but was not run in the session that wrote it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATION_NAMES = ("relu2", "leaky_relu2")
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    d_model: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 2
+    activation: str = "relu2"  # "relu2": relu(x)^2 ; "leaky_relu2": leaky_relu(x, 0.5)^2
+    rope_dims: int = 64  # rotate the first rope_dims of each head's dims; = head_dim for full RoPE
+    rope_base: float = 10000.0
+    qk_gain_init: float = 1.5
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        if self.activation not in ACTIVATION_NAMES:
+            raise ValueError(f"activation must be one of {ACTIVATION_NAMES}, got {self.activation!r}")
+        hd = self.head_dim
+        if hd % 2:
+            raise ValueError(f"head_dim {hd} must be even for RoPE")
+        if not (0 < self.rope_dims <= hd) or self.rope_dims % 2:
+            raise ValueError(f"rope_dims must be even and in (0, head_dim={hd}], got {self.rope_dims}")
+        if self.mlp_mult < 1:
+            raise ValueError(f"mlp_mult must be >= 1, got {self.mlp_mult}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_mult * self.d_model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reference (module tree and parameter names as the official Block)
+# ----------------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """Weightless RMSNorm (eps = float32 epsilon, what F.rms_norm uses when eps is None)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """fp32 weight, cast to the input dtype at matmul time (bf16 under autocast)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    """cos/sin tables [1, 1, T, rope_dims/2], cached per sequence length and device."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0, rope_dims: int | None = None):
+        super().__init__()
+        self.rope_dims = head_dim if rope_dims is None else rope_dims
+        inv_freq = 1.0 / (base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
+
+    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
+            t = torch.arange(seq_len, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))
+            self._cache = (seq_len, device, freqs.cos()[None, None], freqs.sin()[None, None])
+        return self._cache[2].to(dtype), self._cache[3].to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rope_dims: int) -> Tensor:
+    """Rotate pairs (i, i + rope_dims/2) of the first rope_dims dims; the rest pass through."""
+    half = rope_dims // 2
+    x1, x2, rest = x[..., :half], x[..., half:rope_dims], x[..., rope_dims:]
+    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, rest), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: BlockConfig):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim, self.rope_dims = cfg.num_heads, cfg.num_kv_heads, hd, cfg.rope_dims
+        self.c_q = CastedLinear(d, d, bias=False)
+        self.c_k = CastedLinear(d, cfg.num_kv_heads * hd, bias=False)
+        self.c_v = CastedLinear(d, cfg.num_kv_heads * hd, bias=False)
+        self.proj = CastedLinear(d, d, bias=False)
+        self.proj._zero_init = True  # the GPT zero-initialises output projections, as the official one does
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
+        self.rotary = Rotary(hd, base=cfg.rope_base, rope_dims=cfg.rope_dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q = self.c_q(x).reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = F.rms_norm(q, (q.size(-1),))
+        k = F.rms_norm(k, (k.size(-1),))
+        cos, sin = self.rotary(t, x.device, q.dtype)
+        q = apply_rotary(q, cos, sin, self.rope_dims)
+        k = apply_rotary(k, cos, sin, self.rope_dims)
+        q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: BlockConfig):
+        super().__init__()
+        self.activation = cfg.activation
+        self.fc = CastedLinear(cfg.d_model, cfg.hidden, bias=False)
+        self.proj = CastedLinear(cfg.hidden, cfg.d_model, bias=False)
+        self.proj._zero_init = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        h = torch.relu(h) if self.activation == "relu2" else F.leaky_relu(h, negative_slope=0.5)
+        return self.proj(h.square())
+
+
+class ReferenceBlock(nn.Module):
+    """The baseline block; parameters: resid_mix [2, D], attn_scale [D], mlp_scale [D], attn.c_q/c_k/c_v/proj
+    .weight, attn.q_gain [H], mlp.fc.weight [hidden, D], mlp.proj.weight [D, hidden] (all fp32)."""
+
+    def __init__(self, cfg: BlockConfig | None = None, **overrides):
+        super().__init__()
+        cfg = BlockConfig(**overrides) if cfg is None else cfg
+        self.cfg = cfg
+        d = cfg.d_model
+        self.attn_norm = RMSNorm()
+        self.mlp_norm = RMSNorm()
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(d, dtype=torch.float32))
+        self.mlp_scale = nn.Parameter(torch.ones(d, dtype=torch.float32))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))).float())
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(dtype=x.dtype)
+        x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
+        x = x + self.attn_scale.to(dtype=x.dtype)[None, None, :] * self.attn(self.attn_norm(x))
+        x = x + self.mlp_scale.to(dtype=x.dtype)[None, None, :] * self.mlp(self.mlp_norm(x))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused path: custom ops (opaque to torch.compile) with registered autograd
+# ----------------------------------------------------------------------------------------------------------
+
+def _kernels():
+    # imported lazily: Triton is only needed once a fused op actually runs
+    from . import block_kernels
+    return block_kernels
+
+
+@torch.library.custom_op("pgolf::block_attn_in", mutates_args=())
+def _attn_in_op(x: Tensor, x0: Tensor, resid_mix: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, q_gain: Tensor,
+                cos: Tensor, sin: Tensor, num_heads: int, num_kv_heads: int, rope_dims: int,
+                store_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    b, t, d = x.shape
+    hd = wq.shape[0] // num_heads
+    xm, q, k, v, rstd, hrstd = _kernels().attn_in_fwd(
+        x.reshape(b * t, d), x0.reshape(b * t, d), resid_mix, wq, wk, wv, q_gain, cos, sin, t,
+        num_heads, num_kv_heads, rope_dims, store_stats)
+    return (xm.view(b, t, d), q.view(b, t, num_heads, hd), k.view(b, t, num_kv_heads, hd),
+            v.view(b, t, num_kv_heads, hd), rstd, hrstd)
+
+
+@_attn_in_op.register_fake
+def _(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, num_heads, num_kv_heads, rope_dims, store_stats):
+    b, t, d = x.shape
+    hd = wq.shape[0] // num_heads
+    m = b * t if store_stats else 0
+    return (torch.empty_like(x), x.new_empty(b, t, num_heads, hd), x.new_empty(b, t, num_kv_heads, hd),
+            x.new_empty(b, t, num_kv_heads, hd), x.new_empty(m, dtype=torch.float32),
+            x.new_empty(m, num_heads + num_kv_heads, dtype=torch.float32))
+
+
+@torch.library.custom_op("pgolf::block_attn_in_bwd", mutates_args=())
+def _attn_in_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, g_xm: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                    q_gain: Tensor, cos: Tensor, sin: Tensor, head_rstd: Tensor, x: Tensor, x0: Tensor,
+                    resid_mix: Tensor, xm: Tensor, rstd: Tensor, wq: Tensor, wk: Tensor, wv: Tensor,
+                    rope_dims: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    b, t, d = x.shape
+    h, kvh = q.shape[2], k.shape[2]
+    dx, dx0, dmix, dw, dgain = _kernels().attn_in_bwd(
+        dq, dk, dv, g_xm.reshape(b * t, d), q.reshape(b * t, -1), k.reshape(b * t, -1), v.reshape(b * t, -1),
+        q_gain, cos, sin, head_rstd, x.reshape(b * t, d), x0.reshape(b * t, d), resid_mix, xm.reshape(b * t, d),
+        rstd, wq, wk, wv, t, h, kvh, rope_dims)
+    return dx.view(b, t, d), dx0.view(b, t, d), dmix, dw, dgain
+
+
+@_attn_in_bwd_op.register_fake
+def _(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, resid_mix, xm, rstd, wq, wk, wv, rope_dims):
+    n = wq.shape[0] + wk.shape[0] + wv.shape[0]
+    return (torch.empty_like(x), torch.empty_like(x0), torch.empty_like(resid_mix),
+            wq.new_empty(n, wq.shape[1]), torch.empty_like(q_gain))
+
+
+def _attn_in_setup(ctx, inputs, output):
+    x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, _, _, rope_dims, store_stats = inputs
+    xm, q, k, v, rstd, hrstd = output
+    ctx.rope_dims = rope_dims
+    ctx.store_stats = store_stats
+    ctx.save_for_backward(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, xm, q, k, v, rstd, hrstd)
+
+
+def _attn_in_backward(ctx, g_xm, g_q, g_k, g_v, _g_rstd, _g_hrstd):
+    if not ctx.store_stats:
+        raise RuntimeError("the fused attention input ran with store_stats=False (eval path); it has no backward")
+    x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, xm, q, k, v, rstd, hrstd = ctx.saved_tensors
+    g_xm = torch.zeros_like(xm) if g_xm is None else g_xm.contiguous()
+    g_q = torch.zeros_like(q) if g_q is None else g_q
+    g_k = torch.zeros_like(k) if g_k is None else g_k
+    g_v = torch.zeros_like(v) if g_v is None else g_v
+    dx, dx0, dmix, dw, dgain = _attn_in_bwd_op(g_q, g_k, g_v, g_xm, q, k, v, q_gain, cos, sin, hrstd, x, x0,
+                                               resid_mix, xm, rstd, wq, wk, wv, ctx.rope_dims)
+    nq, nk = wq.shape[0], wk.shape[0]
+    return dx, dx0, dmix, dw[:nq], dw[nq:nq + nk], dw[nq + nk:], dgain, None, None, None, None, None, None
+
+
+_attn_in_op.register_autograd(_attn_in_backward, setup_context=_attn_in_setup)
+
+
+@torch.library.custom_op("pgolf::block_attn_out", mutates_args=())
+def _attn_out_op(y: Tensor, xm: Tensor, wp: Tensor, attn_scale: Tensor) -> Tensor:
+    """y: [B, T, H, HD] (SDPA's output, transposed view); returns xm + attn_scale * (y @ wp^T)."""
+    kn = _kernels()
+    b, t, h, hd = y.shape
+    d = xm.shape[-1]
+    m = b * t
+    out = torch.empty_like(xm)
+    kn.row_gemm(y, kn._flat4(y, t, hd), wp, wp.stride(0), 1, m, d, h * hd, out, kn._flat2(out.view(m, d)),
+                epi=kn.EPI_RESIDUAL, nvec=attn_scale, res=xm)
+    return out
+
+
+@_attn_out_op.register_fake
+def _(y, xm, wp, attn_scale):
+    return torch.empty_like(xm)
+
+
+@torch.library.custom_op("pgolf::block_attn_out_bwd", mutates_args=())
+def _attn_out_bwd_op(g: Tensor, y: Tensor, wp: Tensor, attn_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    kn = _kernels()
+    b, t, h, hd = y.shape
+    d = g.shape[-1]
+    m = b * t
+    g2 = g.reshape(m, d)
+    dy = torch.empty_like(y)  # same strides as y: SDPA's backward gets dO laid out like O
+    kn.row_gemm(g2, kn._flat2(g2), wp, 1, wp.stride(0), m, h * hd, d, dy, kn._flat4(dy, t, hd),
+                epi=kn.EPI_STORE, acol=attn_scale)
+    dwp, dscale = kn.wgrad(g2, y, kn._flat4(y, t, hd), m, d, h * hd, nscale=attn_scale, w=wp)
+    return dy, dwp, dscale
+
+
+@_attn_out_bwd_op.register_fake
+def _(g, y, wp, attn_scale):
+    return torch.empty_like(y), torch.empty_like(wp), torch.empty_like(attn_scale)
+
+
+def _attn_out_setup(ctx, inputs, output):
+    y, xm, wp, attn_scale = inputs
+    ctx.save_for_backward(y, wp, attn_scale)
+
+
+def _attn_out_backward(ctx, g):
+    y, wp, attn_scale = ctx.saved_tensors
+    g = g.contiguous()
+    dy, dwp, dscale = _attn_out_bwd_op(g, y, wp, attn_scale)
+    return dy, g, dwp, dscale  # d(xm) is the incoming gradient itself (residual)
+
+
+_attn_out_op.register_autograd(_attn_out_backward, setup_context=_attn_out_setup)
+
+
+@torch.library.custom_op("pgolf::block_mlp", mutates_args=())
+def _mlp_op(x1: Tensor, w_fc: Tensor, w_proj: Tensor, mlp_scale: Tensor, act: int,
+            store_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """out = x1 + mlp_scale * (act(rms_norm(x1) @ w_fc^T) @ w_proj^T); also returns pre and rstd (training)."""
+    kn = _kernels()
+    b, t, d = x1.shape
+    m, hid = b * t, w_fc.shape[0]
+    x2 = x1.reshape(m, d)
+    pre = x1.new_empty(m, hid)
+    rstd = x1.new_empty(m if store_stats else 0, dtype=torch.float32)
+    kn.row_gemm(x2, kn._flat2(x2), w_fc, w_fc.stride(0), 1, m, hid, d, pre, kn._flat2(pre),
+                epi=kn.EPI_MLP_UP, sumsq=True, rowvec=rstd, store_stats=store_stats, store_act=not store_stats,
+                act=act)
+    out = torch.empty_like(x1)
+    # training: pre holds the pre-activation, the down matmul applies act while loading it;
+    # eval: pre already holds act(pre)
+    kn.row_gemm(pre, kn._flat2(pre), w_proj, w_proj.stride(0), 1, m, d, hid, out, kn._flat2(out.view(m, d)),
+                epi=kn.EPI_RESIDUAL, nvec=mlp_scale, res=x2, a_act=store_stats, act=act)
+    if not store_stats:
+        pre = x1.new_empty(0, hid)
+    return out, pre, rstd
+
+
+@_mlp_op.register_fake
+def _(x1, w_fc, w_proj, mlp_scale, act, store_stats):
+    b, t, d = x1.shape
+    m = b * t if store_stats else 0
+    return torch.empty_like(x1), x1.new_empty(m, w_fc.shape[0]), x1.new_empty(m, dtype=torch.float32)
+
+
+@torch.library.custom_op("pgolf::block_mlp_bwd", mutates_args=())
+def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, w_fc: Tensor, w_proj: Tensor,
+                mlp_scale: Tensor, act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    kn = _kernels()
+    b, t, d = x1.shape
+    m, hid = b * t, w_fc.shape[0]
+    g2, x2 = g.reshape(m, d), x1.reshape(m, d)
+    cfg = kn._blocks("row_gemm")
+    n_ht = hid // kn._pick(hid, cfg["BN"])
+    cpart = torch.empty((n_ht, m), device=g.device, dtype=torch.float32)
+    dpre = torch.empty_like(pre)
+    # dPre = ((g * mlp_scale) @ w_proj) * act'(pre); row partials of sum(dPre * pre) for the norm backward
+    kn.row_gemm(g2, kn._flat2(g2), w_proj, 1, w_proj.stride(0), m, hid, d, dpre, kn._flat2(dpre),
+                epi=kn.EPI_ACT_BWD, acol=mlp_scale, res=pre, c=cpart, act=act)
+    dw_proj, dscale = kn.wgrad(g2, pre, kn._flat2(pre), m, d, hid, b_act=True, act=act, nscale=mlp_scale,
+                               w=w_proj)
+    dw_fc, _ = kn.wgrad(dpre, x2, kn._flat2(x2), m, hid, d, rowscale=rstd)
+    dx1 = torch.empty_like(x1)
+    kn.row_gemm(dpre, kn._flat2(dpre), w_fc, 1, w_fc.stride(0), m, d, hid, dx1, kn._flat2(dx1.view(m, d)),
+                epi=kn.EPI_NORM_BWD, res=x2, rowvec=rstd, c=cpart, c_nt=n_ht, g=g2)
+    return dx1, dw_fc, dw_proj, dscale
+
+
+@_mlp_bwd_op.register_fake
+def _(g, x1, pre, rstd, w_fc, w_proj, mlp_scale, act):
+    return torch.empty_like(x1), torch.empty_like(w_fc), torch.empty_like(w_proj), torch.empty_like(mlp_scale)
+
+
+def _mlp_setup(ctx, inputs, output):
+    x1, w_fc, w_proj, mlp_scale, act, store_stats = inputs
+    _, pre, rstd = output
+    ctx.act = act
+    ctx.store_stats = store_stats
+    ctx.save_for_backward(x1, pre, rstd, w_fc, w_proj, mlp_scale)
+
+
+def _mlp_backward(ctx, g, _g_pre, _g_rstd):
+    if not ctx.store_stats:
+        raise RuntimeError("the fused MLP ran with store_stats=False (eval path); it has no backward")
+    x1, pre, rstd, w_fc, w_proj, mlp_scale = ctx.saved_tensors
+    dx1, dw_fc, dw_proj, dscale = _mlp_bwd_op(g.contiguous(), x1, pre, rstd, w_fc, w_proj, mlp_scale, ctx.act)
+    return dx1, dw_fc, dw_proj, dscale, None, None
+
+
+_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+class FusedBlock(ReferenceBlock):
+    """Same parameters and function as ReferenceBlock, computed by the fused Triton pieces (module docstring).
+
+    Needs CUDA (or TRITON_INTERPRET=1 for CPU tensors, fp32). Activations use the dtype of x (bf16 in
+    training); x and x0 must share dtype and shape [B, T, d_model]. With grad disabled it runs the eval path:
+    nothing is saved for backward and the MLP stores act(pre) instead of pre.
+    """
+
+    def __init__(self, cfg: BlockConfig | None = None, **overrides):
+        super().__init__(cfg, **overrides)
+        if self.cfg.head_dim % 32:
+            raise ValueError(f"FusedBlock needs head_dim % 32 == 0, got {self.cfg.head_dim}")
+        if self.cfg.d_model % 64 or self.cfg.hidden % 64:
+            raise ValueError("FusedBlock needs d_model and hidden to be multiples of 64")
+        self._rope_cache: dict = {}
+        self.sdpa_backends: list | None = None  # e.g. [SDPBackend.CUDNN_ATTENTION]; None = PyTorch's choice
+
+    def _rope(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (t, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache[key] = _kernels().rope_tables(t, self.cfg.head_dim, self.cfg.rope_dims,
+                                                           self.cfg.rope_base, device)
+        return self._rope_cache[key]
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        cfg = self.cfg
+        if x.dim() != 3 or x.shape[-1] != cfg.d_model:
+            raise ValueError(f"x must be [B, T, {cfg.d_model}], got {tuple(x.shape)}")
+        if x0.shape != x.shape or x0.dtype != x.dtype:
+            raise ValueError(f"x0 must match x: got {tuple(x0.shape)} {x0.dtype} vs {tuple(x.shape)} {x.dtype}")
+        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError("FusedBlock needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
+        b, t, _ = x.shape
+        train = torch.is_grad_enabled() and (x.requires_grad or x0.requires_grad
+                                             or any(p.requires_grad for p in self.parameters()))
+        cos, sin = self._rope(t, x.device)
+        a = self.attn
+        xm, q, k, v, _, _ = _attn_in_op(x.contiguous(), x0.contiguous(), self.resid_mix, a.c_q.weight,
+                                        a.c_k.weight, a.c_v.weight, a.q_gain, cos, sin, cfg.num_heads,
+                                        cfg.num_kv_heads, cfg.rope_dims, train)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        gqa = cfg.num_kv_heads != cfg.num_heads
+        if self.sdpa_backends is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            from torch.nn.attention import sdpa_kernel
+            with sdpa_kernel(self.sdpa_backends):
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        x1 = _attn_out_op(y.transpose(1, 2), xm, a.proj.weight, self.attn_scale)
+        act = 0 if cfg.activation == "relu2" else 1
+        out, _, _ = _mlp_op(x1, self.mlp.fc.weight, self.mlp.proj.weight, self.mlp_scale, act, train)
+        return out
+
+
+FORWARD_KERNELS_OUTSIDE_ATTENTION = 4
+BACKWARD_TRITON_KERNELS = 9

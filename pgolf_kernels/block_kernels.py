@@ -1,0 +1,538 @@
+"""Triton kernels of the fused transformer block (see `pgolf_kernels.block` for the block and its maths).
+
+Layout conventions (all activations row-major, M = batch * seq rows):
+  x, x0, xm, x1, out : [M, D]              q : [M, H*HD]   k, v : [M, KVH*HD]
+  pre (MLP hidden before the activation) : [M, HID]
+  rstd1 / rstd2 : [M] fp32 (row 1/rms of xm / x1)      head_rstd : [M, H+KVH] fp32 (q/k per-head 1/rms)
+Weights stay fp32 (as the optimiser keeps them) and are cast to the activation dtype inside the kernels, so no
+separate cast kernels run per step. Accumulation is always fp32.
+
+Every kernel is a matmul with its elementwise neighbours folded into the prologue (operand loads) or epilogue:
+  _attn_in_fwd_kernel      resid_mix + RMSNorm (as a row scale) + x@[Wq;Wk;Wv]^T + q/k RMSNorm + RoPE + q gain
+  _row_gemm_kernel         generic  out = epilogue(prologue(A) @ W)  (output projections, MLP up/down, dX matmuls)
+  _attn_in_bwd_epi_kernel  backward of the QKV epilogue (q/k norm, RoPE, gain) for all heads of a row tile
+  _attn_in_bwd_dx_kernel   dXm = d(qkv) @ [Wq;Wk;Wv] with the RMSNorm backward and resid_mix backward in the epilogue
+  _wgrad_kernel            generic  dW = prologue(A)^T @ prologue(B) over rows (split over rows for parallelism)
+
+Wrappers below allocate outputs and launch; they check shapes and raise ValueError naming the problem.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# F.rms_norm(eps=None) uses the epsilon of the float32 opmath type for fp32 and bf16 inputs alike.
+RMS_EPS = float(torch.finfo(torch.float32).eps)
+
+ACTIVATIONS = {"relu2": 0, "leaky_relu2": 1}
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _blocks(kind: str) -> dict:
+    """Tile sizes. Interpreter: small tiles so tests cover several tiles and row masks on tiny shapes.
+    GPU: chosen for H100 at d=512 (unmeasured this session; tune with bench/bench_block.py)."""
+    if _INTERPRET:
+        return {"row_gemm": dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=1),
+                "attn_in": dict(BM=32, BK=32, num_warps=4, num_stages=1),
+                "attn_epi": dict(BM=32, num_warps=4),
+                "wgrad": dict(BN=32, BK=32, BM=32, num_warps=4, num_stages=1)}[kind]
+    return {"row_gemm": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
+            "attn_in": dict(BM=128, BK=64, num_warps=8, num_stages=3),
+            "attn_epi": dict(BM=64, num_warps=4),
+            "wgrad": dict(BN=128, BK=128, BM=64, num_warps=8, num_stages=3)}[kind]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _act_fwd(p, ACT: tl.constexpr):
+    # ACT 0: relu(p)^2 ; ACT 1: leaky_relu(p, 0.5)^2
+    if ACT == 0:
+        r = tl.maximum(p, 0.0)
+    else:
+        r = tl.where(p > 0, p, 0.5 * p)
+    return r * r
+
+
+@triton.jit
+def _act_grad(p, ACT: tl.constexpr):
+    # derivative of _act_fwd at p
+    if ACT == 0:
+        g = 2.0 * tl.maximum(p, 0.0)
+    else:
+        g = tl.where(p > 0, 2.0 * p, 0.5 * p)
+    return g
+
+
+@triton.jit
+def _rope_halves(HD: tl.constexpr, RD: tl.constexpr):
+    # Column indices inside one head of the two halves that RoPE pairs: column idx_a[c] rotates with idx_b[c]
+    # for c < RD/2; the remaining (HD-RD) pass-through columns are split evenly over the two halves so both
+    # halves have HD/2 columns (a matmul N of HD/2 each) and rotate with cos=1, sin=0.
+    HALF: tl.constexpr = HD // 2
+    HR: tl.constexpr = RD // 2
+    PH: tl.constexpr = (HD - RD) // 2
+    c = tl.arange(0, HALF)
+    idx_a = tl.where(c < HR, c, RD + (c - HR))
+    idx_b = tl.where(c < HR, HR + c, RD + PH + (c - HR))
+    return c, idx_a, idx_b
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward: attention input (resid_mix, RMSNorm, QKV, q/k RMSNorm, RoPE, q gain)
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_in_fwd_kernel(x_ptr, x0_ptr, mix_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr, cos_ptr, sin_ptr,
+                        xm_ptr, rstd_ptr, q_ptr, k_ptr, v_ptr, hrstd_ptr,
+                        M, T, eps,
+                        D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
+                        RD: tl.constexpr, STORE_STATS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    # One program = one row tile x one head (H q heads, then KVH k heads, then KVH v heads).
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    HALF: tl.constexpr = HD // 2
+    CDT = xm_ptr.dtype.element_ty
+    c, idx_a, idx_b = _rope_halves(HD, RD)
+    # head -> (weight rows, output tensor); only runtime pointers differ between the branches
+    if head < H:
+        w_base = wq_ptr + head * HD * D
+        o_base = q_ptr + head * HD
+    elif head < H + KVH:
+        w_base = wk_ptr + (head - H) * HD * D
+        o_base = k_ptr + (head - H) * HD
+    else:
+        w_base = wv_ptr + (head - H - KVH) * HD * D
+        o_base = v_ptr + (head - H - KVH) * HD
+    o_rs = tl.where(head < H, H * HD, KVH * HD)
+    rm = pid_m * BM + tl.arange(0, BM)
+    mmask = rm < M
+    rk = tl.arange(0, BK)
+    # scalar conditions broadcast to row vectors, so masks are plain boolean tensors
+    first_head = (tl.zeros((BM,), dtype=tl.int32) + head) == 0
+    qk_rows = (tl.zeros((BM,), dtype=tl.int32) + head) < H + KVH
+    acc_a = tl.zeros((BM, HALF), dtype=tl.float32)
+    acc_b = tl.zeros((BM, HALF), dtype=tl.float32)
+    sumsq = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        kk = k0 + rk
+        xt = tl.load(x_ptr + rm[:, None] * D + kk[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+        x0t = tl.load(x0_ptr + rm[:, None] * D + kk[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+        m0 = tl.load(mix_ptr + kk)
+        m1 = tl.load(mix_ptr + D + kk)
+        xmt = m0[None, :] * xt + m1[None, :] * x0t
+        sumsq += tl.sum(xmt * xmt, axis=1)
+        xmc = xmt.to(CDT)
+        # every head's program computes the mixed rows; the first one writes them (the residual stream)
+        tl.store(xm_ptr + rm[:, None] * D + kk[None, :], xmc, mask=(mmask & first_head)[:, None])
+        wa = tl.load(w_base + idx_a[None, :] * D + kk[:, None]).to(CDT)
+        wb = tl.load(w_base + idx_b[None, :] * D + kk[:, None]).to(CDT)
+        acc_a = tl.dot(xmc, wa, acc_a)
+        acc_b = tl.dot(xmc, wb, acc_b)
+    rstd = 1.0 / tl.sqrt(sumsq / D + eps)
+    acc_a = acc_a * rstd[:, None]
+    acc_b = acc_b * rstd[:, None]
+    is_qk = head < H + KVH
+    hr = 1.0 / tl.sqrt((tl.sum(acc_a * acc_a, axis=1) + tl.sum(acc_b * acc_b, axis=1)) / HD + eps)
+    hr = tl.where(is_qk, hr, 1.0)
+    na = acc_a * hr[:, None]
+    nb = acc_b * hr[:, None]
+    t = rm % T
+    cs = tl.load(cos_ptr + t[:, None] * HALF + c[None, :], mask=mmask[:, None], other=1.0)
+    sn = tl.load(sin_ptr + t[:, None] * HALF + c[None, :], mask=mmask[:, None], other=0.0)
+    cs = tl.where(is_qk, cs, 1.0)
+    sn = tl.where(is_qk, sn, 0.0)
+    g = tl.load(gain_ptr + tl.minimum(head, H - 1))
+    g = tl.where(head < H, g, 1.0)
+    ra = (na * cs + nb * sn) * g
+    rb = (nb * cs - na * sn) * g
+    tl.store(o_base + rm[:, None] * o_rs + idx_a[None, :], ra.to(CDT), mask=mmask[:, None])
+    tl.store(o_base + rm[:, None] * o_rs + idx_b[None, :], rb.to(CDT), mask=mmask[:, None])
+    if STORE_STATS:
+        tl.store(hrstd_ptr + rm * (H + KVH) + tl.minimum(head, H + KVH - 1), hr, mask=mmask & qk_rows)
+        tl.store(rstd_ptr + rm, rstd, mask=mmask & first_head)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generic row GEMM: out[m, n] = epilogue( sum_k prologue(A)[m, k] * W[n, k] )
+# ----------------------------------------------------------------------------------------------------------
+# A and out use "4-D" addressing so a [B, T, heads, HD] strided tensor (SDPA's output) reads as [M, K]:
+#   row m -> (m // T) * s0 + (m % T) * s1 ; column c -> (c // HD) * s2 + (c % HD) * s3.
+# EPI: 0 store | 1 residual: res + nvec[n] * acc | 2 MLP up: acc * rstd (rstd from the A row sum of squares),
+#      stored as pre (or as act(pre) when STORE_ACT) | 3 activation backward: acc * act'(res), row partial
+#      sum(out * res) to c_ptr[pid_n, m] | 4 RMSNorm backward: g + rstd * (acc - res * rstd * c / N), c summed
+#      from c_NT partials.
+EPI_STORE, EPI_RESIDUAL, EPI_MLP_UP, EPI_ACT_BWD, EPI_NORM_BWD = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
+                     w_ptr, w_sn, w_sk,
+                     out_ptr, o_T, o_s0, o_s1, o_HD, o_s2, o_s3,
+                     acol_ptr, nvec_ptr, res_ptr, rowvec_ptr, c_ptr, c_NT, g_ptr,
+                     M, N, K, eps,
+                     A_COL_SCALE: tl.constexpr, A_ACT: tl.constexpr, SUMSQ: tl.constexpr,
+                     EPI: tl.constexpr, STORE_ACT: tl.constexpr, STORE_STATS: tl.constexpr,
+                     ACT: tl.constexpr, NT_P2: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    CDT = out_ptr.dtype.element_ty
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mmask = rm < M
+    a_row = (rm // a_T) * a_s0 + (rm % a_T) * a_s1
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    sumsq = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        a_col = (kk // a_HD) * a_s2 + (kk % a_HD) * a_s3
+        a = tl.load(a_ptr + a_row[:, None] + a_col[None, :], mask=mmask[:, None], other=0.0)
+        if SUMSQ:
+            af = a.to(tl.float32)
+            sumsq += tl.sum(af * af, axis=1)
+        if A_COL_SCALE:
+            a = (a.to(tl.float32) * tl.load(acol_ptr + kk)[None, :]).to(CDT)
+        if A_ACT:
+            a = _act_fwd(a.to(tl.float32), ACT).to(CDT)
+        w = tl.load(w_ptr + rn[None, :] * w_sn + kk[:, None] * w_sk).to(CDT)
+        acc = tl.dot(a.to(CDT), w, acc)
+    o_off = ((rm // o_T) * o_s0 + (rm % o_T) * o_s1)[:, None] + ((rn // o_HD) * o_s2 + (rn % o_HD) * o_s3)[None, :]
+    flat = rm[:, None] * N + rn[None, :]  # contiguous [M, N] side inputs
+    if EPI == 0:
+        out = acc
+    elif EPI == 1:
+        res = tl.load(res_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
+        out = res + tl.load(nvec_ptr + rn)[None, :] * acc
+    elif EPI == 2:
+        rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+        out = acc * rstd[:, None]
+        if STORE_ACT:
+            out = _act_fwd(out, ACT)
+        if STORE_STATS:
+            tl.store(rowvec_ptr + rm, rstd, mask=mmask & ((tl.zeros((BM,), dtype=tl.int32) + pid_n) == 0))
+    elif EPI == 3:
+        p = tl.load(res_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
+        out = acc * _act_grad(p, ACT)
+        tl.store(c_ptr + pid_n * M + rm, tl.sum(out * p, axis=1), mask=mmask)
+    else:
+        r = tl.load(rowvec_ptr + rm, mask=mmask, other=0.0)
+        ct = tl.arange(0, NT_P2)
+        cpart = tl.load(c_ptr + ct[:, None] * M + rm[None, :], mask=(ct[:, None] < c_NT) & mmask[None, :], other=0.0)
+        csum = tl.sum(cpart, axis=0)
+        xv = tl.load(res_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
+        gv = tl.load(g_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
+        out = gv + r[:, None] * (acc - xv * (r * csum / N)[:, None])
+    tl.store(out_ptr + o_off, out.to(CDT), mask=mmask[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward: QKV epilogue (per row tile, all heads), then dXm matmul with the norm / resid_mix backward
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_in_bwd_epi_kernel(dq_ptr, dq_s0, dq_s1, dq_s2, dq_s3,
+                            dk_ptr, dk_s0, dk_s1, dk_s2, dk_s3,
+                            dv_ptr, dv_s0, dv_s1, dv_s2, dv_s3,
+                            q_ptr, k_ptr, v_ptr, gain_ptr, cos_ptr, sin_ptr, hrstd_ptr,
+                            dqkv_ptr, c_ptr, dgain_ptr,
+                            M, T, eps,
+                            H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, RD: tl.constexpr,
+                            BM: tl.constexpr):
+    # dqkv = gradient of the QKV matmul output (after the attention RMSNorm row scale, before the head norm);
+    # c[m] = sum_j dqkv[m, j] * qkv[m, j] (what the attention RMSNorm backward needs); dgain partial per tile.
+    # The normalised, unrotated q/k are recovered from the forward outputs: n = R^T(y) / gain.
+    pid_m = tl.program_id(0)
+    HALF: tl.constexpr = HD // 2
+    NQKV: tl.constexpr = (H + 2 * KVH) * HD
+    CDT = dqkv_ptr.dtype.element_ty
+    c, idx_a, idx_b = _rope_halves(HD, RD)
+    rm = pid_m * BM + tl.arange(0, BM)
+    mmask = rm < M
+    m2 = mmask[:, None]
+    bi = rm // T
+    t = rm % T
+    cs = tl.load(cos_ptr + t[:, None] * HALF + c[None, :], mask=m2, other=1.0)
+    sn = tl.load(sin_ptr + t[:, None] * HALF + c[None, :], mask=m2, other=0.0)
+    csum = tl.zeros((BM,), dtype=tl.float32)
+    for h in range(0, H + KVH):
+        g = tl.load(gain_ptr + tl.minimum(h, H - 1))
+        g = tl.where(h < H, g, 1.0)
+        if h < H:
+            dbase = dq_ptr + bi * dq_s0 + t * dq_s1 + h * dq_s2
+            ybase = q_ptr + rm * (H * HD) + h * HD
+        else:
+            dbase = dk_ptr + bi * dk_s0 + t * dk_s1 + (h - H) * dk_s2
+            ybase = k_ptr + rm * (KVH * HD) + (h - H) * HD
+        d_s3 = tl.where(h < H, dq_s3, dk_s3)
+        dya = tl.load(dbase[:, None] + idx_a[None, :] * d_s3, mask=m2, other=0.0).to(tl.float32)
+        dyb = tl.load(dbase[:, None] + idx_b[None, :] * d_s3, mask=m2, other=0.0).to(tl.float32)
+        ra = tl.load(ybase[:, None] + idx_a[None, :], mask=m2, other=0.0).to(tl.float32) / g
+        rb = tl.load(ybase[:, None] + idx_b[None, :], mask=m2, other=0.0).to(tl.float32) / g
+        if h < H:
+            tl.store(dgain_ptr + pid_m * H + h, tl.sum(tl.sum(dya * ra + dyb * rb, axis=1), axis=0))
+        na = ra * cs - rb * sn
+        nb = ra * sn + rb * cs
+        dra = dya * g
+        drb = dyb * g
+        dna = dra * cs - drb * sn
+        dnb = dra * sn + drb * cs
+        hr = tl.load(hrstd_ptr + rm * (H + KVH) + h, mask=mmask, other=1.0)
+        mdn = (tl.sum(dna * na, axis=1) + tl.sum(dnb * nb, axis=1)) / HD
+        daa = hr[:, None] * (dna - na * mdn[:, None])
+        dab = hr[:, None] * (dnb - nb * mdn[:, None])
+        csum += (tl.sum(daa * na, axis=1) + tl.sum(dab * nb, axis=1)) / hr
+        tl.store(dqkv_ptr + rm[:, None] * NQKV + h * HD + idx_a[None, :], daa.to(CDT), mask=m2)
+        tl.store(dqkv_ptr + rm[:, None] * NQKV + h * HD + idx_b[None, :], dab.to(CDT), mask=m2)
+    cd = tl.arange(0, HD)
+    for h in range(0, KVH):
+        dvt = tl.load(dv_ptr + (bi * dv_s0 + t * dv_s1 + h * dv_s2)[:, None] + cd[None, :] * dv_s3,
+                      mask=m2, other=0.0).to(tl.float32)
+        vt = tl.load(v_ptr + rm[:, None] * (KVH * HD) + h * HD + cd[None, :], mask=m2, other=0.0).to(tl.float32)
+        csum += tl.sum(dvt * vt, axis=1)
+        tl.store(dqkv_ptr + rm[:, None] * NQKV + (H + KVH + h) * HD + cd[None, :], dvt.to(CDT), mask=m2)
+    tl.store(c_ptr + rm, csum, mask=mmask)
+
+
+@triton.jit
+def _attn_in_bwd_dx_kernel(dqkv_ptr, wq_ptr, wk_ptr, wv_ptr, gxm_ptr, xm_ptr, rstd_ptr, c_ptr,
+                           x_ptr, x0_ptr, mix_ptr, dx_ptr, dx0_ptr, dmix_ptr,
+                           M,
+                           D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # dh = dqkv @ [Wq; Wk; Wv]; dxm = g_xm + rstd * (dh - xm * rstd * c / D); dx = mix0*dxm; dx0 = mix1*dxm;
+    # dmix partial sums over this row tile.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    NQKV: tl.constexpr = (H + 2 * KVH) * HD
+    CDT = dqkv_ptr.dtype.element_ty
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mmask = rm < M
+    m2 = mmask[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, H * HD, BK):
+        a = tl.load(dqkv_ptr + rm[:, None] * NQKV + (k0 + rk)[None, :], mask=m2, other=0.0)
+        w = tl.load(wq_ptr + (k0 + rk)[:, None] * D + rn[None, :]).to(CDT)
+        acc = tl.dot(a, w, acc)
+    for k0 in range(0, KVH * HD, BK):
+        a = tl.load(dqkv_ptr + rm[:, None] * NQKV + (H * HD + k0 + rk)[None, :], mask=m2, other=0.0)
+        w = tl.load(wk_ptr + (k0 + rk)[:, None] * D + rn[None, :]).to(CDT)
+        acc = tl.dot(a, w, acc)
+    for k0 in range(0, KVH * HD, BK):
+        a = tl.load(dqkv_ptr + rm[:, None] * NQKV + ((H + KVH) * HD + k0 + rk)[None, :], mask=m2, other=0.0)
+        w = tl.load(wv_ptr + (k0 + rk)[:, None] * D + rn[None, :]).to(CDT)
+        acc = tl.dot(a, w, acc)
+    flat = rm[:, None] * D + rn[None, :]
+    r = tl.load(rstd_ptr + rm, mask=mmask, other=0.0)
+    cv = tl.load(c_ptr + rm, mask=mmask, other=0.0)
+    xmv = tl.load(xm_ptr + flat, mask=m2, other=0.0).to(tl.float32)
+    dxm = tl.load(gxm_ptr + flat, mask=m2, other=0.0).to(tl.float32) + r[:, None] * (acc - xmv * (r * cv / D)[:, None])
+    xv = tl.load(x_ptr + flat, mask=m2, other=0.0).to(tl.float32)
+    x0v = tl.load(x0_ptr + flat, mask=m2, other=0.0).to(tl.float32)
+    m0 = tl.load(mix_ptr + rn)
+    m1 = tl.load(mix_ptr + D + rn)
+    tl.store(dx_ptr + flat, (m0[None, :] * dxm).to(dx_ptr.dtype.element_ty), mask=m2)
+    tl.store(dx0_ptr + flat, (m1[None, :] * dxm).to(dx0_ptr.dtype.element_ty), mask=m2)
+    tl.store(dmix_ptr + pid_m * 2 * D + rn, tl.sum(dxm * xv, axis=0))
+    tl.store(dmix_ptr + pid_m * 2 * D + D + rn, tl.sum(dxm * x0v, axis=0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generic weight gradient: out[s, n, k] = sum_{m in split s} A[m, n] * rs[m] * f(B[m, k])
+# ----------------------------------------------------------------------------------------------------------
+# OUT_SCALE: the weight is used as scale[n] * (W @ ...) in the forward, so dW = scale[n] * G and
+# dscale[n] = sum_k W[n, k] * G[n, k]; the latter is written as partials [split, k_tile, n].
+
+@triton.jit
+def _wgrad_kernel(a_ptr, a_sm,
+                  b_ptr, b_T, b_s0, b_s1, b_HD, b_s2, b_s3,
+                  out_ptr, rs_ptr, nscale_ptr, w_ptr, dscale_ptr,
+                  M, N, K, m_per_split,
+                  A_ROW_SCALE: tl.constexpr, B_ACT: tl.constexpr, ACT: tl.constexpr, OUT_SCALE: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    CDT = a_ptr.dtype.element_ty
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = pid_k * BK + tl.arange(0, BK)
+    b_col = (rk // b_HD) * b_s2 + (rk % b_HD) * b_s3
+    m_lo = pid_s * m_per_split
+    m_hi = tl.minimum(m_lo + m_per_split, M)
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BM):
+        rm = m0 + tl.arange(0, BM)
+        mmask = rm < m_hi
+        a = tl.load(a_ptr + rm[:, None] * a_sm + rn[None, :], mask=mmask[:, None], other=0.0)
+        if A_ROW_SCALE:
+            a = (a.to(tl.float32) * tl.load(rs_ptr + rm, mask=mmask, other=0.0)[:, None]).to(CDT)
+        b = tl.load(b_ptr + ((rm // b_T) * b_s0 + (rm % b_T) * b_s1)[:, None] + b_col[None, :],
+                    mask=mmask[:, None], other=0.0)
+        if B_ACT:
+            b = _act_fwd(b.to(tl.float32), ACT)
+        acc = tl.dot(tl.trans(a.to(CDT)), b.to(CDT), acc)
+    if OUT_SCALE:
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :])
+        nk = tl.num_programs(1)
+        tl.store(dscale_ptr + (pid_s * nk + pid_k) * N + rn, tl.sum(w * acc, axis=1))
+        acc = acc * tl.load(nscale_ptr + rn)[:, None]
+    tl.store(out_ptr + pid_s * N * K + rn[:, None] * K + rk[None, :], acc)
+
+
+# ==========================================================================================================
+# launchers
+# ==========================================================================================================
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _pick(n: int, pref: int) -> int:
+    """Largest power-of-two tile <= pref dividing n (n must be a multiple of 16)."""
+    b = pref
+    while b > 16 and n % b:
+        b //= 2
+    _check(n % b == 0, f"dimension {n} is not a multiple of 16")
+    return b
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: still exercise the split-over-rows path
+
+
+def _flat4(t: torch.Tensor, T: int, HD: int) -> tuple:
+    """(T, s0, s1, HD, s2, s3) addressing for a [B, T, heads, HD] tensor read as [B*T, heads*HD]."""
+    s = t.stride()
+    return (T, s[0], s[1], HD, s[2], s[3])
+
+
+def _flat2(t: torch.Tensor) -> tuple:
+    """Addressing for a contiguous [M, N] tensor in the 4-D scheme: row m -> m * N, column c -> c."""
+    n = t.shape[-1]
+    return (1, n, 0, n, 0, 1)
+
+
+def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_dims, store_stats):
+    """x, x0: [M, D]; returns xm [M, D], q [M, H*HD], k, v [M, KVH*HD], rstd [M], head_rstd [M, H+KVH]."""
+    M, D = x.shape
+    HD = wq.shape[0] // H
+    _check(x0.shape == x.shape and x0.dtype == x.dtype, "x0 must have x's shape and dtype")
+    _check(wk.shape == (KVH * HD, D) and wv.shape == (KVH * HD, D), "wk/wv must be [num_kv_heads*head_dim, D]")
+    _check(HD % 32 == 0 and rope_dims % 2 == 0 and 0 < rope_dims <= HD, "head_dim % 32 and even rope_dims <= head_dim")
+    _check(cos.shape == (T, HD // 2), "rope tables must be [T, head_dim/2]")
+    cfg = _blocks("attn_in")
+    BK = _pick(D, cfg["BK"])
+    dev, dt = x.device, x.dtype
+    xm = torch.empty_like(x)
+    q = torch.empty((M, H * HD), device=dev, dtype=dt)
+    k = torch.empty((M, KVH * HD), device=dev, dtype=dt)
+    v = torch.empty((M, KVH * HD), device=dev, dtype=dt)
+    rstd = torch.empty((M if store_stats else 0,), device=dev, dtype=torch.float32)
+    hrstd = torch.empty((M if store_stats else 0, H + KVH), device=dev, dtype=torch.float32)
+    grid = (triton.cdiv(M, cfg["BM"]), H + 2 * KVH)
+    _attn_in_fwd_kernel[grid](x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, xm, rstd, q, k, v, hrstd,
+                              M, T, RMS_EPS, D=D, H=H, KVH=KVH, HD=HD, RD=rope_dims, STORE_STATS=store_stats,
+                              BM=cfg["BM"], BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return xm, q, k, v, rstd, hrstd
+
+
+def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, acol=None, nvec=None, res=None,
+             rowvec=None, c=None, c_nt=1, g=None, a_act=False, sumsq=False, store_act=False, store_stats=False,
+             act=0):
+    cfg = _blocks("row_gemm")
+    BN = _pick(N, cfg["BN"])
+    BK = _pick(K, cfg["BK"])
+    dummy = out
+    grid = (triton.cdiv(M, cfg["BM"]), N // BN)
+    _row_gemm_kernel[grid](
+        a, *a_addr, w, w_sn, w_sk, out, *o_addr,
+        acol if acol is not None else dummy, nvec if nvec is not None else dummy,
+        res if res is not None else dummy, rowvec if rowvec is not None else dummy,
+        c if c is not None else dummy, c_nt, g if g is not None else dummy,
+        M, N, K, RMS_EPS,
+        A_COL_SCALE=acol is not None, A_ACT=a_act, SUMSQ=sumsq, EPI=epi, STORE_ACT=store_act,
+        STORE_STATS=store_stats, ACT=act, NT_P2=max(1, triton.next_power_of_2(c_nt)),
+        BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def wgrad(a, b, b_addr, M, N, K, *, rowscale=None, b_act=False, act=0, nscale=None, w=None):
+    """G[n, k] = sum_m A[m, n] * rowscale[m] * f(B[m, k]); returns (dW [N, K] fp32, dscale [N] fp32 or None)
+    where dW = nscale[n] * G and dscale[n] = sum_k W[n, k] * G[n, k] when nscale is given."""
+    cfg = _blocks("wgrad")
+    BN = _pick(N, cfg["BN"])
+    BK = _pick(K, cfg["BK"])
+    BM = cfg["BM"]
+    tiles = (N // BN) * (K // BK)
+    split = max(1, min(triton.cdiv(M, BM), triton.cdiv(2 * _num_sms(a.device), tiles)))
+    m_per = triton.cdiv(triton.cdiv(M, split), BM) * BM
+    split = triton.cdiv(M, m_per)
+    out = torch.empty((split, N, K), device=a.device, dtype=torch.float32)
+    dscale = torch.empty((split, K // BK, N), device=a.device, dtype=torch.float32) if nscale is not None else out
+    _wgrad_kernel[(N // BN, K // BK, split)](
+        a, a.stride(0), b, *b_addr, out, rowscale if rowscale is not None else out,
+        nscale if nscale is not None else out, w if w is not None else out, dscale,
+        M, N, K, m_per,
+        A_ROW_SCALE=rowscale is not None, B_ACT=b_act, ACT=act, OUT_SCALE=nscale is not None,
+        BN=BN, BK=BK, BM=BM, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dw = out[0] if split == 1 else out.sum(0)
+    ds = dscale.sum((0, 1)) if nscale is not None else None
+    return dw, ds
+
+
+def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, resid_mix, xm, rstd,
+                wq, wk, wv, T, H, KVH, rope_dims):
+    """dq, dk, dv: [B, T, heads, HD] (any strides); everything else as saved by attn_in_fwd.
+    Returns dx, dx0, d_resid_mix [2, D], d[Wq; Wk; Wv] [(H+2KVH)*HD, D] fp32, d_q_gain."""
+    M, D = x.shape
+    HD = wq.shape[0] // H
+    dev, dt = x.device, x.dtype
+    NQKV = (H + 2 * KVH) * HD
+    ecfg = _blocks("attn_epi")
+    dqkv = torch.empty((M, NQKV), device=dev, dtype=dt)
+    cvec = torch.empty((M,), device=dev, dtype=torch.float32)
+    n_mt = triton.cdiv(M, ecfg["BM"])
+    dgain_part = torch.empty((n_mt, H), device=dev, dtype=torch.float32)
+    _attn_in_bwd_epi_kernel[(n_mt,)](dq, *dq.stride(), dk, *dk.stride(), dv, *dv.stride(),
+                                      q, k, v, q_gain, cos, sin, head_rstd, dqkv, cvec, dgain_part,
+                                      M, T, RMS_EPS, H=H, KVH=KVH, HD=HD, RD=rope_dims, BM=ecfg["BM"],
+                                      num_warps=ecfg["num_warps"])
+    cfg = _blocks("row_gemm")
+    BN = _pick(D, cfg["BN"])
+    BK = _pick(KVH * HD, cfg["BK"])
+    n_rt = triton.cdiv(M, cfg["BM"])
+    dx = torch.empty_like(x)
+    dx0 = torch.empty_like(x0)
+    dmix_part = torch.empty((n_rt, 2, D), device=dev, dtype=torch.float32)
+    _attn_in_bwd_dx_kernel[(n_rt, D // BN)](dqkv, wq, wk, wv, g_xm, xm, rstd, cvec, x, x0, resid_mix,
+                                            dx, dx0, dmix_part, M, D=D, H=H, KVH=KVH, HD=HD,
+                                            BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"],
+                                            num_stages=cfg["num_stages"])
+    dw, _ = wgrad(dqkv, xm, _flat2(xm), M, NQKV, D, rowscale=rstd)
+    return dx, dx0, dmix_part.sum(0), dw, dgain_part.sum(0)
+
+
+def rope_tables(T: int, head_dim: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [T, head_dim/2]: column c < rope_dims/2 uses frequency base^(-2c/rope_dims) (the records'
+    partial RoPE); the other columns are pass-through (cos 1, sin 0)."""
+    half, hr = head_dim // 2, rope_dims // 2
+    inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims))
+    freqs = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv_freq)
+    cos = torch.ones((T, half), dtype=torch.float32, device=device)
+    sin = torch.zeros((T, half), dtype=torch.float32, device=device)
+    cos[:, :hr] = freqs.cos()
+    sin[:, :hr] = freqs.sin()
+    return cos.contiguous(), sin.contiguous()
