@@ -87,14 +87,22 @@ def fake_quant(w: Tensor, bits: int, rule: str = "amax") -> Tensor:
 
 
 def _search_clip(w32: Tensor, bits: int) -> Tensor:
-    """Per-row clip from SEARCH_FRACTIONS × amax that minimises the squared reconstruction error."""
+    """Per-row clip from SEARCH_FRACTIONS × amax that minimises the squared reconstruction error.
+
+    The error is summed in float64: each term (the fp64 difference of two fp32 numbers, squared) is rounded
+    the same way everywhere, so the only order-dependent rounding left is the sum's, ~1e-16 relative. An fp32
+    sum's order-dependent rounding (~1e-7)
+    could flip the choice between two near-equal candidates, and then CPU, CUDA and the CUDA extension
+    (csrc/quant_kernels.cu), which all add in different orders, would pick different clips.
+    """
     amax = w32.abs().amax(dim=1)
-    best_err = torch.full_like(amax, float("inf"))
+    w64 = w32.double()
+    best_err = torch.full(amax.shape, float("inf"), dtype=torch.float64, device=amax.device)
     best_clip = amax.clone()
     for frac in SEARCH_FRACTIONS:
         clip = amax * frac
         s = scale_from_clip(clip, bits)
-        err = (dequantize_rows(quantize_with_scale(w32, s, bits), s) - w32).pow(2).sum(dim=1)
+        err = (dequantize_rows(quantize_with_scale(w32, s, bits), s, torch.float64) - w64).pow(2).sum(dim=1)
         better = err < best_err  # strict: the first (largest) clip wins ties
         best_err = torch.where(better, err, best_err)
         best_clip = torch.where(better, clip, best_clip)
