@@ -290,7 +290,7 @@ def _attn_out_op(y: Tensor, xm: Tensor, wp: Tensor, attn_scale: Tensor) -> Tenso
     b, t, h, hd = y.shape
     d = xm.shape[-1]
     m = b * t
-    out = torch.empty_like(xm)
+    out = kn.alloc_like(xm)
     kn.row_gemm(y, kn._flat4(y, t, hd), wp, wp.stride(0), 1, m, d, h * hd, out, kn._flat2(out.view(m, d)),
                 epi=kn.EPI_RESIDUAL, nvec=attn_scale, res=xm)
     return out
@@ -308,7 +308,7 @@ def _attn_out_bwd_op(g: Tensor, y: Tensor, wp: Tensor, attn_scale: Tensor) -> tu
     d = g.shape[-1]
     m = b * t
     g2 = g.reshape(m, d)
-    dy = torch.empty_like(y)  # same strides as y: SDPA's backward gets dO laid out like O
+    dy = kn.alloc_like(y)  # same strides as y: SDPA's backward gets dO laid out like O
     kn.row_gemm(g2, kn._flat2(g2), wp, 1, wp.stride(0), m, h * hd, d, dy, kn._flat4(dy, t, hd),
                 epi=kn.EPI_STORE, acol=attn_scale)
     dwp, dscale = kn.wgrad(g2, y, kn._flat4(y, t, hd), m, d, h * hd, nscale=attn_scale, w=wp)
@@ -343,12 +343,12 @@ def _mlp_op(x1: Tensor, w_fc: Tensor, w_proj: Tensor, mlp_scale: Tensor, act: in
     b, t, d = x1.shape
     m, hid = b * t, w_fc.shape[0]
     x2 = x1.reshape(m, d)
-    pre = x1.new_empty(m, hid)
-    rstd = x1.new_empty(m if store_stats else 0, dtype=torch.float32)
+    pre = kn.alloc((m, hid), device=x1.device, dtype=x1.dtype)
+    rstd = kn.alloc((m if store_stats else 0,), device=x1.device, dtype=torch.float32)
     kn.row_gemm(x2, kn._flat2(x2), w_fc, w_fc.stride(0), 1, m, hid, d, pre, kn._flat2(pre),
                 epi=kn.EPI_MLP_UP, sumsq=True, rowvec=rstd, store_stats=store_stats, store_act=not store_stats,
                 act=act)
-    out = torch.empty_like(x1)
+    out = kn.alloc_like(x1)
     # training: pre holds the pre-activation, the down matmul applies act while loading it;
     # eval: pre already holds act(pre)
     kn.row_gemm(pre, kn._flat2(pre), w_proj, w_proj.stride(0), 1, m, d, hid, out, kn._flat2(out.view(m, d)),
@@ -374,15 +374,15 @@ def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, w_fc: Tensor, 
     g2, x2 = g.reshape(m, d), x1.reshape(m, d)
     cfg = kn._blocks("row_gemm")
     n_ht = hid // kn._pick(hid, cfg["BN"])
-    cpart = torch.empty((n_ht, m), device=g.device, dtype=torch.float32)
-    dpre = torch.empty_like(pre)
+    cpart = kn.alloc((n_ht, m), device=g.device, dtype=torch.float32)
+    dpre = kn.alloc_like(pre)
     # dPre = ((g * mlp_scale) @ w_proj) * act'(pre); row partials of sum(dPre * pre) for the norm backward
     kn.row_gemm(g2, kn._flat2(g2), w_proj, 1, w_proj.stride(0), m, hid, d, dpre, kn._flat2(dpre),
                 epi=kn.EPI_ACT_BWD, acol=mlp_scale, res=pre, c=cpart, act=act)
     dw_proj, dscale = kn.wgrad(g2, pre, kn._flat2(pre), m, d, hid, b_act=True, act=act, nscale=mlp_scale,
                                w=w_proj)
     dw_fc, _ = kn.wgrad(dpre, x2, kn._flat2(x2), m, hid, d, rowscale=rstd)
-    dx1 = torch.empty_like(x1)
+    dx1 = kn.alloc_like(x1)
     kn.row_gemm(dpre, kn._flat2(dpre), w_fc, 1, w_fc.stride(0), m, d, hid, dx1, kn._flat2(dx1.view(m, d)),
                 epi=kn.EPI_NORM_BWD, res=x2, rowvec=rstd, c=cpart, c_nt=n_ht, g=g2)
     return dx1, dw_fc, dw_proj, dscale

@@ -32,15 +32,28 @@ ACTIVATIONS = {"relu2": 0, "leaky_relu2": 1}
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Tests set this to True: every buffer a kernel is meant to fill starts as NaN, so an unwritten element fails.
+POISON_OUTPUTS = False
+
+
+def alloc(*shape, device, dtype) -> torch.Tensor:
+    t = torch.empty(*shape, device=device, dtype=dtype)
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+
+
+def alloc_like(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t)  # keeps t's strides when t is dense
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
 
 def _blocks(kind: str) -> dict:
     """Tile sizes. Interpreter: small tiles so tests cover several tiles and row masks on tiny shapes.
     GPU: chosen for H100 at d=512 (unmeasured this session; tune with bench/bench_block.py)."""
     if _INTERPRET:
-        return {"row_gemm": dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=1),
-                "attn_in": dict(BM=32, BK=32, num_warps=4, num_stages=1),
+        return {"row_gemm": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
+                "attn_in": dict(BM=32, BK=64, num_warps=4, num_stages=1),
                 "attn_epi": dict(BM=32, num_warps=4),
-                "wgrad": dict(BN=32, BK=32, BM=32, num_warps=4, num_stages=1)}[kind]
+                "wgrad": dict(BN=64, BK=64, BM=32, num_warps=4, num_stages=1)}[kind]
     return {"row_gemm": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
             "attn_in": dict(BM=128, BK=64, num_warps=8, num_stages=3),
             "attn_epi": dict(BM=64, num_warps=4),
@@ -95,9 +108,10 @@ def _attn_in_fwd_kernel(x_ptr, x0_ptr, mix_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr
                         M, T, eps,
                         D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
                         RD: tl.constexpr, STORE_STATS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    # One program = one row tile x one head (H q heads, then KVH k heads, then KVH v heads).
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1)
+    # One program = one head (H q heads, then KVH k heads, then KVH v heads) x one row tile. The head is the
+    # fastest grid axis so the programs reading the same x / x0 rows run together and share them through L2.
+    head = tl.program_id(0)
+    pid_m = tl.program_id(1)
     HALF: tl.constexpr = HD // 2
     CDT = xm_ptr.dtype.element_ty
     c, idx_a, idx_b = _rope_halves(HD, RD)
@@ -182,8 +196,9 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
                      EPI: tl.constexpr, STORE_ACT: tl.constexpr, STORE_STATS: tl.constexpr,
                      ACT: tl.constexpr, NT_P2: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # column tile fastest: programs sharing an A row tile run together (A read from HBM once, W stays in L2)
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     CDT = out_ptr.dtype.element_ty
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -310,8 +325,8 @@ def _attn_in_bwd_dx_kernel(dqkv_ptr, wq_ptr, wk_ptr, wv_ptr, gxm_ptr, xm_ptr, rs
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # dh = dqkv @ [Wq; Wk; Wv]; dxm = g_xm + rstd * (dh - xm * rstd * c / D); dx = mix0*dxm; dx0 = mix1*dxm;
     # dmix partial sums over this row tile.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     NQKV: tl.constexpr = (H + 2 * KVH) * HD
     CDT = dqkv_ptr.dtype.element_ty
     rm = pid_m * BM + tl.arange(0, BM)
@@ -436,13 +451,13 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
     cfg = _blocks("attn_in")
     BK = _pick(D, cfg["BK"])
     dev, dt = x.device, x.dtype
-    xm = torch.empty_like(x)
-    q = torch.empty((M, H * HD), device=dev, dtype=dt)
-    k = torch.empty((M, KVH * HD), device=dev, dtype=dt)
-    v = torch.empty((M, KVH * HD), device=dev, dtype=dt)
-    rstd = torch.empty((M if store_stats else 0,), device=dev, dtype=torch.float32)
-    hrstd = torch.empty((M if store_stats else 0, H + KVH), device=dev, dtype=torch.float32)
-    grid = (triton.cdiv(M, cfg["BM"]), H + 2 * KVH)
+    xm = alloc_like(x)
+    q = alloc((M, H * HD), device=dev, dtype=dt)
+    k = alloc((M, KVH * HD), device=dev, dtype=dt)
+    v = alloc((M, KVH * HD), device=dev, dtype=dt)
+    rstd = alloc((M if store_stats else 0,), device=dev, dtype=torch.float32)
+    hrstd = alloc((M if store_stats else 0, H + KVH), device=dev, dtype=torch.float32)
+    grid = (H + 2 * KVH, triton.cdiv(M, cfg["BM"]))
     _attn_in_fwd_kernel[grid](x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, xm, rstd, q, k, v, hrstd,
                               M, T, RMS_EPS, D=D, H=H, KVH=KVH, HD=HD, RD=rope_dims, STORE_STATS=store_stats,
                               BM=cfg["BM"], BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -456,7 +471,7 @@ def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, acol=None, 
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])
     dummy = out
-    grid = (triton.cdiv(M, cfg["BM"]), N // BN)
+    grid = (N // BN, triton.cdiv(M, cfg["BM"]))
     _row_gemm_kernel[grid](
         a, *a_addr, w, w_sn, w_sk, out, *o_addr,
         acol if acol is not None else dummy, nvec if nvec is not None else dummy,
@@ -480,8 +495,8 @@ def wgrad(a, b, b_addr, M, N, K, *, rowscale=None, b_act=False, act=0, nscale=No
     split = max(1, min(triton.cdiv(M, BM), triton.cdiv(2 * _num_sms(a.device), tiles)))
     m_per = triton.cdiv(triton.cdiv(M, split), BM) * BM
     split = triton.cdiv(M, m_per)
-    out = torch.empty((split, N, K), device=a.device, dtype=torch.float32)
-    dscale = torch.empty((split, K // BK, N), device=a.device, dtype=torch.float32) if nscale is not None else out
+    out = alloc((split, N, K), device=a.device, dtype=torch.float32)
+    dscale = alloc((split, K // BK, N), device=a.device, dtype=torch.float32) if nscale is not None else out
     _wgrad_kernel[(N // BN, K // BK, split)](
         a, a.stride(0), b, *b_addr, out, rowscale if rowscale is not None else out,
         nscale if nscale is not None else out, w if w is not None else out, dscale,
@@ -502,10 +517,10 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
     dev, dt = x.device, x.dtype
     NQKV = (H + 2 * KVH) * HD
     ecfg = _blocks("attn_epi")
-    dqkv = torch.empty((M, NQKV), device=dev, dtype=dt)
-    cvec = torch.empty((M,), device=dev, dtype=torch.float32)
+    dqkv = alloc((M, NQKV), device=dev, dtype=dt)
+    cvec = alloc((M,), device=dev, dtype=torch.float32)
     n_mt = triton.cdiv(M, ecfg["BM"])
-    dgain_part = torch.empty((n_mt, H), device=dev, dtype=torch.float32)
+    dgain_part = alloc((n_mt, H), device=dev, dtype=torch.float32)
     _attn_in_bwd_epi_kernel[(n_mt,)](dq, *dq.stride(), dk, *dk.stride(), dv, *dv.stride(),
                                       q, k, v, q_gain, cos, sin, head_rstd, dqkv, cvec, dgain_part,
                                       M, T, RMS_EPS, H=H, KVH=KVH, HD=HD, RD=rope_dims, BM=ecfg["BM"],
@@ -514,10 +529,10 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
     BN = _pick(D, cfg["BN"])
     BK = _pick(KVH * HD, cfg["BK"])
     n_rt = triton.cdiv(M, cfg["BM"])
-    dx = torch.empty_like(x)
-    dx0 = torch.empty_like(x0)
-    dmix_part = torch.empty((n_rt, 2, D), device=dev, dtype=torch.float32)
-    _attn_in_bwd_dx_kernel[(n_rt, D // BN)](dqkv, wq, wk, wv, g_xm, xm, rstd, cvec, x, x0, resid_mix,
+    dx = alloc_like(x)
+    dx0 = alloc_like(x0)
+    dmix_part = alloc((n_rt, 2, D), device=dev, dtype=torch.float32)
+    _attn_in_bwd_dx_kernel[(D // BN, n_rt)](dqkv, wq, wk, wv, g_xm, xm, rstd, cvec, x, x0, resid_mix,
                                             dx, dx0, dmix_part, M, D=D, H=H, KVH=KVH, HD=HD,
                                             BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"],
                                             num_stages=cfg["num_stages"])
