@@ -6,6 +6,7 @@ settings on synthetic text, and train/val shards written with pgolf_kernels.shar
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import os
@@ -105,7 +106,291 @@ def exact_line(text: str, name: str) -> tuple[float, float]:
 
 
 def load_trainer_module():
-    spec = importlib.util.spec_from_file_location("pgolf_train_gpt", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """train/train_gpt.py imported as a module (it is a script, not part of the package)."""
+    if "pgolf_train_gpt" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("pgolf_train_gpt", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["pgolf_train_gpt"] = mod  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(mod)
+    return sys.modules["pgolf_train_gpt"]
+
+
+def tiny_config(mod, data_root: Path, out_dir: Path, **overrides):
+    env = tiny_env(data_root, out_dir, **overrides)
+    return mod.Config.from_env({k: v for k, v in env.items() if k.lower() in {f.name for f in mod.dataclasses.fields(mod.Config)}})
+
+
+def eval_state(mod, cfg, state: dict, data_root: Path, qat: bool = False):
+    """val loss/bpb of a state dict under `cfg`, computed in this process the way the trainer does."""
+    from pgolf_kernels.metric import build_bpb_luts, evaluate_bpb
+    from pgolf_kernels.shards import load_validation_tokens
+
+    model = mod.GPT(cfg)
+    model.load_state_dict(state, strict=True)
+    if qat:
+        model.set_qat(cfg.qat_bits, cfg.control_patterns)
+    model.eval()
+    luts = build_bpb_luts(cfg.tokenizer_path, cfg.vocab_size)
+    val = load_validation_tokens(cfg.val_files, cfg.train_seq_len, cfg.vocab_size)
+    return evaluate_bpb(lambda x, y: model(x, y, reduction="none"), val, luts, cfg.train_seq_len,
+                        batch_tokens=cfg.val_batch_size // 8)
+
+
+# ------------------------------------------------------------------------------------------ one full tiny run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_run")
+    env = tiny_env(data_root, out, RECORDS_DIR=out / "records", SUBMISSION_AUTHOR="pgolf tests",
+                   SUBMISSION_GITHUB_ID="pgolf-ci")
+    proc = run_trainer(env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc.stdout
+
+
+def test_tiny_model_trains_and_logs_official_lines(tiny_run):
+    out, text = tiny_run
+    losses = train_losses(text)
+    assert sorted(losses) == list(range(1, 31))
+    assert all(math.isfinite(v) for v in losses.values())
+    first, last5 = losses[1], sum(losses[s] for s in range(26, 31)) / 5
+    assert last5 < first - 2.0, f"loss did not fall: step 1 {first:.3f}, steps 26-30 mean {last5:.3f}"
+    val_loss, val_bpb = map(float, re.search(r"^step:30/30 val_loss:(\S+) val_bpb:(\S+) train_time:\d+ms step_avg:", text, re.M).groups())
+    assert val_loss < 3.0 and 0 < val_bpb < 2.0
+    assert re.search(r"^peak memory cpu max_rss: \d+ MiB$", text, re.M)
+    assert re.search(r"^Serialized model int8\+zlib: \d+ bytes$", text, re.M)
+    q_loss, q_bpb = exact_line(text, "final_int8_zlib_roundtrip_exact")
+    assert abs(q_loss - val_loss) < 0.02  # int8 costs little
+    s_loss, _ = exact_line(text, "final_int8_zlib_sliding_window_exact")
+    assert math.isfinite(s_loss)
+    # The log file holds the console lines (and, first, the script's own source, as the official does).
+    log = (out / "logs" / "t.txt").read_text()
+    assert log.startswith('"""pgolf trainer') and "final_int8_zlib_roundtrip_exact" in log
+
+
+def test_roundtrip_line_equals_reloaded_artifact_eval(tiny_run, data_root):
+    from pgolf_kernels.export import load_artifact
+
+    out, text = tiny_run
+    mod = load_trainer_module()
+    cfg = tiny_config(mod, data_root, out)
+    res = eval_state(mod, cfg, load_artifact(out / "final_model.int8.ptz"), data_root)
+    q_loss, q_bpb = exact_line(text, "final_int8_zlib_roundtrip_exact")
+    assert abs(res.val_loss - q_loss) < 1e-6 and abs(res.val_bpb - q_bpb) < 1e-6
+    # The raw checkpoint is the in-memory model: its eval is the last step's val line.
+    raw = eval_state(mod, cfg, torch.load(out / "final_model.pt"), data_root)
+    assert re.search(rf"^step:30/30 val_loss:{raw.val_loss:.4f} val_bpb:{raw.val_bpb:.4f} ", text, re.M)
+
+
+def test_records_folder_written(tiny_run):
+    import json
+
+    out, _ = tiny_run
+    rec = out / "records"
+    names = {p.name for p in rec.iterdir()}
+    assert {"README.md", "submission.json", "train_gpt.py", "t.txt", "pgolf_kernels"} <= names
+    sub = json.loads((rec / "submission.json").read_text())
+    assert sub["author"] == "pgolf tests" and sub["github_id"] == "pgolf-ci"
+    assert sub["bytes_total"] == (out / "final_model.int8.ptz").stat().st_size + sub["bytes_code"]
+    assert (rec / "train_gpt.py").read_bytes() == SCRIPT.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ distributed, warm-up
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_with_accumulation(data_root, tmp_path):
+    common = dict(ITERATIONS=3, EVAL_STRIDE=0, TRAIN_LOG_EVERY=1)
+    one = run_trainer(tiny_env(data_root, tmp_path / "one", **common))
+    two = run_trainer(tiny_env(data_root, tmp_path / "two", **common), nproc=2)
+    cold = run_trainer(tiny_env(data_root, tmp_path / "cold", WARMUP_STEPS=0, **common))
+    for p in (one, two, cold):
+        assert p.returncode == 0, p.stderr[-4000:]
+    assert "world_size:2 grad_accum_steps:4" in two.stdout
+    l1, l2, l0 = train_losses(one.stdout), train_losses(two.stdout), train_losses(cold.stdout)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3]
+    for s in (1, 2, 3):
+        assert abs(l1[s] - l2[s]) < 1e-5, (s, l1[s], l2[s])
+        # Warm-up steps restore the initial weights, optimiser state and data order.
+        assert abs(l1[s] - l0[s]) < 1e-6, (s, l1[s], l0[s])
+    v1, v2 = exact_line(one.stdout, "final_int8_zlib_roundtrip_exact"), exact_line(two.stdout, "final_int8_zlib_roundtrip_exact")
+    assert abs(v1[0] - v2[0]) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------ failures
+
+
+def test_nonfinite_loss_stops_with_the_step(data_root, tmp_path):
+    proc = run_trainer(tiny_env(data_root, tmp_path, MATRIX_LR="inf", ITERATIONS=10))
+    assert proc.returncode != 0
+    assert re.search(r"error: train loss is nan at step \d+; stopping the run", proc.stderr), proc.stderr[-2000:]
+    assert not (tmp_path / "final_model.int8.ptz").exists()
+
+
+def test_over_budget_refused_then_allowed(data_root, tmp_path):
+    artifact = tmp_path / "final_model.int8.ptz"
+    artifact.write_bytes(b"stale")  # a previous run's file must not be left behind as if it were this run's
+    proc = run_trainer(tiny_env(data_root, tmp_path, ITERATIONS=2, ARTIFACT_BUDGET_BYTES=100_000))
+    assert proc.returncode != 0
+    assert "over the budget of 100,000" in proc.stderr and "ALLOW_OVER_BUDGET=1" in proc.stderr, proc.stderr[-2000:]
+    assert not artifact.exists()
+    proc = run_trainer(tiny_env(data_root, tmp_path, ITERATIONS=2, ARTIFACT_BUDGET_BYTES=100_000, ALLOW_OVER_BUDGET=1))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert artifact.exists() and "final_int8_zlib_roundtrip_exact" in proc.stdout
+
+
+def test_fused_kernels_on_cpu_fail_clearly(data_root, tmp_path):
+    proc = run_trainer(tiny_env(data_root, tmp_path, KERNELS="fused"))
+    assert proc.returncode == 1
+    assert "KERNELS=fused needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_vocab_mismatch_fails_clearly(data_root, tmp_path):
+    proc = run_trainer(tiny_env(data_root, tmp_path, VOCAB_SIZE=1024))
+    assert proc.returncode == 1
+    assert f"has {VOCAB} pieces, VOCAB_SIZE says 1024" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, message",
+    [
+        (dict(TRAIN_BATCH_TOKENS=1000), 1, "TRAIN_BATCH_TOKENS=1000 must be a positive multiple of"),
+        (dict(TRAIN_BATCH_TOKENS=8 * 2 * SEQ), 8, None),
+        (dict(TRAIN_BATCH_TOKENS=8 * 2 * SEQ), 3, "WORLD_SIZE=3 must divide 8"),
+        (dict(NUM_HEADS=3), 1, "MODEL_DIM=64 must be divisible by NUM_HEADS=3"),
+        (dict(NUM_KV_HEADS=3), 1, "NUM_HEADS=4 must be divisible by NUM_KV_HEADS=3"),
+        (dict(KERNELS="fast"), 1, "KERNELS='fast': expected one of eager, compile, fused"),
+        (dict(EXPORT_SCHEME="int4+gzip"), 1, "EXPORT_SCHEME='int4+gzip'"),
+        (dict(QAT_START_FRAC="1.5"), 1, "QAT_START_FRAC=1.5 must be in [0, 1]"),
+        (dict(EVAL_STRIDE=64), 1, "EVAL_STRIDE=64 must be in 0..TRAIN_SEQ_LEN=32"),
+        (dict(VAL_BATCH_SIZE=64), 1, "VAL_BATCH_SIZE=64 must give each rank at least one sequence"),
+        (dict(RECORDS_DIR="x", SUBMISSION_AUTHOR=""), 1, "RECORDS_DIR is set: submission.json needs"),
+    ],
+)
+def test_config_errors_name_the_variable(data_root, tmp_path, overrides, world_size, message):
+    mod = load_trainer_module()
+    cfg = tiny_config(mod, data_root, tmp_path, **overrides)
+    if message is None:
+        cfg.validate(world_size)
+        return
+    with pytest.raises(mod.ConfigError, match=re.escape(message)):
+        cfg.validate(world_size)
+
+
+def test_config_parsing():
+    mod = load_trainer_module()
+    cfg = mod.Config.from_env({"ITERATIONS": "7", "TIE_EMBEDDINGS": "0", "QAT_START_FRAC": "0.25", "DEVICE": "cpu"})
+    assert (cfg.iterations, cfg.tie_embeddings, cfg.qat_start_frac, cfg.kernels) == (7, False, 0.25, "eager")
+    assert cfg.run_id and cfg.matrix_lr == 0.04 and cfg.max_wallclock_seconds == 600.0
+    assert mod.Config.from_env({"QAT_START_FRAC": "off"}).qat_start_frac is None
+    with pytest.raises(mod.ConfigError, match=r"ITERATIONS='many' is not a valid int"):
+        mod.Config.from_env({"ITERATIONS": "many"})
+    with pytest.raises(mod.ConfigError, match=r"TIE_EMBEDDINGS='yes please' is not a valid bool"):
+        mod.Config.from_env({"TIE_EMBEDDINGS": "yes please"})
+
+
+# ------------------------------------------------------------------------------------------ QAT + int6 export
+
+
+@pytest.mark.slow
+def test_int6_qat_artifact_matches_in_memory_fake_quant_model(data_root, tmp_path):
+    from pgolf_kernels import quant
+    from pgolf_kernels.export import load_artifact
+
+    # MODEL_DIM 192: the MLP matrices (192x384) are big enough for the exporter to quantise (and so for QAT).
+    over = dict(EXPORT_SCHEME="int6+zstd", QAT_START_FRAC=0.5, MODEL_DIM=192, ITERATIONS=6, EVAL_STRIDE=0)
+    proc = run_trainer(tiny_env(data_root, tmp_path, **over))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert re.search(r"^qat:on step:3 bits:6$", proc.stdout, re.M)
+    q_loss, q_bpb = exact_line(proc.stdout, "final_int6_zstd_roundtrip_exact")
+
+    mod = load_trainer_module()
+    cfg = tiny_config(mod, data_root, tmp_path, **over)
+    raw = torch.load(tmp_path / "final_model.pt")
+    art = load_artifact(tmp_path / "final_model.int6.ptz")
+    qat_names = {n + ".weight" for n, _ in mod.GPT(cfg).qat_matrices(cfg.control_patterns)}
+    assert qat_names == {f"blocks.{i}.mlp.{m}.weight" for i in range(2) for m in ("fc", "proj")}
+    for name in qat_names:  # the artifact holds exactly the grid QAT trained on
+        assert torch.equal(art[name], quant.fake_quant(raw[name], 6, "amax"))
+    # In-memory model: trained weights under fake-quant for the QAT matrices, exported values elsewhere.
+    mixed = {k: (raw[k] if k in qat_names else art[k]) for k in raw}
+    res = eval_state(mod, cfg, mixed, data_root, qat=True)
+    assert abs(res.val_loss - q_loss) < 1e-5 and abs(res.val_bpb - q_bpb) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ vs the official script
+
+OFFICIAL = REPO / ".peers" / "official" / "train_gpt.py"
+
+
+@pytest.mark.skipif(not OFFICIAL.exists(), reason="the official train_gpt.py is not checked out in .peers/official")
+def test_model_and_muon_match_the_official_script(data_root, tmp_path):
+    spec = importlib.util.spec_from_file_location("official_train_gpt", OFFICIAL)
+    off = importlib.util.module_from_spec(spec)
+    sys.modules["official_train_gpt"] = off
+    spec.loader.exec_module(off)
+    mod = load_trainer_module()
+    cfg = tiny_config(mod, data_root, tmp_path, NUM_LAYERS=3)
+    kw = dict(vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, model_dim=cfg.model_dim, num_heads=cfg.num_heads,
+              num_kv_heads=cfg.num_kv_heads, mlp_mult=cfg.mlp_mult, tie_embeddings=True,
+              tied_embed_init_std=cfg.tied_embed_init_std, logit_softcap=cfg.logit_softcap,
+              rope_base=cfg.rope_base, qk_gain_init=cfg.qk_gain_init)
+    torch.manual_seed(cfg.seed)
+    theirs = off.GPT(**kw)
+    torch.manual_seed(cfg.seed)
+    ours = mod.GPT(cfg)
+    s_t, s_o = theirs.state_dict(), ours.state_dict()
+    assert list(s_t) == list(s_o)
+    for k in s_t:
+        assert torch.equal(s_t[k], s_o[k]), k
+    # Perturb the zero-initialised projections so the comparison exercises every path.
+    with torch.no_grad():
+        for (_, p_t), (_, p_o) in zip(theirs.named_parameters(), ours.named_parameters()):
+            p_t.add_(torch.randn_like(p_t) * 0.02)
+            p_o.copy_(p_t)
+    x = torch.randint(0, cfg.vocab_size, (2, SEQ))
+    y = torch.randint(0, cfg.vocab_size, (2, SEQ))
+    # Copies for the bf16 layout, made before any forward: the official caches its rotary table at the first
+    # call, so a table computed in fp32 would otherwise leak into the bf16 model.
+    theirs16, ours16 = copy.deepcopy(theirs), copy.deepcopy(ours)
+    assert torch.equal(theirs(x, y), ours(x, y))
+    # The bf16 layout: same dtypes everywhere (incl. the rotary buffer), same autocast forward.
+    theirs, ours = theirs16, ours16
+    theirs.bfloat16()
+    for m in theirs.modules():
+        if isinstance(m, off.CastedLinear):
+            m.float()
+    off.restore_low_dim_params_to_fp32(theirs)
+    mod.cast_like_official(ours, cfg.control_patterns)
+    for (k, t), (_, o) in zip(theirs.state_dict(keep_vars=True).items(), ours.state_dict(keep_vars=True).items()):
+        assert t.dtype == o.dtype and torch.equal(t, o), k
+    assert theirs.blocks[0].attn.rotary.inv_freq.dtype == ours.blocks[0].attn.rotary.inv_freq.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(theirs(x, y), ours(x, y))
+    # Muon: identical updates over a few steps with momentum and Nesterov.
+    ps_t = [torch.randn(48, 64), torch.randn(64, 32)]
+    ps_o = [p.clone() for p in ps_t]
+    opt_t = off.Muon(ps_t, lr=0.04, momentum=0.95, backend_steps=5)
+    opt_o = mod.Muon(ps_o, lr=0.04, momentum=0.95, backend_steps=5)
+    for _ in range(3):
+        for a, b in zip(ps_t, ps_o):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt_t.step()
+        opt_o.step()
+    for a, b in zip(ps_t, ps_o):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------ wall-clock cap, bf16
+
+
+def test_wallclock_cap_stops_early_with_bf16_layout(data_root, tmp_path):
+    proc = run_trainer(tiny_env(data_root, tmp_path, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=1.5, DTYPE="bf16",
+                                TRAIN_LOG_EVERY=0, EVAL_STRIDE=0))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "autocast:bf16" in proc.stdout
+    m = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/100000$", proc.stdout, re.M)
+    assert m and 1500 <= int(m[1]) < 4000 and int(m[2]) > 1
+    assert math.isfinite(exact_line(proc.stdout, "final_int8_zlib_roundtrip_exact")[0])

@@ -693,7 +693,7 @@ def main() -> None:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         return loss_sum / (grad_accum_steps * world_size)
 
-    def evaluate(stride: int | None = None):
+    def evaluate(what: str, stride: int | None = None):
         model.eval()
         result = evaluate_bpb(
             lambda x, y: run_model(x, y, reduction="none"),
@@ -708,6 +708,8 @@ def main() -> None:
             autocast_dtype=autocast_dtype,
         )
         model.train()
+        if not math.isfinite(result.val_loss):
+            raise NonFiniteLoss(f"{what} val_loss is {result.val_loss}; stopping the run")
         return result
 
     # ---- warm-up: prime compilation (both QAT graphs when QAT is planned), then restore the true init
@@ -754,7 +756,7 @@ def main() -> None:
         if last_step or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0):
             sync()
             training_time_ms += 1000.0 * (time.perf_counter() - t0)
-            res = evaluate()
+            res = evaluate(f"step {step}")
             log(f"step:{step}/{cfg.iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
                 f"train_time:{training_time_ms:.0f}ms step_avg:{training_time_ms / max(step, 1):.2f}ms")
             sync()
@@ -844,13 +846,13 @@ def main() -> None:
     base_model.load_state_dict(export.load_artifact(artifact_path, device), strict=True)
     sync()
     t_eval = time.perf_counter()
-    q = evaluate()
+    q = evaluate(f"{cfg.export_scheme} round-trip")
     sync()
     log(f"final_{tag}_roundtrip val_loss:{q.val_loss:.4f} val_bpb:{q.val_bpb:.4f} eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
     log(f"final_{tag}_roundtrip_exact val_loss:{q.val_loss:.8f} val_bpb:{q.val_bpb:.8f}")
     if cfg.eval_stride > 0:
         t_eval = time.perf_counter()
-        s = evaluate(stride=cfg.eval_stride)
+        s = evaluate(f"sliding-window (stride {cfg.eval_stride})", stride=cfg.eval_stride)
         sync()
         log(f"final_{tag}_sliding_window_exact stride:{cfg.eval_stride} val_loss:{s.val_loss:.8f} val_bpb:{s.val_bpb:.8f} "
             f"eval_time:{1000.0 * (time.perf_counter() - t_eval):.0f}ms")
