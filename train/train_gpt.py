@@ -372,7 +372,7 @@ class GPT(nn.Module):
         targets = target_ids.reshape(-1)
         head = self.tok_emb.weight if self.tie_embeddings else self.lm_head.weight
         if self.fused_ce is not None:
-            loss = self.fused_ce(h, head.to(h.dtype), targets, softcap=self.logit_softcap, reduction=reduction)
+            loss = self.fused_ce(h, head, targets, softcap=self.logit_softcap, reduction=reduction)
         else:
             z = F.linear(h, self.tok_emb.weight) if self.tie_embeddings else self.lm_head(h)
             logits = self.logit_softcap * torch.tanh(z / self.logit_softcap)
