@@ -215,8 +215,8 @@ if HAVE_TRITON:
     if INTERPRET:  # one small tile shape; autotuning would only multiply the interpreter's time
         _fwd_launch = _qlinear_fwd_kernel
         _dx_launch = _qlinear_dx_kernel
-        _FWD_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
-        _DX_META = dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, GROUP_M=2)
+        _FWD_META = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=2)
+        _DX_META = dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=32, GROUP_M=2)
     else:
         _fwd_launch = triton.autotune(configs=_mm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"),
                                       key=["N", "K"])(_qlinear_fwd_kernel)

@@ -1,0 +1,134 @@
+"""The optional CUDA extension pgolf_kernels._C (csrc/) against its references in pgolf_kernels/quant.py.
+
+Without the extension (any CPU-only machine): extension_status() says why, and the wrappers in quant_cuda either
+fall back to the reference (backend="auto") or raise a clear error (backend="extension").
+With a GPU (tests marked gpu): the extension must have been built (`python setup.py build_ext --inplace` or
+`pip install --no-build-isolation .`), and every op returns the reference's codes, scales and bytes exactly, on
+fresh random inputs and on inputs built to sit on rounding ties.
+"""
+import pytest
+import torch
+
+import pgolf_kernels
+from pgolf_kernels import quant, quant_cuda
+
+gpu = pytest.mark.gpu
+no_ext = pytest.mark.skipif(pgolf_kernels.extension_available(), reason="the extension is built here")
+
+
+@no_ext
+def test_status_says_why_the_extension_is_missing():
+    st = pgolf_kernels.extension_status()
+    assert st["available"] is False and st["ops"] == []
+    assert isinstance(st["reason"], str) and len(st["reason"]) > 10
+
+
+@no_ext
+def test_extension_backend_raises_with_the_reason():
+    reason = pgolf_kernels.extension_status()["reason"]
+    w = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="quantize_rows needs the CUDA extension"):
+        quant_cuda.quantize_rows(w, 6, "search", backend="extension")
+    with pytest.raises(RuntimeError) as exc:
+        quant_cuda.pack_codes(torch.zeros(8, dtype=torch.int8), 6, backend="extension")
+    assert reason in str(exc.value)
+    with pytest.raises(RuntimeError, match="unpack_codes"):
+        quant_cuda.unpack_codes(torch.zeros(6, dtype=torch.uint8), 6, 8, backend="extension")
+    # auto quietly uses the reference
+    q, s = quant_cuda.quantize_rows(w, 6, "amax")
+    assert torch.equal(quant.dequantize_rows(q, s), quant.fake_quant(w, 6))
+
+
+def _tricky_weights(rows, cols, bits, seed, dtype=torch.float32):
+    """Random rows plus entries placed exactly on half-way points of the row's amax grid and one ulp off them,
+    a row of tiny values (scale floor) and a row of zeros."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.04
+    # column 0 holds each row's amax (an outlier the search can clip), so the ties below stay ties
+    sign = torch.where(torch.rand(rows, generator=g) < 0.5, -1.0, 1.0)
+    w[:, 0] = sign * (0.25 + 0.3 * torch.rand(rows, generator=g))
+    s = quant.scale_from_clip(quant.row_clip(w, bits), bits).float()
+    m = quant.qmax(bits)
+    k = torch.randint(-m, m - 1, (rows, 8), generator=g).float() + 0.5
+    ties = k * s[:, None]
+    w[:, 1:9] = ties
+    w[:, 9:17] = torch.nextafter(ties, torch.full_like(ties, float("inf")))
+    w[:, 17:25] = torch.nextafter(ties, torch.full_like(ties, float("-inf")))
+    if rows > 2:
+        w[-2] = torch.randn(cols, generator=g) * 1e-8
+        w[-1] = 0.0
+    return w.to(dtype)
+
+
+@gpu
+def test_extension_is_built_and_lists_its_ops():
+    st = pgolf_kernels.extension_status()
+    assert st["available"] is True, st["reason"]
+    assert {"quantize_rows", "pack_codes", "unpack_codes"} <= set(st["ops"])
+
+
+# the baseline's matrix shapes, the 3x/4x MLP widths and an odd one
+SHAPES = [(512, 512), (256, 512), (1536, 512), (512, 2048), (1024, 512), (33, 100)]
+
+
+@gpu
+@pytest.mark.parametrize("rule", ["amax", "search"])
+@pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
+def test_quantize_rows_matches_reference_bit_for_bit(rule, bits):
+    for i, (r, c) in enumerate(SHAPES):
+        w = _tricky_weights(r, c, bits, seed=1000 * bits + i)
+        q_ref, s_ref = quant.quantize_rows(w, bits, rule)  # on the CPU
+        q, s = quant_cuda.quantize_rows(w.cuda(), bits, rule, backend="extension")
+        assert q.is_cuda and q.dtype == torch.int8 and s.dtype == torch.float16
+        assert torch.equal(s.cpu(), s_ref), f"scales differ at {(r, c)} rule={rule} bits={bits}"
+        assert torch.equal(q.cpu(), q_ref), f"codes differ at {(r, c)} rule={rule} bits={bits}"
+
+
+@gpu
+def test_quantize_rows_bf16_input_and_percentile_fallback():
+    w = _tricky_weights(128, 512, 6, seed=7, dtype=torch.bfloat16)
+    q, s = quant_cuda.quantize_rows(w.cuda(), 6, "search", backend="extension")
+    q_ref, s_ref = quant.quantize_rows(w, 6, "search")
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
+    q, s = quant_cuda.quantize_rows(w.cuda(), 8, "percentile")  # no kernel: auto uses the reference on GPU
+    q_ref, s_ref = quant.quantize_rows(w.cuda(), 8, "percentile")
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    with pytest.raises(RuntimeError, match="does not implement"):
+        quant_cuda.quantize_rows(w.cuda(), 8, "percentile", backend="extension")
+
+
+@gpu
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_pack_unpack_match_reference_bytes(bits):
+    m = quant.qmax(bits)
+    g = torch.Generator().manual_seed(bits)
+    for n in (1, 7, 8, 9, 4097, 262_147):
+        q = torch.randint(-m, m + 1, (n,), generator=g, dtype=torch.int8)
+        ref = quant.pack_codes(q, bits)
+        packed = quant_cuda.pack_codes(q.cuda(), bits, backend="extension")
+        assert packed.is_cuda and torch.equal(packed.cpu(), ref), f"bytes differ at n={n} bits={bits}"
+        back = quant_cuda.unpack_codes(packed, bits, n, backend="extension")
+        assert torch.equal(back.cpu(), q)
+
+
+@gpu
+def test_extension_validates_its_inputs():
+    C = pgolf_kernels.require_extension("test")
+    fr = torch.tensor(quant.SEARCH_FRACTIONS, dtype=torch.float32, device="cuda")
+    w = torch.randn(8, 16, device="cuda")
+    with pytest.raises(RuntimeError, match="float32"):
+        C.quantize_rows(w.half(), 6, "amax", fr)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        C.quantize_rows(w.t(), 6, "amax", fr)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        C.quantize_rows(w.cpu(), 6, "amax", fr)
+    with pytest.raises(RuntimeError, match="bits must be in 2..8"):
+        C.quantize_rows(w, 9, "amax", fr)
+    with pytest.raises(RuntimeError, match="rule"):
+        C.quantize_rows(w, 6, "percentile", fr)
+    with pytest.raises(RuntimeError, match="out of range"):
+        C.pack_codes(torch.full((9,), 16, dtype=torch.int8, device="cuda"), 5)
+    with pytest.raises(RuntimeError, match="need"):
+        C.unpack_codes(torch.zeros(5, dtype=torch.uint8, device="cuda"), 6, 8)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quant_cuda.quantize_rows(torch.tensor([[1.0, float("nan")]], device="cuda"), 6)

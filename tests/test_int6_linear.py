@@ -1,0 +1,263 @@
+"""QAT linear (pgolf_kernels/int6_linear.py) against its plain-PyTorch reference and the shared quantiser.
+
+On CPU the Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1; fp32 there). The quantised
+weights are checked bit for bit: directly (quantize_weight, row_scales) and through the matmuls, by feeding an
+identity matrix (x = I gives y = Q(W)ᵀ exactly, dY = I gives dX = Q(W) exactly), with weights built to sit on
+rounding ties. The matmuls' rounding is checked with tolerances: fp32 (interpreter) rel. 1e-5; bf16 (GPU) rel.
+1e-2 of the norm against a float64 product of the same operands.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pgolf_kernels import int6_linear as L
+from pgolf_kernels import quant
+
+gpu = pytest.mark.gpu
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+needs_kernels_cpu = pytest.mark.skipif(not (INTERPRET and L.INTERPRET), reason="CPU kernel tests need TRITON_INTERPRET=1")
+KERNEL_IMPLS = ["prologue", "quant_cublas"]
+
+
+def _tricky_weights(rows, cols, bits, seed, dtype=torch.float32, device="cpu"):
+    """Random rows whose column 0 holds the amax, with entries exactly on half-way points of the row's grid and
+    one ulp either side of them, plus a row of tiny values (scale floor) and a row of zeros."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.04
+    sign = torch.where(torch.rand(rows, generator=g) < 0.5, -1.0, 1.0)
+    w[:, 0] = sign * (0.25 + 0.3 * torch.rand(rows, generator=g))
+    s = quant.scale_from_clip(quant.row_clip(w, bits), bits).float()
+    m = quant.qmax(bits)
+    n = min(8, (cols - 1) // 3)
+    ties = (torch.randint(-m, m - 1, (rows, n), generator=g).float() + 0.5) * s[:, None]
+    w[:, 1 : 1 + n] = ties
+    w[:, 1 + n : 1 + 2 * n] = torch.nextafter(ties, torch.full_like(ties, float("inf")))
+    w[:, 1 + 2 * n : 1 + 3 * n] = torch.nextafter(ties, torch.full_like(ties, float("-inf")))
+    if rows > 3:
+        w[-2] = torch.randn(cols, generator=g) * 1e-8
+        w[-1] = 0.0
+    return w.to(dtype).to(device)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values in the result"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _run(impl, x, w, bits, bias, gy):
+    """(y, dx, dw, db) from fresh leaf copies."""
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    if impl == "reference":
+        y = L.reference_int6_fake_quant_linear(x, w, bits, b)
+    else:
+        y = L.int6_fake_quant_linear(x, w, bits, b, impl=impl)
+    y.backward(gy)
+    return y.detach(), x.grad, w.grad, None if b is None else b.grad
+
+
+# ------------------------------------------------------------------------------------------------ CPU / interpreter
+
+
+@needs_kernels_cpu
+@pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
+def test_quantize_weight_and_row_scales_are_exact(bits):
+    for dtype in (torch.float32, torch.bfloat16):
+        w = _tricky_weights(40, 72, bits, seed=bits, dtype=dtype)
+        q, s = quant.quantize_rows(w, bits, "amax")
+        assert torch.equal(L.row_scales(w, bits)[0], s.float())
+        assert torch.equal(L.row_scales(w, bits)[1], 1.0 / s.float())
+        # fp32 output only: the interpreter's fp32 -> bf16 cast does not round like the GPU (bf16 out: GPU tests)
+        assert torch.equal(L.quantize_weight(w, bits, torch.float32), quant.fake_quant(w, bits, "amax"))
+
+
+@needs_kernels_cpu
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_matmul_prologue_quantises_exactly(bits):
+    n, k = 48, 80
+    w = _tricky_weights(n, k, bits, seed=10 + bits)
+    qw = quant.fake_quant(w, bits, "amax")
+    for impl in KERNEL_IMPLS:
+        y, _, _, _ = _run(impl, torch.eye(k), w, bits, None, torch.ones(k, n))
+        assert torch.equal(y, qw.t()), impl
+        _, dx, _, _ = _run(impl, torch.randn(n, k), w, bits, None, torch.eye(n))
+        assert torch.equal(dx, qw), impl
+
+
+@needs_kernels_cpu
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("shape,bits,with_bias", [((2, 3, 40), 6, True), ((37, 64), 5, False), ((16, 33), 8, True)])
+def test_forward_backward_match_reference_fp32(impl, shape, bits, with_bias):
+    g = torch.Generator().manual_seed(sum(shape) + bits)
+    k = shape[-1]
+    n = 48
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(n, k, generator=g) * 0.05
+    bias = torch.randn(n, generator=g) if with_bias else None
+    gy = torch.randn(*shape[:-1], n, generator=g)
+    got = _run(impl, x, w, bits, bias, gy)
+    ref = _run("reference", x, w, bits, bias, gy)
+    assert got[0].shape == (*shape[:-1], n) and got[0].dtype == torch.float32
+    for name, a, b in zip(("y", "dx", "dw", "db"), got, ref):
+        if b is None:
+            assert a is None
+            continue
+        assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+    # straight-through: dW is exactly dYᵀX (no weight outside the amax clip, so nothing is zeroed)
+    assert _rel(got[2], gy.reshape(-1, n).t() @ x.reshape(-1, k)) < 1e-5
+
+
+@needs_kernels_cpu
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_nan_in_weight_reaches_the_output(impl):
+    w = torch.randn(32, 32) * 0.05
+    w[5, 7] = float("nan")
+    y = L.int6_fake_quant_linear(torch.randn(16, 32), w, 6, impl=impl)
+    assert torch.isnan(y[:, 5]).all()
+
+
+def test_bad_arguments_raise():
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="last dim"):
+        L.int6_fake_quant_linear(torch.randn(4, 15), w)
+    with pytest.raises(ValueError, match="bits"):
+        L.int6_fake_quant_linear(torch.randn(4, 16), w, bits=9)
+    with pytest.raises(ValueError, match="impl"):
+        L.int6_fake_quant_linear(torch.randn(4, 16), w, impl="fast")
+    with pytest.raises(ValueError, match="2-D"):
+        L.int6_fake_quant_linear(torch.randn(4, 16), w[None])
+    with pytest.raises(ValueError, match="bias"):
+        L.int6_fake_quant_linear(torch.randn(4, 16), w, bias=torch.randn(7))
+
+
+class _TinyMLP(torch.nn.Module):
+    """Two QAT linears of more than 65,536 weights (so the exporter quantises them) and nothing else."""
+
+    def __init__(self, impl, d=256, h=320, bits=(6, 5)):
+        super().__init__()
+        self.fc1 = L.Int6FakeQuantLinear(d, h, bits=bits[0], impl=impl)
+        self.fc2 = L.Int6FakeQuantLinear(h, d, bits=bits[1], impl=impl)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def _plain_loss(sd, x, target):
+    h = F.relu(F.linear(x, sd["fc1.weight"]))
+    return F.cross_entropy(F.linear(h, sd["fc2.weight"]), target)
+
+
+@needs_kernels_cpu
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = _TinyMLP("quant_cublas", d=32, h=48)
+    x = torch.randn(24, 32)
+    outs = []
+    for fn in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        model.zero_grad()
+        y = fn(x)
+        y.square().mean().backward()
+        outs.append((y.detach(), model.fc1.weight.grad.clone(), model.fc2.weight.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@needs_kernels_cpu
+def test_trained_qat_model_survives_export_and_reload(tmp_path):
+    """Train a few steps with the QAT op, export with the intN scheme, reload: the same eval loss."""
+    torch.manual_seed(1)
+    model = _TinyMLP("quant_cublas")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.randn(64, 256)
+    target = torch.randint(0, 256, (64,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), target).backward()
+        opt.step()
+    with torch.no_grad():
+        qat_loss = F.cross_entropy(model(x), target).item()
+        model.fc1.impl = model.fc2.impl = "prologue"
+        prologue_loss = F.cross_entropy(model(x), target).item()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # the quantiser level: what an exporter stores and reloads is exactly the QAT forward's weight
+    for name, bits in (("fc1.weight", 6), ("fc2.weight", 5)):
+        q, s = quant.quantize_rows(sd[name], bits, "amax")
+        assert torch.equal(quant.dequantize_rows(q, s), L.quantize_weight(sd[name], bits))
+    ref_loss = _plain_loss({k: quant.fake_quant(v, b) for (k, v), b in zip(sd.items(), (6, 5))}, x, target).item()
+    assert qat_loss == ref_loss
+    assert abs(prologue_loss - qat_loss) < 1e-5
+    try:
+        from pgolf_kernels.export import export_artifact, load_artifact
+    except ImportError:
+        pytest.skip("pgolf_kernels.export is not there yet; checked at the quant.py level only")
+    path = tmp_path / "model.pgolf"
+    export_artifact(sd, path, scheme="int6+zstd", bits={"fc1": 6, "default": 5}, clip="amax")
+    loaded = load_artifact(path)
+    assert torch.equal(loaded["fc1.weight"], quant.fake_quant(sd["fc1.weight"], 6))
+    assert abs(_plain_loss(loaded, x, target).item() - qat_loss) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------------ GPU
+
+MODEL_SHAPES = [(512, 512), (256, 512), (1536, 512), (2048, 512), (512, 1536), (512, 2048)]  # (N, K)
+
+
+@gpu
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+def test_gpu_quantisation_is_exact_through_the_matmuls(impl, bits):
+    for n, k in [(512, 512), (1536, 512), (512, 2048), (40, 72)]:
+        for wdtype in (torch.float32, torch.bfloat16):
+            w = _tricky_weights(n, k, bits, seed=n + k + bits, dtype=wdtype, device="cuda")
+            qw = quant.fake_quant(w, bits, "amax").bfloat16()
+            eye_k = torch.eye(k, device="cuda", dtype=torch.bfloat16)
+            y, _, _, _ = _run(impl, eye_k, w, bits, None, torch.ones(k, n, device="cuda", dtype=torch.bfloat16))
+            assert torch.equal(y, qw.t()), (impl, n, k, wdtype)
+            x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            _, dx, _, _ = _run(impl, x, w, bits, None, torch.eye(n, device="cuda", dtype=torch.bfloat16))
+            assert torch.equal(dx, qw), (impl, n, k, wdtype)
+
+
+@gpu
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("n,k", MODEL_SHAPES)
+def test_gpu_forward_backward_bf16(impl, n, k):
+    torch.manual_seed(n * 7 + k)
+    for m, with_bias in ((4096, False), (1000, True)):
+        x = torch.randn(2, m // 2, k, device="cuda").bfloat16()
+        w = torch.randn(n, k, device="cuda") * 0.03
+        bias = torch.randn(n, device="cuda") if with_bias else None
+        gy = torch.randn(2, m // 2, n, device="cuda").bfloat16()
+        y, dx, dw, db = _run(impl, x, w, 6, bias, gy)
+        qw = quant.fake_quant(w, 6).bfloat16().double()
+        x2, g2 = x.reshape(-1, k).double(), gy.reshape(-1, n).double()
+        y_ref = x2 @ qw.t() + (0 if bias is None else bias.bfloat16().double())
+        assert y.dtype == torch.bfloat16 and dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+        assert _rel(y.reshape(-1, n), y_ref) < 1e-2
+        assert _rel(dx.reshape(-1, k), g2 @ qw) < 1e-2
+        assert _rel(dw, g2.t() @ x2) < 1e-2
+        if with_bias:
+            assert _rel(db, g2.sum(0)) < 1e-2
+        # and against the eager reference the trainer would otherwise use
+        ref = _run("reference", x, w, 6, bias, gy)
+        assert _rel(y, ref[0]) < 1e-2 and _rel(dx, ref[1]) < 1e-2 and _rel(dw, ref[2]) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_gpu_torch_compile_inductor(impl):
+    torch.manual_seed(3)
+    model = _TinyMLP(impl, d=512, h=1536).cuda()
+    x = torch.randn(4, 256, 512, device="cuda").bfloat16()
+    outs = []
+    for fn in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad()
+        y = fn(x)
+        y.float().square().mean().backward()
+        outs.append((y.detach(), model.fc1.weight.grad.clone(), model.fc2.weight.grad.clone()))
+    for a, b in zip(*outs):
+        assert _rel(a, b) < 1e-2
