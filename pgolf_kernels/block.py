@@ -47,7 +47,6 @@ The GPU path (bf16, real tile sizes, compiled Triton) is written but was not run
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -111,22 +110,25 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+def rope_angles(seq_len: int, inv_freq: Tensor) -> Tensor:
+    """[T, rope_dims/2] angles t * inv_freq with the positions in inv_freq's dtype, as the official does: its
+    trainer casts the whole model to bf16 (buffers included), so there the positions and angles are bf16."""
+    t = torch.arange(seq_len, device=inv_freq.device, dtype=inv_freq.dtype)
+    return torch.outer(t, inv_freq)
+
+
 class Rotary(nn.Module):
-    """cos/sin tables [1, 1, T, rope_dims/2], cached per sequence length and device."""
+    """cos/sin tables [1, 1, T, rope_dims/2] from the `inv_freq` buffer (non-persistent, as the official)."""
 
     def __init__(self, head_dim: int, base: float = 10000.0, rope_dims: int | None = None):
         super().__init__()
         self.rope_dims = head_dim if rope_dims is None else rope_dims
         inv_freq = 1.0 / (base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
-            t = torch.arange(seq_len, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            self._cache = (seq_len, device, freqs.cos()[None, None], freqs.sin()[None, None])
-        return self._cache[2].to(dtype), self._cache[3].to(dtype)
+        freqs = rope_angles(seq_len, self.inv_freq.to(device))
+        return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rope_dims: int) -> Tensor:
@@ -430,10 +432,11 @@ class FusedBlock(ReferenceBlock):
         self.sdpa_backends: list | None = None  # e.g. [SDPBackend.CUDNN_ATTENTION]; None = PyTorch's choice
 
     def _rope(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        key = (t, str(device))
+        inv_freq = self.attn.rotary.inv_freq
+        key = (t, str(device), inv_freq.dtype)
         if key not in self._rope_cache:
-            self._rope_cache[key] = _kernels().rope_tables(t, self.cfg.head_dim, self.cfg.rope_dims,
-                                                           self.cfg.rope_base, device)
+            angles = rope_angles(t, inv_freq.to(device))
+            self._rope_cache[key] = _kernels().rope_tables(angles, self.cfg.head_dim)
         return self._rope_cache[key]
 
     def forward(self, x: Tensor, x0: Tensor) -> Tensor:

@@ -18,7 +18,6 @@ Wrappers below allocate outputs and launch; they check shapes and raise ValueErr
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -540,14 +539,12 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
     return dx, dx0, dmix_part.sum(0), dw, dgain_part.sum(0)
 
 
-def rope_tables(T: int, head_dim: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin [T, head_dim/2]: column c < rope_dims/2 uses frequency base^(-2c/rope_dims) (the records'
-    partial RoPE); the other columns are pass-through (cos 1, sin 0)."""
-    half, hr = head_dim // 2, rope_dims // 2
-    inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims))
-    freqs = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv_freq)
-    cos = torch.ones((T, half), dtype=torch.float32, device=device)
-    sin = torch.zeros((T, half), dtype=torch.float32, device=device)
-    cos[:, :hr] = freqs.cos()
-    sin[:, :hr] = freqs.sin()
-    return cos.contiguous(), sin.contiguous()
+def rope_tables(angles: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [T, head_dim/2] from the angles [T, rope_dims/2] (see block.rope_angles): column
+    c < rope_dims/2 rotates; the other columns are pass-through (cos 1, sin 0)."""
+    T, hr = angles.shape
+    cos = torch.ones((T, head_dim // 2), dtype=torch.float32, device=angles.device)
+    sin = torch.zeros((T, head_dim // 2), dtype=torch.float32, device=angles.device)
+    cos[:, :hr] = angles.cos().float()
+    sin[:, :hr] = angles.sin().float()
+    return cos, sin

@@ -1,0 +1,379 @@
+"""Tests of pgolf_kernels.block: the reference block and the fused Triton path.
+
+CPU: the reference block (against train/train_gpt.py's Block and explicit formulas) and every fused piece
+against a pure-PyTorch reference under TRITON_INTERPRET=1 in fp32 (conftest sets it), forward and all gradients,
+with outputs poisoned (NaN) so an element a kernel fails to write cannot pass.
+fp32 tolerance: rtol 1e-4, atol 1e-4 * max|reference| (the kernels reassociate sums; activations reach 1e3).
+
+GPU (@pytest.mark.gpu): 32 random shapes in bf16 against an fp32 reference. A fused result passes when its
+relative error (||fused - ref32|| / ||ref32||, per output and per gradient) is at most
+1.5 x that of the eager bf16-autocast baseline block + 5e-3, and it is finite.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pgolf_kernels.block import BlockConfig, FusedBlock, ReferenceBlock, apply_rotary
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINER = REPO / "train" / "train_gpt.py"
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+needs_triton_cpu = pytest.mark.skipif(HAS_CUDA or not INTERPRET, reason="interpreter tests run on CPU machines")
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    from pgolf_kernels import block_kernels
+    block_kernels.POISON_OUTPUTS = True
+    yield
+    block_kernels.POISON_OUTPUTS = False
+
+
+def randomize_(block: torch.nn.Module, seed: int) -> None:
+    """Random non-trivial parameters (the real init zeroes projections and sets identity mixes/scales,
+    which would hide bugs in their gradients)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if p.ndim == 2 and "resid_mix" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+            elif name == "resid_mix":
+                p.copy_(torch.stack((torch.ones(p.shape[1]), torch.zeros(p.shape[1])))
+                        + 0.5 * torch.randn(p.shape, generator=g))
+            elif "q_gain" in name:
+                p.copy_(0.5 + 2.5 * torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-4) -> None:
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-6), msg=lambda m: f"{what}: {m}")
+
+
+def load_trainer():
+    if "pgolf_train_gpt" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("pgolf_train_gpt", TRAINER)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["pgolf_train_gpt"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["pgolf_train_gpt"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reference block
+# ----------------------------------------------------------------------------------------------------------
+
+def test_config_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        BlockConfig(num_heads=8, num_kv_heads=3)
+    with pytest.raises(ValueError, match="rope_dims"):
+        BlockConfig(rope_dims=65)
+    with pytest.raises(ValueError, match="rope_dims"):
+        BlockConfig(rope_dims=15)
+    with pytest.raises(ValueError, match="activation"):
+        BlockConfig(activation="gelu")
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        BlockConfig(d_model=500)
+    assert BlockConfig().head_dim == 64 and BlockConfig(mlp_mult=3).hidden == 1536
+
+
+def test_reference_parameters_match_official_names():
+    names = {n: tuple(p.shape) for n, p in ReferenceBlock().named_parameters()}
+    assert names == {
+        "attn_scale": (512,), "mlp_scale": (512,), "resid_mix": (2, 512),
+        "attn.q_gain": (8,), "attn.c_q.weight": (512, 512), "attn.c_k.weight": (256, 512),
+        "attn.c_v.weight": (256, 512), "attn.proj.weight": (512, 512),
+        "mlp.fc.weight": (1024, 512), "mlp.proj.weight": (512, 1024)}
+    assert all(p.dtype == torch.float32 for p in ReferenceBlock().parameters())
+    assert "attn.rotary.inv_freq" not in ReferenceBlock().state_dict()  # non-persistent, as the official
+
+
+@pytest.mark.skipif(not TRAINER.exists(), reason="train/train_gpt.py not present")
+@pytest.mark.parametrize("bf16_positions", [False, True])
+def test_reference_equals_trainer_block(bf16_positions):
+    mod = load_trainer()
+    torch.manual_seed(0)
+    theirs = mod.Block(128, 2, 1, 2, 10000.0, 1.5)
+    ours = ReferenceBlock(d_model=128, num_heads=2, num_kv_heads=1, mlp_mult=2, rope_dims=64)
+    randomize_(theirs, 1)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    if bf16_positions:  # the official casts the model to bf16, which leaves inv_freq (and positions) in bf16
+        for blk in (theirs, ours):
+            blk.attn.rotary.inv_freq = blk.attn.rotary.inv_freq.bfloat16()
+    x = torch.randn(2, 300, 128, requires_grad=True)
+    x0 = torch.randn(2, 300, 128, requires_grad=True)
+    y1, y2 = theirs(x, x0), ours(x, x0)
+    assert torch.equal(y1, y2)
+    g = torch.randn_like(y1)
+    g1 = torch.autograd.grad(y1, [x, x0, *theirs.parameters()], g)
+    g2 = torch.autograd.grad(y2, [x, x0, *ours.parameters()], g)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_bf16_positions_change_the_function():
+    # guards the test above: bf16 positions (t > 256 rounds) must give a different result than fp32 ones
+    blk = ReferenceBlock(d_model=128, num_heads=2, num_kv_heads=1)
+    randomize_(blk, 2)
+    x = torch.randn(1, 600, 128)
+    y32 = blk(x, x)
+    blk.attn.rotary.inv_freq = blk.attn.rotary.inv_freq.bfloat16()
+    assert not torch.allclose(blk(x, x), y32, atol=1e-3)
+
+
+@pytest.mark.parametrize("rope_dims", [16, 32, 64])
+def test_partial_rope_formula(rope_dims):
+    hd, T = 64, 10
+    x = torch.randn(1, 1, T, hd, dtype=torch.float64)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, rope_dims, 2, dtype=torch.float64) / rope_dims))
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
+    out = apply_rotary(x, ang.cos(), ang.sin(), rope_dims)
+    half = rope_dims // 2
+    for t in range(T):
+        for i in range(half):
+            c, s = math.cos(ang[t, i].item()), math.sin(ang[t, i].item())
+            a, b = x[0, 0, t, i].item(), x[0, 0, t, i + half].item()
+            assert out[0, 0, t, i].item() == pytest.approx(a * c + b * s, abs=1e-12)
+            assert out[0, 0, t, i + half].item() == pytest.approx(b * c - a * s, abs=1e-12)
+    assert torch.equal(out[..., rope_dims:], x[..., rope_dims:])
+
+
+def test_leaky_relu2_activation():
+    blk = ReferenceBlock(d_model=64, num_heads=1, num_kv_heads=1, mlp_mult=2, activation="leaky_relu2")
+    randomize_(blk, 3)
+    x = torch.randn(3, 64)
+    h = F.rms_norm(x, (64,)) @ blk.mlp.fc.weight.T
+    expect = torch.where(h > 0, h, 0.5 * h).square() @ blk.mlp.proj.weight.T
+    torch.testing.assert_close(blk.mlp(F.rms_norm(x, (64,))), expect, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused pieces vs pure-PyTorch references (interpreter, fp32)
+# ----------------------------------------------------------------------------------------------------------
+
+def ref_attn_in(x, x0, mix, wq, wk, wv, gain, inv_freq, H, KVH, rope_dims):
+    B, T, D = x.shape
+    hd = wq.shape[0] // H
+    xm = mix[0] * x + mix[1] * x0
+    h = F.rms_norm(xm, (D,))
+    ang = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
+    cos, sin = ang.cos(), ang.sin()
+    q = F.rms_norm((h @ wq.T).view(B, T, H, hd), (hd,))
+    k = F.rms_norm((h @ wk.T).view(B, T, KVH, hd), (hd,))
+    q = apply_rotary(q.transpose(1, 2), cos, sin, rope_dims).transpose(1, 2) * gain[None, None, :, None]
+    k = apply_rotary(k.transpose(1, 2), cos, sin, rope_dims).transpose(1, 2)
+    return xm, q, k, (h @ wv.T).view(B, T, KVH, hd)
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("H,KVH,hd,rope_dims", [(2, 1, 64, 64), (4, 2, 32, 16), (2, 2, 64, 16)])
+def test_attn_in_piece(H, KVH, hd, rope_dims):
+    from pgolf_kernels import block as blk
+    from pgolf_kernels import block_kernels as kn
+    torch.manual_seed(10 + rope_dims + H)
+    D, B, T = H * hd, 2, 37
+    x, x0 = torch.randn(B, T, D, requires_grad=True), torch.randn(B, T, D, requires_grad=True)
+    mix = (torch.stack((torch.ones(D), torch.zeros(D))) + 0.5 * torch.randn(2, D)).requires_grad_()
+    wq = (torch.randn(H * hd, D) / D ** 0.5).requires_grad_()
+    wk = (torch.randn(KVH * hd, D) / D ** 0.5).requires_grad_()
+    wv = (torch.randn(KVH * hd, D) / D ** 0.5).requires_grad_()
+    gain = (0.5 + 2 * torch.rand(H)).requires_grad_()
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims))
+    cos, sin = kn.rope_tables(blk.rope_angles(T, inv_freq), hd)
+    inputs = [x, x0, mix, wq, wk, wv, gain]
+    fused = blk._attn_in_op(x, x0, mix, wq, wk, wv, gain, cos, sin, H, KVH, rope_dims, True)[:4]
+    ref = ref_attn_in(x, x0, mix, wq, wk, wv, gain, inv_freq, H, KVH, rope_dims)
+    for name, a, b in zip(("xm", "q", "k", "v"), fused, ref):
+        close(a, b, f"attn_in {name}")
+    ups = [torch.randn_like(r) for r in ref]
+    gf = torch.autograd.grad(fused, inputs, ups)
+    gr = torch.autograd.grad(ref, inputs, ups)
+    for name, a, b in zip(("x", "x0", "resid_mix", "wq", "wk", "wv", "q_gain"), gf, gr):
+        close(a, b, f"attn_in d{name}")
+
+
+@needs_triton_cpu
+def test_attn_out_piece_with_strided_input():
+    from pgolf_kernels import block as blk
+    torch.manual_seed(20)
+    B, T, H, hd = 2, 45, 2, 64
+    D = H * hd
+    # y as SDPA returns it: [B, H, T, hd] memory seen through a [B, T, H, hd] transposed view
+    y = torch.randn(B, H, T, hd).transpose(1, 2).requires_grad_()
+    xm = torch.randn(B, T, D, requires_grad=True)
+    wp = (torch.randn(D, D) / D ** 0.5).requires_grad_()
+    s = (0.5 + torch.rand(D)).requires_grad_()
+    out = blk._attn_out_op(y, xm, wp, s)
+    ref = xm + s * (y.reshape(B, T, D) @ wp.T)
+    close(out, ref, "attn_out")
+    up = torch.randn_like(ref)
+    gf = torch.autograd.grad(out, [y, xm, wp, s], up)
+    gr = torch.autograd.grad(ref, [y, xm, wp, s], up)
+    for name, a, b in zip(("y", "xm", "w_proj", "attn_scale"), gf, gr):
+        close(a, b, f"attn_out d{name}")
+    assert gf[0].stride() == y.stride()  # dO is laid out like O for SDPA's backward
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("mult,activation", [(2, "relu2"), (3, "leaky_relu2"), (4, "leaky_relu2")])
+def test_mlp_piece(mult, activation):
+    from pgolf_kernels import block as blk
+    torch.manual_seed(30 + mult)
+    B, T, D = 2, 41, 128
+    x1 = torch.randn(B, T, D, requires_grad=True)
+    w1 = (torch.randn(mult * D, D) / D ** 0.5).requires_grad_()
+    w2 = (torch.randn(D, mult * D) / (mult * D) ** 0.5).requires_grad_()
+    s = (0.5 + torch.rand(D)).requires_grad_()
+    act = 0 if activation == "relu2" else 1
+    out = blk._mlp_op(x1, w1, w2, s, act, True)[0]
+    h = F.rms_norm(x1, (D,)) @ w1.T
+    h = torch.relu(h) if act == 0 else F.leaky_relu(h, 0.5)
+    ref = x1 + s * (h.square() @ w2.T)
+    close(out, ref, "mlp")
+    up = torch.randn_like(ref)
+    gf = torch.autograd.grad(out, [x1, w1, w2, s], up)
+    gr = torch.autograd.grad(ref, [x1, w1, w2, s], up)
+    for name, a, b in zip(("x1", "w_fc", "w_proj", "mlp_scale"), gf, gr):
+        close(a, b, f"mlp d{name}")
+    with torch.no_grad():  # eval path: act(pre) stored by the up kernel, nothing saved
+        out_eval, pre, rstd = blk._mlp_op(x1, w1, w2, s, act, False)
+    close(out_eval, ref.detach(), "mlp eval")
+    assert pre.numel() == 0 and rstd.numel() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# whole fused block (interpreter, fp32)
+# ----------------------------------------------------------------------------------------------------------
+
+BLOCK_CASES = [
+    dict(d_model=128, num_heads=2, num_kv_heads=1, mlp_mult=2, activation="relu2", rope_dims=64),
+    dict(d_model=128, num_heads=4, num_kv_heads=2, mlp_mult=3, activation="leaky_relu2", rope_dims=16),
+]
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"m{c['mlp_mult']}_{c['activation']}_r{c['rope_dims']}")
+def test_fused_block_matches_reference(case):
+    torch.manual_seed(40)
+    ref = ReferenceBlock(**case)
+    randomize_(ref, 41)
+    fused = FusedBlock(**case)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    B, T = 2, 50
+    x = torch.randn(B, T, case["d_model"], requires_grad=True)
+    x0 = torch.randn(B, T, case["d_model"], requires_grad=True)
+    yr, yf = ref(x, x0), fused(x, x0)
+    close(yf, yr, "block out")
+    up = torch.randn_like(yr)
+    names = ["x", "x0"] + [n for n, _ in ref.named_parameters()]
+    gr = torch.autograd.grad(yr, [x, x0, *ref.parameters()], up)
+    gf = torch.autograd.grad(yf, [x, x0, *fused.parameters()], up)
+    for n, a, b in zip(names, gf, gr):
+        close(a, b, f"block d{n}")
+    with torch.no_grad():
+        close(fused(x, x0), yr.detach(), "block eval path")
+
+
+@needs_triton_cpu
+def test_fused_block_rejects_bad_inputs():
+    fused = FusedBlock(**BLOCK_CASES[0])
+    with pytest.raises(ValueError, match="x0 must match x"):
+        fused(torch.randn(1, 8, 128), torch.randn(1, 9, 128))
+    with pytest.raises(ValueError, match=r"x must be \[B, T, 128\]"):
+        fused(torch.randn(8, 128), torch.randn(8, 128))
+    with pytest.raises(ValueError, match="head_dim % 32"):
+        FusedBlock(d_model=128, num_heads=8, num_kv_heads=4, rope_dims=16)
+
+
+def test_poisoned_allocation_is_nan():
+    from pgolf_kernels import block_kernels as kn
+    assert torch.isnan(kn.alloc((3, 4), device="cpu", dtype=torch.float32)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU: bf16 on random shapes (run on the device)
+# ----------------------------------------------------------------------------------------------------------
+
+def gpu_cases(n: int = 32, seed: int = 7) -> list[dict]:
+    rng = random.Random(seed)
+    cases = []
+    for i in range(n):
+        T = rng.choice([256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096])
+        B = max(1, min(rng.choice([1, 2, 3, 4, 8]), 16384 // T))
+        cases.append(dict(B=B, T=T, mlp_mult=rng.choice([2, 3, 4]), activation=rng.choice(["relu2", "leaky_relu2"]),
+                          rope_dims=rng.choice([16, 32, 64])))
+    return cases
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("case", gpu_cases(), ids=lambda c: f"B{c['B']}_T{c['T']}_m{c['mlp_mult']}_{c['activation']}_r{c['rope_dims']}")
+def test_gpu_fused_block_bf16(case):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg = BlockConfig(mlp_mult=case["mlp_mult"], activation=case["activation"], rope_dims=case["rope_dims"])
+    ref = ReferenceBlock(cfg)
+    randomize_(ref, hash(tuple(case.values())) % 1000)
+    ref = ref.cuda()
+    fused = FusedBlock(cfg).cuda()
+    fused.load_state_dict(ref.state_dict())
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x32 = torch.randn(case["B"], case["T"], 512, device="cuda", generator=g)
+    x032 = torch.randn(case["B"], case["T"], 512, device="cuda", generator=g)
+    up = torch.randn(case["B"], case["T"], 512, device="cuda", generator=g)
+
+    def run(block, x, x0, autocast):
+        x = x.detach().requires_grad_()
+        x0 = x0.detach().requires_grad_()
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            y = block(x, x0)
+        grads = torch.autograd.grad(y, [x, x0, *block.parameters()], up.to(y.dtype))
+        return [y.detach()] + list(grads)
+
+    truth = run(ref, x32, x032, False)
+    base = run(ref, x32.bfloat16(), x032.bfloat16(), True)
+    got = run(fused, x32.bfloat16(), x032.bfloat16(), False)
+    names = ["out", "dx", "dx0"] + [n for n, _ in ref.named_parameters()]
+    for n, t, b, f in zip(names, truth, base, got):
+        assert torch.isfinite(f).all(), f"{n}: non-finite"
+        eb, ef = rel_err(b, t), rel_err(f, t)
+        assert ef <= 1.5 * eb + 5e-3, f"{n}: fused rel err {ef:.3e} vs eager bf16 {eb:.3e}"
+    with torch.no_grad():
+        y_eval = fused(x32.bfloat16(), x032.bfloat16())
+    assert rel_err(y_eval, truth[0]) <= 1.5 * rel_err(base[0], truth[0]) + 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_fused_block_under_torch_compile():
+    cfg = BlockConfig(mlp_mult=3, activation="leaky_relu2", rope_dims=16)
+    fused = FusedBlock(cfg)
+    randomize_(fused, 5)
+    fused = fused.cuda()
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(2, 1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x0 = torch.randn(2, 1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y1 = fused(x, x0)
+    y2 = compiled(x, x0)
+    torch.testing.assert_close(y2, y1, rtol=0, atol=0)
+    g1 = torch.autograd.grad(y1, [x, *fused.parameters()], torch.ones_like(y1))
+    g2 = torch.autograd.grad(y2, [x, *fused.parameters()], torch.ones_like(y2))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
