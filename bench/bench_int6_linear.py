@@ -1,0 +1,239 @@
+"""Bench: the QAT int-N fake-quant linear, forward + backward, on one GPU; and the export quantiser.
+
+Implementations (rows' `impl`), all with x bf16 [M, K] (requires grad), W fp32 master [N, K] (requires grad):
+  plain               x @ W.to(bf16)ᵀ — the unquantised linear the model uses without QAT (the bar)
+  eager               reference_int6_fake_quant_linear: F.linear(x, STE(quant.fake_quant(W)).to(bf16))
+  compile             torch.compile of that function (inductor, dynamic=False)
+  fused_prologue      int6_fake_quant_linear(impl="prologue"): Triton matmuls quantising W tiles on load
+  fused_quant_cublas  int6_fake_quant_linear(impl="quant_cublas"): one Triton pass Q(W) -> bf16, then cuBLAS
+Per case: `ms` = median of forward+backward (triton.testing.do_bench, return_mode="median"; x.grad and W.grad
+reset before each call), `fwd_ms` forward alone, `vs_plain` = ms / plain's ms in this run, `peak_mib` = peak
+allocated above what was allocated before one forward+backward, `ok` = y, dX, dW within 1e-2 relative
+Frobenius error of a float64 product of the same operands (bf16 x, bf16-rounded Q(W) resp. W).
+
+Also (rows with case `baseline_9L_17M_*`): quantise with the search rule and pack 6-bit codes for every matrix
+of the 17 M-parameter baseline (9 × (q 512², k 256×512, v 256×512, proj 512², up 1024×512, down 512×1024) and
+the 1024×512 embedding): `fused` = the CUDA extension (quant_cuda, backend="extension"), `eager` = quant.py's
+reference on the same GPU tensors; `ok` = identical codes, scales and bytes.
+
+Usage: python bench/bench_int6_linear.py --out $OUT [--tokens 65536] [--no-compile] [--cases 512x1536,...]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import pgolf_kernels  # noqa: E402
+from pgolf_kernels import int6_linear as L  # noqa: E402
+from pgolf_kernels import quant, quant_cuda  # noqa: E402
+from results_io import write_results  # noqa: E402
+
+BAR = 1.03  # the QAT linear must cost at most this multiple of plain at every shape
+DEFAULT_CASES = ["512x1536", "1536x512", "512x2048", "2048x512", "512x512", "512x256"]  # K x N (in -> out)
+REL_TOL = 1e-2
+BASELINE_SHAPES = [(512, 512), (256, 512), (256, 512), (512, 512), (1024, 512), (512, 1024)] * 9 + [(1024, 512)]
+
+
+def plain(x, w, bits):
+    return x @ w.to(x.dtype).t()
+
+
+def make_impls(with_compile: bool):
+    impls = {
+        "plain": plain,
+        "eager": L.reference_int6_fake_quant_linear,
+    }
+    if with_compile:
+        torch._dynamo.config.cache_size_limit = 64
+        impls["compile"] = torch.compile(L.reference_int6_fake_quant_linear, dynamic=False)
+    impls["fused_prologue"] = lambda x, w, bits: L.int6_fake_quant_linear(x, w, bits, impl="prologue")
+    impls["fused_quant_cublas"] = lambda x, w, bits: L.int6_fake_quant_linear(x, w, bits, impl="quant_cublas")
+    return impls
+
+
+def rel_fro(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def measure(name, fn, x, w, gy, bits, ref):
+    def fwd():
+        return fn(x, w, bits)
+
+    def step():
+        x.grad = None
+        w.grad = None
+        fn(x, w, bits).backward(gy)
+
+    x.grad = None
+    w.grad = None
+    y = fn(x, w, bits)
+    y.backward(gy)
+    torch.cuda.synchronize()
+    errs = [rel_fro(y, ref[0]), rel_fro(x.grad, ref[1]), rel_fro(w.grad, ref[2])]
+    finite = all(bool(torch.isfinite(t).all()) for t in (y, x.grad, w.grad))
+    ok = finite and max(errs) <= REL_TOL
+    del y
+    x.grad = None
+    w.grad = None
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    from triton.testing import do_bench
+
+    with torch.no_grad():
+        fwd_ms = do_bench(fwd, warmup=25, rep=100, return_mode="median")
+    ms = do_bench(step, warmup=25, rep=200, return_mode="median")
+    return {"ms": ms, "fwd_ms": fwd_ms, "peak_mib": round(peak, 1), "ok": ok, "max_rel_err": max(errs)}
+
+
+def bench_linear(cases, tokens, bits, with_compile, rows, save):
+    impls = make_impls(with_compile)
+    for case in cases:
+        k, n = (int(v) for v in case.split("x"))
+        torch.manual_seed(k * 10_000 + n)
+        x = (torch.randn(tokens, k, device="cuda")).bfloat16().requires_grad_()
+        w = (torch.randn(n, k, device="cuda") * (1.0 / k**0.5)).requires_grad_()
+        gy = torch.randn(tokens, n, device="cuda").bfloat16()
+        x64, g64 = x.detach().double(), gy.double()
+        refs = {}
+        for quantised in (False, True):
+            wb = (quant.fake_quant(w.detach(), bits) if quantised else w.detach()).bfloat16().double()
+            refs[quantised] = (x64 @ wb.t(), g64 @ wb, g64.t() @ x64)
+        plain_ms = None
+        for name, fn in impls.items():
+            t0 = time.time()
+            r = measure(name, fn, x, w, gy, bits, refs[name != "plain"])
+            if name == "plain":
+                plain_ms = r["ms"]
+            row = {"case": f"N{tokens}_{k}to{n}", "impl": name, "ms": round(r["ms"], 4),
+                   "fwd_ms": round(r["fwd_ms"], 4), "vs_plain": round(r["ms"] / plain_ms, 3),
+                   "peak_mib": r["peak_mib"], "tokens_per_s": round(tokens / (r["ms"] / 1e3)),
+                   "ok": r["ok"], "max_rel_err": float(f"{r['max_rel_err']:.3g}")}
+            if name == "fused_prologue" and not L.INTERPRET:
+                row["config"] = f"fwd {L._fwd_launch.best_config} | dx {L._dx_launch.best_config}"
+            rows.append(row)
+            print(f"{row['case']:>18} {name:>19} {row['ms']:8.4f} ms (fwd {row['fwd_ms']:.4f})  "
+                  f"x{row['vs_plain']:.3f} of plain  peak {row['peak_mib']:7.1f} MiB  ok={row['ok']} "
+                  f"err={row['max_rel_err']:.2e}  [{time.time() - t0:.1f}s]", flush=True)
+        del x, w, gy, x64, g64, refs
+        gc.collect()
+        torch.cuda.empty_cache()
+        save(rows)  # after every case, so a run cut short still leaves its numbers
+    return rows
+
+
+def _time_once(fn, reps=3):
+    out, times = None, []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), out
+
+
+def bench_export_quant(bits=6, rule="search"):
+    if not pgolf_kernels.extension_available():
+        print(f"export quantiser bench skipped: {pgolf_kernels.extension_status()['reason']}", flush=True)
+        return []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = [torch.randn(r, c, device="cuda", generator=g) * 0.02 for r, c in BASELINE_SHAPES]
+    nparams = sum(w.numel() for w in weights)
+
+    def run(backend):
+        res = []
+        for w in weights:
+            q, s = quant_cuda.quantize_rows(w, bits, rule, backend=backend)
+            res.append((q, s, quant_cuda.pack_codes(q, bits, backend=backend)))
+        return res
+
+    rows = []
+    outs = {}
+    for impl, backend in (("fused", "extension"), ("eager", "reference")):
+        run(backend)  # warm-up
+        ms, outs[impl] = _time_once(lambda: run(backend))
+        rows.append({"case": f"baseline_9L_{nparams / 1e6:.0f}M_{rule}_pack{bits}", "impl": impl, "ms": round(ms, 3),
+                     "params": nparams})
+    same = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+               for a, b in zip(outs["fused"], outs["eager"]))
+    for r in rows:
+        r["ok"] = same
+        r["vs_eager"] = round(r["ms"] / rows[1]["ms"], 4)
+        print(f"{r['case']} {r['impl']:>6} {r['ms']:9.3f} ms  identical={same}", flush=True)
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lin = [r for r in rows if "to" in r["case"]]
+    cases = list(dict.fromkeys(r["case"] for r in lin))
+    impls = list(dict.fromkeys(r["impl"] for r in lin))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / max(1, len(impls))
+    for i, impl in enumerate(impls):
+        vals = [next((r["ms"] for r in lin if r["case"] == c and r["impl"] == impl), 0.0) for c in cases]
+        ax.bar([j + i * width for j in range(len(cases))], vals, width, label=impl)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    ax.set_xticklabels([c.replace("_", "\n") for c in cases], fontsize=8)
+    ax.set_ylabel("forward + backward, ms (median)")
+    ax.set_title(f"int6 QAT linear vs plain bf16 linear — {torch.cuda.get_device_name(0)}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", action="append", required=True, help="output folder (repeatable)")
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--bits", type=int, default=6)
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated KxN (in x out features)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--no-export", action="store_true", help="skip the export quantiser rows")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_int6_linear needs a CUDA GPU")
+    def save(rows, final=False):
+        worst = {}
+        for impl in ("fused_prologue", "fused_quant_cublas"):
+            ratios = [r["vs_plain"] for r in rows if r["impl"] == impl]
+            if ratios:
+                worst[impl] = max(ratios)
+        meets = {k: v <= BAR for k, v in worst.items()}
+        notes = (f"Bar: QAT linear ≤ {BAR}× plain at every shape. Worst ratio per QAT impl: {worst}; meets bar: "
+                 f"{meets}. Library default (int6_linear.DEFAULT_IMPL): {L.DEFAULT_IMPL!r}."
+                 + ("" if final else " (partial: the run had not finished when this was written)"))
+        if final:
+            print(notes, flush=True)
+        write_results("int6_linear", rows, args.out, plot=plot, notes=notes,
+                      extra={"bar": BAR, "worst_vs_plain": worst, "meets_bar": meets, "default_impl": L.DEFAULT_IMPL,
+                             "tokens": args.tokens, "bits": args.bits, "complete": final})
+
+    rows = [] if args.no_export else bench_export_quant(args.bits)
+    bench_linear(args.cases.split(","), args.tokens, args.bits, not args.no_compile, rows, save)
+    save(rows, final=True)
+
+
+if __name__ == "__main__":
+    main()
