@@ -279,7 +279,9 @@ def _attn_in_backward(ctx, g_xm, g_q, g_k, g_v, _g_rstd, _g_hrstd):
     dx, dx0, dmix, dw, dgain = _attn_in_bwd_op(g_q, g_k, g_v, g_xm, q, k, v, q_gain, cos, sin, hrstd, x, x0,
                                                resid_mix, xm, rstd, wq, wk, wv, ctx.rope_dims)
     nq, nk = wq.shape[0], wk.shape[0]
-    return dx, dx0, dmix, dw[:nq], dw[nq:nq + nk], dw[nq + nk:], dgain, None, None, None, None, None, None
+    # kernels accumulate parameter gradients in fp32; match the parameters' dtype (no-op for fp32 params)
+    return (dx, dx0, dmix.to(resid_mix.dtype), dw[:nq].to(wq.dtype), dw[nq:nq + nk].to(wk.dtype),
+            dw[nq + nk:].to(wv.dtype), dgain.to(q_gain.dtype), None, None, None, None, None, None)
 
 
 _attn_in_op.register_autograd(_attn_in_backward, setup_context=_attn_in_setup)
@@ -331,7 +333,7 @@ def _attn_out_backward(ctx, g):
     y, wp, attn_scale = ctx.saved_tensors
     g = g.contiguous()
     dy, dwp, dscale = _attn_out_bwd_op(g, y, wp, attn_scale)
-    return dy, g, dwp, dscale  # d(xm) is the incoming gradient itself (residual)
+    return dy, g, dwp.to(wp.dtype), dscale.to(attn_scale.dtype)  # d(xm) is the incoming gradient (residual)
 
 
 _attn_out_op.register_autograd(_attn_out_backward, setup_context=_attn_out_setup)
@@ -408,7 +410,7 @@ def _mlp_backward(ctx, g, _g_pre, _g_rstd):
         raise RuntimeError("the fused MLP ran with store_stats=False (eval path); it has no backward")
     x1, pre, rstd, w_fc, w_proj, mlp_scale = ctx.saved_tensors
     dx1, dw_fc, dw_proj, dscale = _mlp_bwd_op(g.contiguous(), x1, pre, rstd, w_fc, w_proj, mlp_scale, ctx.act)
-    return dx1, dw_fc, dw_proj, dscale, None, None
+    return dx1, dw_fc.to(w_fc.dtype), dw_proj.to(w_proj.dtype), dscale.to(mlp_scale.dtype), None, None
 
 
 _mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)

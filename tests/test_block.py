@@ -377,3 +377,17 @@ def test_gpu_fused_block_under_torch_compile():
     g2 = torch.autograd.grad(y2, [x, *fused.parameters()], torch.ones_like(y2))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bench_block_flops_and_plot(tmp_path):
+    spec = importlib.util.spec_from_file_location("pgolf_bench_block", REPO / "bench" / "bench_block.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    case = bench.parse_case("B64_T1024_mlp3_leaky_relu2")
+    assert case == dict(B=64, T=1024, mlp_mult=3, activation="leaky_relu2")
+    # the figure: 0.96 TFLOP for fwd+bwd at B64xT1024, MLP 2x
+    assert bench.model_flops(BlockConfig(), 64, 1024, "fwd_bwd") == pytest.approx(0.962e12, rel=2e-3)
+    rows = [dict(case="B64_T1024_mlp2_relu2", mode=m, impl=i, sdpa="flash", ms=ms)
+            for m in ("fwd_bwd", "fwd") for i, ms in (("eager", 10.0), ("compile", 5.0), ("fused", 3.0))]
+    bench.plot_rows(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000

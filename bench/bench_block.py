@@ -1,0 +1,255 @@
+"""Bench: one transformer block (d 512, 8 q / 4 kv heads), forward+backward and forward-only, on one GPU.
+
+Cases (rows' `case`): B64_T1024 and B32_T2048, each with MLP 2x relu^2 and 3x LeakyReLU(0.5)^2, full RoPE.
+Implementations (rows' `impl`):
+  eager    pgolf_kernels.block.ReferenceBlock under bf16 autocast (the official block), SDPA pinned to the flash
+           backend as the official trainer does
+  compile  torch.compile(ReferenceBlock) (inductor, dynamic=False, fullgraph), same autocast and SDPA pin
+  fused    pgolf_kernels.block.FusedBlock (bf16 activations, fp32 weights), SDPA cuDNN backend; a second fused
+           row with the flash backend shows how much of the gain is attention
+Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
+fwd = forward under torch.no_grad() (the fused block's eval path).
+
+ms: median of triton.testing.do_bench after warm-up. tflops: model FLOPs / time, with matmul FLOPs
+2*tokens*MACs per pass (x3 for fwd+bwd) and causal attention 4*B*H*T^2*hd/2 (x3.5 for fwd+bwd), which gives
+the issue's 0.96 TFLOP at B64xT1024, MLP 2x. peak_mib: peak allocated above what was allocated just before
+one call. ok: output and every gradient within rel. Frobenius error <= 1.5 x eager's + 5e-3 of an fp32
+reference (same parameters and inputs, computed in this run); eager's own row says whether it is finite.
+
+Results are written after every measurement (partial files survive a cut-off run), with
+--time-budget seconds (default 330) after which the remaining measurements are skipped and listed.
+
+Usage: python bench/bench_block.py --out bench/results [--cases B64_T1024_mlp2_relu2,...] [--impls eager,compile,fused]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from pgolf_kernels.block import BlockConfig, FusedBlock, ReferenceBlock  # noqa: E402
+from results_io import write_results  # noqa: E402
+
+DEFAULT_CASES = ["B64_T1024_mlp2_relu2", "B64_T1024_mlp3_leaky_relu2", "B32_T2048_mlp2_relu2",
+                 "B32_T2048_mlp3_leaky_relu2"]
+ANCHORS_H100 = {"B64_T1024_mlp2_relu2": {"eager": 10.57, "compile": 5.53}}  # issue 7, fwd+bwd ms
+
+
+def parse_case(name: str) -> dict:
+    parts = name.split("_")
+    try:
+        B, T = int(parts[0][1:]), int(parts[1][1:])
+        mult = int(parts[2][3:])
+        act = "_".join(parts[3:])
+    except (IndexError, ValueError):
+        raise SystemExit(f"bad case {name!r}: expected B<batch>_T<seq>_mlp<mult>_<relu2|leaky_relu2>")
+    return dict(B=B, T=T, mlp_mult=mult, activation=act)
+
+
+def model_flops(cfg: BlockConfig, B: int, T: int, mode: str) -> float:
+    tokens = B * T
+    d, kv = cfg.d_model, cfg.num_kv_heads * cfg.head_dim
+    macs = d * (d + 2 * kv) + d * d + 2 * d * cfg.hidden
+    attn = 4 * B * cfg.num_heads * T * T * cfg.head_dim / 2
+    return (6 * tokens * macs + 3.5 * attn) if mode == "fwd_bwd" else (2 * tokens * macs + attn)
+
+
+def init_params(block: torch.nn.Module, seed: int) -> None:
+    """Random non-trivial parameters (zero-initialised projections would make the ok check vacuous)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if name == "resid_mix":
+                p.copy_(torch.stack((torch.ones(p.shape[1]), torch.zeros(p.shape[1]))) + 0.3 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+            elif "q_gain" in name:
+                p.fill_(1.5)
+            else:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def plot_rows(rows_: list[dict], path) -> None:
+    """Bars of median ms per case, one panel per mode, one bar per impl/SDPA backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, mode in zip(axes, ("fwd_bwd", "fwd")):
+        rs = [r for r in rows_ if r["mode"] == mode and r.get("ms")]
+        cases = list(dict.fromkeys(r["case"] for r in rs))
+        labels = list(dict.fromkeys(f"{r['impl']}/{r['sdpa']}" for r in rs))
+        w = 0.8 / max(1, len(labels))
+        for j, lab in enumerate(labels):
+            xs, ys = [], []
+            for i, c in enumerate(cases):
+                for r in rs:
+                    if r["case"] == c and f"{r['impl']}/{r['sdpa']}" == lab:
+                        xs.append(i + j * w)
+                        ys.append(r["ms"])
+            ax.bar(xs, ys, width=w, label=lab)
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(cases))])
+        ax.set_xticklabels(cases, rotation=15, fontsize=8)
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"block {mode}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder(s), comma separated")
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES))
+    ap.add_argument("--impls", default="eager,compile,fused")
+    ap.add_argument("--modes", default="fwd_bwd,fwd")
+    ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
+    ap.add_argument("--time-budget", type=float, default=330.0, help="seconds; later measurements are skipped")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_block needs a CUDA device")
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    t_start = time.time()
+    out_dirs = args.out.split(",")
+    impls = args.impls.split(",")
+    modes = args.modes.split(",")
+    rows: list[dict] = []
+    skipped: list[str] = []
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device("cuda")
+
+    def over_budget() -> bool:
+        return time.time() - t_start > args.time_budget
+
+    def notes() -> str:
+        lines = ["Speed-ups are against the `compile` row of the same case and mode (same run)."]
+        for case, a in ANCHORS_H100.items():
+            lines.append(f"Issue-7 anchors (H100, {case}, fwd_bwd): eager {a['eager']} ms, compile {a['compile']} ms; "
+                         "bar: fused >= 1.6x faster than compile.")
+        if skipped:
+            lines.append("Skipped (time budget): " + ", ".join(skipped))
+        lines.append(f"Wall time of the bench: {time.time() - t_start:.0f} s.")
+        return "\n\n".join(lines)
+
+    def flush():
+        for r in rows:
+            ref = next((q for q in rows if q["case"] == r["case"] and q["mode"] == r["mode"]
+                        and q["impl"] == "compile" and q.get("ms")), None)
+            r["speedup_vs_compile"] = (ref["ms"] / r["ms"]) if (ref and r.get("ms")) else None
+        write_results("block", rows, out_dirs, plot=plot_rows, notes=notes())
+
+    for case in args.cases.split(","):
+        spec = parse_case(case)
+        cfg = BlockConfig(mlp_mult=spec["mlp_mult"], activation=spec["activation"], rope_dims=64)
+        B, T = spec["B"], spec["T"]
+        ref = ReferenceBlock(cfg)
+        init_params(ref, 0)
+        ref = ref.to(dev)
+        fused = FusedBlock(cfg).to(dev)
+        fused.load_state_dict(ref.state_dict())
+        params_ref, params_fused = list(ref.parameters()), list(fused.parameters())
+        g = torch.Generator(device=dev).manual_seed(1)
+        x = torch.randn(B, T, cfg.d_model, device=dev, generator=g).bfloat16()
+        x0 = torch.randn(B, T, cfg.d_model, device=dev, generator=g).bfloat16()
+        dy = torch.randn(B, T, cfg.d_model, device=dev, generator=g).bfloat16()
+        xg, x0g = x.clone().requires_grad_(), x0.clone().requires_grad_()
+
+        # fp32 reference for the ok check
+        x32, x032 = x.float().requires_grad_(), x0.float().requires_grad_()
+        y32 = ref(x32, x032)
+        truth = [y32.detach()] + list(torch.autograd.grad(y32, [x32, x032, *params_ref], dy.float()))
+        del y32, x32, x032
+        compiled = torch.compile(ref, dynamic=False, fullgraph=True) if "compile" in impls else None
+
+        def make(impl: str, mode: str, backend):
+            block = {"eager": ref, "compile": compiled, "fused": fused}[impl]
+            params = params_fused if impl == "fused" else params_ref
+            autocast = impl != "fused"
+
+            def fwd_bwd():
+                with sdpa_kernel([backend]), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                    y = block(xg, x0g)
+                return [y] + list(torch.autograd.grad(y, [xg, x0g, *params], dy))
+
+            def fwd():
+                with torch.no_grad(), sdpa_kernel([backend]), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                    return [block(x, x0)]
+
+            return fwd_bwd if mode == "fwd_bwd" else fwd
+
+        plan = []
+        for mode in modes:
+            for impl in impls:
+                if impl == "fused":
+                    plan += [(impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn"),
+                             (impl, mode, SDPBackend.FLASH_ATTENTION, "flash")]
+                else:
+                    plan.append((impl, mode, SDPBackend.FLASH_ATTENTION, "flash"))
+        eager_err: dict[str, list[float]] = {}
+        for impl, mode, backend, bname in plan:
+            label = f"{case}/{mode}/{impl}/{bname}"
+            if over_budget():
+                skipped.append(label)
+                continue
+            t0 = time.time()
+            fn = make(impl, mode, backend)
+            row = dict(case=f"{case}", mode=mode, impl=impl, sdpa=bname, ms=None, tflops=None, peak_mib=None,
+                       tokens_per_s=None, ok=False, max_rel_err=None, error=None)
+            try:
+                outs = fn()  # warm-up (compiles) + the outputs checked below
+                outs = [o.detach() for o in outs]
+                errs = [rel_err(o, t) for o, t in zip(outs, truth)]
+                finite = all(torch.isfinite(o).all().item() for o in outs)
+                if impl == "eager":
+                    eager_err[mode] = errs
+                    row["ok"] = finite
+                else:
+                    base = eager_err.get(mode)
+                    row["ok"] = finite and base is not None and all(e <= 1.5 * b + 5e-3 for e, b in zip(errs, base))
+                row["max_rel_err"] = max(errs)
+                del outs
+                gc.collect()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                fn()
+                torch.cuda.synchronize()
+                row["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+                ms = triton.testing.do_bench(fn, warmup=50, rep=args.rep, return_mode="median")
+                row["ms"] = ms
+                row["tflops"] = model_flops(cfg, B, T, mode) / (ms * 1e-3) / 1e12
+                row["tokens_per_s"] = B * T / (ms * 1e-3)
+            except Exception as e:  # a failing impl is a result too; keep measuring the others
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            print(f"[{time.time() - t_start:6.1f}s] {label}: ms={row['ms']} ok={row['ok']} "
+                  f"err={row['max_rel_err']} peak={row['peak_mib']} ({time.time() - t0:.1f}s) {row['error'] or ''}",
+                  flush=True)
+            flush()
+        del ref, fused, compiled
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+    flush()
+    for r in rows:
+        print(r)
+
+
+if __name__ == "__main__":
+    main()
