@@ -127,9 +127,13 @@ def reference_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, so
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton kernel (imported lazily so CPU-only users never need Triton)
+# Triton kernels (optional import: without Triton only the reference path is available)
 # ----------------------------------------------------------------------------------------------------------
-_KERNEL = None
+try:  # Triton is only needed for the kernel path; the reference path works without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only on machines without Triton
+    triton = None
 
 
 def _interpreting() -> bool:
@@ -137,11 +141,44 @@ def _interpreting() -> bool:
 
 
 def _get_kernel():
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
-    import triton
-    import triton.language as tl
+    if triton is None:
+        raise RuntimeError("fused_linear_cross_entropy: the kernel path needs Triton (pip install triton); "
+                           "CPU tensors use the reference path without it")
+    return _flce_fwd_kernel
+
+
+if triton is not None:
+    @triton.jit
+    def _tile_epilogue(acc, cols, v0, rows64, row_ok, tgt, m_i, s_i, z_t, grad_ptr, mtile_ptr, V,
+                       stride_gn, stride_mn, softcap, inv_softcap,
+                       HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Soft-cap one fp32 logit tile, fold it into the online log-sum-exp, pick the target's logit and
+        (with COMPUTE_GRAD) store exp(z − m_tile)·(1 − t²) and m_tile."""
+        col_ok = cols < V
+        if HAS_SOFTCAP:
+            # tanh(u) = sign(u)·(1 − e)/(1 + e) with e = exp(−2|u|) ∈ (0, 1]: never overflows.
+            u = acc * inv_softcap
+            e = tl.exp(-2.0 * tl.abs(u))
+            t = tl.fdiv(1.0 - e, 1.0 + e, ieee_rounding=False)
+            t = tl.where(u < 0, -t, t)
+            z = softcap * t
+        else:
+            z = acc
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        p = tl.exp(z - m_new[:, None])
+        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(p, 1)
+        is_t = cols[None, :] == tgt[:, None]
+        z_t += tl.sum(tl.where(is_t, z, 0.0), 1)
+        if COMPUTE_GRAD:
+            # exp(z − m_tile)·(1 − t²) lies in [0, 1]: full relative precision even in bf16.
+            q = p
+            if HAS_SOFTCAP:
+                q = p * (1.0 - t * t)
+            g_ptrs = grad_ptr + rows64[:, None] * stride_gn + cols[None, :]
+            tl.store(g_ptrs, q.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            tl.store(mtile_ptr + rows64 * stride_mn + v0 // BLOCK_V, m_new, mask=row_ok)
+        return m_new, s_i, z_t
 
     @triton.jit
     def _flce_fwd_kernel(
@@ -149,7 +186,7 @@ def _get_kernel():
         N, V, D,
         stride_hn, stride_hd, stride_wv, stride_wd, stride_gn, stride_mn,
         softcap, inv_softcap, ignore_index,
-        HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, EVEN_K: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, EVEN_K: tl.constexpr, FLAT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
@@ -167,45 +204,51 @@ def _get_kernel():
         s_i = tl.zeros([BLOCK_N], tl.float32)                 # running sum of exp(z - m_i)
         z_t = tl.zeros([BLOCK_N], tl.float32)                 # the target's capped logit
         h_rows = h_ptr + rows64[:, None] * stride_hn
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + offs_v
-            col_ok = cols < V
-            w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
+        if FLAT:
+            # One loop over (vocab tile, k step) pairs so the loads stay pipelined across vocab tiles.
+            n_k = tl.cdiv(D, BLOCK_K)
             acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                ks = k0 + offs_k
+            for it in range(0, n_k * tl.cdiv(V, BLOCK_V)):
+                vi = it // n_k
+                ki = it - vi * n_k
+                cols = vi * BLOCK_V + offs_v
+                ks = ki * BLOCK_K + offs_k
+                w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
                 if EVEN_K:
                     a = tl.load(h_rows + ks[None, :] * stride_hd, mask=row_ok[:, None], other=0.0)
-                    b = tl.load(w_cols + ks[:, None] * stride_wd, mask=col_ok[None, :], other=0.0)
+                    b = tl.load(w_cols + ks[:, None] * stride_wd, mask=(cols < V)[None, :], other=0.0)
                 else:
                     k_ok = ks < D
                     a = tl.load(h_rows + ks[None, :] * stride_hd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    b = tl.load(w_cols + ks[:, None] * stride_wd, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+                    b = tl.load(w_cols + ks[:, None] * stride_wd, mask=(cols < V)[None, :] & k_ok[:, None],
+                                other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            if HAS_SOFTCAP:
-                # tanh(u) = sign(u)·(1 − e)/(1 + e) with e = exp(−2|u|) ∈ (0, 1]: never overflows.
-                u = acc * inv_softcap
-                e = tl.exp(-2.0 * tl.abs(u))
-                t = (1.0 - e) / (1.0 + e)
-                t = tl.where(u < 0, -t, t)
-                z = softcap * t
-            else:
-                z = acc
-            z = tl.where(col_ok[None, :], z, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(z, 1))
-            p = tl.exp(z - m_new[:, None])
-            s_i = s_i * tl.exp(m_i - m_new) + tl.sum(p, 1)
-            m_i = m_new
-            is_t = cols[None, :] == tgt[:, None]
-            z_t += tl.sum(tl.where(is_t, z, 0.0), 1)
-            if COMPUTE_GRAD:
-                # Store exp(z − m_tile)·(1 − t²) ∈ [0, 1] (full relative precision even in bf16) and m_tile.
-                q = p
-                if HAS_SOFTCAP:
-                    q = p * (1.0 - t * t)
-                g_ptrs = grad_ptr + rows64[:, None] * stride_gn + cols[None, :]
-                tl.store(g_ptrs, q.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-                tl.store(mtile_ptr + rows64 * stride_mn + v0 // BLOCK_V, m_new, mask=row_ok)
+                if ki == n_k - 1:
+                    m_i, s_i, z_t = _tile_epilogue(acc, cols, vi * BLOCK_V, rows64, row_ok, tgt, m_i, s_i, z_t,
+                                                   grad_ptr, mtile_ptr, V, stride_gn, stride_mn, softcap,
+                                                   inv_softcap, HAS_SOFTCAP, COMPUTE_GRAD, BLOCK_V)
+                    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        else:
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + offs_v
+                col_ok = cols < V
+                w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
+                acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+                for k0 in range(0, D, BLOCK_K):
+                    ks = k0 + offs_k
+                    if EVEN_K:
+                        a = tl.load(h_rows + ks[None, :] * stride_hd, mask=row_ok[:, None], other=0.0)
+                        b = tl.load(w_cols + ks[:, None] * stride_wd, mask=col_ok[None, :], other=0.0)
+                    else:
+                        k_ok = ks < D
+                        a = tl.load(h_rows + ks[None, :] * stride_hd, mask=row_ok[:, None] & k_ok[None, :],
+                                    other=0.0)
+                        b = tl.load(w_cols + ks[:, None] * stride_wd, mask=col_ok[None, :] & k_ok[:, None],
+                                    other=0.0)
+                    acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                m_i, s_i, z_t = _tile_epilogue(acc, cols, v0, rows64, row_ok, tgt, m_i, s_i, z_t, grad_ptr,
+                                               mtile_ptr, V, stride_gn, stride_mn, softcap, inv_softcap,
+                                               HAS_SOFTCAP, COMPUTE_GRAD, BLOCK_V)
 
         lse = m_i + tl.log(s_i)
         nll = tl.where(valid, lse - z_t, 0.0)
@@ -213,7 +256,8 @@ def _get_kernel():
         tl.store(nll_ptr + rows64, nll, mask=row_ok)
 
         if COMPUTE_GRAD:
-            # Target column in fp32: (p_t − 1)·(1 − t_t²); every other column q·exp(m_tile − lse).
+            # Second sweep over this row block's (L2-resident) tiles: every column q·exp(m_tile − lse),
+            # the target column from fp32 values, (p_t − 1)·(1 − t_t²).
             p_t = tl.exp(z_t - lse)
             if HAS_SOFTCAP:
                 tt = z_t * inv_softcap
@@ -235,17 +279,17 @@ def _get_kernel():
                 g = tl.where(is_t, g_t[:, None], g)
                 tl.store(g_ptrs, g.to(grad_ptr.dtype.element_ty), mask=msk)
 
-    _KERNEL = _flce_fwd_kernel
-    return _KERNEL
+
 
 
 def _kernel_config(N: int, V: int, D: int, dtype: torch.dtype) -> dict:
     if _interpreting():
-        cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=1)
+        # Small tiles so the CPU tests cross tile edges; FLAT alternates so both loop forms are exercised.
+        cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=1, FLAT=(V % 2 == 1))
     elif dtype == torch.float32:
-        cfg = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2)
+        cfg = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2, FLAT=False)
     else:
-        cfg = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3, FLAT=True)
     cfg.update(KERNEL_CONFIG_OVERRIDE)
     return cfg
 
@@ -277,7 +321,7 @@ def _launch_forward(h: Tensor, w: Tensor, target: Tensor, nll: Tensor, grad: Opt
         N, V, D,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), stride_gn, stride_mn,
         cap if cap > 0 else 1.0, 1.0 / cap if cap > 0 else 1.0, ignore_index,
-        HAS_SOFTCAP=cap > 0, COMPUTE_GRAD=compute_grad, EVEN_K=(D % cfg["BLOCK_K"] == 0),
+        HAS_SOFTCAP=cap > 0, COMPUTE_GRAD=compute_grad, EVEN_K=(D % cfg["BLOCK_K"] == 0), FLAT=cfg["FLAT"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
         DOT_PRECISION=_dot_precision(h.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -1,0 +1,303 @@
+"""Bench: linear + soft-capped cross-entropy, forward + backward, on one GPU.
+
+Implementations (rows' `impl`):
+  eager    h @ W.to(bf16)ᵀ → float → 30·tanh(·/30) → F.cross_entropy, plain PyTorch autograd
+  compile  torch.compile of that same function (inductor, dynamic=False)
+  liger    Liger-Kernel's LigerFusedLinearCrossEntropyLoss(softcap=30) (weight passed as a bf16 cast of the
+           fp32 master, since it wants one dtype), when liger_kernel is importable
+  fused    pgolf_kernels.fused_linear_cross_entropy (bf16 h, fp32 master weight, default settings)
+For each case: median ms of forward+backward (triton.testing.do_bench, return_mode="median"), peak MiB
+allocated above what was allocated just before the call (after reset_peak_memory_stats; h.grad and W.grad
+are None before each call, so the gradients themselves are included), and `ok` = loss and both gradients
+matched the fp32 oracle (reference on the same bf16-rounded operands) in this run: loss within 5e-3
+relative, gradients within 2e-2 relative Frobenius error (eager/compile keep bf16 logits, hence the
+looser bound than the unit tests).
+
+--sweep adds a table of kernel launch configurations (forward kernel alone, ms) and of the gradient
+strategies (chunk_rows) for fused, printed to stdout and stored in the JSON under "sweep".
+
+Usage: python bench/bench_fused_ce.py --out bench/results [--cases N65536_d512_V1024,...] [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from pgolf_kernels import fused_linear_cross_entropy as flce_mod  # noqa: E402
+from pgolf_kernels.fused_linear_cross_entropy import (  # noqa: E402
+    fused_linear_cross_entropy,
+    reference_linear_cross_entropy,
+)
+
+SOFTCAP = 30.0
+DEFAULT_CASES = [(n, 512, v) for n in (65536, 262144) for v in (1024, 4096, 8192)]
+LOSS_RTOL = 5e-3
+GRAD_REL_FRO = 2e-2
+
+
+def case_name(N, d, V):
+    return f"N{N}_d{d}_V{V}"
+
+
+def parse_case(s):
+    parts = dict((p[0], int(p[1:])) for p in s.split("_"))
+    return parts["N"], parts["d"], parts["V"]
+
+
+def eager_loss(h, w, y):
+    logits = (h @ w.to(h.dtype).t()).float()
+    logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+    return F.cross_entropy(logits, y)
+
+
+def make_impls(with_liger=True):
+    impls = {"eager": eager_loss}
+    torch._dynamo.config.cache_size_limit = 64
+    impls["compile"] = torch.compile(eager_loss, dynamic=False)
+    if with_liger:
+        try:
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+            liger = LigerFusedLinearCrossEntropyLoss(softcap=SOFTCAP)
+            impls["liger"] = lambda h, w, y: liger(w.to(h.dtype), h, y)
+        except Exception as exc:  # not installed on this machine: say so and go on
+            print(f"liger unavailable: {type(exc).__name__}: {exc}", flush=True)
+    impls["fused"] = lambda h, w, y: fused_linear_cross_entropy(h, w, y, SOFTCAP, "mean")
+    return impls
+
+
+def oracle(h, w, y):
+    """fp32 reference on the same bf16-rounded operands; returns loss, dh, dw (fp32)."""
+    hh = h.detach().float().requires_grad_()
+    wr = w.detach().to(h.dtype).float().requires_grad_()
+    loss = reference_linear_cross_entropy(hh, wr, y, SOFTCAP, "mean")
+    dh, dw = torch.autograd.grad(loss, (hh, wr))
+    return loss.detach(), dh, dw
+
+
+def rel_fro(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def measure(fn, h, w, y, ref):
+    def step():
+        h.grad = None
+        w.grad = None
+        fn(h, w, y).backward()
+
+    # correctness in this run
+    h.grad = None
+    w.grad = None
+    loss = fn(h, w, y)
+    loss.backward()
+    torch.cuda.synchronize()
+    rl, rdh, rdw = ref
+    finite = bool(torch.isfinite(loss).all() and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all())
+    loss_err = abs(loss.item() - rl.item()) / abs(rl.item())
+    dh_err, dw_err = rel_fro(h.grad, rdh), rel_fro(w.grad, rdw)
+    ok = finite and loss_err <= LOSS_RTOL and dh_err <= GRAD_REL_FRO and dw_err <= GRAD_REL_FRO
+    # peak memory of one call above what is allocated before it
+    h.grad = None
+    w.grad = None
+    del loss
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    import triton.testing
+
+    ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
+    h.grad = None
+    w.grad = None
+    return dict(ms=ms, peak_mib=peak_mib, ok=ok, loss_rel_err=loss_err, dh_rel_fro=dh_err, dw_rel_fro=dw_err)
+
+
+def inputs(N, d, V, seed=0):
+    g = torch.Generator(device="cuda")
+    g.manual_seed(seed)
+    h = torch.randn(N, d, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    # tied-embedding-like fp32 master weight; logits of O(1..10) so the cap matters
+    w = (torch.randn(V, d, device="cuda", generator=g) * (3.0 / d**0.5)).requires_grad_()
+    y = torch.randint(0, V, (N,), device="cuda", generator=g)
+    return h, w, y
+
+
+def sweep(N, d, V, log, eval_too=False):
+    """Forward-kernel launch configs (ms of the Triton forward with dlogits), then gradient strategies."""
+    import triton.testing
+
+    h, w, y = inputs(N, d, V)
+    hb = h.detach()
+    wb = w.detach().to(torch.bfloat16)
+    nll = torch.empty(N, device="cuda", dtype=torch.float32)
+    grad = torch.empty(N, V, device="cuda", dtype=torch.bfloat16)
+    # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages, FLAT); all checked offline to fit sm_90 shared memory
+    configs = [
+        (128, 128, 64, 8, 3, False), (128, 128, 64, 8, 3, True), (128, 128, 64, 8, 4, False),
+        (128, 128, 64, 4, 3, False), (64, 128, 64, 4, 3, False), (64, 128, 64, 4, 4, True),
+        (64, 256, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (128, 256, 32, 8, 4, False),
+        (128, 128, 128, 8, 2, False), (128, 64, 64, 4, 4, True), (256, 128, 64, 8, 3, False),
+        (128, 128, 32, 8, 5, True), (64, 128, 128, 4, 3, False), (128, 256, 64, 8, 2, True),
+        (256, 64, 64, 8, 3, False),
+    ]
+    rows = []
+    saved = dict(flce_mod.KERNEL_CONFIG_OVERRIDE)
+    for bn, bv, bk, nw, ns, flat in configs:
+        cfg = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=nw, num_stages=ns, FLAT=flat)
+        flce_mod.KERNEL_CONFIG_OVERRIDE.clear()
+        flce_mod.KERNEL_CONFIG_OVERRIDE.update(cfg)
+        row = dict(case=case_name(N, d, V), **cfg)
+        try:
+            fwd_g = lambda: flce_mod._launch_forward(hb, wb, y, nll, grad, SOFTCAP, -100)  # noqa: E731
+            fwd_e = lambda: flce_mod._launch_forward(hb, wb, y, nll, None, SOFTCAP, -100)  # noqa: E731
+            fwd_g()
+            torch.cuda.synchronize()
+            row["fwd_grad_ms"] = round(triton.testing.do_bench(fwd_g, warmup=10, rep=60, return_mode="median"), 4)
+            if eval_too:
+                row["fwd_eval_ms"] = round(triton.testing.do_bench(fwd_e, warmup=10, rep=60,
+                                                                   return_mode="median"), 4)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+        rows.append(row)
+        log(json.dumps(row))
+    flce_mod.KERNEL_CONFIG_OVERRIDE.clear()
+    flce_mod.KERNEL_CONFIG_OVERRIDE.update(saved)
+    # The cuBLAS floor of the backward: dH = dlogits @ W and dW = dlogitsᵀ @ h (fp32 out), and the logits
+    # matmul for scale.
+    mm_row = dict(case=case_name(N, d, V), part="cublas")
+    mm_row["dH_ms"] = round(triton.testing.do_bench(lambda: torch.mm(grad, wb), return_mode="median"), 4)
+    mm_row["dW_f32out_ms"] = round(triton.testing.do_bench(lambda: flce_mod._mm_f32(grad.t(), hb),
+                                                           return_mode="median"), 4)
+    mm_row["logits_ms"] = round(triton.testing.do_bench(lambda: torch.mm(hb, wb.t()), return_mode="median"), 4)
+    rows.append(mm_row)
+    log(json.dumps(mm_row))
+    del grad
+    ref = oracle(h, w, y)
+    strat = []
+    for chunk in (0, 8192, 16384, 32768):
+        for wdt in ("fp32", "bf16"):
+            ww = w if wdt == "fp32" else w.detach().to(torch.bfloat16).requires_grad_()
+            fn = lambda a, b, c, ch=chunk: fused_linear_cross_entropy(a, b, c, SOFTCAP, "mean", chunk_rows=ch)  # noqa
+            r = measure(fn, h, ww, y, ref)
+            r.update(case=case_name(N, d, V), chunk_rows=chunk, weight_dtype=wdt)
+            strat.append(r)
+            log(json.dumps(r))
+    return rows, strat
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / max(1, len(impls))
+    for k, (key, label) in enumerate((("ms", "forward+backward ms (median)"), ("peak_mib", "peak extra MiB"))):
+        ax = axes[k]
+        for j, impl in enumerate(impls):
+            vals = [next((r[key] for r in rows if r["case"] == c and r["impl"] == impl), float("nan")) for c in cases]
+            ax.bar([i + j * width for i in range(len(cases))], vals, width, label=impl)
+        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(cases))])
+        ax.set_xticklabels(cases, rotation=20, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    fig.suptitle("linear + softcap(30) cross-entropy, forward+backward, bf16 h, fp32 weight, " + dev)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", action="append", default=[], help="results folder (repeatable)")
+    ap.add_argument("--cases", default=",".join(case_name(*c) for c in DEFAULT_CASES))
+    ap.add_argument("--impls", default="eager,compile,liger,fused")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-cases", default="N65536_d512_V1024,N65536_d512_V8192")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    t0 = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
+
+    wanted = args.impls.split(",")
+    impls = {k: v for k, v in make_impls("liger" in wanted).items() if k in wanted}
+    extra = {"softcap": SOFTCAP, "h_dtype": "bfloat16", "weight_dtype": "float32",
+             "fused_kernel_config": {k: v for k, v in flce_mod._kernel_config(65536, 1024, 512, torch.bfloat16).items()},
+             "fused_auto_stored_scratch_limit_bytes": flce_mod.STORED_SCRATCH_LIMIT_BYTES}
+    if args.sweep:
+        cfg_rows, strat_rows = [], []
+        for c in args.sweep_cases.split(","):
+            a, b = sweep(*parse_case(c), log)
+            cfg_rows += a
+            strat_rows += b
+        extra["sweep"] = {"kernel_configs": cfg_rows, "strategies": strat_rows}
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    rows = []
+    for c in args.cases.split(","):
+        N, d, V = parse_case(c)
+        h, w, y = inputs(N, d, V)
+        ref = oracle(h, w, y)
+        for name, fn in impls.items():
+            try:
+                r = measure(fn, h, w, y, ref)
+            except Exception as exc:  # e.g. out of memory: record it, keep going
+                log(f"{c} {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            row = dict(case=c, impl=name, ms=round(r["ms"], 4), peak_mib=round(r["peak_mib"], 1),
+                       tokens_per_s=round(N / (r["ms"] * 1e-3)), ok=r["ok"],
+                       loss_rel_err=float(f"{r['loss_rel_err']:.3g}"), dh_rel_fro=float(f"{r['dh_rel_fro']:.3g}"),
+                       dw_rel_fro=float(f"{r['dw_rel_fro']:.3g}"))
+            rows.append(row)
+            log(json.dumps(row))
+        del h, w, y, ref
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    # fused / compile ratios, same run
+    ratios = {}
+    for c in dict.fromkeys(r["case"] for r in rows):
+        f = next((r for r in rows if r["case"] == c and r["impl"] == "fused"), None)
+        k = next((r for r in rows if r["case"] == c and r["impl"] == "compile"), None)
+        if f and k:
+            ratios[c] = {"compile_over_fused_ms": round(k["ms"] / f["ms"], 3),
+                         "fused_over_compile_mib": round(f["peak_mib"] / k["peak_mib"], 3)}
+    extra["ratios"] = ratios
+    log("ratios " + json.dumps(ratios))
+    if not args.no_write and args.out:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from results_io import write_results
+
+        notes = "ratios (same run): " + json.dumps(ratios)
+        paths = write_results("fused_ce", rows, args.out, plot=plot, extra=extra, notes=notes)
+        log(f"wrote {[str(p) for p in paths]}")
+
+
+if __name__ == "__main__":
+    main()
