@@ -158,15 +158,11 @@ __global__ void unpack_codes_kernel(const uint8_t* __restrict__ packed, int64_t 
     if (first + i < n) out[first + i] = static_cast<int8_t>(static_cast<int>((v >> (bits * i)) & mask) - qmax);
 }
 
-void check_bits(const char* op, int64_t bits) {
-  TORCH_CHECK(bits >= 2 && bits <= 8, op, ": bits must be in 2..8, got ", bits);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64_t bits, const std::string& rule,
                                                       const at::Tensor& fractions) {
-  check_bits("quantize_rows", bits);
+  TORCH_CHECK(bits >= 2 && bits <= 8, "quantize_rows: bits must be in 2..8, got ", bits);
   TORCH_CHECK(rule == "amax" || rule == "search", "quantize_rows: rule must be 'amax' or 'search', got '", rule,
               "' (the percentile rule has no CUDA kernel; use pgolf_kernels.quant)");
   TORCH_CHECK(w.is_cuda(), "quantize_rows: w must be a CUDA tensor, got device ", w.device());
@@ -204,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64
 }
 
 at::Tensor pack_codes_cuda(const at::Tensor& q, int64_t bits) {
-  check_bits("pack_codes", bits);
+  TORCH_CHECK(bits >= 2 && bits <= 8, "pack_codes: bits must be in 2..8, got ", bits);
   TORCH_CHECK(q.is_cuda(), "pack_codes: codes must be a CUDA tensor, got device ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kChar, "pack_codes: codes must be int8, got ", q.scalar_type());
   TORCH_CHECK(q.is_contiguous(), "pack_codes: codes must be contiguous");
@@ -228,7 +224,7 @@ at::Tensor pack_codes_cuda(const at::Tensor& q, int64_t bits) {
 }
 
 at::Tensor unpack_codes_cuda(const at::Tensor& packed, int64_t bits, int64_t numel) {
-  check_bits("unpack_codes", bits);
+  TORCH_CHECK(bits >= 2 && bits <= 8, "unpack_codes: bits must be in 2..8, got ", bits);
   TORCH_CHECK(packed.is_cuda(), "unpack_codes: packed must be a CUDA tensor, got device ", packed.device());
   TORCH_CHECK(packed.scalar_type() == at::kByte, "unpack_codes: packed must be uint8, got ", packed.scalar_type());
   TORCH_CHECK(packed.dim() == 1 && packed.is_contiguous(), "unpack_codes: packed must be a contiguous 1-D tensor");

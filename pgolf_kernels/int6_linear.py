@@ -46,7 +46,7 @@ except ImportError:  # CPU-only installs without Triton still get the PyTorch pa
 
 IMPLS = ("prologue", "quant_cublas", "reference")
 # Chosen by bench/bench_int6_linear.py on an H100 (bench/results/int6_linear-*): see the module docstring.
-DEFAULT_IMPL = "prologue"
+DEFAULT_IMPL = "quant_cublas"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |t| < 2**22 half-to-even
 
@@ -242,9 +242,10 @@ if HAVE_TRITON:
             _FWD_META = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=2, SWAP_AB=False)
             _DX_META = dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=32, GROUP_M=2, SWAP_AB=True)
         else:
-            _FWD_META = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=False, num_stages=3,
+            # the autotuner's pick on an H100 for every model shape (bench/results/int6_linear-h100-*)
+            _FWD_META = dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, num_stages=3,
                              num_warps=8)
-            _DX_META = dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, SWAP_AB=False, num_stages=3,
+            _DX_META = dict(BLOCK_M=256, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, SWAP_AB=False, num_stages=3,
                             num_warps=8)
     else:
         _fwd_launch = triton.autotune(configs=_mm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"),
@@ -345,13 +346,47 @@ def _prologue_dx(dy: Tensor, weight: Tensor, aux: Tensor, bits: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# custom ops (opaque to torch.compile, with autograd)
+# autograd: one forward/backward pair per implementation, wrapped twice. Under torch.compile the custom ops
+# (opaque to the compiler, autograd registered) are used; in eager mode a plain autograd.Function runs the same
+# code with far less Python per call (the custom-op path costs tens of microseconds a call, which shows at the
+# smaller shapes).
+
+
+def _weight_grad(dy: Tensor, x2d: Tensor, w_dtype: torch.dtype) -> Tensor:
+    """dW = dYᵀX computed as (XᵀdY)ᵀ — the product plain autograd of x @ W.to(bf16)ᵀ runs, so cuBLAS picks the
+    same kernel as for the unquantised linear."""
+    return (x2d.t() @ dy).to(w_dtype).t()
+
+
+def _prologue_fwd(x2d, weight, bias, bits):
+    aux = row_scales(weight, bits)
+    return _prologue_forward(x2d, weight, aux, bias, bits), aux
+
+
+def _prologue_bwd(dy, x2d, weight, aux, bits, bias_dtype, needs, dx_fn):
+    dy = dy.to(x2d.dtype)
+    dx = dx_fn(dy, weight, aux, bits) if needs[0] else None
+    dw = _weight_grad(dy, x2d, weight.dtype) if needs[1] else None
+    db = dy.sum(0).to(bias_dtype) if bias_dtype is not None and needs[2] else None
+    return dx, dw, db, None
+
+
+def _quant_cublas_fwd(x2d, weight, bias, bits):
+    wq = quantize_weight(weight, bits, x2d.dtype)
+    return F.linear(x2d, wq, None if bias is None else bias.to(x2d.dtype)), wq
+
+
+def _quant_cublas_bwd(dy, x2d, wq, w_dtype, bias_dtype, needs):
+    dy = dy.to(x2d.dtype)
+    dx = dy @ wq if needs[0] else None
+    dw = _weight_grad(dy, x2d, w_dtype) if needs[1] else None
+    db = dy.sum(0).to(bias_dtype) if bias_dtype is not None and needs[2] else None
+    return dx, dw, db, None
 
 
 @torch.library.custom_op("pgolf::int_qlinear_prologue", mutates_args=())
 def _op_prologue(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int) -> tuple[Tensor, Tensor]:
-    aux = row_scales(weight, bits)
-    return _prologue_forward(x2d, weight, aux, bias, bits), aux
+    return _prologue_fwd(x2d, weight, bias, bits)
 
 
 @_op_prologue.register_fake
@@ -369,29 +404,26 @@ def _(dy, weight, aux, bits):
     return dy.new_empty(dy.shape[0], weight.shape[1])
 
 
-def _prologue_setup(ctx, inputs, output):
+def _op_prologue_setup(ctx, inputs, output):
     x2d, weight, bias, bits = inputs
+    ctx.set_materialize_grads(False)  # the scales output never gets a gradient; don't make zeros for it
     ctx.save_for_backward(x2d, weight, output[1])
     ctx.bits = bits
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _prologue_backward(ctx, dy, _daux):
+def _op_prologue_backward(ctx, dy, _daux):
     x2d, weight, aux = ctx.saved_tensors
-    dy = dy.to(x2d.dtype)
-    dx = torch.ops.pgolf.int_qlinear_prologue_dx(dy, weight, aux, ctx.bits) if ctx.needs_input_grad[0] else None
-    dw = (dy.t() @ x2d).to(weight.dtype) if ctx.needs_input_grad[1] else None
-    db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
-    return dx, dw, db, None
+    return _prologue_bwd(dy, x2d, weight, aux, ctx.bits, ctx.bias_dtype, ctx.needs_input_grad,
+                         torch.ops.pgolf.int_qlinear_prologue_dx)
 
 
-_op_prologue.register_autograd(_prologue_backward, setup_context=_prologue_setup)
+_op_prologue.register_autograd(_op_prologue_backward, setup_context=_op_prologue_setup)
 
 
 @torch.library.custom_op("pgolf::int_qlinear_quant_cublas", mutates_args=())
 def _op_quant_cublas(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int) -> tuple[Tensor, Tensor]:
-    wq = quantize_weight(weight, bits, x2d.dtype)
-    return F.linear(x2d, wq, None if bias is None else bias.to(x2d.dtype)), wq
+    return _quant_cublas_fwd(x2d, weight, bias, bits)
 
 
 @_op_quant_cublas.register_fake
@@ -399,23 +431,50 @@ def _(x2d, weight, bias, bits):
     return x2d.new_empty(x2d.shape[0], weight.shape[0]), x2d.new_empty(weight.shape)
 
 
-def _quant_cublas_setup(ctx, inputs, output):
+def _op_quant_cublas_setup(ctx, inputs, output):
     x2d, weight, bias, bits = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x2d, output[1])
     ctx.w_dtype = weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _quant_cublas_backward(ctx, dy, _dwq):
+def _op_quant_cublas_backward(ctx, dy, _dwq):
     x2d, wq = ctx.saved_tensors
-    dy = dy.to(x2d.dtype)
-    dx = dy @ wq if ctx.needs_input_grad[0] else None
-    dw = (dy.t() @ x2d).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
-    db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
-    return dx, dw, db, None
+    return _quant_cublas_bwd(dy, x2d, wq, ctx.w_dtype, ctx.bias_dtype, ctx.needs_input_grad)
 
 
-_op_quant_cublas.register_autograd(_quant_cublas_backward, setup_context=_quant_cublas_setup)
+_op_quant_cublas.register_autograd(_op_quant_cublas_backward, setup_context=_op_quant_cublas_setup)
+
+
+class _PrologueFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, bits):
+        y, aux = _prologue_fwd(x2d, weight, bias, bits)
+        ctx.save_for_backward(x2d, weight, aux)
+        ctx.bits = bits
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, aux = ctx.saved_tensors
+        return _prologue_bwd(dy, x2d, weight, aux, ctx.bits, ctx.bias_dtype, ctx.needs_input_grad, _prologue_dx)
+
+
+class _QuantCublasFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, bits):
+        y, wq = _quant_cublas_fwd(x2d, weight, bias, bits)
+        ctx.save_for_backward(x2d, wq)
+        ctx.w_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, wq = ctx.saved_tensors
+        return _quant_cublas_bwd(dy, x2d, wq, ctx.w_dtype, ctx.bias_dtype, ctx.needs_input_grad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -456,8 +515,12 @@ def int6_fake_quant_linear(x: Tensor, weight: Tensor, bits: int = 6, bias: Optio
         return reference_int6_fake_quant_linear(x, weight, bits, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    op = torch.ops.pgolf.int_qlinear_prologue if impl == "prologue" else torch.ops.pgolf.int_qlinear_quant_cublas
-    y, _ = op(x2d, weight, bias, int(bits))
+    if torch.compiler.is_compiling():
+        op = torch.ops.pgolf.int_qlinear_prologue if impl == "prologue" else torch.ops.pgolf.int_qlinear_quant_cublas
+        y, _ = op(x2d, weight, bias, int(bits))
+    else:
+        fn = _PrologueFn if impl == "prologue" else _QuantCublasFn
+        y = fn.apply(x2d, weight, bias, int(bits))
     return y.reshape(*lead, weight.shape[0])
 
 

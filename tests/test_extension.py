@@ -111,24 +111,43 @@ def test_pack_unpack_match_reference_bytes(bits):
         assert torch.equal(back.cpu(), q)
 
 
+_VALIDATION_SCRIPT = r"""
+import pytest, torch
+import pgolf_kernels
+from pgolf_kernels import quant, quant_cuda
+C = pgolf_kernels.require_extension("test")
+fr = torch.tensor(quant.SEARCH_FRACTIONS, dtype=torch.float32, device="cuda")
+w = torch.randn(8, 16, device="cuda")
+cases = [
+    ("float32", lambda: C.quantize_rows(w.half(), 6, "amax", fr)),
+    ("contiguous", lambda: C.quantize_rows(w.t(), 6, "amax", fr)),
+    ("CUDA tensor", lambda: C.quantize_rows(w.cpu(), 6, "amax", fr)),
+    ("bits must be in 2..8", lambda: C.quantize_rows(w, 9, "amax", fr)),
+    ("rule", lambda: C.quantize_rows(w, 6, "percentile", fr)),
+    ("out of range", lambda: C.pack_codes(torch.full((9,), 16, dtype=torch.int8, device="cuda"), 5)),
+    ("bits must be in 2..8", lambda: C.pack_codes(torch.zeros(8, dtype=torch.int8, device="cuda"), 1)),
+    ("need", lambda: C.unpack_codes(torch.zeros(5, dtype=torch.uint8, device="cuda"), 6, 8)),
+    ("uint8", lambda: C.unpack_codes(torch.zeros(6, dtype=torch.int8, device="cuda"), 6, 8)),
+]
+for want, call in cases:
+    with pytest.raises(RuntimeError, match=want):
+        call()
+    print("raised:", want, flush=True)
+with pytest.raises(ValueError, match="NaN or inf"):
+    quant_cuda.quantize_rows(torch.tensor([[1.0, float("nan")]], device="cuda"), 6)
+print("ALL RAISED")
+"""
+
+
 @gpu
 def test_extension_validates_its_inputs():
-    C = pgolf_kernels.require_extension("test")
-    fr = torch.tensor(quant.SEARCH_FRACTIONS, dtype=torch.float32, device="cuda")
-    w = torch.randn(8, 16, device="cuda")
-    with pytest.raises(RuntimeError, match="float32"):
-        C.quantize_rows(w.half(), 6, "amax", fr)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        C.quantize_rows(w.t(), 6, "amax", fr)
-    with pytest.raises(RuntimeError, match="CUDA tensor"):
-        C.quantize_rows(w.cpu(), 6, "amax", fr)
-    with pytest.raises(RuntimeError, match="bits must be in 2..8"):
-        C.quantize_rows(w, 9, "amax", fr)
-    with pytest.raises(RuntimeError, match="rule"):
-        C.quantize_rows(w, 6, "percentile", fr)
-    with pytest.raises(RuntimeError, match="out of range"):
-        C.pack_codes(torch.full((9,), 16, dtype=torch.int8, device="cuda"), 5)
-    with pytest.raises(RuntimeError, match="need"):
-        C.unpack_codes(torch.zeros(5, dtype=torch.uint8, device="cuda"), 6, 8)
-    with pytest.raises(ValueError, match="NaN or inf"):
-        quant_cuda.quantize_rows(torch.tensor([[1.0, float("nan")]], device="cuda"), 6)
+    """Each bad input raises a RuntimeError naming the problem. Run in a child process, so that a crash in the
+    extension's error path fails this test instead of taking the whole test session down."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", _VALIDATION_SCRIPT], capture_output=True, text=True, cwd=root,
+                          timeout=120)
+    assert proc.returncode == 0 and "ALL RAISED" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-3000:])
