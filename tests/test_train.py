@@ -394,3 +394,35 @@ def test_wallclock_cap_stops_early_with_bf16_layout(data_root, tmp_path):
     m = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/100000$", proc.stdout, re.M)
     assert m and 1500 <= int(m[1]) < 4000 and int(m[2]) > 1
     assert math.isfinite(exact_line(proc.stdout, "final_int8_zlib_roundtrip_exact")[0])
+
+
+# ------------------------------------------------------------------------------------------ the e2e bench script
+
+
+@pytest.mark.slow
+def test_bench_e2e_smoke_on_cpu(data_root, tmp_path):
+    """The device bench end to end on CPU: the official script refuses to run without CUDA, KERNELS=fused
+    refuses on CPU, eager trains; all three are recorded and the results files are written."""
+    import json
+
+    out = tmp_path / "out"
+    small = dict(DEVICE="cpu", NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=SEQ,
+                 TRAIN_BATCH_TOKENS=8 * 2 * SEQ, VAL_BATCH_SIZE=8 * 16 * SEQ, OMP_NUM_THREADS=1)
+    cmd = [sys.executable, str(REPO / "bench" / "bench_e2e.py"), "--data", str(data_root), "--out", str(out),
+           "--vocab-size", str(VOCAB), "--impls", "official,eager,fused", "--eager-steps", "4", "--steps", "4",
+           "--val-tokens", "1000", "--train-log-every", "2", "--budget-s", "600", "--work", str(tmp_path / "work")]
+    cmd += [a for k, v in small.items() for a in ("--env", f"{k}={v}")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 4 and any(f.endswith(".png") for f in files) and any(f.endswith("-logs.txt") for f in files)
+    res = json.loads(next(out.glob("e2e-*.json")).read_text())
+    rows = {r["impl"]: r for r in res["rows"]}
+    assert res["bench"] == "e2e" and set(rows) == {"official", "eager", "fused"}
+    eager = rows["eager"]
+    assert eager["ok"] is True and eager["case"] == "baseline_9L" and eager["steps"] == 4
+    assert eager["ms"] > 0 and eager["tokens_per_s"] > 0 and math.isfinite(eager["val_bpb"]) and eager["artifact_bytes"] > 0
+    assert len(res["curves"]["eager"]) == 4  # steps 1..4 (every step up to 10 is logged)
+    assert rows["fused"]["ok"] is False and "KERNELS=fused needs a CUDA device" in rows["fused"]["error"]
+    if OFFICIAL.exists():
+        assert rows["official"]["ok"] is False and "CUDA is required" in rows["official"]["error"]

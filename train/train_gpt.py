@@ -243,7 +243,7 @@ class CastedLinear(nn.Linear):
         if self.qat_bits:
             if self.qat_op is not None:
                 return self.qat_op(x, w, bits=self.qat_bits)
-            w = w + (quant.fake_quant(w, self.qat_bits, "amax") - w).detach()
+            w = w + (quant.fake_quant(w.detach(), self.qat_bits, "amax") - w).detach()
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w.to(x.dtype), bias)
 
