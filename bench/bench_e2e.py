@@ -8,17 +8,19 @@ compile warm-up steps), the train loss, peak memory, the val_bpb after the int8+
 artifact's model bytes, then compare ours with the official (bars: ms/step within 10%, train loss at the last
 step within 0.02, artifact bytes within 0.5%).
 
-    python bench/bench_e2e.py --data DIR --out $OUT [--steps 200] [--eager-steps 30] [--save]
+    python bench/bench_e2e.py --out $OUT [--data data] [--steps 200] [--eager-steps 30] [--save]
 
-DIR holds `datasets/fineweb10B_sp1024/fineweb_{train,val}_*.bin` and `tokenizers/fineweb_1024_bpe.model`
+DIR (default: the repository's data/) holds `datasets/fineweb10B_sp1024/fineweb_{train,val}_*.bin` and `tokenizers/fineweb_1024_bpe.model`
 (what `python -m pgolf_kernels.prepare ... --out DIR --vocab-size 1024` writes). A train set smaller than
 steps x 524,288 tokens simply wraps around (both scripts stream shards cyclically). To keep the evals short the
 validation stream is cut to --val-tokens tokens (a shard written in a work folder; 0 = the whole split), so
 val_bpb here compares implementations, it is not the challenge score.
 
 Writes e2e-<device>-<date>.{json,md,png} and e2e-<device>-<date>-logs.txt under --out (and bench/results with
---save). Cases run in order official, compile, eager, fused; a case that would not finish inside --budget-s is
-skipped and recorded with ok=false, so one call stays inside a 10-minute device limit.
+--save). Cases run in the order of --impls (default official, compile, fused, eager); a case that would not
+finish inside --budget-s is skipped and recorded with ok=false, so one call stays inside a 10-minute device
+limit. `--merge EARLIER.json` carries over the rows (and curves) of another call's results for the impls this
+call does not run, so the cases can be split over two calls and still land in one file.
 """
 from __future__ import annotations
 
@@ -121,7 +123,7 @@ def run_case(impl: str, args, env_base: dict, work: Path, timeout: float) -> tup
         steps = args.steps
     else:
         cmd = [sys.executable, str(REPO / "train" / "train_gpt.py")]
-        steps = args.eager_steps if impl == "eager" else args.steps
+        steps = {"eager": args.eager_steps, "fused": args.fused_steps or args.steps}.get(impl, args.steps)
         env.update(KERNELS=impl, OUT_DIR=str(run_dir), EVAL_STRIDE=str(args.eval_stride))
         if impl == "eager":
             env["WARMUP_STEPS"] = "0"  # nothing to compile; the warm-up would only cost time
@@ -144,12 +146,14 @@ def run_case(impl: str, args, env_base: dict, work: Path, timeout: float) -> tup
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True, type=Path, help="folder with datasets/ and tokenizers/ (prepare's --out)")
+    ap.add_argument("--data", type=Path, default=REPO / "data", help="folder with datasets/ and tokenizers/ (prepare's --out)")
     ap.add_argument("--out", required=True, type=Path, help="where the results files go (e.g. $OUT)")
     ap.add_argument("--official", default=str(REPO / ".peers" / "official" / "train_gpt.py"))
     ap.add_argument("--steps", type=int, default=200, help="steps of the official, compile and fused runs")
     ap.add_argument("--eager-steps", type=int, default=30)
-    ap.add_argument("--impls", default="official,compile,eager,fused")
+    ap.add_argument("--fused-steps", type=int, default=None, help="steps of the fused run (default: --steps)")
+    ap.add_argument("--impls", default="official,compile,fused,eager")
+    ap.add_argument("--merge", type=Path, default=None, help="an earlier e2e JSON whose other impls' rows are kept")
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--val-tokens", type=int, default=2_097_152, help="cut the val split to this many tokens (0 = all)")
@@ -190,6 +194,15 @@ def main() -> None:
     out_dirs = [args.out] + ([REPO / "bench" / "results"] if args.save else [])
     rows, curves, logs = [], {}, []
     wall_of: dict[str, float] = {}
+    if args.merge:
+        earlier = json.loads(args.merge.read_text())
+        for r in earlier["rows"]:
+            if r["impl"] not in impls:
+                rows.append(dict(r, planned_steps=r.get("steps"), rc=0 if r.get("steps") else None, train_loss=r.get("train_loss_at_N")))
+                curves[r["impl"]] = earlier.get("curves", {}).get(r["impl"], [])
+                if r.get("wall_s") and r.get("steps"):
+                    wall_of[r["impl"]] = r["wall_s"]
+        logs.append(f"===== merged from {args.merge.name}: {', '.join(r['impl'] for r in rows)} =====\n")
 
     def estimate(impl: str) -> float:
         # Seconds a case is expected to take: compiled cases like the one before them, eager by its steps.
