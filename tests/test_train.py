@@ -426,3 +426,39 @@ def test_bench_e2e_smoke_on_cpu(data_root, tmp_path):
     assert rows["fused"]["ok"] is False and "KERNELS=fused needs a CUDA device" in rows["fused"]["error"]
     if OFFICIAL.exists():
         assert rows["official"]["ok"] is False and "CUDA is required" in rows["official"]["error"]
+
+
+# ------------------------------------------------------------------------------------------ fused ops in the model
+
+
+def test_fused_ops_in_the_model_match_the_reference_path(data_root, tmp_path):
+    """GPT with the fused CE head and the int6 QAT linear (Triton interpreter on CPU, fp32) computes the same
+    loss, per-token NLL and gradients as the reference path (logits + F.cross_entropy, STE fake-quant)."""
+    from pgolf_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    from pgolf_kernels.int6_linear import int6_fake_quant_linear
+
+    mod = load_trainer_module()
+    cfg = tiny_config(mod, data_root, tmp_path, MODEL_DIM=192, NUM_LAYERS=2)
+    torch.manual_seed(0)
+    ref = mod.GPT(cfg)
+    with torch.no_grad():  # move the zero-initialised projections off zero so every gradient is non-trivial
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    fused = copy.deepcopy(ref)
+    ref.set_qat(6, cfg.control_patterns)
+    fused.set_qat(6, cfg.control_patterns, int6_fake_quant_linear)
+    fused.fused_ce = fused_linear_cross_entropy
+    assert len(fused.qat_matrices(cfg.control_patterns)) == 4
+    x = torch.randint(0, VOCAB, (2, SEQ))
+    y = torch.randint(0, VOCAB, (2, SEQ))
+    loss_r, loss_f = ref(x, y), fused(x, y)
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-5)
+    loss_r.backward()
+    loss_f.backward()
+    for (name, pr), (_, pf) in zip(ref.named_parameters(), fused.named_parameters()):
+        assert pf.grad is not None and torch.isfinite(pf.grad).all(), name
+        torch.testing.assert_close(pf.grad, pr.grad, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        nll_r, nll_f = ref(x, y, reduction="none"), fused(x, y, reduction="none")
+    assert nll_f.shape == (2, SEQ)
+    torch.testing.assert_close(nll_f, nll_r, rtol=1e-5, atol=1e-5)

@@ -481,17 +481,17 @@ def load_fused_ops(need_qat: bool):
     try:
         import triton  # noqa: F401
     except ImportError as exc:
-        raise RuntimeError(f"KERNELS=fused needs Triton, which is not importable ({exc})") from exc
+        raise ConfigError(f"KERNELS=fused needs Triton, which is not importable ({exc})") from exc
     try:
         from pgolf_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
     except ImportError as exc:
-        raise RuntimeError(f"KERNELS=fused needs pgolf_kernels.fused_linear_cross_entropy, which failed to import: {exc}") from exc
+        raise ConfigError(f"KERNELS=fused needs pgolf_kernels.fused_linear_cross_entropy, which failed to import: {exc}") from exc
     qat_op = None
     if need_qat:
         try:
             from pgolf_kernels.int6_linear import int6_fake_quant_linear as qat_op
         except ImportError as exc:
-            raise RuntimeError(f"KERNELS=fused with QAT needs pgolf_kernels.int6_linear, which failed to import: {exc}") from exc
+            raise ConfigError(f"KERNELS=fused with QAT needs pgolf_kernels.int6_linear, which failed to import: {exc}") from exc
     return fused_linear_cross_entropy, qat_op
 
 
@@ -819,7 +819,7 @@ def main() -> None:
         if cfg.export_scheme != "int8+zlib":
             # Embeddings at 8 bits (they are the most sensitive); QAT-trained matrices on exactly the grid they
             # were trained on (amax clip, QAT_BITS); without QAT, the clip that minimises each row's error.
-            matrix_bits = cfg.qat_bits if cfg.qat_start_frac is not None else int(cfg.export_scheme[3])
+            matrix_bits = cfg.qat_bits if cfg.qat_start_frac is not None else int(cfg.export_scheme.split("+")[0][3:])
             export_kw = dict(bits={"tok_emb": 8, "lm_head": 8, "default": matrix_bits},
                              clip="amax" if cfg.qat_start_frac is not None else "search")
         try:
