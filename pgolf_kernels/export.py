@@ -5,8 +5,10 @@ File layout (all integers little-endian)::
     magic  b"PGOLFART"            8 bytes
     format version  uint32        4 bytes   (FORMAT_VERSION)
     metadata length uint32        4 bytes   (M)
-    sha256 of the metadata        32 bytes
-    metadata                      M bytes   UTF-8 JSON: scheme, compressor, per-tensor entries, payload sha256
+    sha256 of the stored metadata 32 bytes
+    metadata                      M bytes   zlib-compressed UTF-8 JSON: scheme, compressor, per-tensor
+                                            entries, payload sha256 (compressed: ~13 KB of JSON for the
+                                            baseline's 92 tensors would otherwise count toward the budget)
     payload                       the rest  one compressed stream of raw little-endian tensor bytes
 
 Loading never unpickles anything: the JSON says where each tensor's bytes sit in the decompressed payload and
@@ -18,8 +20,8 @@ Schemes (the ``scheme`` argument of `export_artifact`):
 * ``"int8+zlib"`` — the official exporter's rules, so sizes compare with its ``torch.save`` + zlib blob:
   float tensors with more than 65,536 elements are quantised with `quant.official_int8` (2-D: per row,
   99.99984th-percentile clip, fp16 scales; other ranks: one fp32 scale per tensor); smaller float tensors are
-  kept as fp16, except names containing a control pattern (`CONTROL_TENSOR_NAME_PATTERNS`), which stay
-  fp32; non-float tensors are stored as they are; zlib level 9.
+  kept as fp16, except names containing a control pattern (`CONTROL_TENSOR_NAME_PATTERNS`, or the
+  ``keep_fp32_patterns`` given), which stay fp32; non-float tensors are stored as they are; zlib level 9.
 * ``"int<N>+zstd"`` / ``"int<N>+brotli"`` (N in 2..8, e.g. ``"int6+zstd"``) — per-row N-bit codes from
   `quant.quantize_rows` with fp16 scales for 2-D float tensors of more than 65,536 elements; the other
   tensors follow the same keep-float rules as above (a large non-2-D float tensor is kept as fp16).
@@ -171,8 +173,6 @@ def _validate_bits(bits) -> None:
         quant.qmax(int(b))  # raises for anything outside 2..8
 
 
-def _is_control(name: str) -> bool:
-    return any(p in name for p in CONTROL_TENSOR_NAME_PATTERNS)
 
 
 # ------------------------------------------------------------------------------------------ encoding
@@ -226,18 +226,18 @@ class _Entry:
     data: Tensor | None = None  # for "raw": the stored tensor (possibly downcast)
 
 
-def _keep(name: str, t: Tensor) -> Tensor:
+def _keep(name: str, t: Tensor, fp32_patterns: tuple[str, ...]) -> Tensor:
     """The official keep-float rule for tensors that are not quantised."""
     if not t.is_floating_point():
         return t
-    if _is_control(name):
+    if any(p in name for p in fp32_patterns):
         return t.float()
     if t.dtype in (torch.float32, torch.bfloat16):
         return t.to(torch.float16)
     return t
 
 
-def _quantise(state_dict: Mapping[str, Tensor], sch: _Scheme, bits, clip: str) -> list[_Entry]:
+def _quantise(state_dict: Mapping[str, Tensor], sch: _Scheme, bits, clip: str, fp32_patterns) -> list[_Entry]:
     entries = []
     for name, tensor in state_dict.items():
         if not isinstance(tensor, Tensor):
@@ -253,7 +253,7 @@ def _quantise(state_dict: Mapping[str, Tensor], sch: _Scheme, bits, clip: str) -
             q, s = quant.quantize_rows(t, e.bits, clip)
             e.enc, e.codes, e.scale = "rows", q, s
         else:
-            e.data = _keep(name, t)
+            e.data = _keep(name, t, fp32_patterns)
         entries.append(e)
     return entries
 
@@ -315,7 +315,8 @@ def _decompress(payload: bytes, compressor: str, raw_len: int) -> bytes:
 def _assemble(meta: dict, payload: bytes) -> bytes:
     meta = dict(meta, payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
     mjson = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(mjson), hashlib.sha256(mjson).digest()) + mjson + payload
+    mz = zlib.compress(mjson, 9)
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(mz), hashlib.sha256(mz).digest()) + mz + payload
 
 
 def _check_byteorder():
@@ -323,7 +324,7 @@ def _check_byteorder():
         raise RuntimeError("pgolf artifacts store little-endian tensor bytes; this machine is big-endian")
 
 
-def _build(state_dict, scheme: str, bits, clip: str, compressor, codes: str) -> tuple[bytes, dict]:
+def _build(state_dict, scheme: str, bits, clip: str, compressor, codes: str, fp32_patterns=None) -> tuple[bytes, dict]:
     """The artifact bytes and a details dict, keeping the smallest of the candidate layouts/compressors."""
     _check_byteorder()
     sch = _parse_scheme(scheme)
@@ -345,7 +346,11 @@ def _build(state_dict, scheme: str, bits, clip: str, compressor, codes: str) -> 
         if codes not in ("auto",) + CODE_LAYOUTS:
             raise ValueError(f"unknown codes layout {codes!r}; expected 'auto', 'int8' or 'packed'")
         layouts, clip_name = (list(CODE_LAYOUTS) if codes == "auto" else [codes]), clip
-    entries = _quantise(state_dict, sch, bits, clip)
+    if fp32_patterns is None:
+        fp32_patterns = CONTROL_TENSOR_NAME_PATTERNS
+    elif isinstance(fp32_patterns, str):
+        raise TypeError("keep_fp32_patterns must be a sequence of name substrings, not one string")
+    entries = _quantise(state_dict, sch, bits, clip, tuple(p for p in fp32_patterns if p))
     best, candidates = None, {}
     for layout in layouts:
         metas, raw = _layout(entries, layout)
@@ -429,16 +434,19 @@ def export_artifact(
     code_files: Iterable = (),
     budget: int = DEFAULT_BUDGET,
     allow_over_budget: bool = False,
+    keep_fp32_patterns: Iterable[str] | None = None,
 ) -> ExportReport:
     """Quantise, compress and write `state_dict` to `path` (atomically); count `code_files` toward the budget.
 
     Raises ArtifactOverBudget (and writes nothing) when code + model bytes exceed `budget`, unless
     `allow_over_budget`. For ``int8+zlib`` the official rules fix bits, clip and compressor (``clip`` is
     not used). See the module docstring for `bits`, `clip`, `compressor` and `codes`.
+    `keep_fp32_patterns`: small float tensors whose name contains one of these stay fp32 (default: the
+    official CONTROL_TENSOR_NAME_PATTERNS; pass the run's list when it overrides that).
     """
     path = Path(path)
     breakdown = _code_breakdown(code_files)
-    blob, details = _build(state_dict, scheme, bits, clip, compressor, codes)
+    blob, details = _build(state_dict, scheme, bits, clip, compressor, codes, keep_fp32_patterns)
     code_bytes = sum(breakdown.values())
     total = len(blob) + code_bytes
     report = ExportReport(path, scheme, len(blob), code_bytes, breakdown, total, int(budget), details)
@@ -489,9 +497,13 @@ def _read(path: Path, payload: bool = True) -> tuple[dict, bytes]:
     mend = _HEADER.size + mlen
     if mend > len(blob):
         raise ArtifactError(path, f"truncated: metadata needs {mend} bytes, the file has {len(blob)}")
-    mjson = blob[_HEADER.size : mend]
-    if hashlib.sha256(mjson).digest() != msha:
+    mz = blob[_HEADER.size : mend]
+    if hashlib.sha256(mz).digest() != msha:
         raise ArtifactError(path, "metadata checksum mismatch (the file was altered or damaged)")
+    try:
+        mjson = zlib.decompress(mz)
+    except zlib.error as exc:
+        raise ArtifactError(path, f"metadata does not decompress ({exc})") from exc
     try:
         meta = json.loads(mjson.decode("utf-8"))
         want = meta["payload_bytes"], meta["payload_sha256"], meta["compressor"], meta["raw_bytes"], meta["tensors"]

@@ -207,6 +207,14 @@ def test_auto_choice_keeps_smallest_and_records_it(small_sd, tmp_path):
     assert "total" in rep.format_breakdown() and "packed+zstd" in rep.format_breakdown()
 
 
+def test_keep_fp32_patterns(small_sd, tmp_path):
+    path = tmp_path / "m.bin"
+    export_artifact(small_sd, path, "int8+zlib", keep_fp32_patterns=["small_w"])
+    got = load_artifact(path)
+    assert torch.equal(got["small_w"], small_sd["small_w"])  # kept fp32 by the given pattern
+    assert torch.equal(got["blocks.0.attn_scale"], small_sd["blocks.0.attn_scale"].half().float())  # no longer
+
+
 def test_export_is_deterministic(small_sd, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     export_artifact(small_sd, a, "int6+zstd", codes="int8")
@@ -274,11 +282,15 @@ def test_wrong_magic_and_version_refused(good_artifact, tmp_path):
 def test_bad_json_refused(tmp_path):
     import hashlib
 
-    mjson = b"{not json"
+    mjson = zlib.compress(b"{not json")
     blob = MAGIC + (1).to_bytes(4, "little") + len(mjson).to_bytes(4, "little") + hashlib.sha256(mjson).digest() + mjson
     p = _damaged(tmp_path, blob, "badjson.bin")
     with pytest.raises(ArtifactError, match="bad metadata JSON"):
         load_artifact(p)
+    mz = b"not zlib at all"
+    blob = MAGIC + (1).to_bytes(4, "little") + len(mz).to_bytes(4, "little") + hashlib.sha256(mz).digest() + mz
+    with pytest.raises(ArtifactError, match="metadata does not decompress"):
+        load_artifact(_damaged(tmp_path, blob, "badz.bin"))
 
 
 # ----------------------------------------------------------------------------------------------- budget and code
@@ -411,7 +423,7 @@ def main():
 
     sd = baseline_state_dict()
     n = sum(t.numel() for t in sd.values())
-    print(f"baseline-shaped state dict: {len(sd)} tensors, {n:,d} params (Student-t df5 weights, row scales)")
+    print(f"baseline-shaped state dict: {len(sd)} tensors, {n:,d} params (Student-t df10 weights, std 0.4, row scales)")
     t0 = time.time()
     official, _ = official_blob(sd)
     t1 = time.time()
