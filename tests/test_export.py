@@ -335,6 +335,32 @@ def test_code_files_for_run_lists_imported_modules(tmp_path):
         code_files_for_run(tmp_path / "missing.py")
 
 
+def test_code_files_include_csrc_when_extension_loaded(tmp_path, monkeypatch):
+    import types
+
+    import pgolf_kernels.export as export_mod
+
+    root = tmp_path / "repo"
+    (root / "pgolf_kernels").mkdir(parents=True)
+    (root / "csrc").mkdir()
+    (root / "csrc" / "ops.cu").write_text("// kernel\n")
+    (root / "csrc" / "bindings.cpp").write_text("// bindings\n")
+    (root / "csrc" / "notes.txt").write_text("not code\n")
+    (root / "setup.py").write_text("# build\n")
+    script = tmp_path / "train_gpt.py"
+    script.write_text("# script\n")
+    monkeypatch.setattr(export_mod, "_package_dir", lambda: root / "pgolf_kernels")
+    monkeypatch.delitem(sys.modules, "pgolf_kernels._C", raising=False)
+    assert not any(p.suffix == ".cu" for p in code_files_for_run(script))  # extension not loaded: no csrc
+    monkeypatch.setitem(sys.modules, "pgolf_kernels._C", types.ModuleType("pgolf_kernels._C"))
+    names = [p.name for p in code_files_for_run(script)]
+    assert {"ops.cu", "bindings.cpp", "setup.py"} <= set(names) and "notes.txt" not in names
+    for f in (root / "csrc").iterdir():
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="sources were not found"):
+        code_files_for_run(script)
+
+
 def test_bad_arguments_refused(small_sd, tmp_path):
     with pytest.raises(ValueError, match="unknown scheme"):
         export_artifact(small_sd, tmp_path / "x", "int9+zstd")
