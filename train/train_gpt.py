@@ -556,13 +556,14 @@ def main() -> None:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        # Flash attention only, as the official.
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        torch.backends.cuda.enable_flash_sdp(True)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        torch.backends.cuda.enable_math_sdp(False)
     else:
         device = torch.device("cpu")
+    # SDPA: the flash kernel only on CUDA (as the official), the plain math kernel on CPU. Despite their module
+    # name these switches are global, so they pick the CPU kernel too.
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_flash_sdp(device.type == "cuda")
+    torch.backends.cuda.enable_math_sdp(device.type != "cuda")
     if distributed:
         if cfg.device == "cuda":
             dist.init_process_group(backend="nccl", device_id=device)
