@@ -24,6 +24,7 @@ __all__ = [
     "dictd_to_blocks",
     "fortunes_to_blocks",
     "plain_to_text",
+    "bible_to_blocks",
     "tool_available",
     "maybe_gunzip",
 ]
@@ -77,10 +78,16 @@ _HTML_BLOCK_TAGS = frozenset(
     }
 )
 _HTML_CELL_TAGS = frozenset({"td", "th"})
-_BLOCK_BREAK = "\x00"  # marks a block boundary while collecting; turned into blank lines at the end
+_PRE_TAGS = frozenset({"pre", "listing", "xmp", "plaintext"})
+# Markers in the collected text (private-use code points, which documentation text does not contain): a block
+# boundary, turned into a blank line at the end; the start of a block whose whitespace is kept verbatim; and
+# <br>, the only line break outside <pre> (source newlines are plain whitespace).
+_BLOCK_BREAK = "\ue000"
+_PRE_MARK = "\ue001"
+_LINE_BREAK = "\ue002"
 
 
-def _html_dropped(element) -> bool:
+def _is_chrome(element) -> bool:
     classes = element.get("class")
     if classes and not _HTML_DROP_CLASSES.isdisjoint(classes.split()):
         return True
@@ -90,31 +97,22 @@ def _html_dropped(element) -> bool:
     return element.get("role") in ("navigation", "search", "banner", "contentinfo")
 
 
-_PRE_MARK = "\x01"  # starts a block whose whitespace is kept verbatim
-_LINE_BREAK = "\x02"  # <br>: the only line break outside <pre> (source newlines are plain whitespace)
-_PRE_TAGS = frozenset({"pre", "listing", "xmp", "plaintext"})
-
-
-def _html_collect(element, out: list[str]) -> None:
-    tag = element.tag if isinstance(element.tag, str) else ""
-    tag = tag.rpartition("}")[2].lower()  # XHTML elements carry a namespace
-    if tag in _PRE_TAGS:
-        out.append(_BLOCK_BREAK + _PRE_MARK + element.text_content() + _BLOCK_BREAK)
-        return
+def _html_collect(element, out: list[str], in_pre: bool) -> None:
+    """Append the text of `element` to `out`, with markers for blocks, <pre> and <br>; skips site chrome."""
+    tag = element.tag.lower() if isinstance(element.tag, str) else ""
+    starts_pre = not in_pre and tag in _PRE_TAGS
     if tag in _HTML_BLOCK_TAGS:
-        out.append(_BLOCK_BREAK)
+        out.append(_BLOCK_BREAK + _PRE_MARK if starts_pre else _BLOCK_BREAK)
     elif tag == "br":
         out.append(_LINE_BREAK)
     elif tag in _HTML_CELL_TAGS:
         out.append(" ")
-    if element.text and tag:
+    in_pre = in_pre or starts_pre
+    if element.text:
         out.append(element.text)
     for child in element:
-        if not isinstance(child.tag, str) or _html_dropped(child):  # comments, PIs, site chrome
-            if child.tail:
-                out.append(child.tail)
-            continue
-        _html_collect(child, out)
+        if isinstance(child.tag, str) and not _is_chrome(child):  # comments/PIs were removed by the parser
+            _html_collect(child, out, in_pre)
         if child.tail:
             out.append(child.tail)
     if tag in _HTML_BLOCK_TAGS:
@@ -124,23 +122,25 @@ def _html_collect(element, out: list[str]) -> None:
 def html_to_text(data: bytes) -> str:
     """Visible text of an HTML page, blocks separated by blank lines, <pre> kept verbatim."""
     import lxml.etree
-    import lxml.html
 
     if not data.strip():
         return ""
     try:
         data.decode("utf-8")
-        parser = lxml.html.HTMLParser(encoding="utf-8", remove_comments=True)
+        parser = lxml.etree.HTMLParser(encoding="utf-8", remove_comments=True, remove_pis=True)
     except UnicodeDecodeError:
-        parser = lxml.html.HTMLParser(remove_comments=True)  # let lxml use the page's own declaration
+        parser = lxml.etree.HTMLParser(remove_comments=True, remove_pis=True)  # the page's own declaration
+    # plain lxml.etree elements: lxml.html's element classes cost a Python lookup per element
     try:
-        root = lxml.html.document_fromstring(data, parser=parser)
-    except (lxml.etree.ParserError, ValueError):
+        root = lxml.etree.fromstring(data, parser)
+    except (lxml.etree.ParserError, lxml.etree.XMLSyntaxError, ValueError):
+        return ""
+    if root is None:
         return ""
     lxml.etree.strip_elements(root, *_HTML_DROP_TAGS, with_tail=False)
     body = root.find("body")
     pieces: list[str] = []
-    _html_collect(body if body is not None else root, pieces)
+    _html_collect(body if body is not None else root, pieces, False)
     blocks = []
     for block in "".join(pieces).split(_BLOCK_BREAK):
         if block.startswith(_PRE_MARK):
@@ -409,6 +409,21 @@ def fortunes_to_blocks(data: bytes) -> list[str]:
     if "".join(current).strip():
         blocks.append("\n".join(current).strip("\n"))
     return blocks
+
+
+def bible_to_blocks(program: str, data_path: str, timeout: float = 120.0) -> list[str]:
+    """Chapters of the King James Bible, decoded from bible-kjv-text's compressed bible.data by `bible`."""
+    proc = subprocess.run(
+        [program, "-p", os.path.dirname(data_path), "-d", os.path.basename(data_path), "Gen1:1-Rev22:21"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "101"},
+    )
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise RuntimeError(f"bible exited with {proc.returncode}: {proc.stderr.decode(errors='replace')[:200]}")
+    # pretty-printed output: "Book N" headings and verse paragraphs separated by blank lines
+    return [block for block in decode_text(proc.stdout).split("\n\n") if block.strip()]
 
 
 def plain_to_text(data: bytes) -> str:

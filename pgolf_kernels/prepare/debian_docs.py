@@ -150,22 +150,47 @@ def resolve_packages(requested: list[str], allow_update: bool = True) -> tuple[l
 
 
 def download_packages(packages: list[PackageInfo], deb_dir: Path) -> dict[str, Path]:
-    """`apt-get download` what is not cached yet; returns package name -> .deb path."""
+    """`apt-get download` what is not cached yet; returns package name -> .deb path.
+
+    One apt-get call for all packages (each call spends seconds loading apt's lists); a thread watches the
+    folder so the progress bar shows bytes arriving.
+    """
     deb_dir.mkdir(parents=True, exist_ok=True)
     wanted = [p for p in packages if not _cached_ok(deb_dir / p.deb_name, p.size)]
     if wanted:
-        total = sum(p.size for p in wanted)
-        _log(f"[debian-docs] downloading {len(wanted)} packages ({total / 1e6:.0f} MB) into {deb_dir}")
+        import threading
+
         from tqdm import tqdm
 
+        total = sum(p.size for p in wanted)
+        _log(f"[debian-docs] downloading {len(wanted)} packages ({total / 1e6:.0f} MB) into {deb_dir}")
+        before = {p.name: p.stat().st_size for p in deb_dir.iterdir() if p.is_file()}
+        done = threading.Event()
+
+        def arrived() -> int:
+            size = 0
+            for path in deb_dir.iterdir():
+                try:
+                    if path.is_file():
+                        size += max(0, path.stat().st_size - before.get(path.name, 0))
+                except FileNotFoundError:
+                    pass
+            return size
+
         with tqdm(total=total, unit="B", unit_scale=True, desc="download .deb", file=sys.stderr) as bar:
-            for package in wanted:  # one at a time so the progress bar moves and a failure names its package
-                proc = subprocess.run(
-                    ["apt-get", "download", "-q", package.name], cwd=deb_dir, capture_output=True, text=True
-                )
-                if proc.returncode != 0:
-                    _log(f"[debian-docs] apt-get download {package.name} failed: {proc.stderr.strip()[-300:]}")
-                bar.update(package.size)
+            def watch() -> None:
+                while not done.wait(0.5):
+                    bar.update(min(arrived(), total) - bar.n)
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            proc = subprocess.run(["apt-get", "download", "-q", *[p.name for p in wanted]],
+                                  cwd=deb_dir, capture_output=True, text=True)
+            done.set()
+            watcher.join()
+            bar.update(total - bar.n)
+        if proc.returncode != 0:
+            _log(f"[debian-docs] apt-get download reported: {proc.stderr.strip()[-500:]}")
     paths = {}
     for package in packages:
         path = deb_dir / package.deb_name
@@ -238,6 +263,8 @@ def classify_file(rel: str) -> str | None:
         if section_dir.startswith("man") and "." in name:  # English pages only: man/<lang>/manN is skipped
             return "man"
         return None
+    if name == "bible.data" and "lib" in parts:
+        return "bible"
     if "fortunes" in parts and "games" in parts:
         if "off" in parts or "." in name:  # offensive set, .dat indexes, .u8 links
             return None
@@ -267,13 +294,29 @@ class Task:
     package: str
     kind: str
     path: str  # absolute path of the file (for dictd: the .index)
+    helper: str = ""  # for "bible": the unpacked `bible` program that decodes bible.data
 
 
-def collect_tasks(roots: dict[str, Path]) -> tuple[list[Task], Counter]:
-    """Every convertible file of every package (symlinks skipped: they point at files already listed)."""
+# bible-kjv-text ships the King James text in its own compressed format; the `bible` program of the
+# bible-kjv package is its decoder. It is unpacked next to the data (no install) and run on it.
+BIBLE_DATA_PACKAGE = "bible-kjv-text"
+BIBLE_PROGRAM_PACKAGE = "bible-kjv"
+
+
+def collect_tasks(roots: dict[str, Path], helper_roots: dict[str, Path] | None = None) -> tuple[list[Task], Counter]:
+    """Every convertible file of every package (symlinks skipped: they point at files already listed).
+
+    `helper_roots` are unpacked packages that provide decoders (the `bible` program), not documents.
+    """
     tasks: list[Task] = []
     skipped: Counter = Counter()
+    helper_roots = helper_roots or {}
+    bible_program = ""
+    if BIBLE_PROGRAM_PACKAGE in helper_roots:
+        candidate = helper_roots[BIBLE_PROGRAM_PACKAGE] / "usr" / "bin" / "bible"
+        bible_program = str(candidate) if candidate.is_file() else ""
     for package, root in sorted(roots.items()):
+        package_tasks: list[Task] = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             for filename in sorted(filenames):
@@ -289,8 +332,52 @@ def collect_tasks(roots: dict[str, Path]) -> tuple[list[Task], Counter]:
                     stem = full[: -len(".index")]
                     if not (os.path.exists(stem + ".dict.dz") or os.path.exists(stem + ".dict")):
                         continue
-                tasks.append(Task(package, kind, full))
+                if kind == "bible":
+                    if not bible_program:
+                        skipped[(package, "bible.data without the bible program")] += 1
+                        continue
+                    package_tasks.append(Task(package, kind, full, bible_program))
+                    continue
+                package_tasks.append(Task(package, kind, full))
+        tasks.extend(_prefer_rendered_html(package_tasks, root, skipped))
     return tasks, skipped
+
+
+def _doc_key(rel_parts: tuple[str, ...], anchor: str, suffixes: tuple[str, ...]) -> str | None:
+    """The path below the last `anchor` folder, without its format suffix ("PCI/pci" for .../html/PCI/pci.html)."""
+    if anchor not in rel_parts[:-1]:
+        return None
+    index = len(rel_parts) - 1 - rel_parts[::-1].index(anchor)
+    tail = "/".join(rel_parts[index + 1 :])
+    for suffix in suffixes:
+        if tail.endswith(suffix):
+            return tail[: -len(suffix)]
+    return None
+
+
+def _prefer_rendered_html(tasks: list[Task], root: Path, skipped: Counter) -> list[Task]:
+    """Drop reST sources that the package also ships rendered by Sphinx (Documentation/x.rst <-> html/x.html).
+
+    The rendering resolves cross references and kernel-doc comments, and converting both would only feed the
+    near-duplicate filter; skipping the source saves most of the (slow, pure-Python) docutils time.
+    """
+    html_keys = set()
+    for task in tasks:
+        if task.kind == "html":
+            key = _doc_key(Path(task.path).relative_to(root).parts, "html", (".html", ".htm"))
+            if key:
+                html_keys.add(key)
+    if not html_keys:
+        return tasks
+    kept = []
+    for task in tasks:
+        if task.kind == "rst":
+            key = _doc_key(Path(task.path).relative_to(root).parts, "Documentation", (".rst.gz", ".rst", ".rst.txt"))
+            if key in html_keys:
+                skipped[(task.package, "rst rendered as html too")] += 1
+                continue
+        kept.append(task)
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,7 +397,9 @@ class Converted:
 def _convert_task(task: Task) -> Converted:
     result = Converted(task)
     try:
-        if task.kind == "dictd":
+        if task.kind == "bible":
+            output = convert.bible_to_blocks(task.helper, task.path)
+        elif task.kind == "dictd":
             stem = task.path[: -len(".index")]
             dict_path = stem + ".dict.dz" if os.path.exists(stem + ".dict.dz") else stem + ".dict"
             with open(task.path, "rb") as f_index, open(dict_path, "rb") as f_dict:
@@ -408,18 +497,22 @@ def build_debian_corpus(
 
     stats = DebianCorpusStats()
     t0 = time.perf_counter()
-    found, missing = resolve_packages(packages)
-    stats.packages_found = [p.name for p in found]
+    wants_bible = any(BIBLE_DATA_PACKAGE in entry.split("|") for entry in packages)
+    found, missing = resolve_packages(packages + ([BIBLE_PROGRAM_PACKAGE] if wants_bible else []))
+    helper_names = {BIBLE_PROGRAM_PACKAGE} if wants_bible else set()
+    stats.packages_found = [p.name for p in found if p.name not in helper_names]
     stats.packages_missing = missing
-    if not found:
+    if not stats.packages_found:
         raise RuntimeError(f"none of the packages {packages} is available from apt here")
     debs = download_packages(found, cache_dir / "debs")
     stats.deb_bytes = sum(p.stat().st_size for p in debs.values())
     stats.seconds["download"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    roots = unpack_packages(debs, cache_dir / "unpacked")
-    tasks, _skipped = collect_tasks(roots)
+    all_roots = unpack_packages(debs, cache_dir / "unpacked")
+    roots = {name: root for name, root in all_roots.items() if name not in helper_names}
+    helpers = {name: root for name, root in all_roots.items() if name in helper_names}
+    tasks, _skipped = collect_tasks(roots, helpers)
     unusable = _ensure_tools({t.kind for t in tasks})
     tasks = [t for t in tasks if t.kind not in unusable]
     for missing_format in ("ruby3.1-doc",):

@@ -52,7 +52,7 @@ def clean_text(text: str) -> str:
 _langid_classify = None
 
 
-def is_english(text: str, sample_chars: int = 2000) -> bool:
+def is_english(text: str, sample_chars: int = 1000) -> bool:
     """py3langid's verdict on a sample from the start and the middle of the text."""
     global _langid_classify
     if _langid_classify is None:
