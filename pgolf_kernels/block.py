@@ -376,7 +376,7 @@ def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, w_fc: Tensor, 
     b, t, d = x1.shape
     m, hid = b * t, w_fc.shape[0]
     g2, x2 = g.reshape(m, d), x1.reshape(m, d)
-    cfg = kn._blocks("row_gemm")
+    cfg = kn._blocks("row_gemm_act_bwd")
     n_ht = hid // kn._pick(hid, cfg["BN"])
     cpart = kn.alloc((n_ht, m), device=g.device, dtype=torch.float32)
     dpre = kn.alloc_like(pre)

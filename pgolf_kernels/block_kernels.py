@@ -47,15 +47,20 @@ def alloc_like(t: torch.Tensor) -> torch.Tensor:
 
 def _blocks(kind: str) -> dict:
     """Tile sizes. Interpreter: small tiles so tests cover several tiles and row masks on tiny shapes.
-    GPU: chosen for H100 at d=512 (unmeasured this session; tune with bench/bench_block.py)."""
+    GPU (H100): the largest tiles that compile for sm_90 with wgmma and without register spills (checked
+    offline with ptxas -v for d=512, 8/4 heads); their speed is unmeasured (tune with bench/bench_block.py)."""
     if _INTERPRET:
         return {"row_gemm": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
+                "row_gemm_act_bwd": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
                 "attn_in": dict(BM=32, BK=64, num_warps=4, num_stages=1),
                 "attn_epi": dict(BM=32, num_warps=4),
+                "attn_dx": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
                 "wgrad": dict(BN=64, BK=64, BM=32, num_warps=4, num_stages=1)}[kind]
     return {"row_gemm": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
-            "attn_in": dict(BM=128, BK=64, num_warps=8, num_stages=3),
-            "attn_epi": dict(BM=64, num_warps=4),
+            "row_gemm_act_bwd": dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=4),
+            "attn_in": dict(BM=128, BK=32, num_warps=8, num_stages=3),
+            "attn_epi": dict(BM=32, num_warps=8),
+            "attn_dx": dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3),
             "wgrad": dict(BN=128, BK=128, BM=64, num_warps=8, num_stages=3)}[kind]
 
 
@@ -193,7 +198,7 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
                      M, N, K, eps,
                      A_COL_SCALE: tl.constexpr, A_ACT: tl.constexpr, SUMSQ: tl.constexpr,
                      EPI: tl.constexpr, STORE_ACT: tl.constexpr, STORE_STATS: tl.constexpr,
-                     ACT: tl.constexpr, NT_P2: tl.constexpr,
+                     ACT: tl.constexpr, NT_P2: tl.constexpr, A_4D: tl.constexpr, O_4D: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # column tile fastest: programs sharing an A row tile run together (A read from HBM once, W stays in L2)
     pid_n = tl.program_id(0)
@@ -203,12 +208,19 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     mmask = rm < M
-    a_row = (rm // a_T) * a_s0 + (rm % a_T) * a_s1
+    # 4-D addressing only where a tensor needs it (its per-element offsets cost registers)
+    if A_4D:
+        a_row = (rm // a_T) * a_s0 + (rm % a_T) * a_s1
+    else:
+        a_row = rm * K
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     sumsq = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
-        a_col = (kk // a_HD) * a_s2 + (kk % a_HD) * a_s3
+        if A_4D:
+            a_col = (kk // a_HD) * a_s2 + (kk % a_HD) * a_s3
+        else:
+            a_col = kk
         a = tl.load(a_ptr + a_row[:, None] + a_col[None, :], mask=mmask[:, None], other=0.0)
         if SUMSQ:
             af = a.to(tl.float32)
@@ -219,7 +231,6 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
             a = _act_fwd(a.to(tl.float32), ACT).to(CDT)
         w = tl.load(w_ptr + rn[None, :] * w_sn + kk[:, None] * w_sk).to(CDT)
         acc = tl.dot(a.to(CDT), w, acc)
-    o_off = ((rm // o_T) * o_s0 + (rm % o_T) * o_s1)[:, None] + ((rn // o_HD) * o_s2 + (rn % o_HD) * o_s3)[None, :]
     flat = rm[:, None] * N + rn[None, :]  # contiguous [M, N] side inputs
     if EPI == 0:
         out = acc
@@ -245,7 +256,11 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
         xv = tl.load(res_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
         gv = tl.load(g_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
         out = gv + r[:, None] * (acc - xv * (r * csum / N)[:, None])
-    tl.store(out_ptr + o_off, out.to(CDT), mask=mmask[:, None])
+    if O_4D:
+        o_off = ((rm // o_T) * o_s0 + (rm % o_T) * o_s1)[:, None] + ((rn // o_HD) * o_s2 + (rn % o_HD) * o_s3)[None, :]
+        tl.store(out_ptr + o_off, out.to(CDT), mask=mmask[:, None])
+    else:
+        tl.store(out_ptr + flat, out.to(CDT), mask=mmask[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,14 +388,17 @@ def _wgrad_kernel(a_ptr, a_sm,
                   out_ptr, rs_ptr, nscale_ptr, w_ptr, dscale_ptr,
                   M, N, K, m_per_split,
                   A_ROW_SCALE: tl.constexpr, B_ACT: tl.constexpr, ACT: tl.constexpr, OUT_SCALE: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
+                  B_4D: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)
     CDT = a_ptr.dtype.element_ty
     rn = pid_n * BN + tl.arange(0, BN)
     rk = pid_k * BK + tl.arange(0, BK)
-    b_col = (rk // b_HD) * b_s2 + (rk % b_HD) * b_s3
+    if B_4D:
+        b_col = (rk // b_HD) * b_s2 + (rk % b_HD) * b_s3
+    else:
+        b_col = rk
     m_lo = pid_s * m_per_split
     m_hi = tl.minimum(m_lo + m_per_split, M)
     acc = tl.zeros((BN, BK), dtype=tl.float32)
@@ -390,8 +408,11 @@ def _wgrad_kernel(a_ptr, a_sm,
         a = tl.load(a_ptr + rm[:, None] * a_sm + rn[None, :], mask=mmask[:, None], other=0.0)
         if A_ROW_SCALE:
             a = (a.to(tl.float32) * tl.load(rs_ptr + rm, mask=mmask, other=0.0)[:, None]).to(CDT)
-        b = tl.load(b_ptr + ((rm // b_T) * b_s0 + (rm % b_T) * b_s1)[:, None] + b_col[None, :],
-                    mask=mmask[:, None], other=0.0)
+        if B_4D:
+            b_row = (rm // b_T) * b_s0 + (rm % b_T) * b_s1
+        else:
+            b_row = rm * K
+        b = tl.load(b_ptr + b_row[:, None] + b_col[None, :], mask=mmask[:, None], other=0.0)
         if B_ACT:
             b = _act_fwd(b.to(tl.float32), ACT)
         acc = tl.dot(tl.trans(a.to(CDT)), b.to(CDT), acc)
@@ -428,9 +449,16 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _flat4(t: torch.Tensor, T: int, HD: int) -> tuple:
-    """(T, s0, s1, HD, s2, s3) addressing for a [B, T, heads, HD] tensor read as [B*T, heads*HD]."""
+    """(T, s0, s1, HD, s2, s3) addressing for a [B, T, heads, HD] tensor read as [B*T, heads*HD]
+    (the plain 2-D addressing when its memory already is that row-major matrix)."""
+    if t.is_contiguous():
+        return _plain(t.shape[2] * t.shape[3])
     s = t.stride()
     return (T, s[0], s[1], HD, s[2], s[3])
+
+
+def _plain(n: int) -> tuple:
+    return (1, n, 0, n, 0, 1)
 
 
 def _flat2(t: torch.Tensor) -> tuple:
@@ -466,7 +494,7 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
 def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, acol=None, nvec=None, res=None,
              rowvec=None, c=None, c_nt=1, g=None, a_act=False, sumsq=False, store_act=False, store_stats=False,
              act=0):
-    cfg = _blocks("row_gemm")
+    cfg = _blocks("row_gemm_act_bwd" if epi == EPI_ACT_BWD else "row_gemm")
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])
     dummy = out
@@ -479,6 +507,7 @@ def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, acol=None, 
         M, N, K, RMS_EPS,
         A_COL_SCALE=acol is not None, A_ACT=a_act, SUMSQ=sumsq, EPI=epi, STORE_ACT=store_act,
         STORE_STATS=store_stats, ACT=act, NT_P2=max(1, triton.next_power_of_2(c_nt)),
+        A_4D=tuple(a_addr) != _plain(K), O_4D=tuple(o_addr) != _plain(N),
         BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
@@ -501,6 +530,7 @@ def wgrad(a, b, b_addr, M, N, K, *, rowscale=None, b_act=False, act=0, nscale=No
         nscale if nscale is not None else out, w if w is not None else out, dscale,
         M, N, K, m_per,
         A_ROW_SCALE=rowscale is not None, B_ACT=b_act, ACT=act, OUT_SCALE=nscale is not None,
+        B_4D=tuple(b_addr) != _plain(K),
         BN=BN, BK=BK, BM=BM, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     dw = out[0] if split == 1 else out.sum(0)
     ds = dscale.sum((0, 1)) if nscale is not None else None
@@ -524,7 +554,7 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
                                       q, k, v, q_gain, cos, sin, head_rstd, dqkv, cvec, dgain_part,
                                       M, T, RMS_EPS, H=H, KVH=KVH, HD=HD, RD=rope_dims, BM=ecfg["BM"],
                                       num_warps=ecfg["num_warps"])
-    cfg = _blocks("row_gemm")
+    cfg = _blocks("attn_dx")
     BN = _pick(D, cfg["BN"])
     BK = _pick(KVH * HD, cfg["BK"])
     n_rt = triton.cdiv(M, cfg["BM"])

@@ -206,13 +206,15 @@ def test_attn_in_piece(H, KVH, hd, rope_dims):
 
 
 @needs_triton_cpu
-def test_attn_out_piece_with_strided_input():
+@pytest.mark.parametrize("strided", [True, False])
+def test_attn_out_piece(strided):
     from pgolf_kernels import block as blk
     torch.manual_seed(20)
     B, T, H, hd = 2, 45, 2, 64
     D = H * hd
-    # y as SDPA returns it: [B, H, T, hd] memory seen through a [B, T, H, hd] transposed view
-    y = torch.randn(B, H, T, hd).transpose(1, 2).requires_grad_()
+    # strided: y as [B, H, T, hd] memory seen through a [B, T, H, hd] transposed view (4-D addressing);
+    # contiguous: y already row-major [B*T, D] (plain addressing)
+    y = (torch.randn(B, H, T, hd).transpose(1, 2) if strided else torch.randn(B, T, H, hd)).requires_grad_()
     xm = torch.randn(B, T, D, requires_grad=True)
     wp = (torch.randn(D, D) / D ** 0.5).requires_grad_()
     s = (0.5 + torch.rand(D)).requires_grad_()
