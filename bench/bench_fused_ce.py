@@ -13,8 +13,8 @@ matched the fp32 oracle (reference on the same bf16-rounded operands) in this ru
 relative, gradients within 2e-2 relative Frobenius error (eager/compile keep bf16 logits, hence the
 looser bound than the unit tests).
 
---sweep adds a table of kernel launch configurations (forward kernel alone, ms) and of the gradient
-strategies (chunk_rows) for fused, printed to stdout and stored in the JSON under "sweep".
+--sweep adds rows for fused with other chunk sizes and with a bf16 weight, and the cuBLAS floor (the three
+products alone) and the CE kernel alone, printed to stdout and stored in the JSON under "sweep".
 
 Usage: python bench/bench_fused_ce.py --out bench/results [--cases N65536_d512_V1024,...] [--sweep]
 """
@@ -138,67 +138,37 @@ def inputs(N, d, V, seed=0):
     return h, w, y
 
 
-def sweep(N, d, V, log, eval_too=False):
-    """Forward-kernel launch configs (ms of the Triton forward with dlogits), then gradient strategies."""
+def sweep(N, d, V, log):
+    """fused with other chunk sizes and with a bf16 weight, plus the cuBLAS floor of the three products."""
     import triton.testing
 
     h, w, y = inputs(N, d, V)
-    hb = h.detach()
-    wb = w.detach().to(torch.bfloat16)
-    nll = torch.empty(N, device="cuda", dtype=torch.float32)
-    grad = torch.empty(N, V, device="cuda", dtype=torch.bfloat16)
-    # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages, FLAT); all checked offline to fit sm_90 shared memory
-    configs = [
-        (128, 128, 64, 8, 3, False), (128, 128, 64, 8, 3, True), (128, 128, 64, 8, 4, False),
-        (128, 128, 64, 4, 3, False), (64, 128, 64, 4, 3, False), (64, 128, 64, 4, 4, True),
-        (64, 256, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (128, 256, 32, 8, 4, False),
-        (128, 128, 128, 8, 2, False), (128, 64, 64, 4, 4, True), (256, 128, 64, 8, 3, False),
-        (128, 128, 32, 8, 5, True), (64, 128, 128, 4, 3, False), (128, 256, 64, 8, 2, True),
-        (256, 64, 64, 8, 3, False),
-    ]
-    rows = []
-    saved = dict(flce_mod.KERNEL_CONFIG_OVERRIDE)
-    for bn, bv, bk, nw, ns, flat in configs:
-        cfg = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=nw, num_stages=ns, FLAT=flat)
-        flce_mod.KERNEL_CONFIG_OVERRIDE.clear()
-        flce_mod.KERNEL_CONFIG_OVERRIDE.update(cfg)
-        row = dict(case=case_name(N, d, V), **cfg)
-        try:
-            fwd_g = lambda: flce_mod._launch_forward(hb, wb, y, nll, grad, SOFTCAP, -100)  # noqa: E731
-            fwd_e = lambda: flce_mod._launch_forward(hb, wb, y, nll, None, SOFTCAP, -100)  # noqa: E731
-            fwd_g()
-            torch.cuda.synchronize()
-            row["fwd_grad_ms"] = round(triton.testing.do_bench(fwd_g, warmup=10, rep=60, return_mode="median"), 4)
-            if eval_too:
-                row["fwd_eval_ms"] = round(triton.testing.do_bench(fwd_e, warmup=10, rep=60,
-                                                                   return_mode="median"), 4)
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:80]}"
-        rows.append(row)
-        log(json.dumps(row))
-    flce_mod.KERNEL_CONFIG_OVERRIDE.clear()
-    flce_mod.KERNEL_CONFIG_OVERRIDE.update(saved)
-    # The cuBLAS floor of the backward: dH = dlogits @ W and dW = dlogitsᵀ @ h (fp32 out), and the logits
-    # matmul for scale.
-    mm_row = dict(case=case_name(N, d, V), part="cublas")
-    mm_row["dH_ms"] = round(triton.testing.do_bench(lambda: torch.mm(grad, wb), return_mode="median"), 4)
-    mm_row["dW_f32out_ms"] = round(triton.testing.do_bench(lambda: flce_mod._mm_f32(grad.t(), hb),
-                                                           return_mode="median"), 4)
-    mm_row["logits_ms"] = round(triton.testing.do_bench(lambda: torch.mm(hb, wb.t()), return_mode="median"), 4)
-    rows.append(mm_row)
-    log(json.dumps(mm_row))
-    del grad
     ref = oracle(h, w, y)
-    strat = []
-    for chunk in (0, 8192, 16384, 32768):
+    rows = []
+    for chunk in (4096, 8192, 16384):
         for wdt in ("fp32", "bf16"):
             ww = w if wdt == "fp32" else w.detach().to(torch.bfloat16).requires_grad_()
             fn = lambda a, b, c, ch=chunk: fused_linear_cross_entropy(a, b, c, SOFTCAP, "mean", chunk_rows=ch)  # noqa
             r = measure(fn, h, ww, y, ref)
+            r = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
             r.update(case=case_name(N, d, V), chunk_rows=chunk, weight_dtype=wdt)
-            strat.append(r)
+            rows.append(r)
             log(json.dumps(r))
-    return rows, strat
+    hb = h.detach()
+    wb = w.detach().to(torch.bfloat16)
+    logits = torch.mm(hb, wb.t())
+    mm_row = dict(case=case_name(N, d, V), part="cublas_floor")
+    mm_row["logits_ms"] = round(triton.testing.do_bench(lambda: torch.mm(hb, wb.t()), return_mode="median"), 4)
+    mm_row["dH_ms"] = round(triton.testing.do_bench(lambda: torch.mm(logits, wb), return_mode="median"), 4)
+    mm_row["dW_f32out_ms"] = round(triton.testing.do_bench(lambda: flce_mod._mm_f32(logits.t(), hb),
+                                                           return_mode="median"), 4)
+    nll = torch.empty(N, device="cuda")
+    scale = torch.ones((), device="cuda")
+    mm_row["ce_kernel_ms"] = round(triton.testing.do_bench(
+        lambda: flce_mod._ce_rows(logits, y, nll, scale, SOFTCAP, -100), return_mode="median"), 4)
+    rows.append(mm_row)
+    log(json.dumps(mm_row))
+    return rows
 
 
 def plot(rows, path):
@@ -245,15 +215,12 @@ def main():
     wanted = args.impls.split(",")
     impls = {k: v for k, v in make_impls("liger" in wanted).items() if k in wanted}
     extra = {"softcap": SOFTCAP, "h_dtype": "bfloat16", "weight_dtype": "float32",
-             "fused_kernel_config": {k: v for k, v in flce_mod._kernel_config(65536, 1024, 512, torch.bfloat16).items()},
-             "fused_auto_stored_scratch_limit_bytes": flce_mod.STORED_SCRATCH_LIMIT_BYTES}
+             "fused_chunk_rows": flce_mod.DEFAULT_CHUNK_ROWS}
     if args.sweep:
-        cfg_rows, strat_rows = [], []
+        sweep_rows = []
         for c in args.sweep_cases.split(","):
-            a, b = sweep(*parse_case(c), log)
-            cfg_rows += a
-            strat_rows += b
-        extra["sweep"] = {"kernel_configs": cfg_rows, "strategies": strat_rows}
+            sweep_rows += sweep(*parse_case(c), log)
+        extra["sweep"] = sweep_rows
         gc.collect()
         torch.cuda.empty_cache()
 

@@ -133,7 +133,7 @@ def _cpu_cases(n=52, seed=1234):
         V = rng.choice([17, 32, 33, 64, 100, 129, 200])
         softcap = rng.choice([30.0, 5.0, None, 0.0])
         reduction = ["mean", "sum", "none"][i % 3]
-        chunk = 0 if reduction == "none" else rng.choice([None, 0, 16, 24])
+        chunk = rng.choice([None, 8, 16, 24, 64])
         t_dtype = rng.choice([torch.int64, torch.int32])
         cases.append((N, d, V, softcap, reduction, chunk, t_dtype))
     return cases
@@ -152,6 +152,25 @@ def test_cpu_random_shapes_match_reference(N, d, V, softcap, reduction, chunk, t
         assert got[0].dtype == torch.float32 and got[0].shape == (N,)
         ignored = y == -100
         assert (got[0][ignored] == 0).all()
+
+
+@needs_kernel_cpu
+@pytest.mark.parametrize("softcap", [30.0, None])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_two_sweep_path_and_split_dw(monkeypatch, softcap, reduction):
+    """Rows longer than one program's register tile (the two-sweep CE path, several vocabulary tiles) and
+    the batched split of the dW product, shrunk so they run on interpreter-sized shapes."""
+    from pgolf_kernels import fused_linear_cross_entropy as mod
+
+    monkeypatch.setattr(mod, "_CE_ELEMS_PER_PROGRAM", 32)
+    monkeypatch.setattr(mod, "_CE_LOOP_BLOCK_V", 32)
+    monkeypatch.setattr(mod, "_DW_MIN_ROWS_PER_SPLIT", 4)
+    assert mod._dw_splits(100, 32, 32) == 8
+    h, w, y = _make(64, 32, 100, torch.float32, torch.float32, "cpu")
+    up = torch.rand(64) + 0.5 if reduction == "none" else None
+    with poisoned_allocations():
+        got = _run(fused_linear_cross_entropy, h, w, y, softcap, reduction, upstream=up, chunk_rows=32)
+    _check_fp32(got, _run(reference_linear_cross_entropy, h, w, y, softcap, reduction, upstream=up))
 
 
 @needs_kernel_cpu
@@ -238,8 +257,8 @@ def test_cpu_opcheck_custom_ops():
     from pgolf_kernels import fused_linear_cross_entropy as mod
 
     h, w, y = _make(20, 32, 40, torch.float32, torch.float32, "cpu")
-    for reduction, chunk in (("mean", 0), ("sum", 8), ("none", 0)):
-        args = (h.detach().requires_grad_(), w.detach().requires_grad_(), y, 30.0, -100, reduction, True, chunk)
+    for reduction, chunk in (("mean", 64), ("sum", 8), ("none", 16)):
+        args = (h.detach().requires_grad_(), w.detach().requires_grad_(), y, 30.0, -100, reduction, True, True, chunk)
         torch.library.opcheck(mod._flce_forward_op, args,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -303,7 +322,7 @@ def _gpu_cases(n=14, seed=99):
         d = rng.choice([128, 384, 512, 768, 2048])
         V = rng.choice([256, 1000, 1024, 4096, 5001, 8192])
         out.append((N, d, V, rng.choice([30.0, None, 15.0]), ["mean", "sum", "none"][i % 3],
-                    rng.choice([None, 0, 256]), rng.choice([torch.bfloat16, torch.float16]),
+                    rng.choice([None, 256, 1000]), rng.choice([torch.bfloat16, torch.float16]),
                     rng.choice([torch.float32, "same"])))
     return out
 
@@ -315,8 +334,7 @@ def test_gpu_lowp_random_shapes(N, d, V, softcap, reduction, chunk, h_dtype, w_d
     h, w, y = _make(N, d, V, h_dtype, w_dtype, "cuda")
     up = (torch.rand(N, device="cuda") + 0.5) if reduction == "none" else torch.tensor(1.3, device="cuda")
     with poisoned_allocations():
-        got = _run(fused_linear_cross_entropy, h, w, y, softcap, reduction, upstream=up,
-                   chunk_rows=0 if reduction == "none" else chunk)
+        got = _run(fused_linear_cross_entropy, h, w, y, softcap, reduction, upstream=up, chunk_rows=chunk)
     _check_lowp(got, _lowp_reference(h, w, y, softcap, reduction, upstream=up))
     # Against the exact oracle (fp32 weight): only the weight's rounding to bf16/fp16 separates them.
     exact = reference_linear_cross_entropy(h, w, y, softcap, reduction).detach()
@@ -327,7 +345,7 @@ def test_gpu_lowp_random_shapes(N, d, V, softcap, reduction, chunk, h_dtype, w_d
 @pytest.mark.parametrize("N,d,V", [(65536, 512, 1024), (20000, 512, 8192), (3000, 256, 65536), (777, 2048, 50257)])
 def test_gpu_big_shapes(N, d, V):
     h, w, y = _make(N, d, V, torch.bfloat16, torch.float32, "cuda")
-    for chunk in (0, 4096):
+    for chunk in (None, 4096):
         got = _run(fused_linear_cross_entropy, h, w, y, 30.0, "mean", chunk_rows=chunk)
         _check_lowp(got, _lowp_reference(h, w, y, 30.0, "mean"))
 
