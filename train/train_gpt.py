@@ -210,6 +210,11 @@ class Config:
             f"QAT_START_FRAC={self.qat_start_frac} must be in [0, 1] (unset = QAT off)",
         )
         need(2 <= self.qat_bits <= 8, f"QAT_BITS={self.qat_bits} must be in 2..8")
+        need(
+            self.qat_start_frac is None or self.export_scheme != "int8+zlib",
+            "QAT_START_FRAC is set but EXPORT_SCHEME=int8+zlib: QAT trains on the per-row amax grid that the intN "
+            "exporter writes, not on the official int8 percentile rule; use EXPORT_SCHEME=int6+zstd",
+        )
         need(self.artifact_budget_bytes > 0, f"ARTIFACT_BUDGET_BYTES={self.artifact_budget_bytes} must be positive")
         need(self.tokenizer_path.endswith(".model"), f"TOKENIZER_PATH={self.tokenizer_path} is not a SentencePiece .model file")
         need(
