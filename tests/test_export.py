@@ -207,6 +207,14 @@ def test_auto_choice_keeps_smallest_and_records_it(small_sd, tmp_path):
     assert "total" in rep.format_breakdown() and "packed+zstd" in rep.format_breakdown()
 
 
+@pytest.mark.parametrize("scheme", ["int8+zlib", "int6+zstd"])
+def test_odd_tensors_round_trip(tmp_path, scheme):
+    sd = {"empty": torch.empty(0, 5), "mask": torch.tensor([True, False, True]), "i32": torch.arange(7, dtype=torch.int32),
+          "h": torch.randn(3).half(), "scalar": torch.tensor(2.5), "u8": torch.arange(5, dtype=torch.uint8)}
+    export_artifact(sd, tmp_path / "m.bin", scheme)
+    _assert_same(load_artifact(tmp_path / "m.bin"), sd)  # all exactly representable: fp16 2.5, fp16 kept as is
+
+
 def test_keep_fp32_patterns(small_sd, tmp_path):
     path = tmp_path / "m.bin"
     export_artifact(small_sd, path, "int8+zlib", keep_fp32_patterns=["small_w"])
