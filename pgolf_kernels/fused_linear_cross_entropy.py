@@ -293,7 +293,10 @@ def _bmm_f32(a: Tensor, b: Tensor) -> Tensor:
     if a.dtype == torch.float32:
         return torch.bmm(a, b)
     if a.is_cuda:
-        return torch.bmm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without bmm(out_dtype=): one fp32-output mm per piece
+            return torch.stack([_mm_f32(a[i], b[i]) for i in range(a.shape[0])])
     return torch.bmm(a.float(), b.float())
 
 
