@@ -57,8 +57,14 @@ def row_clip(w: Tensor, bits: int, rule: str = "amax") -> Tensor:
 
 
 def scale_from_clip(clip: Tensor, bits: int) -> Tensor:
-    """fp16 per-row scale for a clip (the value stored in the artifact)."""
-    return (clip.float() / qmax(bits)).clamp_min(MIN_SCALE).to(torch.float16)
+    """fp16 per-row scale for a clip (the value stored in the artifact): fp16(max(clip / qmax, MIN_SCALE)) with
+    a correctly rounded fp32 division.
+
+    The divisor is a tensor on purpose: for a Python-number divisor PyTorch's CUDA kernel multiplies by the
+    reciprocal instead, which is off by an ulp now and then and can flip the fp16 rounding of a scale, so the
+    same weights would get different scales on a GPU than on the CPU (seen for int4 on an H100)."""
+    c = clip.float()
+    return (c / torch.full_like(c, float(qmax(bits)))).clamp_min(MIN_SCALE).to(torch.float16)
 
 
 def quantize_with_scale(w: Tensor, scale_f16: Tensor, bits: int) -> Tensor:
