@@ -5,7 +5,6 @@ import gzip
 import hashlib
 import http.server
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -582,3 +581,18 @@ def _tiny_tokenizer(tmp_path: Path, vocab: int) -> Path:
     path = tmp_path / "tok" / f"fineweb_{vocab}_bpe.model"
     train_tokenizer(docs, vocab, path, quiet=True)
     return path
+
+
+def test_works_without_tqdm(tmp_path, monkeypatch):
+    """The GPU machine may lack tqdm: progress bars degrade to silent stand-ins."""
+    import sys
+
+    from pgolf_kernels.prepare.progress import progress
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` raise ImportError
+    with progress(total=10, desc="x") as bar:
+        bar.update(3)
+        assert bar.n == 3
+    assert list(progress([1, 2], desc="y")) == [1, 2]
+    write_archive(tmp_path / "a.jsonl.xz", ["one doc"])
+    assert read_archive(tmp_path / "a.jsonl.xz") == ["one doc"]

@@ -9,10 +9,11 @@ import gzip
 import json
 import lzma
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from .progress import progress
 
 __all__ = ["write_archive", "iter_archive", "read_archive", "open_text"]
 
@@ -49,10 +50,8 @@ def write_archive(path: str | os.PathLike, documents: Iterable[str], preset: int
             handle = gzip.open(tmp, "wb", compresslevel=9)
         else:
             handle = open(tmp, "wb")
-        from tqdm import tqdm
-
-        with handle, tqdm(total=total_chars, unit="char", unit_scale=True, desc=f"write {path.name}",
-                          disable=not show_progress, file=sys.stderr) as bar:
+        with handle, progress(total=total_chars, unit="char", unit_scale=True, desc=f"write {path.name}",
+                          disable=not show_progress) as bar:
             for doc in docs:
                 line = (json.dumps({"text": doc}, ensure_ascii=False) + "\n").encode("utf-8")
                 raw_bytes += len(line)

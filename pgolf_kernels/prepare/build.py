@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .progress import progress
 from ..shards import HEADER_BYTES, TOKENS_PER_SHARD, read_shard, write_shard
 
 __all__ = [
@@ -92,8 +93,6 @@ def tokenize_to_shards(
     shorter). Returns counts and the shard list for the manifest.
     """
     import sentencepiece as spm
-    from tqdm import tqdm
-
     if shard_tokens <= 0:
         raise ValueError(f"shard size must be positive, got {shard_tokens}")
     processor = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
@@ -136,7 +135,7 @@ def tokenize_to_shards(
 
     total_chars = sum(len(d) for d in documents)
     started = time.perf_counter()
-    with tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenize", file=sys.stderr) as bar:
+    with progress(total=total_chars, unit="char", unit_scale=True, desc="tokenize") as bar:
         index = 0
         while index < len(documents):
             end, chars = index, 0

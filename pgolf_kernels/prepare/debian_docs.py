@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from . import convert
+from .progress import progress
 from .documents import (
     MIN_DOC_CHARS,
     PIECE_CHARS,
@@ -160,8 +161,6 @@ def download_packages(packages: list[PackageInfo], deb_dir: Path) -> dict[str, P
     if wanted:
         import threading
 
-        from tqdm import tqdm
-
         total = sum(p.size for p in wanted)
         _log(f"[debian-docs] downloading {len(wanted)} packages ({total / 1e6:.0f} MB) into {deb_dir}")
         before = {p.name: p.stat().st_size for p in deb_dir.iterdir() if p.is_file()}
@@ -177,7 +176,7 @@ def download_packages(packages: list[PackageInfo], deb_dir: Path) -> dict[str, P
                     pass
             return size
 
-        with tqdm(total=total, unit="B", unit_scale=True, desc="download .deb", file=sys.stderr) as bar:
+        with progress(total=total, unit="B", unit_scale=True, desc="download .deb") as bar:
             def watch() -> None:
                 while not done.wait(0.5):
                     bar.update(min(arrived(), total) - bar.n)
@@ -210,10 +209,8 @@ def unpack_packages(debs: dict[str, Path], unpack_dir: Path) -> dict[str, Path]:
     if shutil.which("dpkg-deb") is None:
         raise RuntimeError("dpkg-deb is needed to unpack .deb files (package dpkg)")
     unpack_dir.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
-
     roots = {}
-    for name, deb in tqdm(sorted(debs.items()), desc="unpack .deb", unit="pkg", file=sys.stderr):
+    for name, deb in progress(sorted(debs.items()), desc="unpack .deb", unit="pkg"):
         root = unpack_dir / deb.stem
         if not (root / ".unpacked").is_file():
             tmp = Path(tempfile.mkdtemp(prefix=f".{deb.stem}.", dir=unpack_dir))
@@ -493,8 +490,6 @@ def build_debian_corpus(
     workers: int | None = None,
 ) -> tuple[list[str], DebianCorpusStats]:
     """Documents (deduplicated, English, shuffled by `seed`) from the given Debian packages."""
-    from tqdm import tqdm
-
     stats = DebianCorpusStats()
     t0 = time.perf_counter()
     wants_bible = any(BIBLE_DATA_PACKAGE in entry.split("|") for entry in packages)
@@ -530,7 +525,7 @@ def build_debian_corpus(
     budget_bytes = max_bytes if max_bytes else None
     workers = workers or max(1, os.cpu_count() or 1)
     context = multiprocessing.get_context("fork") if hasattr(os, "fork") else multiprocessing.get_context()
-    bar = tqdm(total=len(order), desc="convert docs", unit="file", file=sys.stderr)
+    bar = progress(total=len(order), desc="convert docs", unit="file")
     pool = context.Pool(workers)
     try:
         for result in pool.imap(_convert_task, order, chunksize=4):

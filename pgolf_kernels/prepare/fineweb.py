@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from ..shards import read_shard
+from .progress import progress
 
 __all__ = ["DEFAULT_REPO_ID", "DEFAULT_REMOTE_ROOT", "download_fineweb", "local_path_for_remote"]
 
@@ -72,8 +72,6 @@ def download_fineweb(
     variant: str | None = None,
 ) -> dict:
     """Fetch the val shards, `train_shards` train shards and the tokenizer; returns what is now local."""
-    from tqdm import tqdm
-
     variant = variant or f"sp{vocab_size}"
     if variant == "byte260":
         dataset_name = "fineweb10B_byte260"
@@ -105,7 +103,7 @@ def download_fineweb(
     names = [f"fineweb_val_{i:06d}.bin" for i in range(val_shards)]
     names += [f"fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     shard_paths = []
-    for name in tqdm(names, desc=f"download {dataset_name}", unit="shard", file=sys.stderr):
+    for name in progress(names, desc=f"download {dataset_name}", unit="shard"):
         shard_paths.append(_fetch(out, repo_id, remote_root, f"{dataset_prefix}/{name}", endpoint))
     tokenizer_paths = [_fetch(out, repo_id, remote_root, f"{prefix}{p}", endpoint) for p in tokenizer_files]
 
