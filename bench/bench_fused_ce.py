@@ -16,7 +16,9 @@ looser bound than the unit tests).
 --sweep adds rows for fused with other chunk sizes and with a bf16 weight, and the cuBLAS floor (the three
 products alone) and the CE kernel alone, printed to stdout and stored in the JSON under "sweep".
 
-Usage: python bench/bench_fused_ce.py --out bench/results [--cases N65536_d512_V1024,...] [--sweep]
+--profile adds torch.profiler's per-kernel CUDA time of fused steps at the first case (JSON "profile").
+
+Usage: python bench/bench_fused_ce.py --out bench/results [--cases N65536_d512_V1024,...] [--sweep] [--profile]
 """
 from __future__ import annotations
 
@@ -179,6 +181,42 @@ def sweep(N, d, V, log):
     return rows
 
 
+def profile_fused(N, d, V, log, steps=5):
+    """Where a fused forward+backward spends its time: CUDA time per kernel over `steps` steps, and the
+    host time of one step (if the host is slower than the GPU, the do_bench median measures the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    h, w, y = inputs(N, d, V)
+
+    def step():
+        h.grad = None
+        w.grad = None
+        fused_linear_cross_entropy(h, w, y, SOFTCAP, "mean").backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host_ms = (time.perf_counter() - t) * 1e3 / steps  # enqueue time (no sync inside the loop)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    log(f"host enqueue ms per step: {host_ms:.3f}\n{table}")
+    rows = []
+    for e in prof.key_averages():
+        cuda_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if cuda_us:
+            rows.append({"name": e.key[:80], "cuda_ms_per_step": round(cuda_us / 1e3 / steps, 4),
+                         "calls_per_step": e.count / steps})
+    rows.sort(key=lambda r: -r["cuda_ms_per_step"])
+    return {"case": case_name(N, d, V), "host_enqueue_ms_per_step": round(host_ms, 4), "kernels": rows[:20]}
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -214,6 +252,8 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-cases", default="N65536_d512_V1024")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="print torch.profiler's per-kernel CUDA time of 5 fused steps at the first case")
     args = ap.parse_args()
     t0 = time.time()
 
@@ -268,6 +308,11 @@ def main():
         log(f"wrote {[str(p) for p in paths]}")
 
     write()  # the main table first, so a failing sweep cannot lose it
+    if args.profile:
+        try:
+            extra["profile"] = profile_fused(*parse_case(args.cases.split(",")[0]), log)
+        except Exception as exc:
+            log(f"profile failed: {type(exc).__name__}: {str(exc)[:200]}")
     if args.sweep:
         sweep_rows = []
         for c in args.sweep_cases.split(","):

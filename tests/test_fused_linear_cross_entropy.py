@@ -7,11 +7,16 @@ inductor and determinism are the `gpu` tests.
 Tolerances (stated once, used everywhere below):
 * fp32 (interpreter or GPU with TF32 off): loss/NLL within 1e-4 relative + 1e-4 absolute; gradients within
   1e-4 relative to the largest reference entry (max-abs) — fp32 sums in a different order.
-* bf16 / fp16 h (GPU): the reference is computed in fp32 from the *same* rounded operands (h and the weight
-  rounded to h's dtype), so only accumulation order and the bf16/fp16 storage of dlogits and of the
-  gradients differ: NLL within 2e-3 absolute + 2e-3 relative; gradients within 1e-2 relative Frobenius
-  error and max-abs error 2e-2 of the largest reference entry (bf16 keeps 8 bits). A second, looser check
-  against the exact fp32-weight oracle bounds the loss error from rounding the weight.
+* bf16 / fp16 h (GPU): the kernel's logits come out of cuBLAS in h's dtype, so the reference is computed in
+  fp32 from the *same* rounded operands (h, the weight rounded to h's dtype, and the logits rounded to h's
+  dtype, with an identity gradient through each rounding); only accumulation order and the bf16/fp16
+  storage of dlogits and of the gradients differ: reduced loss within 2e-3 absolute + 2e-3 relative;
+  per-token NLL the same for all but 0.1% of rows and within 0.15 for those (a logit sitting on a rounding
+  boundary may round the other way under another summation order); gradients within 1e-2 relative
+  Frobenius error and max-abs error 2e-2 of the largest reference entry (bf16 keeps 8 bits).
+  A second check against the exact fp32 oracle bounds the error of those roundings: per-token NLL
+  within 0.15 absolute (a bf16 logit near the cap of 30 is off by up to 1/16, and the NLL takes two of
+  them), reduced losses within 3e-2 relative.
 Every check also asserts that the outputs are finite, so a NaN can never pass.
 """
 from __future__ import annotations
@@ -40,6 +45,7 @@ gpu = pytest.mark.gpu
 FP32_RTOL = 1e-4
 FP32_ATOL = 1e-4
 LOWP_NLL_TOL = 2e-3
+LOWP_ROUNDING_FLIP = 0.15
 LOWP_GRAD_REL_FRO = 1e-2
 LOWP_GRAD_MAX_REL = 2e-2
 
@@ -112,7 +118,16 @@ def _check_lowp(got, ref):
     rloss, rgh, rgw = ref
     _assert_finite(loss, gh, gw)
     assert gh.dtype == rgh.dtype and gw.dtype == rgw.dtype
-    torch.testing.assert_close(loss.float(), rloss.float(), rtol=LOWP_NLL_TOL, atol=LOWP_NLL_TOL)
+    if loss.ndim == 0:
+        torch.testing.assert_close(loss.float(), rloss.float(), rtol=LOWP_NLL_TOL, atol=LOWP_NLL_TOL)
+    else:
+        # Per token: cuBLAS and the oracle sum in different orders, so a logit that lies within ~1e-6 of a
+        # bf16/fp16 rounding boundary can round the other way (one ulp, ≤ 1/8 near the cap); a handful of
+        # rows may move by that much, every other row must agree to LOWP_NLL_TOL.
+        diff = (loss.float() - rloss.float()).abs()
+        within = diff <= LOWP_NLL_TOL + LOWP_NLL_TOL * rloss.float().abs()
+        assert diff.max().item() <= LOWP_ROUNDING_FLIP, f"NLL max diff {diff.max().item()}"
+        assert (~within).float().mean().item() <= 1e-3, f"{int((~within).sum())} of {diff.numel()} NLL rows off"
     for a, b in ((gh, rgh), (gw, rgw)):
         a, b = a.float(), b.float()
         fro = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -158,14 +173,12 @@ def test_cpu_random_shapes_match_reference(N, d, V, softcap, reduction, chunk, t
 @pytest.mark.parametrize("softcap", [30.0, None])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_cpu_two_sweep_path_and_split_dw(monkeypatch, softcap, reduction):
-    """Rows longer than one program's register tile (the two-sweep CE path, several vocabulary tiles) and
-    the batched split of the dW product, shrunk so they run on interpreter-sized shapes."""
+    """Rows longer than the single-read limit (the two-sweep CE path over several vocabulary tiles), shrunk
+    so it runs on interpreter-sized shapes."""
     from pgolf_kernels import fused_linear_cross_entropy as mod
 
-    monkeypatch.setattr(mod, "_CE_ELEMS_PER_PROGRAM", 32)
+    monkeypatch.setattr(mod, "_CE_MAX_SINGLE_V", 32)
     monkeypatch.setattr(mod, "_CE_LOOP_BLOCK_V", 32)
-    monkeypatch.setattr(mod, "_DW_MIN_ROWS_PER_SPLIT", 4)
-    assert mod._dw_splits(100, 32, 32) == 8
     h, w, y = _make(64, 32, 100, torch.float32, torch.float32, "cpu")
     up = torch.rand(64) + 0.5 if reduction == "none" else None
     with poisoned_allocations():
@@ -307,8 +320,14 @@ def _lowp_reference(h, w, y, softcap, reduction, upstream=None, ignore_index=-10
     Gradients come back in h's and w's own dtypes."""
     hh = h.detach().clone().requires_grad_()
     ww = w.detach().clone().requires_grad_()
-    w_r = ww + (ww.detach().to(h.dtype).to(ww.dtype) - ww.detach())  # forward = rounded, grad = identity
-    loss = reference_linear_cross_entropy(hh, w_r, y, softcap, reduction, ignore_index)
+
+    def rounded(t, dtype):  # forward = t rounded to dtype, gradient = identity
+        return t + (t.detach().to(dtype).to(t.dtype) - t.detach())
+
+    logits = rounded(hh.float() @ rounded(ww, h.dtype).float().t(), h.dtype)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, y.long(), ignore_index=ignore_index, reduction=reduction)
     up = upstream if upstream is not None else torch.ones_like(loss)
     gh, gw = torch.autograd.grad(loss, (hh, ww), up)
     return loss.detach(), gh, gw
@@ -336,9 +355,12 @@ def test_gpu_lowp_random_shapes(N, d, V, softcap, reduction, chunk, h_dtype, w_d
     with poisoned_allocations():
         got = _run(fused_linear_cross_entropy, h, w, y, softcap, reduction, upstream=up, chunk_rows=chunk)
     _check_lowp(got, _lowp_reference(h, w, y, softcap, reduction, upstream=up))
-    # Against the exact oracle (fp32 weight): only the weight's rounding to bf16/fp16 separates them.
+    # Against the exact oracle (fp32 weight and logits): only the roundings to bf16/fp16 separate them.
     exact = reference_linear_cross_entropy(h, w, y, softcap, reduction).detach()
-    torch.testing.assert_close(got[0].float(), exact.float(), rtol=3e-2, atol=3e-2)
+    if reduction == "none":
+        torch.testing.assert_close(got[0].float(), exact.float(), rtol=0.0, atol=LOWP_ROUNDING_FLIP)
+    else:
+        torch.testing.assert_close(got[0].float(), exact.float(), rtol=3e-2, atol=3e-2)
 
 
 @gpu
