@@ -216,21 +216,41 @@ def _kernels():
     return block_kernels
 
 
+@torch.library.custom_op("pgolf::block_prep_weights", mutates_args=())
+def _prep_op(wq: Tensor, wk: Tensor, wv: Tensor, wp: Tensor, w_fc: Tensor, w_proj: Tensor, attn_scale: Tensor,
+             mlp_scale: Tensor, dtype: torch.dtype, with_scaled: bool) -> list[Tensor]:
+    """Activation-dtype copies [wq, wk, wv, wp, w_fc, w_proj] (+ [attn_scale * wp, mlp_scale * w_proj] row-scaled
+    for backward when with_scaled), one launch. Not differentiable: gradients go to the fp32 weights."""
+    items = [(wq, None), (wk, None), (wv, None), (wp, None), (w_fc, None), (w_proj, None)]
+    if with_scaled:
+        items += [(wp, attn_scale), (w_proj, mlp_scale)]
+    return _kernels().prep_weights(items, dtype)
+
+
+@_prep_op.register_fake
+def _(wq, wk, wv, wp, w_fc, w_proj, attn_scale, mlp_scale, dtype, with_scaled):
+    ws = [wq, wk, wv, wp, w_fc, w_proj] + ([wp, w_proj] if with_scaled else [])
+    return [torch.empty_like(w, dtype=dtype) for w in ws]
+
+
 @torch.library.custom_op("pgolf::block_attn_in", mutates_args=())
-def _attn_in_op(x: Tensor, x0: Tensor, resid_mix: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, q_gain: Tensor,
-                cos: Tensor, sin: Tensor, num_heads: int, num_kv_heads: int, rope_dims: int,
+def _attn_in_op(x: Tensor, x0: Tensor, resid_mix: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wq_c: Tensor,
+                wk_c: Tensor, wv_c: Tensor, q_gain: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
+                num_kv_heads: int, rope_dims: int,
                 store_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """wq/wk/wv: fp32 masters (gradients land there); wq_c/wk_c/wv_c: their activation-dtype copies (used)."""
     b, t, d = x.shape
     hd = wq.shape[0] // num_heads
     xm, q, k, v, rstd, hrstd = _kernels().attn_in_fwd(
-        x.reshape(b * t, d), x0.reshape(b * t, d), resid_mix, wq, wk, wv, q_gain, cos, sin, t,
+        x.reshape(b * t, d), x0.reshape(b * t, d), resid_mix, wq_c, wk_c, wv_c, q_gain, cos, sin, t,
         num_heads, num_kv_heads, rope_dims, store_stats)
     return (xm.view(b, t, d), q.view(b, t, num_heads, hd), k.view(b, t, num_kv_heads, hd),
             v.view(b, t, num_kv_heads, hd), rstd, hrstd)
 
 
 @_attn_in_op.register_fake
-def _(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, num_heads, num_kv_heads, rope_dims, store_stats):
+def _(x, x0, resid_mix, wq, wk, wv, wq_c, wk_c, wv_c, q_gain, cos, sin, num_heads, num_kv_heads, rope_dims,
+      store_stats):
     b, t, d = x.shape
     hd = wq.shape[0] // num_heads
     m = b * t if store_stats else 0
@@ -242,120 +262,129 @@ def _(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, num_heads, num_kv_heads, r
 @torch.library.custom_op("pgolf::block_attn_in_bwd", mutates_args=())
 def _attn_in_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, g_xm: Tensor, q: Tensor, k: Tensor, v: Tensor,
                     q_gain: Tensor, cos: Tensor, sin: Tensor, head_rstd: Tensor, x: Tensor, x0: Tensor,
-                    resid_mix: Tensor, xm: Tensor, rstd: Tensor, wq: Tensor, wk: Tensor, wv: Tensor,
+                    resid_mix: Tensor, xm: Tensor, rstd: Tensor, wq_c: Tensor, wk_c: Tensor, wv_c: Tensor,
                     rope_dims: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     b, t, d = x.shape
     h, kvh = q.shape[2], k.shape[2]
     dx, dx0, dmix, dw, dgain = _kernels().attn_in_bwd(
         dq, dk, dv, g_xm.reshape(b * t, d), q.reshape(b * t, -1), k.reshape(b * t, -1), v.reshape(b * t, -1),
         q_gain, cos, sin, head_rstd, x.reshape(b * t, d), x0.reshape(b * t, d), resid_mix, xm.reshape(b * t, d),
-        rstd, wq, wk, wv, t, h, kvh, rope_dims)
+        rstd, wq_c, wk_c, wv_c, t, h, kvh, rope_dims)
     return dx.view(b, t, d), dx0.view(b, t, d), dmix, dw, dgain
 
 
 @_attn_in_bwd_op.register_fake
-def _(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, resid_mix, xm, rstd, wq, wk, wv, rope_dims):
-    n = wq.shape[0] + wk.shape[0] + wv.shape[0]
-    return (torch.empty_like(x), torch.empty_like(x0), torch.empty_like(resid_mix),
-            wq.new_empty(n, wq.shape[1]), torch.empty_like(q_gain))
+def _(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, resid_mix, xm, rstd, wq_c, wk_c, wv_c,
+      rope_dims):
+    n = wq_c.shape[0] + wk_c.shape[0] + wv_c.shape[0]
+    return (torch.empty_like(x), torch.empty_like(x0), torch.empty_like(resid_mix, dtype=torch.float32),
+            wq_c.new_empty(n, wq_c.shape[1], dtype=torch.float32), torch.empty_like(q_gain, dtype=torch.float32))
 
 
 def _attn_in_setup(ctx, inputs, output):
-    x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, _, _, rope_dims, store_stats = inputs
+    x, x0, resid_mix, wq, wk, wv, wq_c, wk_c, wv_c, q_gain, cos, sin, _, _, rope_dims, store_stats = inputs
     xm, q, k, v, rstd, hrstd = output
     ctx.rope_dims = rope_dims
     ctx.store_stats = store_stats
-    ctx.save_for_backward(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, xm, q, k, v, rstd, hrstd)
+    ctx.w_dtypes = (wq.dtype, wk.dtype, wv.dtype)
+    ctx.save_for_backward(x, x0, resid_mix, wq_c, wk_c, wv_c, q_gain, cos, sin, xm, q, k, v, rstd, hrstd)
 
 
 def _attn_in_backward(ctx, g_xm, g_q, g_k, g_v, _g_rstd, _g_hrstd):
     if not ctx.store_stats:
         raise RuntimeError("the fused attention input ran with store_stats=False (eval path); it has no backward")
-    x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, xm, q, k, v, rstd, hrstd = ctx.saved_tensors
+    x, x0, resid_mix, wq_c, wk_c, wv_c, q_gain, cos, sin, xm, q, k, v, rstd, hrstd = ctx.saved_tensors
     g_xm = torch.zeros_like(xm) if g_xm is None else g_xm.contiguous()
     g_q = torch.zeros_like(q) if g_q is None else g_q
     g_k = torch.zeros_like(k) if g_k is None else g_k
     g_v = torch.zeros_like(v) if g_v is None else g_v
     dx, dx0, dmix, dw, dgain = _attn_in_bwd_op(g_q, g_k, g_v, g_xm, q, k, v, q_gain, cos, sin, hrstd, x, x0,
-                                               resid_mix, xm, rstd, wq, wk, wv, ctx.rope_dims)
-    nq, nk = wq.shape[0], wk.shape[0]
+                                               resid_mix, xm, rstd, wq_c, wk_c, wv_c, ctx.rope_dims)
+    nq, nk = wq_c.shape[0], wk_c.shape[0]
+    dtq, dtk, dtv = ctx.w_dtypes
     # kernels accumulate parameter gradients in fp32; match the parameters' dtype (no-op for fp32 params)
-    return (dx, dx0, dmix.to(resid_mix.dtype), dw[:nq].to(wq.dtype), dw[nq:nq + nk].to(wk.dtype),
-            dw[nq + nk:].to(wv.dtype), dgain.to(q_gain.dtype), None, None, None, None, None, None)
+    return (dx, dx0, dmix.to(resid_mix.dtype), dw[:nq].to(dtq), dw[nq:nq + nk].to(dtk), dw[nq + nk:].to(dtv),
+            None, None, None, dgain.to(q_gain.dtype), None, None, None, None, None, None)
 
 
 _attn_in_op.register_autograd(_attn_in_backward, setup_context=_attn_in_setup)
 
 
 @torch.library.custom_op("pgolf::block_attn_out", mutates_args=())
-def _attn_out_op(y: Tensor, xm: Tensor, wp: Tensor, attn_scale: Tensor) -> Tensor:
-    """y: [B, T, H, HD] (SDPA's output, transposed view); returns xm + attn_scale * (y @ wp^T)."""
+def _attn_out_op(y: Tensor, xm: Tensor, wp: Tensor, wp_c: Tensor, wp_scaled_c: Tensor, attn_scale: Tensor) -> Tensor:
+    """y: [B, T, H, HD] (SDPA's output, transposed view); returns xm + attn_scale * (y @ wp^T).
+    wp_c: activation-dtype copy of wp; wp_scaled_c: of attn_scale[:, None] * wp (used by backward)."""
     kn = _kernels()
     b, t, h, hd = y.shape
     d = xm.shape[-1]
     m = b * t
     out = kn.alloc_like(xm)
-    kn.row_gemm(y, kn._flat4(y, t, hd), wp, wp.stride(0), 1, m, d, h * hd, out, kn._flat2(out.view(m, d)),
+    kn.row_gemm(y, kn._flat4(y, t, hd), wp_c, wp_c.stride(0), 1, m, d, h * hd, out, kn._flat2(out.view(m, d)),
                 epi=kn.EPI_RESIDUAL, nvec=attn_scale, res=xm)
     return out
 
 
 @_attn_out_op.register_fake
-def _(y, xm, wp, attn_scale):
+def _(y, xm, wp, wp_c, wp_scaled_c, attn_scale):
     return torch.empty_like(xm)
 
 
 @torch.library.custom_op("pgolf::block_attn_out_bwd", mutates_args=())
-def _attn_out_bwd_op(g: Tensor, y: Tensor, wp: Tensor, attn_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _attn_out_bwd_op(g: Tensor, y: Tensor, wp: Tensor, wp_scaled_c: Tensor,
+                     attn_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     kn = _kernels()
     b, t, h, hd = y.shape
     d = g.shape[-1]
     m = b * t
     g2 = g.reshape(m, d)
     dy = kn.alloc_like(y)  # same strides as y: SDPA's backward gets dO laid out like O
-    kn.row_gemm(g2, kn._flat2(g2), wp, 1, wp.stride(0), m, h * hd, d, dy, kn._flat4(dy, t, hd),
-                epi=kn.EPI_STORE, acol=attn_scale)
+    # dy = (g * attn_scale) @ wp = g @ (attn_scale[:, None] * wp)
+    kn.row_gemm(g2, kn._flat2(g2), wp_scaled_c, 1, wp_scaled_c.stride(0), m, h * hd, d, dy, kn._flat4(dy, t, hd),
+                epi=kn.EPI_STORE)
     dwp, dscale = kn.wgrad(g2, y, kn._flat4(y, t, hd), m, d, h * hd, nscale=attn_scale, w=wp)
     return dy, dwp, dscale
 
 
 @_attn_out_bwd_op.register_fake
-def _(g, y, wp, attn_scale):
-    return torch.empty_like(y), torch.empty_like(wp), torch.empty_like(attn_scale)
+def _(g, y, wp, wp_scaled_c, attn_scale):
+    return (torch.empty_like(y), torch.empty_like(wp, dtype=torch.float32),
+            torch.empty_like(attn_scale, dtype=torch.float32))
 
 
 def _attn_out_setup(ctx, inputs, output):
-    y, xm, wp, attn_scale = inputs
-    ctx.save_for_backward(y, wp, attn_scale)
+    y, xm, wp, wp_c, wp_scaled_c, attn_scale = inputs
+    ctx.save_for_backward(y, wp, wp_scaled_c, attn_scale)
 
 
 def _attn_out_backward(ctx, g):
-    y, wp, attn_scale = ctx.saved_tensors
+    y, wp, wp_scaled_c, attn_scale = ctx.saved_tensors
     g = g.contiguous()
-    dy, dwp, dscale = _attn_out_bwd_op(g, y, wp, attn_scale)
-    return dy, g, dwp.to(wp.dtype), dscale.to(attn_scale.dtype)  # d(xm) is the incoming gradient (residual)
+    dy, dwp, dscale = _attn_out_bwd_op(g, y, wp, wp_scaled_c, attn_scale)
+    # d(xm) is the incoming gradient itself (residual)
+    return dy, g, dwp.to(wp.dtype), None, None, dscale.to(attn_scale.dtype)
 
 
 _attn_out_op.register_autograd(_attn_out_backward, setup_context=_attn_out_setup)
 
 
 @torch.library.custom_op("pgolf::block_mlp", mutates_args=())
-def _mlp_op(x1: Tensor, w_fc: Tensor, w_proj: Tensor, mlp_scale: Tensor, act: int,
-            store_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """out = x1 + mlp_scale * (act(rms_norm(x1) @ w_fc^T) @ w_proj^T); also returns pre and rstd (training)."""
+def _mlp_op(x1: Tensor, w_fc: Tensor, w_proj: Tensor, w_fc_c: Tensor, w_proj_c: Tensor, w_proj_scaled_c: Tensor,
+            mlp_scale: Tensor, act: int, store_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """out = x1 + mlp_scale * (act(rms_norm(x1) @ w_fc^T) @ w_proj^T); also returns pre and rstd (training).
+    *_c: activation-dtype copies (w_proj_scaled_c = mlp_scale[:, None] * w_proj, used by backward)."""
     kn = _kernels()
     b, t, d = x1.shape
     m, hid = b * t, w_fc.shape[0]
     x2 = x1.reshape(m, d)
     pre = kn.alloc((m, hid), device=x1.device, dtype=x1.dtype)
     rstd = kn.alloc((m if store_stats else 0,), device=x1.device, dtype=torch.float32)
-    kn.row_gemm(x2, kn._flat2(x2), w_fc, w_fc.stride(0), 1, m, hid, d, pre, kn._flat2(pre),
+    kn.row_gemm(x2, kn._flat2(x2), w_fc_c, w_fc_c.stride(0), 1, m, hid, d, pre, kn._flat2(pre),
                 epi=kn.EPI_MLP_UP, sumsq=True, rowvec=rstd, store_stats=store_stats, store_act=not store_stats,
                 act=act)
     out = kn.alloc_like(x1)
     # training: pre holds the pre-activation, the down matmul applies act while loading it;
     # eval: pre already holds act(pre)
-    kn.row_gemm(pre, kn._flat2(pre), w_proj, w_proj.stride(0), 1, m, d, hid, out, kn._flat2(out.view(m, d)),
+    kn.row_gemm(pre, kn._flat2(pre), w_proj_c, w_proj_c.stride(0), 1, m, d, hid, out, kn._flat2(out.view(m, d)),
                 epi=kn.EPI_RESIDUAL, nvec=mlp_scale, res=x2, a_act=store_stats, act=act)
     if not store_stats:
         pre = x1.new_empty(0, hid)
@@ -363,54 +392,58 @@ def _mlp_op(x1: Tensor, w_fc: Tensor, w_proj: Tensor, mlp_scale: Tensor, act: in
 
 
 @_mlp_op.register_fake
-def _(x1, w_fc, w_proj, mlp_scale, act, store_stats):
+def _(x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store_stats):
     b, t, d = x1.shape
     m = b * t if store_stats else 0
     return torch.empty_like(x1), x1.new_empty(m, w_fc.shape[0]), x1.new_empty(m, dtype=torch.float32)
 
 
 @torch.library.custom_op("pgolf::block_mlp_bwd", mutates_args=())
-def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, w_fc: Tensor, w_proj: Tensor,
-                mlp_scale: Tensor, act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, w_fc_c: Tensor, w_proj: Tensor,
+                w_proj_scaled_c: Tensor, mlp_scale: Tensor, act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kn = _kernels()
     b, t, d = x1.shape
-    m, hid = b * t, w_fc.shape[0]
+    m, hid = b * t, w_fc_c.shape[0]
     g2, x2 = g.reshape(m, d), x1.reshape(m, d)
     cfg = kn._blocks("row_gemm_act_bwd")
     n_ht = hid // kn._pick(hid, cfg["BN"])
     cpart = kn.alloc((n_ht, m), device=g.device, dtype=torch.float32)
     dpre = kn.alloc_like(pre)
-    # dPre = ((g * mlp_scale) @ w_proj) * act'(pre); row partials of sum(dPre * pre) for the norm backward
-    kn.row_gemm(g2, kn._flat2(g2), w_proj, 1, w_proj.stride(0), m, hid, d, dpre, kn._flat2(dpre),
-                epi=kn.EPI_ACT_BWD, acol=mlp_scale, res=pre, c=cpart, act=act)
+    # dPre = (g @ (mlp_scale * w_proj)) * act'(pre), stored times rstd; row partials of sum(dPre * pre)
+    kn.row_gemm(g2, kn._flat2(g2), w_proj_scaled_c, 1, w_proj_scaled_c.stride(0), m, hid, d, dpre, kn._flat2(dpre),
+                epi=kn.EPI_ACT_BWD, res=pre, rowvec=rstd, c=cpart, act=act)
     dw_proj, dscale = kn.wgrad(g2, pre, kn._flat2(pre), m, d, hid, b_act=True, act=act, nscale=mlp_scale,
                                w=w_proj)
-    dw_fc, _ = kn.wgrad(dpre, x2, kn._flat2(x2), m, hid, d, rowscale=rstd)
+    dw_fc, _ = kn.wgrad(dpre, x2, kn._flat2(x2), m, hid, d)
     dx1 = kn.alloc_like(x1)
-    kn.row_gemm(dpre, kn._flat2(dpre), w_fc, 1, w_fc.stride(0), m, d, hid, dx1, kn._flat2(dx1.view(m, d)),
+    kn.row_gemm(dpre, kn._flat2(dpre), w_fc_c, 1, w_fc_c.stride(0), m, d, hid, dx1, kn._flat2(dx1.view(m, d)),
                 epi=kn.EPI_NORM_BWD, res=x2, rowvec=rstd, c=cpart, c_nt=n_ht, g=g2)
     return dx1, dw_fc, dw_proj, dscale
 
 
 @_mlp_bwd_op.register_fake
-def _(g, x1, pre, rstd, w_fc, w_proj, mlp_scale, act):
-    return torch.empty_like(x1), torch.empty_like(w_fc), torch.empty_like(w_proj), torch.empty_like(mlp_scale)
+def _(g, x1, pre, rstd, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale, act):
+    return (torch.empty_like(x1), torch.empty_like(w_fc_c, dtype=torch.float32),
+            torch.empty_like(w_proj, dtype=torch.float32), torch.empty_like(mlp_scale, dtype=torch.float32))
 
 
 def _mlp_setup(ctx, inputs, output):
-    x1, w_fc, w_proj, mlp_scale, act, store_stats = inputs
+    x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store_stats = inputs
     _, pre, rstd = output
     ctx.act = act
     ctx.store_stats = store_stats
-    ctx.save_for_backward(x1, pre, rstd, w_fc, w_proj, mlp_scale)
+    ctx.w_fc_dtype = w_fc.dtype
+    ctx.save_for_backward(x1, pre, rstd, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale)
 
 
 def _mlp_backward(ctx, g, _g_pre, _g_rstd):
     if not ctx.store_stats:
         raise RuntimeError("the fused MLP ran with store_stats=False (eval path); it has no backward")
-    x1, pre, rstd, w_fc, w_proj, mlp_scale = ctx.saved_tensors
-    dx1, dw_fc, dw_proj, dscale = _mlp_bwd_op(g.contiguous(), x1, pre, rstd, w_fc, w_proj, mlp_scale, ctx.act)
-    return dx1, dw_fc.to(w_fc.dtype), dw_proj.to(w_proj.dtype), dscale.to(mlp_scale.dtype), None, None
+    x1, pre, rstd, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale = ctx.saved_tensors
+    dx1, dw_fc, dw_proj, dscale = _mlp_bwd_op(g.contiguous(), x1, pre, rstd, w_fc_c, w_proj, w_proj_scaled_c,
+                                              mlp_scale, ctx.act)
+    return (dx1, dw_fc.to(ctx.w_fc_dtype), dw_proj.to(w_proj.dtype), None, None, None, dscale.to(mlp_scale.dtype),
+            None, None)
 
 
 _mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
@@ -453,10 +486,15 @@ class FusedBlock(ReferenceBlock):
         train = torch.is_grad_enabled() and (x.requires_grad or x0.requires_grad
                                              or any(p.requires_grad for p in self.parameters()))
         cos, sin = self._rope(t, x.device)
-        a = self.attn
-        xm, q, k, v, _, _ = _attn_in_op(x.contiguous(), x0.contiguous(), self.resid_mix, a.c_q.weight,
-                                        a.c_k.weight, a.c_v.weight, a.q_gain, cos, sin, cfg.num_heads,
-                                        cfg.num_kv_heads, cfg.rope_dims, train)
+        a, mlp = self.attn, self.mlp
+        wq, wk, wv, wp, w_fc, w_proj = (a.c_q.weight, a.c_k.weight, a.c_v.weight, a.proj.weight, mlp.fc.weight,
+                                        mlp.proj.weight)
+        w_c = _prep_op(wq.detach(), wk.detach(), wv.detach(), wp.detach(), w_fc.detach(), w_proj.detach(),
+                       self.attn_scale.detach(), self.mlp_scale.detach(), x.dtype, train)
+        wp_scaled_c, w_proj_scaled_c = (w_c[6], w_c[7]) if train else (w_c[3], w_c[5])
+        xm, q, k, v, _, _ = _attn_in_op(x.contiguous(), x0.contiguous(), self.resid_mix, wq, wk, wv, w_c[0], w_c[1],
+                                        w_c[2], a.q_gain, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.rope_dims,
+                                        train)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = cfg.num_kv_heads != cfg.num_heads
         if self.sdpa_backends is None:
@@ -465,11 +503,11 @@ class FusedBlock(ReferenceBlock):
             from torch.nn.attention import sdpa_kernel
             with sdpa_kernel(self.sdpa_backends):
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        x1 = _attn_out_op(y.transpose(1, 2), xm, a.proj.weight, self.attn_scale)
+        x1 = _attn_out_op(y.transpose(1, 2), xm, wp, w_c[3], wp_scaled_c, self.attn_scale)
         act = 0 if cfg.activation == "relu2" else 1
-        out, _, _ = _mlp_op(x1, self.mlp.fc.weight, self.mlp.proj.weight, self.mlp_scale, act, train)
+        out, _, _ = _mlp_op(x1, w_fc, w_proj, w_c[4], w_c[5], w_proj_scaled_c, self.mlp_scale, act, train)
         return out
 
 
-FORWARD_KERNELS_OUTSIDE_ATTENTION = 4
+FORWARD_KERNELS_OUTSIDE_ATTENTION = 5  # 1 weight preparation + 4 fused matmul kernels
 BACKWARD_TRITON_KERNELS = 9

@@ -47,8 +47,9 @@ def alloc_like(t: torch.Tensor) -> torch.Tensor:
 
 def _blocks(kind: str) -> dict:
     """Tile sizes. Interpreter: small tiles so tests cover several tiles and row masks on tiny shapes.
-    GPU (H100): the largest tiles that compile for sm_90 with wgmma and without register spills (checked
-    offline with ptxas -v for d=512, 8/4 heads); their speed is unmeasured (tune with bench/bench_block.py)."""
+    GPU (H100): tiles that compile for sm_90 to wgmma with cp.async pipelining and no register spills, checked
+    offline (`python bench/bench_block.py --aot-check`, no GPU needed) at d=512, 8/4 heads, hidden 1024-2048;
+    their speed is unmeasured: tune with bench/bench_block.py on the device."""
     if _INTERPRET:
         return {"row_gemm": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
                 "row_gemm_act_bwd": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
@@ -57,7 +58,7 @@ def _blocks(kind: str) -> dict:
                 "attn_dx": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
                 "wgrad": dict(BN=64, BK=64, BM=32, num_warps=4, num_stages=1)}[kind]
     return {"row_gemm": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
-            "row_gemm_act_bwd": dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=4),
+            "row_gemm_act_bwd": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
             "attn_in": dict(BM=128, BK=32, num_warps=8, num_stages=3),
             "attn_epi": dict(BM=32, num_warps=8),
             "attn_dx": dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3),
@@ -184,9 +185,9 @@ def _attn_in_fwd_kernel(x_ptr, x0_ptr, mix_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr
 # A and out use "4-D" addressing so a [B, T, heads, HD] strided tensor (SDPA's output) reads as [M, K]:
 #   row m -> (m // T) * s0 + (m % T) * s1 ; column c -> (c // HD) * s2 + (c % HD) * s3.
 # EPI: 0 store | 1 residual: res + nvec[n] * acc | 2 MLP up: acc * rstd (rstd from the A row sum of squares),
-#      stored as pre (or as act(pre) when STORE_ACT) | 3 activation backward: acc * act'(res), row partial
-#      sum(out * res) to c_ptr[pid_n, m] | 4 RMSNorm backward: g + rstd * (acc - res * rstd * c / N), c summed
-#      from c_NT partials.
+#      stored as pre (or as act(pre) when STORE_ACT) | 3 activation backward: dp = acc * act'(res), row partial
+#      sum(dp * res) to c_ptr[pid_n, m], stored as dp * rstd | 4 RMSNorm backward with A = rstd * dPre:
+#      g + acc - res * rstd^2 * c / N, c summed from c_NT partials.
 EPI_STORE, EPI_RESIDUAL, EPI_MLP_UP, EPI_ACT_BWD, EPI_NORM_BWD = 0, 1, 2, 3, 4
 
 
@@ -194,9 +195,9 @@ EPI_STORE, EPI_RESIDUAL, EPI_MLP_UP, EPI_ACT_BWD, EPI_NORM_BWD = 0, 1, 2, 3, 4
 def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
                      w_ptr, w_sn, w_sk,
                      out_ptr, o_T, o_s0, o_s1, o_HD, o_s2, o_s3,
-                     acol_ptr, nvec_ptr, res_ptr, rowvec_ptr, c_ptr, c_NT, g_ptr,
+                     nvec_ptr, res_ptr, rowvec_ptr, c_ptr, c_NT, g_ptr,
                      M, N, K, eps,
-                     A_COL_SCALE: tl.constexpr, A_ACT: tl.constexpr, SUMSQ: tl.constexpr,
+                     A_ACT: tl.constexpr, SUMSQ: tl.constexpr,
                      EPI: tl.constexpr, STORE_ACT: tl.constexpr, STORE_STATS: tl.constexpr,
                      ACT: tl.constexpr, NT_P2: tl.constexpr, A_4D: tl.constexpr, O_4D: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -225,8 +226,6 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
         if SUMSQ:
             af = a.to(tl.float32)
             sumsq += tl.sum(af * af, axis=1)
-        if A_COL_SCALE:
-            a = (a.to(tl.float32) * tl.load(acol_ptr + kk)[None, :]).to(CDT)
         if A_ACT:
             a = _act_fwd(a.to(tl.float32), ACT).to(CDT)
         w = tl.load(w_ptr + rn[None, :] * w_sn + kk[:, None] * w_sk).to(CDT)
@@ -246,16 +245,19 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
             tl.store(rowvec_ptr + rm, rstd, mask=mmask & ((tl.zeros((BM,), dtype=tl.int32) + pid_n) == 0))
     elif EPI == 3:
         p = tl.load(res_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
-        out = acc * _act_grad(p, ACT)
-        tl.store(c_ptr + pid_n * M + rm, tl.sum(out * p, axis=1), mask=mmask)
+        dp = acc * _act_grad(p, ACT)
+        tl.store(c_ptr + pid_n * M + rm, tl.sum(dp * p, axis=1), mask=mmask)
+        # stored times the row's rstd, so both consumers (dW and the dX matmul) are plain matmuls
+        out = dp * tl.load(rowvec_ptr + rm, mask=mmask, other=0.0)[:, None]
     else:
+        # acc = (rstd * dPre) @ W = rstd * dh, so dX = g + rstd*dh - x * rstd^2 * c / N
         r = tl.load(rowvec_ptr + rm, mask=mmask, other=0.0)
         ct = tl.arange(0, NT_P2)
         cpart = tl.load(c_ptr + ct[:, None] * M + rm[None, :], mask=(ct[:, None] < c_NT) & mmask[None, :], other=0.0)
         csum = tl.sum(cpart, axis=0)
         xv = tl.load(res_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
         gv = tl.load(g_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
-        out = gv + r[:, None] * (acc - xv * (r * csum / N)[:, None])
+        out = gv + acc - xv * (r * r * csum / N)[:, None]
     if O_4D:
         o_off = ((rm // o_T) * o_s0 + (rm % o_T) * o_s1)[:, None] + ((rn // o_HD) * o_s2 + (rn % o_HD) * o_s3)[None, :]
         tl.store(out_ptr + o_off, out.to(CDT), mask=mmask[:, None])
@@ -271,13 +273,14 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
 def _attn_in_bwd_epi_kernel(dq_ptr, dq_s0, dq_s1, dq_s2, dq_s3,
                             dk_ptr, dk_s0, dk_s1, dk_s2, dk_s3,
                             dv_ptr, dv_s0, dv_s1, dv_s2, dv_s3,
-                            q_ptr, k_ptr, v_ptr, gain_ptr, cos_ptr, sin_ptr, hrstd_ptr,
+                            q_ptr, k_ptr, v_ptr, gain_ptr, cos_ptr, sin_ptr, hrstd_ptr, rstd_ptr,
                             dqkv_ptr, c_ptr, dgain_ptr,
                             M, T, eps,
                             H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, RD: tl.constexpr,
                             BM: tl.constexpr):
-    # dqkv = gradient of the QKV matmul output (after the attention RMSNorm row scale, before the head norm);
-    # c[m] = sum_j dqkv[m, j] * qkv[m, j] (what the attention RMSNorm backward needs); dgain partial per tile.
+    # dqkv = gradient of the QKV matmul output (after the attention RMSNorm row scale, before the head norm),
+    # stored times the row's rstd (then dW and dX are plain matmuls); c[m] = sum_j dqkv[m, j] * qkv[m, j]
+    # (what the attention RMSNorm backward needs); dgain partial per tile.
     # The normalised, unrotated q/k are recovered from the forward outputs: n = R^T(y) / gain.
     pid_m = tl.program_id(0)
     HALF: tl.constexpr = HD // 2
@@ -291,6 +294,7 @@ def _attn_in_bwd_epi_kernel(dq_ptr, dq_s0, dq_s1, dq_s2, dq_s3,
     t = rm % T
     cs = tl.load(cos_ptr + t[:, None] * HALF + c[None, :], mask=m2, other=1.0)
     sn = tl.load(sin_ptr + t[:, None] * HALF + c[None, :], mask=m2, other=0.0)
+    r1 = tl.load(rstd_ptr + rm, mask=mmask, other=0.0)[:, None]
     csum = tl.zeros((BM,), dtype=tl.float32)
     for h in range(0, H + KVH):
         g = tl.load(gain_ptr + tl.minimum(h, H - 1))
@@ -319,15 +323,15 @@ def _attn_in_bwd_epi_kernel(dq_ptr, dq_s0, dq_s1, dq_s2, dq_s3,
         daa = hr[:, None] * (dna - na * mdn[:, None])
         dab = hr[:, None] * (dnb - nb * mdn[:, None])
         csum += (tl.sum(daa * na, axis=1) + tl.sum(dab * nb, axis=1)) / hr
-        tl.store(dqkv_ptr + rm[:, None] * NQKV + h * HD + idx_a[None, :], daa.to(CDT), mask=m2)
-        tl.store(dqkv_ptr + rm[:, None] * NQKV + h * HD + idx_b[None, :], dab.to(CDT), mask=m2)
+        tl.store(dqkv_ptr + rm[:, None] * NQKV + h * HD + idx_a[None, :], (daa * r1).to(CDT), mask=m2)
+        tl.store(dqkv_ptr + rm[:, None] * NQKV + h * HD + idx_b[None, :], (dab * r1).to(CDT), mask=m2)
     cd = tl.arange(0, HD)
     for h in range(0, KVH):
         dvt = tl.load(dv_ptr + (bi * dv_s0 + t * dv_s1 + h * dv_s2)[:, None] + cd[None, :] * dv_s3,
                       mask=m2, other=0.0).to(tl.float32)
         vt = tl.load(v_ptr + rm[:, None] * (KVH * HD) + h * HD + cd[None, :], mask=m2, other=0.0).to(tl.float32)
         csum += tl.sum(dvt * vt, axis=1)
-        tl.store(dqkv_ptr + rm[:, None] * NQKV + (H + KVH + h) * HD + cd[None, :], dvt.to(CDT), mask=m2)
+        tl.store(dqkv_ptr + rm[:, None] * NQKV + (H + KVH + h) * HD + cd[None, :], (dvt * r1).to(CDT), mask=m2)
     tl.store(c_ptr + rm, csum, mask=mmask)
 
 
@@ -337,8 +341,8 @@ def _attn_in_bwd_dx_kernel(dqkv_ptr, wq_ptr, wk_ptr, wv_ptr, gxm_ptr, xm_ptr, rs
                            M,
                            D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # dh = dqkv @ [Wq; Wk; Wv]; dxm = g_xm + rstd * (dh - xm * rstd * c / D); dx = mix0*dxm; dx0 = mix1*dxm;
-    # dmix partial sums over this row tile.
+    # acc = (rstd * dqkv) @ [Wq; Wk; Wv] = rstd * dh; dxm = g_xm + acc - xm * rstd^2 * c / D;
+    # dx = mix0 * dxm; dx0 = mix1 * dxm; dmix partial sums over this row tile.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     NQKV: tl.constexpr = (H + 2 * KVH) * HD
@@ -365,7 +369,7 @@ def _attn_in_bwd_dx_kernel(dqkv_ptr, wq_ptr, wk_ptr, wv_ptr, gxm_ptr, xm_ptr, rs
     r = tl.load(rstd_ptr + rm, mask=mmask, other=0.0)
     cv = tl.load(c_ptr + rm, mask=mmask, other=0.0)
     xmv = tl.load(xm_ptr + flat, mask=m2, other=0.0).to(tl.float32)
-    dxm = tl.load(gxm_ptr + flat, mask=m2, other=0.0).to(tl.float32) + r[:, None] * (acc - xmv * (r * cv / D)[:, None])
+    dxm = tl.load(gxm_ptr + flat, mask=m2, other=0.0).to(tl.float32) + acc - xmv * (r * r * cv / D)[:, None]
     xv = tl.load(x_ptr + flat, mask=m2, other=0.0).to(tl.float32)
     x0v = tl.load(x0_ptr + flat, mask=m2, other=0.0).to(tl.float32)
     m0 = tl.load(mix_ptr + rn)
@@ -377,7 +381,7 @@ def _attn_in_bwd_dx_kernel(dqkv_ptr, wq_ptr, wk_ptr, wv_ptr, gxm_ptr, xm_ptr, rs
 
 
 # ----------------------------------------------------------------------------------------------------------
-# generic weight gradient: out[s, n, k] = sum_{m in split s} A[m, n] * rs[m] * f(B[m, k])
+# generic weight gradient: out[s, n, k] = sum_{m in split s} A[m, n] * f(B[m, k])
 # ----------------------------------------------------------------------------------------------------------
 # OUT_SCALE: the weight is used as scale[n] * (W @ ...) in the forward, so dW = scale[n] * G and
 # dscale[n] = sum_k W[n, k] * G[n, k]; the latter is written as partials [split, k_tile, n].
@@ -385,9 +389,9 @@ def _attn_in_bwd_dx_kernel(dqkv_ptr, wq_ptr, wk_ptr, wv_ptr, gxm_ptr, xm_ptr, rs
 @triton.jit
 def _wgrad_kernel(a_ptr, a_sm,
                   b_ptr, b_T, b_s0, b_s1, b_HD, b_s2, b_s3,
-                  out_ptr, rs_ptr, nscale_ptr, w_ptr, dscale_ptr,
+                  out_ptr, nscale_ptr, w_ptr, dscale_ptr,
                   M, N, K, m_per_split,
-                  A_ROW_SCALE: tl.constexpr, B_ACT: tl.constexpr, ACT: tl.constexpr, OUT_SCALE: tl.constexpr,
+                  B_ACT: tl.constexpr, ACT: tl.constexpr, OUT_SCALE: tl.constexpr,
                   B_4D: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -406,8 +410,6 @@ def _wgrad_kernel(a_ptr, a_sm,
         rm = m0 + tl.arange(0, BM)
         mmask = rm < m_hi
         a = tl.load(a_ptr + rm[:, None] * a_sm + rn[None, :], mask=mmask[:, None], other=0.0)
-        if A_ROW_SCALE:
-            a = (a.to(tl.float32) * tl.load(rs_ptr + rm, mask=mmask, other=0.0)[:, None]).to(CDT)
         if B_4D:
             b_row = (rm // b_T) * b_s0 + (rm % b_T) * b_s1
         else:
@@ -422,6 +424,48 @@ def _wgrad_kernel(a_ptr, a_sm,
         tl.store(dscale_ptr + (pid_s * nk + pid_k) * N + rn, tl.sum(w * acc, axis=1))
         acc = acc * tl.load(nscale_ptr + rn)[:, None]
     tl.store(out_ptr + pid_s * N * K + rn[:, None] * K + rk[None, :], acc)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# weight preparation: fp32 master weights -> activation-dtype copies (optionally row-scaled), one launch
+# ----------------------------------------------------------------------------------------------------------
+# The matmul kernels then stream bf16 weights straight into shared memory for the tensor cores (no fp32 loads,
+# no in-register conversion), and scale * W (used by backward matmuls) costs nothing per row of activations.
+
+@triton.jit
+def _prep_one(src, dst, scale, n_elem, ncols, HAS_SCALE: tl.constexpr, pid, BLOCK: tl.constexpr):
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n_elem
+    w = tl.load(src + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        w = w * tl.load(scale + offs // ncols, mask=m, other=0.0)
+    tl.store(dst + offs, w.to(dst.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _prep_weights_kernel(s0, d0, c0, n0, k0, s1, d1, c1, n1, k1, s2, d2, c2, n2, k2, s3, d3, c3, n3, k3,
+                         s4, d4, c4, n4, k4, s5, d5, c5, n5, k5, s6, d6, c6, n6, k6, s7, d7, c7, n7, k7,
+                         S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+                         S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.program_id(1)
+    if t == 0:
+        _prep_one(s0, d0, c0, n0, k0, S0, pid, BLOCK)
+    elif t == 1:
+        _prep_one(s1, d1, c1, n1, k1, S1, pid, BLOCK)
+    elif t == 2:
+        _prep_one(s2, d2, c2, n2, k2, S2, pid, BLOCK)
+    elif t == 3:
+        _prep_one(s3, d3, c3, n3, k3, S3, pid, BLOCK)
+    elif t == 4:
+        _prep_one(s4, d4, c4, n4, k4, S4, pid, BLOCK)
+    elif t == 5:
+        _prep_one(s5, d5, c5, n5, k5, S5, pid, BLOCK)
+    elif t == 6:
+        _prep_one(s6, d6, c6, n6, k6, S6, pid, BLOCK)
+    else:
+        _prep_one(s7, d7, c7, n7, k7, S7, pid, BLOCK)
 
 
 # ==========================================================================================================
@@ -491,7 +535,7 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
     return xm, q, k, v, rstd, hrstd
 
 
-def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, acol=None, nvec=None, res=None,
+def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, res=None,
              rowvec=None, c=None, c_nt=1, g=None, a_act=False, sumsq=False, store_act=False, store_stats=False,
              act=0):
     cfg = _blocks("row_gemm_act_bwd" if epi == EPI_ACT_BWD else "row_gemm")
@@ -501,19 +545,19 @@ def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, acol=None, 
     grid = (N // BN, triton.cdiv(M, cfg["BM"]))
     _row_gemm_kernel[grid](
         a, *a_addr, w, w_sn, w_sk, out, *o_addr,
-        acol if acol is not None else dummy, nvec if nvec is not None else dummy,
+        nvec if nvec is not None else dummy,
         res if res is not None else dummy, rowvec if rowvec is not None else dummy,
         c if c is not None else dummy, c_nt, g if g is not None else dummy,
         M, N, K, RMS_EPS,
-        A_COL_SCALE=acol is not None, A_ACT=a_act, SUMSQ=sumsq, EPI=epi, STORE_ACT=store_act,
+        A_ACT=a_act, SUMSQ=sumsq, EPI=epi, STORE_ACT=store_act,
         STORE_STATS=store_stats, ACT=act, NT_P2=max(1, triton.next_power_of_2(c_nt)),
         A_4D=tuple(a_addr) != _plain(K), O_4D=tuple(o_addr) != _plain(N),
         BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
-def wgrad(a, b, b_addr, M, N, K, *, rowscale=None, b_act=False, act=0, nscale=None, w=None):
-    """G[n, k] = sum_m A[m, n] * rowscale[m] * f(B[m, k]); returns (dW [N, K] fp32, dscale [N] fp32 or None)
+def wgrad(a, b, b_addr, M, N, K, *, b_act=False, act=0, nscale=None, w=None):
+    """G[n, k] = sum_m A[m, n] * f(B[m, k]); returns (dW [N, K] fp32, dscale [N] fp32 or None)
     where dW = nscale[n] * G and dscale[n] = sum_k W[n, k] * G[n, k] when nscale is given."""
     cfg = _blocks("wgrad")
     BN = _pick(N, cfg["BN"])
@@ -526,10 +570,9 @@ def wgrad(a, b, b_addr, M, N, K, *, rowscale=None, b_act=False, act=0, nscale=No
     out = alloc((split, N, K), device=a.device, dtype=torch.float32)
     dscale = alloc((split, K // BK, N), device=a.device, dtype=torch.float32) if nscale is not None else out
     _wgrad_kernel[(N // BN, K // BK, split)](
-        a, a.stride(0), b, *b_addr, out, rowscale if rowscale is not None else out,
-        nscale if nscale is not None else out, w if w is not None else out, dscale,
+        a, a.stride(0), b, *b_addr, out, nscale if nscale is not None else out, w if w is not None else out, dscale,
         M, N, K, m_per,
-        A_ROW_SCALE=rowscale is not None, B_ACT=b_act, ACT=act, OUT_SCALE=nscale is not None,
+        B_ACT=b_act, ACT=act, OUT_SCALE=nscale is not None,
         B_4D=tuple(b_addr) != _plain(K),
         BN=BN, BK=BK, BM=BM, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     dw = out[0] if split == 1 else out.sum(0)
@@ -551,7 +594,7 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
     n_mt = triton.cdiv(M, ecfg["BM"])
     dgain_part = alloc((n_mt, H), device=dev, dtype=torch.float32)
     _attn_in_bwd_epi_kernel[(n_mt,)](dq, *dq.stride(), dk, *dk.stride(), dv, *dv.stride(),
-                                      q, k, v, q_gain, cos, sin, head_rstd, dqkv, cvec, dgain_part,
+                                      q, k, v, q_gain, cos, sin, head_rstd, rstd, dqkv, cvec, dgain_part,
                                       M, T, RMS_EPS, H=H, KVH=KVH, HD=HD, RD=rope_dims, BM=ecfg["BM"],
                                       num_warps=ecfg["num_warps"])
     cfg = _blocks("attn_dx")
@@ -565,7 +608,7 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
                                             dx, dx0, dmix_part, M, D=D, H=H, KVH=KVH, HD=HD,
                                             BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"],
                                             num_stages=cfg["num_stages"])
-    dw, _ = wgrad(dqkv, xm, _flat2(xm), M, NQKV, D, rowscale=rstd)
+    dw, _ = wgrad(dqkv, xm, _flat2(xm), M, NQKV, D)
     return dx, dx0, dmix_part.sum(0), dw, dgain_part.sum(0)
 
 
@@ -578,3 +621,24 @@ def rope_tables(angles: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torc
     cos[:, :hr] = angles.cos().float()
     sin[:, :hr] = angles.sin().float()
     return cos, sin
+
+
+def prep_weights(items: list, dtype: torch.dtype) -> list[torch.Tensor]:
+    """items: up to 8 (weight [N, K] fp32 contiguous, row_scale [N] or None); returns dtype copies of
+    row_scale[:, None] * weight, all in one launch."""
+    _check(0 < len(items) <= 8, "prep_weights takes 1 to 8 weights")
+    outs, args, flags = [], [], []
+    for w, scale in items:
+        _check(w.dim() == 2 and w.is_contiguous(), "weights must be contiguous 2-D tensors")
+        _check(scale is None or scale.shape == (w.shape[0],), "row scale must have one value per weight row")
+        o = alloc(tuple(w.shape), device=w.device, dtype=dtype)
+        outs.append(o)
+        args += [w, o, scale if scale is not None else w, w.numel(), w.shape[1]]
+        flags.append(scale is not None)
+    while len(flags) < 8:  # unused slots: never reached (the grid has one row per real weight)
+        args += args[:5]
+        flags.append(False)
+    BLOCK = 4096 if not _INTERPRET else 1024
+    grid = (triton.cdiv(max(w.numel() for w, _ in items), BLOCK), len(items))
+    _prep_weights_kernel[grid](*args, *[bool(f) for f in flags], BLOCK=BLOCK, num_warps=4)
+    return outs

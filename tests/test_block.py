@@ -194,7 +194,8 @@ def test_attn_in_piece(H, KVH, hd, rope_dims):
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims))
     cos, sin = kn.rope_tables(blk.rope_angles(T, inv_freq), hd)
     inputs = [x, x0, mix, wq, wk, wv, gain]
-    fused = blk._attn_in_op(x, x0, mix, wq, wk, wv, gain, cos, sin, H, KVH, rope_dims, True)[:4]
+    wq_c, wk_c, wv_c = kn.prep_weights([(wq.detach(), None), (wk.detach(), None), (wv.detach(), None)], x.dtype)
+    fused = blk._attn_in_op(x, x0, mix, wq, wk, wv, wq_c, wk_c, wv_c, gain, cos, sin, H, KVH, rope_dims, True)[:4]
     ref = ref_attn_in(x, x0, mix, wq, wk, wv, gain, inv_freq, H, KVH, rope_dims)
     for name, a, b in zip(("xm", "q", "k", "v"), fused, ref):
         close(a, b, f"attn_in {name}")
@@ -209,6 +210,7 @@ def test_attn_in_piece(H, KVH, hd, rope_dims):
 @pytest.mark.parametrize("strided", [True, False])
 def test_attn_out_piece(strided):
     from pgolf_kernels import block as blk
+    from pgolf_kernels import block_kernels as kn
     torch.manual_seed(20)
     B, T, H, hd = 2, 45, 2, 64
     D = H * hd
@@ -218,7 +220,8 @@ def test_attn_out_piece(strided):
     xm = torch.randn(B, T, D, requires_grad=True)
     wp = (torch.randn(D, D) / D ** 0.5).requires_grad_()
     s = (0.5 + torch.rand(D)).requires_grad_()
-    out = blk._attn_out_op(y, xm, wp, s)
+    wp_c, wp_scaled_c = kn.prep_weights([(wp.detach(), None), (wp.detach(), s.detach())], y.dtype)
+    out = blk._attn_out_op(y, xm, wp, wp_c, wp_scaled_c, s)
     ref = xm + s * (y.reshape(B, T, D) @ wp.T)
     close(out, ref, "attn_out")
     up = torch.randn_like(ref)
@@ -233,6 +236,7 @@ def test_attn_out_piece(strided):
 @pytest.mark.parametrize("mult,activation", [(2, "relu2"), (3, "leaky_relu2"), (4, "leaky_relu2")])
 def test_mlp_piece(mult, activation):
     from pgolf_kernels import block as blk
+    from pgolf_kernels import block_kernels as kn
     torch.manual_seed(30 + mult)
     B, T, D = 2, 41, 128
     x1 = torch.randn(B, T, D, requires_grad=True)
@@ -240,7 +244,9 @@ def test_mlp_piece(mult, activation):
     w2 = (torch.randn(D, mult * D) / (mult * D) ** 0.5).requires_grad_()
     s = (0.5 + torch.rand(D)).requires_grad_()
     act = 0 if activation == "relu2" else 1
-    out = blk._mlp_op(x1, w1, w2, s, act, True)[0]
+    w1_c, w2_c, w2_scaled_c = kn.prep_weights([(w1.detach(), None), (w2.detach(), None), (w2.detach(), s.detach())],
+                                              x1.dtype)
+    out = blk._mlp_op(x1, w1, w2, w1_c, w2_c, w2_scaled_c, s, act, True)[0]
     h = F.rms_norm(x1, (D,)) @ w1.T
     h = torch.relu(h) if act == 0 else F.leaky_relu(h, 0.5)
     ref = x1 + s * (h.square() @ w2.T)
@@ -251,7 +257,7 @@ def test_mlp_piece(mult, activation):
     for name, a, b in zip(("x1", "w_fc", "w_proj", "mlp_scale"), gf, gr):
         close(a, b, f"mlp d{name}")
     with torch.no_grad():  # eval path: act(pre) stored by the up kernel, nothing saved
-        out_eval, pre, rstd = blk._mlp_op(x1, w1, w2, s, act, False)
+        out_eval, pre, rstd = blk._mlp_op(x1, w1, w2, w1_c, w2_c, w2_scaled_c, s, act, False)
     close(out_eval, ref.detach(), "mlp eval")
     assert pre.numel() == 0 and rstd.numel() == 0
 
@@ -303,6 +309,18 @@ def test_fused_block_rejects_bad_inputs():
 def test_poisoned_allocation_is_nan():
     from pgolf_kernels import block_kernels as kn
     assert torch.isnan(kn.alloc((3, 4), device="cpu", dtype=torch.float32)).all()
+
+
+@needs_triton_cpu
+def test_prep_weights_casts_and_row_scales():
+    from pgolf_kernels import block_kernels as kn
+    ws = [torch.randn(96, 64), torch.randn(32, 160), torch.randn(2000, 8)]
+    scale = torch.rand(32) + 0.5
+    out = kn.prep_weights([(ws[0], None), (ws[1], scale), (ws[2], None)], torch.float32)
+    assert torch.equal(out[0], ws[0]) and torch.equal(out[2], ws[2])
+    torch.testing.assert_close(out[1], scale[:, None] * ws[1], rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="one value per weight row"):
+        kn.prep_weights([(ws[0], scale)], torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
