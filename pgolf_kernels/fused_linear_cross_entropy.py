@@ -7,8 +7,8 @@ Public API
     embedding); target: (N,) int64/int32. ``softcap`` None or 0 disables the cap. ``reduction`` is
     "mean" (divided by the number of non-ignored targets, like F.cross_entropy), "sum" or "none" (per-token
     NLL in fp32, 0 for ignored rows). Differentiable in h and weight.
-``FusedLinearCrossEntropy(softcap=30.0, reduction="mean", ignore_index=-100)``
-    nn.Module wrapper; ``forward(h, weight, target)``.
+``FusedLinearCrossEntropy(softcap=30.0, reduction="mean", ignore_index=-100, chunk_rows=None)``
+    nn.Module wrapper; ``forward(h, weight, target)``. Both take ``chunk_rows`` (keyword; rows per chunk).
 ``reference_linear_cross_entropy(...)``
     Same signature in plain PyTorch (fp32 logits). It is the test oracle and the CPU path.
 
@@ -41,6 +41,10 @@ Targets outside [0, V) that are not ``ignore_index`` make that row's loss NaN (c
 would force a device sync every step); the reference path raises like F.cross_entropy.
 The ops are registered with ``torch.library.custom_op`` (``pgolf::flce_forward``, ``pgolf::flce_scale_``,
 ``pgolf::flce_grad_rows``), so torch.compile keeps them whole inside a compiled graph.
+
+Limits: a second backward through the same loss (retain_graph) raises, since the gradient was computed in
+forward and dH scaled in place; with fp16 h the logits are fp16 like nn.Linear's, so |logit| must stay
+below 65,504. Measured speed and memory: bench/results/fused_ce-*.md (bench/bench_fused_ce.py).
 """
 from __future__ import annotations
 
@@ -427,6 +431,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, grad_count, grad_dh, grad_dw):
+    if getattr(ctx, "backward_done", False):
+        # dH was scaled in place (and may now be some leaf's .grad): a second pass cannot be answered
+        # correctly from it.
+        raise RuntimeError("fused_linear_cross_entropy: backward through the same loss twice (retain_graph) is "
+                           "not supported: its gradient is computed in forward; compute the loss again")
+    ctx.backward_done = True
     dh, dw, h, weight, target = ctx.saved_tensors
     need_dh = ctx.needs_input_grad[0]
     need_dw = ctx.needs_input_grad[1]

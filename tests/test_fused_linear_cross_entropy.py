@@ -249,6 +249,18 @@ def test_cpu_no_grad_and_partial_requires_grad():
 
 
 @needs_kernel_cpu
+def test_cpu_second_backward_is_refused():
+    h, w, y = _make(16, 16, 20, torch.float32, torch.float32, "cpu")
+    loss = fused_linear_cross_entropy(h, w, y, 30.0, "mean") * 3.0
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    ref = _run(reference_linear_cross_entropy, h, w, y, 30.0, "mean", upstream=torch.tensor(3.0))
+    assert (first - ref[1]).abs().max() <= FP32_RTOL * ref[1].abs().max()
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+@needs_kernel_cpu
 def test_cpu_module_wrapper_and_compile_graph():
     h, w, y = _make(24, 32, 48, torch.float32, torch.float32, "cpu")
     mod = FusedLinearCrossEntropy(softcap=30.0, reduction="sum")
@@ -425,3 +437,30 @@ def test_gpu_torch_compile_inductor():
     torch.testing.assert_close(got[0], ref[0], rtol=2e-2, atol=2e-2)
     for a, b in zip(got[1:], ref[1:]):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 3e-2
+
+
+@gpu
+def test_gpu_peak_memory_bound():
+    """Forward+backward holds dH, one chunk buffer and a few V×d fp32 buffers — nothing [N, V]-sized and no
+    second dH (autograd used to hand backward a zero-filled dH-sized gradient for the unused outputs)."""
+    N, d, V = 65536, 512, 1024
+    h, w, y = _make(N, d, V, torch.bfloat16, torch.float32, "cuda")
+
+    def step():
+        h.grad = None
+        w.grad = None
+        fused_linear_cross_entropy(h, w, y, 30.0, "mean").backward()
+
+    step()  # warm-up: kernels compiled, cuBLAS workspaces allocated
+    h.grad = None
+    w.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    from pgolf_kernels.fused_linear_cross_entropy import DEFAULT_CHUNK_ROWS
+
+    bound = N * d * 2 + DEFAULT_CHUNK_ROWS * V * 2 + 4 * V * d * 4 + (2 << 20)
+    assert peak <= bound, f"peak {peak / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
