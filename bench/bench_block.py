@@ -19,7 +19,11 @@ reference (same parameters and inputs, computed in this run); eager's own row sa
 Results are written after every measurement (partial files survive a cut-off run), with
 --time-budget seconds (default 330) after which the remaining measurements are skipped and listed.
 
+--aot-check (no GPU): compiles every kernel variant for sm_90 and prints registers / spills / shared memory /
+wgmma / cp.async pipelining per kernel; exit status 1 if any fails or spills.
+
 Usage: python bench/bench_block.py --out bench/results [--cases B64_T1024_mlp2_relu2,...] [--impls eager,compile,fused]
+       python bench/bench_block.py --aot-check
 """
 from __future__ import annotations
 
@@ -111,6 +115,98 @@ def plot_rows(rows_: list[dict], path) -> None:
     plt.close(fig)
 
 
+def aot_check(arch: int = 90) -> list[dict]:
+    """Compile every fused-block kernel variant at its configured tiles for sm_<arch> without a GPU (Triton's
+    own ptxas), with the specialisation a real launch at d=512, M=65536 gets (16-aligned pointers, ints
+    divisible by 16), and report registers, spills, shared memory, wgmma use and cp.async pipelining."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pgolf_kernels import block_kernels as kn
+    if kn._INTERPRET:
+        raise SystemExit("--aot-check needs TRITON_INTERPRET unset (it reads the GPU tile sizes)")
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = next((os.path.join(bindir, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(bindir, n))), "ptxas")
+    BF, F32 = "*bf16", "*fp32"
+    D, H, KVH, HD = 512, 8, 4, 64
+
+    def one(label, fn, types, ce, cfg):
+        sig = {n: ("constexpr" if n in ce else types.get(n, "i32")) for n in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in ce and sig[n] != "fp32"}
+        row = dict(kernel=label, tiles={k: v for k, v in cfg.items()})
+        try:
+            k = triton.compile(ASTSource(fn, sig, constexprs=ce, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 1)})
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            return row
+        with tempfile.TemporaryDirectory() as d:
+            ptx = os.path.join(d, "k.ptx")
+            with open(ptx, "w") as f:
+                f.write(k.asm["ptx"])
+            out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", ptx + ".o"], capture_output=True, text=True)
+        txt = out.stdout + out.stderr
+        regs = re.findall(r"Used (\d+) registers", txt)
+        spill = re.findall(r"(\d+) bytes spill stores", txt)
+        row.update(regs=int(regs[0]) if regs else None, spill_bytes=int(spill[0]) if spill else None,
+                   smem=k.metadata.shared, wgmma="wgmma" in k.asm["ptx"],
+                   cp_async=k.asm["ttgir"].count("async_copy_global_to_local"))
+        return row
+
+    rows = []
+    cfg = kn._blocks("attn_in")
+    for rd in (64, 16):
+        rows.append(one(f"attn_in_fwd rope{rd}", kn._attn_in_fwd_kernel,
+                        dict(x_ptr=BF, x0_ptr=BF, mix_ptr=F32, wq_ptr=BF, wk_ptr=BF, wv_ptr=BF, gain_ptr=F32,
+                             cos_ptr=F32, sin_ptr=F32, xm_ptr=BF, rstd_ptr=F32, q_ptr=BF, k_ptr=BF, v_ptr=BF,
+                             hrstd_ptr=F32, eps="fp32"),
+                        dict(D=D, H=H, KVH=KVH, HD=HD, RD=rd, STORE_STATS=True, BM=cfg["BM"], BK=cfg["BK"]), cfg))
+    gemm_types = dict(a_ptr=BF, w_ptr=BF, out_ptr=BF, nvec_ptr=F32, res_ptr=BF, rowvec_ptr=F32, c_ptr=F32, g_ptr=BF,
+                      eps="fp32")
+    base = dict(A_ACT=False, SUMSQ=False, EPI=0, STORE_ACT=False, STORE_STATS=False, ACT=1, NT_P2=1, A_4D=False,
+                O_4D=False)
+    for label, v, kind in [("attn_out fwd", dict(EPI=1), "row_gemm"),
+                           ("mlp up (train)", dict(SUMSQ=True, EPI=2, STORE_STATS=True), "row_gemm"),
+                           ("mlp up (eval)", dict(SUMSQ=True, EPI=2, STORE_ACT=True), "row_gemm"),
+                           ("mlp down", dict(A_ACT=True, EPI=1), "row_gemm"),
+                           ("attn_out bwd dY", dict(), "row_gemm"),
+                           ("mlp bwd dPre", dict(EPI=3), "row_gemm_act_bwd"),
+                           ("mlp bwd dX", dict(EPI=4, NT_P2=16), "row_gemm")]:
+        cfg = kn._blocks(kind)
+        rows.append(one(label, kn._row_gemm_kernel, gemm_types,
+                        dict(base, **v, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"]), cfg))
+    cfg = kn._blocks("attn_epi")
+    rows.append(one("attn_in bwd epilogue", kn._attn_in_bwd_epi_kernel,
+                    dict(dq_ptr=BF, dk_ptr=BF, dv_ptr=BF, q_ptr=BF, k_ptr=BF, v_ptr=BF, gain_ptr=F32, cos_ptr=F32,
+                         sin_ptr=F32, hrstd_ptr=F32, rstd_ptr=F32, dqkv_ptr=BF, c_ptr=F32, dgain_ptr=F32, eps="fp32"),
+                    dict(H=H, KVH=KVH, HD=HD, RD=16, BM=cfg["BM"]), cfg))
+    cfg = kn._blocks("attn_dx")
+    rows.append(one("attn_in bwd dX", kn._attn_in_bwd_dx_kernel,
+                    dict(dqkv_ptr=BF, wq_ptr=BF, wk_ptr=BF, wv_ptr=BF, gxm_ptr=BF, xm_ptr=BF, rstd_ptr=F32, c_ptr=F32,
+                         x_ptr=BF, x0_ptr=BF, mix_ptr=F32, dx_ptr=BF, dx0_ptr=BF, dmix_ptr=F32),
+                    dict(D=D, H=H, KVH=KVH, HD=HD, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"]), cfg))
+    cfg = kn._blocks("wgrad")
+    for label, v in [("dW plain", dict(B_ACT=False, OUT_SCALE=False)),
+                     ("dWproj2 (act, scale)", dict(B_ACT=True, OUT_SCALE=True)),
+                     ("dWproj (scale)", dict(B_ACT=False, OUT_SCALE=True))]:
+        rows.append(one(label, kn._wgrad_kernel,
+                        dict(a_ptr=BF, b_ptr=BF, out_ptr=F32, nscale_ptr=F32, w_ptr=F32, dscale_ptr=F32),
+                        dict(v, ACT=1, B_4D=False, BN=cfg["BN"], BK=cfg["BK"], BM=cfg["BM"]), cfg))
+    types = {}
+    for i in range(8):
+        types.update({f"s{i}": F32, f"d{i}": BF, f"c{i}": F32})
+    rows.append(one("prep weights", kn._prep_weights_kernel, types,
+                    dict(S0=False, S1=False, S2=False, S3=False, S4=False, S5=False, S6=True, S7=True, BLOCK=4096),
+                    dict(num_warps=4)))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder(s), comma separated")
@@ -119,7 +215,15 @@ def main() -> None:
     ap.add_argument("--modes", default="fwd_bwd,fwd")
     ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
     ap.add_argument("--time-budget", type=float, default=330.0, help="seconds; later measurements are skipped")
+    ap.add_argument("--aot-check", action="store_true",
+                    help="no GPU needed: compile every kernel for sm_90 and print registers/spills/smem, then exit")
     args = ap.parse_args()
+    if args.aot_check:
+        bad = 0
+        for r in aot_check():
+            print(r, flush=True)
+            bad += bool(r.get("error")) or bool(r.get("spill_bytes"))
+        raise SystemExit(1 if bad else 0)
     if not torch.cuda.is_available():
         raise SystemExit("bench_block needs a CUDA device")
     import triton.testing

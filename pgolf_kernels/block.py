@@ -5,30 +5,35 @@ MLP / Rotary / RMSNorm) with the same parameter names and shapes, so a state dic
 the record presets use: MLP mult 2-4, LeakyReLU(0.5)^2 activation and partial RoPE (the first `rope_dims` of the
 head dims rotate, paired i <-> i + rope_dims/2, with frequencies base^(-2i/rope_dims)). Its forward is
 `forward(x, x0) -> x`; run it under `torch.autocast("cuda", torch.bfloat16)` for the baseline's bf16 matmuls.
+RoPE positions take the dtype of the `inv_freq` buffer, as in the official: its trainer casts the whole model to
+bf16 (buffers included) before restoring the weights to fp32, so there the positions are bf16-rounded.
 
-`FusedBlock` has the same parameters and computes the same function with five fused pieces:
+`FusedBlock` has the same parameters and computes the same function with these fused pieces:
 
-  forward (training and eval):       kernels launched (outside attention)
-    attn_in   resid_mix + RMSNorm + [Wq;Wk;Wv] matmul + q/k RMSNorm + RoPE + q gain      1
-    SDPA      torch scaled_dot_product_attention (cuDNN / flash backend, causal, GQA)      -
-    attn_out  y @ Wproj^T, epilogue  x1 = xm + attn_scale * (.)                            1
-    mlp       up:   (x1 @ Wfc^T) * rstd(x1)  -> pre (RMSNorm as a row scale)               1
-              down: act(pre) @ Wproj^T, epilogue  out = x1 + mlp_scale * (.)               1
-  => one block forward launches 4 kernels outside attention (plus the cached RoPE tables, built once per
-     sequence length). The eager compiled baseline launches about 10 fused elementwise kernels + 6 matmuls.
+  forward (training and eval):                                                      launches
+    prep      fp32 weights -> bf16 copies (and attn_scale*Wproj, mlp_scale*Wproj2 for backward) 1
+    attn_in   resid_mix + RMSNorm + [Wq;Wk;Wv] matmul + q/k RMSNorm + RoPE + q gain            1
+    SDPA      torch scaled_dot_product_attention (cuDNN or flash backend, causal, GQA)         (attention)
+    attn_out  y @ Wproj^T, epilogue  x1 = xm + attn_scale * (.)                                  1
+    mlp       up:   (x1 @ Wfc^T) * rstd(x1) -> pre (RMSNorm as a row scale)                      1
+              down: act(pre) @ Wproj2^T, epilogue  out = x1 + mlp_scale * (.)                    1
+  => one block forward launches 5 Triton kernels outside attention (FORWARD_KERNELS_OUTSIDE_ATTENTION),
+     plus the RoPE tables once per sequence length (cached).
 
-  backward: attn_in 3 kernels (QKV epilogue backward; dX matmul with RMSNorm + resid_mix backward in the
-  epilogue; dW over rows), attn_out 2 (dY matmul, dW), mlp 4 (dPre matmul with act' in the epilogue, dWproj,
-  dWfc, dX matmul with RMSNorm backward + residual in the epilogue) = 9 Triton kernels, plus small torch
-  reductions of per-tile partial sums (split-over-rows dW, the scale / gain / resid_mix vectors).
+  backward: attn_in 3 kernels (QKV-epilogue backward; dX matmul with the RMSNorm + resid_mix backward in its
+  epilogue; d[Wq;Wk;Wv]), attn_out 2 (dY matmul, dWproj with d attn_scale in its epilogue), mlp 4 (dPre
+  matmul with act' in its epilogue, dWproj2 with d mlp_scale, dWfc, dX matmul with the RMSNorm backward and
+  the residual in its epilogue) = 9 Triton kernels (BACKWARD_TRITON_KERNELS), plus small torch sums of
+  per-tile partials (split-over-rows dW, the scale / gain / resid_mix vectors).
 
 Design choices (and why):
   * Weightless RMSNorm is a row scale: norm(x) @ W^T = rstd * (x @ W^T), so the matmul that consumes a normed
     tensor computes rstd from the sum of squares of the A tiles it loads anyway; no normalised copy is written.
-    Its backward needs c = sum_j dh_j h_j = sum_k d(pre)_k pre_k, which the preceding kernel's epilogue already
-    has, so the norm backward sits in the dX matmul's epilogue with per-row scalars only.
+    Its backward needs c = sum_j dh_j h_j = sum_k d(pre)_k pre_k, which the kernel before the dX matmul has in
+    its epilogue, so the norm backward is per-row scalars in the dX matmul's epilogue. That kernel also stores
+    its gradient already multiplied by rstd, so both of its consumers (dW and dX) are plain matmuls.
   * The MLP stores only `pre` (hidden before the activation); act(pre) is recomputed in the down matmul's
-    operand load, in dWproj's operand load and act'(pre) in dPre's epilogue. Nothing else of width `hidden`
+    operand load and in dWproj2's operand load, act'(pre) in dPre's epilogue. Nothing else of width `hidden`
     is written in forward.
   * q/k/v come out of one kernel in which a program owns one head of a row tile, so the per-head RMSNorm,
     RoPE and gain are epilogue math. RoPE pairs are laid out as two half-head accumulators (two matmuls of
@@ -36,14 +41,18 @@ Design choices (and why):
   * Backward recovers the normalised, unrotated q/k from the q/k that SDPA keeps alive anyway
     (n = R^T(y) / gain) and needs only the per-head rstd ([M, H+KVH] floats) from forward. A q gain of
     exactly 0 would make d(q_gain) wrong for that head (y carries no information then).
-  * `scale * (W @ a)` weights: dW = scale * G and dscale = rowsum(W * G) with G = g^T a, so the scale
-    gradients come out of the dW kernel's epilogue without storing the pre-scale output.
-  * Weights stay fp32 (the optimiser's copy) and are cast in-kernel; activations are the input dtype (bf16
-    on GPU), accumulation fp32. The kernels are torch.library custom ops with registered autograd, so
-    torch.compile treats them as opaque calls (no graph break) and eager autograd works.
+  * `scale * (a @ W^T)` outputs: dW = scale * G and dscale = rowsum(W * G) with G = g^T a, so the scale
+    gradients come out of the dW kernel's epilogue without storing the pre-scale output; (g * scale) @ W is
+    g @ (scale * W) with the row-scaled weight prepared in forward.
+  * Weights stay fp32 (the optimiser's copy; their gradients are fp32); one launch per forward makes the bf16
+    copies the tensor cores read straight from memory (kept for backward). Activations use the input dtype
+    (bf16 on GPU), accumulation fp32. The pieces are torch.library custom ops with registered autograd, so
+    torch.compile(fullgraph=True) treats them as opaque calls and eager autograd works.
 
-Status: every kernel is checked against the reference under TRITON_INTERPRET=1 in fp32 (tests/test_block.py).
-The GPU path (bf16, real tile sizes, compiled Triton) is written but was not run in the session that wrote it.
+Status: every kernel is checked against the reference under TRITON_INTERPRET=1 in fp32 (tests/test_block.py),
+torch.compile included; every kernel variant compiles for sm_90 (wgmma, cp.async pipelining, no register
+spills; `python bench/bench_block.py --aot-check`). The GPU path was not run in the session that wrote it:
+bf16 accuracy on the device and the speed are unmeasured.
 """
 from __future__ import annotations
 

@@ -306,6 +306,24 @@ def test_fused_block_rejects_bad_inputs():
         FusedBlock(d_model=128, num_heads=8, num_kv_heads=4, rope_dims=16)
 
 
+@needs_triton_cpu
+def test_fused_block_under_torch_compile_cpu():
+    # the custom ops are opaque to torch.compile: fullgraph tracing needs their fake (shape) functions to be right
+    case = dict(d_model=128, num_heads=2, num_kv_heads=1, mlp_mult=2, activation="leaky_relu2", rope_dims=16)
+    fused = FusedBlock(**case)
+    randomize_(fused, 50)
+    x = torch.randn(2, 40, 128, requires_grad=True)
+    x0 = torch.randn(2, 40, 128, requires_grad=True)
+    compiled = torch.compile(fused, fullgraph=True)
+    y1, y2 = fused(x, x0), compiled(x, x0)
+    close(y2, y1, "compiled out", rtol=1e-6)
+    up = torch.randn_like(y1)
+    g1 = torch.autograd.grad(y1, [x, x0, *fused.parameters()], up)
+    g2 = torch.autograd.grad(y2, [x, x0, *fused.parameters()], up)
+    for a, b in zip(g2, g1):
+        close(a, b, "compiled grad", rtol=1e-6)
+
+
 def test_poisoned_allocation_is_nan():
     from pgolf_kernels import block_kernels as kn
     assert torch.isnan(kn.alloc((3, 4), device="cpu", dtype=torch.float32)).all()
