@@ -46,6 +46,10 @@ def quantize_rows(w: Tensor, bits: int, rule: str = "amax", backend: str = "auto
     quant.qmax(bits)  # same ValueError as the reference for a bad bit width
     if w.ndim != 2:
         raise ValueError(f"per-row quantisation needs a 2-D weight, got shape {tuple(w.shape)}")
+    if w.shape[0] and not w.shape[1]:
+        raise ValueError(f"per-row quantisation needs rows of at least one element, got shape {tuple(w.shape)}")
+    # Everything _C checks is settled here first (dtype, layout, device, bits, rule), so the wrappers never
+    # depend on the extension's own error path.
     w32 = w.float().contiguous()
     if w32.numel() and not bool(torch.isfinite(w32).all()):
         # The reference would carry NaN/inf into the scales; an artifact must never hold them.
