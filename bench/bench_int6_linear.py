@@ -19,6 +19,8 @@ the 1024×512 embedding): `fused` = the CUDA extension (quant_cuda, backend="ext
 reference on the same GPU tensors; `ok` = identical codes, scales and bytes.
 
 Usage: python bench/bench_int6_linear.py --out $OUT [--tokens 65536] [--no-compile] [--cases 512x1536,...]
+       python bench/bench_int6_linear.py --compression --out bench/results   (CPU: container/compressor sizes)
+       python bench/bench_int6_linear.py --replot bench/results/int6_linear-<slug>-<date>.json --out .
 """
 from __future__ import annotations
 
@@ -293,7 +295,8 @@ def bench_compression(bits_list=(6, 5), rules=("amax", "search")):
     return rows
 
 
-def plot(rows, path):
+def plot(rows, path, device=None):
+    """Two panels from the rows: eager-call timings (do_bench) and CUDA-graph replays (GPU time only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,16 +305,21 @@ def plot(rows, path):
     lin = [r for r in rows if "to" in r["case"]]
     cases = list(dict.fromkeys(r["case"] for r in lin))
     impls = list(dict.fromkeys(r["impl"] for r in lin))
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.8), sharey=True)
     width = 0.8 / max(1, len(impls))
-    for i, impl in enumerate(impls):
-        vals = [next((r["ms"] for r in lin if r["case"] == c and r["impl"] == impl), 0.0) for c in cases]
-        ax.bar([j + i * width for j in range(len(cases))], vals, width, label=impl)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-    ax.set_xticklabels([c.replace("_", "\n") for c in cases], fontsize=8)
-    ax.set_ylabel("forward + backward, ms (median)")
-    ax.set_title(f"int6 QAT linear vs plain bf16 linear — {torch.cuda.get_device_name(0)}")
-    ax.legend(fontsize=8)
+    for ax, key, title in ((axes[0], "ms", "eager calls (do_bench: includes Python/launch overhead)"),
+                           (axes[1], "graph_ms", "CUDA-graph replay (GPU time)")):
+        for i, impl in enumerate(impls):
+            vals = [next((r.get(key) or 0.0 for r in lin if r["case"] == c and r["impl"] == impl), 0.0)
+                    for c in cases]
+            ax.bar([j + i * width for j in range(len(cases))], vals, width, label=impl)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+        ax.set_xticklabels([c.replace("_", "\n") for c in cases], fontsize=8)
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylabel("forward + backward, ms (median)")
+    axes[0].legend(fontsize=8)
+    dev = device or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "?")
+    fig.suptitle(f"int6 QAT linear vs plain bf16 linear (x bf16, W fp32 master) — {dev}")
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -328,7 +336,18 @@ def main():
     ap.add_argument("--compression", action="store_true",
                     help="CPU only: compare int8 containers vs bit-packed codes under zstd-22 / brotli-11 "
                          "(writes int6_linear-compression-*)")
+    ap.add_argument("--replot", metavar="JSON", help="redraw the PNG beside a results JSON from its rows, then exit")
     args = ap.parse_args()
+    if args.replot:
+        import json
+        import os
+
+        src = Path(args.replot)
+        obj = json.loads(src.read_text())
+        tmp = src.with_suffix(".tmp.png")
+        plot(obj["rows"], tmp, device=obj.get("device"))
+        os.replace(tmp, src.with_suffix(".png"))
+        return
     if args.compression:
         rows = bench_compression()
         write_results("int6_linear-compression", rows, args.out,
