@@ -24,8 +24,9 @@ shape (512→1536 1.003, 1536→512 1.019, 512→2048 0.998, 2048→512 1.014, 5
 one quantising pass replaces the cast pass the plain linear makes anyway; "prologue" costs 1.6–1.9× (the Triton
 matmul redoes the quantisation for every 256-token tile, and Triton's matmul alone is slower than cuBLAS here).
 So "quant_cublas" is the default: it writes one bf16 Q(W) per step, the same bytes and memory the plain path's
-bf16 cast writes, and no other copy. Called eagerly from Python, every variant pays ~0.1–0.3 ms of launch
-overhead per forward+backward, which only shows at the small shapes (the trainer's torch.compile hides it).
+bf16 cast writes, and no other copy. Called eagerly from Python, the op's Python and launch overhead (0.05–0.6 ms
+per forward+backward in that run; noisy) exceeds its GPU time at the small shapes; inside a compiled model it runs
+ahead of the GPU as long as the GPU is the bottleneck (not measured here).
 
 Under ``torch.compile`` the ops are ``torch.library.custom_op``s with registered autograd (opaque to the compiler);
 in eager mode an ``autograd.Function`` runs the same code with less Python per call. On a CPU tensor the Triton

@@ -213,7 +213,7 @@ def test_gpu_quantisation_is_exact_through_the_matmuls(impl, bits):
     for n, k in [(512, 512), (1536, 512), (512, 2048), (40, 72)]:
         for wdtype in (torch.float32, torch.bfloat16):
             w = _tricky_weights(n, k, bits, seed=n + k + bits, dtype=wdtype, device="cuda")
-            qw = quant.fake_quant(w, bits, "amax").bfloat16()
+            qw = quant.fake_quant(w.cpu(), bits, "amax").bfloat16().cuda()  # the CPU reference, independent of CUDA
             eye_k = torch.eye(k, device="cuda", dtype=torch.bfloat16)
             y, _, _, _ = _run(impl, eye_k, w, bits, None, torch.ones(k, n, device="cuda", dtype=torch.bfloat16))
             assert torch.equal(y, qw.t()), (impl, n, k, wdtype)
