@@ -53,13 +53,13 @@ def _blocks(kind: str) -> dict:
     if _INTERPRET:
         return {"row_gemm": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
                 "row_gemm_act_bwd": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
-                "attn_in": dict(BM=32, BK=64, num_warps=4, num_stages=1),
+                "attn_in": dict(BM=32, BK=64, HPP=2, num_warps=4, num_stages=1),
                 "attn_epi": dict(BM=32, num_warps=4),
                 "attn_dx": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
                 "wgrad": dict(BN=64, BK=64, BM=32, num_warps=4, num_stages=1)}[kind]
     return {"row_gemm": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
             "row_gemm_act_bwd": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
-            "attn_in": dict(BM=128, BK=32, num_warps=8, num_stages=3),
+            "attn_in": dict(BM=128, BK=32, HPP=2, num_warps=8, num_stages=3),
             "attn_epi": dict(BM=32, num_warps=8),
             "attn_dx": dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3),
             "wgrad": dict(BN=128, BK=128, BM=64, num_warps=8, num_stages=3)}[kind]
@@ -112,33 +112,44 @@ def _attn_in_fwd_kernel(x_ptr, x0_ptr, mix_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr
                         xm_ptr, rstd_ptr, q_ptr, k_ptr, v_ptr, hrstd_ptr,
                         M, T, eps,
                         D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
-                        RD: tl.constexpr, STORE_STATS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    # One program = one head (H q heads, then KVH k heads, then KVH v heads) x one row tile. The head is the
-    # fastest grid axis so the programs reading the same x / x0 rows run together and share them through L2.
-    head = tl.program_id(0)
+                        RD: tl.constexpr, STORE_STATS: tl.constexpr, HPP: tl.constexpr,
+                        BM: tl.constexpr, BK: tl.constexpr):
+    # One program = HPP heads of one kind (groups of q heads, then of k heads, then of v heads) x one row tile.
+    # The group is the fastest grid axis so the programs reading the same x / x0 rows run together and share
+    # them through L2; more heads per program means fewer re-reads of x / x0 (and of the mixing math).
+    grp = tl.program_id(0)
     pid_m = tl.program_id(1)
     HALF: tl.constexpr = HD // 2
+    HR: tl.constexpr = RD // 2
+    PH: tl.constexpr = (HD - RD) // 2
+    NQG: tl.constexpr = H // HPP
+    NKG: tl.constexpr = KVH // HPP
+    W: tl.constexpr = HPP * HALF
     CDT = xm_ptr.dtype.element_ty
-    c, idx_a, idx_b = _rope_halves(HD, RD)
-    # head -> (weight rows, output tensor); only runtime pointers differ between the branches
-    if head < H:
-        w_base = wq_ptr + head * HD * D
-        o_base = q_ptr + head * HD
-    elif head < H + KVH:
-        w_base = wk_ptr + (head - H) * HD * D
-        o_base = k_ptr + (head - H) * HD
+    # accumulator column -> (head j of the group, column cc of the half-head); see _rope_halves for the pairing
+    col = tl.arange(0, W)
+    j = col // HALF
+    cc = col % HALF
+    idx_a = j * HD + tl.where(cc < HR, cc, RD + (cc - HR))
+    idx_b = j * HD + tl.where(cc < HR, HR + cc, RD + PH + (cc - HR))
+    # group -> (weight rows, output tensor); only runtime pointers differ between the branches
+    if grp < NQG:
+        w_base = wq_ptr + grp * HPP * HD * D
+        o_base = q_ptr + grp * HPP * HD
+    elif grp < NQG + NKG:
+        w_base = wk_ptr + (grp - NQG) * HPP * HD * D
+        o_base = k_ptr + (grp - NQG) * HPP * HD
     else:
-        w_base = wv_ptr + (head - H - KVH) * HD * D
-        o_base = v_ptr + (head - H - KVH) * HD
-    o_rs = tl.where(head < H, H * HD, KVH * HD)
+        w_base = wv_ptr + (grp - NQG - NKG) * HPP * HD * D
+        o_base = v_ptr + (grp - NQG - NKG) * HPP * HD
+    o_rs = tl.where(grp < NQG, H * HD, KVH * HD)
     rm = pid_m * BM + tl.arange(0, BM)
     mmask = rm < M
     rk = tl.arange(0, BK)
     # scalar conditions broadcast to row vectors, so masks are plain boolean tensors
-    first_head = (tl.zeros((BM,), dtype=tl.int32) + head) == 0
-    qk_rows = (tl.zeros((BM,), dtype=tl.int32) + head) < H + KVH
-    acc_a = tl.zeros((BM, HALF), dtype=tl.float32)
-    acc_b = tl.zeros((BM, HALF), dtype=tl.float32)
+    first_grp = (tl.zeros((BM,), dtype=tl.int32) + grp) == 0
+    acc_a = tl.zeros((BM, W), dtype=tl.float32)
+    acc_b = tl.zeros((BM, W), dtype=tl.float32)
     sumsq = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, D, BK):
         kk = k0 + rk
@@ -149,8 +160,8 @@ def _attn_in_fwd_kernel(x_ptr, x0_ptr, mix_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr
         xmt = m0[None, :] * xt + m1[None, :] * x0t
         sumsq += tl.sum(xmt * xmt, axis=1)
         xmc = xmt.to(CDT)
-        # every head's program computes the mixed rows; the first one writes them (the residual stream)
-        tl.store(xm_ptr + rm[:, None] * D + kk[None, :], xmc, mask=(mmask & first_head)[:, None])
+        # every group's program computes the mixed rows; the first one writes them (the residual stream)
+        tl.store(xm_ptr + rm[:, None] * D + kk[None, :], xmc, mask=(mmask & first_grp)[:, None])
         wa = tl.load(w_base + idx_a[None, :] * D + kk[:, None]).to(CDT)
         wb = tl.load(w_base + idx_b[None, :] * D + kk[:, None]).to(CDT)
         acc_a = tl.dot(xmc, wa, acc_a)
@@ -158,25 +169,30 @@ def _attn_in_fwd_kernel(x_ptr, x0_ptr, mix_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr
     rstd = 1.0 / tl.sqrt(sumsq / D + eps)
     acc_a = acc_a * rstd[:, None]
     acc_b = acc_b * rstd[:, None]
-    is_qk = head < H + KVH
-    hr = 1.0 / tl.sqrt((tl.sum(acc_a * acc_a, axis=1) + tl.sum(acc_b * acc_b, axis=1)) / HD + eps)
+    is_qk = grp < NQG + NKG
+    hsq = tl.reshape(acc_a * acc_a + acc_b * acc_b, (BM, HPP, HALF))
+    hr = 1.0 / tl.sqrt(tl.sum(hsq, axis=2) / HD + eps)  # [BM, HPP]
     hr = tl.where(is_qk, hr, 1.0)
-    na = acc_a * hr[:, None]
-    nb = acc_b * hr[:, None]
+    na = tl.reshape(tl.reshape(acc_a, (BM, HPP, HALF)) * hr[:, :, None], (BM, W))
+    nb = tl.reshape(tl.reshape(acc_b, (BM, HPP, HALF)) * hr[:, :, None], (BM, W))
     t = rm % T
-    cs = tl.load(cos_ptr + t[:, None] * HALF + c[None, :], mask=mmask[:, None], other=1.0)
-    sn = tl.load(sin_ptr + t[:, None] * HALF + c[None, :], mask=mmask[:, None], other=0.0)
+    cs = tl.load(cos_ptr + t[:, None] * HALF + cc[None, :], mask=mmask[:, None], other=1.0)
+    sn = tl.load(sin_ptr + t[:, None] * HALF + cc[None, :], mask=mmask[:, None], other=0.0)
     cs = tl.where(is_qk, cs, 1.0)
     sn = tl.where(is_qk, sn, 0.0)
-    g = tl.load(gain_ptr + tl.minimum(head, H - 1))
-    g = tl.where(head < H, g, 1.0)
-    ra = (na * cs + nb * sn) * g
-    rb = (nb * cs - na * sn) * g
+    g = tl.load(gain_ptr + tl.minimum(grp * HPP + j, H - 1))
+    g = tl.where(grp < NQG, g, 1.0)
+    ra = (na * cs + nb * sn) * g[None, :]
+    rb = (nb * cs - na * sn) * g[None, :]
     tl.store(o_base + rm[:, None] * o_rs + idx_a[None, :], ra.to(CDT), mask=mmask[:, None])
     tl.store(o_base + rm[:, None] * o_rs + idx_b[None, :], rb.to(CDT), mask=mmask[:, None])
     if STORE_STATS:
-        tl.store(hrstd_ptr + rm * (H + KVH) + tl.minimum(head, H + KVH - 1), hr, mask=mmask & qk_rows)
-        tl.store(rstd_ptr + rm, rstd, mask=mmask & first_head)
+        # q groups then k groups: head-rstd column of the group's first head is grp * HPP
+        jj = tl.arange(0, HPP)
+        qk_cols = (tl.zeros((HPP,), dtype=tl.int32) + grp) < NQG + NKG
+        tl.store(hrstd_ptr + rm[:, None] * (H + KVH) + tl.minimum(grp * HPP + jj, H + KVH - 1)[None, :], hr,
+                 mask=mmask[:, None] & qk_cols[None, :])
+        tl.store(rstd_ptr + rm, rstd, mask=mmask & first_grp)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -521,6 +537,9 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
     _check(cos.shape == (T, HD // 2), "rope tables must be [T, head_dim/2]")
     cfg = _blocks("attn_in")
     BK = _pick(D, cfg["BK"])
+    hpp = cfg["HPP"]
+    while H % hpp or KVH % hpp:
+        hpp //= 2
     dev, dt = x.device, x.dtype
     xm = alloc_like(x)
     q = alloc((M, H * HD), device=dev, dtype=dt)
@@ -528,9 +547,10 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
     v = alloc((M, KVH * HD), device=dev, dtype=dt)
     rstd = alloc((M if store_stats else 0,), device=dev, dtype=torch.float32)
     hrstd = alloc((M if store_stats else 0, H + KVH), device=dev, dtype=torch.float32)
-    grid = (H + 2 * KVH, triton.cdiv(M, cfg["BM"]))
+    grid = ((H + 2 * KVH) // hpp, triton.cdiv(M, cfg["BM"]))
     _attn_in_fwd_kernel[grid](x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, xm, rstd, q, k, v, hrstd,
                               M, T, RMS_EPS, D=D, H=H, KVH=KVH, HD=HD, RD=rope_dims, STORE_STATS=store_stats,
+                              HPP=hpp,
                               BM=cfg["BM"], BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return xm, q, k, v, rstd, hrstd
 
