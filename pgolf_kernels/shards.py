@@ -54,10 +54,21 @@ class ShardError(ValueError):
     """A shard file (or a shard pattern) that cannot be used; the message names the file and the problem."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; finished files get the mode an ordinary open() would give them
+FILE_MODE = 0o666 & ~_umask()
+
+
 def _atomic_write_bytes(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             for chunk in chunks:
                 handle.write(chunk)

@@ -356,7 +356,14 @@ def test_text_dir_end_to_end_reuse_force_and_archive(tmp_path, capsys):
                       "--tokenizer", str(model_path)])
 
 
-def test_archive_formats_round_trip(tmp_path):
+@pytest.mark.parametrize("xz_program", [True, False], ids=["xz-program", "python-lzma"])
+def test_archive_formats_round_trip(tmp_path, monkeypatch, xz_program):
+    from pgolf_kernels.prepare import archive
+
+    if not xz_program:
+        monkeypatch.setattr(archive.shutil, "which", lambda name: None)
+    elif shutil.which("xz") is None:
+        pytest.skip("xz program not installed")
     docs = ['plain', 'with "quotes" and \\ backslash', "unicode \u00e9\u4e2d\U0001f600", "multi\nline\n\ntext"]
     for name in ("a.jsonl", "a.jsonl.gz", "a.jsonl.xz"):
         info = write_archive(tmp_path / name, docs, show_progress=False)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pgolf_kernels.shards import (
+    FILE_MODE,
     HEADER_BYTES,
     SHARD_MAGIC,
     DistributedTokenLoader,
@@ -35,6 +36,7 @@ def test_round_trip_bytes_and_values(tmp_path):
     assert got.dtype == np.uint16
     np.testing.assert_array_equal(got, tokens)
     assert shard_token_count(path) == tokens.size
+    assert path.stat().st_mode & 0o777 == FILE_MODE  # not mkstemp's 0600
     # no temp files left behind by the atomic write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fineweb_train_000000.bin"]
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from .progress import progress
-from ..shards import HEADER_BYTES, TOKENS_PER_SHARD, read_shard, write_shard
+from ..shards import FILE_MODE, HEADER_BYTES, TOKENS_PER_SHARD, read_shard, write_shard
 
 __all__ = [
     "MANIFEST_NAME",
@@ -41,6 +41,7 @@ def tokenizer_model_path(out: Path, vocab_size: int) -> Path:
 def write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2, sort_keys=False)
         handle.write("\n")
