@@ -39,14 +39,15 @@ def _cuda_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     if not sources:
         return None, "csrc/ holds no sources"
-    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]
+    # No -std flag: torch's BuildExtension picks the C++ standard its own headers need (C++17 or C++20).
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         # Hopper's own instructions (wgmma, setmaxnreg) need sm_90a; sm_80 keeps the build portable.
         nvcc_flags += ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
     ext = CUDAExtension(
         name="pgolf_kernels._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return ([ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}), None
 

@@ -17,6 +17,9 @@ _REASON = None
 def _load():
     global _C, _REASON
     try:
+        # torch first: it loads libc10/libtorch that _C links against (without it: "libc10.so: cannot open").
+        import torch  # noqa: F401
+
         _C = importlib.import_module("pgolf_kernels._C")
         _REASON = None
         return
