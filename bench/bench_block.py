@@ -5,8 +5,10 @@ Implementations (rows' `impl`):
   eager    pgolf_kernels.block.ReferenceBlock under bf16 autocast (the official block), SDPA pinned to the flash
            backend as the official trainer does
   compile  torch.compile(ReferenceBlock) (inductor, dynamic=False, fullgraph), same autocast and SDPA pin
-  fused    pgolf_kernels.block.FusedBlock (bf16 activations, fp32 weights), SDPA cuDNN backend; a second fused
-           row with the flash backend shows how much of the gain is attention
+  fused    pgolf_kernels.block.FusedBlock (bf16 activations, fp32 weights), SDPA cuDNN backend, launched from
+           Python (wrapper "none"); more fused rows: the flash backend (how much of the gain is attention) and
+           torch.compile(FusedBlock) (wrapper "torch.compile": the custom ops are opaque, compile removes Python
+           overhead around them)
 Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
 fwd = forward under torch.no_grad() (the fused block's eval path).
 
@@ -95,13 +97,13 @@ def plot_rows(rows_: list[dict], path) -> None:
     for ax, mode in zip(axes, ("fwd_bwd", "fwd")):
         rs = [r for r in rows_ if r["mode"] == mode and r.get("ms")]
         cases = list(dict.fromkeys(r["case"] for r in rs))
-        labels = list(dict.fromkeys(f"{r['impl']}/{r['sdpa']}" for r in rs))
+        labels = list(dict.fromkeys(f"{r['impl']}/{r['sdpa']}/{r.get('wrapper', 'none')}" for r in rs))
         w = 0.8 / max(1, len(labels))
         for j, lab in enumerate(labels):
             xs, ys = [], []
             for i, c in enumerate(cases):
                 for r in rs:
-                    if r["case"] == c and f"{r['impl']}/{r['sdpa']}" == lab:
+                    if r["case"] == c and f"{r['impl']}/{r['sdpa']}/{r.get('wrapper', 'none')}" == lab:
                         xs.append(i + j * w)
                         ys.append(r["ms"])
             ax.bar(xs, ys, width=w, label=lab)
@@ -109,7 +111,8 @@ def plot_rows(rows_: list[dict], path) -> None:
         ax.set_xticklabels(cases, rotation=15, fontsize=8)
         ax.set_ylabel("ms (median)")
         ax.set_title(f"block {mode}")
-        ax.legend(fontsize=8)
+        if labels:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -208,7 +211,7 @@ def aot_check(arch: int = 90) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder(s), comma separated")
     ap.add_argument("--cases", default=",".join(DEFAULT_CASES))
@@ -218,17 +221,28 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=330.0, help="seconds; later measurements are skipped")
     ap.add_argument("--aot-check", action="store_true",
                     help="no GPU needed: compile every kernel for sm_90 and print registers/spills/smem, then exit")
-    args = ap.parse_args()
+    ap.add_argument("--smoke-cpu", action="store_true",
+                    help="check this script's logic on CPU (TRITON_INTERPRET=1, fp32, d_model 128, 2/1 heads, one "
+                         "timed call, no torch.compile rows for fused); numbers mean nothing")
+    args = ap.parse_args(argv)
     if args.aot_check:
         bad = 0
         for r in aot_check():
             print(r, flush=True)
             bad += bool(r.get("error")) or bool(r.get("spill_bytes"))
         raise SystemExit(1 if bad else 0)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_block needs a CUDA device")
+    smoke = args.smoke_cpu
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("bench_block needs a CUDA device (or --smoke-cpu / --aot-check)")
     import triton.testing
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def bench_ms(fn) -> float:
+        if smoke:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return triton.testing.do_bench(fn, warmup=50, rep=args.rep, return_mode="median")
 
     t_start = time.time()
     out_dirs = args.out.split(",")
@@ -237,7 +251,9 @@ def main() -> None:
     rows: list[dict] = []
     skipped: list[str] = []
     torch.backends.cuda.matmul.allow_tf32 = False
-    dev = torch.device("cuda")
+    dev = torch.device("cpu" if smoke else "cuda")
+    act_dtype = torch.float32 if smoke else torch.bfloat16
+    shape_kw = dict(d_model=128, num_heads=2, num_kv_heads=1) if smoke else {}
 
     def over_budget() -> bool:
         return time.time() - t_start > args.time_budget
@@ -261,7 +277,7 @@ def main() -> None:
 
     for case in args.cases.split(","):
         spec = parse_case(case)
-        cfg = BlockConfig(mlp_mult=spec["mlp_mult"], activation=spec["activation"], rope_dims=64)
+        cfg = BlockConfig(mlp_mult=spec["mlp_mult"], activation=spec["activation"], rope_dims=64, **shape_kw)
         B, T = spec["B"], spec["T"]
         ref = ReferenceBlock(cfg)
         init_params(ref, 0)
@@ -270,9 +286,9 @@ def main() -> None:
         fused.load_state_dict(ref.state_dict())
         params_ref, params_fused = list(ref.parameters()), list(fused.parameters())
         g = torch.Generator(device=dev).manual_seed(1)
-        x = torch.randn(B, T, cfg.d_model, device=dev, generator=g).bfloat16()
-        x0 = torch.randn(B, T, cfg.d_model, device=dev, generator=g).bfloat16()
-        dy = torch.randn(B, T, cfg.d_model, device=dev, generator=g).bfloat16()
+        x = torch.randn(B, T, cfg.d_model, device=dev, generator=g).to(act_dtype)
+        x0 = torch.randn(B, T, cfg.d_model, device=dev, generator=g).to(act_dtype)
+        dy = torch.randn(B, T, cfg.d_model, device=dev, generator=g).to(act_dtype)
         xg, x0g = x.clone().requires_grad_(), x0.clone().requires_grad_()
 
         # fp32 reference for the ok check
@@ -281,11 +297,17 @@ def main() -> None:
         truth = [y32.detach()] + list(torch.autograd.grad(y32, [x32, x032, *params_ref], dy.float()))
         del y32, x32, x032
         compiled = torch.compile(ref, dynamic=False, fullgraph=True) if "compile" in impls else None
+        fused_compiled = torch.compile(fused, dynamic=False, fullgraph=True) if ("fused" in impls and not smoke) else None
 
-        def make(impl: str, mode: str, backend):
-            block = {"eager": ref, "compile": compiled, "fused": fused}[impl]
+        def make(impl: str, mode: str, backend, wrapper: str):
+            if impl == "fused":
+                block = fused_compiled if wrapper == "torch.compile" else fused
+            else:
+                block = {"eager": ref, "compile": compiled}[impl]
             params = params_fused if impl == "fused" else params_ref
-            autocast = impl != "fused"
+            autocast = impl != "fused" and not smoke
+            if smoke:
+                backend = SDPBackend.MATH  # the only CPU backend
 
             def fwd_bwd():
                 with sdpa_kernel([backend]), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
@@ -302,19 +324,24 @@ def main() -> None:
         for mode in modes:
             for impl in impls:
                 if impl == "fused":
-                    plan += [(impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn"),
-                             (impl, mode, SDPBackend.FLASH_ATTENTION, "flash")]
+                    plan += [(impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn", "none"),
+                             (impl, mode, SDPBackend.FLASH_ATTENTION, "flash", "none")]
+                    if not smoke:
+                        plan.append((impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn", "torch.compile"))
                 else:
-                    plan.append((impl, mode, SDPBackend.FLASH_ATTENTION, "flash"))
+                    plan.append((impl, mode, SDPBackend.FLASH_ATTENTION, "flash",
+                                 "torch.compile" if impl == "compile" else "none"))
         eager_err: dict[str, list[float]] = {}
-        for impl, mode, backend, bname in plan:
-            label = f"{case}/{mode}/{impl}/{bname}"
+        for impl, mode, backend, bname, wrapper in plan:
+            label = f"{case}/{mode}/{impl}/{bname}/{wrapper}"
             if over_budget():
                 skipped.append(label)
                 continue
             t0 = time.time()
-            fn = make(impl, mode, backend)
-            row = dict(case=f"{case}", mode=mode, impl=impl, sdpa=bname, ms=None, tflops=None, peak_mib=None,
+            fn = make(impl, mode, backend, wrapper)
+            if smoke:
+                bname = "math"
+            row = dict(case=f"{case}", mode=mode, impl=impl, sdpa=bname, wrapper=wrapper, ms=None, tflops=None, peak_mib=None,
                        tokens_per_s=None, ok=False, max_rel_err=None, error=None)
             try:
                 outs = fn()  # warm-up (compiles) + the outputs checked below
@@ -330,13 +357,14 @@ def main() -> None:
                 row["max_rel_err"] = max(errs)
                 del outs
                 gc.collect()
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                fn()
-                torch.cuda.synchronize()
-                row["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
-                ms = triton.testing.do_bench(fn, warmup=50, rep=args.rep, return_mode="median")
+                if not smoke:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    fn()
+                    torch.cuda.synchronize()
+                    row["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+                ms = bench_ms(fn)
                 row["ms"] = ms
                 row["tflops"] = model_flops(cfg, B, T, mode) / (ms * 1e-3) / 1e12
                 row["tokens_per_s"] = B * T / (ms * 1e-3)
@@ -347,10 +375,11 @@ def main() -> None:
                   f"err={row['max_rel_err']} peak={row['peak_mib']} ({time.time() - t0:.1f}s) {row['error'] or ''}",
                   flush=True)
             flush()
-        del ref, fused, compiled
+        del ref, fused, compiled, fused_compiled
         torch._dynamo.reset()
         gc.collect()
-        torch.cuda.empty_cache()
+        if not smoke:
+            torch.cuda.empty_cache()
     flush()
     for r in rows:
         print(r)

@@ -429,3 +429,20 @@ def test_bench_block_flops_and_plot(tmp_path):
             for m in ("fwd_bwd", "fwd") for i, ms in (("eager", 10.0), ("compile", 5.0), ("fused", 3.0))]
     bench.plot_rows(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+@needs_triton_cpu
+def test_bench_block_cpu_smoke(tmp_path):
+    # the bench's own logic (plan, ok check against fp32, files) on CPU; its numbers mean nothing here
+    import json
+    spec = importlib.util.spec_from_file_location("pgolf_bench_block_smoke", REPO / "bench" / "bench_block.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke-cpu", "--out", str(tmp_path), "--cases", "B1_T64_mlp3_leaky_relu2", "--impls", "eager,fused",
+                "--modes", "fwd_bwd,fwd"])
+    files = sorted(p.suffix for p in tmp_path.iterdir())
+    assert files == [".json", ".md", ".png"]
+    obj = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert obj["bench"] == "block" and len(obj["rows"]) == 6
+    assert all(r["ok"] and r["error"] is None and r["ms"] > 0 for r in obj["rows"]), obj["rows"]
+
