@@ -335,10 +335,12 @@ def _attn_in_bwd_epi_kernel(dq_ptr, dq_s0, dq_s1, dq_s2, dq_s3,
         dna = dra * cs - drb * sn
         dnb = dra * sn + drb * cs
         hr = tl.load(hrstd_ptr + rm * (H + KVH) + h, mask=mmask, other=1.0)
-        mdn = (tl.sum(dna * na, axis=1) + tl.sum(dnb * nb, axis=1)) / HD
-        daa = hr[:, None] * (dna - na * mdn[:, None])
-        dab = hr[:, None] * (dnb - nb * mdn[:, None])
-        csum += (tl.sum(daa * na, axis=1) + tl.sum(dab * nb, axis=1)) / hr
+        sdn = tl.sum(dna * na, axis=1) + tl.sum(dnb * nb, axis=1)
+        daa = hr[:, None] * (dna - na * (sdn / HD)[:, None])
+        dab = hr[:, None] * (dnb - nb * (sdn / HD)[:, None])
+        # sum_j da_j a_j = sdn * (1 - sum(n^2)/HD) = sdn * eps * hr^2 exactly (the head norm's gradient is
+        # orthogonal to its input up to eps); computing it this way keeps bf16 noise in n out of c
+        csum += sdn * eps * hr * hr
         tl.store(dqkv_ptr + rm[:, None] * NQKV + h * HD + idx_a[None, :], (daa * r1).to(CDT), mask=m2)
         tl.store(dqkv_ptr + rm[:, None] * NQKV + h * HD + idx_b[None, :], (dab * r1).to(CDT), mask=m2)
     cd = tl.arange(0, HD)
