@@ -69,6 +69,7 @@ DEFAULT_PACKAGES = [
     "fortunes",
     "bible-kjv-text",
 ]
+MAX_FILE_SHARE = 0.05  # of a --max-bytes budget, per source file
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pgolf" / "debian-docs"
 
 
@@ -204,13 +205,19 @@ def _cached_ok(path: Path, size: int) -> bool:
     return path.is_file() and (size == 0 or path.stat().st_size == size)
 
 
-def unpack_packages(debs: dict[str, Path], unpack_dir: Path) -> dict[str, Path]:
-    """`dpkg-deb -x` each .deb into its own folder (reused when already there); returns name -> folder."""
+def unpack_packages(debs: dict[str, Path], unpack_dir: Path, workers: int | None = None) -> dict[str, Path]:
+    """`dpkg-deb -x` each .deb into its own folder (reused when already there); returns name -> folder.
+
+    Several dpkg-deb processes run at once: unpacking is decompression on one core per package.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     if shutil.which("dpkg-deb") is None:
         raise RuntimeError("dpkg-deb is needed to unpack .deb files (package dpkg)")
     unpack_dir.mkdir(parents=True, exist_ok=True)
-    roots = {}
-    for name, deb in progress(sorted(debs.items()), desc="unpack .deb", unit="pkg"):
+
+    def unpack(item: tuple[str, Path]) -> tuple[str, Path]:
+        name, deb = item
         root = unpack_dir / deb.stem
         if not (root / ".unpacked").is_file():
             tmp = Path(tempfile.mkdtemp(prefix=f".{deb.stem}.", dir=unpack_dir))
@@ -219,8 +226,15 @@ def unpack_packages(debs: dict[str, Path], unpack_dir: Path) -> dict[str, Path]:
             if root.exists():
                 shutil.rmtree(root)
             os.replace(tmp, root)
-        roots[name] = root
-    return roots
+        return name, root
+
+    # biggest first, so the longest unpack starts at once
+    items = sorted(debs.items(), key=lambda item: -item[1].stat().st_size)
+    roots = {}
+    with ThreadPoolExecutor(max_workers=workers or max(1, os.cpu_count() or 1)) as pool:
+        for name, root in progress(pool.map(unpack, items), total=len(items), desc="unpack .deb", unit="pkg"):
+            roots[name] = root
+    return dict(sorted(roots.items()))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -504,7 +518,7 @@ def build_debian_corpus(
     stats.seconds["download"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    all_roots = unpack_packages(debs, cache_dir / "unpacked")
+    all_roots = unpack_packages(debs, cache_dir / "unpacked", workers)
     roots = {name: root for name, root in all_roots.items() if name not in helper_names}
     helpers = {name: root for name, root in all_roots.items() if name in helper_names}
     tasks, _skipped = collect_tasks(roots, helpers)
@@ -523,6 +537,13 @@ def build_debian_corpus(
     documents: list[str] = []
     text_bytes = 0
     budget_bytes = max_bytes if max_bytes else None
+    # With a budget, one file (a whole dictionary, a manual in one info file) may give at most this share of
+    # it, so a small slice still samples many packages instead of mostly one big file.
+    file_cap = int(budget_bytes * MAX_FILE_SHARE) if budget_bytes else 0
+
+    def budget_reached() -> bool:
+        return bool((max_docs and len(documents) >= max_docs) or (budget_bytes and text_bytes >= budget_bytes))
+
     workers = workers or max(1, os.cpu_count() or 1)
     context = multiprocessing.get_context("fork") if hasattr(os, "fork") else multiprocessing.get_context()
     bar = progress(total=len(order), desc="convert docs", unit="file")
@@ -545,6 +566,7 @@ def build_debian_corpus(
             counts["dropped_tiny"] += result.dropped_tiny
             stats.dropped["not_english"] += result.dropped_lang
             stats.dropped["tiny"] += result.dropped_tiny
+            file_bytes = 0
             for pieces, key, signatures in result.units:
                 verdict = dedup.check_keys(key, signatures)
                 if verdict != "keep":
@@ -552,12 +574,20 @@ def build_debian_corpus(
                     counts[f"duplicate_{verdict}"] += 1
                     continue
                 for piece in pieces:
-                    documents.append(piece)
                     size = len(piece.encode("utf-8"))
+                    if file_cap and file_bytes >= file_cap:
+                        stats.dropped["over_file_share"] += 1
+                        continue
+                    documents.append(piece)
+                    file_bytes += size
                     text_bytes += size
                     counts["docs"] += 1
                     counts["bytes"] += size
-            if (max_docs and len(documents) >= max_docs) or (budget_bytes and text_bytes >= budget_bytes):
+                    if budget_reached():
+                        break
+                if budget_reached():
+                    break
+            if budget_reached():
                 stats.stopped_early = True
                 break
             bar.set_postfix_str(f"{text_bytes / 1e6:.1f} MB text", refresh=False)
