@@ -432,6 +432,9 @@ def test_debian_corpus_from_local_deb(tmp_path, monkeypatch):
     (doc_dir / "german.txt").write_text(
         "Dies ist ein deutscher Text, der aus der Sammlung entfernt werden muss, weil er nicht englisch ist. " * 5)
     (doc_dir / "changelog.gz").write_bytes(gzip.compress(b"demo (1.0) unstable; urgency=low\n" * 20))
+    fortune_dir = pkg_root / "usr" / "share" / "games" / "fortunes"
+    fortune_dir.mkdir(parents=True)
+    (fortune_dir / "demo").write_text("\n%\n".join(f"Fortune {i}. " + _english_doc(rng, 3) for i in range(150)))
     deb = tmp_path / "demo-doc_1.0_all.deb"
     subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(pkg_root), str(deb)], check=True, capture_output=True)
 
@@ -444,16 +447,24 @@ def test_debian_corpus_from_local_deb(tmp_path, monkeypatch):
 
     documents, stats = debian_docs.build_debian_corpus(["demo-doc", "gone-doc"], cache, seed=3, workers=1)
     assert stats.packages_missing == ["gone-doc"] and stats.packages_found == ["demo-doc"]
-    assert stats.files_total == 9  # 6 html + 3 txt (changelog skipped)
-    assert len(documents) == 6
+    assert stats.files_total == 10  # 6 html + 3 txt + 1 fortune file (changelog skipped)
+    fortune_docs = [d for d in documents if d.startswith("Fortune ") or "\nFortune " in d]
+    assert len(fortune_docs) >= 2  # ~50 KB of entries packed into pieces of <= 20 KB
+    assert all(len(d) <= 20_000 for d in fortune_docs)
+    assert len(documents) == 6 + len(fortune_docs)  # 6 pages (html and its text copy count once)
     assert stats.dropped["tiny"] == 1 and stats.dropped["not_english"] == 1
     assert stats.dropped["duplicate_near"] + stats.dropped["duplicate_exact"] == 1
     for i, body in enumerate(bodies[1:], 1):
         assert any(f"Page {i}" in d and body.split("\n\n")[0] in d for d in documents)
 
-    # a byte budget stops converting early
+    # a byte budget stops converting early ...
     small, small_stats = debian_docs.build_debian_corpus(["demo-doc"], cache, seed=3, max_bytes=500, workers=1)
-    assert small_stats.stopped_early and 1 <= len(small) < 6
+    assert small_stats.stopped_early and len(small) == 1
+    # ... and no single file may fill more than its share of it: one fortune piece, not all of them
+    capped, capped_stats = debian_docs.build_debian_corpus(["demo-doc"], cache, seed=3, max_bytes=200_000, workers=1)
+    assert not capped_stats.stopped_early
+    assert sum(1 for d in capped if d.startswith("Fortune ") or "\nFortune " in d) == 1
+    assert capped_stats.dropped["over_file_share"] == len(fortune_docs) - 1
 
 
 def _no_apt_get(real_run):
