@@ -169,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     tokenizer_path = build.tokenizer_model_path(out, args.vocab_size)
     archive_path = args.write_archive.expanduser().resolve() if args.write_archive else None
-    extra = [archive_path] if archive_path else []
-    if not args.force and manifest_is_current_and_archive(existing, request, data_dir, tokenizer_path, extra, archive_path):
+    if not args.force and _is_up_to_date(existing, request, data_dir, tokenizer_path, archive_path):
         print(f"{data_dir}: up to date ({existing['tokens']['train']:,} train + {existing['tokens']['val']:,} val "
               f"tokens, tokenizer {tokenizer_path.name}); --force rebuilds")
         return 0
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         source_info = {"archive": str(Path(args.path).resolve())}
         shuffled = False  # the archive is already in its final (shuffled) order
     else:
-        files, fingerprint = _fingerprint_dir(Path(args.path))
+        files, _fingerprint = _fingerprint_dir(Path(args.path))
         documents = _limit(seeded_shuffle(_read_text_dir(files), args.seed), args.max_docs, args.max_bytes)
         source_info = {"text_dir": str(Path(args.path).resolve()), "files": len(files)}
         shuffled = True
@@ -278,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def manifest_is_current_and_archive(existing, request, data_dir, tokenizer_path, extra, archive_path) -> bool:
+def _is_up_to_date(existing, request, data_dir: Path, tokenizer_path: Path, archive_path: Path | None) -> bool:
+    """The manifest matches this request, its files are intact, and a requested archive is the one it wrote."""
+    extra = [archive_path] if archive_path else []
     if not build.manifest_is_current(existing, request, data_dir, tokenizer_path, extra):
         return False
     if archive_path is not None:
