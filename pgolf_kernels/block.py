@@ -468,8 +468,9 @@ class FusedBlock(ReferenceBlock):
 
     def __init__(self, cfg: BlockConfig | None = None, **overrides):
         super().__init__(cfg, **overrides)
-        if self.cfg.head_dim % 32:
-            raise ValueError(f"FusedBlock needs head_dim % 32 == 0, got {self.cfg.head_dim}")
+        hd = self.cfg.head_dim
+        if hd % 32 or hd & (hd - 1):
+            raise ValueError(f"FusedBlock needs head_dim to be a power of two >= 32 (head_dim % 32 == 0), got {hd}")
         if self.cfg.d_model % 64 or self.cfg.hidden % 64:
             raise ValueError("FusedBlock needs d_model and hidden to be multiples of 64")
         self._rope_cache: dict = {}
@@ -492,6 +493,8 @@ class FusedBlock(ReferenceBlock):
         if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise RuntimeError("FusedBlock needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
         b, t, _ = x.shape
+        if b * t * max(cfg.hidden, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) >= 2**31:
+            raise ValueError(f"B*T = {b * t} rows is too many for the kernels' 32-bit offsets: split the batch")
         train = torch.is_grad_enabled() and (x.requires_grad or x0.requires_grad
                                              or any(p.requires_grad for p in self.parameters()))
         cos, sin = self._rope(t, x.device)

@@ -304,6 +304,12 @@ def test_fused_block_rejects_bad_inputs():
         fused(torch.randn(8, 128), torch.randn(8, 128))
     with pytest.raises(ValueError, match="head_dim % 32"):
         FusedBlock(d_model=128, num_heads=8, num_kv_heads=4, rope_dims=16)
+    with pytest.raises(ValueError, match="power of two"):
+        FusedBlock(d_model=192, num_heads=2, num_kv_heads=1, rope_dims=16)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        # rows * hidden (2 * 128) reaches 2^31 at 2^23 rows; expanded views: no memory, refused before use
+        big = torch.zeros(1, 1, 128).expand(2**23, 1, 128)
+        fused(big, big)
 
 
 @needs_triton_cpu
