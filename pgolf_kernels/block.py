@@ -35,9 +35,10 @@ Design choices (and why):
   * The MLP stores only `pre` (hidden before the activation); act(pre) is recomputed in the down matmul's
     operand load and in dWproj2's operand load, act'(pre) in dPre's epilogue. Nothing else of width `hidden`
     is written in forward.
-  * q/k/v come out of one kernel in which a program owns one head of a row tile, so the per-head RMSNorm,
-    RoPE and gain are epilogue math. RoPE pairs are laid out as two half-head accumulators (two matmuls of
-    N = head_dim/2), so rotating is elementwise and partial RoPE is just cos=1 / sin=0 on pass-through columns.
+  * q/k/v come out of one kernel in which a program owns whole heads (two on the GPU) of a row tile, so the
+    per-head RMSNorm, RoPE and gain are epilogue math. RoPE pairs are laid out as two half-head accumulators
+    (two matmuls of N = heads*head_dim/2), so rotating is elementwise and partial RoPE is just cos=1 / sin=0 on
+    the pass-through columns. Programs of one row tile are adjacent in the grid, so x / x0 come from HBM once.
   * Backward recovers the normalised, unrotated q/k from the q/k that SDPA keeps alive anyway
     (n = R^T(y) / gain) and needs only the per-head rstd ([M, H+KVH] floats) from forward. A q gain of
     exactly 0 would make d(q_gain) wrong for that head (y carries no information then).
