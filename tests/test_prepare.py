@@ -321,6 +321,7 @@ def test_text_dir_end_to_end_reuse_force_and_archive(tmp_path, capsys):
     assert manifest["docs"] == {"total": 60, "val": len(val_docs), "train": len(train_docs)}
     assert manifest["tokens"]["val"] == val_tokens
     assert manifest["tokenizer"]["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
+    assert manifest["tokenizer"]["sample_docs"][0] >= len(val_docs)  # tokenizer never saw validation text
     assert [s["name"] for s in manifest["shards"]] == [p.name for p in val + train]
     assert read_archive(archive) == order  # the archive holds the documents in their final order
 

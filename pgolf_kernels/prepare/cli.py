@@ -23,6 +23,7 @@ from .documents import seeded_shuffle
 SOURCES = ("debian-docs", "archive", "text-dir", "fineweb")
 DEFAULT_VAL_TOKENS = 1_000_000
 DEFAULT_TOKENIZER_TRAIN_BYTES = 40_000_000
+VAL_BYTES_PER_TOKEN_BOUND = 4
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 
 
@@ -229,16 +230,25 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .tokenizer import train_tokenizer
 
-        # sample from the end of the document order: those documents are training data, not validation
+        # The validation documents are the first ones, but where they end is only known after tokenising.
+        # Skip a prefix sure to contain them (sp1024 averages ~2.3 bytes per token on these corpora, so
+        # VAL_BYTES_PER_TOKEN_BOUND bytes per validation token is ample) and sample the tokenizer text after it.
+        reserve = args.val_tokens * VAL_BYTES_PER_TOKEN_BOUND
+        sample_start, size = 0, 0
+        while sample_start < len(documents) and size < reserve:
+            size += len(documents[sample_start].encode("utf-8"))
+            sample_start += 1
+        if sample_start >= len(documents):
+            sample_start = 0  # tiny corpus: train on everything (the notice below says so)
         sample, size = [], 0
-        for doc in reversed(documents):
+        for doc in documents[sample_start:]:
             sample.append(doc)
             size += len(doc.encode("utf-8"))
             if size >= args.tokenizer_train_bytes:
                 break
-        sample_start = len(documents) - len(sample)
         tokenizer_info = train_tokenizer(sample, args.vocab_size, tokenizer_path,
                                          max_bytes=args.tokenizer_train_bytes, threads=args.threads)
+        tokenizer_info["sample_docs"] = [sample_start, sample_start + len(sample)]
     seconds["tokenizer"] = time.perf_counter() - t0
     check_tokenizer(tokenizer_path, args.vocab_size)
 
@@ -246,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                                       threads=args.threads)
     seconds["tokenize"] = result.pop("seconds")
     if sample_start is not None and sample_start < result["docs_val"]:
-        print(f"notice: the corpus is small, so the tokenizer sample includes {result['docs_val'] - sample_start} "
-              "validation documents", file=sys.stderr, flush=True)
+        print(f"notice: the corpus is small, so the tokenizer was trained on text that includes "
+              f"{result['docs_val'] - sample_start} validation documents", file=sys.stderr, flush=True)
 
     manifest = {
         "pgolf_version": _version(),
