@@ -128,17 +128,22 @@ def rope_angles(seq_len: int, inv_freq: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables [1, 1, T, rope_dims/2] from the `inv_freq` buffer (non-persistent, as the official)."""
+    """cos/sin tables [1, 1, T, rope_dims/2] from the `inv_freq` buffer (non-persistent, as the official),
+    cached per sequence length, device and buffer dtype as the official caches them."""
 
     def __init__(self, head_dim: int, base: float = 10000.0, rope_dims: int | None = None):
         super().__init__()
         self.rope_dims = head_dim if rope_dims is None else rope_dims
         inv_freq = 1.0 / (base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache: tuple | None = None
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        freqs = rope_angles(seq_len, self.inv_freq.to(device))
-        return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
+        key = (seq_len, device, self.inv_freq.dtype)
+        if self._cache is None or self._cache[0] != key:
+            freqs = rope_angles(seq_len, self.inv_freq.to(device))
+            self._cache = (key, freqs.cos()[None, None], freqs.sin()[None, None])
+        return self._cache[1].to(dtype), self._cache[2].to(dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rope_dims: int) -> Tensor:
