@@ -84,6 +84,26 @@ def init_params(block: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
 
 
+def kernel_profile(fn, iters: int = 5, top: int = 30) -> list[dict]:
+    """CUDA time per kernel name, averaged over `iters` calls of fn (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0.0)
+        if t > 0:
+            out.append(dict(kernel=e.key[:120], calls_per_iter=e.count / iters, ms_per_iter=t / 1e3 / iters))
+    out.sort(key=lambda r: -r["ms_per_iter"])
+    return out[:top]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
@@ -221,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--time-budget", type=float, default=330.0, help="seconds; later measurements are skipped")
     ap.add_argument("--aot-check", action="store_true",
                     help="no GPU needed: compile every kernel for sm_90 and print registers/spills/smem, then exit")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the per-kernel CUDA time breakdown (torch.profiler) of the first case's fused and compile "
+                         "fwd+bwd, stored under 'profile' in the JSON")
     ap.add_argument("--smoke-cpu", action="store_true",
                     help="check this script's logic on CPU (TRITON_INTERPRET=1, fp32, d_model 128, 2/1 heads, one "
                          "timed call, no torch.compile rows for fused); numbers mean nothing")
@@ -250,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     modes = args.modes.split(",")
     rows: list[dict] = []
     skipped: list[str] = []
+    profiles: dict[str, list[dict]] = {}
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cpu" if smoke else "cuda")
     act_dtype = torch.float32 if smoke else torch.bfloat16
@@ -273,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
             ref = next((q for q in rows if q["case"] == r["case"] and q["mode"] == r["mode"]
                         and q["impl"] == "compile" and q.get("ms")), None)
             r["speedup_vs_compile"] = (ref["ms"] / r["ms"]) if (ref and r.get("ms")) else None
-        write_results("block", rows, out_dirs, plot=plot_rows, notes=notes())
+        write_results("block", rows, out_dirs, plot=plot_rows, notes=notes(),
+                      extra={"profile": profiles} if profiles else None)
 
     for case in args.cases.split(","):
         spec = parse_case(case)
@@ -370,6 +395,10 @@ def main(argv: list[str] | None = None) -> None:
                 row["tokens_per_s"] = B * T / (ms * 1e-3)
             except Exception as e:  # a failing impl is a result too; keep measuring the others
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            if (not smoke and not args.no_profile and mode == "fwd_bwd" and row["ms"] is not None and not over_budget()
+                    and case == args.cases.split(",")[0] and (impl, bname, wrapper) in
+                    {("fused", "cudnn", "none"), ("compile", "flash", "torch.compile")}):
+                profiles[f"{case}/{mode}/{impl}/{bname}/{wrapper}"] = kernel_profile(fn)
             rows.append(row)
             print(f"[{time.time() - t_start:6.1f}s] {label}: ms={row['ms']} ok={row['ok']} "
                   f"err={row['max_rel_err']} peak={row['peak_mib']} ({time.time() - t0:.1f}s) {row['error'] or ''}",

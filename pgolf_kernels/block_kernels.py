@@ -18,6 +18,7 @@ Wrappers below allocate outputs and launch; they check shapes and raise ValueErr
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -49,20 +50,41 @@ def _blocks(kind: str) -> dict:
     """Tile sizes. Interpreter: small tiles so tests cover several tiles and row masks on tiny shapes.
     GPU (H100): tiles that compile for sm_90 to wgmma with cp.async pipelining and no register spills, checked
     offline (`python bench/bench_block.py --aot-check`, no GPU needed) at d=512, 8/4 heads, hidden 1024-2048;
-    their speed is unmeasured: tune with bench/bench_block.py on the device."""
+    their speed is unmeasured: tune with bench/bench_block.py on the device (PGOLF_BLOCK_TILES overrides)."""
     if _INTERPRET:
-        return {"row_gemm": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
-                "row_gemm_act_bwd": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
-                "attn_in": dict(BM=32, BK=64, HPP=2, num_warps=4, num_stages=1),
-                "attn_epi": dict(BM=32, num_warps=4),
-                "attn_dx": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
-                "wgrad": dict(BN=64, BK=64, BM=32, num_warps=4, num_stages=1)}[kind]
-    return {"row_gemm": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
-            "row_gemm_act_bwd": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
-            "attn_in": dict(BM=128, BK=32, HPP=2, num_warps=8, num_stages=3),
-            "attn_epi": dict(BM=32, num_warps=8),
-            "attn_dx": dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3),
-            "wgrad": dict(BN=128, BK=128, BM=64, num_warps=8, num_stages=3)}[kind]
+        table = {"row_gemm": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
+                 "row_gemm_act_bwd": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
+                 "attn_in": dict(BM=32, BK=64, HPP=2, num_warps=4, num_stages=1),
+                 "attn_epi": dict(BM=32, num_warps=4),
+                 "attn_dx": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
+                 "wgrad": dict(BN=64, BK=64, BM=32, num_warps=4, num_stages=1)}
+    else:
+        table = {"row_gemm": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
+                 "row_gemm_act_bwd": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
+                 "attn_in": dict(BM=128, BK=32, HPP=2, num_warps=8, num_stages=3),
+                 "attn_epi": dict(BM=32, num_warps=8),
+                 "attn_dx": dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3),
+                 "wgrad": dict(BN=128, BK=128, BM=64, num_warps=8, num_stages=3)}
+    cfg = dict(table[kind])
+    cfg.update(_TILE_OVERRIDES.get(kind, {}))
+    return cfg
+
+
+def _tile_overrides() -> dict:
+    """PGOLF_BLOCK_TILES='{"row_gemm": {"BN": 64}, ...}' overrides tile settings per kind (for tuning runs)."""
+    raw = os.environ.get("PGOLF_BLOCK_TILES", "").strip()
+    if not raw:
+        return {}
+    try:
+        val = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"PGOLF_BLOCK_TILES is not valid JSON: {e}") from None
+    if not isinstance(val, dict) or not all(isinstance(v, dict) for v in val.values()):
+        raise ValueError('PGOLF_BLOCK_TILES must look like {"row_gemm": {"BN": 64, "num_stages": 4}}')
+    return val
+
+
+_TILE_OVERRIDES = _tile_overrides()
 
 
 # ----------------------------------------------------------------------------------------------------------
