@@ -4,15 +4,16 @@ Layout conventions (all activations row-major, M = batch * seq rows):
   x, x0, xm, x1, out : [M, D]              q : [M, H*HD]   k, v : [M, KVH*HD]
   pre (MLP hidden before the activation) : [M, HID]
   rstd1 / rstd2 : [M] fp32 (row 1/rms of xm / x1)      head_rstd : [M, H+KVH] fp32 (q/k per-head 1/rms)
-Weights stay fp32 (as the optimiser keeps them) and are cast to the activation dtype inside the kernels, so no
-separate cast kernels run per step. Accumulation is always fp32.
+Master weights stay fp32 (as the optimiser keeps them); `prep_weights` makes their activation-dtype copies (some
+row-scaled) in one launch per forward, and the matmul kernels read those. Accumulation is always fp32.
 
-Every kernel is a matmul with its elementwise neighbours folded into the prologue (operand loads) or epilogue:
+Every kernel but two is a matmul with its elementwise neighbours folded into operand loads or the epilogue:
   _attn_in_fwd_kernel      resid_mix + RMSNorm (as a row scale) + x@[Wq;Wk;Wv]^T + q/k RMSNorm + RoPE + q gain
   _row_gemm_kernel         generic  out = epilogue(prologue(A) @ W)  (output projections, MLP up/down, dX matmuls)
   _attn_in_bwd_epi_kernel  backward of the QKV epilogue (q/k norm, RoPE, gain) for all heads of a row tile
   _attn_in_bwd_dx_kernel   dXm = d(qkv) @ [Wq;Wk;Wv] with the RMSNorm backward and resid_mix backward in the epilogue
-  _wgrad_kernel            generic  dW = prologue(A)^T @ prologue(B) over rows (split over rows for parallelism)
+  _wgrad_kernel            generic  dW = A^T @ prologue(B) over rows (split over rows for parallelism)
+  _prep_weights_kernel     fp32 -> activation-dtype weight copies, optionally row-scaled, up to 8 per launch
 
 Wrappers below allocate outputs and launch; they check shapes and raise ValueError naming the problem.
 """
