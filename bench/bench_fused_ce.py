@@ -5,7 +5,7 @@ Implementations (rows' `impl`):
   compile  torch.compile of that same function (inductor, dynamic=False)
   liger    Liger-Kernel's LigerFusedLinearCrossEntropyLoss(softcap=30) (weight passed as a bf16 cast of the
            fp32 master, since it wants one dtype), when liger_kernel is importable
-  fused    pgolf_kernels.fused_linear_cross_entropy (bf16 h, fp32 master weight, default settings)
+  fused    pgolf_kernels.fused_ce.fused_linear_cross_entropy (bf16 h, fp32 master weight, default settings)
 For each case: median ms of forward+backward (triton.testing.do_bench, return_mode="median"), peak MiB
 allocated above what was allocated just before the call (after reset_peak_memory_stats; h.grad and W.grad
 are None before each call, so the gradients themselves are included), and `ok` = loss and both gradients
@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pgolf_kernels import fused_linear_cross_entropy as flce_mod  # noqa: E402
-from pgolf_kernels.fused_linear_cross_entropy import (  # noqa: E402
+from pgolf_kernels import fused_ce as flce_mod  # noqa: E402
+from pgolf_kernels.fused_ce import (  # noqa: E402
     fused_linear_cross_entropy,
     reference_linear_cross_entropy,
 )

@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it (imported lazily, see __getattr__)
 _LAZY = {
-    "fused_linear_cross_entropy": "fused_linear_cross_entropy",
-    "FusedLinearCrossEntropy": "fused_linear_cross_entropy",
-    "reference_linear_cross_entropy": "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy": "fused_ce",
+    "FusedLinearCrossEntropy": "fused_ce",
+    "reference_linear_cross_entropy": "fused_ce",
     "int6_fake_quant_linear": "int6_linear",
     "reference_int6_fake_quant_linear": "int6_linear",
     "build_bpb_luts": "metric",

@@ -435,7 +435,7 @@ def test_bench_e2e_smoke_on_cpu(data_root, tmp_path):
 def test_fused_ops_in_the_model_match_the_reference_path(data_root, tmp_path):
     """GPT with the fused CE head and the int6 QAT linear (Triton interpreter on CPU, fp32) computes the same
     loss, per-token NLL and gradients as the reference path (logits + F.cross_entropy, STE fake-quant)."""
-    from pgolf_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    from pgolf_kernels.fused_ce import fused_linear_cross_entropy
     from pgolf_kernels.int6_linear import int6_fake_quant_linear
 
     mod = load_trainer_module()

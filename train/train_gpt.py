@@ -488,9 +488,9 @@ def load_fused_ops(need_qat: bool):
     except ImportError as exc:
         raise ConfigError(f"KERNELS=fused needs Triton, which is not importable ({exc})") from exc
     try:
-        from pgolf_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+        from pgolf_kernels.fused_ce import fused_linear_cross_entropy
     except ImportError as exc:
-        raise ConfigError(f"KERNELS=fused needs pgolf_kernels.fused_linear_cross_entropy, which failed to import: {exc}") from exc
+        raise ConfigError(f"KERNELS=fused needs pgolf_kernels.fused_ce, which failed to import: {exc}") from exc
     qat_op = None
     if need_qat:
         try:
@@ -745,12 +745,30 @@ def main() -> None:
     # ---- training loop (wall-clock excludes validation, as the official)
     training_time_ms = 0.0
     stop_after_step: int | None = None
-    pending: tuple[int, Tensor] | None = None  # (step, loss) not yet checked for NaN/inf
+    # NaN/inf stop without a host sync per step: each step's loss is copied into pinned host memory behind an
+    # event, and read one step later, once the next step is queued, so the GPU never runs dry waiting for us
+    # (a plain .item() here stalled every step). Two pinned slots alternate.
+    cuda_watch = device.type == "cuda"
+    loss_slots = [torch.zeros((), pin_memory=True) for _ in range(2)] if cuda_watch else []
+    pending: tuple[int, Tensor, torch.cuda.Event | None] | None = None  # (step, loss, copy done) not yet checked
 
-    def check_finite(step_loss: tuple[int, Tensor] | None) -> None:
-        # Checked one step late so reading the value does not stall the GPU queue.
-        if step_loss is not None and not math.isfinite(step_loss[1].item()):
-            raise NonFiniteLoss(f"train loss is {step_loss[1].item()} at step {step_loss[0]}; stopping the run")
+    def watch(step_no: int, loss: Tensor) -> tuple[int, Tensor, torch.cuda.Event | None]:
+        if not cuda_watch:
+            return step_no, loss, None
+        slot = loss_slots[step_no % 2]
+        slot.copy_(loss, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return step_no, slot, done
+
+    def check_finite(step_loss: tuple[int, Tensor, torch.cuda.Event | None] | None) -> None:
+        if step_loss is None:
+            return
+        step_no, value, done = step_loss
+        if done is not None:
+            done.synchronize()
+        if not math.isfinite(float(value.item())):
+            raise NonFiniteLoss(f"train loss is {float(value.item())} at step {step_no}; stopping the run")
 
     sync()
     t0 = time.perf_counter()
@@ -795,7 +813,7 @@ def main() -> None:
         zero_grad_all()
         check_finite(pending)
         step += 1
-        pending = (step, train_loss)
+        pending = watch(step, train_loss)
 
         approx_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
         if cfg.train_log_every > 0 and (step <= 10 or step % cfg.train_log_every == 0 or stop_after_step is not None):
