@@ -307,13 +307,11 @@ class DistributedTokenLoader:
         chunk = self.stream.take(span * self.world_size)
         start = self.rank * span
         local = chunk[start : start + span].to(torch.int64)
-        x = local[:-1].reshape(-1, seq_len)
-        y = local[1:].reshape(-1, seq_len)
-        if self.device.type != "cuda":
-            return x.to(self.device), y.to(self.device)
-        # From pinned memory the copy is truly asynchronous; from pageable memory it waits for the GPU queue to
-        # drain, so the host could never run ahead of the GPU. (torch's caching host allocator keeps the
-        # pinned block alive until the copy is done.)
-        local = local.pin_memory()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            # From pinned memory the copy is truly asynchronous; from pageable memory it waits for the GPU queue
+            # to drain, so the host could never run ahead of the GPU. (torch's caching host allocator keeps the
+            # pinned block alive until the copy is done.)
+            local = local.pin_memory()
         x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x.to(self.device, non_blocking=cuda), y.to(self.device, non_blocking=cuda)
