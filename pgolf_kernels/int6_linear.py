@@ -69,6 +69,15 @@ def _triton_runs_on(t: Tensor) -> bool:
 if HAVE_TRITON:
 
     @triton.jit
+    def _grouped_tile(pid, num_m, num_cols, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of program `pid`, walking GROUP_M row tiles per column sweep so neighbouring
+        programs share operand tiles in L2."""
+        group = pid // (GROUP_M * num_cols)
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        return first_m + (pid % size_m), (pid % (GROUP_M * num_cols)) // size_m
+
+    @triton.jit
     def _round_codes(t, qmax_f):
         """clamp then round half to even; clamping first is equivalent because qmax is an integer."""
         t = tl.clamp(t, -qmax_f, qmax_f, propagate_nan=tl.PropagateNan.ALL)
@@ -139,14 +148,7 @@ if HAVE_TRITON:
 
         SWAP_AB computes the tile transposed, yᵀ = codes · xᵀ, so the operand made in registers is the matmul's
         A (Hopper's wgmma reads A from registers but B only from shared memory)."""
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % size_m)
-        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -192,14 +194,7 @@ if HAVE_TRITON:
                            GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr):
         """dx = dy @ Q(W): the reduction runs over W's rows (N); each [BLOCK_N, BLOCK_K] tile is dequantised.
         SWAP_AB computes dxᵀ = Q(W)ᵀ · dyᵀ (the dequantised tile as the register operand A)."""
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_k = tl.cdiv(K, BLOCK_K)
-        group = pid // (GROUP_M * num_k)
-        first_m = group * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % size_m)
-        pid_k = (pid % (GROUP_M * num_k)) // size_m
+        pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
