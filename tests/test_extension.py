@@ -11,6 +11,7 @@ import torch
 
 import pgolf_kernels
 from pgolf_kernels import quant, quant_cuda
+from quant_cases import tricky_weights
 
 gpu = pytest.mark.gpu
 no_ext = pytest.mark.skipif(pgolf_kernels.extension_available(), reason="the extension is built here")
@@ -39,27 +40,6 @@ def test_extension_backend_raises_with_the_reason():
     assert torch.equal(quant.dequantize_rows(q, s), quant.fake_quant(w, 6))
 
 
-def _tricky_weights(rows, cols, bits, seed, dtype=torch.float32):
-    """Random rows plus entries placed exactly on half-way points of the row's amax grid and one ulp off them,
-    a row of tiny values (scale floor) and a row of zeros."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g) * 0.04
-    # column 0 holds each row's amax (an outlier the search can clip), so the ties below stay ties
-    sign = torch.where(torch.rand(rows, generator=g) < 0.5, -1.0, 1.0)
-    w[:, 0] = sign * (0.25 + 0.3 * torch.rand(rows, generator=g))
-    s = quant.scale_from_clip(quant.row_clip(w, bits), bits).float()
-    m = quant.qmax(bits)
-    k = torch.randint(-m, m - 1, (rows, 8), generator=g).float() + 0.5
-    ties = k * s[:, None]
-    w[:, 1:9] = ties
-    w[:, 9:17] = torch.nextafter(ties, torch.full_like(ties, float("inf")))
-    w[:, 17:25] = torch.nextafter(ties, torch.full_like(ties, float("-inf")))
-    if rows > 2:
-        w[-2] = torch.randn(cols, generator=g) * 1e-8
-        w[-1] = 0.0
-    return w.to(dtype)
-
-
 @gpu
 def test_extension_is_built_and_lists_its_ops():
     st = pgolf_kernels.extension_status()
@@ -76,7 +56,7 @@ SHAPES = [(512, 512), (256, 512), (1536, 512), (512, 2048), (1024, 512), (33, 10
 @pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
 def test_quantize_rows_matches_reference_bit_for_bit(rule, bits):
     for i, (r, c) in enumerate(SHAPES):
-        w = _tricky_weights(r, c, bits, seed=1000 * bits + i)
+        w = tricky_weights(r, c, bits, seed=1000 * bits + i)
         q_ref, s_ref = quant.quantize_rows(w, bits, rule)  # on the CPU
         q, s = quant_cuda.quantize_rows(w.cuda(), bits, rule, backend="extension")
         assert q.is_cuda and q.dtype == torch.int8 and s.dtype == torch.float16
@@ -86,7 +66,7 @@ def test_quantize_rows_matches_reference_bit_for_bit(rule, bits):
 
 @gpu
 def test_quantize_rows_bf16_input_and_percentile_fallback():
-    w = _tricky_weights(128, 512, 6, seed=7, dtype=torch.bfloat16)
+    w = tricky_weights(128, 512, 6, seed=7, dtype=torch.bfloat16)
     q, s = quant_cuda.quantize_rows(w.cuda(), 6, "search", backend="extension")
     q_ref, s_ref = quant.quantize_rows(w, 6, "search")
     assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)

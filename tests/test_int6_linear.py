@@ -14,31 +14,12 @@ import torch.nn.functional as F
 
 from pgolf_kernels import int6_linear as L
 from pgolf_kernels import quant
+from quant_cases import tricky_weights
 
 gpu = pytest.mark.gpu
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 needs_kernels_cpu = pytest.mark.skipif(not (INTERPRET and L.INTERPRET), reason="CPU kernel tests need TRITON_INTERPRET=1")
 KERNEL_IMPLS = ["prologue", "quant_cublas"]
-
-
-def _tricky_weights(rows, cols, bits, seed, dtype=torch.float32, device="cpu"):
-    """Random rows whose column 0 holds the amax, with entries exactly on half-way points of the row's grid and
-    one ulp either side of them, plus a row of tiny values (scale floor) and a row of zeros."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g) * 0.04
-    sign = torch.where(torch.rand(rows, generator=g) < 0.5, -1.0, 1.0)
-    w[:, 0] = sign * (0.25 + 0.3 * torch.rand(rows, generator=g))
-    s = quant.scale_from_clip(quant.row_clip(w, bits), bits).float()
-    m = quant.qmax(bits)
-    n = min(8, (cols - 1) // 3)
-    ties = (torch.randint(-m, m - 1, (rows, n), generator=g).float() + 0.5) * s[:, None]
-    w[:, 1 : 1 + n] = ties
-    w[:, 1 + n : 1 + 2 * n] = torch.nextafter(ties, torch.full_like(ties, float("inf")))
-    w[:, 1 + 2 * n : 1 + 3 * n] = torch.nextafter(ties, torch.full_like(ties, float("-inf")))
-    if rows > 3:
-        w[-2] = torch.randn(cols, generator=g) * 1e-8
-        w[-1] = 0.0
-    return w.to(dtype).to(device)
 
 
 def _rel(a, b):
@@ -67,7 +48,7 @@ def _run(impl, x, w, bits, bias, gy):
 @pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
 def test_quantize_weight_and_row_scales_are_exact(bits):
     for dtype in (torch.float32, torch.bfloat16):
-        w = _tricky_weights(40, 72, bits, seed=bits, dtype=dtype)
+        w = tricky_weights(40, 72, bits, seed=bits, dtype=dtype)
         q, s = quant.quantize_rows(w, bits, "amax")
         assert torch.equal(L.row_scales(w, bits)[0], s.float())
         assert torch.equal(L.row_scales(w, bits)[1], 1.0 / s.float())
@@ -79,7 +60,7 @@ def test_quantize_weight_and_row_scales_are_exact(bits):
 @pytest.mark.parametrize("bits", [4, 6, 8])
 def test_matmul_prologue_quantises_exactly(bits):
     n, k = 48, 80
-    w = _tricky_weights(n, k, bits, seed=10 + bits)
+    w = tricky_weights(n, k, bits, seed=10 + bits)
     qw = quant.fake_quant(w, bits, "amax")
     for impl in KERNEL_IMPLS:
         y, _, _, _ = _run(impl, torch.eye(k), w, bits, None, torch.ones(k, n))
@@ -212,7 +193,7 @@ MODEL_SHAPES = [(512, 512), (256, 512), (1536, 512), (2048, 512), (512, 1536), (
 def test_gpu_quantisation_is_exact_through_the_matmuls(impl, bits):
     for n, k in [(512, 512), (1536, 512), (512, 2048), (40, 72)]:
         for wdtype in (torch.float32, torch.bfloat16):
-            w = _tricky_weights(n, k, bits, seed=n + k + bits, dtype=wdtype, device="cuda")
+            w = tricky_weights(n, k, bits, seed=n + k + bits, dtype=wdtype, device="cuda")
             qw = quant.fake_quant(w.cpu(), bits, "amax").bfloat16().cuda()  # the CPU reference, independent of CUDA
             eye_k = torch.eye(k, device="cuda", dtype=torch.bfloat16)
             y, _, _, _ = _run(impl, eye_k, w, bits, None, torch.ones(k, n, device="cuda", dtype=torch.bfloat16))
