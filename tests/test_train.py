@@ -470,3 +470,28 @@ def test_fused_ops_in_the_model_match_the_reference_path(data_root, tmp_path):
         nll_r, nll_f = ref(x, y, reduction="none"), fused(x, y, reduction="none")
     assert nll_f.shape == (2, SEQ)
     torch.testing.assert_close(nll_f, nll_r, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_loss_parity_smoke_on_cpu(data_root, tmp_path):
+    """The parity bench on CPU: two concurrent eager replicas at one seed train, are parsed and summarised."""
+    import json
+
+    out = tmp_path / "out"
+    small = dict(DEVICE="cpu", NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=SEQ,
+                 TRAIN_BATCH_TOKENS=8 * 2 * SEQ, VAL_BATCH_SIZE=8 * 16 * SEQ, OMP_NUM_THREADS=1, WARMUP_STEPS=0)
+    cmd = [sys.executable, str(REPO / "bench" / "bench_loss_parity.py"), "--data", str(data_root), "--out", str(out),
+           "--vocab-size", str(VOCAB), "--impls", "eager", "--replicas", "2", "--steps", "10", "--val-tokens", "1000",
+           "--tail", "5", "--timeout-s", "240", "--work", str(tmp_path / "work")]
+    cmd += [a for k, v in small.items() for a in ("--env", f"{k}={v}")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(next(out.glob("loss_parity-*.json")).read_text())
+    assert res["bench"] == "loss_parity" and len(res["rows"]) == 2
+    for r in res["rows"]:
+        assert r["ok"] is True and r["steps"] == 10 and math.isfinite(r["train_loss_at_N"]) and math.isfinite(r["val_bpb"])
+        assert r["train_loss_tail_mean"] is not None
+    # Same seed, same data, CPU fp32 eager: the two replicas are bitwise identical.
+    a, b = res["rows"]
+    assert a["train_loss_at_N"] == b["train_loss_at_N"]
+    assert res["parity"]["steps"] == 10 and set(res["curves"]) == {"eager#0", "eager#1"}
+    assert any(p.name.endswith(".png") for p in out.iterdir())
