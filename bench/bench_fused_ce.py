@@ -13,16 +13,20 @@ matched the fp32 oracle (reference on the same bf16-rounded operands) in this ru
 relative, gradients within 2e-2 relative Frobenius error (eager/compile keep bf16 logits, hence the
 looser bound than the unit tests).
 
---sweep adds rows for fused with other chunk sizes and with a bf16 weight, and the cuBLAS floor (the three
-products alone) and the CE kernel alone, printed to stdout and stored in the JSON under "sweep".
+--sweep (cases from --sweep-cases) adds rows for fused under the candidate settings of SWEEP_VARIANTS
+(chunk rows and pgolf_kernels.fused_ce.TUNING: CE kernel version and launch shape, how dW is accumulated),
+each with its host enqueue time, then the CE kernel alone under CE_CONFIGS and the cuBLAS products alone
+(whole rows and one chunk), printed and stored in the JSON under "sweep".
 
---profile adds torch.profiler's per-kernel CUDA time of fused steps at the first case (JSON "profile").
+--profile adds torch.profiler's per-kernel CUDA time and per-op host time of fused steps at the first case,
+for the default settings and the old ones (JSON "profile").
 
 Usage: python bench/bench_fused_ce.py --out bench/results [--cases N65536_d512_V1024,...] [--sweep] [--profile]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -148,42 +152,155 @@ def inputs(N, d, V, seed=0):
     return h, w, y
 
 
-def sweep(N, d, V, log):
-    """fused with other chunk sizes and with a bf16 weight, plus the cuBLAS floor of the three products."""
+@contextlib.contextmanager
+def tuning(**kw):
+    """Temporarily override pgolf_kernels.fused_ce.TUNING (the knobs of the CUDA path)."""
+    old = dict(flce_mod.TUNING)
+    flce_mod.TUNING.update(kw)
+    try:
+        yield
+    finally:
+        flce_mod.TUNING.clear()
+        flce_mod.TUNING.update(old)
+
+
+def host_ms(step, n=10):
+    """Host time to enqueue one step (no sync inside; n steps stay far below the launch-queue depth). When
+    it is close to the do_bench median, the step is bound by the host, not the GPU."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    dt = (time.perf_counter() - t) * 1e3 / n
+    torch.cuda.synchronize()
+    return dt
+
+
+# Candidate settings of the fused path for --sweep: (label, chunk_rows or None for the default, TUNING).
+# "old" is the path before this sweep (first CE kernel, one fp32-output mm per chunk added into dW).
+SWEEP_VARIANTS = {
+    "N65536_d512_V1024": [
+        ("old", 8192, dict(ce="v1", dw="mm_add")),
+        ("v2_mm_add", 8192, dict(ce="v2", dw="mm_add")),
+        ("v2_bf16_add", 8192, dict(ce="v2", dw="bf16_add")),
+        ("v2_split_auto", 8192, dict(ce="v2", dw="split", dw_splits=0)),
+        ("v2_split1", 8192, dict(ce="v2", dw="split", dw_splits=1)),
+        ("v2_split2", 8192, dict(ce="v2", dw="split", dw_splits=2)),
+        ("v2_split4", 8192, dict(ce="v2", dw="split", dw_splits=4)),
+        ("v2_split8", 8192, dict(ce="v2", dw="split", dw_splits=8)),
+        ("v2_split_auto_c4096", 4096, dict(ce="v2", dw="split", dw_splits=0)),
+        ("v2_split_auto_c12288", 12288, dict(ce="v2", dw="split", dw_splits=0)),
+        ("v2_split_auto_c16384", 16384, dict(ce="v2", dw="split", dw_splits=0)),
+        ("v2_split_auto_c32768", 32768, dict(ce="v2", dw="split", dw_splits=0)),
+        ("v2_split_auto_ce2x4", 8192, dict(ce="v2", dw="split", dw_splits=0, ce_rows=2, ce_warps=4)),
+        ("v2_split_auto_ce1x4", 8192, dict(ce="v2", dw="split", dw_splits=0, ce_rows=1, ce_warps=4)),
+        ("v2_split_auto_ce4x8", 8192, dict(ce="v2", dw="split", dw_splits=0, ce_rows=4, ce_warps=8)),
+    ],
+    "N262144_d512_V1024": [
+        ("old", 8192, dict(ce="v1", dw="mm_add")),
+        ("v2_split_auto", 8192, dict(ce="v2", dw="split", dw_splits=0)),
+        ("v2_split_auto_c16384", 16384, dict(ce="v2", dw="split", dw_splits=0)),
+        ("v2_split4_c16384", 16384, dict(ce="v2", dw="split", dw_splits=4)),
+    ],
+    "N65536_d512_V4096": [
+        ("old", 8192, dict(ce="v1", dw="mm_add")),
+        ("v2_mm_add", 8192, dict(ce="v2", dw="mm_add")),
+        ("v2_split_auto", 8192, dict(ce="v2", dw="split", dw_splits=0)),
+        ("v2_split_auto_c4096", 4096, dict(ce="v2", dw="split", dw_splits=0)),
+    ],
+    "N65536_d512_V8192": [
+        ("old", 8192, dict(ce="v1", dw="mm_add")),
+        ("v2_mm_add", 8192, dict(ce="v2", dw="mm_add")),
+        ("v2_split_auto", 8192, dict(ce="v2", dw="split", dw_splits=0)),
+        ("v2_split2", 8192, dict(ce="v2", dw="split", dw_splits=2)),
+        ("v2_split_auto_c2048", 2048, dict(ce="v2", dw="split", dw_splits=0)),
+        ("v2_split_auto_c4096", 4096, dict(ce="v2", dw="split", dw_splits=0)),
+        ("v2_split_auto_c16384", 16384, dict(ce="v2", dw="split", dw_splits=0)),
+    ],
+    "N262144_d512_V8192": [
+        ("old", 8192, dict(ce="v1", dw="mm_add")),
+        ("v2_split_auto", 8192, dict(ce="v2", dw="split", dw_splits=0)),
+        ("v2_split_auto_c4096", 4096, dict(ce="v2", dw="split", dw_splits=0)),
+    ],
+}
+# CE kernel alone on the whole [N, V] logits: (label, TUNING).
+CE_CONFIGS = [("v1", dict(ce="v1"))] + [
+    (f"v2_{r}x{w}", dict(ce="v2", ce_rows=r, ce_warps=w))
+    for r, w in ((0, 0), (1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8))
+]
+
+
+def sweep(N, d, V, log, deadline):
+    """fused under each candidate setting of SWEEP_VARIANTS, then the pieces alone: the CE kernel under
+    CE_CONFIGS on the whole logits, and the cuBLAS products on the whole rows and on one chunk."""
     import triton.testing
 
+    c = case_name(N, d, V)
     h, w, y = inputs(N, d, V)
     ref = oracle(h, w, y)
     rows = []
-    for chunk in (4096, 8192, 16384):
-        for wdt in ("fp32", "bf16"):
-            ww = w if wdt == "fp32" else w.detach().to(torch.bfloat16).requires_grad_()
-            fn = lambda a, b, c, ch=chunk: fused_linear_cross_entropy(a, b, c, SOFTCAP, "mean", chunk_rows=ch)  # noqa
-            r = measure(fn, h, ww, y, ref)
-            r = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-            r.update(case=case_name(N, d, V), chunk_rows=chunk, weight_dtype=wdt)
-            rows.append(r)
-            log(json.dumps(r))
+    for label, chunk, kw in SWEEP_VARIANTS.get(c, []):
+        if time.time() > deadline:
+            log(f"sweep {c}: time budget spent, skipping the rest")
+            return rows
+        with tuning(**kw):
+            fn = lambda a, b, t, ch=chunk: fused_linear_cross_entropy(a, b, t, SOFTCAP, "mean", chunk_rows=ch)  # noqa
+            r = measure(fn, h, w, y, ref)
+
+            def step():
+                h.grad = None
+                w.grad = None
+                fn(h, w, y).backward()
+
+            r["host_ms"] = host_ms(step)
+        r = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+        r.update(case=c, variant=label, chunk_rows=chunk, **kw)
+        rows.append(r)
+        log(json.dumps(r))
+    h.grad = None
+    w.grad = None
     hb = h.detach()
     wb = w.detach().to(torch.bfloat16)
     logits = torch.mm(hb, wb.t())
-    mm_row = dict(case=case_name(N, d, V), part="cublas_floor")
-    mm_row["logits_ms"] = round(triton.testing.do_bench(lambda: torch.mm(hb, wb.t()), return_mode="median"), 4)
-    mm_row["dH_ms"] = round(triton.testing.do_bench(lambda: torch.mm(logits, wb), return_mode="median"), 4)
-    mm_row["dW_f32out_ms"] = round(triton.testing.do_bench(lambda: flce_mod._mm_f32(logits.t(), hb),
-                                                           return_mode="median"), 4)
     nll = torch.empty(N, device="cuda")
     scale = torch.ones((), device="cuda")
-    mm_row["ce_kernel_ms"] = round(triton.testing.do_bench(
-        lambda: flce_mod._ce_rows(logits, y, nll, scale, SOFTCAP, -100), return_mode="median"), 4)
+    ce_row = dict(case=c, part="ce_kernel_ms_whole")
+    for label, kw in CE_CONFIGS:
+        with tuning(**kw):
+            ce_row[label] = round(triton.testing.do_bench(
+                lambda: flce_mod._ce_rows(logits, y, nll, scale, SOFTCAP, -100), return_mode="median"), 4)
+    rows.append(ce_row)
+    log(json.dumps(ce_row))
+    bench = lambda f: round(triton.testing.do_bench(f, return_mode="median"), 4)  # noqa: E731
+    mm_row = dict(case=c, part="cublas_ms")
+    mm_row["logits_whole"] = bench(lambda: torch.mm(hb, wb.t()))
+    mm_row["dH_whole"] = bench(lambda: torch.mm(logits, wb))
+    mm_row["dW_f32out_whole"] = bench(lambda: flce_mod._mm_f32(logits.t(), hb))
+    for ch in (4096, 8192, 16384):
+        if ch > N:
+            continue
+        xc, hc = logits[:ch], hb[:ch]
+        dhc = torch.empty(ch, d, device="cuda", dtype=torch.bfloat16)
+        mm_row[f"logits_c{ch}"] = bench(lambda: torch.mm(hc, wb.t(), out=xc))
+        mm_row[f"dH_c{ch}"] = bench(lambda: torch.mm(xc, wb, out=dhc))
+        mm_row[f"dW_f32out_c{ch}"] = bench(lambda: flce_mod._mm_f32(xc.t(), hc))
+        for s in (1, 2, 4, 8):
+            slabs = torch.zeros(s, V, d, device="cuda")
+            try:
+                mm_row[f"dW_baddbmm_s{s}_c{ch}"] = bench(lambda: torch.baddbmm(
+                    slabs, xc.view(s, ch // s, V).transpose(1, 2), hc.view(s, ch // s, d),
+                    out_dtype=torch.float32, beta=1.0, out=slabs))
+            except Exception as exc:  # a torch without baddbmm(out_dtype=): say so
+                mm_row[f"dW_baddbmm_s{s}_c{ch}"] = f"{type(exc).__name__}: {str(exc)[:80]}"
     rows.append(mm_row)
     log(json.dumps(mm_row))
     return rows
 
 
-def profile_fused(N, d, V, log, steps=5):
-    """Where a fused forward+backward spends its time: CUDA time per kernel over `steps` steps, and the
-    host time of one step (if the host is slower than the GPU, the do_bench median measures the host)."""
+def profile_fused(N, d, V, log, steps=5, label="default"):
+    """Where a fused forward+backward spends its time: CUDA time per kernel over `steps` steps, the CPU
+    (host) time per op, and the host time to enqueue one step (if the host is slower than the GPU, the
+    do_bench median measures the host)."""
     from torch.profiler import ProfilerActivity, profile
 
     h, w, y = inputs(N, d, V)
@@ -195,26 +312,30 @@ def profile_fused(N, d, V, log, steps=5):
 
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    host_ms = (time.perf_counter() - t) * 1e3 / steps  # enqueue time (no sync inside the loop)
-    torch.cuda.synchronize()
+    enqueue = host_ms(step, steps)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
-    log(f"host enqueue ms per step: {host_ms:.3f}\n{table}")
-    rows = []
-    for e in prof.key_averages():
-        cuda_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+    avg = prof.key_averages()
+    log(f"[{label}] host enqueue ms per step: {enqueue:.3f}\n"
+        + avg.table(sort_by="cuda_time_total", row_limit=18)
+        + avg.table(sort_by="self_cpu_time_total", row_limit=18))
+    kernels, host = [], []
+    for e in avg:
+        cuda_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         if cuda_us:
-            rows.append({"name": e.key[:80], "cuda_ms_per_step": round(cuda_us / 1e3 / steps, 4),
+            kernels.append({"name": e.key[:90], "cuda_ms_per_step": round(cuda_us / 1e3 / steps, 4),
+                            "calls_per_step": e.count / steps})
+        if e.self_cpu_time_total:
+            host.append({"name": e.key[:90], "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 4),
                          "calls_per_step": e.count / steps})
-    rows.sort(key=lambda r: -r["cuda_ms_per_step"])
-    return {"case": case_name(N, d, V), "host_enqueue_ms_per_step": round(host_ms, 4), "kernels": rows[:20]}
+    kernels.sort(key=lambda r: -r["cuda_ms_per_step"])
+    host.sort(key=lambda r: -r["self_cpu_ms_per_step"])
+    return {"case": case_name(N, d, V), "label": label, "tuning": dict(flce_mod.TUNING),
+            "host_enqueue_ms_per_step": round(enqueue, 4),
+            "gpu_self_ms_per_step": round(sum(k["cuda_ms_per_step"] for k in kernels), 4),
+            "kernels": kernels[:24], "host_ops": host[:24]}
 
 
 def plot(rows, path):
@@ -251,6 +372,8 @@ def main():
     ap.add_argument("--impls", default="eager,compile,liger,fused")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-cases", default="N65536_d512_V1024")
+    ap.add_argument("--time-budget", type=float, default=1e9,
+                    help="seconds from start after which the sweep skips its remaining variants")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="print torch.profiler's per-kernel CUDA time of 5 fused steps at the first case")
@@ -263,7 +386,7 @@ def main():
     wanted = args.impls.split(",")
     impls = {k: v for k, v in make_impls("liger" in wanted).items() if k in wanted}
     extra = {"softcap": SOFTCAP, "h_dtype": "bfloat16", "weight_dtype": "float32",
-             "fused_chunk_rows": flce_mod.DEFAULT_CHUNK_ROWS}
+             "fused_chunk_rows": flce_mod.DEFAULT_CHUNK_ROWS, "fused_tuning": dict(flce_mod.TUNING)}
     rows = []
     for c in args.cases.split(","):
         N, d, V = parse_case(c)
@@ -309,19 +432,24 @@ def main():
 
     write()  # the main table first, so a failing sweep cannot lose it
     if args.profile:
-        try:
-            extra["profile"] = profile_fused(*parse_case(args.cases.split(",")[0]), log)
-        except Exception as exc:
-            log(f"profile failed: {type(exc).__name__}: {str(exc)[:200]}")
+        extra["profile"] = []
+        for label, kw in (("default", {}), ("old", dict(ce="v1", dw="mm_add"))):
+            try:
+                with tuning(**kw):
+                    extra["profile"].append(profile_fused(*parse_case(args.cases.split(",")[0]), log, label=label))
+            except Exception as exc:
+                log(f"profile {label} failed: {type(exc).__name__}: {str(exc)[:200]}")
+        write()
     if args.sweep:
+        deadline = t0 + args.time_budget
         sweep_rows = []
+        extra["sweep"] = sweep_rows
         for c in args.sweep_cases.split(","):
             try:
-                sweep_rows += sweep(*parse_case(c), log)
+                sweep_rows += sweep(*parse_case(c), log, deadline)
             except Exception as exc:
                 log(f"sweep {c} failed: {type(exc).__name__}: {str(exc)[:200]}")
-        extra["sweep"] = sweep_rows
-        write()
+            write()
 
 
 if __name__ == "__main__":

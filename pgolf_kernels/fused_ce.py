@@ -76,6 +76,31 @@ _CE_MAX_SINGLE_V = 8192
 _CE_MIN_ELEMS = 1024
 # ... and longer rows take the two-sweep path over vocabulary tiles of this size.
 _CE_LOOP_BLOCK_V = 4096
+# With a soft-cap c every capped logit lies in (−c, c), so exp(z − c) needs no running maximum as long as
+# exp(−2c) stays a normal fp32 number (c ≤ 40: exp(−80) ≈ 1.8e-35 > 1.2e-38). Above this the max is taken.
+_CE_FIXED_MAX_CAP = 40.0
+
+# Tuning knobs of the CUDA path (the bench sweeps them; PGOLF_FLCE_TUNING="key=value,..." overrides them):
+#   dw        "split": dW summed into S fp32 partial slabs by one batched cuBLAS product per chunk with
+#             beta=1 (baddbmm out_dtype=fp32), the slabs summed once at the end; S = dw_splits (0 = pick
+#             from the output tile count). "mm_add": one fp32-output mm per chunk added into dW.
+#             "bf16_add": a bf16-output mm per chunk added into the fp32 dW (rounds each chunk's partial).
+#   ce        "v2": target logit gathered, fixed maximum under a soft-cap ≤ 40; "v1": the first kernel.
+#   ce_rows / ce_warps   CE launch shape for rows that fit one program (0 = from the register budget).
+TUNING = {"dw": "split", "dw_splits": 0, "ce": "v2", "ce_rows": 0, "ce_warps": 0}
+
+
+def _parse_tuning(text: str) -> dict:
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, val = item.partition("=")
+        if key not in TUNING:
+            raise ValueError(f"PGOLF_FLCE_TUNING: unknown key {key!r} (known: {sorted(TUNING)})")
+        out[key] = type(TUNING[key])(val)
+    return out
+
+
+TUNING.update(_parse_tuning(os.environ.get("PGOLF_FLCE_TUNING", "")))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,6 +268,95 @@ if triton is not None:
         tl.store(nll_ptr + rows64, nll, mask=row_ok)
 
     @triton.jit
+    def _ce_rows_kernel_v2(
+        x_ptr, tgt_ptr, nll_ptr, scale_ptr,
+        n_rows, V, stride_x, scale_stride,
+        softcap, inv_softcap, ignore_index,
+        HAS_SOFTCAP: tl.constexpr, FIXED_MAX: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """Same contract as _ce_rows_kernel, with fewer cross-thread reductions per row: the target logit
+        is one gathered load (not a masked sum over the row), and with FIXED_MAX (soft-cap c ≤ 40) the
+        softmax is taken against the constant c instead of the row maximum, leaving one reduction (the sum
+        of exponentials) per row and a single sweep on the long-row path."""
+        LOG2E: tl.constexpr = 1.4426950408889634
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        tgt = tl.load(tgt_ptr + rows64, mask=row_ok, other=ignore_index).to(tl.int64)
+        valid = row_ok & (tgt != ignore_index)
+        bad_target = valid & ((tgt < 0) | (tgt >= V))
+        keep = valid & (~bad_target)
+        x_rows = x_ptr + rows64 * stride_x
+        z_t = _capped(tl.load(x_rows + tl.where(keep, tgt, 0), mask=keep, other=0.0).to(tl.float32),
+                      softcap, inv_softcap, HAS_SOFTCAP)
+        offs = tl.arange(0, BLOCK_V)
+        if COMPUTE_GRAD:
+            scale = tl.load(scale_ptr + rows64 * scale_stride, mask=row_ok, other=0.0).to(tl.float32)
+            scale = tl.where(keep, scale, 0.0)
+        if SINGLE:
+            col_ok = offs < V
+            msk = row_ok[:, None] & col_ok[None, :]
+            z = _capped(tl.load(x_rows[:, None] + offs[None, :], mask=msk, other=0.0).to(tl.float32),
+                        softcap, inv_softcap, HAS_SOFTCAP)
+            if FIXED_MAX:
+                m = tl.full([BLOCK_R], 0.0, tl.float32) + softcap
+            else:
+                m = tl.max(tl.where(col_ok[None, :], z, float("-inf")), 1)
+            p = tl.where(col_ok[None, :], tl.exp2((z - m[:, None]) * LOG2E), 0.0)
+            s = tl.sum(p, 1)
+            lse = m + tl.log(s)
+            if COMPUTE_GRAD:
+                g = p * (scale / s)[:, None]
+                g = tl.where(offs[None, :] == tgt[:, None], g - scale[:, None], g)
+                if HAS_SOFTCAP:
+                    tz = z * inv_softcap
+                    g = g * (1.0 - tz * tz)
+                tl.store(x_rows[:, None] + offs[None, :], g.to(x_ptr.dtype.element_ty), mask=msk)
+        else:
+            if FIXED_MAX:
+                m = tl.full([BLOCK_R], 0.0, tl.float32) + softcap
+                s = tl.zeros([BLOCK_R], tl.float32)
+                for v0 in range(0, V, BLOCK_V):
+                    cols = v0 + offs
+                    col_ok = cols < V
+                    msk = row_ok[:, None] & col_ok[None, :]
+                    z = _capped(tl.load(x_rows[:, None] + cols[None, :], mask=msk, other=0.0).to(tl.float32),
+                                softcap, inv_softcap, HAS_SOFTCAP)
+                    s += tl.sum(tl.where(col_ok[None, :], tl.exp2((z - m[:, None]) * LOG2E), 0.0), 1)
+            else:
+                m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+                s = tl.zeros([BLOCK_R], tl.float32)
+                for v0 in range(0, V, BLOCK_V):
+                    cols = v0 + offs
+                    col_ok = cols < V
+                    msk = row_ok[:, None] & col_ok[None, :]
+                    z = _capped(tl.load(x_rows[:, None] + cols[None, :], mask=msk, other=0.0).to(tl.float32),
+                                softcap, inv_softcap, HAS_SOFTCAP)
+                    z = tl.where(col_ok[None, :], z, float("-inf"))
+                    m_new = tl.maximum(m, tl.max(z, 1))
+                    s = s * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new[:, None]) * LOG2E), 1)
+                    m = m_new
+            lse = m + tl.log(s)
+            if COMPUTE_GRAD:
+                for v0 in range(0, V, BLOCK_V):
+                    cols = v0 + offs
+                    col_ok = cols < V
+                    msk = row_ok[:, None] & col_ok[None, :]
+                    z = _capped(tl.load(x_rows[:, None] + cols[None, :], mask=msk, other=0.0).to(tl.float32),
+                                softcap, inv_softcap, HAS_SOFTCAP)
+                    g = tl.exp2((z - lse[:, None]) * LOG2E) * scale[:, None]
+                    g = tl.where(cols[None, :] == tgt[:, None], g - scale[:, None], g)
+                    if HAS_SOFTCAP:
+                        tz = z * inv_softcap
+                        g = g * (1.0 - tz * tz)
+                    tl.store(x_rows[:, None] + cols[None, :], g.to(x_ptr.dtype.element_ty), mask=msk)
+        nll = tl.where(valid, lse - z_t, 0.0)
+        nll = tl.where(bad_target, float("nan"), nll)
+        tl.store(nll_ptr + rows64, nll, mask=row_ok)
+
+    @triton.jit
     def _scale_inplace_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
         """x *= g (g: fp32 scalar on the device); nothing is read or written when g == 1."""
         g = tl.load(g_ptr).to(tl.float32)
@@ -253,33 +367,46 @@ if triton is not None:
             tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=msk)
 
 
-def _ce_rows(logits: Tensor, target: Tensor, nll: Tensor, scale: Optional[Tensor], cap: float,
-             ignore_index: int) -> None:
-    """nll[:] = per-row NLL of the soft-capped logits; with scale (fp32, 0-dim or per row) overwrite
-    logits with the scaled logit gradient."""
-    _require_triton()
-    n, V = logits.shape
-    if n == 0:
-        return
-    # Launch shape from the register budget: ~4 logits per thread keeps a program at 32–50 registers, so
-    # several programs share an SM and hide memory latency. (The first layout, 8 rows × 1024 on 8 warps,
-    # needs 147 registers — one program per SM — and measured 0.42 ms for 65,536×1024 bf16 on H100.)
+def _ce_launch(V: int, cap: float, compute_grad: bool):
+    """(kernel, constexpr/launch kwargs, rows per program) for rows of V logits under the current TUNING."""
+    v2 = TUNING["ce"] == "v2"
     block_v = triton.next_power_of_2(V)
     single = block_v <= _CE_MAX_SINGLE_V
     if not single:
         block_v = _CE_LOOP_BLOCK_V
+    # Launch shape from the register budget: ~4 logits per thread keeps a program at 32–50 registers, so
+    # several programs share an SM and hide memory latency. (The first layout, 8 rows × 1024 on 8 warps,
+    # needs 147 registers — one program per SM — and measured 0.42 ms for 65,536×1024 bf16 on H100.)
     block_r = max(1, _CE_MIN_ELEMS // block_v) if single else 1
     num_warps = min(16, max(4, block_r * block_v // 128)) if single else 8
+    if single and TUNING["ce_rows"] > 0:
+        block_r = TUNING["ce_rows"]
+    if single and TUNING["ce_warps"] > 0:
+        num_warps = TUNING["ce_warps"]
+    kw = dict(HAS_SOFTCAP=cap > 0, COMPUTE_GRAD=compute_grad, SINGLE=single, BLOCK_R=block_r, BLOCK_V=block_v,
+              num_warps=num_warps)
+    if v2:
+        kw["FIXED_MAX"] = 0 < cap <= _CE_FIXED_MAX_CAP
+        return _ce_rows_kernel_v2, kw, block_r
+    return _ce_rows_kernel, kw, block_r
+
+
+def _ce_rows(logits: Tensor, target: Tensor, nll: Tensor, scale: Optional[Tensor], cap: float,
+             ignore_index: int, launch=None) -> None:
+    """nll[:] = per-row NLL of the soft-capped logits; with scale (fp32, 0-dim or per row) overwrite
+    logits with the scaled logit gradient. ``launch``: a _ce_launch result computed once per call."""
+    _require_triton()
+    n, V = logits.shape
+    if n == 0:
+        return
     compute_grad = scale is not None
+    kernel, kw, block_r = launch if launch is not None else _ce_launch(V, cap, compute_grad)
     scale_arg = scale if compute_grad else nll
     scale_stride = (scale.stride(0) if scale.ndim == 1 else 0) if compute_grad else 0
-    grid = (triton.cdiv(n, block_r),)
-    _ce_rows_kernel[grid](
+    kernel[(triton.cdiv(n, block_r),)](
         logits, target, nll, scale_arg,
         n, V, logits.stride(0), scale_stride,
-        cap if cap > 0 else 1.0, 1.0 / cap if cap > 0 else 1.0, ignore_index,
-        HAS_SOFTCAP=cap > 0, COMPUTE_GRAD=compute_grad, SINGLE=single,
-        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps,
+        cap if cap > 0 else 1.0, 1.0 / cap if cap > 0 else 1.0, ignore_index, **kw,
     )
 
 
@@ -295,14 +422,67 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a.float(), b.float())
 
 
-def _accumulate_dw(dw: Tensor, dlog: Tensor, h_c: Tensor) -> None:
-    """dw (fp32) += dlogᵀ @ h_c, fp32 accumulation. (A batched split of this product through
-    torch.bmm(out_dtype=fp32) measured ~1 ms slower per step at N=65,536, V=1024 and 40 MiB heavier on
-    H100 / torch 2.11, so it is one fp32-output cuBLAS product per chunk.)"""
-    if dlog.dtype == torch.float32:
-        dw.addmm_(dlog.t(), h_c)
-    else:
-        dw.add_(_mm_f32(dlog.t(), h_c))
+def _dw_split_count(V: int, D: int, rows: int) -> int:
+    """How many fp32 partial slabs dW is summed into (TUNING dw="split"). A V×d output is few 128×128 tiles
+    (1024×512: 32, a quarter of an H100's 132 SMs) while K = chunk rows is long, so one product per chunk
+    leaves most SMs idle; S slabs make S independent products of K = rows/S in one batched call. Auto: up
+    to one wave of tiles and at most 4 slabs (each slab is V×d fp32 of extra memory)."""
+    s = TUNING["dw_splits"]
+    if s <= 0:
+        tiles = max(1, -(-V // 128) * -(-D // 128))
+        s = 1
+        while s < 4 and tiles * s * 2 <= 132 and rows % (s * 2) == 0 and rows // (s * 2) >= 1024:
+            s *= 2
+    return s
+
+
+_BADDBMM_OK: dict = {}
+
+
+def _baddbmm_out_dtype_works(device) -> bool:
+    """torch.baddbmm(out_dtype=fp32) with bf16 operands accumulating into its fp32 out (beta=1): probed once
+    per device against an fp32 product, since older torch builds lack it or reject the mixed dtypes."""
+    key = str(device)
+    if key not in _BADDBMM_OK:
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            a = torch.randn(2, 64, 48, device=device, generator=g)
+            b = torch.randn(2, 48, 32, device=device, generator=g)
+            acc = torch.randn(2, 64, 32, device=device, generator=g)
+            want = acc + torch.bmm(a.bfloat16().float(), b.bfloat16().float())
+            torch.baddbmm(acc, a.bfloat16(), b.bfloat16(), out_dtype=torch.float32, beta=1.0, out=acc)
+            _BADDBMM_OK[key] = bool(torch.allclose(acc, want, rtol=1e-4, atol=1e-3))
+        except (RuntimeError, TypeError):
+            _BADDBMM_OK[key] = False
+    return _BADDBMM_OK[key]
+
+
+class _DwAccumulator:
+    """dW (fp32, V×d) += dlogᵀ @ h_c over the chunks, fp32 accumulation, no float atomics."""
+
+    def __init__(self, V: int, D: int, chunk_rows: int, dtype: torch.dtype, device):
+        self.mode = TUNING["dw"] if (dtype != torch.float32 and device.type == "cuda") else "fp32"
+        if self.mode == "split" and not _baddbmm_out_dtype_works(device):
+            self.mode = "mm_add"
+        self.splits = _dw_split_count(V, D, chunk_rows) if self.mode == "split" else 1
+        self.slabs = torch.zeros((self.splits, V, D), dtype=torch.float32, device=device)
+
+    def add(self, dlog: Tensor, h_c: Tensor) -> None:
+        n = dlog.shape[0]
+        if self.mode == "fp32":  # fp32 operands, or the interpreter's CPU path
+            self.slabs[0].addmm_(dlog.t().float(), h_c.float())
+        elif self.mode == "mm_add":
+            self.slabs[0].add_(torch.mm(dlog.t(), h_c, out_dtype=torch.float32))
+        elif self.mode == "bf16_add":
+            self.slabs[0].add_(torch.mm(dlog.t(), h_c))
+        else:  # "split": slab i += (i-th row block of the chunk)ᵀ-product, one batched cuBLAS call, beta=1
+            s = self.splits if n % self.splits == 0 else 1  # a ragged last chunk goes whole into slab 0
+            out = self.slabs if s == self.splits else self.slabs[:1]
+            torch.baddbmm(out, dlog.view(s, n // s, -1).transpose(1, 2), h_c.view(s, n // s, -1),
+                          out_dtype=torch.float32, beta=1.0, out=out)
+
+    def result(self) -> Tensor:
+        return self.slabs[0] if self.splits == 1 else self.slabs.sum(0)
 
 
 def _chunked_pass(h: Tensor, w: Tensor, target: Tensor, nll: Tensor, scale: Optional[Tensor], cap: float,
@@ -312,21 +492,32 @@ def _chunked_pass(h: Tensor, w: Tensor, target: Tensor, nll: Tensor, scale: Opti
     N, D = h.shape
     V = w.shape[0]
     dev = h.device
-    dh = torch.empty((N, D), dtype=h.dtype, device=dev) if (scale is not None and need_dh) else None
-    dw = torch.zeros((V, D), dtype=torch.float32, device=dev) if (scale is not None and need_dw) else None
-    buf = torch.empty((min(chunk_rows, N), V), dtype=h.dtype, device=dev)
-    for r0 in range(0, N, chunk_rows):
-        r1 = min(N, r0 + chunk_rows)
-        x = buf[: r1 - r0]
-        h_c = h[r0:r1]
-        torch.mm(h_c, w.t(), out=x)
-        row_scale = None if scale is None else (scale[r0:r1] if scale.ndim == 1 else scale)
-        _ce_rows(x, target[r0:r1], nll[r0:r1], row_scale, cap, ignore_index)
-        if dh is not None:
-            torch.mm(x, w, out=dh[r0:r1])
-        if dw is not None:
-            _accumulate_dw(dw, x, h_c)
-    return dh, dw
+    chunk_rows = min(chunk_rows, N)
+    grads = scale is not None
+    dh = torch.empty((N, D), dtype=h.dtype, device=dev) if (grads and need_dh) else None
+    acc = _DwAccumulator(V, D, chunk_rows, h.dtype, dev) if (grads and need_dw) else None
+    buf = torch.empty((chunk_rows, V), dtype=h.dtype, device=dev)
+    launch = _ce_launch(V, cap, grads)
+    w_t = w.t()
+    # Views made once (split is one call) instead of four slices per chunk: the host work per chunk is what
+    # bounds this loop when the products are small.
+    h_parts = h.split(chunk_rows)
+    t_parts = target.split(chunk_rows)
+    nll_parts = nll.split(chunk_rows)
+    dh_parts = dh.split(chunk_rows) if dh is not None else None
+    s_parts = scale.split(chunk_rows) if (grads and scale.ndim == 1) else None
+    x = None
+    for i, h_c in enumerate(h_parts):
+        x = buf if h_c.shape[0] == chunk_rows else buf[: h_c.shape[0]]
+        torch.mm(h_c, w_t, out=x)
+        row_scale = None if not grads else (s_parts[i] if s_parts is not None else scale)
+        _ce_rows(x, t_parts[i], nll_parts[i], row_scale, cap, ignore_index, launch)
+        if dh_parts is not None:
+            torch.mm(x, w, out=dh_parts[i])
+        if acc is not None:
+            acc.add(x, h_c)
+    del x, buf  # before the slabs are summed: the peak is the loop's, not loop + result
+    return dh, (acc.result() if acc is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,7 +537,7 @@ def _flce_forward_op(h: Tensor, weight: Tensor, target: Tensor, softcap: float, 
     are empty (reduction="none" computes its gradient in backward)."""
     h, w, target = _prep(h, weight, target)
     N = h.shape[0]
-    count = (target != ignore_index).sum().to(torch.float32)
+    count = (target != ignore_index).sum(dtype=torch.float32)
     nll = torch.empty(N, dtype=torch.float32, device=h.device)
     scale = None
     if reduction != "none" and (need_dh or need_dw):
@@ -452,7 +643,13 @@ def _backward(ctx, grad_loss, grad_count, grad_dh, grad_dw):
     if need_dh:
         _flce_scale_op(dh, g)  # in place: dH was computed in forward for g = 1
         gh = dh
-    gw = (dw * g).to(weight.dtype) if need_dw else None
+    gw = None
+    if need_dw:
+        if weight.dtype == torch.float32:
+            _flce_scale_op(dw, g)  # in place too: no second V×d fp32 buffer
+            gw = dw
+        else:
+            gw = (dw * g).to(weight.dtype)
     return (gh, gw) + (None,) * 7
 
 
