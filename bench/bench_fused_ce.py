@@ -343,6 +343,31 @@ def profile_fused(N, d, V, log, steps=5, label="default"):
             "kernels": kernels[:24], "host_ops": host[:24]}
 
 
+def extra_markdown(extra):
+    """The --profile and --sweep parts of the JSON as Markdown sections (empty when absent)."""
+    from results_io import markdown_table
+
+    out = []
+    for prof in extra.get("profile", []):
+        out.append(f"\n## Profile {prof['case']}, {prof['label']} settings {json.dumps(prof['tuning'])}\n\n"
+                   f"host enqueue ms per step: {prof['host_enqueue_ms_per_step']}\n\n"
+                   "CUDA time per step (kernels and the ops that launched them are both listed):\n\n"
+                   + markdown_table(prof["kernels"][:12])
+                   + "\nhost (self CPU, under the profiler) per step:\n\n" + markdown_table(prof["host_ops"][:12]))
+    sweep_rows = extra.get("sweep", [])
+    variants = [r for r in sweep_rows if "variant" in r]
+    if variants:
+        cols = ["case", "variant", "ms", "host_ms", "peak_mib", "ok", "chunk_rows", "ce", "dw", "dw_splits",
+                "ce_rows", "ce_warps"]
+        out.append("\n## Sweep: fused under candidate settings (ms = do_bench median; host_ms = enqueue time)\n\n"
+                   + markdown_table(variants, cols))
+    for r in sweep_rows:
+        if "part" in r:
+            items = [{"what": k, "ms": v} for k, v in r.items() if k not in ("case", "part")]
+            out.append(f"\n## {r['case']} {r['part']}\n\n" + markdown_table(items))
+    return "".join(out)
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -431,7 +456,7 @@ def main():
             return
         from results_io import write_results
 
-        notes = "ratios (same run): " + json.dumps(ratios)
+        notes = "ratios (same run): " + json.dumps(ratios) + "\n" + extra_markdown(extra)
         paths = write_results("fused_ce", rows, args.out, plot=plot, extra=extra, notes=notes)
         log(f"wrote {[str(p) for p in paths]}")
 
