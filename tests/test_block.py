@@ -11,6 +11,7 @@ relative error (||fused - ref32|| / ||ref32||, per output and per gradient) is a
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -329,6 +330,130 @@ def test_fused_block_under_torch_compile_cpu():
     g2 = torch.autograd.grad(y2, [x, x0, *fused.parameters()], up)
     for a, b in zip(g2, g1):
         close(a, b, "compiled grad", rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bf16 on CPU: the interpreter with the GPU's bf16 rounding points
+# ----------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def bf16_interpreter():
+    """Make the Triton interpreter compute bf16 the way the GPU does, for as long as the context lasts.
+
+    The interpreter stores bf16 as raw uint16 bit patterns (numpy has no bf16). Two of its operations then differ
+    from a GPU: tl.dot multiplies the bit patterns as integers (garbage), and fp32 -> bf16 casts truncate the
+    mantissa where the GPU rounds to nearest even (cvt.rn.bf16.f32); truncation biases every stored activation
+    towards zero, which alone triples the block's bf16 error. Inside this context bf16 dots multiply the values
+    (exact products, fp32 sums, as wgmma does) and fp32 -> bf16 casts round to nearest even, so a bf16 run of the
+    fused kernels on CPU rounds where the GPU rounds. Loads, stores and bf16 -> fp32 casts are already exact."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    builder = getattr(interp, "InterpreterBuilder", None)
+    handle = getattr(interp, "TensorHandle", None)
+    if builder is None or handle is None or not all(hasattr(builder, n) for n in ("create_dot", "cast_impl")):
+        pytest.skip("this Triton's interpreter has no create_dot/cast_impl to patch for bf16")
+    orig_dot, orig_cast = builder.create_dot, builder.cast_impl
+
+    def values(h):
+        if h.dtype.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(h.data).view(np.int16)
+            return torch.from_numpy(bits).view(torch.bfloat16).float().numpy()
+        return h.data.astype(np.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
+            return orig_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        out = np.matmul(values(a), values(b), dtype=np.float32).astype(d.data.dtype) + d.data
+        return handle(out, d.dtype.scalar)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return handle(t.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return orig_cast(self, src, dst_type)
+
+    builder.create_dot, builder.cast_impl = create_dot, cast_impl
+    try:
+        yield
+    finally:
+        builder.create_dot, builder.cast_impl = orig_dot, orig_cast
+
+
+if INTERPRET:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _bf16_probe_kernel(a_ptr, b_ptr, dot_ptr, x_ptr, cast_ptr, BM: tl.constexpr, BN: tl.constexpr,
+                           BK: tl.constexpr):
+        # one bf16 tile matmul (fp32 accumulator, bf16 store) and one fp32 -> bf16 cast
+        rm, rn, rk = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BK)
+        a = tl.load(a_ptr + rm[:, None] * BK + rk[None, :])
+        b = tl.load(b_ptr + rk[:, None] * BN + rn[None, :])
+        acc = tl.dot(a, b, tl.zeros((BM, BN), dtype=tl.float32))
+        tl.store(dot_ptr + rm[:, None] * BN + rn[None, :], acc)
+        x = tl.load(x_ptr + rm[:, None] * BN + rn[None, :])
+        tl.store(cast_ptr + rm[:, None] * BN + rn[None, :], x.to(tl.bfloat16))
+
+
+@needs_triton_cpu
+def test_bf16_interpreter_matches_gpu_rounding():
+    torch.manual_seed(60)
+    a = torch.randn(32, 64).bfloat16()
+    b = torch.randn(64, 16).bfloat16()
+    x = torch.randn(32, 16) * 100
+    dot = torch.full((32, 16), float("nan"))
+    cast = torch.full((32, 16), float("nan"), dtype=torch.bfloat16)
+    # without the patch the interpreter is not usable for bf16 (this is why the other CPU tests run fp32)
+    _bf16_probe_kernel[(1,)](a, b, dot, x, cast, BM=32, BN=16, BK=64)
+    assert not torch.equal(cast, x.bfloat16())
+    with bf16_interpreter():
+        _bf16_probe_kernel[(1,)](a, b, dot, x, cast, BM=32, BN=16, BK=64)
+    torch.testing.assert_close(dot, a.float() @ b.float(), rtol=1e-6, atol=1e-5)
+    assert torch.equal(cast, x.bfloat16())  # torch's fp32 -> bf16 is round-to-nearest-even
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("case", [dict(mlp_mult=2, activation="relu2", rope_dims=64),
+                                  dict(mlp_mult=3, activation="leaky_relu2", rope_dims=16)],
+                         ids=lambda c: f"m{c['mlp_mult']}_{c['activation']}_r{c['rope_dims']}")
+def test_fused_block_bf16_on_cpu(case):
+    # The GPU test's check (bf16 fused vs fp32 reference, at most 1.5 x the eager bf16-autocast error + 5e-3) on
+    # CPU through bf16_interpreter: a wrong rounding point (an intermediate kept in bf16 that the reference keeps
+    # in fp32, stats taken from rounded values, bf16 tables...) fails here without a GPU. Eager runs under CPU
+    # autocast, whose bf16 op list matches CUDA's for everything the block uses.
+    cfg = BlockConfig(d_model=256, num_heads=4, num_kv_heads=2, **case)
+    ref = ReferenceBlock(cfg)
+    randomize_(ref, 61)
+    fused = FusedBlock(cfg)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(62)
+    B, T = 2, 96
+    x32, x032, up = (torch.randn(B, T, cfg.d_model, generator=g) for _ in range(3))
+
+    def run(block, x, x0, autocast):
+        x, x0 = x.detach().requires_grad_(), x0.detach().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y = block(x, x0)
+        grads = torch.autograd.grad(y, [x, x0, *block.parameters()], up.to(y.dtype))
+        return [y.detach()] + list(grads)
+
+    truth = run(ref, x32, x032, False)
+    base = run(ref, x32.bfloat16(), x032.bfloat16(), True)
+    with bf16_interpreter():
+        got = run(fused, x32.bfloat16(), x032.bfloat16(), False)
+        with torch.no_grad():
+            y_eval = fused(x32.bfloat16(), x032.bfloat16())
+    assert got[0].dtype == torch.bfloat16
+    names = ["out", "dx", "dx0"] + [n for n, _ in ref.named_parameters()]
+    for n, t, b, f in zip(names, truth, base, got):
+        assert torch.isfinite(f).all(), f"{n}: non-finite"
+        eb, ef = rel_err(b, t), rel_err(f, t)
+        assert eb < 0.05, f"{n}: eager bf16 error {eb:.3e} (the baseline itself is off)"
+        assert ef <= 1.5 * eb + 5e-3, f"{n}: fused rel err {ef:.3e} vs eager bf16 {eb:.3e}"
+    assert rel_err(y_eval, truth[0]) <= 1.5 * rel_err(base[0], truth[0]) + 5e-3
 
 
 def test_poisoned_allocation_is_nan():
