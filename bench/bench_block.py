@@ -26,6 +26,7 @@ wgmma / cp.async pipelining per kernel; exit status 1 if any fails or spills.
 
 Usage: python bench/bench_block.py --out bench/results [--cases B64_T1024_mlp2_relu2,...] [--impls eager,compile,fused]
        python bench/bench_block.py --aot-check
+       python bench/bench_block.py --stages --out DIR   (bf16 accuracy per kernel, see stage_errors)
 """
 from __future__ import annotations
 
@@ -231,6 +232,177 @@ def aot_check(arch: int = 90) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------------------
+# --stages: where a fused result goes wrong (each kernel against an fp64 reference from the same inputs)
+# ----------------------------------------------------------------------------------------------------------
+
+STAGE_VARIANTS = {  # PGOLF_BLOCK_TILES per variant: same maths, different code generation
+    "default": {},
+    "no_pipelining": {k: {"num_stages": 1} for k in ("row_gemm", "row_gemm_act_bwd", "attn_in", "attn_dx", "wgrad")},
+    "attn_in_1_head_per_program": {"attn_in": {"HPP": 1}},
+    "small_tiles": {"row_gemm": {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4},
+                    "attn_in": {"BM": 64, "num_warps": 4}},
+}
+
+
+def stage_errors(activation: str, mlp_mult: int, rope_dims: int, B: int, T: int, dev: str, dtype: torch.dtype,
+                 shape_kw: dict | None = None) -> dict:
+    """{stage: (fused rel. error, error of rounding the fp64 reference to dtype)} for every fused piece fed the
+    reference's own inputs (so an error does not propagate from an earlier stage), SDPA in both layouts and
+    backends, and the whole block (eval and train) and eager autocast against the fp64 block. A correct kernel's
+    error is about its rounding error (one or two roundings to bf16); a wrong one stands out by 10x."""
+    import torch.nn.functional as F
+
+    from pgolf_kernels import block as blk
+    from pgolf_kernels import block_kernels as kn
+    from pgolf_kernels.block import apply_rotary
+    cfg = BlockConfig(mlp_mult=mlp_mult, activation=activation, rope_dims=rope_dims, **(shape_kw or {}))
+    D, H, KVH, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    ref = ReferenceBlock(cfg)
+    init_params(ref, 0)
+    ref = ref.to(dev)
+    a, m = ref.attn, ref.mlp
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(B, T, D, device=dev, generator=g).to(dtype)
+    x0 = torch.randn(B, T, D, device=dev, generator=g).to(dtype)
+    W = {n: p.detach().to(dtype).double() for n, p in ref.named_parameters() if p.ndim == 2}
+    P = {n: p.detach().double() for n, p in ref.named_parameters()}
+    act = 0 if activation == "relu2" else 1
+    out: dict[str, tuple[float, float]] = {}
+
+    def rel(f, r):
+        return ((f.double() - r.double()).norm() / r.double().norm().clamp_min(1e-300)).item()
+
+    def report(name, fused_val, ref_val):
+        out[name] = (rel(fused_val, ref_val), rel(ref_val.to(dtype), ref_val))
+
+    def rms(t):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + kn.RMS_EPS)
+
+    def act_fn(p):
+        return torch.relu(p).square() if activation == "relu2" else F.leaky_relu(p, 0.5).square()
+
+    with torch.no_grad():
+        xm_r = P["resid_mix"][0] * x.double() + P["resid_mix"][1] * x0.double()
+        h = rms(xm_r)
+        qh = (h @ W["attn.c_q.weight"].T).view(B, T, H, hd)
+        ang = blk.rope_angles(T, a.rotary.inv_freq).double()
+        q_r = apply_rotary(rms(qh).transpose(1, 2), ang.cos(), ang.sin(), rope_dims) * P["attn.q_gain"][:, None, None]
+        k_r = apply_rotary(rms((h @ W["attn.c_k.weight"].T).view(B, T, KVH, hd)).transpose(1, 2), ang.cos(),
+                           ang.sin(), rope_dims)
+        v_r = (h @ W["attn.c_v.weight"].T).view(B, T, KVH, hd).transpose(1, 2)
+        cos, sin = kn.rope_tables(blk.rope_angles(T, a.rotary.inv_freq), hd)
+        wc = kn.prep_weights([(a.c_q.weight.data, None), (a.c_k.weight.data, None), (a.c_v.weight.data, None),
+                              (a.proj.weight.data, None), (m.fc.weight.data, None), (m.proj.weight.data, None),
+                              (m.proj.weight.data, ref.mlp_scale.data)], dtype)
+        report("prep_weights (all)", torch.cat([w.flatten() for w in wc[:6]]),
+               torch.cat([p.detach().flatten() for p in (a.c_q.weight, a.c_k.weight, a.c_v.weight, a.proj.weight,
+                                                         m.fc.weight, m.proj.weight)]).double())
+        report("prep_weights (row-scaled)", wc[6], ref.mlp_scale.double()[:, None] * m.proj.weight.double())
+        for train in (True, False):
+            xm, q, k, v, rstd, hrstd = kn.attn_in_fwd(x.view(-1, D), x0.view(-1, D), ref.resid_mix.data, *wc[:3],
+                                                      a.q_gain.data, cos, sin, T, H, KVH, rope_dims, train)
+            tag = "train" if train else "eval"
+            report(f"attn_in xm ({tag})", xm, xm_r.view(-1, D))
+            report(f"attn_in q ({tag})", q.view(B, T, H, hd).transpose(1, 2), q_r)
+            report(f"attn_in k ({tag})", k.view(B, T, KVH, hd).transpose(1, 2), k_r)
+            report(f"attn_in v ({tag})", v.view(B, T, KVH, hd).transpose(1, 2), v_r)
+            if train:
+                report("attn_in rstd", rstd, torch.rsqrt(xm_r.pow(2).mean(-1) + kn.RMS_EPS).view(-1))
+                report("attn_in q head rstd", hrstd[:, :H],
+                       torch.rsqrt(qh.pow(2).mean(-1) + kn.RMS_EPS).view(-1, H))
+        y_r = F.scaled_dot_product_attention(q_r, k_r, v_r, is_causal=True, enable_gqa=True)
+        qb, kb, vb = (t.to(dtype).transpose(1, 2).contiguous().transpose(1, 2) for t in (q_r, k_r, v_r))  # BTHD
+        backends = {"default": None}
+        if dev == "cuda":
+            from torch.nn.attention import SDPBackend
+            backends.update(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION)
+        for bname, backend in backends.items():
+            for layout, (qq, kk, vv) in (("bthd", (qb, kb, vb)),
+                                         ("contiguous", (qb.contiguous(), kb.contiguous(), vb.contiguous()))):
+                try:
+                    if backend is None:
+                        y = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
+                    else:
+                        from torch.nn.attention import sdpa_kernel
+                        with sdpa_kernel([backend]):
+                            y = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
+                    report(f"sdpa {bname} {layout}", y, y_r)
+                except RuntimeError as e:
+                    out[f"sdpa {bname} {layout}"] = (float("nan"), float("nan"))
+                    print(f"sdpa {bname} {layout}: {str(e)[:120]}", flush=True)
+        yb, xmb = y_r.to(dtype).transpose(1, 2), xm_r.to(dtype)  # [B, T, H, hd] view of BHTD memory
+        x1_r = xmb.double() + P["attn_scale"] * (yb.double().reshape(B, T, D) @ W["attn.proj.weight"].T)
+        report("attn_out (strided y)", blk._attn_out_op(yb, xmb, a.proj.weight, wc[3], wc[3], ref.attn_scale), x1_r)
+        report("attn_out (contiguous y)", blk._attn_out_op(yb.contiguous(), xmb, a.proj.weight, wc[3], wc[3],
+                                                           ref.attn_scale), x1_r)
+        x1b = x1_r.to(dtype)
+        pre_r = rms(x1b.double()) @ W["mlp.fc.weight"].T
+        mlp_r = x1b.double() + P["mlp_scale"] * (act_fn(pre_r) @ W["mlp.proj.weight"].T)
+        o, pre, r = blk._mlp_op(x1b, m.fc.weight, m.proj.weight, wc[4], wc[5], wc[6], ref.mlp_scale, act, True)
+        report("mlp pre (train)", pre.view(B, T, -1), pre_r)
+        report("mlp rstd (train)", r, torch.rsqrt(x1b.double().pow(2).mean(-1) + kn.RMS_EPS).view(-1))
+        report("mlp out (train)", o, mlp_r)
+        report("mlp out (eval)", blk._mlp_op(x1b, m.fc.weight, m.proj.weight, wc[4], wc[5], wc[6], ref.mlp_scale,
+                                             act, False)[0], mlp_r)
+        hid = cfg.hidden
+        up = torch.empty(B * T, hid, device=dev, dtype=dtype)
+        kn.row_gemm(x1b.view(-1, D), kn._flat2(x1b.view(-1, D)), wc[4], wc[4].stride(0), 1, B * T, hid, D, up,
+                    kn._flat2(up), epi=kn.EPI_STORE)
+        report("row_gemm plain (x1 @ Wfc^T)", up, x1b.double().view(-1, D) @ W["mlp.fc.weight"].T)
+        fused = FusedBlock(cfg).to(dev)
+        fused.load_state_dict(ref.state_dict())
+        truth = ref.double()(x.double(), x0.double())
+        ref.float()
+        report("block eval", fused(x, x0), truth)
+    xg = x.clone().requires_grad_()
+    report("block train", fused(xg, x0).detach(), truth)
+    with torch.no_grad(), torch.autocast(dev, torch.bfloat16, enabled=dtype == torch.bfloat16):
+        report("eager (autocast)", ref(x, x0), truth)
+    return out
+
+
+def run_stages(out_dirs: list[str], smoke: bool) -> list[dict]:
+    """Every STAGE_VARIANTS entry (in a subprocess: tile overrides are read at import) x two MLP cases; the
+    table is printed and written (JSON, atomically) as block_stages.json in each out folder."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+    cases = [("relu2", 2, 64), ("leaky_relu2", 3, 16)]
+    rows = []
+    for vname, tiles in STAGE_VARIANTS.items():
+        for act, mult, rd in (cases if vname == "default" else cases[:1]):
+            env = dict(os.environ, PGOLF_BLOCK_TILES=json.dumps(tiles))
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--stages-one", f"{act},{mult},{rd}"]
+            if smoke:
+                cmd.append("--smoke-cpu")
+            t0 = time.time()
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("STAGES ")), None)
+            row = dict(variant=vname, tiles=tiles, activation=act, mlp_mult=mult, rope_dims=rd,
+                       seconds=round(time.time() - t0, 1))
+            if line is None:
+                row["error"] = (p.stderr or p.stdout)[-1500:]
+            else:
+                row["stages"] = json.loads(line[len("STAGES "):])
+            rows.append(row)
+            print(f"== {vname} {act} m{mult} r{rd} ({row['seconds']} s)", flush=True)
+            if "error" in row:
+                print(row["error"], flush=True)
+            for name, (e, r) in row.get("stages", {}).items():
+                flag = "  <-- off" if e == e and e > 3 * r + 1e-3 else ""
+                print(f"   {name:32s} fused {e:.3e}   rounding {r:.3e}{flag}", flush=True)
+    for d in out_dirs:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:
+            json.dump(dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                           versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
+                           rows=rows), f, indent=1)
+        os.replace(f.name, Path(d) / "block_stages.json")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder(s), comma separated")
@@ -247,7 +419,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke-cpu", action="store_true",
                     help="check this script's logic on CPU (TRITON_INTERPRET=1, fp32, d_model 128, 2/1 heads, one "
                          "timed call, no torch.compile rows for fused); numbers mean nothing")
+    ap.add_argument("--stages", action="store_true",
+                    help="diagnose bf16 accuracy: every fused kernel against an fp64 reference from the same inputs, "
+                         "under each STAGE_VARIANTS tile setting; writes block_stages.json to --out")
+    ap.add_argument("--stages-one", default=None, help=argparse.SUPPRESS)  # act,mult,rope_dims (one subprocess)
     args = ap.parse_args(argv)
+    if args.stages_one:
+        import json
+        act, mult, rd = args.stages_one.split(",")
+        smoke_kw = dict(B=1, T=64, dev="cpu", dtype=torch.float32, shape_kw=dict(d_model=128, num_heads=2,
+                                                                                  num_kv_heads=1))
+        kw = smoke_kw if args.smoke_cpu else dict(B=4, T=1024, dev="cuda", dtype=torch.bfloat16)
+        if not args.smoke_cpu:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        res = stage_errors(act, int(mult), min(int(rd), 64 if not args.smoke_cpu else 32), **kw)
+        print("STAGES " + json.dumps(res), flush=True)
+        return
+    if args.stages:
+        run_stages(args.out.split(","), args.smoke_cpu)
+        return
     if args.aot_check:
         bad = 0
         for r in aot_check():

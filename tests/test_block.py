@@ -579,3 +579,17 @@ def test_bench_block_cpu_smoke(tmp_path):
     assert obj["bench"] == "block" and len(obj["rows"]) == 6
     assert all(r["ok"] and r["error"] is None and r["ms"] > 0 for r in obj["rows"]), obj["rows"]
 
+
+
+@needs_triton_cpu
+def test_bench_block_stage_errors_cpu():
+    # the --stages diagnosis compares each kernel with its own fp64 formulas; in fp32 every stage must agree,
+    # or the diagnosis would blame a correct kernel on the GPU
+    spec = importlib.util.spec_from_file_location("pgolf_bench_block_stages", REPO / "bench" / "bench_block.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.stage_errors("leaky_relu2", 3, 16, B=1, T=48, dev="cpu", dtype=torch.float32,
+                             shape_kw=dict(d_model=128, num_heads=2, num_kv_heads=1))
+    assert {"attn_in q (train)", "attn_out (strided y)", "mlp out (eval)", "block train"} <= set(res)
+    bad = {k: e for k, (e, _) in res.items() if not e < 2e-6}
+    assert not bad, bad
