@@ -193,11 +193,22 @@ def _attn_in_fwd_kernel(x_ptr, x0_ptr, mix_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr
     acc_a = acc_a * rstd[:, None]
     acc_b = acc_b * rstd[:, None]
     is_qk = grp < NQG + NKG
-    hsq = tl.reshape(acc_a * acc_a + acc_b * acc_b, (BM, HPP, HALF))
-    hr = 1.0 / tl.sqrt(tl.sum(hsq, axis=2) / HD + eps)  # [BM, HPP]
-    hr = tl.where(is_qk, hr, 1.0)
-    na = tl.reshape(tl.reshape(acc_a, (BM, HPP, HALF)) * hr[:, :, None], (BM, W))
-    nb = tl.reshape(tl.reshape(acc_b, (BM, HPP, HALF)) * hr[:, :, None], (BM, W))
+    # per-head RMS of q/k, broadcast back over the head's columns. Only 2-D masked row sums, no tl.reshape to
+    # [BM, HPP, HALF]: 3-D reshapes/reductions of a wgmma accumulator are the least exercised layout path of
+    # Triton's GPU backend, and the interpreter (where the CPU tests run) cannot see a mistake there.
+    sq = acc_a * acc_a + acc_b * acc_b
+    hr_col = tl.full((BM, W), 1.0, dtype=tl.float32)
+    qk_rows = mmask & ((tl.zeros((BM,), dtype=tl.int32) + grp) < NQG + NKG)
+    for jh in tl.static_range(HPP):
+        in_head = (j == jh)[None, :]
+        hr_j = 1.0 / tl.sqrt(tl.sum(tl.where(in_head, sq, 0.0), axis=1) / HD + eps)  # [BM]
+        hr_col = tl.where(in_head, hr_j[:, None], hr_col)
+        if STORE_STATS:
+            # q groups then k groups: head-rstd column of the group's head jh is grp * HPP + jh
+            tl.store(hrstd_ptr + rm * (H + KVH) + tl.minimum(grp * HPP + jh, H + KVH - 1), hr_j, mask=qk_rows)
+    hr_col = tl.where(is_qk, hr_col, 1.0)
+    na = acc_a * hr_col
+    nb = acc_b * hr_col
     t = rm % T
     cs = tl.load(cos_ptr + t[:, None] * HALF + cc[None, :], mask=mmask[:, None], other=1.0)
     sn = tl.load(sin_ptr + t[:, None] * HALF + cc[None, :], mask=mmask[:, None], other=0.0)
@@ -210,11 +221,6 @@ def _attn_in_fwd_kernel(x_ptr, x0_ptr, mix_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr
     tl.store(o_base + rm[:, None] * o_rs + idx_a[None, :], ra.to(CDT), mask=mmask[:, None])
     tl.store(o_base + rm[:, None] * o_rs + idx_b[None, :], rb.to(CDT), mask=mmask[:, None])
     if STORE_STATS:
-        # q groups then k groups: head-rstd column of the group's first head is grp * HPP
-        jj = tl.arange(0, HPP)
-        qk_cols = (tl.zeros((HPP,), dtype=tl.int32) + grp) < NQG + NKG
-        tl.store(hrstd_ptr + rm[:, None] * (H + KVH) + tl.minimum(grp * HPP + jj, H + KVH - 1)[None, :], hr,
-                 mask=mmask[:, None] & qk_cols[None, :])
         tl.store(rstd_ptr + rm, rstd, mask=mmask & first_grp)
 
 
