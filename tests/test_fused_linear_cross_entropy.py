@@ -211,6 +211,40 @@ def test_cpu_ce_kernel_versions(monkeypatch, ce, softcap, single_v):
         _check_fp32(got, _run(reference_linear_cross_entropy, h, w, y, softcap, reduction, upstream=up))
 
 
+@needs_kernel_cpu
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_eager_function_and_custom_op_paths_agree(reduction):
+    """Eager calls go through _FusedCEFunction, torch.compile through the pgolf::flce_forward custom op;
+    both run the same forward and backward, so loss and gradients must be bitwise equal."""
+    from pgolf_kernels import fused_ce as mod
+
+    h, w, y = _make(40, 32, 70, torch.float32, torch.float32, "cpu")
+    up = torch.rand(40) + 0.5 if reduction == "none" else torch.tensor(0.7)
+    eager = _run(fused_linear_cross_entropy, h, w, y, 30.0, reduction, upstream=up, chunk_rows=16)
+
+    def via_op(h_, w_, y_, softcap, red, ignore_index, chunk_rows):
+        return mod._flce_forward_op(h_, w_, y_, softcap, ignore_index, red, True, True, chunk_rows)[0]
+
+    op = _run(via_op, h, w, y, 30.0, reduction, upstream=up, chunk_rows=16)
+    for a, b in zip(eager, op):
+        _assert_finite(a)
+        assert torch.equal(a, b)
+
+
+@needs_kernel_cpu
+def test_cpu_scale_pair_kernel():
+    from pgolf_kernels import fused_ce as mod
+
+    a, b = torch.randn(5000), torch.randn(300)
+    a0, b0 = a.clone(), b.clone()
+    mod._scale_pair_(a, b, torch.tensor(0.5))
+    assert torch.equal(a, a0 * 0.5) and torch.equal(b, b0 * 0.5)
+    mod._scale_pair_(a, None, torch.tensor(-3.0))
+    assert torch.equal(a, a0 * 0.5 * -3.0) and torch.equal(b, b0 * 0.5)
+    mod._scale_pair_(a, b, torch.tensor(1.0))  # g == 1: untouched
+    assert torch.equal(a, a0 * 0.5 * -3.0) and torch.equal(b, b0 * 0.5)
+
+
 def test_tuning_env_parsing():
     from pgolf_kernels import fused_ce as mod
 
