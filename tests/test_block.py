@@ -521,13 +521,16 @@ def test_gpu_fused_block_bf16(case):
     base = run(ref, x32.bfloat16(), x032.bfloat16(), True)
     got = run(fused, x32.bfloat16(), x032.bfloat16(), False)
     names = ["out", "dx", "dx0"] + [n for n, _ in ref.named_parameters()]
-    for n, t, b, f in zip(names, truth, base, got):
-        assert torch.isfinite(f).all(), f"{n}: non-finite"
-        eb, ef = rel_err(b, t), rel_err(f, t)
-        assert ef <= 1.5 * eb + 5e-3, f"{n}: fused rel err {ef:.3e} vs eager bf16 {eb:.3e}"
     with torch.no_grad():
         y_eval = fused(x32.bfloat16(), x032.bfloat16())
-    assert rel_err(y_eval, truth[0]) <= 1.5 * rel_err(base[0], truth[0]) + 5e-3
+    # every output and gradient is checked before failing, so one failing case shows where the error is
+    report, bad = [], []
+    for n, t, b, f in zip(names + ["out (eval)"], truth + [truth[0]], base + [base[0]], got + [y_eval]):
+        eb, ef = rel_err(b, t), rel_err(f, t)
+        ok = bool(torch.isfinite(f).all()) and ef <= 1.5 * eb + 5e-3
+        report.append(f"{n}: fused {ef:.3e} eager {eb:.3e}{'' if ok else ' FAIL'}")
+        bad += [] if ok else [n]
+    assert not bad, "fused rel err vs eager bf16 (fp32 reference): " + "; ".join(report)
 
 
 @pytest.mark.gpu
