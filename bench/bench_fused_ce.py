@@ -18,8 +18,8 @@ looser bound than the unit tests).
 each with its host enqueue time, then the CE kernel alone under CE_CONFIGS and the cuBLAS products alone
 (whole rows and one chunk), printed and stored in the JSON under "sweep".
 
---profile adds torch.profiler's per-kernel CUDA time and per-op host time of fused steps at the first case,
-for the default settings and the old ones (JSON "profile"). It runs after the sweep: after a profiler
+--profile adds torch.profiler's per-kernel CUDA time, GPU time per step and per-op host time of fused steps at
+the first case, for the default settings and the old ones, and of compile (JSON "profile"). It runs after the sweep: after a profiler
 session the host is slower (seen on H100: the same settings timed 1.9 ms in the table, 2.7 ms after it).
 
 Usage: python bench/bench_fused_ce.py --out bench/results [--cases N65536_d512_V1024,...] [--sweep] [--profile]
@@ -277,10 +277,11 @@ def sweep(N, d, V, log, deadline):
     return rows
 
 
-def profile_fused(N, d, V, log, steps=5, label="default"):
-    """Where a fused forward+backward spends its time: CUDA time per kernel over `steps` steps, the CPU
-    (host) time per op, and the host time to enqueue one step (if the host is slower than the GPU, the
-    do_bench median measures the host)."""
+def profile_step(N, d, V, loss_fn, log, label, steps=5):
+    """Where one forward+backward of loss_fn spends its time: CUDA time per kernel over `steps` steps (and
+    their sum: the GPU time of a step), the CPU (host) time per op, and the host time to enqueue one step
+    (when it exceeds the GPU time the step is bound by the host and do_bench's median measures the host)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     h, w, y = inputs(N, d, V)
@@ -288,7 +289,7 @@ def profile_fused(N, d, V, log, steps=5, label="default"):
     def step():
         h.grad = None
         w.grad = None
-        fused_linear_cross_entropy(h, w, y, SOFTCAP, "mean").backward()
+        loss_fn(h, w, y).backward()
 
     for _ in range(3):
         step()
@@ -302,19 +303,23 @@ def profile_fused(N, d, V, log, steps=5, label="default"):
         + avg.table(sort_by="cuda_time_total", row_limit=18)
         + avg.table(sort_by="self_cpu_time_total", row_limit=18))
     kernels, host = [], []
+    gpu_us = 0.0
     for e in avg:
         cuda_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         if cuda_us:
+            # A CPU op that launched kernels carries their time too; only the kernels themselves (device
+            # events) are summed into the step's GPU time.
+            is_kernel = getattr(e, "device_type", None) == DeviceType.CUDA
+            gpu_us += cuda_us if is_kernel else 0.0
             kernels.append({"name": e.key[:90], "cuda_ms_per_step": round(cuda_us / 1e3 / steps, 4),
-                            "calls_per_step": e.count / steps})
+                            "calls_per_step": e.count / steps, "kernel": is_kernel})
         if e.self_cpu_time_total:
             host.append({"name": e.key[:90], "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 4),
                          "calls_per_step": e.count / steps})
     kernels.sort(key=lambda r: -r["cuda_ms_per_step"])
     host.sort(key=lambda r: -r["self_cpu_ms_per_step"])
     return {"case": case_name(N, d, V), "label": label, "tuning": dict(flce_mod.TUNING),
-            "host_enqueue_ms_per_step": round(enqueue, 4),
-            "gpu_self_ms_per_step": round(sum(k["cuda_ms_per_step"] for k in kernels), 4),
+            "host_enqueue_ms_per_step": round(enqueue, 4), "gpu_kernel_ms_per_step": round(gpu_us / 1e3 / steps, 4),
             "kernels": kernels[:24], "host_ops": host[:24]}
 
 
@@ -325,7 +330,9 @@ def extra_markdown(extra):
     out = []
     for prof in extra.get("profile", []):
         out.append(f"\n## Profile {prof['case']}, {prof['label']} settings {json.dumps(prof['tuning'])}\n\n"
-                   f"host enqueue ms per step: {prof['host_enqueue_ms_per_step']}\n\n"
+                   f"host enqueue ms per step: {prof['host_enqueue_ms_per_step']}"
+                   + (f"; GPU (sum of kernels) ms per step: {prof['gpu_kernel_ms_per_step']}"
+                      if "gpu_kernel_ms_per_step" in prof else "") + "\n\n"
                    "CUDA time per step (kernels and the ops that launched them are both listed):\n\n"
                    + markdown_table(prof["kernels"][:12])
                    + "\nhost (self CPU, under the profiler) per step:\n\n" + markdown_table(prof["host_ops"][:12]))
@@ -448,10 +455,14 @@ def main():
             write()
     if args.profile:
         extra["profile"] = []
-        for label, kw in (("default", {}), ("old", OLD)):
+        fused = lambda a, b, t: fused_linear_cross_entropy(a, b, t, SOFTCAP, "mean")  # noqa: E731
+        runs = [("fused default", fused, {}), ("fused old", fused, OLD)]
+        if "compile" in impls:
+            runs.append(("compile", impls["compile"], {}))
+        for label, fn, kw in runs:
             try:
                 with tuning(**kw):
-                    extra["profile"].append(profile_fused(*parse_case(args.cases.split(",")[0]), log, label=label))
+                    extra["profile"].append(profile_step(*parse_case(args.cases.split(",")[0]), fn, log, label))
             except Exception as exc:
                 log(f"profile {label} failed: {type(exc).__name__}: {str(exc)[:200]}")
         write()
