@@ -465,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     skipped: list[str] = []
     profiles: dict[str, list[dict]] = {}
+    rel_errs: dict[str, dict[str, float]] = {}
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cpu" if smoke else "cuda")
     act_dtype = torch.float32 if smoke else torch.bfloat16
@@ -489,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
                         and q["impl"] == "compile" and q.get("ms")), None)
             r["speedup_vs_compile"] = (ref["ms"] / r["ms"]) if (ref and r.get("ms")) else None
         write_results("block", rows, out_dirs, plot=plot_rows, notes=notes(),
-                      extra={"profile": profiles} if profiles else None)
+                      extra={"profile": profiles, "rel_errs": rel_errs})
 
     for case in args.cases.split(","):
         spec = parse_case(case)
@@ -501,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
         fused = FusedBlock(cfg).to(dev)
         fused.load_state_dict(ref.state_dict())
         params_ref, params_fused = list(ref.parameters()), list(fused.parameters())
+        param_names = [n for n, _ in ref.named_parameters()]
         g = torch.Generator(device=dev).manual_seed(1)
         x = torch.randn(B, T, cfg.d_model, device=dev, generator=g).to(act_dtype)
         x0 = torch.randn(B, T, cfg.d_model, device=dev, generator=g).to(act_dtype)
@@ -571,6 +573,10 @@ def main(argv: list[str] | None = None) -> None:
                     base = eager_err.get(mode)
                     row["ok"] = finite and base is not None and all(e <= 1.5 * b + 5e-3 for e, b in zip(errs, base))
                 row["max_rel_err"] = max(errs)
+                # per output / gradient (JSON 'rel_errs'), so a failing row says where it fails
+                named = dict(zip(["out", "dx", "dx0"] + param_names, errs))
+                rel_errs[label] = {n: float(f"{e:.4g}") for n, e in named.items()}
+                row["worst"] = max(named, key=named.get)
                 del outs
                 gc.collect()
                 if not smoke:
