@@ -180,9 +180,10 @@ def host_ms(step, n=10):
 # "old": the path before the sweep of commit 1dabdbf (first CE kernel at 4 logits per thread, one
 # fp32-output mm per chunk added into dW, custom-op dispatch in eager); "1dabdbf": what that commit measured
 # as its default (CE v2, dW slabs, still 4 logits per thread and the custom op); "default": current TUNING.
+# Both reference settings ran 8192-row chunks everywhere; chunk None is default_chunk_rows (more at large N).
 OLD = dict(ce="v1", dw="mm_add", ce_lpt=4, path="custom_op")
 AT_1DABDBF = dict(ce="v2", dw="split", dw_splits=0, ce_lpt=4, path="custom_op")
-_BASE = [("old", None, OLD), ("1dabdbf", None, AT_1DABDBF), ("default", None, {})]
+_BASE = [("old", 8192, OLD), ("1dabdbf", 8192, AT_1DABDBF), ("default", None, {})]
 SWEEP_VARIANTS = {
     "N65536_d512_V1024": _BASE + [
         ("custom_op_path", None, dict(path="custom_op")),
@@ -194,7 +195,7 @@ SWEEP_VARIANTS = {
         ("c12288_s2", 12288, dict(dw_splits=2)),
         ("c16384", 16384, {}),
     ],
-    "N262144_d512_V1024": _BASE + [("c16384", 16384, {})],
+    "N262144_d512_V1024": _BASE + [("c8192", 8192, {}), ("c16384", 16384, {})],
     "N65536_d512_V4096": _BASE + [("ce_lpt8", None, dict(ce_lpt=8)), ("c4096", 4096, {})],
     "N65536_d512_V8192": _BASE + [("c4096", 4096, {}), ("c16384", 16384, {})],
     "N262144_d512_V8192": _BASE,
@@ -398,7 +399,8 @@ def main():
     wanted = args.impls.split(",")
     impls = {k: v for k, v in make_impls("liger" in wanted).items() if k in wanted}
     extra = {"softcap": SOFTCAP, "h_dtype": "bfloat16", "weight_dtype": "float32",
-             "fused_chunk_rows": flce_mod.DEFAULT_CHUNK_ROWS, "fused_tuning": dict(flce_mod.TUNING)}
+             "fused_chunk_rows": {c: flce_mod.default_chunk_rows(*parse_case(c)) for c in args.cases.split(",")},
+             "fused_tuning": dict(flce_mod.TUNING)}
     rows = []
     for c in args.cases.split(","):
         N, d, V = parse_case(c)

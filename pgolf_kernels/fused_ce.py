@@ -14,7 +14,8 @@ Public API
 
 How it works (CUDA)
 -------------------
-Rows are processed ``chunk_rows`` at a time (8192 by default), so the only [rows, V] buffer is one chunk:
+Rows are processed ``chunk_rows`` at a time (8192 by default, more at large N·d/V: default_chunk_rows), so
+the only [rows, V] buffer is one chunk:
 1. ``logits = h_c @ Wᵀ`` by cuBLAS into the chunk buffer, in h's dtype (bf16 for bf16 h: the same logits
    an autocast nn.Linear gives; the full-precision [N, V] logits are never written).
 2. One Triton kernel per row reads those logits once, applies the soft-cap and a log-sum-exp in fp32,
@@ -70,6 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "default_chunk_rows",
     "fused_linear_cross_entropy",
     "FusedLinearCrossEntropy",
     "reference_linear_cross_entropy",
@@ -83,6 +85,18 @@ _T_DTYPES = (torch.int64, torch.int32)
 # Rows per chunk: the chunk buffer is chunk_rows × V in h's dtype (16 MiB at V=1024, bf16), big enough for
 # the cuBLAS products to run near full speed.
 DEFAULT_CHUNK_ROWS = 8192
+# ... or more, while the chunk buffer stays within this fraction of dH's size (see default_chunk_rows).
+_CHUNK_DH_FRACTION = 4
+
+
+def default_chunk_rows(N: int, D: int, V: int) -> int:
+    """Rows per chunk when the caller gives none: DEFAULT_CHUNK_ROWS, or more when a quarter of dH's size
+    (N·d elements) holds more rows of logits (large N, small V), in multiples of 1024. Every chunk costs
+    four launches of host time, which bounds the loop at small V (H100, N=262,144, V=1024: 6.2–7.0 ms
+    with 8192-row chunks, 3.4–5.0 ms with 16,384; bench/results/fused_ce-*-1dabdbf.md), while the extra
+    memory stays at most dH/4 beyond the 8192-row buffer."""
+    rows = (N * D // _CHUNK_DH_FRACTION) // max(1, V)
+    return max(DEFAULT_CHUNK_ROWS, rows - rows % 1024)
 # CE kernel: rows of up to this many logits are read once into registers (single-read path) ...
 _CE_MAX_SINGLE_V = 8192
 # ... several short rows share a program so it holds at least this many logits ...
@@ -756,7 +770,7 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, softca
                                chunk_rows: Optional[int] = None) -> Tensor:
     """Cross-entropy of ``softcap·tanh((h @ weightᵀ)/softcap)`` against ``target`` (see module doc).
 
-    ``chunk_rows``: rows per chunk (None = DEFAULT_CHUNK_ROWS); the chunk buffer is chunk_rows × V.
+    ``chunk_rows``: rows per chunk (None = default_chunk_rows(N, d, V)); the chunk buffer is chunk_rows × V.
     """
     _check_inputs(h, weight, target, softcap, reduction)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
@@ -769,7 +783,7 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, softca
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and h.requires_grad
     need_dw = grad_on and weight.requires_grad
-    rows = DEFAULT_CHUNK_ROWS if chunk_rows is None else chunk_rows
+    rows = default_chunk_rows(h.shape[0], h.shape[1], weight.shape[0]) if chunk_rows is None else chunk_rows
     args = (h, weight, target, _softcap_value(softcap), int(ignore_index), reduction, need_dh, need_dw, int(rows))
     if torch.compiler.is_compiling() or TUNING["path"] == "custom_op":
         return _flce_forward_op(*args)[0]

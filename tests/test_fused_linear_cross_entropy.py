@@ -245,6 +245,20 @@ def test_cpu_scale_pair_kernel():
     assert torch.equal(a, a0 * 0.5 * -3.0) and torch.equal(b, b0 * 0.5)
 
 
+def test_default_chunk_rows_bounds():
+    from pgolf_kernels.fused_ce import DEFAULT_CHUNK_ROWS, default_chunk_rows
+
+    assert default_chunk_rows(65536, 512, 1024) == DEFAULT_CHUNK_ROWS
+    assert default_chunk_rows(262144, 512, 1024) == 32768
+    for N in (1, 1000, 65536, 262144, 1 << 20):
+        for d in (128, 512, 2048):
+            for V in (17, 1024, 4096, 8192, 50257):
+                rows = default_chunk_rows(N, d, V)
+                assert rows >= DEFAULT_CHUNK_ROWS and rows % 1024 == 0
+                # the buffer beyond an 8192-row one is at most a quarter of dH's size
+                assert rows == DEFAULT_CHUNK_ROWS or rows * V <= N * d // 4
+
+
 def test_tuning_env_parsing():
     from pgolf_kernels import fused_ce as mod
 
