@@ -196,21 +196,26 @@ def aot_check(arch: int = 90) -> list[dict]:
                       eps="fp32")
     base = dict(A_ACT=False, SUMSQ=False, EPI=0, STORE_ACT=False, STORE_STATS=False, ACT=1, NT_P2=1, A_4D=False,
                 O_4D=False)
-    for label, v, kind in [("attn_out fwd", dict(EPI=1), "row_gemm"),
-                           ("mlp up (train)", dict(SUMSQ=True, EPI=2, STORE_STATS=True), "row_gemm"),
-                           ("mlp up (eval)", dict(SUMSQ=True, EPI=2, STORE_ACT=True), "row_gemm"),
-                           ("mlp down", dict(A_ACT=True, EPI=1), "row_gemm"),
-                           ("attn_out bwd dY", dict(), "row_gemm"),
-                           ("mlp bwd dPre", dict(EPI=3), "row_gemm_act_bwd"),
-                           ("mlp bwd dX", dict(EPI=4, NT_P2=16), "row_gemm")]:
+    # integer arguments that are 1 at launch are constants in the real kernel (Triton specialises on 1):
+    # plain addressing (a_T, a_s3, o_T, o_s3), the unit weight stride (w_sk forward, w_sn backward), one partial
+    fwd_ones = dict(a_T=1, a_s3=1, o_T=1, o_s3=1, w_sk=1, c_NT=1)
+    bwd_ones = dict(a_T=1, a_s3=1, o_T=1, o_s3=1, w_sn=1, c_NT=1)
+    for label, v, kind, ones in [("attn_out fwd", dict(EPI=1), "row_gemm", fwd_ones),
+                                 ("mlp up (train)", dict(SUMSQ=True, EPI=2, STORE_STATS=True), "row_gemm", fwd_ones),
+                                 ("mlp up (eval)", dict(SUMSQ=True, EPI=2, STORE_ACT=True), "row_gemm", fwd_ones),
+                                 ("mlp down", dict(A_ACT=True, EPI=1), "row_gemm", fwd_ones),
+                                 ("attn_out bwd dY", dict(), "row_gemm", bwd_ones),
+                                 ("mlp bwd dPre", dict(EPI=3), "row_gemm_act_bwd", bwd_ones),
+                                 ("mlp bwd dX", dict(EPI=4, NT_P2=16), "row_gemm",
+                                  {k: 1 for k in bwd_ones if k != "c_NT"})]:
         cfg = kn._blocks(kind)
         rows.append(one(label, kn._row_gemm_kernel, gemm_types,
-                        dict(base, **v, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"]), cfg))
+                        dict(base, **v, **ones, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"]), cfg))
     cfg = kn._blocks("attn_epi")
     rows.append(one("attn_in bwd epilogue", kn._attn_in_bwd_epi_kernel,
                     dict(dq_ptr=BF, dk_ptr=BF, dv_ptr=BF, q_ptr=BF, k_ptr=BF, v_ptr=BF, gain_ptr=F32, cos_ptr=F32,
                          sin_ptr=F32, hrstd_ptr=F32, rstd_ptr=F32, dqkv_ptr=BF, c_ptr=F32, dgain_ptr=F32, eps="fp32"),
-                    dict(H=H, KVH=KVH, HD=HD, RD=16, BM=cfg["BM"]), cfg))
+                    dict(H=H, KVH=KVH, HD=HD, RD=16, BM=cfg["BM"], dq_s3=1, dk_s3=1, dv_s3=1), cfg))
     cfg = kn._blocks("attn_dx")
     rows.append(one("attn_in bwd dX", kn._attn_in_bwd_dx_kernel,
                     dict(dqkv_ptr=BF, wq_ptr=BF, wk_ptr=BF, wv_ptr=BF, gxm_ptr=BF, xm_ptr=BF, rstd_ptr=F32, c_ptr=F32,
@@ -222,7 +227,7 @@ def aot_check(arch: int = 90) -> list[dict]:
                      ("dWproj (scale)", dict(B_ACT=False, OUT_SCALE=True))]:
         rows.append(one(label, kn._wgrad_kernel,
                         dict(a_ptr=BF, b_ptr=BF, out_ptr=F32, nscale_ptr=F32, w_ptr=F32, dscale_ptr=F32),
-                        dict(v, ACT=1, B_4D=False, BN=cfg["BN"], BK=cfg["BK"], BM=cfg["BM"]), cfg))
+                        dict(v, ACT=1, B_4D=False, b_T=1, b_s3=1, BN=cfg["BN"], BK=cfg["BK"], BM=cfg["BM"]), cfg))
     types = {}
     for i in range(8):
         types.update({f"s{i}": F32, f"d{i}": BF, f"c{i}": F32})
