@@ -232,6 +232,28 @@ def test_cpu_eager_function_and_custom_op_paths_agree(reduction):
 
 
 @needs_kernel_cpu
+@pytest.mark.parametrize("path", ["function", "custom_op"])
+def test_cpu_gradients_are_the_forward_buffers(monkeypatch, path):
+    """h.grad and w.grad are the dH/dW tensors forward computed (scaled in place), not copies: a copy
+    would cost a second dH-sized buffer and a pass over it."""
+    from pgolf_kernels import fused_ce as mod
+
+    seen = {}
+    impl = mod._flce_forward_impl
+
+    def recording(*args):
+        out = impl(*args)
+        seen["dh"], seen["dw"] = out[2].data_ptr(), out[3].data_ptr()
+        return out
+
+    monkeypatch.setattr(mod, "_flce_forward_impl", recording)
+    monkeypatch.setitem(mod.TUNING, "path", path)
+    h, w, y = _make(40, 32, 50, torch.float32, torch.float32, "cpu")
+    (fused_linear_cross_entropy(h, w, y, 30.0, "mean", chunk_rows=16) * 0.5).backward()
+    assert h.grad.data_ptr() == seen["dh"] and w.grad.data_ptr() == seen["dw"]
+
+
+@needs_kernel_cpu
 def test_cpu_scale_pair_kernel():
     from pgolf_kernels import fused_ce as mod
 
