@@ -36,6 +36,9 @@ def device_slug(name: str | None = None) -> str:
 
 
 def git_commit() -> str:
+    # PGOLF_COMMIT wins: the device machine gets a copy of the working tree whose .git may name an older HEAD.
+    if os.environ.get("PGOLF_COMMIT"):
+        return os.environ["PGOLF_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parent)
@@ -46,7 +49,7 @@ def git_commit() -> str:
             return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("PGOLF_COMMIT", "unknown")
+    return "unknown"
 
 
 def versions() -> dict:
