@@ -97,6 +97,8 @@ def default_chunk_rows(N: int, D: int, V: int) -> int:
     memory stays at most dH/4 beyond the 8192-row buffer."""
     rows = (N * D // _CHUNK_DH_FRACTION) // max(1, V)
     return max(DEFAULT_CHUNK_ROWS, rows - rows % 1024)
+
+
 # CE kernel: rows of up to this many logits are read once into registers (single-read path) ...
 _CE_MAX_SINGLE_V = 8192
 # ... several short rows share a program so it holds at least this many logits ...
