@@ -695,8 +695,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_common(ctx, grad_loss, eager: bool):
     """Gradients for (h, weight). eager: called from _FusedCEFunction (no torch.compile), so the in-place
-    scaling is one direct kernel launch rather than custom-op calls (whose dispatch layers cost ~0.3 ms of
-    host time per call on the H100 host, the largest fixed host cost of a step in the profile)."""
+    scaling is one direct kernel launch rather than two pgolf::flce_scale_ calls (under the profiler on the
+    H100 host those two took 0.68 ms of host time per step, dispatch layers and Triton launch together:
+    the largest fixed host cost of a step at N=65,536, V=1024)."""
     if getattr(ctx, "backward_done", False):
         # dH was scaled in place (and may now be some leaf's .grad): a second pass cannot be answered
         # correctly from it.
@@ -742,10 +743,10 @@ _flce_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _FusedCEFunction(torch.autograd.Function):
-    """The eager (not torch.compile) path: the custom op's forward and backward called directly. The op's
-    Python dispatch layers (autograd wrapper, redispatch) are host time per call, and the step is bound
-    by host time at small V (bench/results/fused_ce-*-1dabdbf.md: GPU 0.63 ms, host 1.74 ms per step at
-    N=65,536, V=1024)."""
+    """The eager (not torch.compile) path: the custom op's forward and backward functions called directly,
+    without the op's Python dispatch layers (autograd wrapper, redispatch), because at small V the step is
+    bound by host time (bench/results/fused_ce-*-1dabdbf.md: 0.63 ms of GPU time, 1.74 ms of host time per
+    step at N=65,536, V=1024)."""
 
     @staticmethod
     def forward(ctx, h, weight, target, softcap, ignore_index, reduction, need_dh, need_dw, chunk_rows):
