@@ -18,9 +18,10 @@ looser bound than the unit tests).
 each with its host enqueue time, then the CE kernel alone under CE_CONFIGS and the cuBLAS products alone
 (whole rows and one chunk), printed and stored in the JSON under "sweep".
 
---profile adds torch.profiler's per-kernel CUDA time, GPU time per step and per-op host time of fused steps at
-the first case, for the default settings and the old ones, and of compile (JSON "profile"). It runs after the sweep: after a profiler
-session the host is slower (seen on H100: the same settings timed 1.9 ms in the table, 2.7 ms after it).
+--profile adds torch.profiler's per-kernel CUDA time, GPU time per step and per-op host time of fused steps
+at the first case, for the default settings and the old ones, and of compile (JSON "profile"). It runs
+after the sweep, since a profiler session seems to leave the host slower (H100, commit 1dabdbf: the same
+settings at N65536_d512_V4096 timed 1.86 ms in the table and 2.86 ms in a sweep that followed a profile).
 
 Usage: python bench/bench_fused_ce.py --out bench/results [--cases N65536_d512_V1024,...] [--sweep] [--profile]
 """
