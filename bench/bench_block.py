@@ -201,8 +201,8 @@ def aot_check(arch: int = 90) -> list[dict]:
     fwd_ones = dict(a_T=1, a_s3=1, o_T=1, o_s3=1, w_sk=1, c_NT=1)
     bwd_ones = dict(a_T=1, a_s3=1, o_T=1, o_s3=1, w_sn=1, c_NT=1)
     for label, v, kind, ones in [("attn_out fwd", dict(EPI=1), "row_gemm", fwd_ones),
-                                 ("mlp up (train)", dict(SUMSQ=True, EPI=2, STORE_STATS=True), "row_gemm", fwd_ones),
-                                 ("mlp up (eval)", dict(SUMSQ=True, EPI=2, STORE_ACT=True), "row_gemm", fwd_ones),
+                                 ("mlp up (train)", dict(SUMSQ=True, EPI=2, STORE_STATS=True), "row_gemm_sumsq", fwd_ones),
+                                 ("mlp up (eval)", dict(SUMSQ=True, EPI=2, STORE_ACT=True), "row_gemm_sumsq", fwd_ones),
                                  ("mlp down", dict(A_ACT=True, EPI=1), "row_gemm", fwd_ones),
                                  ("attn_out bwd dY", dict(), "row_gemm", bwd_ones),
                                  ("mlp bwd dPre", dict(EPI=3), "row_gemm_act_bwd", bwd_ones),
@@ -243,7 +243,7 @@ def aot_check(arch: int = 90) -> list[dict]:
 
 STAGE_VARIANTS = {  # PGOLF_BLOCK_TILES per variant: same maths, different code generation
     "default": {},
-    "no_pipelining": {k: {"num_stages": 1} for k in ("row_gemm", "row_gemm_act_bwd", "attn_in", "attn_dx", "wgrad")},
+    "no_pipelining": {k: {"num_stages": 1} for k in ("row_gemm", "row_gemm_sumsq", "row_gemm_act_bwd", "attn_in", "attn_dx", "wgrad")},
     "attn_in_1_head_per_program": {"attn_in": {"HPP": 1}},
     "small_tiles": {"row_gemm": {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4},
                     "attn_in": {"BM": 64, "num_warps": 4}},

@@ -54,6 +54,7 @@ def _blocks(kind: str) -> dict:
     their speed is unmeasured: tune with bench/bench_block.py on the device (PGOLF_BLOCK_TILES overrides)."""
     if _INTERPRET:
         table = {"row_gemm": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
+                 "row_gemm_sumsq": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
                  "row_gemm_act_bwd": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
                  "attn_in": dict(BM=32, BK=64, HPP=2, num_warps=4, num_stages=1),
                  "attn_epi": dict(BM=32, num_warps=4),
@@ -61,6 +62,11 @@ def _blocks(kind: str) -> dict:
                  "wgrad": dict(BN=64, BK=64, BM=32, num_warps=4, num_stages=1)}
     else:
         table = {"row_gemm": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
+                 # The matmul that also sums the squares of its A tiles (RMSNorm as a row scale): with the
+                 # 128x128x64 / 8-warp / 3-stage tiles above, Triton 3.6 on the H100 returned `pre` with a 3%
+                 # error (rstd itself right) while 1-stage or these smaller 4-warp tiles are exact to bf16
+                 # rounding (bench_block --stages, block_stages-h100-*.json).
+                 "row_gemm_sumsq": dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=3),
                  "row_gemm_act_bwd": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
                  "attn_in": dict(BM=128, BK=32, HPP=2, num_warps=8, num_stages=3),
                  "attn_epi": dict(BM=32, num_warps=8),
@@ -589,7 +595,7 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
 def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, res=None,
              rowvec=None, c=None, c_nt=1, g=None, a_act=False, sumsq=False, store_act=False, store_stats=False,
              act=0):
-    cfg = _blocks("row_gemm_act_bwd" if epi == EPI_ACT_BWD else "row_gemm")
+    cfg = _blocks("row_gemm_act_bwd" if epi == EPI_ACT_BWD else "row_gemm_sumsq" if sumsq else "row_gemm")
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])
     dummy = out
