@@ -266,12 +266,26 @@ def _compress_one(args):
     return len(brotli.compress(data, quality=11, lgwin=24))
 
 
-def bench_compression(bits_list=(6, 5), rules=("amax", "search")):
-    """Bytes of all code streams of the (synthetic) baseline: int8 containers vs bit-packed, zstd-22 vs
-    brotli-11. Scales (fp16, 2 bytes/row) are the same for every layout and are not included."""
+def trained_matrices(path) -> list:
+    """The matrices the intN exporter quantises, from a trainer checkpoint (final_model.pt, a plain state
+    dict): every 2-D float tensor above export.KEEP_FLOAT_MAX_NUMEL elements (the tied embedding included)."""
+    from pgolf_kernels import export
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    mats = [v.float() for k, v in state.items()
+            if torch.is_tensor(v) and v.ndim == 2 and v.is_floating_point() and v.numel() > export.KEEP_FLOAT_MAX_NUMEL]
+    if not mats:
+        raise SystemExit(f"bench_int6_linear: no quantisable matrices in {path}")
+    return mats
+
+
+def bench_compression(bits_list=(6, 5), rules=("amax", "search"), state_dict=None, label="baseline_9L_synthetic"):
+    """Bytes of all code streams of the baseline's matrices (synthetic, or a trained checkpoint's): int8
+    containers vs bit-packed, zstd-22 vs brotli-11. Scales (fp16, 2 bytes/row) are the same for every layout
+    and are not included."""
     from concurrent.futures import ProcessPoolExecutor
 
-    weights = synthetic_weights()
+    weights = trained_matrices(state_dict) if state_dict else synthetic_weights()
     nparams = sum(w.numel() for w in weights)
     jobs, keys = [], []
     for rule in rules:
@@ -287,7 +301,7 @@ def bench_compression(bits_list=(6, 5), rules=("amax", "search")):
         sizes = list(pool.map(_compress_one, jobs))
     rows = []
     for (rule, bits, layout, comp, raw), size in zip(keys, sizes):
-        rows.append({"case": f"baseline_9L_synthetic_int{bits}_{rule}", "impl": f"{layout}+{comp}",
+        rows.append({"case": f"{label}_int{bits}_{rule}", "impl": f"{layout}+{comp}",
                      "raw_bytes": raw, "bytes": size, "bits_per_weight": round(8 * size / nparams, 4),
                      "params": nparams})
         print(f"int{bits} {rule:>6} {layout:>6}+{comp:<9} raw {raw:>10,d}  compressed {size:>10,d}  "
@@ -336,6 +350,9 @@ def main():
     ap.add_argument("--compression", action="store_true",
                     help="CPU only: compare int8 containers vs bit-packed codes under zstd-22 / brotli-11 "
                          "(writes int6_linear-compression-*)")
+    ap.add_argument("--state-dict", metavar="PT", help="with --compression: a trained checkpoint (final_model.pt) "
+                         "instead of the synthetic weights")
+    ap.add_argument("--label", default=None, help="with --state-dict: the rows' case prefix (default: trained)")
     ap.add_argument("--replot", metavar="JSON", help="redraw the PNG beside a results JSON from its rows, then exit")
     args = ap.parse_args()
     if args.replot:
@@ -349,6 +366,14 @@ def main():
         os.replace(tmp, src.with_suffix(".png"))
         return
     if args.compression:
+        if args.state_dict:
+            label = args.label or "trained"
+            rows = bench_compression(state_dict=args.state_dict, label=label)
+            write_results(f"int6_linear-compression-{label}", rows, args.out,
+                          notes=f"Trained matrices from {Path(args.state_dict).name} (every 2-D tensor the intN "
+                                "exporter quantises). Code streams only; fp16 scales add 2 bytes per row to every "
+                                "layout alike.")
+            return
         rows = bench_compression()
         write_results("int6_linear-compression", rows, args.out,
                       notes="Synthetic baseline-shaped weights (Student-t df 5, log-normal row scales; no trained "

@@ -57,8 +57,13 @@ sm_90 (wgmma, cp.async pipelining, no register spills; `python bench/bench_block
 On the H100 (commit 3b7e037) the bf16 forward was NOT within bound: output rel. error 3.8-6% vs 0.6% for eager
 autocast, in train and eval paths, with both SDPA backends; the CPU emulation does not reproduce it, so the
 fault is in GPU code generation or a library call, not in the arithmetic as written. The attn_in 3-D reshape was
-replaced since (a hedge); `python bench/bench_block.py --stages` names the kernel that is off. Speed there:
-fwd+bwd 4.30 ms vs torch.compile 4.27 ms at B64xT1024 (1.0x; the issue's bar is 1.6x).
+replaced since (a hedge). `python bench/bench_block.py --stages` on the H100 then named the kernel: the MLP-up
+matmul (RMSNorm row scale from the sum of squares of its A tiles) gave `pre` a 3% error with its 128x128x64,
+8-warp, 3-stage tiles while rstd itself was exact, and was exact to bf16 rounding with 1 stage or with
+64x64x32 4-warp tiles (bench/results/block_stages-h100-80gb-hbm3-2026-11-23.json); every other kernel was within
+rounding. That launch now has its own tile kind (`row_gemm_sumsq`, the small tiles); the fix is not yet re-run
+on a GPU. Speed there (before the fix): fwd+bwd 4.30 ms vs torch.compile 4.27 ms at B64xT1024 (1.0x; the
+issue's bar is 1.6x).
 """
 from __future__ import annotations
 
