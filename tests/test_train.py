@@ -325,14 +325,17 @@ def test_int6_qat_artifact_matches_in_memory_fake_quant_model(data_root, tmp_pat
 OFFICIAL = REPO / ".peers" / "official" / "train_gpt.py"
 
 
-@pytest.mark.skipif(not OFFICIAL.exists(), reason="the official train_gpt.py is not checked out in .peers/official")
-def test_model_and_muon_match_the_official_script(data_root, tmp_path):
+def load_official():
     spec = importlib.util.spec_from_file_location("official_train_gpt", OFFICIAL)
     off = importlib.util.module_from_spec(spec)
     sys.modules["official_train_gpt"] = off
     spec.loader.exec_module(off)
-    mod = load_trainer_module()
-    cfg = tiny_config(mod, data_root, tmp_path, NUM_LAYERS=3)
+    return off
+
+
+def twin_models(off, mod, cfg):
+    """The official GPT and ours from the same seed: equal state dicts (asserted), then both perturbed alike so
+    the zero-initialised projections do not hide any path."""
     kw = dict(vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, model_dim=cfg.model_dim, num_heads=cfg.num_heads,
               num_kv_heads=cfg.num_kv_heads, mlp_mult=cfg.mlp_mult, tie_embeddings=True,
               tied_embed_init_std=cfg.tied_embed_init_std, logit_softcap=cfg.logit_softcap,
@@ -345,11 +348,29 @@ def test_model_and_muon_match_the_official_script(data_root, tmp_path):
     assert list(s_t) == list(s_o)
     for k in s_t:
         assert torch.equal(s_t[k], s_o[k]), k
-    # Perturb the zero-initialised projections so the comparison exercises every path.
     with torch.no_grad():
         for (_, p_t), (_, p_o) in zip(theirs.named_parameters(), ours.named_parameters()):
             p_t.add_(torch.randn_like(p_t) * 0.02)
             p_o.copy_(p_t)
+    return theirs, ours
+
+
+def bf16_layout(off, theirs, mod, ours, cfg) -> None:
+    """Each script's own dtype layout (bf16 everything, then fp32 linear weights and control tensors)."""
+    theirs.bfloat16()
+    for m in theirs.modules():
+        if isinstance(m, off.CastedLinear):
+            m.float()
+    off.restore_low_dim_params_to_fp32(theirs)
+    mod.cast_like_official(ours, cfg.control_patterns)
+
+
+@pytest.mark.skipif(not OFFICIAL.exists(), reason="the official train_gpt.py is not checked out in .peers/official")
+def test_model_and_muon_match_the_official_script(data_root, tmp_path):
+    off = load_official()
+    mod = load_trainer_module()
+    cfg = tiny_config(mod, data_root, tmp_path, NUM_LAYERS=3)
+    theirs, ours = twin_models(off, mod, cfg)
     x = torch.randint(0, cfg.vocab_size, (2, SEQ))
     y = torch.randint(0, cfg.vocab_size, (2, SEQ))
     # Copies for the bf16 layout, made before any forward: the official caches its rotary table at the first
@@ -358,12 +379,7 @@ def test_model_and_muon_match_the_official_script(data_root, tmp_path):
     assert torch.equal(theirs(x, y), ours(x, y))
     # The bf16 layout: same dtypes everywhere (incl. the rotary buffer), same autocast forward.
     theirs, ours = theirs16, ours16
-    theirs.bfloat16()
-    for m in theirs.modules():
-        if isinstance(m, off.CastedLinear):
-            m.float()
-    off.restore_low_dim_params_to_fp32(theirs)
-    mod.cast_like_official(ours, cfg.control_patterns)
+    bf16_layout(off, theirs, mod, ours, cfg)
     for (k, t), (_, o) in zip(theirs.state_dict(keep_vars=True).items(), ours.state_dict(keep_vars=True).items()):
         assert t.dtype == o.dtype and torch.equal(t, o), k
     assert theirs.blocks[0].attn.rotary.inv_freq.dtype == ours.blocks[0].attn.rotary.inv_freq.dtype == torch.bfloat16
@@ -391,30 +407,11 @@ def test_compiled_model_matches_the_compiled_official(data_root, tmp_path):
     equality is not enough: inductor fuses each script's graph by its own structure, and a RoPE table our model
     recomputed inside the graph (the official caches it) compiled to a different function, which on the H100
     trained 0.037 worse over 200 steps. This check fails on that version."""
-    spec = importlib.util.spec_from_file_location("official_train_gpt", OFFICIAL)
-    off = importlib.util.module_from_spec(spec)
-    sys.modules["official_train_gpt"] = off
-    spec.loader.exec_module(off)
+    off = load_official()
     mod = load_trainer_module()
     cfg = tiny_config(mod, data_root, tmp_path, NUM_LAYERS=2)
-    kw = dict(vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, model_dim=cfg.model_dim, num_heads=cfg.num_heads,
-              num_kv_heads=cfg.num_kv_heads, mlp_mult=cfg.mlp_mult, tie_embeddings=True,
-              tied_embed_init_std=cfg.tied_embed_init_std, logit_softcap=cfg.logit_softcap,
-              rope_base=cfg.rope_base, qk_gain_init=cfg.qk_gain_init)
-    torch.manual_seed(cfg.seed)
-    theirs = off.GPT(**kw)
-    torch.manual_seed(cfg.seed)
-    ours = mod.GPT(cfg)
-    with torch.no_grad():
-        for (_, p_t), (_, p_o) in zip(theirs.named_parameters(), ours.named_parameters()):
-            p_t.add_(torch.randn_like(p_t) * 0.02)
-            p_o.copy_(p_t)
-    theirs.bfloat16()
-    for m in theirs.modules():
-        if isinstance(m, off.CastedLinear):
-            m.float()
-    off.restore_low_dim_params_to_fp32(theirs)
-    mod.cast_like_official(ours, cfg.control_patterns)
+    theirs, ours = twin_models(off, mod, cfg)
+    bf16_layout(off, theirs, mod, ours, cfg)
     # Long enough that bf16 positions round (>= 256), as in the real sequence length.
     x = torch.randint(0, cfg.vocab_size, (2, 512))
     y = torch.randint(0, cfg.vocab_size, (2, 512))
