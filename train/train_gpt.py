@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import inspect
 import math
 import os
 import random
@@ -638,7 +639,11 @@ def main() -> None:
     base_model.fused_ce = fused_ce
     run_model = torch.compile(base_model, dynamic=False, fullgraph=True) if compiled else base_model
     if distributed:
-        model = DDP(run_model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+        # No buffer sync in forward (the only buffers are the RoPE frequencies, equal on every rank); newer torch
+        # spells it forward_sync_buffers and deprecates broadcast_buffers.
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                   else {"broadcast_buffers": False})
+        model = DDP(run_model, device_ids=[local_rank] if device.type == "cuda" else None, **no_sync)
     else:
         model = run_model
 
