@@ -268,11 +268,11 @@ class Rotary(nn.Module):
         # Positions take inv_freq's dtype. The official casts the whole model to bf16 before restoring the
         # weights to fp32, which leaves this buffer (and so the positions) in bf16; we keep that on purpose so
         # both scripts compute the same function.
-        # The table is computed once and cached, as the official does. This is not only speed: under
-        # torch.compile a table recomputed inside the graph is fused into the rotation kernels, which then
-        # evaluate cos/sin per element in fp32 instead of reading the bf16-rounded table, i.e. a different
-        # function, and on the H100 that version trained measurably worse over 200 steps (+0.04 train loss,
-        # bench/results/loss_parity-*) and ran ~8% slower per step.
+        # The table is computed once and cached, as the official does. This is not only speed: a table
+        # recomputed inside the compiled graph gets fused into the surrounding kernels, and the compiled model
+        # then differs from the compiled official (bitwise on CPU, test_compiled_model_matches_the_compiled_
+        # official); on the H100 that version trained worse over 200 steps (+0.037 train loss against a 0.007
+        # same-seed spread, bench/results/loss_parity-*) and ran ~8% slower per step (e2e-*-7ac49b4).
         cos = self._cos_cached
         if (cos is None or self._seq_len_cached != seq_len or cos.device != self.inv_freq.device
                 or cos.dtype != self.inv_freq.dtype):
