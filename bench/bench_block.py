@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pgolf_kernels.block import BlockConfig, FusedBlock, ReferenceBlock  # noqa: E402
-from results_io import write_results  # noqa: E402
+from results_io import peak_extra_mib, write_results  # noqa: E402
 
 DEFAULT_CASES = ["B64_T1024_mlp2_relu2", "B64_T1024_mlp3_leaky_relu2", "B32_T2048_mlp2_relu2",
                  "B32_T2048_mlp3_leaky_relu2"]
@@ -585,12 +585,7 @@ def main(argv: list[str] | None = None) -> None:
                 del outs
                 gc.collect()
                 if not smoke:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    before = torch.cuda.memory_allocated()
-                    fn()
-                    torch.cuda.synchronize()
-                    row["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+                    row["peak_mib"] = peak_extra_mib(fn)
                 ms = bench_ms(fn)
                 row["ms"] = ms
                 row["tflops"] = model_flops(cfg, B, T, mode) / (ms * 1e-3) / 1e12

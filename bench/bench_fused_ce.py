@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pgolf_kernels import fused_ce as flce_mod  # noqa: E402
+from results_io import peak_extra_mib  # noqa: E402
 from pgolf_kernels.fused_ce import (  # noqa: E402
     fused_linear_cross_entropy,
     reference_linear_cross_entropy,
@@ -128,13 +129,7 @@ def measure(fn, h, w, y, ref):
     h.grad = None
     w.grad = None
     del loss
-    gc.collect()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak_mib = peak_extra_mib(step)
     import triton.testing
 
     ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import pgolf_kernels  # noqa: E402
 from pgolf_kernels import int6_linear as L  # noqa: E402
 from pgolf_kernels import quant, quant_cuda  # noqa: E402
-from results_io import write_results  # noqa: E402
+from results_io import peak_extra_mib, write_results  # noqa: E402
 
 BAR = 1.03  # the QAT linear must cost at most this multiple of plain at every shape
 DEFAULT_CASES = ["512x1536", "1536x512", "512x2048", "2048x512", "512x512", "512x256"]  # K x N (in -> out)
@@ -90,13 +90,7 @@ def measure(name, fn, x, w, gy, bits, ref):
     del y
     x.grad = None
     w.grad = None
-    gc.collect()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = peak_extra_mib(step)
     from triton.testing import do_bench
 
     with torch.no_grad():

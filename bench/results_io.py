@@ -52,6 +52,22 @@ def git_commit() -> str:
     return "unknown"
 
 
+def peak_extra_mib(fn) -> float:
+    """Peak CUDA memory of one call of fn above what is allocated just before it, in MiB (garbage collected and
+    synchronised first, so freed tensors of the caller's earlier calls do not count)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def versions() -> dict:
     v = {"python": sys.version.split()[0]}
     try:
