@@ -83,7 +83,14 @@ def make_impls(with_liger=True):
         except Exception as exc:  # not installed on this machine: say so and go on
             print(f"liger unavailable: {type(exc).__name__}: {exc}", flush=True)
     impls["fused"] = lambda h, w, y: fused_linear_cross_entropy(h, w, y, SOFTCAP, "mean")
+    impls["fused_python"] = impls["fused"]  # measured under IMPL_TUNING["fused_python"]
     return impls
+
+
+# TUNING an impl is measured under (forward and backward): "fused" runs the defaults, whose chunk loop is in
+# the CUDA extension when it is built (TUNING host="cpp"); "fused_python" is the same op with the loop in
+# Python over the Triton CE kernel, the path before csrc/flce_kernels.cu.
+IMPL_TUNING = {"fused_python": dict(host="python")}
 
 
 def oracle(h, w, y, chunk=32768):
@@ -133,9 +140,11 @@ def measure(fn, h, w, y, ref):
     import triton.testing
 
     ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
+    enqueue = host_ms(step)
     h.grad = None
     w.grad = None
-    return dict(ms=ms, peak_mib=peak_mib, ok=ok, loss_rel_err=loss_err, dh_rel_fro=dh_err, dw_rel_fro=dw_err)
+    return dict(ms=ms, host_ms=enqueue, peak_mib=peak_mib, ok=ok, loss_rel_err=loss_err, dh_rel_fro=dh_err,
+                dw_rel_fro=dw_err)
 
 
 def inputs(N, d, V, seed=0):
@@ -177,8 +186,8 @@ def host_ms(step, n=10):
 # fp32-output mm per chunk added into dW, custom-op dispatch in eager); "1dabdbf": what that commit measured
 # as its default (CE v2, dW slabs, still 4 logits per thread and the custom op); "default": current TUNING.
 # Both reference settings ran 8192-row chunks everywhere; chunk None is default_chunk_rows (more at large N).
-OLD = dict(ce="v1", dw="mm_add", ce_lpt=4, path="custom_op")
-AT_1DABDBF = dict(ce="v2", dw="split", dw_splits=0, ce_lpt=4, path="custom_op")
+OLD = dict(ce="v1", dw="mm_add", ce_lpt=4, path="custom_op", host="python")
+AT_1DABDBF = dict(ce="v2", dw="split", dw_splits=0, ce_lpt=4, path="custom_op", host="python")
 _BASE = [("old", 8192, OLD), ("1dabdbf", 8192, AT_1DABDBF), ("default", None, {})]
 SWEEP_VARIANTS = {
     "N65536_d512_V1024": _BASE + [
@@ -378,7 +387,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", action="append", default=[], help="results folder (repeatable)")
     ap.add_argument("--cases", default=",".join(case_name(*c) for c in DEFAULT_CASES))
-    ap.add_argument("--impls", default="eager,compile,liger,fused")
+    ap.add_argument("--impls", default="eager,compile,liger,fused,fused_python")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-cases", default="N65536_d512_V1024")
     ap.add_argument("--time-budget", type=float, default=1e9,
@@ -396,7 +405,10 @@ def main():
     impls = {k: v for k, v in make_impls("liger" in wanted).items() if k in wanted}
     extra = {"softcap": SOFTCAP, "h_dtype": "bfloat16", "weight_dtype": "float32",
              "fused_chunk_rows": {c: flce_mod.default_chunk_rows(*parse_case(c)) for c in args.cases.split(",")},
-             "fused_tuning": dict(flce_mod.TUNING)}
+             "fused_tuning": dict(flce_mod.TUNING),
+             # which host the "fused" rows ran: "cpp" needs the extension built (setup.py build_ext)
+             "fused_host": ("cpp" if flce_mod._cpp_extension(torch.empty(1, 1, device="cuda", dtype=torch.bfloat16))
+                            else "python")}
     rows = []
     for c in args.cases.split(","):
         N, d, V = parse_case(c)
@@ -404,13 +416,15 @@ def main():
         ref = oracle(h, w, y)
         for name, fn in impls.items():
             try:
-                r = measure(fn, h, w, y, ref)
+                with tuning(**IMPL_TUNING.get(name, {})):
+                    r = measure(fn, h, w, y, ref)
             except Exception as exc:  # e.g. out of memory: record it, keep going
                 log(f"{c} {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
                 gc.collect()
                 torch.cuda.empty_cache()
                 continue
-            row = dict(case=c, impl=name, ms=round(r["ms"], 4), peak_mib=round(r["peak_mib"], 1),
+            row = dict(case=c, impl=name, ms=round(r["ms"], 4), host_ms=round(r["host_ms"], 4),
+                       peak_mib=round(r["peak_mib"], 1),
                        tokens_per_s=round(N / (r["ms"] * 1e-3)), ok=r["ok"],
                        loss_rel_err=float(f"{r['loss_rel_err']:.3g}"), dh_rel_fro=float(f"{r['dh_rel_fro']:.3g}"),
                        dw_rel_fro=float(f"{r['dw_rel_fro']:.3g}"))
@@ -454,7 +468,7 @@ def main():
     if args.profile:
         extra["profile"] = []
         fused = lambda a, b, t: fused_linear_cross_entropy(a, b, t, SOFTCAP, "mean")  # noqa: E731
-        runs = [("fused default", fused, {}), ("fused old", fused, OLD)]
+        runs = [("fused default", fused, {}), ("fused python host", fused, dict(host="python"))]
         if "compile" in impls:
             runs.append(("compile", impls["compile"], {}))
         for label, fn, kw in runs:

@@ -10,10 +10,19 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64
                                                       const at::Tensor& fractions);
 at::Tensor pack_codes_cuda(const at::Tensor& q, int64_t bits);
 at::Tensor unpack_codes_cuda(const at::Tensor& packed, int64_t bits, int64_t numel);
+std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tensor& target,
+                                                     const c10::optional<at::Tensor>& scale, const at::Tensor& nll,
+                                                     double cap, int64_t ignore_index, int64_t chunk_rows,
+                                                     bool need_dh, bool need_dw, int64_t dw_splits);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flce_forward_cuda(
+    const at::Tensor& h, const at::Tensor& weight, const at::Tensor& target, double cap, int64_t ignore_index,
+    int64_t reduction, bool need_dh, bool need_dw, int64_t chunk_rows, int64_t dw_splits);
+void flce_scale_inplace_cuda(const at::Tensor& a, const c10::optional<at::Tensor>& b, const at::Tensor& g);
 }  // namespace pgolf
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "pgolf CUDA kernels: per-row weight quantisation and bit packing (see pgolf_kernels/quant.py)";
+  m.doc() = "pgolf CUDA kernels: per-row weight quantisation and bit packing (see pgolf_kernels/quant.py); the "
+            "chunk loop of the fused linear + soft-capped cross-entropy (see pgolf_kernels/fused_ce.py)";
   m.def("quantize_rows", &pgolf::quantize_rows_cuda, "Per-row codes (int8) and fp16 scales of a float32 CUDA "
         "matrix; rule 'amax' or 'search' (fractions: float32 CUDA tensor of clip fractions)",
         py::arg("w"), py::arg("bits"), py::arg("rule"), py::arg("fractions"));
@@ -21,4 +30,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("bits"));
   m.def("unpack_codes", &pgolf::unpack_codes_cuda, "Inverse of pack_codes: numel int8 codes", py::arg("packed"),
         py::arg("bits"), py::arg("numel"));
+  m.def("flce_forward", &pgolf::flce_forward_cuda, "Fused linear + soft-capped CE forward (loss, count, dH, dW); "
+        "reduction 0 mean, 1 sum, 2 none; cap 0 = no soft-cap", py::arg("h"), py::arg("weight"), py::arg("target"),
+        py::arg("cap"), py::arg("ignore_index"), py::arg("reduction"), py::arg("need_dh"), py::arg("need_dw"),
+        py::arg("chunk_rows"), py::arg("dw_splits"));
+  m.def("flce_chunked", &pgolf::flce_chunked_cuda, "The fused CE chunk loop: fills nll, returns (dH, dW) scaled by "
+        "scale (None: NLL only); weight already in h's dtype", py::arg("h"), py::arg("weight"), py::arg("target"),
+        py::arg("scale"), py::arg("nll"), py::arg("cap"), py::arg("ignore_index"), py::arg("chunk_rows"),
+        py::arg("need_dh"), py::arg("need_dw"), py::arg("dw_splits"));
+  m.def("flce_scale_inplace", &pgolf::flce_scale_inplace_cuda, "a *= g and b *= g in place (g: one fp32 value on "
+        "the device); no GPU work when g == 1", py::arg("a"), py::arg("b"), py::arg("g"));
 }

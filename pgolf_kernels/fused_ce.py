@@ -119,8 +119,11 @@ _CE_FIXED_MAX_CAP = 40.0
 #   ce_rows / ce_warps   explicit CE launch shape for rows that fit one program (0 = from ce_lpt).
 #   path      eager calls through "function" (a plain autograd.Function) or "custom_op" (the
 #             pgolf::flce_forward op that torch.compile always uses).
+#   host      "cpp": the chunk loop, the CE rows and the backward scaling run in the CUDA extension
+#             (csrc/flce_kernels.cu) when it is built, for dw="split" and ce="v2" (the only settings it
+#             implements); "python": the loop below with the Triton kernels. Same arithmetic either way.
 TUNING = {"dw": "split", "dw_splits": 0, "ce": "v2", "ce_lpt": 16, "ce_rows": 0, "ce_warps": 0,
-          "path": "function"}
+          "path": "function", "host": "cpp"}
 
 
 def _parse_tuning(text: str) -> dict:
@@ -529,12 +532,38 @@ class _DwAccumulator:
         return self.slabs[0] if self.splits == 1 else self.slabs.sum(0)
 
 
+def _cpp_extension(h: Tensor):
+    """The compiled extension when this call should run its chunk loop (TUNING host="cpp", a CUDA tensor, the
+    extension built with the flce ops, and settings it implements), else None."""
+    if TUNING["host"] != "cpp" or not h.is_cuda or TUNING["ce"] != "v2":
+        return None
+    from ._extension import extension_available, require_extension
+
+    if not extension_available():
+        return None
+    ext = require_extension("fused_linear_cross_entropy")
+    if not hasattr(ext, "flce_forward"):  # an extension built before these ops existed
+        return None
+    if h.dtype != torch.float32 and not (TUNING["dw"] == "split" and _baddbmm_out_dtype_works(h.device)):
+        return None
+    return ext
+
+
+def _cpp_dw_splits(N: int, D: int, V: int, chunk_rows: int, h: Tensor) -> int:
+    return 1 if h.dtype == torch.float32 else _dw_split_count(V, D, min(chunk_rows, N))
+
+
 def _chunked_pass(h: Tensor, w: Tensor, target: Tensor, nll: Tensor, scale: Optional[Tensor], cap: float,
                   ignore_index: int, chunk_rows: int, need_dh: bool, need_dw: bool):
     """The chunk loop. scale None: NLL only. Otherwise also dH (h's dtype) and dW (fp32), both already
     multiplied by scale (0-dim or per row). w is the weight in h's dtype."""
-    _require_triton()
     N, D = h.shape
+    ext = _cpp_extension(h)
+    if ext is not None and N > 0:
+        dh, dw = ext.flce_chunked(h, w, target, scale, nll, cap, ignore_index, chunk_rows, need_dh, need_dw,
+                                  _cpp_dw_splits(N, D, w.shape[0], chunk_rows, h))
+        return dh, dw
+    _require_triton()
     V = w.shape[0]
     dev = h.device
     chunk_rows = min(chunk_rows, N)
@@ -584,6 +613,11 @@ def _flce_forward_impl(h: Tensor, weight: Tensor, target: Tensor, softcap: float
     """(loss, count, dH, dW). count: fp32 number of non-ignored targets. For "mean"/"sum" with a gradient
     wanted, dH (h's dtype) and dW (fp32) hold the gradient for an upstream gradient of 1; otherwise they
     are empty (reduction="none" computes its gradient in backward)."""
+    ext = _cpp_extension(h)
+    if ext is not None and h.shape[0] > 0:  # the same steps in one C++ call (host time: see TUNING host)
+        return tuple(ext.flce_forward(h, weight, target, softcap, ignore_index, _REDUCTIONS.index(reduction),
+                                      need_dh, need_dw, chunk_rows,
+                                      _cpp_dw_splits(h.shape[0], h.shape[1], weight.shape[0], chunk_rows, h)))
     h, w, target = _prep(h, weight, target)
     N = h.shape[0]
     count = (target != ignore_index).sum(dtype=torch.float32)
@@ -621,6 +655,10 @@ def _scale_pair_(a: Tensor, b: Optional[Tensor], g: Tensor) -> None:
         a.mul_(g.to(torch.float32))
         if b is not None:
             b.mul_(g.to(torch.float32))
+        return
+    ext = _cpp_extension(a)
+    if ext is not None:
+        ext.flce_scale_inplace(a, b, g.to(torch.float32).reshape(1))
         return
     _require_triton()
     block = 4096

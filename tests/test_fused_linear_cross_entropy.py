@@ -267,6 +267,22 @@ def test_cpu_scale_pair_kernel():
     assert torch.equal(a, a0 * 0.5 * -3.0) and torch.equal(b, b0 * 0.5)
 
 
+def test_cpp_host_is_not_taken_off_cuda_or_when_disabled(monkeypatch):
+    """The C++ chunk loop (csrc/flce_kernels.cu) only ever runs CUDA tensors, with host="cpp" and the settings
+    it implements; everything else stays on the Triton/reference paths."""
+    from pgolf_kernels import fused_ce as mod
+
+    assert mod.TUNING["host"] == "cpp"
+    assert mod._cpp_extension(torch.zeros(2, 2)) is None
+    for key, val in (("host", "python"), ("ce", "v1")):
+        with monkeypatch.context() as m:
+            m.setitem(mod.TUNING, key, val)
+            assert mod._cpp_extension(torch.zeros(2, 2)) is None
+    with pytest.raises(ValueError, match="unknown key"):
+        mod._parse_tuning("hosts=cpp")
+    assert mod._parse_tuning("host=python") == {"host": "python"}
+
+
 def test_default_chunk_rows_bounds():
     from pgolf_kernels.fused_ce import DEFAULT_CHUNK_ROWS, default_chunk_rows
 
@@ -597,3 +613,106 @@ def test_gpu_peak_memory_bound():
     # dH + the chunk buffer + up to 4 fp32 dW slabs (or dW and its scaled copy) + the weight cast to bf16
     bound = N * d * 2 + DEFAULT_CHUNK_ROWS * V * 2 + 4 * V * d * 4 + V * d * 2 + (2 << 20)
     assert peak <= bound, f"peak {peak / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------------------
+# The C++ host path (csrc/flce_kernels.cu): same contract, its own CE kernel
+# ------------------------------------------------------------------------------------------------------
+def _cpp_cases():
+    # V: 256/512 (one 16-byte load per lane), 1000 and 5001 (not a multiple of 8: the one-logit-per-load
+    # kernel), 1024/2048 (2-8 loads per lane, row kept in registers), 4096/8192 (row read twice).
+    rng = random.Random(7)
+    out = []
+    for i, V in enumerate([256, 512, 1000, 1024, 1024, 2048, 4096, 5001, 8192, 1024, 4096, 777]):
+        out.append((rng.choice([1, 300, 4099]), rng.choice([128, 512]), V, [30.0, None, 50.0][i % 3],
+                    ["mean", "sum", "none"][i % 3], rng.choice([None, 1000]),
+                    [torch.bfloat16, torch.float16][i % 2], rng.choice([torch.int64, torch.int32])))
+    return out
+
+
+def _require_cpp_host(h):
+    from pgolf_kernels import extension_status
+    from pgolf_kernels import fused_ce as mod
+
+    if not extension_status()["available"]:
+        pytest.skip(f"CUDA extension not built: {extension_status()['reason']}")
+    assert mod._cpp_extension(h) is not None, "the C++ host path would not be taken"
+
+
+@gpu
+@pytest.mark.parametrize("N,d,V,softcap,reduction,chunk,h_dtype,t_dtype", _cpp_cases())
+def test_gpu_cpp_host_matches_reference(monkeypatch, N, d, V, softcap, reduction, chunk, h_dtype, t_dtype):
+    """The C++ chunk loop and CE kernel against the rounded-operand oracle, on a poisoned allocator cache
+    (its buffers come from at::empty, which the torch.empty patch cannot reach)."""
+    from pgolf_kernels import fused_ce as mod
+
+    monkeypatch.setitem(mod.TUNING, "host", "cpp")
+    h, w, y = _make(N, d, V, h_dtype, torch.float32, "cuda", t_dtype=t_dtype)
+    _require_cpp_host(h)
+    up = (torch.rand(N, device="cuda") + 0.5) if reduction == "none" else torch.tensor(0.7, device="cuda")
+    junk = torch.full((256 << 20,), float("nan"), device="cuda")
+    del junk
+    got = _run(fused_linear_cross_entropy, h, w, y, softcap, reduction, upstream=up, chunk_rows=chunk)
+    _check_lowp(got, _lowp_reference(h, w, y, softcap, reduction, upstream=up))
+
+
+@gpu
+@pytest.mark.parametrize("h_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_cpp_host_matches_triton_host(monkeypatch, h_dtype):
+    """Both hosts on the same inputs: same cuBLAS products, CE rows by two kernels (fp32: exact to 1e-4;
+    bf16: the gradients' bf16 storage may differ by one rounding)."""
+    from pgolf_kernels import fused_ce as mod
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    h, w, y = _make(3000, 256, 1000, h_dtype, torch.float32, "cuda")
+    outs = {}
+    for host in ("cpp", "python"):
+        monkeypatch.setitem(mod.TUNING, "host", host)
+        if host == "cpp":
+            _require_cpp_host(h)
+        outs[host] = _run(fused_linear_cross_entropy, h, w, y, 30.0, "mean", upstream=torch.tensor(1.7, device="cuda"),
+                          chunk_rows=1024)
+    if h_dtype == torch.float32:
+        _check_fp32(outs["cpp"], outs["python"])
+    else:
+        _check_lowp(outs["cpp"], outs["python"])
+
+
+@gpu
+def test_gpu_cpp_host_bad_target_and_all_ignored(monkeypatch):
+    from pgolf_kernels import fused_ce as mod
+
+    monkeypatch.setitem(mod.TUNING, "host", "cpp")
+    h, w, y = _make(64, 128, 1024, torch.bfloat16, torch.float32, "cuda", ignore_frac=0.0)
+    _require_cpp_host(h)
+    y[5] = 1024  # out of range: that row's NLL is NaN, the others are untouched
+    nll = fused_linear_cross_entropy(h, w, y, 30.0, "none").detach()
+    assert torch.isnan(nll[5]) and torch.isfinite(torch.cat([nll[:5], nll[6:]])).all()
+    y_ign = torch.full_like(y, -100)
+    loss = fused_linear_cross_entropy(h, w, y_ign, 30.0, "mean")
+    assert torch.isnan(loss)  # 0/0, like F.cross_entropy
+    assert torch.equal(fused_linear_cross_entropy(h, w, y_ign, 30.0, "sum").detach(),
+                       torch.zeros((), device="cuda"))
+
+
+@gpu
+def test_gpu_cpp_host_argument_errors():
+    from pgolf_kernels import extension_status
+
+    if not extension_status()["available"]:
+        pytest.skip("CUDA extension not built")
+    from pgolf_kernels._extension import require_extension
+
+    ext = require_extension("test")
+    h = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(32, 16, device="cuda", dtype=torch.float32)
+    y = torch.randint(0, 32, (8,), device="cuda")
+    nll = torch.empty(8, device="cuda")
+    with pytest.raises(RuntimeError, match="weight must already be in h's dtype"):
+        ext.flce_chunked(h, w, y, None, nll, 30.0, -100, 4, True, True, 1)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        ext.flce_chunked(h, w.bfloat16(), y.cpu(), None, nll, 30.0, -100, 4, True, True, 1)
+    with pytest.raises(RuntimeError, match="chunk_rows must be positive"):
+        ext.flce_chunked(h, w.bfloat16(), y, None, nll, 30.0, -100, 0, True, True, 1)
+    with pytest.raises(RuntimeError, match="g must be one fp32 value"):
+        ext.flce_scale_inplace(h, None, torch.ones(2, device="cuda"))
