@@ -21,6 +21,17 @@ void flce_scale_inplace_cuda(const at::Tensor& a, const c10::optional<at::Tensor
 }  // namespace pgolf
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // A failed TORCH_CHECK throws c10::Error. pybind11's default translation calls what(), which in torch 2.11
+  // also renders the C++ backtrace; on the H100 device that killed the process with SIGSEGV on the 2nd-4th
+  // failed check in one process (tests/test_extension.py). The message without the backtrace is what a user
+  // needs, so this module translates c10::Error itself.
+  py::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
   m.doc() = "pgolf CUDA kernels: per-row weight quantisation and bit packing (see pgolf_kernels/quant.py); the "
             "chunk loop of the fused linear + soft-capped cross-entropy (see pgolf_kernels/fused_ce.py)";
   m.def("quantize_rows", &pgolf::quantize_rows_cuda, "Per-row codes (int8) and fp16 scales of a float32 CUDA "

@@ -214,9 +214,12 @@ template <typename T>
 void launch_scale(const at::Tensor& a, const float* g) {
   const int64_t n = a.numel();
   const int threads = 256;
-  int dev = 0, sms = 132;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  static int sms = 0;  // the SM count of the first device used; only sizes the grid of a grid-stride loop
+  if (sms == 0) {
+    int dev = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  }
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, int64_t{sms} * 8));
   scale_inplace_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       a.data_ptr<T>(), n, g);

@@ -695,24 +695,45 @@ def test_gpu_cpp_host_bad_target_and_all_ignored(monkeypatch):
                        torch.zeros((), device="cuda"))
 
 
+_CPP_ERRORS_SCRIPT = """
+import torch
+from pgolf_kernels._extension import require_extension
+ext = require_extension("test")
+h = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
+w = torch.randn(32, 16, device="cuda", dtype=torch.float32)
+y = torch.randint(0, 32, (8,), device="cuda")
+nll = torch.empty(8, device="cuda")
+calls = [
+    ("weight must already be in h's dtype", lambda: ext.flce_chunked(h, w, y, None, nll, 30.0, -100, 4, True, True, 1)),
+    ("must be a CUDA tensor", lambda: ext.flce_chunked(h, w.bfloat16(), y.cpu(), None, nll, 30.0, -100, 4, True, True, 1)),
+    ("chunk_rows must be positive", lambda: ext.flce_chunked(h, w.bfloat16(), y, None, nll, 30.0, -100, 0, True, True, 1)),
+    ("g must be one fp32 value", lambda: ext.flce_scale_inplace(h, None, torch.ones(2, device="cuda"))),
+    ("reduction code must be", lambda: ext.flce_forward(h, w, y, 30.0, -100, 7, True, True, 4, 1)),
+]
+for want, call in calls * 2:  # every check twice: a crash on a later failed check is the defect to catch
+    try:
+        call()
+    except RuntimeError as exc:
+        assert want in str(exc), (want, str(exc))
+        assert "frame #" not in str(exc), "C++ backtrace in the message"
+    else:
+        raise AssertionError("no error for: " + want)
+print("ALL RAISED")
+"""
+
+
 @gpu
 def test_gpu_cpp_host_argument_errors():
+    """Bad arguments to the C++ ops raise RuntimeErrors that name the problem, repeatedly, in one process (run
+    as a child, so a crash in the error path fails this test instead of ending the session)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
     from pgolf_kernels import extension_status
 
     if not extension_status()["available"]:
         pytest.skip("CUDA extension not built")
-    from pgolf_kernels._extension import require_extension
-
-    ext = require_extension("test")
-    h = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(32, 16, device="cuda", dtype=torch.float32)
-    y = torch.randint(0, 32, (8,), device="cuda")
-    nll = torch.empty(8, device="cuda")
-    with pytest.raises(RuntimeError, match="weight must already be in h's dtype"):
-        ext.flce_chunked(h, w, y, None, nll, 30.0, -100, 4, True, True, 1)
-    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        ext.flce_chunked(h, w.bfloat16(), y.cpu(), None, nll, 30.0, -100, 4, True, True, 1)
-    with pytest.raises(RuntimeError, match="chunk_rows must be positive"):
-        ext.flce_chunked(h, w.bfloat16(), y, None, nll, 30.0, -100, 0, True, True, 1)
-    with pytest.raises(RuntimeError, match="g must be one fp32 value"):
-        ext.flce_scale_inplace(h, None, torch.ones(2, device="cuda"))
+    proc = subprocess.run([sys.executable, "-c", _CPP_ERRORS_SCRIPT], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert proc.returncode == 0 and "ALL RAISED" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-3000:])
