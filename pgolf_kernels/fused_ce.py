@@ -532,17 +532,23 @@ class _DwAccumulator:
         return self.slabs[0] if self.splits == 1 else self.slabs.sum(0)
 
 
+_UNSET = object()
+_FLCE_EXT = _UNSET
+
+
 def _cpp_extension(h: Tensor):
     """The compiled extension when this call should run its chunk loop (TUNING host="cpp", a CUDA tensor, the
     extension built with the flce ops, and settings it implements), else None."""
+    global _FLCE_EXT
     if TUNING["host"] != "cpp" or not h.is_cuda or TUNING["ce"] != "v2":
         return None
-    from ._extension import extension_available, require_extension
+    if _FLCE_EXT is _UNSET:  # looked up once: this runs on every call, and host time is what it saves
+        from ._extension import extension_available, require_extension
 
-    if not extension_available():
-        return None
-    ext = require_extension("fused_linear_cross_entropy")
-    if not hasattr(ext, "flce_forward"):  # an extension built before these ops existed
+        ext = require_extension("fused_linear_cross_entropy") if extension_available() else None
+        _FLCE_EXT = ext if hasattr(ext, "flce_forward") else None  # None also for an extension built before
+    ext = _FLCE_EXT
+    if ext is None:
         return None
     if h.dtype != torch.float32 and not (TUNING["dw"] == "split" and _baddbmm_out_dtype_works(h.device)):
         return None
