@@ -403,12 +403,13 @@ def main():
 
     wanted = args.impls.split(",")
     impls = {k: v for k, v in make_impls("liger" in wanted).items() if k in wanted}
+    probe = torch.empty(1, 1, device="cuda", dtype=torch.bfloat16)
     extra = {"softcap": SOFTCAP, "h_dtype": "bfloat16", "weight_dtype": "float32",
              "fused_chunk_rows": {c: flce_mod.default_chunk_rows(*parse_case(c)) for c in args.cases.split(",")},
              "fused_tuning": dict(flce_mod.TUNING),
-             # which host the "fused" rows ran: "cpp" needs the extension built (setup.py build_ext)
-             "fused_host": ("cpp" if flce_mod._cpp_extension(torch.empty(1, 1, device="cuda", dtype=torch.bfloat16))
-                            else "python")}
+             # which host the "fused" rows ran per case: "cpp" needs the extension built (setup.py build_ext)
+             "fused_host": {c: "cpp" if flce_mod._cpp_extension(probe, parse_case(c)[2]) else "python"
+                            for c in args.cases.split(",")}}
     rows = []
     for c in args.cases.split(","):
         N, d, V = parse_case(c)

@@ -20,6 +20,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/version.h>
 
+#include "error_text.h"
+
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -227,7 +229,7 @@ void launch_scale(const at::Tensor& a, const float* g) {
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "flce: ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.is_cuda(), "flce: ", name, " must be a CUDA tensor, got one on ", device_text(t));
 }
 
 }  // namespace
@@ -252,17 +254,17 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const 
   check_cuda(target, "target");
   check_cuda(nll, "nll");
   TORCH_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1), "flce: h (N, d) and weight (V, d) expected, got ",
-              h.sizes(), " and ", w.sizes());
+              shape_text(h), " and ", shape_text(w));
   TORCH_CHECK(h.scalar_type() == w.scalar_type(), "flce: weight must already be in h's dtype (", h.scalar_type(),
               "), got ", w.scalar_type());
   TORCH_CHECK(h.is_contiguous() && w.is_contiguous() && target.is_contiguous() && nll.is_contiguous(),
               "flce: h, weight, target and nll must be contiguous");
   TORCH_CHECK(target.dim() == 1 && target.size(0) == h.size(0) &&
                   (target.scalar_type() == at::kLong || target.scalar_type() == at::kInt),
-              "flce: target must be int64/int32 of shape (N,), got ", target.scalar_type(), " ", target.sizes());
+              "flce: target must be int64/int32 of shape (N,), got ", target.scalar_type(), " ", shape_text(target));
   TORCH_CHECK(nll.scalar_type() == at::kFloat && nll.numel() == h.size(0), "flce: nll must be fp32 of N entries");
-  TORCH_CHECK(chunk_rows > 0, "flce: chunk_rows must be positive, got ", chunk_rows);
-  TORCH_CHECK(cap >= 0.0 && std::isfinite(cap), "flce: softcap must be 0 (none) or positive, got ", cap);
+  TORCH_CHECK(chunk_rows > 0, "flce: chunk_rows must be positive, got ", num_text(chunk_rows));
+  TORCH_CHECK(cap >= 0.0 && std::isfinite(cap), "flce: softcap must be 0 (none) or positive, got ", num_text(cap));
   const bool grads = scale.has_value() && scale->defined();
   const float* scale_ptr = nullptr;
   int64_t scale_stride = 0;
@@ -271,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const 
     sc = *scale;
     check_cuda(sc, "scale");
     TORCH_CHECK(sc.scalar_type() == at::kFloat && (sc.dim() == 0 || (sc.dim() == 1 && sc.size(0) == h.size(0))),
-                "flce: scale must be an fp32 scalar or one per row, got ", sc.scalar_type(), " ", sc.sizes());
+                "flce: scale must be an fp32 scalar or one per row, got ", sc.scalar_type(), " ", shape_text(sc));
     scale_ptr = sc.data_ptr<float>();
     scale_stride = sc.dim() == 1 ? sc.stride(0) : 0;
   }

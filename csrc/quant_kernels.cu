@@ -19,6 +19,8 @@
 #include <string>
 #include <tuple>
 
+#include "error_text.h"
+
 namespace pgolf {
 namespace {
 
@@ -162,24 +164,24 @@ __global__ void unpack_codes_kernel(const uint8_t* __restrict__ packed, int64_t 
 
 std::tuple<at::Tensor, at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64_t bits, const std::string& rule,
                                                       const at::Tensor& fractions) {
-  TORCH_CHECK(bits >= 2 && bits <= 8, "quantize_rows: bits must be in 2..8, got ", bits);
+  TORCH_CHECK(bits >= 2 && bits <= 8, "quantize_rows: bits must be in 2..8, got ", num_text(bits));
   TORCH_CHECK(rule == "amax" || rule == "search", "quantize_rows: rule must be 'amax' or 'search', got '", rule,
               "' (the percentile rule has no CUDA kernel; use pgolf_kernels.quant)");
-  TORCH_CHECK(w.is_cuda(), "quantize_rows: w must be a CUDA tensor, got device ", w.device());
+  TORCH_CHECK(w.is_cuda(), "quantize_rows: w must be a CUDA tensor, got device ", device_text(w));
   TORCH_CHECK(w.scalar_type() == at::kFloat, "quantize_rows: w must be float32, got ", w.scalar_type());
-  TORCH_CHECK(w.dim() == 2, "quantize_rows: w must be 2-D (rows = output features), got ", w.dim(), " dims");
+  TORCH_CHECK(w.dim() == 2, "quantize_rows: w must be 2-D (rows = output features), got ", num_text(w.dim()), " dims");
   TORCH_CHECK(w.is_contiguous(), "quantize_rows: w must be contiguous");
   const int64_t rows = w.size(0), cols = w.size(1);
   TORCH_CHECK(rows == 0 || cols > 0, "quantize_rows: rows of zero length have no amax");
   const bool search = rule == "search";
   if (search) {
     TORCH_CHECK(fractions.is_cuda() && fractions.device() == w.device(),
-                "quantize_rows: fractions must be on w's device ", w.device());
+                "quantize_rows: fractions must be on w's device ", device_text(w));
     TORCH_CHECK(fractions.scalar_type() == at::kFloat && fractions.dim() == 1 && fractions.numel() > 0 &&
                     fractions.is_contiguous(),
                 "quantize_rows: fractions must be a non-empty contiguous 1-D float32 tensor");
   }
-  TORCH_CHECK(rows < (int64_t{1} << 31), "quantize_rows: too many rows (", rows, ")");
+  TORCH_CHECK(rows < (int64_t{1} << 31), "quantize_rows: too many rows (", num_text(rows), ")");
   c10::cuda::CUDAGuard guard(w.device());
   auto codes = at::empty({rows, cols}, w.options().dtype(at::kChar));
   auto scales = at::empty({rows}, w.options().dtype(at::kHalf));
@@ -200,8 +202,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64
 }
 
 at::Tensor pack_codes_cuda(const at::Tensor& q, int64_t bits) {
-  TORCH_CHECK(bits >= 2 && bits <= 8, "pack_codes: bits must be in 2..8, got ", bits);
-  TORCH_CHECK(q.is_cuda(), "pack_codes: codes must be a CUDA tensor, got device ", q.device());
+  TORCH_CHECK(bits >= 2 && bits <= 8, "pack_codes: bits must be in 2..8, got ", num_text(bits));
+  TORCH_CHECK(q.is_cuda(), "pack_codes: codes must be a CUDA tensor, got device ", device_text(q));
   TORCH_CHECK(q.scalar_type() == at::kChar, "pack_codes: codes must be int8, got ", q.scalar_type());
   TORCH_CHECK(q.is_contiguous(), "pack_codes: codes must be contiguous");
   c10::cuda::CUDAGuard guard(q.device());
@@ -212,32 +214,32 @@ at::Tensor pack_codes_cuda(const at::Tensor& q, int64_t bits) {
   auto bad = at::zeros({1}, q.options().dtype(at::kInt));
   const int64_t groups = (n + 7) / 8;
   const int64_t blocks = (groups + kPackThreads - 1) / kPackThreads;
-  TORCH_CHECK(blocks < (int64_t{1} << 31), "pack_codes: too many codes (", n, ")");
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "pack_codes: too many codes (", num_text(n), ")");
   const int qmax = (1 << (bits - 1)) - 1;
   pack_codes_kernel<<<static_cast<unsigned>(blocks), kPackThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       q.data_ptr<int8_t>(), n, static_cast<int>(bits), qmax, out.data_ptr<uint8_t>(), out_bytes,
       bad.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  TORCH_CHECK(bad.item<int>() == 0, "pack_codes: codes out of range for ", bits, "-bit packing (allowed -", qmax,
-              "..", qmax, ")");
+  TORCH_CHECK(bad.item<int>() == 0, "pack_codes: codes out of range for ", num_text(bits), "-bit packing (allowed -",
+              num_text(int64_t{qmax}), "..", num_text(int64_t{qmax}), ")");
   return out;
 }
 
 at::Tensor unpack_codes_cuda(const at::Tensor& packed, int64_t bits, int64_t numel) {
-  TORCH_CHECK(bits >= 2 && bits <= 8, "unpack_codes: bits must be in 2..8, got ", bits);
-  TORCH_CHECK(packed.is_cuda(), "unpack_codes: packed must be a CUDA tensor, got device ", packed.device());
+  TORCH_CHECK(bits >= 2 && bits <= 8, "unpack_codes: bits must be in 2..8, got ", num_text(bits));
+  TORCH_CHECK(packed.is_cuda(), "unpack_codes: packed must be a CUDA tensor, got device ", device_text(packed));
   TORCH_CHECK(packed.scalar_type() == at::kByte, "unpack_codes: packed must be uint8, got ", packed.scalar_type());
   TORCH_CHECK(packed.dim() == 1 && packed.is_contiguous(), "unpack_codes: packed must be a contiguous 1-D tensor");
-  TORCH_CHECK(numel >= 0, "unpack_codes: numel must be >= 0, got ", numel);
+  TORCH_CHECK(numel >= 0, "unpack_codes: numel must be >= 0, got ", num_text(numel));
   const int64_t need = (numel * bits + 7) / 8;
-  TORCH_CHECK(packed.numel() == need, "unpack_codes: packed stream has ", packed.numel(), " bytes, ", numel,
-              " codes of ", bits, " bits need ", need);
+  TORCH_CHECK(packed.numel() == need, "unpack_codes: packed stream has ", num_text(packed.numel()), " bytes, ",
+              num_text(numel), " codes of ", num_text(bits), " bits need ", num_text(need));
   c10::cuda::CUDAGuard guard(packed.device());
   auto out = at::empty({numel}, packed.options().dtype(at::kChar));
   if (numel == 0) return out;
   const int64_t groups = (numel + 7) / 8;
   const int64_t blocks = (groups + kPackThreads - 1) / kPackThreads;
-  TORCH_CHECK(blocks < (int64_t{1} << 31), "unpack_codes: too many codes (", numel, ")");
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "unpack_codes: too many codes (", num_text(numel), ")");
   unpack_codes_kernel<<<static_cast<unsigned>(blocks), kPackThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       packed.data_ptr<uint8_t>(), need, numel, static_cast<int>(bits), (1 << (bits - 1)) - 1,
       out.data_ptr<int8_t>());

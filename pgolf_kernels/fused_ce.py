@@ -536,11 +536,19 @@ _UNSET = object()
 _FLCE_EXT = _UNSET
 
 
-def _cpp_extension(h: Tensor):
+# The C++ host path's CE kernel keeps a row in the registers of one warp up to this many logits and reads
+# longer rows twice; above it the Triton kernel (several warps per row, the row read once) is faster and the
+# GPU work so large that Python's host time is hidden. H100, bench/results/fused_ce-h100-*-bb04f90.md:
+# C++ vs Python host at N=262,144: V=1024 1.98 vs 1.99 ms, V=4096 7.95 vs 7.35, V=8192 15.59 vs 14.98.
+_CPP_MAX_V = 2048
+
+
+def _cpp_extension(h: Tensor, V: Optional[int] = None):
     """The compiled extension when this call should run its chunk loop (TUNING host="cpp", a CUDA tensor, the
-    extension built with the flce ops, and settings it implements), else None."""
+    extension built with the flce ops, settings it implements and, when V is given, V <= _CPP_MAX_V), else
+    None."""
     global _FLCE_EXT
-    if TUNING["host"] != "cpp" or not h.is_cuda or TUNING["ce"] != "v2":
+    if TUNING["host"] != "cpp" or not h.is_cuda or TUNING["ce"] != "v2" or (V is not None and V > _CPP_MAX_V):
         return None
     if _FLCE_EXT is _UNSET:  # looked up once: this runs on every call, and host time is what it saves
         from ._extension import extension_available, require_extension
@@ -564,7 +572,7 @@ def _chunked_pass(h: Tensor, w: Tensor, target: Tensor, nll: Tensor, scale: Opti
     """The chunk loop. scale None: NLL only. Otherwise also dH (h's dtype) and dW (fp32), both already
     multiplied by scale (0-dim or per row). w is the weight in h's dtype."""
     N, D = h.shape
-    ext = _cpp_extension(h)
+    ext = _cpp_extension(h, w.shape[0])
     if ext is not None and N > 0:
         dh, dw = ext.flce_chunked(h, w, target, scale, nll, cap, ignore_index, chunk_rows, need_dh, need_dw,
                                   _cpp_dw_splits(N, D, w.shape[0], chunk_rows, h))
@@ -619,7 +627,7 @@ def _flce_forward_impl(h: Tensor, weight: Tensor, target: Tensor, softcap: float
     """(loss, count, dH, dW). count: fp32 number of non-ignored targets. For "mean"/"sum" with a gradient
     wanted, dH (h's dtype) and dW (fp32) hold the gradient for an upstream gradient of 1; otherwise they
     are empty (reduction="none" computes its gradient in backward)."""
-    ext = _cpp_extension(h)
+    ext = _cpp_extension(h, weight.shape[0])
     if ext is not None and h.shape[0] > 0:  # the same steps in one C++ call (host time: see TUNING host)
         return tuple(ext.flce_forward(h, weight, target, softcap, ignore_index, _REDUCTIONS.index(reduction),
                                       need_dh, need_dw, chunk_rows,

@@ -274,10 +274,12 @@ def test_cpp_host_is_not_taken_off_cuda_or_when_disabled(monkeypatch):
 
     assert mod.TUNING["host"] == "cpp"
     assert mod._cpp_extension(torch.zeros(2, 2)) is None
+    assert mod._CPP_MAX_V >= 1024  # the anchor case (V = 1024) is what the C++ host is for
     for key, val in (("host", "python"), ("ce", "v1")):
         with monkeypatch.context() as m:
             m.setitem(mod.TUNING, key, val)
             assert mod._cpp_extension(torch.zeros(2, 2)) is None
+    assert mod._CPP_MAX_V >= 1024  # the anchor case (V = 1024) is what the C++ host is for
     with pytest.raises(ValueError, match="unknown key"):
         mod._parse_tuning("hosts=cpp")
     assert mod._parse_tuning("host=python") == {"host": "python"}
@@ -630,13 +632,13 @@ def _cpp_cases():
     return out
 
 
-def _require_cpp_host(h):
+def _require_cpp_host(h, V):
     from pgolf_kernels import extension_status
     from pgolf_kernels import fused_ce as mod
 
     if not extension_status()["available"]:
         pytest.skip(f"CUDA extension not built: {extension_status()['reason']}")
-    assert mod._cpp_extension(h) is not None, "the C++ host path would not be taken"
+    assert mod._cpp_extension(h, V) is not None, "the C++ host path would not be taken"
 
 
 @gpu
@@ -647,8 +649,9 @@ def test_gpu_cpp_host_matches_reference(monkeypatch, N, d, V, softcap, reduction
     from pgolf_kernels import fused_ce as mod
 
     monkeypatch.setitem(mod.TUNING, "host", "cpp")
+    monkeypatch.setattr(mod, "_CPP_MAX_V", 1 << 30)  # also the rows the default sends to Triton (read twice)
     h, w, y = _make(N, d, V, h_dtype, torch.float32, "cuda", t_dtype=t_dtype)
-    _require_cpp_host(h)
+    _require_cpp_host(h, V)
     up = (torch.rand(N, device="cuda") + 0.5) if reduction == "none" else torch.tensor(0.7, device="cuda")
     junk = torch.full((256 << 20,), float("nan"), device="cuda")
     del junk
@@ -669,7 +672,7 @@ def test_gpu_cpp_host_matches_triton_host(monkeypatch, h_dtype):
     for host in ("cpp", "python"):
         monkeypatch.setitem(mod.TUNING, "host", host)
         if host == "cpp":
-            _require_cpp_host(h)
+            _require_cpp_host(h, 1000)
         outs[host] = _run(fused_linear_cross_entropy, h, w, y, 30.0, "mean", upstream=torch.tensor(1.7, device="cuda"),
                           chunk_rows=1024)
     if h_dtype == torch.float32:
@@ -684,7 +687,7 @@ def test_gpu_cpp_host_bad_target_and_all_ignored(monkeypatch):
 
     monkeypatch.setitem(mod.TUNING, "host", "cpp")
     h, w, y = _make(64, 128, 1024, torch.bfloat16, torch.float32, "cuda", ignore_frac=0.0)
-    _require_cpp_host(h)
+    _require_cpp_host(h, 1024)
     y[5] = 1024  # out of range: that row's NLL is NaN, the others are untouched
     nll = fused_linear_cross_entropy(h, w, y, 30.0, "none").detach()
     assert torch.isnan(nll[5]) and torch.isfinite(torch.cat([nll[:5], nll[6:]])).all()
