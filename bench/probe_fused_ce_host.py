@@ -1,0 +1,68 @@
+"""Where the host time of one fused CE forward+backward goes (N=65,536, d=512, V=1024, H100 device host).
+
+Times the enqueue of each piece with time.perf_counter, no profiler (whose own overhead distorts host time):
+one cuBLAS product from Python, the C++ forward (pgolf_kernels._C.flce_forward) with and without gradients,
+the op's forward through autograd, forward + backward, and a one-element graph's .backward() (the autograd
+engine's own cost). Needs a CUDA device and the extension built (python setup.py build_ext --inplace).
+Result: bench/results/fused_ce-host_probe-*.txt.
+
+Usage: python bench/probe_fused_ce_host.py
+"""
+import time
+
+import torch
+
+from pgolf_kernels import fused_ce
+from pgolf_kernels._extension import require_extension
+
+N, D, V, CHUNK = 65536, 512, 1024, 8192
+
+
+def host_us(fn, n=10, reps=5):
+    """Median over reps of the mean enqueue time of n back-to-back calls (synchronised between reps)."""
+    times = []
+    for _ in range(reps):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t) / n * 1e6)
+        torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    ext = require_extension("probe_fused_ce_host")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(N, D, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(V, D, device="cuda", generator=g) * 0.13).requires_grad_()
+    y = torch.randint(0, V, (N,), device="cuda", generator=g)
+    hd, wd = h.detach(), w.detach()
+    x = torch.empty(CHUNK, V, device="cuda", dtype=torch.bfloat16)
+    wb = wd.bfloat16()
+    one = torch.ones(1, device="cuda", requires_grad=True)
+
+    def fwd_bwd():
+        h.grad = None
+        w.grad = None
+        fused_ce.fused_linear_cross_entropy(h, w, y, 30.0, "mean").backward()
+
+    def fwd_grad_api():
+        torch.autograd.grad(fused_ce.fused_linear_cross_entropy(h, w, y, 30.0, "mean"), (h, w))
+
+    probes = {
+        f"torch.mm(out=) {CHUNK}x{D}x{V}": lambda: torch.mm(hd[:CHUNK], wb.t(), out=x),
+        "ext.flce_forward with grads": lambda: ext.flce_forward(hd, wd, y, 30.0, -100, 0, True, True, CHUNK, 4),
+        "ext.flce_forward nll only": lambda: ext.flce_forward(hd, wd, y, 30.0, -100, 0, False, False, CHUNK, 4),
+        "fused forward (grad graph built)": lambda: fused_ce.fused_linear_cross_entropy(h, w, y, 30.0, "mean"),
+        "fused forward + autograd.grad": fwd_grad_api,
+        "fused forward + .backward()": fwd_bwd,
+        "tiny graph .backward()": lambda: (one * 2).sum().backward(),
+    }
+    for name, fn in probes.items():
+        print(f"{name:40s} host enqueue {host_us(fn):8.1f} us/call (median of 5 x 10 calls)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
