@@ -18,9 +18,9 @@ Rows are processed ``chunk_rows`` at a time (8192 by default, more at large N·d
 the only [rows, V] buffer is one chunk:
 1. ``logits = h_c @ Wᵀ`` by cuBLAS into the chunk buffer, in h's dtype (bf16 for bf16 h: the same logits
    an autocast nn.Linear gives; the full-precision [N, V] logits are never written).
-2. One Triton kernel per row reads those logits once, applies the soft-cap and a log-sum-exp in fp32,
-   writes the per-token NLL, and — because the loss is the last op of the model, the gradient is computed
-   in forward — overwrites the buffer in place with the logit gradient
+2. One CE kernel (Triton; CUDA on the C++ host path below) reads each row of logits once, applies the
+   soft-cap and a log-sum-exp in fp32, writes the per-token NLL, and — because the loss is the last op of
+   the model, the gradient is computed in forward — overwrites the buffer in place with the logit gradient
    ``(softmax − onehot) · (1 − tanh²) · s`` (s = 1/count for "mean", 1 for "sum"). The target logit is
    one gathered load; under a soft-cap c ≤ 40 the exponentials are taken against c (every capped logit is
    below it) instead of the row maximum, so a row costs one reduction.
@@ -48,13 +48,18 @@ The ops are registered with ``torch.library.custom_op`` (``pgolf::flce_forward``
 ``pgolf::flce_grad_rows``), so torch.compile keeps them whole inside a compiled graph; eager calls run the
 same functions through a plain autograd.Function, without the custom-op dispatch layers (host time).
 
-Speed (bench/results/fused_ce-h100-80gb-hbm3-2026-11-23-1dabdbf.md, H100): at V ≥ 4096 the GPU work
-dominates and this path beats torch.compile by 1.17–1.27x with a quarter of its extra memory or less; at
-V = 1024 a step needs ~0.63 ms of GPU time but ~1.7 ms of host time (4 launches per 8192-row chunk plus
-fixed costs), so it is bound by the host there and slower than torch.compile. Those numbers predate the
-eager autograd.Function path and the 16-logits-per-thread CE launch shape (both aimed at that: less host
-time, a faster CE kernel), which are not measured end to end yet. ``TUNING`` holds the knobs the bench
-sweeps (dW accumulation, CE kernel version and launch shape, eager path).
+Host paths
+----------
+For V ≤ 2048 (``_CPP_MAX_V``) and the CUDA extension built, the whole forward — the chunk loop with its cuBLAS
+products, a CUDA CE kernel with the same arithmetic as the Triton one (csrc/flce_kernels.cu), count and loss —
+is one C++ call (``TUNING["host"] = "cpp"``), and backward's in-place scaling is one C++ call too. At small V
+the op is bound by the host, not the GPU, and this is what that buys (H100, bench/results/fused_ce-h100-
+80gb-hbm3-2026-11-23.md, N=65,536, V=1024): 1.39 ms per forward+backward (Python loop: 2.21 ms; torch.compile:
+1.12 ms, whose kernels take 0.52 ms of GPU time to our 0.56), still slower than compile there. The rest of that host
+time is ATen's cuBLAS calls (≈26 µs each on the device's host) and autograd (bench/probe_fused_ce_host.py).
+Above V = 2048 the GPU work hides the host and the Triton CE kernel, several warps per row, is the faster
+one (``_CPP_MAX_V``). At V ≥ 4096 this op is 1.17–1.28× faster than torch.compile and at N=262,144, V=1024
+1.05×, with at most 0.46 of its extra memory.
 
 Limits: a second backward through the same loss (retain_graph) raises, since the gradient was computed in
 forward and dH scaled in place; with fp16 h the logits are fp16 like nn.Linear's, so |logit| must stay

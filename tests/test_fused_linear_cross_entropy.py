@@ -706,10 +706,11 @@ h = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
 w = torch.randn(32, 16, device="cuda", dtype=torch.float32)
 y = torch.randint(0, 32, (8,), device="cuda")
 nll = torch.empty(8, device="cuda")
+wb = w.bfloat16()
 calls = [
     ("weight must already be in h's dtype", lambda: ext.flce_chunked(h, w, y, None, nll, 30.0, -100, 4, True, True, 1)),
-    ("must be a CUDA tensor", lambda: ext.flce_chunked(h, w.bfloat16(), y.cpu(), None, nll, 30.0, -100, 4, True, True, 1)),
-    ("chunk_rows must be positive", lambda: ext.flce_chunked(h, w.bfloat16(), y, None, nll, 30.0, -100, 0, True, True, 1)),
+    ("must be a CUDA tensor", lambda: ext.flce_chunked(h, wb, y.cpu(), None, nll, 30.0, -100, 4, True, True, 1)),
+    ("chunk_rows must be positive", lambda: ext.flce_chunked(h, wb, y, None, nll, 30.0, -100, 0, True, True, 1)),
     ("g must be one fp32 value", lambda: ext.flce_scale_inplace(h, None, torch.ones(2, device="cuda"))),
     ("reduction code must be", lambda: ext.flce_forward(h, w, y, 30.0, -100, 7, True, True, 4, 1)),
 ]
