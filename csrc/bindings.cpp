@@ -21,10 +21,10 @@ void flce_scale_inplace_cuda(const at::Tensor& a, const c10::optional<at::Tensor
 }  // namespace pgolf
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // A failed TORCH_CHECK throws c10::Error. pybind11's default translation calls what(), which in torch 2.11
-  // also renders the C++ backtrace; on the H100 device that killed the process with SIGSEGV on the 2nd-4th
-  // failed check in one process (tests/test_extension.py). The message without the backtrace is what a user
-  // needs, so this module translates c10::Error itself.
+  // A failed TORCH_CHECK throws c10::Error; pybind11's default translation would use what(), which can carry
+  // the C++ backtrace. The message alone names the problem, so this module raises RuntimeError with it.
+  // (The SIGSEGV these checks once caused on the device came from the messages' number formatting, see
+  // error_text.h; this translator alone did not stop it.)
   py::register_local_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);

@@ -55,8 +55,9 @@ products, a CUDA CE kernel with the same arithmetic as the Triton one (csrc/flce
 is one C++ call (``TUNING["host"] = "cpp"``), and backward's in-place scaling is one C++ call too. At small V
 the op is bound by the host, not the GPU, and this is what that buys (H100, bench/results/fused_ce-h100-
 80gb-hbm3-2026-11-23.md, N=65,536, V=1024): 1.39 ms per forward+backward (Python loop: 2.21 ms; torch.compile:
-1.12 ms, whose kernels take 0.52 ms of GPU time to our 0.56), still slower than compile there. The rest of that host
-time is ATen's cuBLAS calls (≈26 µs each on the device's host) and autograd (bench/probe_fused_ce_host.py).
+1.12 ms, whose kernels take 0.52 ms of GPU time to our 0.56), still slower than compile there. The rest of
+that host time is ATen's cuBLAS calls (≈26 µs of host time each there) and autograd
+(bench/probe_fused_ce_host.py).
 Above V = 2048 the GPU work hides the host and the Triton CE kernel, several warps per row, is the faster
 one (``_CPP_MAX_V``). At V ≥ 4096 this op is 1.17–1.28× faster than torch.compile and at N=262,144, V=1024
 1.05×, with at most 0.46 of its extra memory.
@@ -559,7 +560,8 @@ def _cpp_extension(h: Tensor, V: Optional[int] = None):
         from ._extension import extension_available, require_extension
 
         ext = require_extension("fused_linear_cross_entropy") if extension_available() else None
-        _FLCE_EXT = ext if hasattr(ext, "flce_forward") else None  # None also for an extension built before
+        # (None too for an extension built before these ops existed)
+        _FLCE_EXT = ext if hasattr(ext, "flce_forward") else None
     ext = _FLCE_EXT
     if ext is None:
         return None
@@ -579,9 +581,9 @@ def _chunked_pass(h: Tensor, w: Tensor, target: Tensor, nll: Tensor, scale: Opti
     N, D = h.shape
     ext = _cpp_extension(h, w.shape[0])
     if ext is not None and N > 0:
-        dh, dw = ext.flce_chunked(h, w, target, scale, nll, cap, ignore_index, chunk_rows, need_dh, need_dw,
-                                  _cpp_dw_splits(N, D, w.shape[0], chunk_rows, h))
-        return dh, dw
+        # (dH, dW), None where not asked for, as below
+        return tuple(ext.flce_chunked(h, w, target, scale, nll, cap, ignore_index, chunk_rows, need_dh, need_dw,
+                                      _cpp_dw_splits(N, D, w.shape[0], chunk_rows, h)))
     _require_triton()
     V = w.shape[0]
     dev = h.device
