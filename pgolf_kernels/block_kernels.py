@@ -615,7 +615,19 @@ def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, 
 
 def wgrad(a, b, b_addr, M, N, K, *, b_act=False, act=0, nscale=None, w=None):
     """G[n, k] = sum_m A[m, n] * f(B[m, k]); returns (dW [N, K] fp32, dscale [N] fp32 or None)
-    where dW = nscale[n] * G and dscale[n] = sum_k W[n, k] * G[n, k] when nscale is given."""
+    where dW = nscale[n] * G and dscale[n] = sum_k W[n, k] * G[n, k] when nscale is given.
+
+    On a GPU, when B needs no prologue (no activation, plain row-major addressing), G is one cuBLAS product
+    with fp32 output: on the H100 the four _wgrad_kernel launches of a B64xT1024 block took 0.78 ms for
+    240 GFLOP (about 310 TFLOP/s; bench/results/block-h100-*-2026-11-23.json, profile), where torch.compile's
+    cuBLAS weight-gradient products ran at about twice that rate. PGOLF_BLOCK_WGRAD=triton keeps the kernel."""
+    if (a.is_cuda and not b_act and tuple(b_addr) == _plain(K) and not _INTERPRET
+            and os.environ.get("PGOLF_BLOCK_WGRAD", "cublas") != "triton"):
+        at, bm = a[:M].t(), b.reshape(M, K)
+        g = torch.mm(at, bm) if a.dtype == torch.float32 else torch.mm(at, bm, out_dtype=torch.float32)
+        if nscale is None:
+            return g, None
+        return g * nscale[:, None], (w * g).sum(1)
     cfg = _blocks("wgrad")
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])
