@@ -12,7 +12,8 @@ Every kernel but two is a matmul with its elementwise neighbours folded into ope
   _row_gemm_kernel         generic  out = epilogue(prologue(A) @ W)  (output projections, MLP up/down, dX matmuls)
   _attn_in_bwd_epi_kernel  backward of the QKV epilogue (q/k norm, RoPE, gain) for all heads of a row tile
   _attn_in_bwd_dx_kernel   dXm = d(qkv) @ [Wq;Wk;Wv] with the RMSNorm backward and resid_mix backward in the epilogue
-  _wgrad_kernel            generic  dW = A^T @ prologue(B) over rows (split over rows for parallelism)
+  _wgrad_kernel            generic  dW = A^T @ prologue(B) over rows (split over rows for parallelism); on a GPU
+                           only where B has a prologue (the activation): plain products go to cuBLAS (see wgrad)
   _prep_weights_kernel     fp32 -> activation-dtype weight copies, optionally row-scaled, up to 8 per launch
 
 Wrappers below allocate outputs and launch; they check shapes and raise ValueError naming the problem.
