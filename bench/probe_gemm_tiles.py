@@ -1,0 +1,176 @@
+"""How fast can a Triton matmul mainloop run at the block's shapes? (issue 7; GPU only)
+
+The fused block's matmul kernels (`block_kernels._row_gemm_kernel` and friends) ran at about 300 TFLOP/s on the
+H100 (bench/results/block-h100-*.json, profile) where cuBLAS runs the same products at about 600. This probe
+times one plain product C = A @ Wᵀ (bf16, fp32 accumulate) written the way those kernels could be written,
+beside `torch.mm` on the same inputs, so the kernels can adopt whatever wins:
+
+  load      "ptr": tl.load of pointer tiles (what the block kernels do); "tma": host-made tensor descriptors
+  order     "col": column tile fastest (row_gemm's grid); "group": GROUP_M row tiles per column sweep
+  persist   one program per SM walking tiles, or one program per tile
+  tiles     BM x BN x BK, warps, stages
+
+It also times the block's own `row_gemm` (store epilogue) at its current tiles, for reference.
+
+    python bench/probe_gemm_tiles.py --out DIR        # writes gemm_tiles-<gpu>-<date>.json and .txt
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@triton.jit
+def _tile_of(t, num_m, num_n, GROUP_M: tl.constexpr, ORDER_GROUP: tl.constexpr):
+    if ORDER_GROUP:
+        group = t // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        return first_m + (t % size_m), (t % (GROUP_M * num_n)) // size_m
+    else:
+        return t // num_n, t % num_n
+
+
+@triton.jit
+def _probe_mm_kernel(a_ptr, w_ptr, c_ptr, a_desc, w_desc, c_desc, M, N, K,
+                     TMA: tl.constexpr, ORDER_GROUP: tl.constexpr, PERSIST: tl.constexpr, NPROG: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    num_tiles = num_m * num_n
+    if PERSIST:
+        start = tl.program_id(0)
+        step = NPROG
+    else:
+        start = tl.program_id(0)
+        step = num_tiles
+    for t in range(start, num_tiles, step):
+        pid_m, pid_n = _tile_of(t, num_m, num_n, GROUP_M, ORDER_GROUP)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        for k0 in range(0, K, BK):
+            if TMA:
+                a = a_desc.load([pid_m * BM, k0])
+                w = w_desc.load([pid_n * BN, k0])
+            else:
+                a = tl.load(a_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None], other=0.0)
+                w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :])
+            acc = tl.dot(a, tl.trans(w), acc)
+        if TMA:
+            c_desc.store([pid_m * BM, pid_n * BN], acc.to(c_desc.dtype))
+        else:
+            tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=(rm < M)[:, None])
+
+
+def probe_mm(a, w, c, *, tma, order, persist, BM, BN, BK, warps, stages, group_m=8):
+    M, K = a.shape
+    N = w.shape[0]
+    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    nsm = torch.cuda.get_device_properties(a.device).multi_processor_count
+    nprog = min(tiles, nsm) if persist else tiles
+    if tma:
+        ad = TensorDescriptor.from_tensor(a, [BM, BK])
+        wd = TensorDescriptor.from_tensor(w, [BN, BK])
+        cd = TensorDescriptor.from_tensor(c, [BM, BN])
+    else:
+        ad = wd = cd = None
+    _probe_mm_kernel[(nprog,)](a, w, c, ad, wd, cd, M, N, K, TMA=tma, ORDER_GROUP=order == "group",
+                               PERSIST=persist, NPROG=nprog, BM=BM, BN=BN, BK=BK, GROUP_M=group_m,
+                               num_warps=warps, num_stages=stages)
+    return c
+
+
+TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
+         (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]
+SHAPES = [(65536, 1024, 512), (65536, 512, 1024), (65536, 512, 512), (65536, 1536, 512), (65536, 512, 1536)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--time-budget", type=float, default=200.0, help="stop starting new configs after this many s")
+    args = ap.parse_args()
+    from results_io import device_slug  # noqa: E402
+    from pgolf_kernels import block_kernels as bk  # noqa: E402
+
+    t_start = time.time()
+    dev = torch.device("cuda")
+    rows = []
+    lines = []
+    for (M, N, K) in SHAPES:
+        g = torch.Generator(device=dev).manual_seed(M + N + K)
+        a = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g) / K ** 0.5
+        ref = a.float() @ w.float().t()
+        flop = 2.0 * M * N * K
+
+        def rec(name, fn, cfg=None):
+            c = torch.full((M, N), float("nan"), device=dev, dtype=torch.bfloat16)
+            try:
+                out = fn(c)
+                torch.cuda.synchronize()
+                err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                ok = bool(err < 2e-2)
+                ms = triton.testing.do_bench(lambda: fn(c), warmup=25, rep=100) if ok else float("nan")
+            except Exception as e:  # a config that does not compile is a result too
+                err, ok, ms = float("nan"), False, float("nan")
+                name = f"{name} [{type(e).__name__}: {str(e)[:80]}]"
+            row = dict(M=M, N=N, K=K, impl=name, cfg=cfg, ms=ms, tflops=flop / ms / 1e9 if ms == ms else None,
+                       ok=ok, rel_err=err)
+            rows.append(row)
+            line = f"M{M} N{N} K{K}  {name:60s} {ms:8.4f} ms  {row['tflops'] or 0:6.1f} TF/s  ok={ok}"
+            lines.append(line)
+            print(line, flush=True)
+
+        rec("torch.mm (cuBLAS)", lambda c: torch.mm(a, w.t(), out=c))
+        rec("block row_gemm (EPI_STORE, current tiles)",
+            lambda c: bk.row_gemm(a, bk._plain(K), w, K, 1, M, N, K, c, bk._plain(N), epi=bk.EPI_STORE))
+        for (BM, BN, BK, warps, stages), tma, order, persist in itertools.product(
+                TILES, (False, True), ("col", "group"), (False, True)):
+            if time.time() - t_start > args.time_budget:
+                break
+            if not tma and persist:
+                continue  # pointer loads: the non-persistent grid is what the kernels do today
+            cfg = dict(BM=BM, BN=BN, BK=BK, warps=warps, stages=stages, tma=tma, order=order, persist=persist)
+            name = f"{'tma' if tma else 'ptr'} {order} {'persist' if persist else 'grid'} {BM}x{BN}x{BK} w{warps} s{stages}"
+            rec(name, lambda c, cfg=cfg: probe_mm(a, w, c, tma=cfg["tma"], order=cfg["order"],
+                                                  persist=cfg["persist"], BM=cfg["BM"], BN=cfg["BN"],
+                                                  BK=cfg["BK"], warps=cfg["warps"], stages=cfg["stages"]), cfg)
+    slug = device_slug()
+    date = time.strftime("%Y-%m-%d")
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"gemm_tiles-{slug}-{date}")
+    meta = dict(bench="gemm_tiles", device=torch.cuda.get_device_name(), date=date,
+                commit=os.environ.get("PGOLF_COMMIT", ""), command="python3 bench/probe_gemm_tiles.py --out DIR",
+                versions=dict(torch=torch.__version__, triton=triton.__version__))
+    with open(base + ".json", "w") as f:
+        json.dump(dict(meta, rows=rows), f, indent=1)
+    best = {}
+    for r in rows:
+        key = (r["M"], r["N"], r["K"])
+        if r["ok"] and "torch.mm" not in r["impl"] and "row_gemm" not in r["impl"]:
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+    with open(base + ".txt", "w") as f:
+        f.write(json.dumps(meta) + "\n\n" + "\n".join(lines) + "\n\nbest Triton config per shape:\n")
+        for key, r in best.items():
+            f.write(f"  {key}: {r['impl']} {r['ms']:.4f} ms {r['tflops']:.1f} TF/s\n")
+    print("wrote", base + ".json")
+
+
+if __name__ == "__main__":
+    main()
