@@ -184,28 +184,31 @@ def aot_check(arch: int = 90) -> list[dict]:
         return row
 
     rows = []
+    cfg = kn._blocks("row_stats")
+    for mix in (True, False):
+        rows.append(one(f"row_stats mix={mix}", kn._row_stats_kernel,
+                        dict(x_ptr=BF, x0_ptr=BF, mix_ptr=F32, xm_ptr=BF, rstd_ptr=F32, eps="fp32"),
+                        dict(D=D, BD=D, HAS_MIX=mix, BM=cfg["BM"]), cfg))
     cfg = kn._blocks("attn_in")
     for rd in (64, 16):
         rows.append(one(f"attn_in_fwd rope{rd}", kn._attn_in_fwd_kernel,
-                        dict(x_ptr=BF, x0_ptr=BF, mix_ptr=F32, wq_ptr=BF, wk_ptr=BF, wv_ptr=BF, gain_ptr=F32,
-                             cos_ptr=F32, sin_ptr=F32, xm_ptr=BF, rstd_ptr=F32, q_ptr=BF, k_ptr=BF, v_ptr=BF,
+                        dict(xm_ptr=BF, rstd_ptr=F32, wq_ptr=BF, wk_ptr=BF, wv_ptr=BF, gain_ptr=F32,
+                             cos_ptr=F32, sin_ptr=F32, q_ptr=BF, k_ptr=BF, v_ptr=BF,
                              hrstd_ptr=F32, eps="fp32"),
                         dict(D=D, H=H, KVH=KVH, HD=HD, RD=rd, STORE_STATS=True, HPP=cfg["HPP"], BM=cfg["BM"],
                              BK=cfg["BK"]), cfg))
-    gemm_types = dict(a_ptr=BF, w_ptr=BF, out_ptr=BF, nvec_ptr=F32, res_ptr=BF, rowvec_ptr=F32, c_ptr=F32, g_ptr=BF,
-                      eps="fp32")
-    base = dict(A_ACT=False, SUMSQ=False, EPI=0, STORE_ACT=False, STORE_STATS=False, ACT=1, NT_P2=1, A_4D=False,
-                O_4D=False)
+    gemm_types = dict(a_ptr=BF, w_ptr=BF, out_ptr=BF, nvec_ptr=F32, res_ptr=BF, rowvec_ptr=F32, c_ptr=F32, g_ptr=BF)
+    base = dict(A_ACT=False, EPI=0, STORE_ACT=False, ACT=1, NT_P2=1, A_4D=False, O_4D=False)
     # integer arguments that are 1 at launch are constants in the real kernel (Triton specialises on 1):
     # plain addressing (a_T, a_s3, o_T, o_s3), the unit weight stride (w_sk forward, w_sn backward), one partial
     fwd_ones = dict(a_T=1, a_s3=1, o_T=1, o_s3=1, w_sk=1, c_NT=1)
     bwd_ones = dict(a_T=1, a_s3=1, o_T=1, o_s3=1, w_sn=1, c_NT=1)
     for label, v, kind, ones in [("attn_out fwd", dict(EPI=1), "row_gemm", fwd_ones),
-                                 ("mlp up (train)", dict(SUMSQ=True, EPI=2, STORE_STATS=True), "row_gemm_sumsq", fwd_ones),
-                                 ("mlp up (eval)", dict(SUMSQ=True, EPI=2, STORE_ACT=True), "row_gemm_sumsq", fwd_ones),
+                                 ("mlp up (train)", dict(EPI=2), "row_gemm", fwd_ones),
+                                 ("mlp up (eval)", dict(EPI=2, STORE_ACT=True), "row_gemm", fwd_ones),
                                  ("mlp down", dict(A_ACT=True, EPI=1), "row_gemm", fwd_ones),
                                  ("attn_out bwd dY", dict(), "row_gemm", bwd_ones),
-                                 ("mlp bwd dPre", dict(EPI=3), "row_gemm_act_bwd", bwd_ones),
+                                 ("mlp bwd dPre", dict(EPI=3, STORE_ACT=True), "row_gemm_act_bwd", bwd_ones),
                                  ("mlp bwd dX", dict(EPI=4, NT_P2=16), "row_gemm",
                                   {k: 1 for k in bwd_ones if k != "c_NT"})]:
         cfg = kn._blocks(kind)
@@ -222,12 +225,11 @@ def aot_check(arch: int = 90) -> list[dict]:
                          x_ptr=BF, x0_ptr=BF, mix_ptr=F32, dx_ptr=BF, dx0_ptr=BF, dmix_ptr=F32),
                     dict(D=D, H=H, KVH=KVH, HD=HD, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"]), cfg))
     cfg = kn._blocks("wgrad")
-    for label, v in [("dW plain", dict(B_ACT=False, OUT_SCALE=False)),
-                     ("dWproj2 (act, scale)", dict(B_ACT=True, OUT_SCALE=True)),
-                     ("dWproj (scale)", dict(B_ACT=False, OUT_SCALE=True))]:
+    for label, v in [("dW plain", dict(OUT_SCALE=False)),
+                     ("dWproj (scale)", dict(OUT_SCALE=True))]:
         rows.append(one(label, kn._wgrad_kernel,
                         dict(a_ptr=BF, b_ptr=BF, out_ptr=F32, nscale_ptr=F32, w_ptr=F32, dscale_ptr=F32),
-                        dict(v, ACT=1, B_4D=False, b_T=1, b_s3=1, BN=cfg["BN"], BK=cfg["BK"], BM=cfg["BM"]), cfg))
+                        dict(v, B_4D=False, b_T=1, b_s3=1, BN=cfg["BN"], BK=cfg["BK"], BM=cfg["BM"]), cfg))
     types = {}
     for i in range(8):
         types.update({f"s{i}": F32, f"d{i}": BF, f"c{i}": F32})
@@ -243,7 +245,7 @@ def aot_check(arch: int = 90) -> list[dict]:
 
 STAGE_VARIANTS = {  # PGOLF_BLOCK_TILES per variant: same maths, different code generation
     "default": {},
-    "no_pipelining": {k: {"num_stages": 1} for k in ("row_gemm", "row_gemm_sumsq", "row_gemm_act_bwd", "attn_in", "attn_dx", "wgrad")},
+    "no_pipelining": {k: {"num_stages": 1} for k in ("row_gemm", "row_gemm_act_bwd", "attn_in", "attn_dx", "wgrad")},
     "attn_in_1_head_per_program": {"attn_in": {"HPP": 1}},
     "small_tiles": {"row_gemm": {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4},
                     "attn_in": {"BM": 64, "num_warps": 4}},

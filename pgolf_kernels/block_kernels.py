@@ -7,13 +7,14 @@ Layout conventions (all activations row-major, M = batch * seq rows):
 Master weights stay fp32 (as the optimiser keeps them); `prep_weights` makes their activation-dtype copies (some
 row-scaled) in one launch per forward, and the matmul kernels read those. Accumulation is always fp32.
 
-Every kernel but two is a matmul with its elementwise neighbours folded into operand loads or the epilogue:
-  _attn_in_fwd_kernel      resid_mix + RMSNorm (as a row scale) + x@[Wq;Wk;Wv]^T + q/k RMSNorm + RoPE + q gain
+Every kernel but three is a matmul with its elementwise neighbours folded into operand loads or the epilogue:
+  _row_stats_kernel        rstd of each row for RMSNorm as a row scale (with resid_mix: also writes xm)
+  _attn_in_fwd_kernel      (xm @ [Wq;Wk;Wv]^T) * rstd + q/k RMSNorm + RoPE + q gain
   _row_gemm_kernel         generic  out = epilogue(prologue(A) @ W)  (output projections, MLP up/down, dX matmuls)
   _attn_in_bwd_epi_kernel  backward of the QKV epilogue (q/k norm, RoPE, gain) for all heads of a row tile
   _attn_in_bwd_dx_kernel   dXm = d(qkv) @ [Wq;Wk;Wv] with the RMSNorm backward and resid_mix backward in the epilogue
-  _wgrad_kernel            generic  dW = A^T @ prologue(B) over rows (split over rows for parallelism); on a GPU
-                           only where B has a prologue (the activation): plain products go to cuBLAS (see wgrad)
+  _wgrad_kernel            generic  dW = A^T @ B over rows (split over rows for parallelism); on a GPU plain
+                           products go to cuBLAS instead (see wgrad)
   _prep_weights_kernel     fp32 -> activation-dtype weight copies, optionally row-scaled, up to 8 per launch
 
 Wrappers below allocate outputs and launch; they check shapes and raise ValueError naming the problem.
@@ -55,7 +56,7 @@ def _blocks(kind: str) -> dict:
     their speed is unmeasured: tune with bench/bench_block.py on the device (PGOLF_BLOCK_TILES overrides)."""
     if _INTERPRET:
         table = {"row_gemm": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
-                 "row_gemm_sumsq": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
+                 "row_stats": dict(BM=8, num_warps=4),
                  "row_gemm_act_bwd": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
                  "attn_in": dict(BM=32, BK=64, HPP=2, num_warps=4, num_stages=1),
                  "attn_epi": dict(BM=32, num_warps=4),
@@ -63,13 +64,13 @@ def _blocks(kind: str) -> dict:
                  "wgrad": dict(BN=64, BK=64, BM=32, num_warps=4, num_stages=1)}
     else:
         table = {"row_gemm": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
-                 # The matmul that also sums the squares of its A tiles (RMSNorm as a row scale): with the
-                 # 128x128x64 / 8-warp / 3-stage tiles above, Triton 3.6 on the H100 returned `pre` with a 3%
-                 # error (rstd itself right) while 1-stage or these smaller 4-warp tiles are exact to bf16
-                 # rounding (bench_block --stages, block_stages-h100-*.json).
-                 "row_gemm_sumsq": dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=3),
+                 # RMSNorm row scales come from their own pass (_row_stats_kernel). Summing the squares of the
+                 # A tiles inside the MLP-up matmul instead needed small 64x64x32 / 4-warp tiles there: with the
+                 # tiles above Triton 3.6 on the H100 returned `pre` with a 3% error (bench_block --stages,
+                 # block_stages-h100-*.json), and the small tiles were slow.
+                 "row_stats": dict(BM=8, num_warps=4),
                  "row_gemm_act_bwd": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
-                 "attn_in": dict(BM=128, BK=32, HPP=2, num_warps=8, num_stages=3),
+                 "attn_in": dict(BM=128, BK=64, HPP=2, num_warps=8, num_stages=3),
                  "attn_epi": dict(BM=32, num_warps=8),
                  "attn_dx": dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3),
                  "wgrad": dict(BN=128, BK=128, BM=64, num_warps=8, num_stages=3)}
@@ -138,15 +139,38 @@ def _rope_halves(HD: tl.constexpr, RD: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _attn_in_fwd_kernel(x_ptr, x0_ptr, mix_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr, cos_ptr, sin_ptr,
-                        xm_ptr, rstd_ptr, q_ptr, k_ptr, v_ptr, hrstd_ptr,
+def _row_stats_kernel(x_ptr, x0_ptr, mix_ptr, xm_ptr, rstd_ptr, M, eps,
+                      D: tl.constexpr, BD: tl.constexpr, HAS_MIX: tl.constexpr, BM: tl.constexpr):
+    # rstd[m] = 1 / rms(row m) for RMSNorm as a row scale of the next matmul; with HAS_MIX the row is first
+    # mixed, xm = mix[0] * x + mix[1] * x0 (stored: it is the residual stream), and rstd is taken of xm in fp32
+    # before it is rounded. A separate pass (one read of x, x0) keeps the matmuls that use rstd plain: summing
+    # squares inside a matmul's operand loads cost them their fast tiles (see _blocks).
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    cd = tl.arange(0, BD)
+    msk = (rm < M)[:, None] & (cd < D)[None, :]
+    off = rm[:, None] * D + cd[None, :]
+    xv = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32)
+    if HAS_MIX:
+        x0v = tl.load(x0_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        m0 = tl.load(mix_ptr + cd, mask=cd < D, other=0.0)
+        m1 = tl.load(mix_ptr + D + cd, mask=cd < D, other=0.0)
+        xv = m0[None, :] * xv + m1[None, :] * x0v
+        tl.store(xm_ptr + off, xv.to(xm_ptr.dtype.element_ty), mask=msk)
+    rstd = 1.0 / tl.sqrt(tl.sum(xv * xv, axis=1) / D + eps)
+    tl.store(rstd_ptr + rm, rstd, mask=rm < M)
+
+
+@triton.jit
+def _attn_in_fwd_kernel(xm_ptr, rstd_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr, cos_ptr, sin_ptr,
+                        q_ptr, k_ptr, v_ptr, hrstd_ptr,
                         M, T, eps,
                         D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
                         RD: tl.constexpr, STORE_STATS: tl.constexpr, HPP: tl.constexpr,
                         BM: tl.constexpr, BK: tl.constexpr):
-    # One program = HPP heads of one kind (groups of q heads, then of k heads, then of v heads) x one row tile.
-    # The group is the fastest grid axis so the programs reading the same x / x0 rows run together and share
-    # them through L2; more heads per program means fewer re-reads of x / x0 (and of the mixing math).
+    # One program = HPP heads of one kind (groups of q heads, then of k heads, then of v heads) x one row tile:
+    # (xm @ W^T) * rstd, then the per-head q/k RMSNorm, RoPE and q gain on the accumulator.
+    # The group is the fastest grid axis so the programs reading the same xm rows run together and share them
+    # through L2.
     grp = tl.program_id(0)
     pid_m = tl.program_id(1)
     HALF: tl.constexpr = HD // 2
@@ -155,7 +179,7 @@ def _attn_in_fwd_kernel(x_ptr, x0_ptr, mix_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr
     NQG: tl.constexpr = H // HPP
     NKG: tl.constexpr = KVH // HPP
     W: tl.constexpr = HPP * HALF
-    CDT = xm_ptr.dtype.element_ty
+    CDT = q_ptr.dtype.element_ty
     # accumulator column -> (head j of the group, column cc of the half-head); see _rope_halves for the pairing
     col = tl.arange(0, W)
     j = col // HALF
@@ -176,27 +200,16 @@ def _attn_in_fwd_kernel(x_ptr, x0_ptr, mix_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr
     rm = pid_m * BM + tl.arange(0, BM)
     mmask = rm < M
     rk = tl.arange(0, BK)
-    # scalar conditions broadcast to row vectors, so masks are plain boolean tensors
-    first_grp = (tl.zeros((BM,), dtype=tl.int32) + grp) == 0
     acc_a = tl.zeros((BM, W), dtype=tl.float32)
     acc_b = tl.zeros((BM, W), dtype=tl.float32)
-    sumsq = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, D, BK):
         kk = k0 + rk
-        xt = tl.load(x_ptr + rm[:, None] * D + kk[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
-        x0t = tl.load(x0_ptr + rm[:, None] * D + kk[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
-        m0 = tl.load(mix_ptr + kk)
-        m1 = tl.load(mix_ptr + D + kk)
-        xmt = m0[None, :] * xt + m1[None, :] * x0t
-        sumsq += tl.sum(xmt * xmt, axis=1)
-        xmc = xmt.to(CDT)
-        # every group's program computes the mixed rows; the first one writes them (the residual stream)
-        tl.store(xm_ptr + rm[:, None] * D + kk[None, :], xmc, mask=(mmask & first_grp)[:, None])
+        xmc = tl.load(xm_ptr + rm[:, None] * D + kk[None, :], mask=mmask[:, None], other=0.0)
         wa = tl.load(w_base + idx_a[None, :] * D + kk[:, None]).to(CDT)
         wb = tl.load(w_base + idx_b[None, :] * D + kk[:, None]).to(CDT)
         acc_a = tl.dot(xmc, wa, acc_a)
         acc_b = tl.dot(xmc, wb, acc_b)
-    rstd = 1.0 / tl.sqrt(sumsq / D + eps)
+    rstd = tl.load(rstd_ptr + rm, mask=mmask, other=0.0)
     acc_a = acc_a * rstd[:, None]
     acc_b = acc_b * rstd[:, None]
     is_qk = grp < NQG + NKG
@@ -227,8 +240,6 @@ def _attn_in_fwd_kernel(x_ptr, x0_ptr, mix_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr
     rb = (nb * cs - na * sn) * g[None, :]
     tl.store(o_base + rm[:, None] * o_rs + idx_a[None, :], ra.to(CDT), mask=mmask[:, None])
     tl.store(o_base + rm[:, None] * o_rs + idx_b[None, :], rb.to(CDT), mask=mmask[:, None])
-    if STORE_STATS:
-        tl.store(rstd_ptr + rm, rstd, mask=mmask & first_grp)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,9 +247,10 @@ def _attn_in_fwd_kernel(x_ptr, x0_ptr, mix_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr
 # ----------------------------------------------------------------------------------------------------------
 # A and out use "4-D" addressing so a [B, T, heads, HD] strided tensor (SDPA's output) reads as [M, K]:
 #   row m -> (m // T) * s0 + (m % T) * s1 ; column c -> (c // HD) * s2 + (c % HD) * s3.
-# EPI: 0 store | 1 residual: res + nvec[n] * acc | 2 MLP up: acc * rstd (rstd from the A row sum of squares),
+# EPI: 0 store | 1 residual: res + nvec[n] * acc | 2 MLP up: acc * rowvec[m] (rowvec = rstd from _row_stats),
 #      stored as pre (or as act(pre) when STORE_ACT) | 3 activation backward: dp = acc * act'(res), row partial
-#      sum(dp * res) to c_ptr[pid_n, m], stored as dp * rstd | 4 RMSNorm backward with A = rstd * dPre:
+#      sum(dp * res) to c_ptr[pid_n, m], stored as dp * rstd, and with STORE_ACT act(res) to g_ptr (so the
+#      weight gradient that needs act(pre) is a plain cuBLAS product) | 4 RMSNorm backward with A = rstd * dPre:
 #      g + acc - res * rstd^2 * c / N, c summed from c_NT partials.
 EPI_STORE, EPI_RESIDUAL, EPI_MLP_UP, EPI_ACT_BWD, EPI_NORM_BWD = 0, 1, 2, 3, 4
 
@@ -248,9 +260,9 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
                      w_ptr, w_sn, w_sk,
                      out_ptr, o_T, o_s0, o_s1, o_HD, o_s2, o_s3,
                      nvec_ptr, res_ptr, rowvec_ptr, c_ptr, c_NT, g_ptr,
-                     M, N, K, eps,
-                     A_ACT: tl.constexpr, SUMSQ: tl.constexpr,
-                     EPI: tl.constexpr, STORE_ACT: tl.constexpr, STORE_STATS: tl.constexpr,
+                     M, N, K,
+                     A_ACT: tl.constexpr,
+                     EPI: tl.constexpr, STORE_ACT: tl.constexpr,
                      ACT: tl.constexpr, NT_P2: tl.constexpr, A_4D: tl.constexpr, O_4D: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # column tile fastest: programs sharing an A row tile run together (A read from HBM once, W stays in L2)
@@ -267,7 +279,6 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
     else:
         a_row = rm * K
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    sumsq = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
         if A_4D:
@@ -275,9 +286,6 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
         else:
             a_col = kk
         a = tl.load(a_ptr + a_row[:, None] + a_col[None, :], mask=mmask[:, None], other=0.0)
-        if SUMSQ:
-            af = a.to(tl.float32)
-            sumsq += tl.sum(af * af, axis=1)
         if A_ACT:
             a = _act_fwd(a.to(tl.float32), ACT).to(CDT)
         w = tl.load(w_ptr + rn[None, :] * w_sn + kk[:, None] * w_sk).to(CDT)
@@ -289,16 +297,15 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
         res = tl.load(res_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
         out = res + tl.load(nvec_ptr + rn)[None, :] * acc
     elif EPI == 2:
-        rstd = 1.0 / tl.sqrt(sumsq / K + eps)
-        out = acc * rstd[:, None]
+        out = acc * tl.load(rowvec_ptr + rm, mask=mmask, other=0.0)[:, None]
         if STORE_ACT:
             out = _act_fwd(out, ACT)
-        if STORE_STATS:
-            tl.store(rowvec_ptr + rm, rstd, mask=mmask & ((tl.zeros((BM,), dtype=tl.int32) + pid_n) == 0))
     elif EPI == 3:
         p = tl.load(res_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
         dp = acc * _act_grad(p, ACT)
         tl.store(c_ptr + pid_n * M + rm, tl.sum(dp * p, axis=1), mask=mmask)
+        if STORE_ACT:
+            tl.store(g_ptr + flat, _act_fwd(p, ACT).to(CDT), mask=mmask[:, None])
         # stored times the row's rstd, so both consumers (dW and the dX matmul) are plain matmuls
         out = dp * tl.load(rowvec_ptr + rm, mask=mmask, other=0.0)[:, None]
     else:
@@ -435,7 +442,7 @@ def _attn_in_bwd_dx_kernel(dqkv_ptr, wq_ptr, wk_ptr, wv_ptr, gxm_ptr, xm_ptr, rs
 
 
 # ----------------------------------------------------------------------------------------------------------
-# generic weight gradient: out[s, n, k] = sum_{m in split s} A[m, n] * f(B[m, k])
+# generic weight gradient: out[s, n, k] = sum_{m in split s} A[m, n] * B[m, k]
 # ----------------------------------------------------------------------------------------------------------
 # OUT_SCALE: the weight is used as scale[n] * (W @ ...) in the forward, so dW = scale[n] * G and
 # dscale[n] = sum_k W[n, k] * G[n, k]; the latter is written as partials [split, k_tile, n].
@@ -445,7 +452,7 @@ def _wgrad_kernel(a_ptr, a_sm,
                   b_ptr, b_T, b_s0, b_s1, b_HD, b_s2, b_s3,
                   out_ptr, nscale_ptr, w_ptr, dscale_ptr,
                   M, N, K, m_per_split,
-                  B_ACT: tl.constexpr, ACT: tl.constexpr, OUT_SCALE: tl.constexpr,
+                  OUT_SCALE: tl.constexpr,
                   B_4D: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -469,8 +476,6 @@ def _wgrad_kernel(a_ptr, a_sm,
         else:
             b_row = rm * K
         b = tl.load(b_ptr + b_row[:, None] + b_col[None, :], mask=mmask[:, None], other=0.0)
-        if B_ACT:
-            b = _act_fwd(b.to(tl.float32), ACT)
         acc = tl.dot(tl.trans(a.to(CDT)), b.to(CDT), acc)
     if OUT_SCALE:
         w = tl.load(w_ptr + rn[:, None] * K + rk[None, :])
@@ -565,8 +570,22 @@ def _flat2(t: torch.Tensor) -> tuple:
     return (1, n, 0, n, 0, 1)
 
 
+def row_stats(x, x0=None, resid_mix=None):
+    """rstd [M] fp32 of x's rows, or with x0 and resid_mix: (xm = mix0 * x + mix1 * x0, rstd of xm)."""
+    M, D = x.shape
+    cfg = _blocks("row_stats")
+    rstd = alloc((M,), device=x.device, dtype=torch.float32)
+    mix = x0 is not None
+    xm = alloc_like(x) if mix else None
+    _row_stats_kernel[(triton.cdiv(M, cfg["BM"]),)](
+        x, x0 if mix else x, resid_mix if mix else rstd, xm if mix else x, rstd, M, RMS_EPS,
+        D=D, BD=triton.next_power_of_2(D), HAS_MIX=mix, BM=cfg["BM"], num_warps=cfg["num_warps"])
+    return (xm, rstd) if mix else rstd
+
+
 def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_dims, store_stats):
-    """x, x0: [M, D]; returns xm [M, D], q [M, H*HD], k, v [M, KVH*HD], rstd [M], head_rstd [M, H+KVH]."""
+    """x, x0: [M, D]; returns xm [M, D], q [M, H*HD], k, v [M, KVH*HD], rstd [M] and head_rstd [M, H+KVH]
+    (both [0...] when not store_stats). Two launches: _row_stats (xm, rstd), then _attn_in_fwd (the matmul)."""
     M, D = x.shape
     HD = wq.shape[0] // H
     _check(x0.shape == x.shape and x0.dtype == x.dtype, "x0 must have x's shape and dtype")
@@ -579,24 +598,22 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
     while H % hpp or KVH % hpp:
         hpp //= 2
     dev, dt = x.device, x.dtype
-    xm = alloc_like(x)
+    xm, rstd = row_stats(x, x0, resid_mix)
     q = alloc((M, H * HD), device=dev, dtype=dt)
     k = alloc((M, KVH * HD), device=dev, dtype=dt)
     v = alloc((M, KVH * HD), device=dev, dtype=dt)
-    rstd = alloc((M if store_stats else 0,), device=dev, dtype=torch.float32)
     hrstd = alloc((M if store_stats else 0, H + KVH), device=dev, dtype=torch.float32)
     grid = ((H + 2 * KVH) // hpp, triton.cdiv(M, cfg["BM"]))
-    _attn_in_fwd_kernel[grid](x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, xm, rstd, q, k, v, hrstd,
+    _attn_in_fwd_kernel[grid](xm, rstd, wq, wk, wv, q_gain, cos, sin, q, k, v, hrstd,
                               M, T, RMS_EPS, D=D, H=H, KVH=KVH, HD=HD, RD=rope_dims, STORE_STATS=store_stats,
                               HPP=hpp,
                               BM=cfg["BM"], BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return xm, q, k, v, rstd, hrstd
+    return xm, q, k, v, (rstd if store_stats else rstd[:0]), hrstd
 
 
 def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, res=None,
-             rowvec=None, c=None, c_nt=1, g=None, a_act=False, sumsq=False, store_act=False, store_stats=False,
-             act=0):
-    cfg = _blocks("row_gemm_act_bwd" if epi == EPI_ACT_BWD else "row_gemm_sumsq" if sumsq else "row_gemm")
+             rowvec=None, c=None, c_nt=1, g=None, a_act=False, store_act=False, act=0):
+    cfg = _blocks("row_gemm_act_bwd" if epi == EPI_ACT_BWD else "row_gemm")
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])
     dummy = out
@@ -606,23 +623,22 @@ def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, 
         nvec if nvec is not None else dummy,
         res if res is not None else dummy, rowvec if rowvec is not None else dummy,
         c if c is not None else dummy, c_nt, g if g is not None else dummy,
-        M, N, K, RMS_EPS,
-        A_ACT=a_act, SUMSQ=sumsq, EPI=epi, STORE_ACT=store_act,
-        STORE_STATS=store_stats, ACT=act, NT_P2=max(1, triton.next_power_of_2(c_nt)),
+        M, N, K,
+        A_ACT=a_act, EPI=epi, STORE_ACT=store_act, ACT=act, NT_P2=max(1, triton.next_power_of_2(c_nt)),
         A_4D=tuple(a_addr) != _plain(K), O_4D=tuple(o_addr) != _plain(N),
         BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
-def wgrad(a, b, b_addr, M, N, K, *, b_act=False, act=0, nscale=None, w=None):
-    """G[n, k] = sum_m A[m, n] * f(B[m, k]); returns (dW [N, K] fp32, dscale [N] fp32 or None)
+def wgrad(a, b, b_addr, M, N, K, *, nscale=None, w=None):
+    """G[n, k] = sum_m A[m, n] * B[m, k]; returns (dW [N, K] fp32, dscale [N] fp32 or None)
     where dW = nscale[n] * G and dscale[n] = sum_k W[n, k] * G[n, k] when nscale is given.
 
-    On a GPU, when B needs no prologue (no activation, plain row-major addressing), G is one cuBLAS product
+    On a GPU, when B has plain row-major addressing, G is one cuBLAS product
     with fp32 output: on the H100 the four _wgrad_kernel launches of a B64xT1024 block took 0.78 ms for
     240 GFLOP (about 310 TFLOP/s; bench/results/block-h100-*-2026-11-23.json, profile), where torch.compile's
     cuBLAS weight-gradient products ran at about twice that rate. PGOLF_BLOCK_WGRAD=triton keeps the kernel."""
-    if (a.is_cuda and not b_act and tuple(b_addr) == _plain(K) and not _INTERPRET
+    if (a.is_cuda and tuple(b_addr) == _plain(K) and not _INTERPRET
             and os.environ.get("PGOLF_BLOCK_WGRAD", "cublas") != "triton"):
         at, bm = a[:M].t(), b.reshape(M, K)
         g = torch.mm(at, bm) if a.dtype == torch.float32 else torch.mm(at, bm, out_dtype=torch.float32)
@@ -642,7 +658,7 @@ def wgrad(a, b, b_addr, M, N, K, *, b_act=False, act=0, nscale=None, w=None):
     _wgrad_kernel[(N // BN, K // BK, split)](
         a, a.stride(0), b, *b_addr, out, nscale if nscale is not None else out, w if w is not None else out, dscale,
         M, N, K, m_per,
-        B_ACT=b_act, ACT=act, OUT_SCALE=nscale is not None,
+        OUT_SCALE=nscale is not None,
         B_4D=tuple(b_addr) != _plain(K),
         BN=BN, BK=BK, BM=BM, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     dw = out[0] if split == 1 else out.sum(0)
