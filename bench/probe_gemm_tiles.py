@@ -12,7 +12,11 @@ beside `torch.mm` on the same inputs, so the kernels can adopt whatever wins:
 
 It also times the block's own `row_gemm` (store epilogue) at its current tiles, for reference.
 
-    python bench/probe_gemm_tiles.py --out DIR        # writes gemm_tiles-<gpu>-<date>.json and .txt
+--block-launches instead times every fused matmul launch of one B64xT1024 block (d 512, MLP 2x, 8/4 heads) on
+its own, under several tile settings per kernel kind (the PGOLF_BLOCK_TILES overrides), so the tile table in
+`block_kernels._blocks` can be set from measurements:
+
+    python bench/probe_gemm_tiles.py --out DIR [--block-launches]   # gemm_tiles[_block]-<gpu>-<date>.json/.txt
 """
 from __future__ import annotations
 
@@ -99,14 +103,130 @@ TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128,
 SHAPES = [(65536, 1024, 512), (65536, 512, 1024), (65536, 512, 512), (65536, 1536, 512), (65536, 512, 1536)]
 
 
+BLOCK_VARIANTS = {
+    "row_gemm": [{}, {"BN": 256}, {"BN": 64}, {"num_stages": 4}, {"BM": 64, "num_warps": 4, "num_stages": 4},
+                 {"BM": 256, "BN": 128}, {"BK": 128, "num_stages": 2}],
+    "row_gemm_act_bwd": [{}, {"BN": 64}, {"BN": 256}, {"num_stages": 4}, {"BM": 64, "num_warps": 4, "num_stages": 4}],
+    "attn_dx": [{}, {"BN": 128}, {"BN": 128, "BM": 64, "num_warps": 4}, {"BN": 256}, {"num_stages": 4},
+                {"BN": 128, "num_stages": 4}],
+    "attn_in": [{}, {"HPP": 1}, {"HPP": 4}, {"BM": 64, "num_warps": 4}, {"num_stages": 4}, {"BK": 128, "num_stages": 2}],
+    "attn_epi": [{}, {"BM": 16}, {"BM": 64}, {"BM": 32, "num_warps": 4}],
+}
+
+
+def block_launches(budget: float, dev: str = "cuda", B: int = 64, T: int = 1024):
+    """ms of each fused launch of a BxT block (d 512, hidden 1024, 8/4 heads), per tile variant of its kind.
+    (dev="cpu" with TRITON_INTERPRET=1 and a tiny B, T: a smoke run of this function.)"""
+    from pgolf_kernels import block_kernels as kn
+    D, HID, H, KVH, HD = 512, 1024, 8, 4, 64
+    M = B * T
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    adt = torch.bfloat16 if dev == "cuda" else torch.float32
+
+    def rnd(*shape, dtype=adt, scale=1.0):
+        return (torch.randn(*shape, device=dev, generator=g) * scale).to(dtype)
+
+    x, x0, xm, x1, y, gr = (rnd(M, D) for _ in range(6))
+    pre, dpre = rnd(M, HID), rnd(M, HID)
+    wq, wk, wv = rnd(H * HD, D, scale=D ** -0.5), rnd(KVH * HD, D, scale=D ** -0.5), rnd(KVH * HD, D, scale=D ** -0.5)
+    wp, wfc, wproj = rnd(D, D, scale=D ** -0.5), rnd(HID, D, scale=D ** -0.5), rnd(D, HID, scale=HID ** -0.5)
+    mix = torch.randn(2, D, device=dev, generator=g)
+    nvec = torch.rand(D, device=dev, generator=g)
+    rstd = torch.rand(M, device=dev, generator=g) + 0.5
+    gain = torch.rand(H, device=dev, generator=g) + 0.5
+    cos, sin = kn.rope_tables(torch.rand(T, HD // 2, device=dev, generator=g), HD)
+    q, k, v = rnd(M, H * HD), rnd(M, KVH * HD), rnd(M, KVH * HD)
+    dq, dk, dv = rnd(B, T, H, HD), rnd(B, T, KVH, HD), rnd(B, T, KVH, HD)
+    hrstd = torch.rand(M, H + KVH, device=dev, generator=g) + 0.5
+    n_ht_max = HID // 64
+    cpart = torch.rand(n_ht_max, M, device=dev, generator=g)
+    out_d, out_h, act_out = (torch.empty(M, n, device=dev, dtype=adt) for n in (D, HID, HID))
+    P = kn._plain
+    gf = 2.0 * M
+    launches = [
+        ("attn_in fwd (row_stats + qkv)", "attn_in", 2.0 * M * D * (H + 2 * KVH) * HD,
+         lambda: kn.attn_in_fwd(x, x0, mix, wq, wk, wv, gain, cos, sin, T, H, KVH, HD, True)),
+        ("attn_out fwd (residual)", "row_gemm", gf * D * D,
+         lambda: kn.row_gemm(y, P(D), wp, D, 1, M, D, D, out_d, P(D), epi=kn.EPI_RESIDUAL, nvec=nvec, res=xm)),
+        ("mlp up (row scale)", "row_gemm", gf * D * HID,
+         lambda: kn.row_gemm(x1, P(D), wfc, D, 1, M, HID, D, out_h, P(HID), epi=kn.EPI_MLP_UP, rowvec=rstd)),
+        ("mlp down (act prologue, residual)", "row_gemm", gf * D * HID,
+         lambda: kn.row_gemm(pre, P(HID), wproj, HID, 1, M, D, HID, out_d, P(D), epi=kn.EPI_RESIDUAL, nvec=nvec,
+                             res=x1, a_act=True)),
+        ("attn_out bwd dY", "row_gemm", gf * D * D,
+         lambda: kn.row_gemm(gr, P(D), wp, 1, D, M, D, D, out_d, P(D), epi=kn.EPI_STORE)),
+        ("mlp bwd dPre (act', act store)", "row_gemm_act_bwd", gf * D * HID,
+         lambda: kn.row_gemm(gr, P(D), wproj, 1, HID, M, HID, D, out_h, P(HID), epi=kn.EPI_ACT_BWD, res=pre,
+                             rowvec=rstd, c=cpart, g=act_out, store_act=True)),
+        ("mlp bwd dX (norm bwd)", "row_gemm", gf * D * HID,
+         lambda: kn.row_gemm(dpre, P(HID), wfc, 1, D, M, D, HID, out_d, P(D), epi=kn.EPI_NORM_BWD, res=x1,
+                             rowvec=rstd, c=cpart, c_nt=HID // 128, g=gr)),
+        ("attn_in bwd (epi + dX + cuBLAS dW)", "attn_dx", 2 * gf * D * (H + 2 * KVH) * HD,
+         lambda: kn.attn_in_bwd(dq, dk, dv, gr, q, k, v, gain, cos, sin, hrstd, x, x0, mix, xm, rstd, wq, wk, wv,
+                                T, H, KVH, HD)),
+        ("attn_in bwd (same; epilogue tiles)", "attn_epi", 2 * gf * D * (H + 2 * KVH) * HD,
+         lambda: kn.attn_in_bwd(dq, dk, dv, gr, q, k, v, gain, cos, sin, hrstd, x, x0, mix, xm, rstd, wq, wk, wv,
+                                T, H, KVH, HD)),
+    ]
+    rows, lines = [], []
+    t0 = time.time()
+    ref = {"cuBLAS x@W^T N1024 K512": (gf * D * HID, lambda: torch.mm(x1, wfc.t(), out=out_h)),
+           "cuBLAS x@W^T N512 K1024": (gf * D * HID, lambda: torch.mm(pre, wproj.t(), out=out_d)),
+           "cuBLAS x@W^T N512 K512": (gf * D * D, lambda: torch.mm(y, wp.t(), out=out_d))}
+    for name, (flop, fn) in ref.items():
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100) if dev == "cuda" else 1.0
+        rows.append(dict(launch=name, kind="cublas", tiles={}, ms=ms, tflops=flop / ms / 1e9))
+        lines.append(f"{name:40s} {'':50s} {ms:8.4f} ms {flop / ms / 1e9:6.1f} TF/s")
+        print(lines[-1], flush=True)
+    for name, kind, flop, fn in launches:
+        for var in BLOCK_VARIANTS[kind]:
+            if time.time() - t0 > budget:
+                break
+            kn._TILE_OVERRIDES.clear()
+            kn._TILE_OVERRIDES[kind] = dict(var)
+            try:
+                fn()
+                if dev == "cpu":
+                    ms = 1.0
+                else:
+                    torch.cuda.synchronize()
+                    ms = triton.testing.do_bench(fn, warmup=10, rep=60)
+                err = ""
+            except Exception as e:  # out of shared memory etc.
+                ms, err = float("nan"), f"{type(e).__name__}: {str(e)[:80]}"
+            kn._TILE_OVERRIDES.clear()
+            tiles = dict(kn._blocks(kind), **var)
+            rows.append(dict(launch=name, kind=kind, tiles=tiles, ms=ms, tflops=flop / ms / 1e9 if ms == ms else None,
+                             error=err))
+            lines.append(f"{name:40s} {json.dumps(var):50s} {ms:8.4f} ms {(flop / ms / 1e9) if ms == ms else 0:6.1f} TF/s {err}")
+            print(lines[-1], flush=True)
+    return rows, lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--time-budget", type=float, default=200.0, help="stop starting new configs after this many s")
+    ap.add_argument("--block-launches", action="store_true", help="time the block's launches per tile variant")
     args = ap.parse_args()
     from results_io import device_slug  # noqa: E402
     from pgolf_kernels import block_kernels as bk  # noqa: E402
 
+    if args.block_launches:
+        rows, lines = block_launches(args.time_budget)
+        base = os.path.join(args.out, f"gemm_tiles_block-{device_slug()}-{time.strftime('%Y-%m-%d')}")
+        os.makedirs(args.out, exist_ok=True)
+        meta = dict(bench="gemm_tiles_block", device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
+                    commit=os.environ.get("PGOLF_COMMIT", ""),
+                    command="python3 bench/probe_gemm_tiles.py --block-launches --out DIR",
+                    versions=dict(torch=torch.__version__, triton=triton.__version__))
+        with open(base + ".json", "w") as f:
+            json.dump(dict(meta, rows=rows), f, indent=1)
+        with open(base + ".txt", "w") as f:
+            f.write(json.dumps(meta) + "\n\n" + "\n".join(lines) + "\n")
+        print("wrote", base + ".json")
+        return
     t_start = time.time()
     dev = torch.device("cuda")
     rows = []
