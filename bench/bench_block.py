@@ -209,7 +209,7 @@ def aot_check(arch: int = 90) -> list[dict]:
                                  ("mlp down", dict(A_ACT=True, EPI=1), "row_gemm", fwd_ones),
                                  ("attn_out bwd dY", dict(), "row_gemm", bwd_ones),
                                  ("mlp bwd dPre", dict(EPI=3, STORE_ACT=True), "row_gemm_act_bwd", bwd_ones),
-                                 ("mlp bwd dX", dict(EPI=4, NT_P2=16), "row_gemm",
+                                 ("mlp bwd dX", dict(EPI=4, NT_P2=16), "row_gemm_norm_bwd",
                                   {k: 1 for k in bwd_ones if k != "c_NT"})]:
         cfg = kn._blocks(kind)
         rows.append(one(label, kn._row_gemm_kernel, gemm_types,
@@ -245,7 +245,8 @@ def aot_check(arch: int = 90) -> list[dict]:
 
 STAGE_VARIANTS = {  # PGOLF_BLOCK_TILES per variant: same maths, different code generation
     "default": {},
-    "no_pipelining": {k: {"num_stages": 1} for k in ("row_gemm", "row_gemm_act_bwd", "attn_in", "attn_dx", "wgrad")},
+    "no_pipelining": {k: {"num_stages": 1} for k in ("row_gemm", "row_gemm_act_bwd", "row_gemm_norm_bwd", "attn_in",
+                                                      "attn_dx", "wgrad")},
     "attn_in_1_head_per_program": {"attn_in": {"HPP": 1}},
     "small_tiles": {"row_gemm": {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4},
                     "attn_in": {"BM": 64, "num_warps": 4}},
@@ -420,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--time-budget", type=float, default=330.0, help="seconds; later measurements are skipped")
     ap.add_argument("--aot-check", action="store_true",
                     help="no GPU needed: compile every kernel for sm_90 and print registers/spills/smem, then exit")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timing (graph_ms)")
     ap.add_argument("--no-profile", action="store_true",
                     help="skip the per-kernel CUDA time breakdown (torch.profiler) of the first case's fused and compile "
                          "fwd+bwd, stored under 'profile' in the JSON")
@@ -465,6 +467,29 @@ def main(argv: list[str] | None = None) -> None:
             return (time.perf_counter() - t0) * 1e3
         return triton.testing.do_bench(fn, warmup=50, rep=args.rep, return_mode="median")
 
+    def graph_ms(fn) -> float | None:
+        """Median ms of replaying one call of fn captured in a CUDA graph: GPU time without the host's Python and
+        launch overhead, which on the device's host is large enough to make the plain timing of a whole block
+        jitter by 10-30% (bench/results/block-h100-*: the same kernels timed 4.0 and 5.5 ms in one run)."""
+        if smoke:
+            return None
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        ms = triton.testing.do_bench(graph.replay, warmup=20, rep=args.rep, return_mode="median")
+        del graph
+        gc.collect()
+        torch.cuda.empty_cache()
+        return ms
+
     t_start = time.time()
     out_dirs = args.out.split(",")
     impls = args.impls.split(",")
@@ -482,7 +507,9 @@ def main(argv: list[str] | None = None) -> None:
         return time.time() - t_start > args.time_budget
 
     def notes() -> str:
-        lines = ["Speed-ups are against the `compile` row of the same case and mode (same run)."]
+        lines = ["Speed-ups are against the `compile` row of the same case and mode (same run). `ms`: do_bench of "
+                 "eager calls (host overhead included); `graph_ms`: the same call replayed from a CUDA graph (GPU "
+                 "time only; `graph_speedup_vs_compile` compares those)."]
         for case, a in ANCHORS_H100.items():
             lines.append(f"Issue-7 anchors (H100, {case}, fwd_bwd): eager {a['eager']} ms, compile {a['compile']} ms; "
                          "bar: fused >= 1.6x faster than compile.")
@@ -496,6 +523,8 @@ def main(argv: list[str] | None = None) -> None:
             ref = next((q for q in rows if q["case"] == r["case"] and q["mode"] == r["mode"]
                         and q["impl"] == "compile" and q.get("ms")), None)
             r["speedup_vs_compile"] = (ref["ms"] / r["ms"]) if (ref and r.get("ms")) else None
+            r["graph_speedup_vs_compile"] = (ref["graph_ms"] / r["graph_ms"]) if (
+                ref and ref.get("graph_ms") and r.get("graph_ms")) else None
         write_results("block", rows, out_dirs, plot=plot_rows, notes=notes(),
                       extra={"profile": profiles, "rel_errs": rel_errs})
 
@@ -566,8 +595,8 @@ def main(argv: list[str] | None = None) -> None:
             fn = make(impl, mode, backend, wrapper)
             if smoke:
                 bname = "math"
-            row = dict(case=f"{case}", mode=mode, impl=impl, sdpa=bname, wrapper=wrapper, ms=None, tflops=None, peak_mib=None,
-                       tokens_per_s=None, ok=False, max_rel_err=None, error=None)
+            row = dict(case=f"{case}", mode=mode, impl=impl, sdpa=bname, wrapper=wrapper, ms=None, graph_ms=None,
+                       tflops=None, peak_mib=None, tokens_per_s=None, ok=False, max_rel_err=None, error=None)
             try:
                 outs = fn()  # warm-up (compiles) + the outputs checked below
                 outs = [o.detach() for o in outs]
@@ -594,6 +623,11 @@ def main(argv: list[str] | None = None) -> None:
                 row["tokens_per_s"] = B * T / (ms * 1e-3)
             except Exception as e:  # a failing impl is a result too; keep measuring the others
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            if row["ms"] is not None and not args.no_graph:
+                try:
+                    row["graph_ms"] = graph_ms(fn)
+                except Exception as e:  # capture not supported by some piece: say so, keep the plain timing
+                    row["error"] = f"graph capture: {type(e).__name__}: {str(e)[:200]}"
             if (not smoke and not args.no_profile and mode == "fwd_bwd" and row["ms"] is not None and not over_budget()
                     and case == args.cases.split(",")[0] and (impl, bname, wrapper) in
                     {("fused", "cudnn", "none"), ("compile", "flash", "torch.compile")}):

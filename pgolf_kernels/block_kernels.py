@@ -58,6 +58,7 @@ def _blocks(kind: str) -> dict:
         table = {"row_gemm": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
                  "row_stats": dict(BM=8, num_warps=4),
                  "row_gemm_act_bwd": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
+                 "row_gemm_norm_bwd": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
                  "attn_in": dict(BM=32, BK=64, HPP=2, num_warps=4, num_stages=1),
                  "attn_epi": dict(BM=32, num_warps=4),
                  "attn_dx": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
@@ -69,10 +70,15 @@ def _blocks(kind: str) -> dict:
                  # tiles above Triton 3.6 on the H100 returned `pre` with a 3% error (bench_block --stages,
                  # block_stages-h100-*.json), and the small tiles were slow.
                  "row_stats": dict(BM=8, num_warps=4),
-                 "row_gemm_act_bwd": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
-                 "attn_in": dict(BM=128, BK=64, HPP=2, num_warps=8, num_stages=3),
+                 # Per-launch sweep on the H100 at B64xT1024 (python bench/probe_gemm_tiles.py --block-launches;
+                 # bench/results/gemm_tiles_block-h100-*): ms at the tiles below vs the 128x128x64 / 8-warp /
+                 # 3-stage default: dPre 0.268 vs 0.324, MLP dX 0.200 vs 0.244, attn_in backward (epilogue +
+                 # dX + cuBLAS dW) 0.590 vs 0.748, attn_in forward (with its row pass) 0.297 vs 0.331.
+                 "row_gemm_act_bwd": dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4),
+                 "row_gemm_norm_bwd": dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
+                 "attn_in": dict(BM=64, BK=64, HPP=2, num_warps=4, num_stages=3),
                  "attn_epi": dict(BM=32, num_warps=8),
-                 "attn_dx": dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3),
+                 "attn_dx": dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3),
                  "wgrad": dict(BN=128, BK=128, BM=64, num_warps=8, num_stages=3)}
     cfg = dict(table[kind])
     cfg.update(_TILE_OVERRIDES.get(kind, {}))
@@ -613,7 +619,7 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
 
 def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, res=None,
              rowvec=None, c=None, c_nt=1, g=None, a_act=False, store_act=False, act=0):
-    cfg = _blocks("row_gemm_act_bwd" if epi == EPI_ACT_BWD else "row_gemm")
+    cfg = _blocks({EPI_ACT_BWD: "row_gemm_act_bwd", EPI_NORM_BWD: "row_gemm_norm_bwd"}.get(epi, "row_gemm"))
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])
     dummy = out
