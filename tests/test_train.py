@@ -518,6 +518,45 @@ def test_fused_ops_in_the_model_match_the_reference_path(data_root, tmp_path):
     torch.testing.assert_close(nll_f, nll_r, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_blocks_in_the_model_match_the_plain_blocks(data_root, tmp_path):
+    """GPT(fused_blocks=True) (KERNELS=fused without QAT) draws the same init, has the same parameter names, Muon
+    matrices and official dtype layout, and computes the same loss, NLL and gradients as the plain blocks
+    (Triton interpreter on CPU, fp32)."""
+    mod = load_trainer_module()
+    cfg = tiny_config(mod, data_root, tmp_path, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=2)
+    torch.manual_seed(0)
+    ref = mod.GPT(cfg)
+    torch.manual_seed(0)
+    fused = mod.GPT(cfg, fused_blocks=True)
+    assert all(type(b).__name__ == "FusedBlock" for b in fused.blocks)
+    sr, sf = ref.state_dict(), fused.state_dict()
+    assert list(sr) == list(sf)
+    for k in sr:
+        assert torch.equal(sr[k], sf[k]), k
+    assert [n for n, _ in ref.block_matrices(cfg.control_patterns)] == \
+        [n for n, _ in fused.block_matrices(cfg.control_patterns)] and len(ref.block_matrices(cfg.control_patterns)) == 12
+    with torch.no_grad():  # move the zero-initialised projections off zero so every gradient is non-trivial
+        for pr, pf in zip(ref.parameters(), fused.parameters()):
+            pr.add_(torch.randn_like(pr) * 0.02)
+            pf.copy_(pr)
+    x = torch.randint(0, VOCAB, (2, SEQ))
+    y = torch.randint(0, VOCAB, (2, SEQ))
+    loss_r, loss_f = ref(x, y), fused(x, y)
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-5)
+    loss_r.backward()
+    loss_f.backward()
+    for (name, pr), (_, pf) in zip(ref.named_parameters(), fused.named_parameters()):
+        assert pf.grad is not None and torch.isfinite(pf.grad).all(), name
+        torch.testing.assert_close(pf.grad, pr.grad, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        nll_r, nll_f = ref(x, y, reduction="none"), fused(x, y, reduction="none")
+    torch.testing.assert_close(nll_f, nll_r, rtol=1e-5, atol=1e-5)
+    mod.cast_like_official(ref, cfg.control_patterns)
+    mod.cast_like_official(fused, cfg.control_patterns)
+    assert [(n, p.dtype) for n, p in ref.named_parameters()] == [(n, p.dtype) for n, p in fused.named_parameters()]
+    assert fused.blocks[0].attn.rotary.inv_freq.dtype == ref.blocks[0].attn.rotary.inv_freq.dtype == torch.bfloat16
+
+
 def test_bench_loss_parity_smoke_on_cpu(data_root, tmp_path):
     """The parity bench on CPU: two concurrent eager replicas at one seed train, are parsed and summarised."""
     import json

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # The script lives in train/; make the repository's pgolf_kernels importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pgolf_kernels import block as block_lib  # noqa: E402
 from pgolf_kernels import export, quant  # noqa: E402
 from pgolf_kernels.metric import build_bpb_luts, evaluate_bpb  # noqa: E402
 from pgolf_kernels.shards import DistributedTokenLoader, ShardError, check_tokenizer, load_validation_tokens  # noqa: E402
@@ -255,6 +256,10 @@ class CastedLinear(nn.Linear):
         return F.linear(x, w.to(x.dtype), bias)
 
 
+# The block matrices: ours, and those of pgolf's FusedBlock (KERNELS=fused), which Muon, QAT and export treat alike.
+LINEAR_TYPES = (CastedLinear, block_lib.CastedLinear)
+
+
 class Rotary(nn.Module):
     def __init__(self, head_dim: int, base: float):
         super().__init__()
@@ -350,11 +355,13 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """The baseline: U-Net of blocks (first half stores skips, second half adds them back, last in first out),
     tied embedding, soft-capped logits. forward(x, y) gives the mean CE, or per-token NLL [B, T] with
-    reduction="none". With `fused_ce` set, the head and CE run as one kernel and logits never exist."""
+    reduction="none". With `fused_ce` set, the head and CE run as one kernel and logits never exist.
+    With `fused_blocks`, each block is pgolf's FusedBlock (same parameters, names, init draws and function,
+    computed by the fused Triton block kernels; KERNELS=fused without QAT)."""
 
     fused_ce = None
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, fused_blocks: bool = False):
         super().__init__()
         self.tie_embeddings = cfg.tie_embeddings
         self.logit_softcap = cfg.logit_softcap
@@ -363,10 +370,16 @@ class GPT(nn.Module):
         self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
         num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim, dtype=torch.float32))
-        self.blocks = nn.ModuleList(
-            Block(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_mult, cfg.rope_base, cfg.qk_gain_init)
-            for _ in range(cfg.num_layers)
-        )
+        if fused_blocks:
+            bcfg = block_lib.BlockConfig(d_model=cfg.model_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                                         mlp_mult=cfg.mlp_mult, rope_dims=cfg.model_dim // cfg.num_heads,
+                                         rope_base=cfg.rope_base, qk_gain_init=cfg.qk_gain_init)
+            self.blocks = nn.ModuleList(block_lib.FusedBlock(bcfg) for _ in range(cfg.num_layers))
+        else:
+            self.blocks = nn.ModuleList(
+                Block(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_mult, cfg.rope_base, cfg.qk_gain_init)
+                for _ in range(cfg.num_layers)
+            )
         self.final_norm = RMSNorm()
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
@@ -404,7 +417,7 @@ class GPT(nn.Module):
         return [
             (f"blocks.{name}", m)
             for name, m in self.blocks.named_modules()
-            if isinstance(m, CastedLinear) and not any(p in name for p in control_patterns)
+            if isinstance(m, LINEAR_TYPES) and not any(p in name for p in control_patterns)
         ]
 
     def qat_matrices(self, control_patterns: tuple[str, ...]) -> list[tuple[str, CastedLinear]]:
@@ -422,7 +435,7 @@ def cast_like_official(model: GPT, control_patterns: tuple[str, ...]) -> None:
     fp32 (values keep their bf16 rounding). The tied embedding and the rotary buffer stay bf16."""
     model.bfloat16()
     for m in model.modules():
-        if isinstance(m, CastedLinear):
+        if isinstance(m, LINEAR_TYPES):
             m.float()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -580,9 +593,13 @@ def main() -> None:
         device = torch.device("cpu")
     # SDPA: the flash kernel only on CUDA (as the official), the plain math kernel on CPU. Despite their module
     # name these switches are global, so they pick the CPU kernel too.
-    torch.backends.cuda.enable_cudnn_sdp(False)
+    # KERNELS=fused runs its fused blocks' attention on cuDNN instead: on the H100, SDPA's cuDNN backend took
+    # 1.10 ms against flash's 1.63 ms fwd+bwd at B64xT1024 (issue 7), and the fused block measured 1.29x
+    # compile with cuDNN against 1.17x with flash (bench/results/block-h100-*).
+    fused_blocks = cfg.kernels == "fused" and cfg.qat_start_frac is None
+    torch.backends.cuda.enable_cudnn_sdp(fused_blocks)
     torch.backends.cuda.enable_mem_efficient_sdp(False)
-    torch.backends.cuda.enable_flash_sdp(device.type == "cuda")
+    torch.backends.cuda.enable_flash_sdp(device.type == "cuda" and not fused_blocks)
     torch.backends.cuda.enable_math_sdp(device.type != "cuda")
     if distributed:
         if cfg.device == "cuda":
@@ -633,7 +650,12 @@ def main() -> None:
     log(f"val_loader:shards pattern={cfg.val_files} tokens:{val_tokens.numel() - 1}")
 
     # ---- model
-    base_model = GPT(cfg).to(device)
+    # The fused block has no QAT path (its matmuls read bf16 copies of the weights, not fake-quantised ones), so
+    # with QAT on the blocks stay the plain ones, with the fused int6 linear in their matrices.
+    base_model = GPT(cfg, fused_blocks=fused_blocks).to(device)
+    if cfg.kernels == "fused":
+        log(f"kernels:fused blocks:{'FusedBlock' if fused_blocks else 'plain (QAT on: int6 linear)'} "
+            f"sdpa:{'cudnn' if fused_blocks else 'flash'} ce:fused_linear_cross_entropy")
     if bf16:
         cast_like_official(base_model, cfg.control_patterns)
     base_model.fused_ce = fused_ce
