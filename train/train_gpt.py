@@ -47,6 +47,7 @@ from pgolf_kernels.shards import DistributedTokenLoader, ShardError, check_token
 # -----------------------------------------------------------------------------------------------------------
 
 KERNEL_MODES = ("eager", "compile", "fused")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 EXPORT_SCHEMES = ("int8+zlib", "int6+zstd")
 
 
@@ -112,6 +113,14 @@ class Config:
     export_scheme: str = "int8+zlib"
     qat_start_frac: float | None = None  # fake-quantise block matrices from this fraction of the run; unset = off
     qat_bits: int = 6
+    # KERNELS=fused only: every block as pgolf's FusedBlock (fused Triton block kernels, cuDNN attention). Off by
+    # default: on the H100 it is 1.24-1.35x compile per block in GPU time, but the 200-step run was slower end to
+    # end (478 vs 366 ms/step, bench/results/e2e-h100-*-fusedblock*): its Python and launch overhead per block
+    # outran the GPU on that host.
+    fused_blocks: bool = False
+    # torch.compile mode for KERNELS=compile|fused: default | reduce-overhead (CUDA graphs) | max-autotune |
+    # max-autotune-no-cudagraphs. The official compiles with the default.
+    compile_mode: str = "default"
     out_dir: str = "."  # logs/ and the final model files go here
     records_dir: str = ""  # write a records folder here when set (needs the two fields below)
     submission_author: str = ""
@@ -180,6 +189,13 @@ class Config:
             f"KERNELS=fused needs a CUDA device (its fused cross-entropy and int6 linear are Triton GPU kernels); "
             f"DEVICE={self.device}. Use KERNELS=eager or KERNELS=compile here.",
         )
+        need(not self.fused_blocks or self.kernels == "fused",
+             f"FUSED_BLOCKS=1 needs KERNELS=fused (got KERNELS={self.kernels})")
+        need(not (self.fused_blocks and self.qat_start_frac is not None),
+             "FUSED_BLOCKS=1 cannot run with QAT_START_FRAC: the fused block's matmuls have no fake-quant path; "
+             "unset one of them (with QAT, KERNELS=fused puts the fused int6 linear in the plain blocks)")
+        need(self.compile_mode in COMPILE_MODES,
+             f"COMPILE_MODE={self.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
         need(self.dtype in ("fp32", "bf16"), f"DTYPE={self.dtype!r}: expected fp32 or bf16")
         need(self.export_scheme in EXPORT_SCHEMES, f"EXPORT_SCHEME={self.export_scheme!r}: expected one of {EXPORT_SCHEMES}")
         need(world_size >= 1 and 8 % world_size == 0, f"WORLD_SIZE={world_size} must divide 8 (grad_accum_steps = 8 // WORLD_SIZE)")
@@ -357,7 +373,7 @@ class GPT(nn.Module):
     tied embedding, soft-capped logits. forward(x, y) gives the mean CE, or per-token NLL [B, T] with
     reduction="none". With `fused_ce` set, the head and CE run as one kernel and logits never exist.
     With `fused_blocks`, each block is pgolf's FusedBlock (same parameters, names, init draws and function,
-    computed by the fused Triton block kernels; KERNELS=fused without QAT)."""
+    computed by the fused Triton block kernels; KERNELS=fused with FUSED_BLOCKS=1)."""
 
     fused_ce = None
 
@@ -596,7 +612,7 @@ def main() -> None:
     # KERNELS=fused runs its fused blocks' attention on cuDNN instead: on the H100, SDPA's cuDNN backend took
     # 1.10 ms against flash's 1.63 ms fwd+bwd at B64xT1024 (issue 7), and the fused block measured 1.29x
     # compile with cuDNN against 1.17x with flash (bench/results/block-h100-*).
-    fused_blocks = cfg.kernels == "fused" and cfg.qat_start_frac is None
+    fused_blocks = cfg.fused_blocks
     torch.backends.cuda.enable_cudnn_sdp(fused_blocks)
     torch.backends.cuda.enable_mem_efficient_sdp(False)
     torch.backends.cuda.enable_flash_sdp(device.type == "cuda" and not fused_blocks)
@@ -650,16 +666,16 @@ def main() -> None:
     log(f"val_loader:shards pattern={cfg.val_files} tokens:{val_tokens.numel() - 1}")
 
     # ---- model
-    # The fused block has no QAT path (its matmuls read bf16 copies of the weights, not fake-quantised ones), so
-    # with QAT on the blocks stay the plain ones, with the fused int6 linear in their matrices.
     base_model = GPT(cfg, fused_blocks=fused_blocks).to(device)
     if cfg.kernels == "fused":
-        log(f"kernels:fused blocks:{'FusedBlock' if fused_blocks else 'plain (QAT on: int6 linear)'} "
-            f"sdpa:{'cudnn' if fused_blocks else 'flash'} ce:fused_linear_cross_entropy")
+        log(f"kernels:fused blocks:{'FusedBlock' if fused_blocks else 'plain'} sdpa:{'cudnn' if fused_blocks else 'flash'} "
+            f"ce:fused_linear_cross_entropy qat_linear:{'int6 kernel' if cfg.qat_start_frac is not None else 'off'}")
     if bf16:
         cast_like_official(base_model, cfg.control_patterns)
     base_model.fused_ce = fused_ce
-    run_model = torch.compile(base_model, dynamic=False, fullgraph=True) if compiled else base_model
+    run_model = (torch.compile(base_model, dynamic=False, fullgraph=True, mode=cfg.compile_mode) if compiled
+                 else base_model)
+    cudagraphs = compiled and cfg.compile_mode == "reduce-overhead"
     if distributed:
         # No buffer sync in forward (the only buffers are the RoPE frequencies, equal on every rank); newer torch
         # spells it forward_sync_buffers and deprecates broadcast_buffers.
@@ -732,6 +748,8 @@ def main() -> None:
             if distributed:
                 model.require_backward_grad_sync = micro == grad_accum_steps - 1
             x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, grad_accum_steps)
+            if cudagraphs:  # each micro-step is a new replay; its loss is read (loss_sum) before the next one
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(x, y)
             loss_sum += loss.detach()
