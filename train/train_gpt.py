@@ -676,6 +676,14 @@ def main() -> None:
     run_model = (torch.compile(base_model, dynamic=False, fullgraph=True, mode=cfg.compile_mode) if compiled
                  else base_model)
     cudagraphs = compiled and cfg.compile_mode == "reduce-overhead"
+    if cudagraphs:
+        # RoPE tables built inside the first compiled call would be CUDA-graph outputs, overwritten by the next
+        # replay; built here, eagerly, they are constants of the graph.
+        for blk in base_model.blocks:
+            if fused_blocks:
+                blk._rope(cfg.train_seq_len, device)
+            else:
+                blk.attn.rotary(cfg.train_seq_len, torch.bfloat16)
     if distributed:
         # No buffer sync in forward (the only buffers are the RoPE frequencies, equal on every rank); newer torch
         # spells it forward_sync_buffers and deprecates broadcast_buffers.
