@@ -263,7 +263,6 @@ def test_vocab_mismatch_fails_clearly(data_root, tmp_path):
         (dict(KERNELS="fast"), 1, "KERNELS='fast': expected one of eager, compile, fused"),
         (dict(EXPORT_SCHEME="int4+gzip"), 1, "EXPORT_SCHEME='int4+gzip'"),
         (dict(FUSED_BLOCKS="1"), 1, "FUSED_BLOCKS=1 needs KERNELS=fused (got KERNELS=eager)"),
-        (dict(COMPILE_MODE="fast"), 1, "COMPILE_MODE='fast': expected one of default, reduce-overhead"),
         (dict(QAT_START_FRAC="1.5", EXPORT_SCHEME="int6+zstd"), 1, "QAT_START_FRAC=1.5 must be in [0, 1]"),
         (dict(QAT_START_FRAC="0.5"), 1, "QAT_START_FRAC is set but EXPORT_SCHEME=int8+zlib"),
         (dict(EVAL_STRIDE=64), 1, "EVAL_STRIDE=64 must be in 0..TRAIN_SEQ_LEN=32"),

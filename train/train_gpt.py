@@ -47,7 +47,6 @@ from pgolf_kernels.shards import DistributedTokenLoader, ShardError, check_token
 # -----------------------------------------------------------------------------------------------------------
 
 KERNEL_MODES = ("eager", "compile", "fused")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 EXPORT_SCHEMES = ("int8+zlib", "int6+zstd")
 
 
@@ -118,9 +117,6 @@ class Config:
     # end (478 vs 366 ms/step, bench/results/e2e-h100-*-fusedblock*): its Python and launch overhead per block
     # outran the GPU on that host.
     fused_blocks: bool = False
-    # torch.compile mode for KERNELS=compile|fused: default | reduce-overhead (CUDA graphs) | max-autotune |
-    # max-autotune-no-cudagraphs. The official compiles with the default.
-    compile_mode: str = "default"
     out_dir: str = "."  # logs/ and the final model files go here
     records_dir: str = ""  # write a records folder here when set (needs the two fields below)
     submission_author: str = ""
@@ -194,8 +190,6 @@ class Config:
         need(not (self.fused_blocks and self.qat_start_frac is not None),
              "FUSED_BLOCKS=1 cannot run with QAT_START_FRAC: the fused block's matmuls have no fake-quant path; "
              "unset one of them (with QAT, KERNELS=fused puts the fused int6 linear in the plain blocks)")
-        need(self.compile_mode in COMPILE_MODES,
-             f"COMPILE_MODE={self.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
         need(self.dtype in ("fp32", "bf16"), f"DTYPE={self.dtype!r}: expected fp32 or bf16")
         need(self.export_scheme in EXPORT_SCHEMES, f"EXPORT_SCHEME={self.export_scheme!r}: expected one of {EXPORT_SCHEMES}")
         need(world_size >= 1 and 8 % world_size == 0, f"WORLD_SIZE={world_size} must divide 8 (grad_accum_steps = 8 // WORLD_SIZE)")
@@ -673,17 +667,7 @@ def main() -> None:
     if bf16:
         cast_like_official(base_model, cfg.control_patterns)
     base_model.fused_ce = fused_ce
-    run_model = (torch.compile(base_model, dynamic=False, fullgraph=True, mode=cfg.compile_mode) if compiled
-                 else base_model)
-    cudagraphs = compiled and cfg.compile_mode == "reduce-overhead"
-    if cudagraphs:
-        # RoPE tables built inside the first compiled call would be CUDA-graph outputs, overwritten by the next
-        # replay; built here, eagerly, they are constants of the graph.
-        for blk in base_model.blocks:
-            if fused_blocks:
-                blk._rope(cfg.train_seq_len, device)
-            else:
-                blk.attn.rotary(cfg.train_seq_len, torch.bfloat16)
+    run_model = torch.compile(base_model, dynamic=False, fullgraph=True) if compiled else base_model
     if distributed:
         # No buffer sync in forward (the only buffers are the RoPE frequencies, equal on every rank); newer torch
         # spells it forward_sync_buffers and deprecates broadcast_buffers.
@@ -756,8 +740,6 @@ def main() -> None:
             if distributed:
                 model.require_backward_grad_sync = micro == grad_accum_steps - 1
             x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, grad_accum_steps)
-            if cudagraphs:  # each micro-step is a new replay; its loss is read (loss_sum) before the next one
-                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(x, y)
             loss_sum += loss.detach()
