@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pgolf_kernels.block import BlockConfig, FusedBlock, ReferenceBlock  # noqa: E402
-from results_io import peak_extra_mib, write_results  # noqa: E402
+from results_io import capture_cuda_graph, peak_extra_mib, write_results  # noqa: E402
 
 DEFAULT_CASES = ["B64_T1024_mlp2_relu2", "B64_T1024_mlp3_leaky_relu2", "B32_T2048_mlp2_relu2",
                  "B32_T2048_mlp3_leaky_relu2"]
@@ -473,17 +473,7 @@ def main(argv: list[str] | None = None) -> None:
         jitter by 10-30% (bench/results/block-h100-*: the same kernels timed 4.0 and 5.5 ms in one run)."""
         if smoke:
             return None
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graph.replay()
-        torch.cuda.synchronize()
+        graph = capture_cuda_graph(fn)
         ms = triton.testing.do_bench(graph.replay, warmup=20, rep=args.rep, return_mode="median")
         del graph
         gc.collect()

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import pgolf_kernels  # noqa: E402
 from pgolf_kernels import int6_linear as L  # noqa: E402
 from pgolf_kernels import quant, quant_cuda  # noqa: E402
-from results_io import peak_extra_mib, write_results  # noqa: E402
+from results_io import capture_cuda_graph, peak_extra_mib, write_results  # noqa: E402
 
 BAR = 1.03  # the QAT linear must cost at most this multiple of plain at every shape
 DEFAULT_CASES = ["512x1536", "1536x512", "512x2048", "2048x512", "512x512", "512x256"]  # K x N (in -> out)
@@ -110,19 +110,7 @@ def measure(name, fn, x, w, gy, bits, ref):
 def graph_ms(step, inner=20, reps=15):
     """Median ms per step of `step` captured `inner` times in one CUDA graph: the GPU's time alone, without
     the Python and launch overhead that dominates the eager timing when the kernels are this short."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            step()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph = capture_cuda_graph(step, inner)
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -16,12 +16,13 @@ import io
 import os
 import pstats
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pgolf_kernels.block import BlockConfig, FusedBlock  # noqa: E402
+from results_io import host_and_wall_ms  # noqa: E402
 
 
 def main() -> None:
@@ -45,15 +46,7 @@ def main() -> None:
             y = run(x, x0)
         return torch.autograd.grad(y, [x, x0, *params], dy)
 
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        step()
-    host = (time.perf_counter() - t0) / args.iters * 1e3
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / args.iters * 1e3
+    host, wall = host_and_wall_ms(step, args.iters, warmup=5)
     print(f"host (enqueue) {host:.3f} ms per block fwd+bwd, wall incl. GPU {wall:.3f} ms (compile={args.compile})")
     prof = cProfile.Profile()
     prof.enable()

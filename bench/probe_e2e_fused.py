@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from results_io import host_and_wall_ms  # noqa: E402
 
 
 def load_trainer():
@@ -61,15 +62,7 @@ def main() -> None:
             (loss / 8).backward()
             return loss
 
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            step()
-        host = (time.perf_counter() - t0) / args.iters * 1e3
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / args.iters * 1e3
+        host, wall = host_and_wall_ms(step, args.iters, warmup=3)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 step()

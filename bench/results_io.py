@@ -52,6 +52,45 @@ def git_commit() -> str:
     return "unknown"
 
 
+def host_and_wall_ms(step, iters: int, warmup: int = 3) -> tuple[float, float]:
+    """(host ms, wall ms) per call of step: the time to return from `iters` calls (what the host needs to enqueue
+    them while the GPU runs behind) and the time until the GPU has finished them too."""
+    import time
+
+    import torch
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    host = (time.perf_counter() - t0) / iters * 1e3
+    torch.cuda.synchronize()
+    return host, (time.perf_counter() - t0) / iters * 1e3
+
+
+def capture_cuda_graph(step, inner: int = 1):
+    """A CUDA graph of `inner` calls of step (after three warm-up calls on a side stream, as capture needs), replayed
+    once; timing its replays gives the GPU's time alone, without the host's Python and launch overhead."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
 def peak_extra_mib(fn) -> float:
     """Peak CUDA memory of one call of fn above what is allocated just before it, in MiB (garbage collected and
     synchronised first, so freed tensors of the caller's earlier calls do not count)."""

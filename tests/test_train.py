@@ -486,6 +486,23 @@ def test_bench_e2e_smoke_on_cpu(data_root, tmp_path):
 # ------------------------------------------------------------------------------------------ fused ops in the model
 
 
+def assert_same_loss_nll_and_grads(ref, fused) -> None:
+    """Loss, per-token NLL and every parameter gradient of two GPTs agree on one random batch (fp32 tolerances)."""
+    x = torch.randint(0, VOCAB, (2, SEQ))
+    y = torch.randint(0, VOCAB, (2, SEQ))
+    loss_r, loss_f = ref(x, y), fused(x, y)
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-5)
+    loss_r.backward()
+    loss_f.backward()
+    for (name, pr), (_, pf) in zip(ref.named_parameters(), fused.named_parameters()):
+        assert pf.grad is not None and torch.isfinite(pf.grad).all(), name
+        torch.testing.assert_close(pf.grad, pr.grad, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        nll_r, nll_f = ref(x, y, reduction="none"), fused(x, y, reduction="none")
+    assert nll_f.shape == (2, SEQ)
+    torch.testing.assert_close(nll_f, nll_r, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_ops_in_the_model_match_the_reference_path(data_root, tmp_path):
     """GPT with the fused CE head and the int6 QAT linear (Triton interpreter on CPU, fp32) computes the same
     loss, per-token NLL and gradients as the reference path (logits + F.cross_entropy, STE fake-quant)."""
@@ -504,19 +521,7 @@ def test_fused_ops_in_the_model_match_the_reference_path(data_root, tmp_path):
     fused.set_qat(6, cfg.control_patterns, int6_fake_quant_linear)
     fused.fused_ce = fused_linear_cross_entropy
     assert len(fused.qat_matrices(cfg.control_patterns)) == 4
-    x = torch.randint(0, VOCAB, (2, SEQ))
-    y = torch.randint(0, VOCAB, (2, SEQ))
-    loss_r, loss_f = ref(x, y), fused(x, y)
-    torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-5)
-    loss_r.backward()
-    loss_f.backward()
-    for (name, pr), (_, pf) in zip(ref.named_parameters(), fused.named_parameters()):
-        assert pf.grad is not None and torch.isfinite(pf.grad).all(), name
-        torch.testing.assert_close(pf.grad, pr.grad, rtol=1e-4, atol=1e-5, msg=name)
-    with torch.no_grad():
-        nll_r, nll_f = ref(x, y, reduction="none"), fused(x, y, reduction="none")
-    assert nll_f.shape == (2, SEQ)
-    torch.testing.assert_close(nll_f, nll_r, rtol=1e-5, atol=1e-5)
+    assert_same_loss_nll_and_grads(ref, fused)
 
 
 def test_fused_blocks_in_the_model_match_the_plain_blocks(data_root, tmp_path):
@@ -540,18 +545,7 @@ def test_fused_blocks_in_the_model_match_the_plain_blocks(data_root, tmp_path):
         for pr, pf in zip(ref.parameters(), fused.parameters()):
             pr.add_(torch.randn_like(pr) * 0.02)
             pf.copy_(pr)
-    x = torch.randint(0, VOCAB, (2, SEQ))
-    y = torch.randint(0, VOCAB, (2, SEQ))
-    loss_r, loss_f = ref(x, y), fused(x, y)
-    torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-5)
-    loss_r.backward()
-    loss_f.backward()
-    for (name, pr), (_, pf) in zip(ref.named_parameters(), fused.named_parameters()):
-        assert pf.grad is not None and torch.isfinite(pf.grad).all(), name
-        torch.testing.assert_close(pf.grad, pr.grad, rtol=1e-4, atol=1e-5, msg=name)
-    with torch.no_grad():
-        nll_r, nll_f = ref(x, y, reduction="none"), fused(x, y, reduction="none")
-    torch.testing.assert_close(nll_f, nll_r, rtol=1e-5, atol=1e-5)
+    assert_same_loss_nll_and_grads(ref, fused)
     mod.cast_like_official(ref, cfg.control_patterns)
     mod.cast_like_official(fused, cfg.control_patterns)
     assert [(n, p.dtype) for n, p in ref.named_parameters()] == [(n, p.dtype) for n, p in fused.named_parameters()]
