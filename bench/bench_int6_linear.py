@@ -169,7 +169,9 @@ def bench_linear(cases, tokens, bits, with_compile, rows, save):
                    "peak_mib": r["peak_mib"], "tokens_per_s": round(tokens / (r["ms"] / 1e3)),
                    "ok": r["ok"], "max_rel_err": float(f"{r['max_rel_err']:.3g}")}
             if name == "fused_prologue" and not L.INTERPRET:
-                row["config"] = f"fwd {L._fwd_launch.best_config} | dx {L._dx_launch.best_config}"
+                # autotuned: the tuner's pick; PGOLF_AUTOTUNE=0: the fixed tiles
+                row["config"] = (f"fwd {getattr(L._fwd_launch, 'best_config', L._FWD_META)} | "
+                                 f"dx {getattr(L._dx_launch, 'best_config', L._DX_META)}")
             rows.append(row)
             print(f"{row['case']:>18} {name:>19} {row['ms']:8.4f} ms (fwd {row['fwd_ms']:.4f})  "
                   f"x{row['vs_plain']:.3f} of plain  graph {row['graph_ms']} ms x{row['graph_vs_plain']}  peak {row['peak_mib']:7.1f} MiB  ok={row['ok']} "
