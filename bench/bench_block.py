@@ -110,7 +110,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def plot_rows(rows_: list[dict], path) -> None:
-    """Bars of median ms per case, one panel per mode, one bar per impl/SDPA backend."""
+    """Bars of GPU time per case (graph_ms, the CUDA-graph replay; plain-call ms where a row has none), one panel
+    per mode, one bar per impl/SDPA backend/wrapper."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,11 +127,11 @@ def plot_rows(rows_: list[dict], path) -> None:
                 for r in rs:
                     if r["case"] == c and f"{r['impl']}/{r['sdpa']}/{r.get('wrapper', 'none')}" == lab:
                         xs.append(i + j * w)
-                        ys.append(r["ms"])
+                        ys.append(r.get("graph_ms") or r["ms"])
             ax.bar(xs, ys, width=w, label=lab)
         ax.set_xticks([i + 0.4 - w / 2 for i in range(len(cases))])
         ax.set_xticklabels(cases, rotation=15, fontsize=8)
-        ax.set_ylabel("ms (median)")
+        ax.set_ylabel("ms (median; CUDA-graph replay)")
         ax.set_title(f"block {mode}")
         if labels:
             ax.legend(fontsize=8)

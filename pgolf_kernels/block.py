@@ -26,7 +26,8 @@ bf16 (buffers included) before restoring the weights to fp32, so there the posit
   epilogue; d[Wq;Wk;Wv]), attn_out 2 (dY matmul, dWproj with d attn_scale in its epilogue), mlp 4 (dPre
   matmul with act' in its epilogue, which also writes act(pre); dWproj2 with d mlp_scale, dWfc, dX matmul with
   the RMSNorm backward and the residual in its epilogue) = 9 kernels (BACKWARD_KERNELS; on a GPU the four
-  weight gradients are cuBLAS products with fp32 output, the other five Triton), plus small torch sums of
+  weight gradients are cuBLAS products with fp32 output where their operand is row-major, as cuDNN's attention
+  output is, else _wgrad_kernel; the other five Triton), plus small torch sums of
   per-tile partials (split-over-rows dW, the scale / gain / resid_mix vectors).
 
 Design choices (and why):
