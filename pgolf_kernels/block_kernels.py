@@ -51,9 +51,10 @@ def alloc_like(t: torch.Tensor) -> torch.Tensor:
 
 def _blocks(kind: str) -> dict:
     """Tile sizes. Interpreter: small tiles so tests cover several tiles and row masks on tiny shapes.
-    GPU (H100): tiles that compile for sm_90 to wgmma with cp.async pipelining and no register spills, checked
-    offline (`python bench/bench_block.py --aot-check`, no GPU needed) at d=512, 8/4 heads, hidden 1024-2048;
-    their speed is unmeasured: tune with bench/bench_block.py on the device (PGOLF_BLOCK_TILES overrides)."""
+    GPU (H100): tiles that compile for sm_90 to wgmma with cp.async pipelining (`python bench/bench_block.py
+    --aot-check`, no GPU needed, reports registers and spills: Triton 3.9 spills 16 and 112 bytes in the dPre and
+    MLP-dX kernels at their tiles, which still measured fastest); the backward and attn_in tiles were picked per
+    launch on the H100 (`python bench/probe_gemm_tiles.py --block-launches`); PGOLF_BLOCK_TILES overrides any."""
     if _INTERPRET:
         table = {"row_gemm": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
                  "row_stats": dict(BM=8, num_warps=4),

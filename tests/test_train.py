@@ -280,6 +280,19 @@ def test_config_errors_name_the_variable(data_root, tmp_path, overrides, world_s
         cfg.validate(world_size)
 
 
+def test_fused_blocks_config_errors(data_root, tmp_path, monkeypatch):
+    """FUSED_BLOCKS=1 is refused with QAT and with shapes the fused block cannot run, naming the variables (checked
+    as on a CUDA machine: the CUDA check is monkeypatched so the later checks are reached)."""
+    mod = load_trainer_module()
+    monkeypatch.setattr(mod.torch.cuda, "is_available", lambda: True)
+    base = dict(KERNELS="fused", DEVICE="cuda", FUSED_BLOCKS="1")
+    tiny_config(mod, data_root, tmp_path, **base, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2).validate(1)
+    for extra, message in ((dict(QAT_START_FRAC="0.5", EXPORT_SCHEME="int6+zstd"), "FUSED_BLOCKS=1 cannot run with QAT_START_FRAC"),
+                           (dict(MODEL_DIM=96, NUM_HEADS=2, NUM_KV_HEADS=1), "FUSED_BLOCKS=1 needs a power-of-two head dim >= 32")):
+        with pytest.raises(mod.ConfigError, match=re.escape(message)):
+            tiny_config(mod, data_root, tmp_path, **base, **extra).validate(1)
+
+
 def test_config_parsing():
     mod = load_trainer_module()
     cfg = mod.Config.from_env({"ITERATIONS": "7", "TIE_EMBEDDINGS": "0", "QAT_START_FRAC": "0.25", "DEVICE": "cpu"})
@@ -525,7 +538,7 @@ def test_fused_ops_in_the_model_match_the_reference_path(data_root, tmp_path):
 
 
 def test_fused_blocks_in_the_model_match_the_plain_blocks(data_root, tmp_path):
-    """GPT(fused_blocks=True) (KERNELS=fused without QAT) draws the same init, has the same parameter names, Muon
+    """GPT(fused_blocks=True) (KERNELS=fused, FUSED_BLOCKS=1) draws the same init, has the same parameter names, Muon
     matrices and official dtype layout, and computes the same loss, NLL and gradients as the plain blocks
     (Triton interpreter on CPU, fp32)."""
     mod = load_trainer_module()

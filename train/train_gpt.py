@@ -191,6 +191,11 @@ class Config:
         need(not (self.fused_blocks and self.qat_start_frac is not None),
              "FUSED_BLOCKS=1 cannot run with QAT_START_FRAC: the fused block's matmuls have no fake-quant path; "
              "unset one of them (with QAT, KERNELS=fused puts the fused int6 linear in the plain blocks)")
+        if self.fused_blocks and self.num_heads > 0 and self.model_dim % self.num_heads == 0:
+            hd = self.model_dim // self.num_heads
+            need(hd >= 32 and hd & (hd - 1) == 0 and self.model_dim % 64 == 0 and self.mlp_mult * self.model_dim % 64 == 0,
+                 f"FUSED_BLOCKS=1 needs a power-of-two head dim >= 32 and MODEL_DIM, MLP_MULT*MODEL_DIM multiples of 64 "
+                 f"(MODEL_DIM={self.model_dim}, NUM_HEADS={self.num_heads}: head dim {hd})")
         need(self.dtype in ("fp32", "bf16"), f"DTYPE={self.dtype!r}: expected fp32 or bf16")
         need(self.export_scheme in EXPORT_SCHEMES, f"EXPORT_SCHEME={self.export_scheme!r}: expected one of {EXPORT_SCHEMES}")
         need(world_size >= 1 and 8 % world_size == 0, f"WORLD_SIZE={world_size} must divide 8 (grad_accum_steps = 8 // WORLD_SIZE)")
@@ -604,7 +609,7 @@ def main() -> None:
         device = torch.device("cpu")
     # SDPA: the flash kernel only on CUDA (as the official), the plain math kernel on CPU. Despite their module
     # name these switches are global, so they pick the CPU kernel too.
-    # KERNELS=fused runs its fused blocks' attention on cuDNN instead: on the H100, SDPA's cuDNN backend took
+    # FUSED_BLOCKS=1 runs its fused blocks' attention on cuDNN instead: on the H100, SDPA's cuDNN backend took
     # 1.10 ms against flash's 1.63 ms fwd+bwd at B64xT1024 (issue 7), and the fused block measured 1.29x
     # compile with cuDNN against 1.17x with flash (bench/results/block-h100-*).
     fused_blocks = cfg.fused_blocks
