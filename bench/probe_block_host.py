@@ -6,7 +6,7 @@ host could not enqueue the block's kernels as fast as the GPU ran them. This pro
 forward+backward on the host (wall time with the GPU kept far ahead is not measurable, so: CPU time of the
 Python calls, synchronising only at the end) and prints cProfile's top functions by own time.
 
-    python bench/probe_block_host.py [--iters 30] [--compile]
+    python bench/probe_block_host.py [--iters 30] [--compile] [--autocast] [--backward] [--no-cprofile]
 """
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--compile", action="store_true", help="wrap the block in torch.compile(fullgraph=True)")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--autocast", action="store_true", help="run the block under torch.autocast(bf16), as the trainer")
+    ap.add_argument("--backward", action="store_true",
+                    help="loss.backward() into .grad (as the trainer) instead of torch.autograd.grad")
+    ap.add_argument("--no-cprofile", action="store_true")
     args = ap.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     dev = "cuda"
@@ -42,12 +46,18 @@ def main() -> None:
     params = list(blk.parameters())
 
     def step():
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), torch.autocast("cuda", torch.bfloat16, enabled=args.autocast):
             y = run(x, x0)
+        if args.backward:
+            y.backward(dy)
+            return None
         return torch.autograd.grad(y, [x, x0, *params], dy)
 
     host, wall = host_and_wall_ms(step, args.iters, warmup=5)
-    print(f"host (enqueue) {host:.3f} ms per block fwd+bwd, wall incl. GPU {wall:.3f} ms (compile={args.compile})")
+    print(f"host (enqueue) {host:.3f} ms per block fwd+bwd, wall incl. GPU {wall:.3f} ms (compile={args.compile}, "
+          f"autocast={args.autocast}, backward={args.backward})")
+    if args.no_cprofile:
+        return
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(args.iters):
