@@ -624,7 +624,12 @@ def main() -> None:
             dist.init_process_group(backend="gloo")
         dist.barrier()
     bf16 = cfg.device == "cuda" or cfg.dtype == "bf16"
-    autocast_dtype = torch.bfloat16 if bf16 else None
+    # The fused blocks compute in the activation dtype themselves and every other op of the model already gets
+    # bf16 operands (cast_like_official; CastedLinear casts its weight), so autocast only adds dispatch work
+    # there: +1.35 ms of host time per compiled fused block fwd+bwd on the H100's host (4.37 -> 5.73 ms,
+    # bench/results/block_host_probe-h100-*), where the host is the bottleneck. FUSED_BLOCKS=1 runs without it.
+    use_autocast = bf16 and not cfg.fused_blocks
+    autocast_dtype = torch.bfloat16 if use_autocast else None
     compiled = cfg.kernels in ("compile", "fused")
     fused_ce, qat_op = load_fused_ops(cfg.qat_start_frac is not None) if cfg.kernels == "fused" else (None, None)
 
@@ -707,7 +712,7 @@ def main() -> None:
 
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     log(f"world_size:{world_size} grad_accum_steps:{grad_accum_steps}")
-    log(f"device:{device} kernels:{cfg.kernels} autocast:{'bf16' if bf16 else 'off'} export_scheme:{cfg.export_scheme} "
+    log(f"device:{device} kernels:{cfg.kernels} autocast:{'bf16' if use_autocast else 'off'} export_scheme:{cfg.export_scheme} "
         f"qat_start_frac:{cfg.qat_start_frac} qat_bits:{cfg.qat_bits}")
     log(f"attention_mode:gqa num_heads:{cfg.num_heads} num_kv_heads:{cfg.num_kv_heads}")
     log(f"tie_embeddings:{cfg.tie_embeddings} embed_lr:{token_lr} head_lr:{cfg.head_lr if base_model.lm_head is not None else 0.0} "
@@ -746,7 +751,7 @@ def main() -> None:
             if distributed:
                 model.require_backward_grad_sync = micro == grad_accum_steps - 1
             x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, grad_accum_steps)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 loss = model(x, y)
             loss_sum += loss.detach()
             (loss / grad_accum_steps).backward()
