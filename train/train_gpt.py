@@ -112,11 +112,11 @@ class Config:
     export_scheme: str = "int8+zlib"
     qat_start_frac: float | None = None  # fake-quantise block matrices from this fraction of the run; unset = off
     qat_bits: int = 6
-    # KERNELS=fused only: every block as pgolf's FusedBlock (fused Triton block kernels, cuDNN attention). Off by
-    # default: on the H100 a micro-step's GPU kernels take 30.3 ms with it against 37.7 ms compiled, and half the
-    # memory, but the host needs 57.3 ms to enqueue them (34.3 compiled), so the 200-step run was slower
-    # (478 vs 366 ms/step; bench/results/e2e_fused_probe-h100-*, e2e-h100-*-fusedblock*). Worth it where the
-    # host keeps ahead of the GPU.
+    # KERNELS=fused only: every block as pgolf's FusedBlock (fused Triton block kernels, cuDNN attention, no
+    # autocast). Off by default: on the H100 a micro-step's GPU kernels take 30.3 ms with it against 37.7 ms
+    # compiled, at half the memory, but the device's host enqueues them more slowly than the GPU runs them
+    # (57.3 vs 34.3 ms with autocast, bench/results/e2e_fused_probe-h100-*), so 200 steps ran 410 ms/step against
+    # 351 (bench/results/e2e-h100-*-fusedblock2-*). Worth it where the host keeps ahead of the GPU.
     fused_blocks: bool = False
     out_dir: str = "."  # logs/ and the final model files go here
     records_dir: str = ""  # write a records folder here when set (needs the two fields below)
