@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pgolf_kernels import fused_ce as flce_mod  # noqa: E402
-from results_io import peak_extra_mib  # noqa: E402
+from results_io import host_and_wall_ms, peak_extra_mib  # noqa: E402
 from pgolf_kernels.fused_ce import (  # noqa: E402
     fused_linear_cross_entropy,
     reference_linear_cross_entropy,
@@ -172,13 +172,7 @@ def tuning(**kw):
 def host_ms(step, n=10):
     """Host time to enqueue one step (no sync inside; n steps stay far below the launch-queue depth). When
     it is close to the do_bench median, the step is bound by the host, not the GPU."""
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        step()
-    dt = (time.perf_counter() - t) * 1e3 / n
-    torch.cuda.synchronize()
-    return dt
+    return host_and_wall_ms(step, n, warmup=0)[0]
 
 
 # Candidate settings of the fused path for --sweep: (label, chunk_rows or None for the default, TUNING).

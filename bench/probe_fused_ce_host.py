@@ -8,9 +8,8 @@ Result: bench/results/fused_ce-host_probe-*.txt.
 
 Usage: python bench/probe_fused_ce_host.py
 """
-import time
-
 import torch
+from results_io import host_and_wall_ms  # bench/ is on sys.path as the script's folder
 
 from pgolf_kernels import fused_ce
 from pgolf_kernels._extension import require_extension
@@ -20,15 +19,7 @@ N, D, V, CHUNK = 65536, 512, 1024, 8192
 
 def host_us(fn, n=10, reps=5):
     """Median over reps of the mean enqueue time of n back-to-back calls (synchronised between reps)."""
-    times = []
-    for _ in range(reps):
-        fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t) / n * 1e6)
-        torch.cuda.synchronize()
+    times = [host_and_wall_ms(fn, n, warmup=1)[0] * 1e3 for _ in range(reps)]
     return sorted(times)[len(times) // 2]
 
 

@@ -615,7 +615,7 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
                               M, T, RMS_EPS, D=D, H=H, KVH=KVH, HD=HD, RD=rope_dims, STORE_STATS=store_stats,
                               HPP=hpp,
                               BM=cfg["BM"], BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return xm, q, k, v, (rstd if store_stats else rstd[:0]), hrstd
+    return xm, q, k, v, (rstd if store_stats else rstd.new_empty(0)), hrstd
 
 
 def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, res=None,
