@@ -118,6 +118,10 @@ class Config:
     # (57.3 vs 34.3 ms with autocast, bench/results/e2e_fused_probe-h100-*), so 200 steps ran 410 ms/step against
     # 351 (bench/results/e2e-h100-*-fusedblock2-*). Worth it where the host keeps ahead of the GPU.
     fused_blocks: bool = False
+    # CUDA only, one process: each micro-step (forward, loss, backward into the .grad buffers) is captured once as
+    # a CUDA graph and replayed, so the host enqueues one graph instead of every kernel of the model. The
+    # optimiser step stays eager. Pays where the host is slower than the GPU (the fused blocks above).
+    cuda_graphs: bool = False
     out_dir: str = "."  # logs/ and the final model files go here
     records_dir: str = ""  # write a records folder here when set (needs the two fields below)
     submission_author: str = ""
@@ -196,6 +200,10 @@ class Config:
             need(hd >= 32 and hd & (hd - 1) == 0 and self.model_dim % 64 == 0 and self.mlp_mult * self.model_dim % 64 == 0,
                  f"FUSED_BLOCKS=1 needs a power-of-two head dim >= 32 and MODEL_DIM, MLP_MULT*MODEL_DIM multiples of 64 "
                  f"(MODEL_DIM={self.model_dim}, NUM_HEADS={self.num_heads}: head dim {hd})")
+        need(not self.cuda_graphs or self.device == "cuda", f"CUDA_GRAPHS=1 needs DEVICE=cuda (got DEVICE={self.device})")
+        need(not self.cuda_graphs or world_size == 1,
+             f"CUDA_GRAPHS=1 runs on one process only (WORLD_SIZE={world_size}): under DDP the gradient all-reduce "
+             f"hooks would have to be captured too; unset CUDA_GRAPHS for multi-GPU runs")
         need(self.dtype in ("fp32", "bf16"), f"DTYPE={self.dtype!r}: expected fp32 or bf16")
         need(self.export_scheme in EXPORT_SCHEMES, f"EXPORT_SCHEME={self.export_scheme!r}: expected one of {EXPORT_SCHEMES}")
         need(world_size >= 1 and 8 % world_size == 0, f"WORLD_SIZE={world_size} must divide 8 (grad_accum_steps = 8 // WORLD_SIZE)")
@@ -544,6 +552,46 @@ def load_fused_ops(need_qat: bool):
     return fused_linear_cross_entropy, qat_op
 
 
+class MicroStepGraph:
+    """One training micro-step -- loss = model(x, y); (loss / accum).backward() -- captured as a CUDA graph.
+
+    The backward adds into .grad buffers that exist before the capture (AccumulateGrad adds in place into a grad
+    that is already there), so replays accumulate over micro-steps like eager backward calls do, and the
+    optimisers must zero grads in place (zero_grad(set_to_none=False)): a grad set to None or replaced would
+    silently stop receiving the graph's gradients, which is why every call checks them. Inputs are copied into
+    the graph's own x/y buffers; the returned loss is the graph's output buffer, overwritten by the next replay.
+    """
+
+    def __init__(self, forward_loss, params: list[Tensor], x: Tensor, y: Tensor, accum: int):
+        self.x, self.y = x.clone(), y.clone()
+        # Two eager micro-steps on a side stream first, as torch.cuda.graphs asks: lazy work (cuBLAS workspaces,
+        # autotuning, compiled-graph guards) must not run under capture. They also create the .grad of every
+        # parameter that gets one (an unused parameter keeps None, as in eager mode); all are zeroed below.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                (forward_loss(self.x, self.y) / accum).backward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.grads = [(p, p.grad) for p in params if p.grad is not None]
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = forward_loss(self.x, self.y)
+            (self.loss / accum).backward()
+        for _, g in self.grads:
+            g.zero_()
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        for p, g in self.grads:
+            if p.grad is not g:
+                raise RuntimeError("CUDA_GRAPHS: a parameter's .grad was replaced or set to None after the capture; "
+                                   "zero grads in place (zero_grad(set_to_none=False))")
+        self.x.copy_(x, non_blocking=True)
+        self.y.copy_(y, non_blocking=True)
+        self.graph.replay()
+        return self.loss
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -688,8 +736,11 @@ def main() -> None:
     else:
         model = run_model
 
+    qat_state = [False]
+
     def set_qat(on: bool) -> None:
         base_model.set_qat(cfg.qat_bits if on else 0, cfg.control_patterns, qat_op)
+        qat_state[0] = on
 
     # ---- optimisers: Muon on block matrices, Adam on the embedding (and untied head) and on scalars/vectors
     matrix_ids = {id(m.weight) for _, m in base_model.block_matrices(cfg.control_patterns)}
@@ -712,7 +763,8 @@ def main() -> None:
 
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     log(f"world_size:{world_size} grad_accum_steps:{grad_accum_steps}")
-    log(f"device:{device} kernels:{cfg.kernels} autocast:{'bf16' if use_autocast else 'off'} export_scheme:{cfg.export_scheme} "
+    log(f"device:{device} kernels:{cfg.kernels} autocast:{'bf16' if use_autocast else 'off'} cuda_graphs:{int(cfg.cuda_graphs)} "
+        f"export_scheme:{cfg.export_scheme} "
         f"qat_start_frac:{cfg.qat_start_frac} qat_bits:{cfg.qat_bits}")
     log(f"attention_mode:gqa num_heads:{cfg.num_heads} num_kv_heads:{cfg.num_kv_heads}")
     log(f"tie_embeddings:{cfg.tie_embeddings} embed_lr:{token_lr} head_lr:{cfg.head_lr if base_model.lm_head is not None else 0.0} "
@@ -740,9 +792,29 @@ def main() -> None:
         remaining_ms = max(max_wallclock_ms - elapsed_ms, 0.0)
         return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
+    # CUDA_GRAPHS: one captured micro-step per QAT state (turning QAT on changes the model's ops), captured at
+    # its first use, i.e. during the warm-up steps when QAT is planned.
+    graphs: dict[bool, MicroStepGraph] = {}
+
     def zero_grad_all() -> None:
         for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=not cfg.cuda_graphs)
+
+    def forward_loss(x: Tensor, y: Tensor) -> Tensor:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            return model(x, y)
+
+    def micro_step(x: Tensor, y: Tensor) -> Tensor:
+        if cfg.cuda_graphs:
+            if qat_state[0] not in graphs:
+                t_capture = time.perf_counter()
+                graphs[qat_state[0]] = MicroStepGraph(forward_loss, list(base_model.parameters()), x, y, grad_accum_steps)
+                log(f"cuda_graphs:captured micro_step qat:{'on' if qat_state[0] else 'off'} "
+                    f"time:{1000.0 * (time.perf_counter() - t_capture):.0f}ms")
+            return graphs[qat_state[0]](x, y)
+        loss = forward_loss(x, y)
+        (loss / grad_accum_steps).backward()
+        return loss
 
     def train_step(loader: DistributedTokenLoader) -> Tensor:
         """Forward/backward over the micro-batches of one step; returns the mean loss over all ranks."""
@@ -751,10 +823,7 @@ def main() -> None:
             if distributed:
                 model.require_backward_grad_sync = micro == grad_accum_steps - 1
             x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, grad_accum_steps)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                loss = model(x, y)
-            loss_sum += loss.detach()
-            (loss / grad_accum_steps).backward()
+            loss_sum += micro_step(x, y).detach()
         if distributed:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         return loss_sum / (grad_accum_steps * world_size)
