@@ -329,6 +329,9 @@ def test_micro_step_graph_accumulates_like_eager_backward(data_root, tmp_path):
         (loss / 3).backward()
         eager_losses.append(loss.item())
     eager_grads = [p.grad.clone() for p in params]
+    # The last loss keeps its autograd graph, and with it the parameters' AccumulateGrad nodes (made on the default
+    # stream), alive; a capture that reused them would have to sync with the default stream and fail.
+    del loss
     for p in params:
         p.grad = None
 

@@ -560,6 +560,8 @@ class MicroStepGraph:
     optimisers must zero grads in place (zero_grad(set_to_none=False)): a grad set to None or replaced would
     silently stop receiving the graph's gradients, which is why every call checks them. Inputs are copied into
     the graph's own x/y buffers; the returned loss is the graph's output buffer, overwritten by the next replay.
+    Nothing may hold an earlier eager micro-step's autograd graph (e.g. its loss) during the capture: its
+    AccumulateGrad nodes belong to the default stream, and the capture would fail on them.
     """
 
     def __init__(self, forward_loss, params: list[Tensor], x: Tensor, y: Tensor, accum: int):
