@@ -351,19 +351,24 @@ def test_micro_step_graph_accumulates_like_eager_backward(data_root, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("overrides", [dict(KERNELS="eager"),
-                                       dict(KERNELS="fused", FUSED_BLOCKS="1", MODEL_DIM="128")],
-                         ids=["eager", "fused_blocks"])
+                                       dict(KERNELS="fused", FUSED_BLOCKS="1", MODEL_DIM="128"),
+                                       dict(KERNELS="fused", QAT_START_FRAC="0.5", EXPORT_SCHEME="int6+zstd")],
+                         ids=["eager", "fused_blocks", "fused_qat"])
 def test_trainer_with_cuda_graphs_trains_like_without(data_root, tmp_path, overrides):
     """CUDA_GRAPHS=1 trains the same run as without: every logged train loss and the round-trip val_loss agree to
     2e-3 (bf16 autocast or bf16 fused blocks: the kernels are the same, but cuDNN attention's backward and
-    the autotuned GEMMs need not be bitwise repeatable between two processes)."""
+    the autotuned GEMMs need not be bitwise repeatable between two processes). With QAT from half-way a second
+    micro-step graph is captured (during the warm-up steps, which prime both QAT states)."""
+    scheme = overrides.get("EXPORT_SCHEME", "int8+zlib").replace("+", "_")
+    states = ("off", "on") if "QAT_START_FRAC" in overrides else ("off",)
     results = {}
     for graphs in ("0", "1"):
         env = tiny_env(data_root, tmp_path / f"g{graphs}", DEVICE="cuda", DTYPE="fp32", CUDA_GRAPHS=graphs, **overrides)
         proc = run_trainer(env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        assert ("cuda_graphs:captured micro_step qat:off" in proc.stdout) == (graphs == "1")
-        results[graphs] = (train_losses(proc.stdout), exact_line(proc.stdout, "final_int8_zlib_roundtrip_exact"))
+        captured = re.findall(r"^cuda_graphs:captured micro_step qat:(\w+)", proc.stdout, re.M)
+        assert captured == (list(states) if graphs == "1" else []), captured
+        results[graphs] = (train_losses(proc.stdout), exact_line(proc.stdout, f"final_{scheme}_roundtrip_exact"))
     (l0, (v0, _)), (l1, (v1, _)) = results["0"], results["1"]
     assert sorted(l0) == sorted(l1) and len(l0) == 30
     for step in l0:

@@ -113,14 +113,14 @@ class Config:
     qat_start_frac: float | None = None  # fake-quantise block matrices from this fraction of the run; unset = off
     qat_bits: int = 6
     # KERNELS=fused only: every block as pgolf's FusedBlock (fused Triton block kernels, cuDNN attention, no
-    # autocast). Off by default: on the H100 a micro-step's GPU kernels take 30.3 ms with it against 37.7 ms
-    # compiled, at half the memory, but the device's host enqueues them more slowly than the GPU runs them
-    # (57.3 vs 34.3 ms with autocast, bench/results/e2e_fused_probe-h100-*), so 200 steps ran 410 ms/step against
-    # 351 (bench/results/e2e-h100-*-fusedblock2-*). Worth it where the host keeps ahead of the GPU.
+    # autocast). On the H100 a micro-step's GPU kernels take 30.3 ms with it against 37.7 ms compiled, at half
+    # the memory, but the host enqueues them more slowly than the GPU runs them (57.3 vs 34.3 ms,
+    # bench/results/e2e_fused_probe-h100-*); with CUDA_GRAPHS=1 that host work goes, and 200 steps ran 300.1
+    # ms/step against 362.4 for KERNELS=compile (bench/results/e2e_cuda_graphs-h100-*.md).
     fused_blocks: bool = False
     # CUDA only, one process: each micro-step (forward, loss, backward into the .grad buffers) is captured once as
     # a CUDA graph and replayed, so the host enqueues one graph instead of every kernel of the model. The
-    # optimiser step stays eager. Pays where the host is slower than the GPU (the fused blocks above).
+    # optimiser step stays eager. Same numbers; 1.04x for KERNELS=compile, 1.20x with FUSED_BLOCKS=1.
     cuda_graphs: bool = False
     out_dir: str = "."  # logs/ and the final model files go here
     records_dir: str = ""  # write a records folder here when set (needs the two fields below)
