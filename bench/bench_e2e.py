@@ -50,8 +50,9 @@ BAR_BYTES = 0.005  # |artifact bytes / official - 1|
 LINE_TRAIN = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms", re.M)
 LINE_PEAK = re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB", re.M)
 LINE_VAL = re.compile(r"^step:(\d+)/\d+ val_loss:(\S+) val_bpb:(\S+)", re.M)
-LINE_ROUNDTRIP = re.compile(r"^final_int8_zlib_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)", re.M)
-LINE_MODEL_BYTES = re.compile(r"^Serialized model int8\+zlib: (\d+) bytes", re.M)
+# the export scheme's round trip (int8+zlib by default; int6+zstd under QAT, passed with --env)
+LINE_ROUNDTRIP = re.compile(r"^final_(?:int8_zlib|int6_zstd)_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)", re.M)
+LINE_MODEL_BYTES = re.compile(r"^Serialized model (?:int8\+zlib|int6\+zstd): (\d+) bytes", re.M)
 LINE_CODE_BYTES = re.compile(r"^Code size: (\d+) bytes", re.M)
 
 
@@ -304,7 +305,7 @@ def finish(rows: list[dict], curves: dict, logs: list[str], out_dirs: list[Path]
     notes = (
         f"ms = the log's step_avg at the last step (CUDA-synchronised wall clock per step, 524,288 tokens, 8 micro-steps "
         f"on 1 GPU; validation and the 20 warm-up steps excluded); ms_steady = mean over the second half. "
-        f"train_loss_diff = ours - official at the same step. val_bpb = after the int8+zlib round trip, on the first "
+        f"train_loss_diff = ours - official at the same step. val_bpb = after the export round trip (int8+zlib unless --env says otherwise), on the first "
         f"{args.val_tokens or 'all'} val tokens. Bars: compile ms within {BAR_MS:.0%} of official, |train_loss_diff| <= "
         f"{BAR_LOSS}, artifact bytes within {BAR_BYTES:.1%}. WARMDOWN_ITERS={args.warmdown_iters}, seed {args.seed}.\n\n"
         + "```\n" + comparison(rows).strip() + "\n```"

@@ -121,10 +121,35 @@ class RMSNorm(nn.Module):
 
 
 class CastedLinear(nn.Linear):
-    """fp32 weight, cast to the input dtype at matmul time (bf16 under autocast)."""
+    """fp32 weight, cast to the input dtype at matmul time (bf16 under autocast). With `qat_bits` set (a trainer
+    turns QAT on this way), the weight is fake-quantised per row on the exporter's grid with a straight-through
+    gradient; FusedBlock reads the same attribute."""
+
+    qat_bits: int = 0
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        return F.linear(x, straight_through_fake_quant(self.weight, self.qat_bits).to(x.dtype))
+
+
+@torch.library.custom_op("pgolf::block_fake_quant", mutates_args=())
+def _fake_quant_op(w: Tensor, bits: int) -> Tensor:
+    """Q(w) in w's dtype: the exporter's per-row amax quantise-dequantise (int6_linear.quantize_weight, bit-equal
+    to quant.fake_quant), one launch on the GPU. Not differentiable; see straight_through_fake_quant."""
+    from .int6_linear import quantize_weight
+    return quantize_weight(w.contiguous(), bits, dtype=w.dtype)
+
+
+@_fake_quant_op.register_fake
+def _(w, bits):
+    return torch.empty_like(w)
+
+
+def straight_through_fake_quant(w: Tensor, bits: int) -> Tensor:
+    """w + (Q(w) - w).detach(): Q(w) forward (exactly: |Q(w) - w| is at most half a step, so the fp32
+    difference and the sum are exact), identity gradient to w. bits = 0 returns w."""
+    if not bits:
+        return w
+    return w + (_fake_quant_op(w.detach(), bits) - w).detach()
 
 
 def rope_angles(seq_len: int, inv_freq: Tensor) -> Tensor:
@@ -513,8 +538,10 @@ class FusedBlock(ReferenceBlock):
                                              or any(p.requires_grad for p in self.parameters()))
         cos, sin = self._rope(t, x.device)
         a, mlp = self.attn, self.mlp
-        wq, wk, wv, wp, w_fc, w_proj = (a.c_q.weight, a.c_k.weight, a.c_v.weight, a.proj.weight, mlp.fc.weight,
-                                        mlp.proj.weight)
+        # QAT: each matrix whose CastedLinear has qat_bits set enters as Q(W) with a straight-through gradient;
+        # the kernels then use Q(W) everywhere W appears (both matmuls and the scale gradients).
+        wq, wk, wv, wp, w_fc, w_proj = (straight_through_fake_quant(m.weight, m.qat_bits)
+                                        for m in (a.c_q, a.c_k, a.c_v, a.proj, mlp.fc, mlp.proj))
         w_c = _prep_op(wq.detach(), wk.detach(), wv.detach(), wp.detach(), w_fc.detach(), w_proj.detach(),
                        self.attn_scale.detach(), self.mlp_scale.detach(), x.dtype, train)
         wp_scaled_c, w_proj_scaled_c = (w_c[6], w_c[7]) if train else (w_c[3], w_c[5])

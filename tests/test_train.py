@@ -283,16 +283,15 @@ def test_config_errors_name_the_variable(data_root, tmp_path, overrides, world_s
 
 
 def test_fused_blocks_config_errors(data_root, tmp_path, monkeypatch):
-    """FUSED_BLOCKS=1 is refused with QAT and with shapes the fused block cannot run, naming the variables (checked
-    as on a CUDA machine: the CUDA check is monkeypatched so the later checks are reached)."""
+    """FUSED_BLOCKS=1 is refused with shapes the fused block cannot run, naming the variables, and accepted with
+    QAT (checked as on a CUDA machine: the CUDA check is monkeypatched so the later checks are reached)."""
     mod = load_trainer_module()
     monkeypatch.setattr(mod.torch.cuda, "is_available", lambda: True)
-    base = dict(KERNELS="fused", DEVICE="cuda", FUSED_BLOCKS="1")
-    tiny_config(mod, data_root, tmp_path, **base, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2).validate(1)
-    for extra, message in ((dict(QAT_START_FRAC="0.5", EXPORT_SCHEME="int6+zstd"), "FUSED_BLOCKS=1 cannot run with QAT_START_FRAC"),
-                           (dict(MODEL_DIM=96, NUM_HEADS=2, NUM_KV_HEADS=1), "FUSED_BLOCKS=1 needs a power-of-two head dim >= 32")):
-        with pytest.raises(mod.ConfigError, match=re.escape(message)):
-            tiny_config(mod, data_root, tmp_path, **base, **extra).validate(1)
+    base = dict(KERNELS="fused", DEVICE="cuda", FUSED_BLOCKS="1", MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2)
+    tiny_config(mod, data_root, tmp_path, **base).validate(1)
+    tiny_config(mod, data_root, tmp_path, **base, QAT_START_FRAC="0.5", EXPORT_SCHEME="int6+zstd").validate(1)
+    with pytest.raises(mod.ConfigError, match=re.escape("FUSED_BLOCKS=1 needs a power-of-two head dim >= 32")):
+        tiny_config(mod, data_root, tmp_path, **{**base, "MODEL_DIM": 96, "NUM_HEADS": 2, "NUM_KV_HEADS": 1}).validate(1)
 
 
 def test_cuda_graphs_config_errors(data_root, tmp_path, monkeypatch):
@@ -352,8 +351,11 @@ def test_micro_step_graph_accumulates_like_eager_backward(data_root, tmp_path):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("overrides", [dict(KERNELS="eager"),
                                        dict(KERNELS="fused", FUSED_BLOCKS="1", MODEL_DIM="128"),
-                                       dict(KERNELS="fused", QAT_START_FRAC="0.5", EXPORT_SCHEME="int6+zstd")],
-                         ids=["eager", "fused_blocks", "fused_qat"])
+                                       dict(KERNELS="fused", QAT_START_FRAC="0.5", EXPORT_SCHEME="int6+zstd"),
+                                       # width 256: the MLP matrices are big enough for the exporter (and QAT)
+                                       dict(KERNELS="fused", FUSED_BLOCKS="1", MODEL_DIM="256", QAT_START_FRAC="0.5",
+                                            EXPORT_SCHEME="int6+zstd")],
+                         ids=["eager", "fused_blocks", "fused_qat", "fused_blocks_qat"])
 def test_trainer_with_cuda_graphs_trains_like_without(data_root, tmp_path, overrides):
     """CUDA_GRAPHS=1 trains the same run as without: every logged train loss and the round-trip val_loss agree to
     2e-3 (bf16 autocast or bf16 fused blocks: the kernels are the same, but cuDNN attention's backward and
@@ -620,10 +622,10 @@ def test_fused_ops_in_the_model_match_the_reference_path(data_root, tmp_path):
     assert_same_loss_nll_and_grads(ref, fused)
 
 
-def test_fused_blocks_in_the_model_match_the_plain_blocks(data_root, tmp_path):
+def test_fused_blocks_in_the_model_match_the_plain_blocks(data_root, tmp_path, monkeypatch):
     """GPT(fused_blocks=True) (KERNELS=fused, FUSED_BLOCKS=1) draws the same init, has the same parameter names, Muon
     matrices and official dtype layout, and computes the same loss, NLL and gradients as the plain blocks
-    (Triton interpreter on CPU, fp32)."""
+    (Triton interpreter on CPU, fp32), with QAT on as well (the plain blocks' reference straight-through fake-quant)."""
     mod = load_trainer_module()
     cfg = tiny_config(mod, data_root, tmp_path, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, NUM_LAYERS=2)
     torch.manual_seed(0)
@@ -642,6 +644,22 @@ def test_fused_blocks_in_the_model_match_the_plain_blocks(data_root, tmp_path):
             pr.add_(torch.randn_like(pr) * 0.02)
             pf.copy_(pr)
     assert_same_loss_nll_and_grads(ref, fused)
+
+    # QAT on every block matrix (at this width the exporter would keep them all as floats, so lift its limit)
+    monkeypatch.setattr(mod.export, "KEEP_FLOAT_MAX_NUMEL", 0)
+    x, y = torch.randint(0, VOCAB, (2, SEQ)), torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad():
+        plain_nll = ref(x, y, reduction="none")
+    for model in (ref, fused):
+        model.zero_grad(set_to_none=True)
+        model.set_qat(6, cfg.control_patterns)
+    assert len(fused.qat_matrices(cfg.control_patterns)) == 12
+    with torch.no_grad():
+        assert (ref(x, y, reduction="none") - plain_nll).abs().max() > 1e-3, "QAT must change the NLL at 6 bits"
+    assert_same_loss_nll_and_grads(ref, fused)
+    for model in (ref, fused):
+        model.set_qat(0, cfg.control_patterns)
+
     mod.cast_like_official(ref, cfg.control_patterns)
     mod.cast_like_official(fused, cfg.control_patterns)
     assert [(n, p.dtype) for n, p in ref.named_parameters()] == [(n, p.dtype) for n, p in fused.named_parameters()]

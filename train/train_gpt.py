@@ -113,7 +113,7 @@ class Config:
     qat_start_frac: float | None = None  # fake-quantise block matrices from this fraction of the run; unset = off
     qat_bits: int = 6
     # KERNELS=fused only: every block as pgolf's FusedBlock (fused Triton block kernels, cuDNN attention, no
-    # autocast). On the H100 a micro-step's GPU kernels take 30.3 ms with it against 37.7 ms compiled, at half
+    # autocast; under QAT its matrices enter as Q(W) with a straight-through gradient). On the H100 a micro-step's GPU kernels take 30.3 ms with it against 37.7 ms compiled, at half
     # the memory, but the host enqueues them more slowly than the GPU runs them (57.3 vs 34.3 ms,
     # bench/results/e2e_fused_probe-h100-*); with CUDA_GRAPHS=1 that host work goes, and 200 steps ran 300.1
     # ms/step against 362.4 for KERNELS=compile (bench/results/e2e_cuda_graphs-h100-*.md).
@@ -192,9 +192,6 @@ class Config:
         )
         need(not self.fused_blocks or self.kernels == "fused",
              f"FUSED_BLOCKS=1 needs KERNELS=fused (got KERNELS={self.kernels})")
-        need(not (self.fused_blocks and self.qat_start_frac is not None),
-             "FUSED_BLOCKS=1 cannot run with QAT_START_FRAC: the fused block's matmuls have no fake-quant path; "
-             "unset one of them (with QAT, KERNELS=fused puts the fused int6 linear in the plain blocks)")
         if self.fused_blocks and self.num_heads > 0 and self.model_dim % self.num_heads == 0:
             hd = self.model_dim // self.num_heads
             need(hd >= 32 and hd & (hd - 1) == 0 and self.model_dim % 64 == 0 and self.mlp_mult * self.model_dim % 64 == 0,
