@@ -113,14 +113,15 @@ class Config:
     qat_start_frac: float | None = None  # fake-quantise block matrices from this fraction of the run; unset = off
     qat_bits: int = 6
     # KERNELS=fused only: every block as pgolf's FusedBlock (fused Triton block kernels, cuDNN attention, no
-    # autocast; under QAT its matrices enter as Q(W) with a straight-through gradient). On the H100 a micro-step's GPU kernels take 30.3 ms with it against 37.7 ms compiled, at half
-    # the memory, but the host enqueues them more slowly than the GPU runs them (57.3 vs 34.3 ms,
-    # bench/results/e2e_fused_probe-h100-*); with CUDA_GRAPHS=1 that host work goes, and 200 steps ran 300.1
-    # ms/step against 362.4 for KERNELS=compile (bench/results/e2e_cuda_graphs-h100-*.md).
+    # autocast; under QAT its matrices enter as Q(W) with a straight-through gradient). On the H100 a
+    # micro-step's GPU kernels take 30.3 ms with it against 37.7 ms compiled, at half the memory, but the host
+    # enqueues them more slowly than the GPU runs them (57.3 vs 34.3 ms, bench/results/e2e_fused_probe-h100-*);
+    # with CUDA_GRAPHS=1 that host work goes, and 200 steps ran 300.1 ms/step against 362.4 for KERNELS=compile
+    # (bench/results/e2e_cuda_graphs-h100-*.md).
     fused_blocks: bool = False
     # CUDA only, one process: each micro-step (forward, loss, backward into the .grad buffers) is captured once as
     # a CUDA graph and replayed, so the host enqueues one graph instead of every kernel of the model. The
-    # optimiser step stays eager. Same numbers; 1.04x for KERNELS=compile, 1.20x with FUSED_BLOCKS=1.
+    # optimiser step stays eager. Same computation; 1.04x for KERNELS=compile, 1.20x with FUSED_BLOCKS=1.
     cuda_graphs: bool = False
     out_dir: str = "."  # logs/ and the final model files go here
     records_dir: str = ""  # write a records folder here when set (needs the two fields below)
@@ -792,7 +793,8 @@ def main() -> None:
         return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
     # CUDA_GRAPHS: one captured micro-step per QAT state (turning QAT on changes the model's ops), captured at
-    # its first use, i.e. during the warm-up steps when QAT is planned.
+    # its first use, i.e. during the warm-up steps when QAT is planned. QAT only switches between steps, so a
+    # capture (which zeroes the grads) always comes at a step's first micro-step, before anything accumulated.
     graphs: dict[bool, MicroStepGraph] = {}
 
     def zero_grad_all() -> None:
