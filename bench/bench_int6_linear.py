@@ -4,7 +4,9 @@ Implementations (rows' `impl`), all with x bf16 [M, K] (requires grad), W fp32 m
   plain               x @ W.to(bf16)ᵀ — the unquantised linear the model uses without QAT (the bar)
   eager               reference_int6_fake_quant_linear: F.linear(x, STE(quant.fake_quant(W)).to(bf16))
   compile             torch.compile of that function (inductor, dynamic=False)
-  fused_prologue      int6_fake_quant_linear(impl="prologue"): Triton matmuls quantising W tiles on load
+  fused_prologue      int6_fake_quant_linear(impl="prologue"): matmuls quantising W tiles on load — on an
+                      H100/H200 the CUDA sm_90a kernels (csrc/qat_linear_sm90.cu), elsewhere Triton
+  fused_prologue_triton  the same with int6_linear.PROLOGUE_BACKEND = "triton" (the Triton matmuls everywhere)
   fused_quant_cublas  int6_fake_quant_linear(impl="quant_cublas"): one Triton pass Q(W) -> bf16, then cuBLAS
 Per case: `ms` = median of forward+backward (triton.testing.do_bench, return_mode="median"; x.grad and W.grad
 reset before each call), `fwd_ms` forward alone, `vs_plain` = ms / plain's ms in this run, `graph_ms` the same
@@ -61,6 +63,7 @@ def make_impls(with_compile: bool):
         torch._dynamo.config.cache_size_limit = 64
         impls["compile"] = torch.compile(L.reference_int6_fake_quant_linear, dynamic=False)
     impls["fused_prologue"] = lambda x, w, bits: L.int6_fake_quant_linear(x, w, bits, impl="prologue")
+    impls["fused_prologue_triton"] = impls["fused_prologue"]  # run with PROLOGUE_BACKEND = "triton"
     impls["fused_quant_cublas"] = lambda x, w, bits: L.int6_fake_quant_linear(x, w, bits, impl="quant_cublas")
     return impls
 
@@ -156,7 +159,10 @@ def bench_linear(cases, tokens, bits, with_compile, rows, save):
         plain_ms = plain_graph = None
         for name, fn in impls.items():
             t0 = time.time()
+            # the backward runs after fn returns, so the backend is set for the whole measurement
+            L.PROLOGUE_BACKEND = "triton" if name == "fused_prologue_triton" else "auto"
             r = measure(name, fn, x, w, gy, bits, refs[name != "plain"])
+            L.PROLOGUE_BACKEND = "auto"
             if name == "plain":
                 plain_ms = r["ms"]
             if name == "plain":
@@ -168,7 +174,10 @@ def bench_linear(cases, tokens, bits, with_compile, rows, save):
                    "graph_vs_plain": None if (g is None or not plain_graph) else round(g / plain_graph, 3),
                    "peak_mib": r["peak_mib"], "tokens_per_s": round(tokens / (r["ms"] / 1e3)),
                    "ok": r["ok"], "max_rel_err": float(f"{r['max_rel_err']:.3g}")}
-            if name == "fused_prologue" and not L.INTERPRET:
+            sm90 = L._sm90_kernel(x.detach(), w.detach(), False) is not None
+            if name == "fused_prologue" and sm90:
+                row["config"] = "CUDA sm_90a wgmma (csrc/qat_linear_sm90.cu): 128x256x64 tiles, 3 stages"
+            elif name.startswith("fused_prologue") and not L.INTERPRET:
                 # autotuned: the tuner's pick; PGOLF_AUTOTUNE=0: the fixed tiles
                 row["config"] = (f"fwd {getattr(L._fwd_launch, 'best_config', L._FWD_META)} | "
                                  f"dx {getattr(L._dx_launch, 'best_config', L._DX_META)}")
@@ -370,7 +379,7 @@ def main():
 
     def save(rows, final=False):
         worst, worst_graph = {}, {}
-        for impl in ("fused_prologue", "fused_quant_cublas"):
+        for impl in ("fused_prologue", "fused_prologue_triton", "fused_quant_cublas"):
             ratios = [r["vs_plain"] for r in rows if r["impl"] == impl]
             if ratios:
                 worst[impl] = max(ratios)

@@ -18,6 +18,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flce_forward_cuda(
     const at::Tensor& h, const at::Tensor& weight, const at::Tensor& target, double cap, int64_t ignore_index,
     int64_t reduction, bool need_dh, bool need_dw, int64_t chunk_rows, int64_t dw_splits);
 void flce_scale_inplace_cuda(const at::Tensor& a, const c10::optional<at::Tensor>& b, const at::Tensor& g);
+bool qat_linear_sm90_supported(const at::Tensor& b, const at::Tensor& w, bool trans_w);
+at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const at::Tensor& aux,
+                                const c10::optional<at::Tensor>& bias, bool trans_w);
 }  // namespace pgolf
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -33,7 +36,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }
   });
   m.doc() = "pgolf CUDA kernels: per-row weight quantisation and bit packing (see pgolf_kernels/quant.py); the "
-            "chunk loop of the fused linear + soft-capped cross-entropy (see pgolf_kernels/fused_ce.py)";
+            "chunk loop of the fused linear + soft-capped cross-entropy (see pgolf_kernels/fused_ce.py); the QAT linear's "
+            "sm_90a matmuls (see pgolf_kernels/int6_linear.py)";
   m.def("quantize_rows", &pgolf::quantize_rows_cuda, "Per-row codes (int8) and fp16 scales of a float32 CUDA "
         "matrix; rule 'amax' or 'search' (fractions: float32 CUDA tensor of clip fractions)",
         py::arg("w"), py::arg("bits"), py::arg("rule"), py::arg("fractions"));
@@ -51,4 +55,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("need_dh"), py::arg("need_dw"), py::arg("dw_splits"));
   m.def("flce_scale_inplace", &pgolf::flce_scale_inplace_cuda, "a *= g and b *= g in place (g: one fp32 value on "
         "the device); no GPU work when g == 1", py::arg("a"), py::arg("b"), py::arg("g"));
+  m.def("qat_linear_sm90", &pgolf::qat_linear_sm90_cuda, "QAT matmul with the quantiser in the prologue (sm_90a "
+        "wgmma): trans_w False: b @ Q(W)^T (+ bias), b = x [tokens, in]; True: b @ Q(W), b = dy [tokens, out]. "
+        "aux = int6_linear.row_scales(W, bits) (amax scales)", py::arg("b"), py::arg("w"), py::arg("aux"),
+        py::arg("bias"), py::arg("trans_w"));
+  m.def("qat_linear_sm90_supported", &pgolf::qat_linear_sm90_supported, "Whether qat_linear_sm90 runs these "
+        "operands (sm_90 GPU, bf16 activations, fp32 contiguous W, reduction % 64 == 0, output width % 128 == 0)",
+        py::arg("b"), py::arg("w"), py::arg("trans_w"));
 }

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import quant
+from ._extension import extension_available, require_extension
 
 try:
     import triton
@@ -59,6 +60,11 @@ IMPLS = ("prologue", "quant_cublas", "reference")
 # Chosen from bench/bench_int6_linear.py on an H100 (bench/results/int6_linear-h100-*): the module docstring says why.
 DEFAULT_IMPL = "quant_cublas"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# "auto": the prologue matmuls run on the CUDA extension's sm_90a kernels where they apply (an H100/H200, bf16
+# activations, fp32 W, reduction % 64 == 0, output width % 128 == 0) and on Triton elsewhere; "triton" always uses
+# Triton (the bench times both). PGOLF_QLINEAR_PROLOGUE sets the start value.
+PROLOGUE_BACKENDS = ("auto", "triton")
+PROLOGUE_BACKEND = os.environ.get("PGOLF_QLINEAR_PROLOGUE", "auto")
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |t| < 2**22 half-to-even
 
 
@@ -304,6 +310,18 @@ def quantize_weight(weight: Tensor, bits: int, dtype: Optional[torch.dtype] = No
     return quant.fake_quant(weight, bits, "amax").to(dtype)
 
 
+def _sm90_kernel(b: Tensor, weight: Tensor, trans_w: bool):
+    """The extension module when its sm_90a prologue matmul runs these operands, else None."""
+    if PROLOGUE_BACKEND not in PROLOGUE_BACKENDS:
+        raise ValueError(f"int6_linear.PROLOGUE_BACKEND must be one of {PROLOGUE_BACKENDS}, got {PROLOGUE_BACKEND!r}")
+    if PROLOGUE_BACKEND != "auto" or not b.is_cuda or not extension_available():
+        return None
+    ext = require_extension("int6_fake_quant_linear")
+    if not hasattr(ext, "qat_linear_sm90") or not ext.qat_linear_sm90_supported(b, weight, trans_w):
+        return None
+    return ext
+
+
 def _prologue_forward(x2d: Tensor, weight: Tensor, aux: Tensor, bias: Optional[Tensor], bits: int) -> Tensor:
     m, k = x2d.shape
     n = weight.shape[0]
@@ -317,6 +335,9 @@ def _prologue_forward(x2d: Tensor, weight: Tensor, aux: Tensor, bias: Optional[T
         return y.zero_() if bias is None else y.copy_(bias.to(y.dtype).expand(m, n))
     x = x2d if x2d.stride(1) == 1 else x2d.contiguous()
     w = weight if weight.stride(1) == 1 else weight.contiguous()
+    ext = _sm90_kernel(x, w, trans_w=False)
+    if ext is not None:
+        return ext.qat_linear_sm90(x, w, aux, None if bias is None else bias.float().contiguous(), False)
     b = bias.contiguous() if bias is not None else aux  # any pointer when HAS_BIAS is False
 
     def grid(meta):
@@ -341,6 +362,9 @@ def _prologue_dx(dy: Tensor, weight: Tensor, aux: Tensor, bits: int) -> Tensor:
         return dx.zero_()
     g = dy if dy.stride(1) == 1 else dy.contiguous()
     w = weight if weight.stride(1) == 1 else weight.contiguous()
+    ext = _sm90_kernel(g, w, trans_w=True)
+    if ext is not None:
+        return ext.qat_linear_sm90(g, w, aux, None, True)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)

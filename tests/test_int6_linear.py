@@ -242,3 +242,71 @@ def test_gpu_torch_compile_inductor(impl):
         outs.append((y.detach(), model.fc1.weight.grad.clone(), model.fc2.weight.grad.clone()))
     for a, b in zip(*outs):
         assert _rel(a, b) < 1e-2
+
+
+def _on_hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@gpu
+@pytest.mark.skipif(not _on_hopper(), reason="the sm_90a prologue kernels need an H100/H200")
+@pytest.mark.parametrize("n,k", MODEL_SHAPES)
+def test_gpu_sm90_prologue_matches_triton_prologue_and_reference(n, k, monkeypatch):
+    """The CUDA sm_90a prologue matmuls (auto backend) against the Triton ones and a float64 product, at token
+    counts that are not multiples of the 256-token tile, with a bias; outputs start as NaN (a freed NaN block
+    the caching allocator hands back), so an element the kernel never wrote fails the check."""
+    from pgolf_kernels._extension import extension_available
+
+    if not extension_available():
+        pytest.skip("the CUDA extension is not built")
+    torch.manual_seed(n + 3 * k)
+    w = torch.randn(n, k, device="cuda") * 0.03
+    bias = torch.randn(n, device="cuda")
+    aux = L.row_scales(w, 6)
+    qw = quant.fake_quant(w, 6).bfloat16()
+    for m in (1, 255, 257, 4097):
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        gy = torch.randn(m, n, device="cuda").bfloat16()
+        monkeypatch.setattr(L, "PROLOGUE_BACKEND", "auto")
+        assert L._sm90_kernel(x, w, trans_w=False) is not None and L._sm90_kernel(gy, w, trans_w=True) is not None
+        outs = {}
+        for backend in ("auto", "triton"):
+            monkeypatch.setattr(L, "PROLOGUE_BACKEND", backend)
+            torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)  # freed at once: poisons y
+            y = L._prologue_forward(x, w, aux, bias, 6)
+            torch.full((m, k), float("nan"), device="cuda", dtype=torch.bfloat16)
+            dx = L._prologue_dx(gy, w, aux, 6)
+            outs[backend] = (y, dx)
+        y_ref = x.double() @ qw.double().t() + bias.double()
+        dx_ref = gy.double() @ qw.double()
+        for backend, (y, dx) in outs.items():
+            assert y.shape == (m, n) and dx.shape == (m, k)
+            assert _rel(y, y_ref) < 1e-2 and _rel(dx, dx_ref) < 1e-2, (backend, m)
+        # both backends round the same products: far closer to each other than to the tolerance
+        assert _rel(outs["auto"][0], outs["triton"][0]) < 1e-2 and _rel(outs["auto"][1], outs["triton"][1]) < 1e-2
+
+
+@gpu
+@pytest.mark.skipif(not _on_hopper(), reason="the sm_90a prologue kernels need an H100/H200")
+def test_gpu_sm90_prologue_propagates_nan_and_refuses_bad_operands():
+    from pgolf_kernels._extension import extension_available, require_extension
+
+    if not extension_available():
+        pytest.skip("the CUDA extension is not built")
+    ext = require_extension("test")
+    w = torch.randn(512, 512, device="cuda") * 0.03
+    w[7, 3] = float("nan")
+    aux = L.row_scales(w, 6)
+    x = torch.randn(300, 512, device="cuda").bfloat16()
+    y = ext.qat_linear_sm90(x, w, aux, None, False)
+    assert torch.isnan(y[:, 7]).all() and not torch.isnan(y[:, 8]).any()
+    dx = ext.qat_linear_sm90(x, w, aux, None, True)
+    assert torch.isnan(dx[:, 3]).all()  # (other columns: NaN too if the row's scale came out NaN)
+    # operands the kernel does not take: a clear error, and the Python wrappers fall back to Triton instead
+    for bad_x, bad_w in ((x.half(), w), (x, w.bfloat16()), (x[:, :480], w[:, :480].contiguous()),
+                         (torch.randn(300, 512, device="cuda").bfloat16(), w[:100].contiguous())):
+        assert not ext.qat_linear_sm90_supported(bad_x, bad_w, False)
+        with pytest.raises(RuntimeError, match="qat_linear_sm90: needs an sm_90 GPU"):
+            ext.qat_linear_sm90(bad_x, bad_w, L.row_scales(bad_w.float(), 6), None, False)
+    with pytest.raises(RuntimeError, match="aux must be"):
+        ext.qat_linear_sm90(x, w, aux[:, :100].contiguous(), None, False)
