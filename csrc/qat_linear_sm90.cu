@@ -5,7 +5,9 @@
 // code = clamp(round_half_even(w / s), ±qmax), Q(w) = code · s, rounded once to bf16. The per-row s and RN(1/s)
 // come from one cheap pass (int6_linear.row_scales, the `aux` [2, N] tensor). w / s is formed from RN(1/s) with
 // two Newton steps on the exact fma residual, which gives the correctly rounded quotient, as in the Triton
-// kernels of int6_linear.py; the codes are therefore bit-identical to the exporter's.
+// kernels of int6_linear.py; the codes are therefore bit-identical to the exporter's. The forward multiplies by the
+// integer codes (exact in bf16) and applies s per output column in the epilogue; dX, whose reduction runs across
+// W's rows and so across scales, multiplies by bf16(code · s), Q(W) rounded once.
 //
 // Both products are one kernel. Each CTA computes an output tile transposed, outᵀ[a, t] = Σ_r A(a, r) · B(t, r):
 //   forward  (TRANS_W = false): A(a, r) = Q(W)[a, r], B = x   [tokens, K]; out = y  [tokens, N]
@@ -17,10 +19,11 @@
 //   warpgroup 0      producer: one thread issues the bulk tensor copies (TMA) of B (bf16, 128-byte swizzle) and
 //                    W's fp32 tile (128-byte swizzle) into a ring of shared-memory stages.
 //   warpgroups 1, 2  consumers: each owns 64 of the tile's 128 a-rows; per 64-wide reduction step it reads its W
-//                    fragment from shared memory, quantises it into bf16 wgmma A registers (while the previous
-//                    step's wgmmas run), then issues 4 wgmma m64n256k16. The epilogue goes registers ->
-//                    stmatrix.trans -> swizzled shared memory -> one TMA store per warpgroup.
-// Tile: 128 a-rows x 256 tokens x 64 reduction. Needs a-extent % 128 == 0, reduction % 64 == 0, bf16 activations.
+//                    fragment from shared memory, quantises it into bf16 wgmma A registers, then issues 4 wgmma
+//                    m64n256k16 (one warpgroup converts while the other's wgmmas run). The epilogue goes
+//                    registers -> stmatrix.trans -> swizzled shared memory -> TMA stores (two per warpgroup).
+// Tile: 128 a-rows x 256 tokens x 64 reduction, 3 stages. Needs a-extent % 128 == 0, reduction % 64 == 0 and bf16
+// activations; int6_linear.py sends every other case to its Triton kernels.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -115,6 +118,14 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+
+// The compiler does not know that an issued wgmma keeps writing its accumulators until the wait. An empty asm that
+// "modifies" them, before the fence and after the wait, keeps the compiler from moving or copying them across.
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
 
 // Shared-memory matrix descriptor of a K-major bf16 tile with 128-byte rows and the 128-byte swizzle: 8-row
 // groups 1024 bytes apart (stride byte offset), tile base 1024-byte aligned.
@@ -316,50 +327,37 @@ __global__ void __launch_bounds__(kThreads, 1)
     return rs;
   };
 
-  int tile = blockIdx.x;
-  if (tile >= num_tiles) return;
-  int a0 = (tile % num_a) * kTileA, t0 = (tile / num_a) * kTileT;
-  RowScales rs = row_scales_of(a0);
-  uint32_t a_cur[16], a_next[16];
-  mbar_wait(&full[stage], phase);
-  load_a(a_cur, stage, rs.r[0], rs.r[1], rs.s);
-  while (true) {
-    const int next_tile = tile + gridDim.x;
-    const int next_a0 = (next_tile % num_a) * kTileA;
-    const RowScales next_rs = next_tile < num_tiles ? row_scales_of(next_a0) : rs;
+  // One stage at a time per warpgroup: quantise its A fragments, issue the 4 wgmmas, wait for them. The two
+  // consumer warpgroups overlap each other (one converts while the other's wgmmas run). Converting the next stage
+  // while this warpgroup's own wgmmas ran (two A register sets, conversion between issue and wait) gained at most
+  // 3% on the H100 and, once the tile loop also prefetched across tiles, gave wrong results: the compiler reused
+  // registers that an in-flight wgmma still read or wrote. Nothing but the commit sits between issue and wait.
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const int a0 = (tile % num_a) * kTileA, t0 = (tile / num_a) * kTileT;
+    const RowScales rs = row_scales_of(a0);
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
     for (int kr = 0; kr < num_r; ++kr) {
+      uint32_t a[16];
+      mbar_wait(&full[stage], phase);
+      load_a(a, stage, rs.r[0], rs.r[1], rs.s);
       const uint64_t desc = smem_desc_sw128(stage_b + stage * kBBytes);
+      fence_operands(acc);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        const uint32_t a4[4] = {a_cur[4 * kk], a_cur[4 * kk + 1], a_cur[4 * kk + 2], a_cur[4 * kk + 3]};
+        const uint32_t a4[4] = {a[4 * kk], a[4 * kk + 1], a[4 * kk + 2], a[4 * kk + 3]};
         wgmma_m64n256k16_rs(acc, a4, desc + 2 * kk);  // +32 bytes = 16 bf16 along the reduction
       }
       wgmma_commit();
-      int next_stage = stage + 1;
-      uint32_t next_phase = phase;
-      if (next_stage == kStages) {
-        next_stage = 0;
-        next_phase ^= 1;
-      }
-      // Quantise the next stage's A while this stage's wgmmas run; after the last stage of a tile that is the
-      // first stage of the next tile (the producer has already loaded it).
-      if (kr + 1 < num_r) {
-        mbar_wait(&full[next_stage], next_phase);
-        load_a(a_next, next_stage, rs.r[0], rs.r[1], rs.s);
-      } else if (next_tile < num_tiles) {
-        mbar_wait(&full[next_stage], next_phase);
-        load_a(a_next, next_stage, next_rs.r[0], next_rs.r[1], next_rs.s);
-      }
       wgmma_wait_all();
+      fence_operands(acc);
       if (lane == 0) mbar_arrive(&empty[stage]);
-      stage = next_stage;
-      phase = next_phase;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) a_cur[i] = a_next[i];
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
     }
 
     // Epilogue: (· s and + bias for the forward), bf16, transposed into [128 tokens x 64 a] (128-byte rows,
@@ -398,11 +396,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       named_barrier(1 + cw, 128);
       if (tid == 0) tma_store_2d(&map_out, my_epi, a0 + 64 * cw, t0 + round * kEpiT);
     }
-    if (next_tile >= num_tiles) break;
-    tile = next_tile;
-    a0 = next_a0;
-    t0 = (tile / num_a) * kTileT;
-    rs = next_rs;
   }
   if (tid == 0) tma_store_wait_all();
 #endif  // PGOLF_SM90A
