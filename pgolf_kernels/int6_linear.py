@@ -11,22 +11,25 @@ identity (the reference below, ``w + (Q(w) - w).detach()``, says the same).
 
 Two implementations, picked with ``impl=`` (default ``DEFAULT_IMPL``):
 
-* ``"prologue"`` — Triton matmuls that quantise W tile by tile as they load it. One small pass computes the
-  per-row scales (and their reciprocals); the forward multiplies X by the integer codes and applies the scales in
-  the epilogue (codes are exact in bf16); dX dequantises each tile to bf16 on load. No quantised copy of W is
-  written. dW = dYᵀX goes to cuBLAS.
+* ``"prologue"`` — matmuls that quantise W tile by tile as they load it. One small pass computes the per-row
+  scales (and their reciprocals); the forward multiplies X by the integer codes and applies the scales in the
+  epilogue (codes are exact in bf16); dX dequantises each tile to bf16 on load. No quantised copy of W is
+  written. dW = dYᵀX goes to cuBLAS. On an H100/H200 the two matmuls are the CUDA extension's sm_90a kernels
+  (csrc/qat_linear_sm90.cu: TMA loads, warp-specialised wgmma whose register A operand is the quantised W tile)
+  wherever they apply (bf16 X, fp32 W, reduction % 64 == 0, output width % 128 == 0); elsewhere, and with
+  ``PROLOGUE_BACKEND = "triton"``, Triton kernels.
 * ``"quant_cublas"`` — one Triton pass writes Q(W) in X's dtype (the same bytes the plain path's
   ``W.to(bf16)`` cast writes every step), then cuBLAS does all three matmuls.
 
-Measured on an H100 (bench/results/int6_linear-h100-80gb-hbm3-2026-11-23.*; 65,536 tokens, forward + backward,
+Measured on an H100 (bench/results/int6_linear-h100-80gb-hbm3-2026-11-24.*; 65,536 tokens, forward + backward,
 GPU time from CUDA-graph replays): "quant_cublas" costs 0.99–1.03× the plain ``x @ W.to(bf16)ᵀ`` at every model
-shape (512→1536 1.003, 1536→512 1.019, 512→2048 0.998, 2048→512 1.014, 512→512 1.027, 512→256 0.992), because its
-one quantising pass replaces the cast pass the plain linear makes anyway; "prologue" costs 1.6–1.9× (the Triton
-matmul redoes the quantisation for every 256-token tile, and Triton's matmul alone is slower than cuBLAS here).
-So "quant_cublas" is the default: it writes one bf16 Q(W) per step, the same bytes and memory the plain path's
-bf16 cast writes, and no other copy. Called eagerly from Python, the op's Python and launch overhead (0.05–0.6 ms
-per forward+backward in that run; noisy) exceeds its GPU time at the small shapes; inside a compiled model it runs
-ahead of the GPU as long as the GPU is the bottleneck (not measured here).
+shape (512→1536 1.023, 1536→512 1.003, 512→2048 1.000, 2048→512 1.008, 512→512 1.017, 512→256 0.993), because
+its one quantising pass replaces the cast pass the plain linear makes anyway; "prologue" costs 1.17–1.44× with
+the sm_90a kernels and 1.61–1.85× with the Triton ones: the prologue redoes the quantisation (about ten fp32
+operations per weight, for the exact division) for every 256-token tile, and reads W as fp32. So
+"quant_cublas" is the default: it writes one bf16 Q(W) per step, the same bytes and memory the plain path's bf16
+cast writes, and no other copy. Called eagerly from Python, the op's Python and launch overhead can exceed its
+GPU time at the small shapes; inside a compiled model or a CUDA graph it runs ahead of the GPU.
 
 Under ``torch.compile`` the ops are ``torch.library.custom_op``s with registered autograd (opaque to the compiler);
 in eager mode an ``autograd.Function`` runs the same code with less Python per call. On a CPU tensor the Triton
@@ -34,7 +37,7 @@ kernels run under ``TRITON_INTERPRET=1`` and plain PyTorch otherwise.
 
 Exactness: the quantised codes equal ``quant.quantize_rows(W, bits, "amax")`` bit for bit on every path (the
 division W / s is IEEE-rounded: ``div_rn`` in the copy kernel, a Markstein-corrected reciprocal product in the
-matmul prologue; rounding is half-to-even). The matmul itself rounds like any bf16 matmul.
+matmul prologues, Triton and CUDA; rounding is half-to-even). The matmul itself rounds like any bf16 matmul.
 """
 from __future__ import annotations
 

@@ -310,3 +310,14 @@ def test_gpu_sm90_prologue_propagates_nan_and_refuses_bad_operands():
             ext.qat_linear_sm90(bad_x, bad_w, L.row_scales(bad_w.float(), 6), None, False)
     with pytest.raises(RuntimeError, match="aux must be"):
         ext.qat_linear_sm90(x, w, aux[:, :100].contiguous(), None, False)
+
+
+def test_prologue_backend_is_checked(monkeypatch):
+    x, w = torch.randn(4, 64), torch.randn(128, 64)
+    monkeypatch.setattr(L, "PROLOGUE_BACKEND", "cutlass")
+    with pytest.raises(ValueError, match="PROLOGUE_BACKEND must be one of"):
+        L._sm90_kernel(x, w, trans_w=False)
+    monkeypatch.setattr(L, "PROLOGUE_BACKEND", "triton")
+    assert L._sm90_kernel(x, w, trans_w=False) is None
+    monkeypatch.setattr(L, "PROLOGUE_BACKEND", "auto")
+    assert L._sm90_kernel(x, w, trans_w=False) is None  # a CPU tensor never takes the CUDA kernels
