@@ -465,11 +465,12 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
   }
   const c10::cuda::CUDAGuard guard(b.device());
   // cuTensorMapEncodeTiled is a driver call and needs a current context. A thread that has only made runtime calls
-  // needing none (autograd's backward thread: its device is set, no context bound) gets error 201 without this;
-  // cudaFree(nullptr) binds the device's primary context, once per thread and device.
+  // needing none (autograd's backward thread: its device is set, no context bound) gets error 201 without this.
+  // cudaSetDevice makes the device's primary context current (CUDA >= 12) and, unlike cudaFree(nullptr), is not a
+  // synchronising call, so it is safe while a stream is being captured. Once per thread and device.
   thread_local int bound_device = -1;
   if (bound_device != b.get_device()) {
-    C10_CUDA_CHECK(cudaFree(nullptr));
+    C10_CUDA_CHECK(cudaSetDevice(b.get_device()));
     bound_device = b.get_device();
   }
   const int64_t tokens = b.size(0), reduction = b.size(1);

@@ -321,3 +321,55 @@ def test_prologue_backend_is_checked(monkeypatch):
     assert L._sm90_kernel(x, w, trans_w=False) is None
     monkeypatch.setattr(L, "PROLOGUE_BACKEND", "auto")
     assert L._sm90_kernel(x, w, trans_w=False) is None  # a CPU tensor never takes the CUDA kernels
+
+
+_CAPTURE_SCRIPT = r"""
+import torch
+from pgolf_kernels import int6_linear as L
+torch.manual_seed(0)
+w = (torch.randn(512, 512, device="cuda") * 0.03).requires_grad_()
+x = torch.randn(1024, 512, device="cuda").bfloat16().requires_grad_()
+def step():
+    L.int6_fake_quant_linear(x, w, 6, impl="prologue").float().square().mean().backward()
+# warm up on the Triton kernels, so that the CUDA kernel's first call (and its context binding) in each thread,
+# the autograd thread's included, happens inside the capture
+L.PROLOGUE_BACKEND = "triton"
+s = torch.cuda.Stream()
+s.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(s):
+    for _ in range(2):
+        x.grad = w.grad = None
+        step()
+torch.cuda.current_stream().wait_stream(s)
+x.grad = w.grad = None
+L.PROLOGUE_BACKEND = "auto"
+g = torch.cuda.CUDAGraph()
+with torch.cuda.graph(g):
+    step()
+x.grad.zero_(); w.grad.zero_()
+g.replay()
+torch.cuda.synchronize()
+gx, gw = x.grad.clone(), w.grad.clone()
+x.grad = w.grad = None
+step()
+assert torch.equal(gx, x.grad) and torch.equal(gw, w.grad), "graph replay differs from the eager step"
+print("captured-ok")
+"""
+
+
+@gpu
+@pytest.mark.skipif(not _on_hopper(), reason="the sm_90a prologue kernels need an H100/H200")
+def test_gpu_sm90_prologue_first_called_inside_a_cuda_graph_capture():
+    """A fresh process whose first CUDA-kernel call (forward, and backward on autograd's thread) happens during a
+    CUDA graph capture: the context binding must be capture-safe, and the replay equals the eager step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pgolf_kernels._extension import extension_available
+
+    if not extension_available():
+        pytest.skip("the CUDA extension is not built")
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", _CAPTURE_SCRIPT], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "captured-ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
