@@ -39,6 +39,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 
 #include "error_text.h"
 
@@ -438,15 +439,41 @@ CUtensorMap make_map(const at::Tensor& t, CUtensorMapDataType dtype, int64_t ele
   return map;
 }
 
+// Per device, looked up once: whether it is sm_90, its multiprocessor count, and the kernels' shared-memory limit
+// raised. The op runs once per linear per micro-step, so its host time matters at the small shapes.
+struct DeviceInfo {
+  bool sm90 = false;
+  int sms = 0;
+};
+
+const DeviceInfo& device_info(int device) {
+  constexpr int kMaxDevices = 64;
+  static DeviceInfo infos[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "qat_linear_sm90: device index out of range");
+  std::call_once(once[device], [device] {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&infos[device].sms, cudaDevAttrMultiProcessorCount, device));
+    infos[device].sm90 = major == 9 && minor == 0;
+    if (infos[device].sm90) {
+      const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(qat_gemm_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          kSmemBytes));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(qat_gemm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          kSmemBytes));
+    }
+  });
+  return infos[device];
+}
+
 }  // namespace
 
 bool qat_linear_sm90_supported(const at::Tensor& b, const at::Tensor& w, bool trans_w) {
   if (!b.is_cuda() || !w.is_cuda() || b.scalar_type() != at::kBFloat16 || w.scalar_type() != at::kFloat) return false;
   if (b.dim() != 2 || w.dim() != 2 || b.stride(1) != 1 || !w.is_contiguous() || b.device() != w.device()) return false;
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, b.get_device()));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, b.get_device()));
-  if (major != 9 || minor != 0) return false;
+  if (!device_info(b.get_device()).sm90) return false;
   const int64_t reduction = trans_w ? w.size(0) : w.size(1);
   const int64_t a_extent = trans_w ? w.size(1) : w.size(0);
   return b.size(1) == reduction && reduction % kTileR == 0 && a_extent % kTileA == 0 && b.size(0) > 0 &&
@@ -496,12 +523,10 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
   const GemmArgs args{aux.data_ptr<float>(), bias_ptr, static_cast<int>(tokens), static_cast<int>(a_extent),
                       static_cast<int>(reduction)};
   const int64_t num_tiles = (a_extent / kTileA) * ((tokens + kTileT - 1) / kTileT);
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, b.get_device()));
-  const int grid = static_cast<int>(std::min<int64_t>(num_tiles, sms));
+  const DeviceInfo& info = device_info(b.get_device());
+  const int grid = static_cast<int>(std::min<int64_t>(num_tiles, info.sms));
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto kernel = trans_w ? qat_gemm_kernel<true> : qat_gemm_kernel<false>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(map_b, map_w, map_out, map_aux, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
