@@ -23,9 +23,11 @@
 //                    m64n256k16 (one warpgroup converts while the other's wgmmas run). The epilogue goes
 //                    registers -> stmatrix.trans -> swizzled shared memory -> TMA stores (two per warpgroup).
 // Tried and dropped (bench/results/qat_sm90_probe-*): the consumers converting the next stage while their own
-// wgmmas ran (at most 3% faster, and wrong results once the compiler reused registers under an in-flight wgmma);
+// wgmmas ran (at most 5% faster, and wrong results once the compiler reused registers under an in-flight wgmma);
 // a converter warpgroup writing the quantised tiles to shared memory for plain SS wgmma (1.4-1.6x slower than this:
-// one warp per scheduler cannot convert a stage in the time the tensor cores take for it).
+// one warp per scheduler cannot convert a stage in the time the tensor cores take for it);
+// and 256 threads with no producer warpgroup (thread 0 issuing the copies), which lifts the register cap from 168
+// to 255: slower at every shape.
 // Tile: 128 a-rows x 256 tokens x 64 reduction, 3 stages. Needs a-extent % 128 == 0, reduction % 64 == 0 and bf16
 // activations; int6_linear.py sends every other case to its Triton kernels.
 #include <ATen/ATen.h>
@@ -340,7 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // One stage at a time per warpgroup: quantise its A fragments, issue the 4 wgmmas, wait for them. The two
   // consumer warpgroups overlap each other (one converts while the other's wgmmas run). Converting the next stage
   // while this warpgroup's own wgmmas ran (two A register sets, conversion between issue and wait) gained at most
-  // 3% on the H100 and, once the tile loop also prefetched across tiles, gave wrong results: the compiler reused
+  // 5% on the H100 and, once the tile loop also prefetched across tiles, gave wrong results: the compiler reused
   // registers that an in-flight wgmma still read or wrote. Nothing but the commit sits between issue and wait.
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int a0 = (tile % num_a) * kTileA, t0 = (tile / num_a) * kTileT;
