@@ -103,19 +103,28 @@ TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128,
 SHAPES = [(65536, 1024, 512), (65536, 512, 1024), (65536, 512, 512), (65536, 1536, 512), (65536, 512, 1536)]
 
 
+# {"TMA": 1, ...}: the persistent tensor-descriptor kernel (_row_gemm_tma_kernel); GROUP_M: its tile order
+_TMA = {"TMA": 1, "BM": 128, "num_warps": 8, "num_stages": 3}
 BLOCK_VARIANTS = {
     "row_gemm": [{}, {"BN": 256}, {"BN": 64}, {"num_stages": 4}, {"BM": 64, "num_warps": 4, "num_stages": 4},
-                 {"BM": 256, "BN": 128}, {"BK": 128, "num_stages": 2}],
-    "row_gemm_act_bwd": [{}, {"BN": 64}, {"BN": 256}, {"num_stages": 4}, {"BM": 64, "num_warps": 4, "num_stages": 4}],
-    "row_gemm_norm_bwd": [{}, {"BN": 128}, {"num_stages": 4}, {"BM": 64, "num_warps": 4, "num_stages": 4}],
+                 {"BM": 256, "BN": 128}, {"BK": 128, "num_stages": 2},
+                 dict(_TMA, BN=256), dict(_TMA, BN=256, GROUP_M=8), dict(_TMA, BN=128), dict(_TMA, BN=128, GROUP_M=8),
+                 dict(_TMA, BN=256, num_stages=4), dict(_TMA, BN=128, num_stages=4)],
+    "row_gemm_act_bwd": [{}, {"BN": 64}, {"BN": 256}, {"num_stages": 4}, {"BM": 64, "num_warps": 4, "num_stages": 4},
+                         dict(_TMA, BN=128), dict(_TMA, BN=256), dict(_TMA, BN=128, GROUP_M=8),
+                         dict(_TMA, BM=64, BN=128, num_warps=4, num_stages=4), dict(_TMA, BN=64, num_warps=4)],
+    "row_gemm_norm_bwd": [{}, {"BN": 128}, {"num_stages": 4}, {"BM": 64, "num_warps": 4, "num_stages": 4},
+                          dict(_TMA, BN=256), dict(_TMA, BN=128), dict(_TMA, BN=256, num_stages=4),
+                          dict(_TMA, BN=128, num_stages=4)],
     "attn_dx": [{}, {"BN": 128}, {"BN": 128, "BM": 64, "num_warps": 4}, {"BN": 256}, {"num_stages": 4},
-                {"BN": 128, "num_stages": 4}],
+                {"BN": 128, "num_stages": 4}, dict(_TMA, BN=128), dict(_TMA, BN=256), dict(_TMA, BN=128, num_stages=4),
+                dict(_TMA, BM=64, BN=128, num_warps=4, num_stages=4), dict(_TMA, BM=64, BN=256, num_stages=4)],
     "attn_in": [{}, {"HPP": 1}, {"HPP": 4}, {"BM": 64, "num_warps": 4}, {"num_stages": 4}, {"BK": 128, "num_stages": 2}],
     "attn_epi": [{}, {"BM": 16}, {"BM": 64}, {"BM": 32, "num_warps": 4}],
 }
 
 
-def block_launches(budget: float, dev: str = "cuda", B: int = 64, T: int = 1024):
+def block_launches(budget: float, dev: str = "cuda", B: int = 64, T: int = 1024, kinds=None):
     """ms of each fused launch of a BxT block (d 512, hidden 1024, 8/4 heads), per tile variant of its kind.
     (dev="cpu" with TRITON_INTERPRET=1 and a tiny B, T: a smoke run of this function.)"""
     from pgolf_kernels import block_kernels as kn
@@ -181,13 +190,26 @@ def block_launches(budget: float, dev: str = "cuda", B: int = 64, T: int = 1024)
         lines.append(f"{name:40s} {'':50s} {ms:8.4f} ms {flop / ms / 1e9:6.1f} TF/s")
         print(lines[-1], flush=True)
     for name, kind, flop, fn in launches:
+        if kinds and kind not in kinds:
+            continue
+        first = None
         for var in BLOCK_VARIANTS[kind]:
             if time.time() - t0 > budget:
                 break
             kn._TILE_OVERRIDES.clear()
             kn._TILE_OVERRIDES[kind] = dict(var)
             try:
-                fn()
+                got = fn()
+                # a variant must reproduce the first (default) variant's output (dX of the attention input)
+                got = got[0] if isinstance(got, tuple) and kind == "attn_dx" else got
+                if isinstance(got, torch.Tensor):
+                    got = got.float().clone()
+                    if first is None:
+                        first = got
+                    else:
+                        rel = ((got - first).norm() / first.norm()).item()
+                        if not rel < 2e-2:
+                            raise RuntimeError(f"output differs from the default tiles' (rel {rel:.3g})")
                 if dev == "cpu":
                     ms = 1.0
                 else:
@@ -210,12 +232,13 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--time-budget", type=float, default=200.0, help="stop starting new configs after this many s")
     ap.add_argument("--block-launches", action="store_true", help="time the block's launches per tile variant")
+    ap.add_argument("--kinds", default="", help="with --block-launches: only these kernel kinds (comma separated)")
     args = ap.parse_args()
     from results_io import device_slug  # noqa: E402
     from pgolf_kernels import block_kernels as bk  # noqa: E402
 
     if args.block_launches:
-        rows, lines = block_launches(args.time_budget)
+        rows, lines = block_launches(args.time_budget, kinds=[k for k in args.kinds.split(",") if k])
         base = os.path.join(args.out, f"gemm_tiles_block-{device_slug()}-{time.strftime('%Y-%m-%d')}")
         os.makedirs(args.out, exist_ok=True)
         meta = dict(bench="gemm_tiles_block", device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),

@@ -27,6 +27,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # F.rms_norm(eps=None) uses the epsilon of the float32 opmath type for fp32 and bf16 inputs alike.
 RMS_EPS = float(torch.finfo(torch.float32).eps)
@@ -298,21 +299,44 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
         w = tl.load(w_ptr + rn[None, :] * w_sn + kk[:, None] * w_sk).to(CDT)
         acc = tl.dot(a.to(CDT), w, acc)
     flat = rm[:, None] * N + rn[None, :]  # contiguous [M, N] side inputs
+    res = 0.0
+    gv = 0.0
+    if EPI == 1 or EPI == 3 or EPI == 4:
+        res = tl.load(res_ptr + flat, mask=mmask[:, None], other=0.0)
+    if EPI == 4:
+        gv = tl.load(g_ptr + flat, mask=mmask[:, None], other=0.0)
+    out, side = _row_epilogue(acc, res, gv, rm, rn, mmask, pid_n, nvec_ptr, rowvec_ptr, c_ptr, c_NT, M, N,
+                              EPI, STORE_ACT, ACT, NT_P2)
+    if EPI == 3 and STORE_ACT:
+        tl.store(g_ptr + flat, side.to(CDT), mask=mmask[:, None])
+    if O_4D:
+        o_off = ((rm // o_T) * o_s0 + (rm % o_T) * o_s1)[:, None] + ((rn // o_HD) * o_s2 + (rn % o_HD) * o_s3)[None, :]
+        tl.store(out_ptr + o_off, out.to(CDT), mask=mmask[:, None])
+    else:
+        tl.store(out_ptr + flat, out.to(CDT), mask=mmask[:, None])
+
+
+@triton.jit
+def _row_epilogue(acc, res, gv, rm, rn, mmask, pid_n, nvec_ptr, rowvec_ptr, c_ptr, c_NT, M, N,
+                  EPI: tl.constexpr, STORE_ACT: tl.constexpr, ACT: tl.constexpr, NT_P2: tl.constexpr):
+    """The EPI modes of the row GEMM (see above) on one fp32 accumulator tile; res / gv are the tile's side
+    inputs (loaded by the caller when EPI needs them). Returns (out, side): side is act(res) for EPI 3 with
+    STORE_ACT (the caller stores it to g), else out again."""
+    side = acc
     if EPI == 0:
         out = acc
     elif EPI == 1:
-        res = tl.load(res_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
-        out = res + tl.load(nvec_ptr + rn)[None, :] * acc
+        out = res.to(tl.float32) + tl.load(nvec_ptr + rn)[None, :] * acc
     elif EPI == 2:
         out = acc * tl.load(rowvec_ptr + rm, mask=mmask, other=0.0)[:, None]
         if STORE_ACT:
             out = _act_fwd(out, ACT)
     elif EPI == 3:
-        p = tl.load(res_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
+        p = res.to(tl.float32)
         dp = acc * _act_grad(p, ACT)
         tl.store(c_ptr + pid_n * M + rm, tl.sum(dp * p, axis=1), mask=mmask)
         if STORE_ACT:
-            tl.store(g_ptr + flat, _act_fwd(p, ACT).to(CDT), mask=mmask[:, None])
+            side = _act_fwd(p, ACT)
         # stored times the row's rstd, so both consumers (dW and the dX matmul) are plain matmuls
         out = dp * tl.load(rowvec_ptr + rm, mask=mmask, other=0.0)[:, None]
     else:
@@ -321,14 +345,70 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
         ct = tl.arange(0, NT_P2)
         cpart = tl.load(c_ptr + ct[:, None] * M + rm[None, :], mask=(ct[:, None] < c_NT) & mmask[None, :], other=0.0)
         csum = tl.sum(cpart, axis=0)
-        xv = tl.load(res_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
-        gv = tl.load(g_ptr + flat, mask=mmask[:, None], other=0.0).to(tl.float32)
-        out = gv + acc - xv * (r * r * csum / N)[:, None]
-    if O_4D:
-        o_off = ((rm // o_T) * o_s0 + (rm % o_T) * o_s1)[:, None] + ((rn // o_HD) * o_s2 + (rn % o_HD) * o_s3)[None, :]
-        tl.store(out_ptr + o_off, out.to(CDT), mask=mmask[:, None])
+        out = gv.to(tl.float32) + acc - res.to(tl.float32) * (r * r * csum / N)[:, None]
+    if EPI != 3 or not STORE_ACT:
+        side = out
+    return out, side
+
+
+@triton.jit
+def _row_gemm_tma_kernel(a_desc, w_desc, out_desc, res_desc, g_desc,
+                         nvec_ptr, rowvec_ptr, c_ptr, c_NT,
+                         M, N, K,
+                         A_ACT: tl.constexpr, EPI: tl.constexpr, STORE_ACT: tl.constexpr, ACT: tl.constexpr,
+                         NT_P2: tl.constexpr, W_NK: tl.constexpr, GROUP_M: tl.constexpr, NPROG: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """_row_gemm_kernel for plain row-major A [M, K] and out [M, N] through TMA tensor descriptors, persistent:
+    NPROG programs walk the output tiles, and the flattened tile loop lets Triton issue the next tile's loads
+    while this tile's epilogue runs. W is [N, K] (W_NK) or [K, N]; res / g are [M, N] like out."""
+    CDT = out_desc.dtype
+    num_m = tl.cdiv(M, BM)
+    num_n = N // BN
+    num_tiles = num_m * num_n
+    k_tiles = K // BK
+    # the epilogue keeps its own tile counter (Triton's pipeliner wants no value shared by the loads and the
+    # epilogue of a flattened loop)
+    tile_e = tl.program_id(0) - NPROG
+    for tile in tl.range(tl.program_id(0), num_tiles, NPROG, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pid_m * BM, ki * BK])
+            if A_ACT:
+                a = _act_fwd(a.to(tl.float32), ACT).to(CDT)
+            if W_NK:
+                acc = tl.dot(a, w_desc.load([pid_n * BN, ki * BK]).T, acc)
+            else:
+                acc = tl.dot(a, w_desc.load([ki * BK, pid_n * BN]), acc)
+        tile_e += NPROG
+        em, en = _tile_coords(tile_e, num_m, num_n, GROUP_M)
+        rm = em * BM + tl.arange(0, BM)
+        rn = en * BN + tl.arange(0, BN)
+        mmask = rm < M
+        res = 0.0
+        gv = 0.0
+        if EPI == 1 or EPI == 3 or EPI == 4:
+            res = res_desc.load([em * BM, en * BN])
+        if EPI == 4:
+            gv = g_desc.load([em * BM, en * BN])
+        out, side = _row_epilogue(acc, res, gv, rm, rn, mmask, en, nvec_ptr, rowvec_ptr, c_ptr, c_NT, M, N,
+                                  EPI, STORE_ACT, ACT, NT_P2)
+        if EPI == 3 and STORE_ACT:
+            g_desc.store([em * BM, en * BN], side.to(CDT))
+        out_desc.store([em * BM, en * BN], out.to(CDT))
+
+
+@triton.jit
+def _tile_coords(t, num_m, num_n, GROUP_M: tl.constexpr):
+    # GROUP_M 0: column tile fastest (programs running together share A row tiles); else row tiles grouped
+    # GROUP_M at a time per sweep over the columns
+    if GROUP_M == 0:
+        return t // num_n, t % num_n
     else:
-        tl.store(out_ptr + flat, out.to(CDT), mask=mmask[:, None])
+        group = t // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (t % size_m), (t % (GROUP_M * num_n)) // size_m
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -434,18 +514,58 @@ def _attn_in_bwd_dx_kernel(dqkv_ptr, wq_ptr, wk_ptr, wv_ptr, gxm_ptr, xm_ptr, rs
         w = tl.load(wv_ptr + (k0 + rk)[:, None] * D + rn[None, :]).to(CDT)
         acc = tl.dot(a, w, acc)
     flat = rm[:, None] * D + rn[None, :]
+    dx, dx0 = _attn_dx_epilogue(acc, tl.load(gxm_ptr + flat, mask=m2, other=0.0), tl.load(xm_ptr + flat, mask=m2, other=0.0),
+                                tl.load(x_ptr + flat, mask=m2, other=0.0), tl.load(x0_ptr + flat, mask=m2, other=0.0),
+                                rm, rn, mmask, pid_m, rstd_ptr, c_ptr, mix_ptr, dmix_ptr, D)
+    tl.store(dx_ptr + flat, dx.to(dx_ptr.dtype.element_ty), mask=m2)
+    tl.store(dx0_ptr + flat, dx0.to(dx0_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _attn_dx_epilogue(acc, gxm, xm, x, x0, rm, rn, mmask, pid_m, rstd_ptr, c_ptr, mix_ptr, dmix_ptr, D: tl.constexpr):
+    # dxm = g_xm + acc - xm * rstd^2 * c / D; returns (mix0 * dxm, mix1 * dxm) and stores the row tile's dmix
+    # partial sums (rows outside M have zero inputs, so they add nothing)
     r = tl.load(rstd_ptr + rm, mask=mmask, other=0.0)
     cv = tl.load(c_ptr + rm, mask=mmask, other=0.0)
-    xmv = tl.load(xm_ptr + flat, mask=m2, other=0.0).to(tl.float32)
-    dxm = tl.load(gxm_ptr + flat, mask=m2, other=0.0).to(tl.float32) + acc - xmv * (r * r * cv / D)[:, None]
-    xv = tl.load(x_ptr + flat, mask=m2, other=0.0).to(tl.float32)
-    x0v = tl.load(x0_ptr + flat, mask=m2, other=0.0).to(tl.float32)
+    dxm = gxm.to(tl.float32) + acc - xm.to(tl.float32) * (r * r * cv / D)[:, None]
     m0 = tl.load(mix_ptr + rn)
     m1 = tl.load(mix_ptr + D + rn)
-    tl.store(dx_ptr + flat, (m0[None, :] * dxm).to(dx_ptr.dtype.element_ty), mask=m2)
-    tl.store(dx0_ptr + flat, (m1[None, :] * dxm).to(dx0_ptr.dtype.element_ty), mask=m2)
-    tl.store(dmix_ptr + pid_m * 2 * D + rn, tl.sum(dxm * xv, axis=0))
-    tl.store(dmix_ptr + pid_m * 2 * D + D + rn, tl.sum(dxm * x0v, axis=0))
+    tl.store(dmix_ptr + pid_m * 2 * D + rn, tl.sum(dxm * x.to(tl.float32), axis=0))
+    tl.store(dmix_ptr + pid_m * 2 * D + D + rn, tl.sum(dxm * x0.to(tl.float32), axis=0))
+    return m0[None, :] * dxm, m1[None, :] * dxm
+
+
+@triton.jit
+def _attn_in_bwd_dx_tma_kernel(dqkv_desc, wq_desc, wk_desc, wv_desc, gxm_desc, xm_desc, x_desc, x0_desc,
+                               dx_desc, dx0_desc, rstd_ptr, c_ptr, mix_ptr, dmix_ptr,
+                               M, NPROG: tl.constexpr,
+                               D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
+                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # _attn_in_bwd_dx_kernel through TMA descriptors, persistent over (row tile, column tile), column fastest
+    CDT = dx_desc.dtype
+    num_n: tl.constexpr = D // BN
+    num_tiles = tl.cdiv(M, BM) * num_n
+    tile_e = tl.program_id(0) - NPROG
+    for tile in tl.range(tl.program_id(0), num_tiles, NPROG, flatten=True):
+        pid_m = tile // num_n
+        pid_n = tile % num_n
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, H * HD, BK):
+            acc = tl.dot(dqkv_desc.load([pid_m * BM, k0]), wq_desc.load([k0, pid_n * BN]), acc)
+        for k0 in range(0, KVH * HD, BK):
+            acc = tl.dot(dqkv_desc.load([pid_m * BM, H * HD + k0]), wk_desc.load([k0, pid_n * BN]), acc)
+        for k0 in range(0, KVH * HD, BK):
+            acc = tl.dot(dqkv_desc.load([pid_m * BM, (H + KVH) * HD + k0]), wv_desc.load([k0, pid_n * BN]), acc)
+        tile_e += NPROG
+        em = tile_e // num_n
+        en = tile_e % num_n
+        rm = em * BM + tl.arange(0, BM)
+        rn = en * BN + tl.arange(0, BN)
+        dx, dx0 = _attn_dx_epilogue(acc, gxm_desc.load([em * BM, en * BN]), xm_desc.load([em * BM, en * BN]),
+                                    x_desc.load([em * BM, en * BN]), x0_desc.load([em * BM, en * BN]),
+                                    rm, rn, rm < M, em, rstd_ptr, c_ptr, mix_ptr, dmix_ptr, D)
+        dx_desc.store([em * BM, en * BN], dx.to(CDT))
+        dx0_desc.store([em * BM, en * BN], dx0.to(CDT))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -624,6 +744,22 @@ def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, 
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])
     dummy = out
+    common = dict(A_ACT=a_act, EPI=epi, STORE_ACT=store_act, ACT=act, NT_P2=max(1, triton.next_power_of_2(c_nt)),
+                  BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg.get("TMA") and tuple(a_addr) == _plain(K) and tuple(o_addr) == _plain(N) and (w_sk == 1 or w_sn == 1):
+        BM = cfg["BM"]
+        w_nk = w_sk == 1
+        wd = (TensorDescriptor(w, [N, K], [w_sn, 1], [BN, BK]) if w_nk
+              else TensorDescriptor(w, [K, N], [w_sk, 1], [BK, BN]))
+        od = _desc2(out, M, N, BM, BN)
+        side = [_desc2(t, M, N, BM, BN) if t is not None else od for t in (res, g)]
+        nprog = min(_num_sms(a.device), triton.cdiv(M, BM) * (N // BN))
+        _row_gemm_tma_kernel[(nprog,)](
+            _desc2(a, M, K, BM, BK), wd, od, *side,
+            nvec if nvec is not None else dummy, rowvec if rowvec is not None else dummy,
+            c if c is not None else dummy, c_nt, M, N, K,
+            W_NK=w_nk, GROUP_M=cfg.get("GROUP_M", 0), NPROG=nprog, **common)
+        return out
     grid = (N // BN, triton.cdiv(M, cfg["BM"]))
     _row_gemm_kernel[grid](
         a, *a_addr, w, w_sn, w_sk, out, *o_addr,
@@ -631,10 +767,13 @@ def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, 
         res if res is not None else dummy, rowvec if rowvec is not None else dummy,
         c if c is not None else dummy, c_nt, g if g is not None else dummy,
         M, N, K,
-        A_ACT=a_act, EPI=epi, STORE_ACT=store_act, ACT=act, NT_P2=max(1, triton.next_power_of_2(c_nt)),
-        A_4D=tuple(a_addr) != _plain(K), O_4D=tuple(o_addr) != _plain(N),
-        BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        A_4D=tuple(a_addr) != _plain(K), O_4D=tuple(o_addr) != _plain(N), **common)
     return out
+
+
+def _desc2(t: torch.Tensor, rows: int, cols: int, b_rows: int, b_cols: int) -> TensorDescriptor:
+    """TMA descriptor of the row-major [rows, cols] matrix at t's storage (tiles of b_rows x b_cols)."""
+    return TensorDescriptor(t, [rows, cols], [cols, 1], [b_rows, b_cols])
 
 
 def wgrad(a, b, b_addr, M, N, K, *, nscale=None, w=None):
@@ -697,10 +836,18 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
     dx = alloc_like(x)
     dx0 = alloc_like(x0)
     dmix_part = alloc((n_rt, 2, D), device=dev, dtype=torch.float32)
-    _attn_in_bwd_dx_kernel[(D // BN, n_rt)](dqkv, wq, wk, wv, g_xm, xm, rstd, cvec, x, x0, resid_mix,
-                                            dx, dx0, dmix_part, M, D=D, H=H, KVH=KVH, HD=HD,
-                                            BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"],
-                                            num_stages=cfg["num_stages"])
+    kw = dict(D=D, H=H, KVH=KVH, HD=HD, BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"],
+              num_stages=cfg["num_stages"])
+    if cfg.get("TMA"):
+        BM = cfg["BM"]
+        nprog = min(_num_sms(dev), n_rt * (D // BN))
+        _attn_in_bwd_dx_tma_kernel[(nprog,)](
+            _desc2(dqkv, M, NQKV, BM, BK), *[_desc2(w, w.shape[0], D, BK, BN) for w in (wq, wk, wv)],
+            *[_desc2(t, M, D, BM, BN) for t in (g_xm, xm, x, x0, dx, dx0)], rstd, cvec, resid_mix, dmix_part,
+            M, NPROG=nprog, **kw)
+    else:
+        _attn_in_bwd_dx_kernel[(D // BN, n_rt)](dqkv, wq, wk, wv, g_xm, xm, rstd, cvec, x, x0, resid_mix,
+                                                dx, dx0, dmix_part, M, **kw)
     dw, _ = wgrad(dqkv, xm, _flat2(xm), M, NQKV, D)
     return dx, dx0, dmix_part.sum(0), dw, dgain_part.sum(0)
 

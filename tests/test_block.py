@@ -41,6 +41,25 @@ def _poison_outputs():
     block_kernels.POISON_OUTPUTS = False
 
 
+# The row GEMMs and the attention-input dX matmul have two kernels each: pointer loads (any addressing) and,
+# for row-major operands, TMA tensor descriptors with a persistent tile loop. The interpreter runs both.
+TMA_KINDS = ("row_gemm", "row_gemm_act_bwd", "row_gemm_norm_bwd", "attn_dx")
+
+
+@pytest.fixture(params=["pointer", "tma"])
+def gemm_path(request):
+    from pgolf_kernels import block_kernels as kn
+    saved = {k: kn._TILE_OVERRIDES.get(k) for k in TMA_KINDS}
+    for k in TMA_KINDS:
+        kn._TILE_OVERRIDES[k] = dict(saved[k] or {}, TMA=request.param == "tma")
+    yield request.param
+    for k, v in saved.items():
+        if v is None:
+            kn._TILE_OVERRIDES.pop(k, None)
+        else:
+            kn._TILE_OVERRIDES[k] = v
+
+
 def randomize_(block: torch.nn.Module, seed: int) -> None:
     """Random non-trivial parameters (the real init zeroes projections and sets identity mixes/scales,
     which would hide bugs in their gradients)."""
@@ -182,7 +201,7 @@ def ref_attn_in(x, x0, mix, wq, wk, wv, gain, inv_freq, H, KVH, rope_dims):
 
 @needs_triton_cpu
 @pytest.mark.parametrize("H,KVH,hd,rope_dims", [(2, 1, 64, 64), (4, 2, 32, 16), (2, 2, 64, 16)])
-def test_attn_in_piece(H, KVH, hd, rope_dims):
+def test_attn_in_piece(H, KVH, hd, rope_dims, gemm_path):
     from pgolf_kernels import block as blk
     from pgolf_kernels import block_kernels as kn
     torch.manual_seed(10 + rope_dims + H)
@@ -210,7 +229,7 @@ def test_attn_in_piece(H, KVH, hd, rope_dims):
 
 @needs_triton_cpu
 @pytest.mark.parametrize("strided", [True, False])
-def test_attn_out_piece(strided):
+def test_attn_out_piece(strided, gemm_path):
     from pgolf_kernels import block as blk
     from pgolf_kernels import block_kernels as kn
     torch.manual_seed(20)
@@ -236,7 +255,7 @@ def test_attn_out_piece(strided):
 
 @needs_triton_cpu
 @pytest.mark.parametrize("mult,activation", [(2, "relu2"), (3, "leaky_relu2"), (4, "leaky_relu2")])
-def test_mlp_piece(mult, activation):
+def test_mlp_piece(mult, activation, gemm_path):
     from pgolf_kernels import block as blk
     from pgolf_kernels import block_kernels as kn
     torch.manual_seed(30 + mult)
@@ -276,7 +295,7 @@ BLOCK_CASES = [
 
 @needs_triton_cpu
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"m{c['mlp_mult']}_{c['activation']}_r{c['rope_dims']}")
-def test_fused_block_matches_reference(case):
+def test_fused_block_matches_reference(case, gemm_path):
     torch.manual_seed(40)
     ref = ReferenceBlock(**case)
     randomize_(ref, 41)
