@@ -119,7 +119,9 @@ BLOCK_VARIANTS = {
     "attn_dx": [{}, {"BN": 128}, {"BN": 128, "BM": 64, "num_warps": 4}, {"BN": 256}, {"num_stages": 4},
                 {"BN": 128, "num_stages": 4}, dict(_TMA, BN=128), dict(_TMA, BN=256), dict(_TMA, BN=128, num_stages=4),
                 dict(_TMA, BM=64, BN=128, num_warps=4, num_stages=4), dict(_TMA, BM=64, BN=256, num_stages=4)],
-    "attn_in": [{}, {"HPP": 1}, {"HPP": 4}, {"BM": 64, "num_warps": 4}, {"num_stages": 4}, {"BK": 128, "num_stages": 2}],
+    "attn_in": [{}, {"HPP": 1}, {"HPP": 4}, {"BM": 64, "num_warps": 4}, {"num_stages": 4}, {"BK": 128, "num_stages": 2},
+                {"TMA": 1}, {"TMA": 1, "num_stages": 4}, {"TMA": 1, "BM": 128, "num_warps": 8},
+                {"TMA": 1, "HPP": 4, "BM": 128, "num_warps": 8}],
     "attn_epi": [{}, {"BM": 16}, {"BM": 64}, {"BM": 32, "num_warps": 4}],
 }
 

@@ -169,11 +169,11 @@ def _row_stats_kernel(x_ptr, x0_ptr, mix_ptr, xm_ptr, rstd_ptr, M, eps,
 
 
 @triton.jit
-def _attn_in_fwd_kernel(xm_ptr, rstd_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr, cos_ptr, sin_ptr,
+def _attn_in_fwd_kernel(xm_ptr, xm_desc, rstd_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr, cos_ptr, sin_ptr,
                         q_ptr, k_ptr, v_ptr, hrstd_ptr,
                         M, T, eps,
                         D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
-                        RD: tl.constexpr, STORE_STATS: tl.constexpr, HPP: tl.constexpr,
+                        RD: tl.constexpr, STORE_STATS: tl.constexpr, HPP: tl.constexpr, A_TMA: tl.constexpr,
                         BM: tl.constexpr, BK: tl.constexpr):
     # One program = HPP heads of one kind (groups of q heads, then of k heads, then of v heads) x one row tile:
     # (xm @ W^T) * rstd, then the per-head q/k RMSNorm, RoPE and q gain on the accumulator.
@@ -212,7 +212,10 @@ def _attn_in_fwd_kernel(xm_ptr, rstd_ptr, wq_ptr, wk_ptr, wv_ptr, gain_ptr, cos_
     acc_b = tl.zeros((BM, W), dtype=tl.float32)
     for k0 in range(0, D, BK):
         kk = k0 + rk
-        xmc = tl.load(xm_ptr + rm[:, None] * D + kk[None, :], mask=mmask[:, None], other=0.0)
+        if A_TMA:  # xm tiles by TMA (the weights' RoPE-paired rows are a gather: pointer loads)
+            xmc = xm_desc.load([pid_m * BM, k0])
+        else:
+            xmc = tl.load(xm_ptr + rm[:, None] * D + kk[None, :], mask=mmask[:, None], other=0.0)
         wa = tl.load(w_base + idx_a[None, :] * D + kk[:, None]).to(CDT)
         wb = tl.load(w_base + idx_b[None, :] * D + kk[:, None]).to(CDT)
         acc_a = tl.dot(xmc, wa, acc_a)
@@ -731,9 +734,11 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
     v = alloc((M, KVH * HD), device=dev, dtype=dt)
     hrstd = alloc((M if store_stats else 0, H + KVH), device=dev, dtype=torch.float32)
     grid = ((H + 2 * KVH) // hpp, triton.cdiv(M, cfg["BM"]))
-    _attn_in_fwd_kernel[grid](xm, rstd, wq, wk, wv, q_gain, cos, sin, q, k, v, hrstd,
+    a_tma = bool(cfg.get("TMA"))
+    _attn_in_fwd_kernel[grid](xm, _desc2(xm, M, D, cfg["BM"], BK) if a_tma else xm, rstd, wq, wk, wv, q_gain, cos,
+                              sin, q, k, v, hrstd,
                               M, T, RMS_EPS, D=D, H=H, KVH=KVH, HD=HD, RD=rope_dims, STORE_STATS=store_stats,
-                              HPP=hpp,
+                              HPP=hpp, A_TMA=a_tma,
                               BM=cfg["BM"], BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return xm, q, k, v, (rstd if store_stats else rstd.new_empty(0)), hrstd
 
