@@ -204,10 +204,10 @@ def aot_check(arch: int = 90) -> list[dict]:
     # plain addressing (a_T, a_s3, o_T, o_s3), the unit weight stride (w_sk forward, w_sn backward), one partial
     fwd_ones = dict(a_T=1, a_s3=1, o_T=1, o_s3=1, w_sk=1, c_NT=1)
     bwd_ones = dict(a_T=1, a_s3=1, o_T=1, o_s3=1, w_sn=1, c_NT=1)
-    for label, v, kind, ones in [("attn_out fwd", dict(EPI=1), "row_gemm", fwd_ones),
+    for label, v, kind, ones in [("attn_out fwd", dict(EPI=1), "row_gemm_res", fwd_ones),
                                  ("mlp up (train)", dict(EPI=2), "row_gemm", fwd_ones),
                                  ("mlp up (eval)", dict(EPI=2, STORE_ACT=True), "row_gemm", fwd_ones),
-                                 ("mlp down", dict(A_ACT=True, EPI=1), "row_gemm", fwd_ones),
+                                 ("mlp down", dict(A_ACT=True, EPI=1), "row_gemm_act_in", fwd_ones),
                                  ("attn_out bwd dY", dict(), "row_gemm", bwd_ones),
                                  ("mlp bwd dPre", dict(EPI=3, STORE_ACT=True), "row_gemm_act_bwd", bwd_ones),
                                  ("mlp bwd dX", dict(EPI=4, NT_P2=16), "row_gemm_norm_bwd",
@@ -246,10 +246,11 @@ def aot_check(arch: int = 90) -> list[dict]:
 
 STAGE_VARIANTS = {  # PGOLF_BLOCK_TILES per variant: same maths, different code generation
     "default": {},
-    "no_pipelining": {k: {"num_stages": 1} for k in ("row_gemm", "row_gemm_act_bwd", "row_gemm_norm_bwd", "attn_in",
-                                                      "attn_dx", "wgrad")},
+    "no_pipelining": {k: {"num_stages": 1} for k in ("row_gemm", "row_gemm_res", "row_gemm_act_in", "row_gemm_act_bwd",
+                                                      "row_gemm_norm_bwd", "attn_in", "attn_dx", "wgrad")},
     "attn_in_1_head_per_program": {"attn_in": {"HPP": 1}},
-    "small_tiles": {"row_gemm": {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4},
+    "small_tiles": {**{k: {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4, "TMA": 0}
+                       for k in ("row_gemm", "row_gemm_res", "row_gemm_act_in")},
                     "attn_in": {"BM": 64, "num_warps": 4}},
 }
 

@@ -52,39 +52,56 @@ def alloc_like(t: torch.Tensor) -> torch.Tensor:
 
 def _blocks(kind: str) -> dict:
     """Tile sizes. Interpreter: small tiles so tests cover several tiles and row masks on tiny shapes.
-    GPU (H100): tiles that compile for sm_90 to wgmma with cp.async pipelining (`python bench/bench_block.py
-    --aot-check`, no GPU needed, reports registers and spills: Triton 3.9 spills 16 and 112 bytes in the dPre and
-    MLP-dX kernels at their tiles, which still measured fastest); the backward and attn_in tiles were picked per
-    launch on the H100 (`python bench/probe_gemm_tiles.py --block-launches`); PGOLF_BLOCK_TILES overrides any."""
+    GPU: tiles measured per launch on the H100 (`python bench/probe_gemm_tiles.py --block-launches`); `TMA` picks
+    the tensor-descriptor kernels where they measured faster (Hopper and newer only: elsewhere the pointer-load
+    kernels run, see _use_tma). `python bench/bench_block.py --aot-check` (no GPU) reports the pointer kernels'
+    registers and spills. PGOLF_BLOCK_TILES overrides any setting."""
     if _INTERPRET:
-        table = {"row_gemm": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
+        small = dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1)
+        table = {"row_gemm": small, "row_gemm_res": small, "row_gemm_act_in": small,
                  "row_stats": dict(BM=8, num_warps=4),
-                 "row_gemm_act_bwd": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
-                 "row_gemm_norm_bwd": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
+                 "row_gemm_act_bwd": small, "row_gemm_norm_bwd": small,
                  "attn_in": dict(BM=32, BK=64, HPP=2, num_warps=4, num_stages=1),
                  "attn_epi": dict(BM=32, num_warps=4),
-                 "attn_dx": dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1),
+                 "attn_dx": small,
                  "wgrad": dict(BN=64, BK=64, BM=32, num_warps=4, num_stages=1)}
     else:
-        table = {"row_gemm": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
+        # Per-launch sweep on the H100 at B64xT1024 (python bench/probe_gemm_tiles.py --block-launches;
+        # bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06.txt), ms at the tiles below vs the best
+        # pointer-load tiles in the same run. TMA: the persistent tensor-descriptor kernels (_row_gemm_tma_kernel,
+        # _attn_in_bwd_dx_tma_kernel) or, for attn_in, xm tiles by TMA. With a residual or g tile read through
+        # shared memory, 128x256 tiles do not fit the H100's 227 KB.
+        table = {# EPI_STORE (attn_out backward dY) and EPI_MLP_UP: 0.070 vs 0.081, 0.126 vs 0.158
+                 "row_gemm": dict(TMA=1, BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+                 # EPI_RESIDUAL (attention output projection): 0.105 vs 0.112
+                 "row_gemm_res": dict(TMA=1, BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
+                 # EPI_RESIDUAL with act() on the A tiles (MLP down): pointer loads 0.193 vs TMA 0.199
+                 "row_gemm_act_in": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
                  # RMSNorm row scales come from their own pass (_row_stats_kernel). Summing the squares of the
-                 # A tiles inside the MLP-up matmul instead needed small 64x64x32 / 4-warp tiles there: with the
-                 # tiles above Triton 3.6 on the H100 returned `pre` with a 3% error (bench_block --stages,
+                 # A tiles inside the MLP-up matmul instead needed small 64x64x32 / 4-warp tiles there: with
+                 # 128x128 tiles Triton 3.6 on the H100 returned `pre` with a 3% error (bench_block --stages,
                  # block_stages-h100-*.json), and the small tiles were slow.
                  "row_stats": dict(BM=8, num_warps=4),
-                 # Per-launch sweep on the H100 at B64xT1024 (python bench/probe_gemm_tiles.py --block-launches;
-                 # bench/results/gemm_tiles_block-h100-*): ms at the tiles below vs the 128x128x64 / 8-warp /
-                 # 3-stage default: dPre 0.268 vs 0.324, MLP dX 0.200 vs 0.244, attn_in backward (epilogue +
-                 # dX + cuBLAS dW) 0.590 vs 0.748, attn_in forward (with its row pass) 0.297 vs 0.331.
-                 "row_gemm_act_bwd": dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4),
-                 "row_gemm_norm_bwd": dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
-                 "attn_in": dict(BM=64, BK=64, HPP=2, num_warps=4, num_stages=3),
+                 # dPre 0.258 vs 0.263; MLP dX 0.201 vs 0.206
+                 "row_gemm_act_bwd": dict(TMA=1, BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+                 "row_gemm_norm_bwd": dict(TMA=1, BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
+                 # attn_in forward (with its row pass) 0.291 vs 0.296
+                 "attn_in": dict(TMA=1, BM=64, BK=64, HPP=2, num_warps=4, num_stages=3),
                  "attn_epi": dict(BM=32, num_warps=8),
+                 # attn_in backward (epilogue + dX + cuBLAS dW): pointer loads 0.579-0.588 vs TMA 0.608 at best
                  "attn_dx": dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3),
                  "wgrad": dict(BN=128, BK=128, BM=64, num_warps=8, num_stages=3)}
     cfg = dict(table[kind])
     cfg.update(_TILE_OVERRIDES.get(kind, {}))
     return cfg
+
+
+def _use_tma(cfg: dict, device: torch.device) -> bool:
+    """TMA tensor descriptors where the tile table asks for them and the device has TMA (sm_90+; the
+    interpreter emulates them)."""
+    if not cfg.get("TMA"):
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _tile_overrides() -> dict:
@@ -734,7 +751,7 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
     v = alloc((M, KVH * HD), device=dev, dtype=dt)
     hrstd = alloc((M if store_stats else 0, H + KVH), device=dev, dtype=torch.float32)
     grid = ((H + 2 * KVH) // hpp, triton.cdiv(M, cfg["BM"]))
-    a_tma = bool(cfg.get("TMA"))
+    a_tma = _use_tma(cfg, x.device)
     _attn_in_fwd_kernel[grid](xm, _desc2(xm, M, D, cfg["BM"], BK) if a_tma else xm, rstd, wq, wk, wv, q_gain, cos,
                               sin, q, k, v, hrstd,
                               M, T, RMS_EPS, D=D, H=H, KVH=KVH, HD=HD, RD=rope_dims, STORE_STATS=store_stats,
@@ -743,15 +760,27 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
     return xm, q, k, v, (rstd if store_stats else rstd.new_empty(0)), hrstd
 
 
+def row_gemm_kind(epi: int, a_act: bool = False) -> str:
+    """The tile-table kind of a row_gemm launch (each kind has its own measured tiles)."""
+    if epi == EPI_ACT_BWD:
+        return "row_gemm_act_bwd"
+    if epi == EPI_NORM_BWD:
+        return "row_gemm_norm_bwd"
+    if a_act:
+        return "row_gemm_act_in"
+    return "row_gemm_res" if epi == EPI_RESIDUAL else "row_gemm"
+
+
 def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, res=None,
              rowvec=None, c=None, c_nt=1, g=None, a_act=False, store_act=False, act=0):
-    cfg = _blocks({EPI_ACT_BWD: "row_gemm_act_bwd", EPI_NORM_BWD: "row_gemm_norm_bwd"}.get(epi, "row_gemm"))
+    cfg = _blocks(row_gemm_kind(epi, a_act))
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])
     dummy = out
     common = dict(A_ACT=a_act, EPI=epi, STORE_ACT=store_act, ACT=act, NT_P2=max(1, triton.next_power_of_2(c_nt)),
                   BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if cfg.get("TMA") and tuple(a_addr) == _plain(K) and tuple(o_addr) == _plain(N) and (w_sk == 1 or w_sn == 1):
+    plain = tuple(a_addr) == _plain(K) and tuple(o_addr) == _plain(N) and (w_sk == 1 or w_sn == 1)
+    if plain and _use_tma(cfg, a.device):
         BM = cfg["BM"]
         w_nk = w_sk == 1
         wd = (TensorDescriptor(w, [N, K], [w_sn, 1], [BN, BK]) if w_nk
@@ -843,7 +872,7 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
     dmix_part = alloc((n_rt, 2, D), device=dev, dtype=torch.float32)
     kw = dict(D=D, H=H, KVH=KVH, HD=HD, BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"],
               num_stages=cfg["num_stages"])
-    if cfg.get("TMA"):
+    if _use_tma(cfg, dev):
         BM = cfg["BM"]
         nprog = min(_num_sms(dev), n_rt * (D // BN))
         _attn_in_bwd_dx_tma_kernel[(nprog,)](

@@ -44,7 +44,8 @@ def _poison_outputs():
 # The row GEMMs and the attention-input dX matmul have two kernels each: pointer loads (any addressing) and,
 # for row-major operands, TMA tensor descriptors with a persistent tile loop; the attention-input forward
 # loads xm by pointers or by TMA. The interpreter runs both.
-TMA_KINDS = ("row_gemm", "row_gemm_act_bwd", "row_gemm_norm_bwd", "attn_dx", "attn_in")
+TMA_KINDS = ("row_gemm", "row_gemm_res", "row_gemm_act_in", "row_gemm_act_bwd", "row_gemm_norm_bwd", "attn_dx",
+             "attn_in")
 
 
 @pytest.fixture(params=["pointer", "tma"])
