@@ -99,7 +99,7 @@ setup(
     ],
     extras_require={
         "prepare": ["lxml", "docutils", "py3langid"],
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.3"],  # host-side TMA tensor descriptors (triton.tools.tensor_descriptor)
         "bench": ["matplotlib"],
         "test": ["pytest", "lxml", "docutils", "py3langid", "matplotlib"],
     },

@@ -11,8 +11,10 @@ Every kernel but three is a matmul with its elementwise neighbours folded into o
   _row_stats_kernel        rstd of each row for RMSNorm as a row scale (with resid_mix: also writes xm)
   _attn_in_fwd_kernel      (xm @ [Wq;Wk;Wv]^T) * rstd + q/k RMSNorm + RoPE + q gain
   _row_gemm_kernel         generic  out = epilogue(prologue(A) @ W)  (output projections, MLP up/down, dX matmuls)
+  _row_gemm_tma_kernel     the same for row-major operands: TMA tensor descriptors, persistent over output tiles
   _attn_in_bwd_epi_kernel  backward of the QKV epilogue (q/k norm, RoPE, gain) for all heads of a row tile
   _attn_in_bwd_dx_kernel   dXm = d(qkv) @ [Wq;Wk;Wv] with the RMSNorm backward and resid_mix backward in the epilogue
+                           (_attn_in_bwd_dx_tma_kernel: its TMA / persistent form)
   _wgrad_kernel            generic  dW = A^T @ B over rows (split over rows for parallelism); on a GPU plain
                            products go to cuBLAS instead (see wgrad)
   _prep_weights_kernel     fp32 -> activation-dtype weight copies, optionally row-scaled, up to 8 per launch

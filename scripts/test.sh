@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first (the extension's build needs it); keep an installed torch rather than pulling another.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
-"$PY" -c "import triton" 2>/dev/null || "$PY" -m pip install -q "triton>=3.2"
+"$PY" -c "import triton" 2>/dev/null || "$PY" -m pip install -q "triton>=3.3"
 "$PY" -m pip install -q setuptools wheel
 "$PY" -m pip install -q --no-build-isolation -e ".[test]"
 rc=0
