@@ -482,6 +482,20 @@ def test_poisoned_allocation_is_nan():
     assert torch.isnan(kn.alloc((3, 4), device="cpu", dtype=torch.float32)).all()
 
 
+def test_row_gemm_kinds_and_tma_switch():
+    from pgolf_kernels import block_kernels as kn
+    assert kn.row_gemm_kind(kn.EPI_STORE) == "row_gemm" and kn.row_gemm_kind(kn.EPI_MLP_UP) == "row_gemm"
+    assert kn.row_gemm_kind(kn.EPI_RESIDUAL) == "row_gemm_res"
+    assert kn.row_gemm_kind(kn.EPI_RESIDUAL, a_act=True) == "row_gemm_act_in"
+    assert kn.row_gemm_kind(kn.EPI_ACT_BWD) == "row_gemm_act_bwd"
+    assert kn.row_gemm_kind(kn.EPI_NORM_BWD) == "row_gemm_norm_bwd"
+    cpu = torch.device("cpu")
+    assert kn._use_tma({"TMA": 1}, cpu) and not kn._use_tma({"TMA": 0}, cpu) and not kn._use_tma({}, cpu)
+    if HAS_CUDA:  # the TMA kernels need sm_90+; older GPUs fall back to the pointer-load kernels
+        dev = torch.device("cuda")
+        assert kn._use_tma({"TMA": 1}, dev) == (torch.cuda.get_device_capability(dev)[0] >= 9)
+
+
 @needs_triton_cpu
 def test_prep_weights_casts_and_row_scales():
     from pgolf_kernels import block_kernels as kn
