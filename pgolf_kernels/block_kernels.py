@@ -536,11 +536,9 @@ def _attn_in_bwd_dx_kernel(dqkv_ptr, wq_ptr, wk_ptr, wv_ptr, gxm_ptr, xm_ptr, rs
         w = tl.load(wv_ptr + (k0 + rk)[:, None] * D + rn[None, :]).to(CDT)
         acc = tl.dot(a, w, acc)
     flat = rm[:, None] * D + rn[None, :]
-    gxm = tl.load(gxm_ptr + flat, mask=m2, other=0.0)
-    xm = tl.load(xm_ptr + flat, mask=m2, other=0.0)
-    x = tl.load(x_ptr + flat, mask=m2, other=0.0)
-    x0 = tl.load(x0_ptr + flat, mask=m2, other=0.0)
-    dx, dx0 = _attn_dx_epilogue(acc, gxm, xm, x, x0, rm, rn, mmask, pid_m, rstd_ptr, c_ptr, mix_ptr, dmix_ptr, D)
+    dx, dx0 = _attn_dx_epilogue(acc, tl.load(gxm_ptr + flat, mask=m2, other=0.0), tl.load(xm_ptr + flat, mask=m2, other=0.0),
+                                tl.load(x_ptr + flat, mask=m2, other=0.0), tl.load(x0_ptr + flat, mask=m2, other=0.0),
+                                rm, rn, mmask, pid_m, rstd_ptr, c_ptr, mix_ptr, dmix_ptr, D)
     tl.store(dx_ptr + flat, dx.to(dx_ptr.dtype.element_ty), mask=m2)
     tl.store(dx0_ptr + flat, dx0.to(dx0_ptr.dtype.element_ty), mask=m2)
 
