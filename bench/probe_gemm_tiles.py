@@ -235,7 +235,7 @@ def main():
     ap.add_argument("--block-launches", action="store_true", help="time the block's launches per tile variant")
     ap.add_argument("--kinds", default="", help="with --block-launches: only these kernel kinds (comma separated)")
     args = ap.parse_args()
-    from results_io import device_slug  # noqa: E402
+    from results_io import device_slug, git_commit, source_digest  # noqa: E402
     from pgolf_kernels import block_kernels as bk  # noqa: E402
 
     if args.block_launches:
@@ -243,7 +243,7 @@ def main():
         base = os.path.join(args.out, f"gemm_tiles_block-{device_slug()}-{time.strftime('%Y-%m-%d')}")
         os.makedirs(args.out, exist_ok=True)
         meta = dict(bench="gemm_tiles_block", device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
-                    commit=os.environ.get("PGOLF_COMMIT", ""),
+                    commit=git_commit(), source_sha256=source_digest(),
                     command="python3 bench/probe_gemm_tiles.py --block-launches --out DIR",
                     versions=dict(torch=torch.__version__, triton=triton.__version__))
         with open(base + ".json", "w") as f:
@@ -300,7 +300,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"gemm_tiles-{slug}-{date}")
     meta = dict(bench="gemm_tiles", device=torch.cuda.get_device_name(), date=date,
-                commit=os.environ.get("PGOLF_COMMIT", ""), command="python3 bench/probe_gemm_tiles.py --out DIR",
+                commit=git_commit(), source_sha256=source_digest(),
+                command="python3 bench/probe_gemm_tiles.py --out DIR",
                 versions=dict(torch=torch.__version__, triton=triton.__version__))
     with open(base + ".json", "w") as f:
         json.dump(dict(meta, rows=rows), f, indent=1)

@@ -1,13 +1,14 @@
 """Writing bench results the one way ../shared/docs/bench-results.md describes.
 
 `write_results(bench, rows, out_dirs, command=..., plot=...)` writes
-`<bench>-<device-slug>-<YYYY-MM-DD>.json` (the object with bench, device, date, commit, versions, command,
-rows), a Markdown table of the rows beside it, and optionally a PNG drawn by `plot(rows, path)` with
+`<bench>-<device-slug>-<YYYY-MM-DD>.json` (the object with bench, device, date, commit, source_sha256, versions,
+command, rows), a Markdown table of the rows beside it, and optionally a PNG drawn by `plot(rows, path)` with
 matplotlib from the same rows. Every bench script in bench/ goes through here so the files stay uniform.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -50,6 +51,28 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return "unknown"
+
+
+# What a result depends on: the library, its kernels, the trainer and the benches (not tests or docs).
+SOURCE_GLOBS = ("pgolf_kernels/**/*.py", "csrc/**/*", "train/**/*.py", "bench/*.py", "setup.py")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def source_digest(root: Path | str = REPO_ROOT) -> str:
+    """sha256 over the source files a result depends on (SOURCE_GLOBS: relative path and bytes, in path order).
+
+    A results file records it beside the commit, because the commit can be wrong: the device machine runs a
+    copy of the working tree whose .git may name an older HEAD. `python bench/results_io.py --digest [ROOT]`
+    prints it for a checkout (e.g. `git worktree add /tmp/c <commit>`), so a file can be matched to its tree."""
+    root = Path(root)
+    files = sorted({p for g in SOURCE_GLOBS for p in root.glob(g)
+                    if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".so", ".o")})
+    h = hashlib.sha256()
+    for p in files:
+        rel = p.relative_to(root).as_posix().encode()
+        data = p.read_bytes()
+        h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
 
 
 def host_and_wall_ms(step, iters: int, warmup: int = 3) -> tuple[float, float]:
@@ -162,6 +185,7 @@ def write_results(bench: str, rows: list[dict], out_dirs, *, command: str | None
         "device": dev,
         "date": date,
         "commit": git_commit(),
+        "source_sha256": source_digest(),
         "versions": versions(),
         "command": command or " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv),
         "rows": rows,
@@ -174,7 +198,8 @@ def write_results(bench: str, rows: list[dict], out_dirs, *, command: str | None
         d = Path(d)
         d.mkdir(parents=True, exist_ok=True)
         _atomic_write(d / f"{stem}.json", json.dumps(obj, indent=2) + "\n")
-        md = f"# {bench} on {dev}, {date}\n\ncommit `{obj['commit']}`, versions {obj['versions']}\n\n"
+        md = (f"# {bench} on {dev}, {date}\n\ncommit `{obj['commit']}` (source sha256 `{obj['source_sha256'][:16]}`), "
+              f"versions {obj['versions']}\n\n")
         md += f"command: `{obj['command']}`\n\n" + markdown_table(rows) + ("\n" + notes + "\n" if notes else "")
         _atomic_write(d / f"{stem}.md", md)
         if plot is not None:
@@ -184,3 +209,10 @@ def write_results(bench: str, rows: list[dict], out_dirs, *, command: str | None
             os.replace(tmp, png)
         written.append(d / f"{stem}.json")
     return written
+
+
+if __name__ == "__main__":
+    if len(sys.argv) in (2, 3) and sys.argv[1] == "--digest":
+        print(source_digest(sys.argv[2] if len(sys.argv) == 3 else REPO_ROOT))
+    else:
+        sys.exit("usage: python bench/results_io.py --digest [ROOT]   (the source sha256 that results files record)")

@@ -1,4 +1,5 @@
 """bench/results_io helpers that the GPU benches share, checked on CPU with the CUDA memory counters faked."""
+import json
 import sys
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from results_io import peak_extra_mib  # noqa: E402
+from results_io import peak_extra_mib, source_digest, write_results  # noqa: E402
 
 
 def test_peak_extra_mib_is_the_peak_of_one_call_above_the_base(monkeypatch):
@@ -27,3 +28,33 @@ def test_peak_extra_mib_is_the_peak_of_one_call_above_the_base(monkeypatch):
     # The earlier, higher peak (900 MiB) must not leak into the measurement: only the call's 48 MiB counts.
     assert peak_extra_mib(call) == 48.0
     assert state["events"] == ["sync", "reset", "call", "sync"]
+
+
+def test_source_digest_follows_the_sources_only(tmp_path):
+    root = tmp_path / "tree"
+    for rel, text in {"pgolf_kernels/a.py": "x = 1\n", "csrc/k.cu": "// k\n", "train/t.py": "", "bench/b.py": "b\n",
+                      "setup.py": "s\n", "tests/test_x.py": "t\n", "README.md": "r\n"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    d0 = source_digest(root)
+    assert d0 == source_digest(root) and len(d0) == 64
+    # tests, docs and build outputs do not change it
+    (root / "tests/test_x.py").write_text("changed\n")
+    (root / "README.md").write_text("changed\n")
+    (root / "pgolf_kernels/__pycache__").mkdir()
+    (root / "pgolf_kernels/__pycache__/a.cpython-311.pyc").write_bytes(b"\0")
+    (root / "pgolf_kernels/_C.so").write_bytes(b"\0")
+    assert source_digest(root) == d0
+    # a source's bytes or its name do
+    (root / "csrc/k.cu").write_text("// k2\n")
+    d1 = source_digest(root)
+    assert d1 != d0
+    (root / "csrc/k.cu").rename(root / "csrc/k2.cu")
+    assert source_digest(root) not in (d0, d1)
+
+
+def test_write_results_records_the_source_digest(tmp_path):
+    (path,) = write_results("probe", [dict(a=1)], [tmp_path], command="cmd")
+    obj = json.loads(path.read_text())
+    assert obj["source_sha256"] == source_digest()
+    assert obj["source_sha256"][:16] in path.with_suffix(".md").read_text()
