@@ -244,7 +244,7 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         meta = dict(bench="gemm_tiles_block", device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
                     commit=git_commit(), source_sha256=source_digest(),
-                    command="python3 bench/probe_gemm_tiles.py --block-launches --out DIR",
+                    command="python3 " + " ".join(sys.argv),
                     versions=dict(torch=torch.__version__, triton=triton.__version__))
         with open(base + ".json", "w") as f:
             json.dump(dict(meta, rows=rows), f, indent=1)
@@ -301,7 +301,7 @@ def main():
     base = os.path.join(args.out, f"gemm_tiles-{slug}-{date}")
     meta = dict(bench="gemm_tiles", device=torch.cuda.get_device_name(), date=date,
                 commit=git_commit(), source_sha256=source_digest(),
-                command="python3 bench/probe_gemm_tiles.py --out DIR",
+                command="python3 " + " ".join(sys.argv),
                 versions=dict(torch=torch.__version__, triton=triton.__version__))
     with open(base + ".json", "w") as f:
         json.dump(dict(meta, rows=rows), f, indent=1)
