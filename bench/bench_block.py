@@ -196,8 +196,8 @@ def aot_check(arch: int = 90) -> list[dict]:
                         dict(xm_ptr=BF, xm_desc=BF, rstd_ptr=F32, wq_ptr=BF, wk_ptr=BF, wv_ptr=BF, gain_ptr=F32,
                              cos_ptr=F32, sin_ptr=F32, q_ptr=BF, k_ptr=BF, v_ptr=BF,
                              hrstd_ptr=F32, eps="fp32"),
-                        dict(D=D, H=H, KVH=KVH, HD=HD, RD=rd, STORE_STATS=True, HPP=cfg["HPP"], A_TMA=False, BM=cfg["BM"],
-                             BK=cfg["BK"]), cfg))
+                        dict(D=D, H=H, KVH=KVH, HD=HD, RD=rd, STORE_STATS=True, HPP=cfg["HPP"], A_TMA=False,
+                             BM=cfg["BM"], BK=cfg["BK"]), cfg))
     gemm_types = dict(a_ptr=BF, w_ptr=BF, out_ptr=BF, nvec_ptr=F32, res_ptr=BF, rowvec_ptr=F32, c_ptr=F32, g_ptr=BF)
     base = dict(A_ACT=False, EPI=0, STORE_ACT=False, ACT=1, NT_P2=1, A_4D=False, O_4D=False)
     # integer arguments that are 1 at launch are constants in the real kernel (Triton specialises on 1):

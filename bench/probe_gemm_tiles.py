@@ -35,21 +35,12 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-@triton.jit
-def _tile_of(t, num_m, num_n, GROUP_M: tl.constexpr, ORDER_GROUP: tl.constexpr):
-    if ORDER_GROUP:
-        group = t // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        return first_m + (t % size_m), (t % (GROUP_M * num_n)) // size_m
-    else:
-        return t // num_n, t % num_n
+from pgolf_kernels.block_kernels import _tile_coords  # noqa: E402  (the tile order the block's kernels use)
 
 
 @triton.jit
 def _probe_mm_kernel(a_ptr, w_ptr, c_ptr, a_desc, w_desc, c_desc, M, N, K,
-                     TMA: tl.constexpr, ORDER_GROUP: tl.constexpr, PERSIST: tl.constexpr, NPROG: tl.constexpr,
+                     TMA: tl.constexpr, PERSIST: tl.constexpr, NPROG: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -61,7 +52,7 @@ def _probe_mm_kernel(a_ptr, w_ptr, c_ptr, a_desc, w_desc, c_desc, M, N, K,
         start = tl.program_id(0)
         step = num_tiles
     for t in range(start, num_tiles, step):
-        pid_m, pid_n = _tile_of(t, num_m, num_n, GROUP_M, ORDER_GROUP)
+        pid_m, pid_n = _tile_coords(t, num_m, num_n, GROUP_M)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -92,8 +83,10 @@ def probe_mm(a, w, c, *, tma, order, persist, BM, BN, BK, warps, stages, group_m
         cd = TensorDescriptor.from_tensor(c, [BM, BN])
     else:
         ad = wd = cd = None
-    _probe_mm_kernel[(nprog,)](a, w, c, ad, wd, cd, M, N, K, TMA=tma, ORDER_GROUP=order == "group",
-                               PERSIST=persist, NPROG=nprog, BM=BM, BN=BN, BK=BK, GROUP_M=group_m,
+    # GROUP_M 0 is _tile_coords' column-fastest order
+    _probe_mm_kernel[(nprog,)](a, w, c, ad, wd, cd, M, N, K, TMA=tma,
+                               PERSIST=persist, NPROG=nprog, BM=BM, BN=BN, BK=BK,
+                               GROUP_M=group_m if order == "group" else 0,
                                num_warps=warps, num_stages=stages)
     return c
 
