@@ -22,6 +22,22 @@ def _write_note(reason):
     os.replace(NOTE + ".tmp", NOTE)
 
 
+def _cutlass_include():
+    """CUTLASS's include folder: $CUTLASS_HOME/include, else the one inside the `nvidia-cutlass` wheel (PyPI)."""
+    home = os.environ.get("CUTLASS_HOME")
+    candidates = [os.path.join(home, "include")] if home else []
+    try:
+        import cutlass_library
+
+        candidates.append(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))
+    except ImportError:
+        pass
+    for inc in candidates:
+        if os.path.exists(os.path.join(inc, "cutlass", "gemm", "collective", "collective_builder.hpp")):
+            return inc
+    return None
+
+
 def _cuda_extension():
     """(ext_modules, cmdclass) or ([], {}) with the reason written to the build note."""
     if os.environ.get("PGOLF_NO_CUDA_EXT") == "1":
@@ -41,12 +57,22 @@ def _cuda_extension():
         return None, "csrc/ holds no sources"
     # No -std flag: torch's BuildExtension picks the C++ standard its own headers need (C++17 or C++20).
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
+    include_dirs = []
+    cutlass_inc = _cutlass_include()
+    if cutlass_inc:
+        # csrc/block_gemm_sm90.cu: CUTLASS 3 kernels (header-only; TMA descriptors via the driver entry point)
+        include_dirs.append(cutlass_inc)
+        nvcc_flags += ["-DPGOLF_WITH_CUTLASS", "--expt-relaxed-constexpr"]
+    else:
+        print("pgolf_kernels: CUTLASS headers not found (pip install nvidia-cutlass, or set CUTLASS_HOME): the "
+              "fused block's CUTLASS row GEMMs are left out and its Triton kernels run")
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         # Hopper's own instructions (wgmma, setmaxnreg) need sm_90a; sm_80 keeps the build portable.
         nvcc_flags += ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
     ext = CUDAExtension(
         name="pgolf_kernels._C",
         sources=sources,
+        include_dirs=include_dirs,
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return ([ext], {"build_ext": _optional_build(BuildExtension.with_options(use_ninja=True))}), None

@@ -8,7 +8,10 @@ Implementations (rows' `impl`):
   fused    pgolf_kernels.block.FusedBlock (bf16 activations, fp32 weights), SDPA cuDNN backend, launched from
            Python (wrapper "none"); more fused rows: the flash backend (how much of the gain is attention) and
            torch.compile(FusedBlock) (wrapper "torch.compile": the custom ops are opaque, compile removes Python
-           overhead around them)
+           overhead around them). Its row GEMMs with heavy epilogues run as CUTLASS sm_90a kernels where the
+           extension has them (rows' `block_gemm`: "cutlass"), else as Triton kernels
+  fused_triton  the same fused block with every row GEMM on Triton (block_kernels.GEMM_BACKEND = "triton"),
+           cuDNN attention: what the CUTLASS kernels gain, measured in the same run
 Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
 fwd = forward under torch.no_grad() (the fused block's eval path).
 
@@ -31,6 +34,7 @@ Usage: python bench/bench_block.py --out bench/results [--cases B64_T1024_mlp2_r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import sys
@@ -43,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from pgolf_kernels import block_kernels  # noqa: E402
 from pgolf_kernels.block import BlockConfig, FusedBlock, ReferenceBlock  # noqa: E402
 from results_io import capture_cuda_graph, peak_extra_mib, write_results  # noqa: E402
 
@@ -494,6 +499,10 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device("cpu" if smoke else "cuda")
     act_dtype = torch.float32 if smoke else torch.bfloat16
     shape_kw = dict(d_model=128, num_heads=2, num_kv_heads=1) if smoke else {}
+    from pgolf_kernels._extension import _C
+    cutlass_state = "cutlass" if (
+        not smoke and block_kernels.GEMM_BACKEND != "triton" and torch.cuda.get_device_capability()[0] == 9
+        and getattr(_C, "block_gemm_sm90_built", lambda: False)()) else "triton"
 
     def over_budget() -> bool:
         return time.time() - t_start > args.time_budget
@@ -546,22 +555,34 @@ def main(argv: list[str] | None = None) -> None:
         fused_compiled = torch.compile(fused, dynamic=False, fullgraph=True) if ("fused" in impls and not smoke) else None
 
         def make(impl: str, mode: str, backend, wrapper: str):
-            if impl == "fused":
+            is_fused = impl.startswith("fused")
+            if is_fused:
                 block = fused_compiled if wrapper == "torch.compile" else fused
             else:
                 block = {"eager": ref, "compile": compiled}[impl]
-            params = params_fused if impl == "fused" else params_ref
-            autocast = impl != "fused" and not smoke
+            params = params_fused if is_fused else params_ref
+            autocast = not is_fused and not smoke
+            gemm = "triton" if impl == "fused_triton" else block_kernels.GEMM_BACKEND
             if smoke:
                 backend = SDPBackend.MATH  # the only CPU backend
 
+            @contextlib.contextmanager
+            def gemm_backend():
+                saved = block_kernels.GEMM_BACKEND
+                block_kernels.GEMM_BACKEND = gemm
+                try:
+                    yield
+                finally:
+                    block_kernels.GEMM_BACKEND = saved
+
             def fwd_bwd():
-                with sdpa_kernel([backend]), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                with gemm_backend(), sdpa_kernel([backend]), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
                     y = block(xg, x0g)
-                return [y] + list(torch.autograd.grad(y, [xg, x0g, *params], dy))
+                    return [y] + list(torch.autograd.grad(y, [xg, x0g, *params], dy))
 
             def fwd():
-                with torch.no_grad(), sdpa_kernel([backend]), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                with (torch.no_grad(), gemm_backend(), sdpa_kernel([backend]),
+                      torch.autocast("cuda", torch.bfloat16, enabled=autocast)):
                     return [block(x, x0)]
 
             return fwd_bwd if mode == "fwd_bwd" else fwd
@@ -574,6 +595,8 @@ def main(argv: list[str] | None = None) -> None:
                              (impl, mode, SDPBackend.FLASH_ATTENTION, "flash", "none")]
                     if not smoke:
                         plan.append((impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn", "torch.compile"))
+                elif impl == "fused_triton":
+                    plan.append((impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn", "none"))
                 else:
                     plan.append((impl, mode, SDPBackend.FLASH_ATTENTION, "flash",
                                  "torch.compile" if impl == "compile" else "none"))
@@ -589,6 +612,8 @@ def main(argv: list[str] | None = None) -> None:
                 bname = "math"
             row = dict(case=f"{case}", mode=mode, impl=impl, sdpa=bname, wrapper=wrapper, ms=None, graph_ms=None,
                        tflops=None, peak_mib=None, tokens_per_s=None, ok=False, max_rel_err=None, error=None)
+            if impl.startswith("fused"):
+                row["block_gemm"] = "triton" if impl == "fused_triton" else cutlass_state
             try:
                 outs = fn()  # warm-up (compiles) + the outputs checked below
                 outs = [o.detach() for o in outs]

@@ -98,17 +98,20 @@ SHAPES = [(65536, 1024, 512), (65536, 512, 1024), (65536, 512, 512), (65536, 153
 
 # {"TMA": 1, ...}: the persistent tensor-descriptor kernel (_row_gemm_tma_kernel); GROUP_M: its tile order
 _TMA = {"TMA": 1, "BM": 128, "num_warps": 8, "num_stages": 3}
+# {"BACKEND": "cutlass"}: the CUTLASS sm_90a kernel of csrc/block_gemm_sm90.cu (its tiles are fixed at build time);
+# every other variant runs Triton (block_kernels.GEMM_BACKEND = "triton")
+_CUTLASS = {"BACKEND": "cutlass"}
 _PTR = {"TMA": 0, "BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3, "GROUP_M": 0}
 BLOCK_VARIANTS = {
     "row_gemm": [{}, _PTR, dict(_PTR, BN=256), dict(_TMA, BN=256), dict(_TMA, BN=128, num_stages=4),
                  dict(_TMA, BN=128, GROUP_M=8)],
-    "row_gemm_res": [{}, _PTR, dict(_PTR, BN=256), dict(_TMA, BN=128, num_stages=4), dict(_TMA, BN=128, GROUP_M=8),
+    "row_gemm_res": [{}, _CUTLASS, _PTR, dict(_PTR, BN=256), dict(_TMA, BN=128, num_stages=4), dict(_TMA, BN=128, GROUP_M=8),
                      dict(_TMA, BN=128, GROUP_M=8, num_stages=4), dict(_TMA, BM=64, BN=256, num_stages=4)],
     "row_gemm_act_in": [{}, dict(_PTR, num_stages=4), dict(_TMA, BN=128, num_stages=4),
                         dict(_TMA, BN=128, GROUP_M=8, num_stages=4)],
-    "row_gemm_act_bwd": [{}, dict(_PTR, BM=64, num_warps=4, num_stages=4), dict(_PTR, num_stages=4),
+    "row_gemm_act_bwd": [{}, _CUTLASS, dict(_PTR, BM=64, num_warps=4, num_stages=4), dict(_PTR, num_stages=4),
                          dict(_TMA, BN=128, GROUP_M=0), dict(_TMA, BN=128, GROUP_M=8, num_stages=4)],
-    "row_gemm_norm_bwd": [{}, dict(_PTR, BN=256), dict(_PTR, BN=256, num_stages=4), dict(_TMA, BN=128),
+    "row_gemm_norm_bwd": [{}, _CUTLASS, dict(_PTR, BN=256), dict(_PTR, BN=256, num_stages=4), dict(_TMA, BN=128),
                           dict(_TMA, BN=128, GROUP_M=8, num_stages=4)],
     "attn_dx": [{}, {"BN": 128}, {"BN": 128, "BM": 64, "num_warps": 4}, {"BN": 256}, {"num_stages": 4},
                 {"BN": 128, "num_stages": 4}, dict(_TMA, BN=128, num_stages=4), dict(_TMA, BM=64, BN=256, num_stages=4)],
@@ -192,6 +195,7 @@ def block_launches(budget: float, dev: str = "cuda", B: int = 64, T: int = 1024,
                 break
             kn._TILE_OVERRIDES.clear()
             kn._TILE_OVERRIDES[kind] = dict(var)
+            kn.GEMM_BACKEND = var.get("BACKEND", "triton")
             try:
                 got = fn()
                 # a variant must reproduce the first (default) variant's output (dX of the attention input)
@@ -213,6 +217,7 @@ def block_launches(budget: float, dev: str = "cuda", B: int = 64, T: int = 1024,
             except Exception as e:  # out of shared memory etc.
                 ms, err = float("nan"), f"{type(e).__name__}: {str(e)[:80]}"
             kn._TILE_OVERRIDES.clear()
+            kn.GEMM_BACKEND = "auto"
             tiles = dict(kn._blocks(kind), **var)
             rows.append(dict(launch=name, kind=kind, tiles=tiles, ms=ms, tflops=flop / ms / 1e9 if ms == ms else None,
                              error=err))

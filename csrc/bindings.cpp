@@ -21,6 +21,13 @@ void flce_scale_inplace_cuda(const at::Tensor& a, const c10::optional<at::Tensor
 bool qat_linear_sm90_supported(const at::Tensor& b, const at::Tensor& w, bool trans_w);
 at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const at::Tensor& aux,
                                 const c10::optional<at::Tensor>& bias, bool trans_w);
+bool block_gemm_sm90_built();
+bool block_gemm_sm90_supported(const at::Tensor& a, const at::Tensor& w, bool w_nk, int64_t n);
+void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, const at::Tensor& out, int64_t epi,
+                          const at::Tensor& c_in, const c10::optional<at::Tensor>& aux_in,
+                          const c10::optional<at::Tensor>& aux_out, const c10::optional<at::Tensor>& col_vec,
+                          const c10::optional<at::Tensor>& row_vec, const c10::optional<at::Tensor>& row_vec2,
+                          const c10::optional<at::Tensor>& row_out, int64_t act, double inv_n);
 }  // namespace pgolf
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -37,7 +44,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.doc() = "pgolf CUDA kernels: per-row weight quantisation and bit packing (see pgolf_kernels/quant.py); the "
             "chunk loop of the fused linear + soft-capped cross-entropy (see pgolf_kernels/fused_ce.py); the QAT linear's "
-            "sm_90a matmuls (see pgolf_kernels/int6_linear.py)";
+            "sm_90a matmuls (see pgolf_kernels/int6_linear.py); the fused block's CUTLASS row GEMMs (see "
+            "pgolf_kernels/block_kernels.py)";
   m.def("quantize_rows", &pgolf::quantize_rows_cuda, "Per-row codes (int8) and fp16 scales of a float32 CUDA "
         "matrix; rule 'amax' or 'search' (fractions: float32 CUDA tensor of clip fractions)",
         py::arg("w"), py::arg("bits"), py::arg("rule"), py::arg("fractions"));
@@ -62,4 +70,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qat_linear_sm90_supported", &pgolf::qat_linear_sm90_supported, "Whether qat_linear_sm90 runs these "
         "operands (sm_90 GPU, bf16 activations, fp32 contiguous W, reduction % 64 == 0, output width % 128 == 0)",
         py::arg("b"), py::arg("w"), py::arg("trans_w"));
+  m.def("block_gemm_sm90", &pgolf::block_gemm_sm90_cuda, "Fused block row GEMM out = epilogue(a @ w) on sm_90a "
+        "(CUTLASS ping-pong): epi 1 residual (c_in + col_vec[n]*acc), 3 activation backward (c_in = pre; aux_out = "
+        "act(pre), row_out[m] = sum_n dp*pre, out = dp*row_vec[m]), 4 RMSNorm backward (c_in = g, aux_in = x, "
+        "row_vec = rstd, row_vec2 = per-row sums, inv_n); see csrc/block_gemm_sm90.cu", py::arg("a"), py::arg("w"),
+        py::arg("w_nk"), py::arg("out"), py::arg("epi"), py::arg("c_in"), py::arg("aux_in"), py::arg("aux_out"),
+        py::arg("col_vec"), py::arg("row_vec"), py::arg("row_vec2"), py::arg("row_out"), py::arg("act"),
+        py::arg("inv_n"));
+  m.def("block_gemm_sm90_supported", &pgolf::block_gemm_sm90_supported, "Whether block_gemm_sm90 runs these "
+        "operands (built with CUTLASS, sm_90 GPU, bf16, K and N multiples of 8, 16-byte aligned)", py::arg("a"),
+        py::arg("w"), py::arg("w_nk"), py::arg("n"));
+  m.def("block_gemm_sm90_built", &pgolf::block_gemm_sm90_built, "Whether this build has the CUTLASS kernels");
 }

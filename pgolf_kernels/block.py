@@ -460,6 +460,10 @@ def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, w_fc_c: Tensor
     # act(pre) written on the way (the epilogue reads pre anyway) for the dWproj2 product
     kn.row_gemm(g2, kn._flat2(g2), w_proj_scaled_c, 1, w_proj_scaled_c.stride(0), m, hid, d, dpre, kn._flat2(dpre),
                 epi=kn.EPI_ACT_BWD, res=pre, rowvec=rstd, c=cpart, g=act_pre, store_act=True, act=act)
+    # rows of cpart now holding the per-row sums: one (complete) from the CUTLASS kernel, else one per column tile
+    if kn.row_gemm_backend(kn.EPI_ACT_BWD, g2, kn._flat2(g2), w_proj_scaled_c, 1, w_proj_scaled_c.stride(0), hid, d,
+                           kn._flat2(dpre), store_act=True) == "cutlass":
+        n_ht = 1
     dw_proj, dscale = kn.wgrad(g2, act_pre, kn._flat2(act_pre), m, d, hid, nscale=mlp_scale, w=w_proj)
     del act_pre
     dw_fc, _ = kn.wgrad(dpre, x2, kn._flat2(x2), m, hid, d)

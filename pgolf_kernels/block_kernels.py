@@ -773,8 +773,71 @@ def row_gemm_kind(epi: int, a_act: bool = False) -> str:
     return "row_gemm_res" if epi == EPI_RESIDUAL else "row_gemm"
 
 
+# The epilogue-heavy row GEMMs also exist as CUTLASS sm_90a kernels (csrc/block_gemm_sm90.cu: warp-specialised
+# ping-pong, so one tile's epilogue overlaps the next tile's matmul, which Triton cannot do). PGOLF_BLOCK_GEMM:
+# "auto" (default: CUTLASS where the extension has it and the operands suit it, else Triton), "triton", or
+# "cutlass" (an error where it cannot run). Tests and benchmarks set GEMM_BACKEND directly.
+_CUTLASS_EPIS = (EPI_RESIDUAL, EPI_ACT_BWD, EPI_NORM_BWD)
+GEMM_BACKEND = os.environ.get("PGOLF_BLOCK_GEMM", "auto").strip().lower() or "auto"
+if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
+    raise ValueError(f"PGOLF_BLOCK_GEMM must be auto, triton or cutlass, not {GEMM_BACKEND!r}")
+
+
+def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, store_act=False) -> str:
+    """"cutlass" or "triton": which kernel row_gemm runs for these operands (see GEMM_BACKEND)."""
+    if GEMM_BACKEND == "triton":
+        return "triton"
+    why = None
+    if not a.is_cuda or _INTERPRET:
+        why = "it runs on CUDA tensors only (not on the CPU or under TRITON_INTERPRET)"
+    elif epi not in _CUTLASS_EPIS or a_act or (epi == EPI_ACT_BWD and not store_act):
+        why = ("only the residual, activation-backward (storing act) and RMSNorm-backward epilogues, with no A "
+               "prologue, have one")
+    elif tuple(a_addr) != _plain(K) or tuple(o_addr) != _plain(N) or not a.is_contiguous():
+        why = "A and out must be plain row-major matrices"
+    elif (w_sk == 1) != (epi == EPI_RESIDUAL) or (w_sk != 1 and w_sn != 1):
+        why = "the weight layout differs from the one built for this epilogue"
+    else:
+        from ._extension import extension_available, _C
+        a2 = a.view(-1, K)
+        if not extension_available() or not hasattr(_C, "block_gemm_sm90_supported"):
+            why = "the CUDA extension pgolf_kernels._C is not built"
+        elif not _C.block_gemm_sm90_built():
+            why = "pgolf_kernels._C was built without CUTLASS headers (pip install nvidia-cutlass, rebuild)"
+        elif not _C.block_gemm_sm90_supported(a2, w, w_sk == 1, N):
+            why = "operands unsupported (needs an sm_90 GPU, bf16, K and N multiples of 8, 16-byte alignment)"
+    if why is None:
+        return "cutlass"
+    if GEMM_BACKEND == "cutlass":
+        raise RuntimeError(f"PGOLF_BLOCK_GEMM=cutlass but this row GEMM cannot use it: {why}")
+    return "triton"
+
+
+def _row_gemm_cutlass(a, w, M, N, K, out, *, epi, nvec, res, rowvec, c, c_nt, g, act):
+    from ._extension import _C
+    a2, o2 = a.view(M, K), out.view(M, N)
+    w_nk = epi == EPI_RESIDUAL
+    if epi == EPI_RESIDUAL:
+        _C.block_gemm_sm90(a2, w, w_nk, o2, epi, res.view(M, N), None, None, nvec, None, None, None, act, 1.0)
+    elif epi == EPI_ACT_BWD:
+        # complete per-row sums go to c[0]
+        _C.block_gemm_sm90(a2, w, w_nk, o2, epi, res.view(M, N), None, g.view(M, N), None, rowvec, None,
+                           c.view(-1), act, 1.0)
+    else:
+        csum = c.view(-1)[:M] if c_nt == 1 else c.view(-1, M)[:c_nt].sum(0)
+        _C.block_gemm_sm90(a2, w, w_nk, o2, epi, g.view(M, N), res.view(M, N), None, None, rowvec, csum, None,
+                           act, 1.0 / N)
+    return out
+
+
 def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, res=None,
              rowvec=None, c=None, c_nt=1, g=None, a_act=False, store_act=False, act=0):
+    """out = epilogue(prologue(A) @ W) (EPI modes above). EPI_ACT_BWD writes per-row sums to c: complete sums in
+    c[0] on the CUTLASS path, one row of partials per column tile on the Triton path (row_gemm_backend says which;
+    EPI_NORM_BWD takes c_nt, the number of rows of c to add)."""
+    if row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act, store_act) == "cutlass":
+        return _row_gemm_cutlass(a, w, M, N, K, out, epi=epi, nvec=nvec, res=res, rowvec=rowvec, c=c, c_nt=c_nt,
+                                 g=g, act=act)
     cfg = _blocks(row_gemm_kind(epi, a_act))
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])

@@ -496,6 +496,19 @@ def test_row_gemm_kinds_and_tma_switch():
         assert kn._use_tma({"TMA": 1}, dev) == (torch.cuda.get_device_capability(dev)[0] >= 9)
 
 
+def test_row_gemm_backend_choice(monkeypatch):
+    """CPU tensors always take the Triton kernels; forcing CUTLASS where it cannot run is an error naming why."""
+    from pgolf_kernels import block_kernels as kn
+    a, w = torch.randn(64, 128), torch.randn(256, 128)
+    P = kn._plain
+    for backend in ("auto", "triton"):
+        monkeypatch.setattr(kn, "GEMM_BACKEND", backend)
+        assert kn.row_gemm_backend(kn.EPI_RESIDUAL, a, P(128), w, 128, 1, 256, 128, P(256)) == "triton"
+    monkeypatch.setattr(kn, "GEMM_BACKEND", "cutlass")
+    with pytest.raises(RuntimeError, match="CUDA tensors only"):
+        kn.row_gemm_backend(kn.EPI_RESIDUAL, a, P(128), w, 128, 1, 256, 128, P(256))
+
+
 @needs_triton_cpu
 def test_prep_weights_casts_and_row_scales():
     from pgolf_kernels import block_kernels as kn
@@ -566,6 +579,92 @@ def test_gpu_fused_block_bf16(case):
         report.append(f"{n}: fused {ef:.3e} eager {eb:.3e}{'' if ok else ' FAIL'}")
         bad += [] if ok else [n]
     assert not bad, "fused rel err vs eager bf16 (fp32 reference): " + "; ".join(report)
+
+
+def _cutlass_ready() -> bool:
+    if not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    from pgolf_kernels._extension import _C
+    return _C is not None and hasattr(_C, "block_gemm_sm90_built") and _C.block_gemm_sm90_built()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cutlass_ready(), reason="needs an sm_90 GPU and the extension built with CUTLASS")
+@pytest.mark.parametrize("M,N,K", [(4096, 512, 512), (1000, 1024, 512), (4133, 512, 1536), (128, 1536, 512),
+                                   (2 * 2048 + 64, 512, 2048)])
+@pytest.mark.parametrize("epi", ["residual", "act_bwd_relu2", "act_bwd_leaky", "norm_bwd"])
+def test_gpu_cutlass_row_gemm(monkeypatch, epi, M, N, K):
+    """The CUTLASS row GEMMs (csrc/block_gemm_sm90.cu) against their formulas in fp32 on the same bf16 inputs,
+    outputs poisoned. bf16 outputs: relative error <= 8e-3 (one bf16 rounding of the result is 2e-3 to 4e-3);
+    the fp32 per-row sums: <= 1e-4 (only the summation order differs)."""
+    from pgolf_kernels import block_kernels as kn
+    monkeypatch.setattr(kn, "GEMM_BACKEND", "cutlass")
+    g = torch.Generator(device="cuda").manual_seed(M + N + K)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16()
+
+    P = kn._plain
+    out = kn.alloc(M, N, device="cuda", dtype=torch.bfloat16)
+    a = rnd(M, K)
+    if epi == "residual":
+        w, res, nvec = rnd(N, K, scale=K ** -0.5), rnd(M, N), torch.rand(N, device="cuda", generator=g) + 0.5
+        kn.row_gemm(a, P(K), w, K, 1, M, N, K, out, P(N), epi=kn.EPI_RESIDUAL, nvec=nvec, res=res)
+        ref = res.float() + nvec * (a.float() @ w.float().t())
+        assert torch.isfinite(out).all() and rel_err(out, ref) <= 8e-3
+        return
+    w = rnd(K, N, scale=K ** -0.5)
+    rstd = torch.rand(M, device="cuda", generator=g) + 0.5
+    acc = a.float() @ w.float()
+    if epi.startswith("act_bwd"):
+        act = 0 if epi.endswith("relu2") else 1
+        pre = rnd(M, N)
+        act_out = kn.alloc(M, N, device="cuda", dtype=torch.bfloat16)
+        c = kn.alloc(N // 64, M, device="cuda", dtype=torch.float32)
+        kn.row_gemm(a, P(K), w, 1, N, M, N, K, out, P(N), epi=kn.EPI_ACT_BWD, res=pre, rowvec=rstd, c=c, g=act_out,
+                    store_act=True, act=act)
+        p = pre.float()
+        r = p.clamp_min(0) if act == 0 else torch.where(p > 0, p, 0.5 * p)
+        grad = 2 * p.clamp_min(0) if act == 0 else torch.where(p > 0, 2 * p, 0.5 * p)
+        dp = acc * grad
+        for got, want, tol in ((out, dp * rstd[:, None], 8e-3), (act_out, r * r, 8e-3),
+                               (c[0], (dp * p).sum(1), 1e-4)):
+            assert torch.isfinite(got).all() and rel_err(got, want) <= tol
+    else:
+        x, gin = rnd(M, N), rnd(M, N)
+        for c_nt in (1, 3):  # complete sums (CUTLASS dPre) or partial rows (Triton dPre) are both accepted
+            c = torch.randn(c_nt, M, device="cuda", generator=g)
+            out.fill_(float("nan"))
+            kn.row_gemm(a, P(K), w, 1, N, M, N, K, out, P(N), epi=kn.EPI_NORM_BWD, res=x, rowvec=rstd, c=c,
+                        c_nt=c_nt, g=gin)
+            ref = gin.float() + acc - x.float() * (rstd * rstd * c.sum(0) / N)[:, None]
+            assert torch.isfinite(out).all() and rel_err(out, ref) <= 8e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cutlass_ready(), reason="needs an sm_90 GPU and the extension built with CUTLASS")
+@pytest.mark.parametrize("case", gpu_cases(6, seed=11), ids=lambda c: f"B{c['B']}_T{c['T']}_m{c['mlp_mult']}_{c['activation']}")
+def test_gpu_block_cutlass_matches_triton(monkeypatch, case):
+    """The whole fused block, forward and every gradient, with the CUTLASS row GEMMs vs with Triton's only."""
+    from pgolf_kernels import block_kernels as kn
+    cfg = BlockConfig(mlp_mult=case["mlp_mult"], activation=case["activation"], rope_dims=case["rope_dims"])
+    fused = FusedBlock(cfg)
+    randomize_(fused, 3)
+    fused = fused.cuda()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(case["B"], case["T"], 512, device="cuda", generator=g).bfloat16()
+    x0 = torch.randn(case["B"], case["T"], 512, device="cuda", generator=g).bfloat16()
+    up = torch.randn(case["B"], case["T"], 512, device="cuda", generator=g).bfloat16()
+    outs = {}
+    for backend in ("triton", "cutlass"):
+        monkeypatch.setattr(kn, "GEMM_BACKEND", backend)
+        xi, x0i = x.clone().requires_grad_(), x0.clone().requires_grad_()
+        y = fused(xi, x0i)
+        outs[backend] = [y.detach()] + list(torch.autograd.grad(y, [xi, x0i, *fused.parameters()], up))
+    names = ["out", "dx", "dx0"] + [n for n, _ in fused.named_parameters()]
+    for n, a, b in zip(names, outs["cutlass"], outs["triton"]):
+        assert torch.isfinite(a).all(), n
+        assert rel_err(a, b) < 1e-2, f"{n}: {rel_err(a, b):.3e}"
 
 
 @pytest.mark.gpu
