@@ -777,7 +777,7 @@ def row_gemm_kind(epi: int, a_act: bool = False) -> str:
 # ping-pong, so one tile's epilogue overlaps the next tile's matmul, which Triton cannot do). PGOLF_BLOCK_GEMM:
 # "auto" (default: CUTLASS where the extension has it and the operands suit it, else Triton), "triton", or
 # "cutlass" (an error where it cannot run). Tests and benchmarks set GEMM_BACKEND directly.
-_CUTLASS_EPIS = (EPI_RESIDUAL, EPI_ACT_BWD, EPI_NORM_BWD)
+_CUTLASS_EPIS = (EPI_RESIDUAL, EPI_ACT_BWD, EPI_NORM_BWD)  # and the attention input's dX (_attn_dx_backend)
 GEMM_BACKEND = os.environ.get("PGOLF_BLOCK_GEMM", "auto").strip().lower() or "auto"
 if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
     raise ValueError(f"PGOLF_BLOCK_GEMM must be auto, triton or cutlass, not {GEMM_BACKEND!r}")
@@ -810,6 +810,32 @@ def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, s
         return "cutlass"
     if GEMM_BACKEND == "cutlass":
         raise RuntimeError(f"PGOLF_BLOCK_GEMM=cutlass but this row GEMM cannot use it: {why}")
+    return "triton"
+
+
+def _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) -> str:
+    """"cutlass" or "triton" for the attention input's dX matmul (csrc/block_attn_dx_sm90.cu; see GEMM_BACKEND)."""
+    if GEMM_BACKEND == "triton":
+        return "triton"
+    why = None
+    if not dqkv.is_cuda or _INTERPRET:
+        why = "it runs on CUDA tensors only (not on the CPU or under TRITON_INTERPRET)"
+    elif not all(t.is_contiguous() and t.dtype == torch.bfloat16 for t in (dqkv, g_xm, xm, x, x0)):
+        why = "dqkv, g_xm, xm, x and x0 must be contiguous bf16"
+    elif resid_mix.dtype != torch.float32 or not resid_mix.is_contiguous() or x.shape[1] % 128:
+        why = "resid_mix must be contiguous fp32 and D a multiple of 128"
+    else:
+        from ._extension import extension_available, _C
+        if not extension_available() or not hasattr(_C, "block_attn_dx_sm90"):
+            why = "the CUDA extension pgolf_kernels._C is not built"
+        elif not _C.block_gemm_sm90_built():
+            why = "pgolf_kernels._C was built without CUTLASS headers (pip install nvidia-cutlass, rebuild)"
+        elif torch.cuda.get_device_capability(dqkv.device)[0] != 9:
+            why = "it needs an sm_90 GPU"
+    if why is None:
+        return "cutlass"
+    if GEMM_BACKEND == "cutlass":
+        raise RuntimeError(f"PGOLF_BLOCK_GEMM=cutlass but the attention-input dX cannot use it: {why}")
     return "triton"
 
 
@@ -928,12 +954,20 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
                                       q, k, v, q_gain, cos, sin, head_rstd, rstd, dqkv, cvec, dgain_part,
                                       M, T, RMS_EPS, H=H, KVH=KVH, HD=HD, RD=rope_dims, BM=ecfg["BM"],
                                       num_warps=ecfg["num_warps"])
+    dx = alloc_like(x)
+    dx0 = alloc_like(x0)
+    if _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) == "cutlass":
+        from ._extension import _C
+        # one [NQKV, D] weight for the CUTLASS kernel (a 1 MB copy at d 512)
+        w_all = torch.cat([wq, wk, wv])
+        dmix_part = alloc((2, triton.cdiv(M, 128), D), device=dev, dtype=torch.float32)
+        _C.block_attn_dx_sm90(dqkv, w_all, g_xm, xm, x, x0, rstd, cvec, resid_mix, dx, dx0, dmix_part)
+        dw, _ = wgrad(dqkv, xm, _flat2(xm), M, NQKV, D)
+        return dx, dx0, dmix_part.sum(1), dw, dgain_part.sum(0)
     cfg = _blocks("attn_dx")
     BN = _pick(D, cfg["BN"])
     BK = _pick(KVH * HD, cfg["BK"])
     n_rt = triton.cdiv(M, cfg["BM"])
-    dx = alloc_like(x)
-    dx0 = alloc_like(x0)
     dmix_part = alloc((n_rt, 2, D), device=dev, dtype=torch.float32)
     kw = dict(D=D, H=H, KVH=KVH, HD=HD, BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"],
               num_stages=cfg["num_stages"])

@@ -1,0 +1,126 @@
+// The attention input's dX matmul of the fused block for Hopper (sm_90a), CUTLASS ping-pong with an epilogue
+// DAG (see block_gemm_sm90.cu for why CUTLASS). Same maths as block_kernels._attn_in_bwd_dx_kernel:
+//   acc  = dqkv @ [Wq; Wk; Wv]            dqkv [M, (H+2KVH)*HD] already holds rstd * d(qkv); w [(H+2KVH)*HD, D]
+//   dxm  = g_xm + acc - xm * (rstd[m]^2 * c[m] / D)          (RMSNorm backward; c from the QKV epilogue kernel)
+//   dx   = mix[0, n] * dxm ;  dx0 = mix[1, n] * dxm           (resid_mix backward)
+//   dmix partials: part0[mt, n] = sum_{m in row tile mt} dxm * x ;  part1[mt, n] = the same with x0
+// dxm is computed once per fragment and feeds five consumers, so the epilogue is a topological visitor (a DAG)
+// rather than a tree: g_xm comes in as the epilogue source C, xm, x and x0 as TMA-loaded auxiliary inputs, dx0
+// leaves as a TMA-stored auxiliary output. The dmix partials (one row per 128-row tile, no atomics) are summed by
+// the caller.
+#include "block_gemm_sm90.cuh"
+
+namespace pgolf {
+
+#if defined(PGOLF_WITH_CUTLASS)
+namespace {
+
+using namespace cute;
+using namespace block_gemm_detail;
+namespace fu = cutlass::epilogue::fusion;
+
+// per-column partial sums over each 128-row tile, written as [ceil(M/128), N] fp32 (no final reduction here)
+using ColPartials = fu::Sm90RowReduction<cutlass::plus, cutlass::plus, cutlass::plus, 0, TileShape, float, float, kRound,
+                                         Stride<_0, _1, int64_t>, 4, true, false>;
+using Mul = fu::Sm90Compute<cutlass::multiplies, float, float, kRound>;
+
+// nodes in topological order; each seq<> lists a node's inputs by index
+using EvtAttnDx = fu::Sm90TopologicalVisitor<
+    float,
+    cute::tuple<seq<>, seq<>, seq<>, seq<>, seq<>, seq<>, seq<>, seq<>,  // 0..7 leaves
+                seq<1, 0, 2, 5, 6, 7>,                                 // 8  dxm
+                seq<8, 3>, seq<9>,                                     // 9  dxm*x,  10 partials
+                seq<8, 4>, seq<11>,                                    // 11 dxm*x0, 12 partials
+                seq<>, seq<13, 8>, seq<14>,                            // 13 leaf, 14 dx0 = mix1*dxm, 15 store
+                seq<>, seq<16, 8>>,                                    // 16 leaf, 17 dx = mix0*dxm (the output D)
+    Acc,                                          // 0
+    Src,                                          // 1  g_xm
+    AuxIn,                                        // 2  xm
+    AuxIn,                                        // 3  x
+    AuxIn,                                        // 4  x0
+    PerRow,                                       // 5  rstd
+    PerRow,                                       // 6  c
+    Scalar,                                       // 7  1/D
+    fu::Sm90Compute<NormBwd, float, float, kRound>,  // 8
+    Mul,                                          // 9
+    ColPartials,                                  // 10
+    Mul,                                          // 11
+    ColPartials,                                  // 12
+    PerCol,                                       // 13 mix[1]
+    Mul,                                          // 14
+    AuxOut,                                       // 15 dx0
+    PerCol,                                       // 16 mix[0]
+    fu::Sm90Compute<cutlass::multiplies, Bf16, float, kRound>>;  // 17
+
+using GemmAttnDx = Gemm<EvtAttnDx, cutlass::layout::RowMajor>;
+
+}  // namespace
+#endif  // PGOLF_WITH_CUTLASS
+
+// dx, dx0 and the dmix partials [2, ceil(M/128), D] (see the top of this file); w is [Wq; Wk; Wv] as one bf16
+// [(H+2KVH)*HD, D] matrix.
+void block_attn_dx_sm90_cuda(const at::Tensor& dqkv, const at::Tensor& w, const at::Tensor& g_xm,
+                             const at::Tensor& xm, const at::Tensor& x, const at::Tensor& x0, const at::Tensor& rstd,
+                             const at::Tensor& c, const at::Tensor& mix, const at::Tensor& dx, const at::Tensor& dx0,
+                             const at::Tensor& dmix_part) {
+#if defined(PGOLF_WITH_CUTLASS)
+  const int64_t d = w.dim() == 2 ? w.size(1) : -1;
+  TORCH_CHECK(d > 0 && dqkv.dim() == 2 && dqkv.is_cuda() && dqkv.scalar_type() == at::kBFloat16 &&
+                  dqkv.is_contiguous() && w.is_cuda() && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
+                  w.device() == dqkv.device() && w.size(0) == dqkv.size(1) && dqkv.size(1) % kAlign == 0 &&
+                  d % 128 == 0 && is_sm90(dqkv.get_device()) &&
+                  reinterpret_cast<uintptr_t>(dqkv.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+              "block_attn_dx_sm90: needs an sm_90 GPU, contiguous bf16 dqkv [M, K] and weight [K, D] with K % 8 == 0 "
+              "and D % 128 == 0; got dqkv ", shape_text(dqkv), ", weight ", shape_text(w));
+  const int64_t m = dqkv.size(0), k = dqkv.size(1);
+  for (const at::Tensor* t : {&g_xm, &xm, &x, &x0, &dx, &dx0}) {
+    TORCH_CHECK(ok_matrix(*t, m, d, dqkv), "block_attn_dx_sm90: g_xm, xm, x, x0, dx and dx0 must be contiguous bf16 "
+                "[M, D] tensors on dqkv's device; got ", shape_text(*t));
+  }
+  const int64_t n_mt = (m + 127) / 128;
+  TORCH_CHECK(ok_vector(rstd, m, dqkv) && ok_vector(c, m, dqkv) && ok_vector(mix, 2 * d, dqkv) &&
+                  ok_vector(dmix_part, 2 * n_mt * d, dqkv),
+              "block_attn_dx_sm90: rstd [M], c [M], mix [2, D] and dmix_part [2, ceil(M/128), D] must be contiguous "
+              "fp32 tensors on dqkv's device");
+  const c10::cuda::CUDAGuard guard(dqkv.device());
+  thread_local int bound_device = -1;  // a current context for CUTLASS's TMA descriptors (see block_gemm_sm90.cu)
+  if (bound_device != dqkv.get_device()) {
+    C10_CUDA_CHECK(cudaSetDevice(dqkv.get_device()));
+    bound_device = dqkv.get_device();
+  }
+  const Operands ops{dqkv.data_ptr(), w.data_ptr(), w.stride(0), dx.data_ptr(), g_xm.data_ptr(),
+                     static_cast<int>(m), static_cast<int>(d), static_cast<int>(k)};
+  auto aux = make_stride(int64_t(d), _1{}, int64_t(0));
+  auto bf = [](const at::Tensor& t) { return static_cast<const Bf16*>(t.data_ptr()); };
+  float* mixp = mix.data_ptr<float>();
+  float* part = dmix_part.data_ptr<float>();
+  typename GemmAttnDx::Epilogue::FusionCallbacks::Arguments f{
+      {},                                  // 0 acc
+      {},                                  // 1 g_xm (C)
+      {bf(xm), Bf16(0.f), aux},            // 2
+      {bf(x), Bf16(0.f), aux},             // 3
+      {bf(x0), Bf16(0.f), aux},            // 4
+      {rstd.data_ptr<float>(), 0.f, {}},   // 5
+      {c.data_ptr<float>(), 0.f, {}},      // 6
+      {{1.f / static_cast<float>(d)}},     // 7
+      {},                                  // 8
+      {},                                  // 9
+      {part, 0.f, {}},                     // 10 dmix partials of x
+      {},                                  // 11
+      {part + n_mt * d, 0.f, {}},          // 12 dmix partials of x0
+      {mixp + d, 0.f, {}},                 // 13
+      {},                                  // 14
+      {static_cast<Bf16*>(dx0.data_ptr()), aux},  // 15
+      {mixp, 0.f, {}},                     // 16
+      {}};                                 // 17
+  launch<GemmAttnDx>(ops, f, dqkv.get_device(), dqkv);
+#else
+  (void)dqkv, (void)w, (void)g_xm, (void)xm, (void)x, (void)x0, (void)rstd, (void)c, (void)mix, (void)dx, (void)dx0;
+  (void)dmix_part;
+  TORCH_CHECK(false, "block_attn_dx_sm90: this build of pgolf_kernels._C has no CUTLASS kernels (setup.py found no "
+                     "CUTLASS headers: pip install nvidia-cutlass, or set CUTLASS_HOME, then rebuild)");
+#endif
+}
+
+}  // namespace pgolf

@@ -1,0 +1,230 @@
+// Shared pieces of the fused block's CUTLASS sm_90a GEMMs (block_gemm_sm90.cu, block_attn_dx_sm90.cu): the
+// ping-pong kernel around an epilogue visitor tree, its EVT leaves and fp32 functors, operand checks. Everything
+// CUTLASS-dependent is compiled only with PGOLF_WITH_CUTLASS (setup.py defines it when it finds the headers).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "error_text.h"
+
+#if defined(PGOLF_WITH_CUTLASS)
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp>
+#include <cutlass/functional.h>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/kernel_hardware_info.h>
+#endif
+
+namespace pgolf {
+
+#if defined(PGOLF_WITH_CUTLASS)
+namespace block_gemm_detail {
+
+
+using namespace cute;
+namespace fu = cutlass::epilogue::fusion;
+
+using Bf16 = cutlass::bfloat16_t;
+constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+constexpr int kAlign = 8;  // bf16 elements per 16 bytes
+
+// 128x128 output tiles, 64-deep reduction steps, ping-pong consumers (each owns a whole tile), no clusters.
+using TileShape = Shape<_128, _128, _64>;
+using ClusterShape = Shape<_1, _1, _1>;
+using MainSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using EpiSchedule = cutlass::epilogue::TmaWarpSpecialized;
+using EpiTileAuto = cutlass::epilogue::collective::EpilogueTileAuto;
+using EpiDesc = cutlass::epilogue::collective::detail::EpilogueDescriptor<TileShape, EpiTileAuto, Bf16, Bf16,
+                                                                          EpiSchedule>;
+using AuxLoadDesc = cutlass::epilogue::collective::detail::AuxLoadDescriptor<EpiDesc, cutlass::layout::RowMajor, Bf16>;
+using AuxStoreDesc =
+    cutlass::epilogue::collective::detail::AuxStoreDescriptor<EpiDesc, cutlass::layout::RowMajor, Bf16>;
+
+// ---- EVT leaves -------------------------------------------------------------------------------------------
+using Acc = fu::Sm90AccFetch;
+using Src = fu::Sm90SrcFetch<Bf16>;                                                         // C
+using PerRow = fu::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>>;  // v[m]
+using PerCol = fu::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>>;  // v[n]
+using Scalar = fu::Sm90ScalarBroadcast<float>;
+using AuxIn = fu::Sm90AuxLoad<AuxLoadDesc::Stages, EpiDesc::EpilogueTile, Bf16, AuxLoadDesc::Stride,
+                              AuxLoadDesc::SmemLayoutAtom, AuxLoadDesc::CopyOpS2R, kAlign>;
+using AuxOut = fu::Sm90AuxStore<AuxStoreDesc::Stages, EpiDesc::EpilogueTile, Bf16, kRound, AuxStoreDesc::Stride,
+                                AuxStoreDesc::SmemLayoutAtom, AuxStoreDesc::CopyOpR2S, kAlign>;
+// complete per-row sum over the N tiles (workspace partials, the last tile adds them: deterministic)
+using RowSum = fu::Sm90ColReduction<cutlass::plus, cutlass::plus, cutlass::plus, 0, TileShape, float, float, kRound,
+                                    Stride<_1, _0, int64_t>, 4>;
+
+// ---- element-wise functors on fp32 fragments --------------------------------------------------------------
+template <int ACT>
+struct Act {
+  CUTLASS_HOST_DEVICE static float fwd(float p) {
+    const float r = ACT == 0 ? fmaxf(p, 0.f) : (p > 0.f ? p : 0.5f * p);
+    return r * r;
+  }
+  CUTLASS_HOST_DEVICE static float grad(float p) { return ACT == 0 ? 2.f * fmaxf(p, 0.f) : (p > 0.f ? 2.f * p : 0.5f * p); }
+};
+
+template <int ACT>
+struct ActOps {
+  template <class T>
+  struct Forward {  // act(p)
+    CUTLASS_HOST_DEVICE T operator()(T const& p) const {
+      T o;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < T::kElements; ++i) o[i] = Act<ACT>::fwd(p[i]);
+      return o;
+    }
+  };
+  template <class T>
+  struct DpTimesP {  // (acc * act'(p)) * p, the summand of c[m]
+    CUTLASS_HOST_DEVICE T operator()(T const& acc, T const& p) const {
+      T o;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < T::kElements; ++i) o[i] = acc[i] * Act<ACT>::grad(p[i]) * p[i];
+      return o;
+    }
+  };
+  template <class T>
+  struct DpScaled {  // (acc * act'(p)) * rstd
+    CUTLASS_HOST_DEVICE T operator()(T const& acc, T const& p, T const& rstd) const {
+      T o;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < T::kElements; ++i) o[i] = acc[i] * Act<ACT>::grad(p[i]) * rstd[i];
+      return o;
+    }
+  };
+};
+
+template <class T>
+struct NormBwd {  // g + acc - x * (rstd^2 * c * inv_n)
+  CUTLASS_HOST_DEVICE T operator()(T const& g, T const& acc, T const& x, T const& r, T const& c, T const& inv_n) const {
+    T o;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < T::kElements; ++i) o[i] = g[i] + acc[i] - x[i] * (r[i] * r[i] * c[i] * inv_n[i]);
+    return o;
+  }
+};
+
+template <class T>
+struct ThirdOf {  // the root of kActBwd: its first two children only store (aux_out) and reduce (c)
+  CUTLASS_HOST_DEVICE T operator()(T const&, T const&, T const& x) const { return x; }
+};
+
+template <class Evt, class LayoutB>
+struct Gemm {
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, EpiTileAuto, float, float, Bf16,
+      cutlass::layout::RowMajor, kAlign, Bf16, cutlass::layout::RowMajor, kAlign, EpiSchedule, Evt>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Bf16, cutlass::layout::RowMajor, kAlign, Bf16, LayoutB,
+      kAlign, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      MainSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Adapter = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+struct Operands {
+  const void* a;
+  const void* b;
+  int64_t ldb;
+  void* out;
+  const void* c;
+  int M, N, K;
+};
+
+inline int sm_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static int counts[kMaxDevices] = {};
+  if (counts[device] == 0) counts[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  return counts[device];
+}
+
+template <class G>
+void launch(const Operands& o, const typename G::Epilogue::FusionCallbacks::Arguments& fusion, int device,
+            const at::Tensor& like) {
+  using Adapter = typename G::Adapter;
+  using StrideA = typename Adapter::GemmKernel::StrideA;
+  using StrideB = typename Adapter::GemmKernel::StrideB;
+  using StrideC = typename Adapter::GemmKernel::StrideC;
+  using StrideD = typename Adapter::GemmKernel::StrideD;
+  StrideA sa{};
+  get<0>(sa) = o.K;  // A [M, K] row-major
+  StrideB sb{};
+  using StrideBn = cute::remove_cvref_t<decltype(get<0>(StrideB{}))>;
+  using StrideBk = cute::remove_cvref_t<decltype(get<1>(StrideB{}))>;
+  if constexpr (cute::is_same_v<StrideBn, cute::_1>) {
+    static_assert(cute::is_same_v<StrideBk, int64_t>);
+    get<1>(sb) = o.ldb;  // B [K, N], n contiguous: (n, k) at n + k * ldb
+  } else {
+    static_assert(cute::is_same_v<StrideBn, int64_t> && cute::is_same_v<StrideBk, cute::_1>);
+    get<0>(sb) = o.ldb;  // B [N, K], k contiguous: (n, k) at n * ldb + k
+  }
+  static_assert(cute::is_same_v<cute::remove_cvref_t<decltype(get<0>(StrideA{}))>, int64_t> &&
+                cute::is_same_v<cute::remove_cvref_t<decltype(get<0>(StrideC{}))>, int64_t> &&
+                cute::is_same_v<cute::remove_cvref_t<decltype(get<0>(StrideD{}))>, int64_t>);
+  StrideC sc{};
+  get<0>(sc) = o.N;
+  StrideD sd{};
+  get<0>(sd) = o.N;
+  cutlass::KernelHardwareInfo hw{device, sm_count(device)};
+  typename Adapter::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {o.M, o.N, o.K, 1},
+      {static_cast<const Bf16*>(o.a), sa, static_cast<const Bf16*>(o.b), sb},
+      {fusion, static_cast<const Bf16*>(o.c), sc, static_cast<Bf16*>(o.out), sd},
+      hw};
+  Adapter gemm;
+  const cutlass::Status ok = gemm.can_implement(args);
+  TORCH_CHECK(ok == cutlass::Status::kSuccess, "block_gemm_sm90: CUTLASS cannot run this problem (M ",
+              num_text(int64_t(o.M)), ", N ", num_text(int64_t(o.N)), ", K ", num_text(int64_t(o.K)), "): ",
+              cutlassGetStatusString(ok));
+  const size_t ws_bytes = Adapter::get_workspace_size(args);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes ? ws_bytes : 1)}, like.options().dtype(at::kByte));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  cutlass::Status st = gemm.initialize(args, ws.data_ptr(), stream);
+  TORCH_CHECK(st == cutlass::Status::kSuccess, "block_gemm_sm90: initialize failed: ", cutlassGetStatusString(st));
+  st = gemm.run(stream);
+  TORCH_CHECK(st == cutlass::Status::kSuccess, "block_gemm_sm90: launch failed: ", cutlassGetStatusString(st));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+inline bool is_sm90(int device) {
+  constexpr int kMaxDevices = 64;
+  static int major[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) return false;
+  if (major[device] == 0) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+    major[device] = v;
+  }
+  return major[device] == 9;
+}
+
+inline bool ok_matrix(const at::Tensor& t, int64_t rows, int64_t cols, const at::Tensor& ref) {
+  return t.defined() && t.is_cuda() && t.device() == ref.device() && t.scalar_type() == at::kBFloat16 &&
+         t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.is_contiguous() &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+inline bool ok_vector(const at::Tensor& t, int64_t n, const at::Tensor& ref) {
+  return t.defined() && t.is_cuda() && t.device() == ref.device() && t.scalar_type() == at::kFloat &&
+         t.is_contiguous() && t.numel() >= n;
+}
+
+}  // namespace block_gemm_detail
+#endif  // PGOLF_WITH_CUTLASS
+
+}  // namespace pgolf
