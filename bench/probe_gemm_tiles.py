@@ -113,7 +113,7 @@ BLOCK_VARIANTS = {
                          dict(_TMA, BN=128, GROUP_M=0), dict(_TMA, BN=128, GROUP_M=8, num_stages=4)],
     "row_gemm_norm_bwd": [{}, _CUTLASS, dict(_PTR, BN=256), dict(_PTR, BN=256, num_stages=4), dict(_TMA, BN=128),
                           dict(_TMA, BN=128, GROUP_M=8, num_stages=4)],
-    "attn_dx": [{}, {"BN": 128}, {"BN": 128, "BM": 64, "num_warps": 4}, {"BN": 256}, {"num_stages": 4},
+    "attn_dx": [{}, _CUTLASS, {"BN": 128}, {"BN": 128, "BM": 64, "num_warps": 4}, {"BN": 256}, {"num_stages": 4},
                 {"BN": 128, "num_stages": 4}, dict(_TMA, BN=128, num_stages=4), dict(_TMA, BM=64, BN=256, num_stages=4)],
     "attn_in": [{}, {"HPP": 1}, {"HPP": 4}, {"BM": 64, "num_warps": 4}, {"num_stages": 4}, {"BK": 128, "num_stages": 2},
                 {"TMA": 0}, {"TMA": 1, "num_stages": 4}],
