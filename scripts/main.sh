@@ -18,6 +18,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 echo "== install"
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q setuptools wheel
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)"; then
+  # CUTLASS's headers (the wheel carries them; its Python deps are not needed to build): setup.py then compiles the
+  # fused block's CUTLASS GEMMs (csrc/block_gemm_sm90.cu, csrc/block_attn_dx_sm90.cu) into the extension
+  "$PY" -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0"
+fi
 "$PY" -m pip install -q --no-build-isolation -e ".[prepare]"
 
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
