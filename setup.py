@@ -62,7 +62,9 @@ def _cuda_extension():
     if cutlass_inc:
         # csrc/block_gemm_sm90.cu: CUTLASS 3 kernels (header-only; TMA descriptors via the driver entry point)
         include_dirs.append(cutlass_inc)
-        nvcc_flags += ["-DPGOLF_WITH_CUTLASS", "--expt-relaxed-constexpr"]
+        # NDEBUG: CuTe's device-side asserts are calls, and a call inside the wgmma pipeline makes ptxas serialise
+        # it ("wgmma.mma_async instructions are serialized", C7510); no csrc kernel relies on assert().
+        nvcc_flags += ["-DPGOLF_WITH_CUTLASS", "--expt-relaxed-constexpr", "-DNDEBUG"]
     else:
         print("pgolf_kernels: CUTLASS headers not found (pip install nvidia-cutlass, or set CUTLASS_HOME): the "
               "fused block's CUTLASS row GEMMs are left out and its Triton kernels run")

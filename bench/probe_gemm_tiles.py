@@ -121,7 +121,7 @@ BLOCK_VARIANTS = {
 }
 
 
-def block_launches(budget: float, dev: str = "cuda", B: int = 64, T: int = 1024, kinds=None):
+def block_launches(budget: float, dev: str = "cuda", B: int = 64, T: int = 1024, kinds=None, max_variants=0):
     """ms of each fused launch of a BxT block (d 512, hidden 1024, 8/4 heads), per tile variant of its kind.
     (dev="cpu" with TRITON_INTERPRET=1 and a tiny B, T: a smoke run of this function.)"""
     from pgolf_kernels import block_kernels as kn
@@ -190,7 +190,7 @@ def block_launches(budget: float, dev: str = "cuda", B: int = 64, T: int = 1024,
         if kinds and kind not in kinds:
             continue
         first = None
-        for var in BLOCK_VARIANTS[kind]:
+        for var in BLOCK_VARIANTS[kind][:max_variants or None]:
             if time.time() - t0 > budget:
                 break
             kn._TILE_OVERRIDES.clear()
@@ -232,12 +232,15 @@ def main():
     ap.add_argument("--time-budget", type=float, default=200.0, help="stop starting new configs after this many s")
     ap.add_argument("--block-launches", action="store_true", help="time the block's launches per tile variant")
     ap.add_argument("--kinds", default="", help="with --block-launches: only these kernel kinds (comma separated)")
+    ap.add_argument("--max-variants", type=int, default=0,
+                    help="with --block-launches: only the first N variants of each kind (0: all)")
     args = ap.parse_args()
     from results_io import device_slug, git_commit, source_digest  # noqa: E402
     from pgolf_kernels import block_kernels as bk  # noqa: E402
 
     if args.block_launches:
-        rows, lines = block_launches(args.time_budget, kinds=[k for k in args.kinds.split(",") if k])
+        rows, lines = block_launches(args.time_budget, kinds=[k for k in args.kinds.split(",") if k],
+                                     max_variants=args.max_variants)
         base = os.path.join(args.out, f"gemm_tiles_block-{device_slug()}-{time.strftime('%Y-%m-%d')}")
         os.makedirs(args.out, exist_ok=True)
         meta = dict(bench="gemm_tiles_block", device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),

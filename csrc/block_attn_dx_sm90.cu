@@ -4,9 +4,10 @@
 //   dxm  = g_xm + acc - xm * (rstd[m]^2 * c[m] / D)          (RMSNorm backward; c from the QKV epilogue kernel)
 //   dx   = mix[0, n] * dxm ;  dx0 = mix[1, n] * dxm           (resid_mix backward)
 //   dmix partials: part0[mt, n] = sum_{m in row tile mt} dxm * x ;  part1[mt, n] = the same with x0
-// dxm is computed once per fragment and feeds five consumers, so the epilogue is a topological visitor (a DAG)
-// rather than a tree: g_xm comes in as the epilogue source C, xm, x and x0 as TMA-loaded auxiliary inputs, dx0
-// leaves as a TMA-stored auxiliary output. The dmix partials (one row per 128-row tile, no atomics) are summed by
+// dxm is computed once per fragment and feeds four consumers, so the epilogue is a split tree (CUTLASS's DAG form
+// where one input tree feeds several output trees; a general topological visitor kept 17 fragments in local
+// memory): g_xm comes in as the epilogue source C, xm, x and x0 as TMA-loaded auxiliary inputs, dx0 leaves as a
+// TMA-stored auxiliary output. The dmix partials (one row per 128-row tile, no atomics) are summed by
 // the caller.
 #include "block_gemm_sm90.cuh"
 
@@ -24,33 +25,15 @@ using ColPartials = fu::Sm90RowReduction<cutlass::plus, cutlass::plus, cutlass::
                                          Stride<_0, _1, int64_t>, 4, true, false>;
 using Mul = fu::Sm90Compute<cutlass::multiplies, float, float, kRound>;
 
-// nodes in topological order; each seq<> lists a node's inputs by index
-using EvtAttnDx = fu::Sm90TopologicalVisitor<
-    float,
-    cute::tuple<seq<>, seq<>, seq<>, seq<>, seq<>, seq<>, seq<>, seq<>,  // 0..7 leaves
-                seq<1, 0, 2, 5, 6, 7>,                                 // 8  dxm
-                seq<8, 3>, seq<9>,                                     // 9  dxm*x,  10 partials
-                seq<8, 4>, seq<11>,                                    // 11 dxm*x0, 12 partials
-                seq<>, seq<13, 8>, seq<14>,                            // 13 leaf, 14 dx0 = mix1*dxm, 15 store
-                seq<>, seq<16, 8>>,                                    // 16 leaf, 17 dx = mix0*dxm (the output D)
-    Acc,                                          // 0
-    Src,                                          // 1  g_xm
-    AuxIn,                                        // 2  xm
-    AuxIn,                                        // 3  x
-    AuxIn,                                        // 4  x0
-    PerRow,                                       // 5  rstd
-    PerRow,                                       // 6  c
-    Scalar,                                       // 7  1/D
-    fu::Sm90Compute<NormBwd, float, float, kRound>,  // 8
-    Mul,                                          // 9
-    ColPartials,                                  // 10
-    Mul,                                          // 11
-    ColPartials,                                  // 12
-    PerCol,                                       // 13 mix[1]
-    Mul,                                          // 14
-    AuxOut,                                       // 15 dx0
-    PerCol,                                       // 16 mix[0]
-    fu::Sm90Compute<cutlass::multiplies, Bf16, float, kRound>>;  // 17
+using Fetch = fu::Sm90SplitTreeFetch;  // dxm, inside the trees that consume it
+
+// dxm is computed once per fragment (the input tree) and handed to four consumer trees
+using EvtAttnDx = fu::Sm90SplitTreeVisitor<
+    fu::Sm90EVT<fu::Sm90Compute<NormBwd, float, float, kRound>, Src, Acc, AuxIn, PerRow, PerRow, Scalar>,  // dxm
+    fu::Sm90EVT<fu::Sm90Compute<cutlass::multiplies, Bf16, float, kRound>, PerCol, Fetch>,  // D: dx = mix0 * dxm
+    fu::Sm90EVT<ColPartials, fu::Sm90EVT<Mul, Fetch, AuxIn>>,                             // dmix partials of x
+    fu::Sm90EVT<ColPartials, fu::Sm90EVT<Mul, Fetch, AuxIn>>,                             // dmix partials of x0
+    fu::Sm90EVT<AuxOut, fu::Sm90EVT<Mul, PerCol, Fetch>>>;                               // dx0 = mix1 * dxm
 
 using GemmAttnDx = Gemm<EvtAttnDx, cutlass::layout::RowMajor>;
 
@@ -96,24 +79,12 @@ void block_attn_dx_sm90_cuda(const at::Tensor& dqkv, const at::Tensor& w, const 
   float* mixp = mix.data_ptr<float>();
   float* part = dmix_part.data_ptr<float>();
   typename GemmAttnDx::Epilogue::FusionCallbacks::Arguments f{
-      {},                                  // 0 acc
-      {},                                  // 1 g_xm (C)
-      {bf(xm), Bf16(0.f), aux},            // 2
-      {bf(x), Bf16(0.f), aux},             // 3
-      {bf(x0), Bf16(0.f), aux},            // 4
-      {rstd.data_ptr<float>(), 0.f, {}},   // 5
-      {c.data_ptr<float>(), 0.f, {}},      // 6
-      {{1.f / static_cast<float>(d)}},     // 7
-      {},                                  // 8
-      {},                                  // 9
-      {part, 0.f, {}},                     // 10 dmix partials of x
-      {},                                  // 11
-      {part + n_mt * d, 0.f, {}},          // 12 dmix partials of x0
-      {mixp + d, 0.f, {}},                 // 13
-      {},                                  // 14
-      {static_cast<Bf16*>(dx0.data_ptr()), aux},  // 15
-      {mixp, 0.f, {}},                     // 16
-      {}};                                 // 17
+      {{}, {}, {bf(xm), Bf16(0.f), aux}, {rstd.data_ptr<float>(), 0.f, {}}, {c.data_ptr<float>(), 0.f, {}},
+       {{1.f / static_cast<float>(d)}}, {}},                                  // dxm
+      {{{}, {bf(x), Bf16(0.f), aux}, {}}, {part, 0.f, {}}},                     // partials of x
+      {{{}, {bf(x0), Bf16(0.f), aux}, {}}, {part + n_mt * d, 0.f, {}}},         // partials of x0
+      {{{mixp + d, 0.f, {}}, {}, {}}, {static_cast<Bf16*>(dx0.data_ptr()), aux}},  // dx0
+      {{mixp, 0.f, {}}, {}, {}}};                                              // dx
   launch<GemmAttnDx>(ops, f, dqkv.get_device(), dqkv);
 #else
   (void)dqkv, (void)w, (void)g_xm, (void)xm, (void)x, (void)x0, (void)rstd, (void)c, (void)mix, (void)dx, (void)dx0;
