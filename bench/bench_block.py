@@ -9,7 +9,8 @@ Implementations (rows' `impl`):
            Python (wrapper "none"); more fused rows: the flash backend (how much of the gain is attention) and
            torch.compile(FusedBlock) (wrapper "torch.compile": the custom ops are opaque, compile removes Python
            overhead around them). Its row GEMMs with heavy epilogues run as CUTLASS sm_90a kernels where the
-           extension has them (rows' `block_gemm`: "cutlass"), else as Triton kernels
+           extension has them and they measured faster (rows' `block_gemm`: "auto (CUTLASS built)"; see
+           block_kernels.GEMM_BACKEND), else as Triton kernels
   fused_triton  the same fused block with every row GEMM on Triton (block_kernels.GEMM_BACKEND = "triton"),
            cuDNN attention: what the CUTLASS kernels gain, measured in the same run
 Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
@@ -500,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     act_dtype = torch.float32 if smoke else torch.bfloat16
     shape_kw = dict(d_model=128, num_heads=2, num_kv_heads=1) if smoke else {}
     from pgolf_kernels._extension import _C
-    cutlass_state = "cutlass" if (
+    cutlass_state = f"{block_kernels.GEMM_BACKEND} (CUTLASS built)" if (
         not smoke and block_kernels.GEMM_BACKEND != "triton" and torch.cuda.get_device_capability()[0] == 9
         and getattr(_C, "block_gemm_sm90_built", lambda: False)()) else "triton"
 

@@ -775,9 +775,15 @@ def row_gemm_kind(epi: int, a_act: bool = False) -> str:
 
 # The epilogue-heavy row GEMMs also exist as CUTLASS sm_90a kernels (csrc/block_gemm_sm90.cu: warp-specialised
 # ping-pong, so one tile's epilogue overlaps the next tile's matmul, which Triton cannot do). PGOLF_BLOCK_GEMM:
-# "auto" (default: CUTLASS where the extension has it and the operands suit it, else Triton), "triton", or
-# "cutlass" (an error where it cannot run). Tests and benchmarks set GEMM_BACKEND directly.
+# "auto" (default: CUTLASS for the launches where it measured faster, if the extension has it and the operands
+# suit it, else Triton), "triton", or "cutlass" (every launch that has a CUTLASS kernel; an error where it cannot
+# run). Tests and benchmarks set GEMM_BACKEND directly.
 _CUTLASS_EPIS = (EPI_RESIDUAL, EPI_ACT_BWD, EPI_NORM_BWD)  # and the attention input's dX (_attn_dx_backend)
+# H100, B64xT1024 (bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt), ms CUTLASS vs Triton:
+# residual 0.089 vs 0.105, RMSNorm backward 0.139 vs 0.202. Slower, so "auto" keeps Triton there: activation
+# backward (per-row sums by Sm90ColReduction) 0.358 vs 0.259, attention-input dX (column partials by
+# Sm90RowReduction) 0.990 vs 0.593 for its whole backward.
+_CUTLASS_AUTO = (EPI_RESIDUAL, EPI_NORM_BWD)
 GEMM_BACKEND = os.environ.get("PGOLF_BLOCK_GEMM", "auto").strip().lower() or "auto"
 if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
     raise ValueError(f"PGOLF_BLOCK_GEMM must be auto, triton or cutlass, not {GEMM_BACKEND!r}")
@@ -785,14 +791,12 @@ if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
 
 def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, store_act=False) -> str:
     """"cutlass" or "triton": which kernel row_gemm runs for these operands (see GEMM_BACKEND)."""
-    if GEMM_BACKEND == "triton":
+    has_kernel = epi in _CUTLASS_EPIS and not a_act and (epi != EPI_ACT_BWD or store_act)
+    if GEMM_BACKEND == "triton" or not has_kernel or (GEMM_BACKEND == "auto" and epi not in _CUTLASS_AUTO):
         return "triton"
     why = None
     if not a.is_cuda or _INTERPRET:
         why = "it runs on CUDA tensors only (not on the CPU or under TRITON_INTERPRET)"
-    elif epi not in _CUTLASS_EPIS or a_act or (epi == EPI_ACT_BWD and not store_act):
-        why = ("only the residual, activation-backward (storing act) and RMSNorm-backward epilogues, with no A "
-               "prologue, have one")
     elif tuple(a_addr) != _plain(K) or tuple(o_addr) != _plain(N) or not a.is_contiguous():
         why = "A and out must be plain row-major matrices"
     elif (w_sk == 1) != (epi == EPI_RESIDUAL) or (w_sk != 1 and w_sn != 1):
@@ -814,8 +818,9 @@ def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, s
 
 
 def _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) -> str:
-    """"cutlass" or "triton" for the attention input's dX matmul (csrc/block_attn_dx_sm90.cu; see GEMM_BACKEND)."""
-    if GEMM_BACKEND == "triton":
+    """"cutlass" or "triton" for the attention input's dX matmul (csrc/block_attn_dx_sm90.cu; see GEMM_BACKEND:
+    "auto" keeps Triton here, where it measured faster)."""
+    if GEMM_BACKEND != "cutlass":
         return "triton"
     why = None
     if not dqkv.is_cuda or _INTERPRET:
