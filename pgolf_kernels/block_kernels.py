@@ -19,6 +19,9 @@ Every kernel but three is a matmul with its elementwise neighbours folded into o
                            products go to cuBLAS instead (see wgrad)
   _prep_weights_kernel     fp32 -> activation-dtype weight copies, optionally row-scaled, up to 8 per launch
 
+CUTLASS sm_90a versions of some matmuls live in csrc/ (block_gemm_sm90.cu: residual, activation-backward and
+RMSNorm-backward epilogues; block_attn_dx_sm90.cu: the attention input's dX); GEMM_BACKEND below picks them.
+
 Wrappers below allocate outputs and launch; they check shapes and raise ValueError naming the problem.
 """
 from __future__ import annotations
