@@ -792,32 +792,46 @@ if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
     raise ValueError(f"PGOLF_BLOCK_GEMM must be auto, triton or cutlass, not {GEMM_BACKEND!r}")
 
 
+def _cutlass_missing(t: torch.Tensor, op: str):
+    """Why the extension's CUTLASS kernel `op` cannot run on t's device, or None when it can."""
+    if not t.is_cuda or _INTERPRET:
+        return "it runs on CUDA tensors only (not on the CPU or under TRITON_INTERPRET)"
+    from ._extension import extension_available, _C
+    if not extension_available() or not hasattr(_C, op):
+        return "the CUDA extension pgolf_kernels._C is not built"
+    if not _C.block_gemm_sm90_built():
+        return "pgolf_kernels._C was built without CUTLASS headers (pip install nvidia-cutlass, rebuild)"
+    if torch.cuda.get_device_capability(t.device)[0] != 9:
+        return "it needs an sm_90 GPU"
+    return None
+
+
+def _backend_verdict(why, what: str) -> str:
+    """"cutlass" when nothing stands in the way (why is None); else "triton", or an error when CUTLASS is forced."""
+    if why is None:
+        return "cutlass"
+    if GEMM_BACKEND == "cutlass":
+        raise RuntimeError(f"PGOLF_BLOCK_GEMM=cutlass but {what} cannot use it: {why}")
+    return "triton"
+
+
 def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, store_act=False) -> str:
     """"cutlass" or "triton": which kernel row_gemm runs for these operands (see GEMM_BACKEND)."""
     has_kernel = epi in _CUTLASS_EPIS and not a_act and (epi != EPI_ACT_BWD or store_act)
     if GEMM_BACKEND == "triton" or not has_kernel or (GEMM_BACKEND == "auto" and epi not in _CUTLASS_AUTO):
         return "triton"
-    why = None
-    if not a.is_cuda or _INTERPRET:
-        why = "it runs on CUDA tensors only (not on the CPU or under TRITON_INTERPRET)"
+    why = _cutlass_missing(a, "block_gemm_sm90")
+    if why is not None:
+        pass
     elif tuple(a_addr) != _plain(K) or tuple(o_addr) != _plain(N) or not a.is_contiguous():
         why = "A and out must be plain row-major matrices"
     elif (w_sk == 1) != (epi == EPI_RESIDUAL) or (w_sk != 1 and w_sn != 1):
         why = "the weight layout differs from the one built for this epilogue"
     else:
-        from ._extension import extension_available, _C
-        a2 = a.view(-1, K)
-        if not extension_available() or not hasattr(_C, "block_gemm_sm90_supported"):
-            why = "the CUDA extension pgolf_kernels._C is not built"
-        elif not _C.block_gemm_sm90_built():
-            why = "pgolf_kernels._C was built without CUTLASS headers (pip install nvidia-cutlass, rebuild)"
-        elif not _C.block_gemm_sm90_supported(a2, w, w_sk == 1, N):
-            why = "operands unsupported (needs an sm_90 GPU, bf16, K and N multiples of 8, 16-byte alignment)"
-    if why is None:
-        return "cutlass"
-    if GEMM_BACKEND == "cutlass":
-        raise RuntimeError(f"PGOLF_BLOCK_GEMM=cutlass but this row GEMM cannot use it: {why}")
-    return "triton"
+        from ._extension import _C
+        if not _C.block_gemm_sm90_supported(a.view(-1, K), w, w_sk == 1, N):
+            why = "operands unsupported (needs bf16, K and N multiples of 8, 16-byte alignment)"
+    return _backend_verdict(why, "this row GEMM")
 
 
 def _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) -> str:
@@ -825,26 +839,14 @@ def _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) -> str:
     "auto" keeps Triton here, where it measured faster)."""
     if GEMM_BACKEND != "cutlass":
         return "triton"
-    why = None
-    if not dqkv.is_cuda or _INTERPRET:
-        why = "it runs on CUDA tensors only (not on the CPU or under TRITON_INTERPRET)"
+    why = _cutlass_missing(dqkv, "block_attn_dx_sm90")
+    if why is not None:
+        pass
     elif not all(t.is_contiguous() and t.dtype == torch.bfloat16 for t in (dqkv, g_xm, xm, x, x0)):
         why = "dqkv, g_xm, xm, x and x0 must be contiguous bf16"
     elif resid_mix.dtype != torch.float32 or not resid_mix.is_contiguous() or x.shape[1] % 128:
         why = "resid_mix must be contiguous fp32 and D a multiple of 128"
-    else:
-        from ._extension import extension_available, _C
-        if not extension_available() or not hasattr(_C, "block_attn_dx_sm90"):
-            why = "the CUDA extension pgolf_kernels._C is not built"
-        elif not _C.block_gemm_sm90_built():
-            why = "pgolf_kernels._C was built without CUTLASS headers (pip install nvidia-cutlass, rebuild)"
-        elif torch.cuda.get_device_capability(dqkv.device)[0] != 9:
-            why = "it needs an sm_90 GPU"
-    if why is None:
-        return "cutlass"
-    if GEMM_BACKEND == "cutlass":
-        raise RuntimeError(f"PGOLF_BLOCK_GEMM=cutlass but the attention-input dX cannot use it: {why}")
-    return "triton"
+    return _backend_verdict(why, "the attention-input dX")
 
 
 def _row_gemm_cutlass(a, w, M, N, K, out, *, epi, nvec, res, rowvec, c, c_nt, g, act):
