@@ -147,7 +147,10 @@ struct Operands {
 
 inline int sm_count(int device) {
   constexpr int kMaxDevices = 64;
-  static int counts[kMaxDevices] = {};
+  static int counts[kMaxDevices] = {};  // cached: the query is a device-properties call
+  if (device < 0 || device >= kMaxDevices) {
+    return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  }
   if (counts[device] == 0) counts[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
   return counts[device];
 }
