@@ -32,7 +32,6 @@ namespace pgolf {
 #if defined(PGOLF_WITH_CUTLASS)
 namespace block_gemm_detail {
 
-
 using namespace cute;
 namespace fu = cutlass::epilogue::fusion;
 
