@@ -9,6 +9,9 @@
 // memory): g_xm comes in as the epilogue source C, xm, x and x0 as TMA-loaded auxiliary inputs, dx0 leaves as a
 // TMA-stored auxiliary output. The dmix partials (one row per 128-row tile, no atomics) are summed by
 // the caller.
+// Measured on the H100 at B64xT1024: slower than the Triton kernel (the whole attention-input backward 0.990 vs
+// 0.593 ms, bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt; ptxas gives the column
+// reductions a 1.8 KB stack frame), so block_kernels runs it only under PGOLF_BLOCK_GEMM=cutlass.
 #include "block_gemm_sm90.cuh"
 
 namespace pgolf {
