@@ -500,10 +500,9 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device("cpu" if smoke else "cuda")
     act_dtype = torch.float32 if smoke else torch.bfloat16
     shape_kw = dict(d_model=128, num_heads=2, num_kv_heads=1) if smoke else {}
-    from pgolf_kernels._extension import _C
     cutlass_state = f"{block_kernels.GEMM_BACKEND} (CUTLASS built)" if (
-        not smoke and block_kernels.GEMM_BACKEND != "triton" and torch.cuda.get_device_capability()[0] == 9
-        and getattr(_C, "block_gemm_sm90_built", lambda: False)()) else "triton"
+        not smoke and block_kernels.GEMM_BACKEND != "triton"
+        and block_kernels.cutlass_missing(torch.device("cuda")) is None) else "triton"
 
     def over_budget() -> bool:
         return time.time() - t_start > args.time_budget

@@ -70,11 +70,7 @@ void block_attn_dx_sm90_cuda(const at::Tensor& dqkv, const at::Tensor& w, const 
               "block_attn_dx_sm90: rstd [M], c [M], mix [2, D] and dmix_part [2, ceil(M/128), D] must be contiguous "
               "fp32 tensors on dqkv's device");
   const c10::cuda::CUDAGuard guard(dqkv.device());
-  thread_local int bound_device = -1;  // a current context for CUTLASS's TMA descriptors (see block_gemm_sm90.cu)
-  if (bound_device != dqkv.get_device()) {
-    C10_CUDA_CHECK(cudaSetDevice(dqkv.get_device()));
-    bound_device = dqkv.get_device();
-  }
+  bind_primary_context(dqkv.get_device());  // CUTLASS makes its TMA descriptors with a driver call
   const Operands ops{dqkv.data_ptr(), w.data_ptr(), w.stride(0), dx.data_ptr(), g_xm.data_ptr(),
                      static_cast<int>(m), static_cast<int>(d), static_cast<int>(k)};
   auto aux = make_stride(int64_t(d), _1{}, int64_t(0));

@@ -97,13 +97,7 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
               shape_text(out), ", source ", shape_text(c_in));
   TORCH_CHECK(act == 0 || act == 1, "block_gemm_sm90: act must be 0 (relu^2) or 1 (leaky_relu(0.5)^2)");
   const c10::cuda::CUDAGuard guard(a.device());
-  // CUTLASS builds its TMA descriptors with a driver call, which needs a current context: autograd's backward
-  // thread has none bound until a runtime call makes the primary context current (see qat_linear_sm90.cu).
-  thread_local int bound_device = -1;
-  if (bound_device != a.get_device()) {
-    C10_CUDA_CHECK(cudaSetDevice(a.get_device()));
-    bound_device = a.get_device();
-  }
+  bind_primary_context(a.get_device());  // CUTLASS makes its TMA descriptors with a driver call
   const Operands ops{a.data_ptr(), w.data_ptr(), w.stride(0), out.data_ptr(), c_in.data_ptr(),
                      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k)};
   const int device = a.get_device();

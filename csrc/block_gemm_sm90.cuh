@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cuda_context.h"
 #include "error_text.h"
 
 #if defined(PGOLF_WITH_CUTLASS)

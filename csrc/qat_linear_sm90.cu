@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <mutex>
 
+#include "cuda_context.h"
 #include "error_text.h"
 
 namespace pgolf {
@@ -502,15 +503,7 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
     bias_ptr = bias->data_ptr<float>();
   }
   const c10::cuda::CUDAGuard guard(b.device());
-  // cuTensorMapEncodeTiled is a driver call and needs a current context. A thread that has only made runtime calls
-  // needing none (autograd's backward thread: its device is set, no context bound) gets error 201 without this.
-  // cudaSetDevice makes the device's primary context current (CUDA >= 12) and, unlike cudaFree(nullptr), is not a
-  // synchronising call, so it is safe while a stream is being captured. Once per thread and device.
-  thread_local int bound_device = -1;
-  if (bound_device != b.get_device()) {
-    C10_CUDA_CHECK(cudaSetDevice(b.get_device()));
-    bound_device = b.get_device();
-  }
+  bind_primary_context(b.get_device());  // the descriptors below are made by a driver call
   const int64_t tokens = b.size(0), reduction = b.size(1);
   const int64_t a_extent = trans_w ? w.size(1) : w.size(0);
   at::Tensor out = at::empty({tokens, a_extent}, b.options());

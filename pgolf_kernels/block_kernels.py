@@ -792,16 +792,17 @@ if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
     raise ValueError(f"PGOLF_BLOCK_GEMM must be auto, triton or cutlass, not {GEMM_BACKEND!r}")
 
 
-def _cutlass_missing(t: torch.Tensor, op: str):
-    """Why the extension's CUTLASS kernel `op` cannot run on t's device, or None when it can."""
-    if not t.is_cuda or _INTERPRET:
+def cutlass_missing(device: torch.device, op: str = "block_gemm_sm90"):
+    """Why the extension's CUTLASS kernel `op` cannot run on `device`, or None when it can (tests and benches
+    ask this too)."""
+    if device.type != "cuda" or _INTERPRET:
         return "it runs on CUDA tensors only (not on the CPU or under TRITON_INTERPRET)"
     from ._extension import extension_available, _C
     if not extension_available() or not hasattr(_C, op):
         return "the CUDA extension pgolf_kernels._C is not built"
     if not _C.block_gemm_sm90_built():
         return "pgolf_kernels._C was built without CUTLASS headers (pip install nvidia-cutlass, rebuild)"
-    if torch.cuda.get_device_capability(t.device)[0] != 9:
+    if torch.cuda.get_device_capability(device)[0] != 9:
         return "it needs an sm_90 GPU"
     return None
 
@@ -820,17 +821,16 @@ def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, s
     has_kernel = epi in _CUTLASS_EPIS and not a_act and (epi != EPI_ACT_BWD or store_act)
     if GEMM_BACKEND == "triton" or not has_kernel or (GEMM_BACKEND == "auto" and epi not in _CUTLASS_AUTO):
         return "triton"
-    why = _cutlass_missing(a, "block_gemm_sm90")
-    if why is not None:
-        pass
-    elif tuple(a_addr) != _plain(K) or tuple(o_addr) != _plain(N) or not a.is_contiguous():
-        why = "A and out must be plain row-major matrices"
-    elif (w_sk == 1) != (epi == EPI_RESIDUAL) or (w_sk != 1 and w_sn != 1):
-        why = "the weight layout differs from the one built for this epilogue"
-    else:
-        from ._extension import _C
-        if not _C.block_gemm_sm90_supported(a.view(-1, K), w, w_sk == 1, N):
-            why = "operands unsupported (needs bf16, K and N multiples of 8, 16-byte alignment)"
+    why = cutlass_missing(a.device, "block_gemm_sm90")
+    if why is None:
+        if tuple(a_addr) != _plain(K) or tuple(o_addr) != _plain(N) or not a.is_contiguous():
+            why = "A and out must be plain row-major matrices"
+        elif (w_sk == 1) != (epi == EPI_RESIDUAL) or (w_sk != 1 and w_sn != 1):
+            why = "the weight layout differs from the one built for this epilogue"
+        else:
+            from ._extension import _C
+            if not _C.block_gemm_sm90_supported(a.view(-1, K), w, w_sk == 1, N):
+                why = "operands unsupported (needs bf16, K and N multiples of 8, 16-byte alignment)"
     return _backend_verdict(why, "this row GEMM")
 
 
@@ -839,13 +839,12 @@ def _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) -> str:
     "auto" keeps Triton here, where it measured faster)."""
     if GEMM_BACKEND != "cutlass":
         return "triton"
-    why = _cutlass_missing(dqkv, "block_attn_dx_sm90")
-    if why is not None:
-        pass
-    elif not all(t.is_contiguous() and t.dtype == torch.bfloat16 for t in (dqkv, g_xm, xm, x, x0)):
-        why = "dqkv, g_xm, xm, x and x0 must be contiguous bf16"
-    elif resid_mix.dtype != torch.float32 or not resid_mix.is_contiguous() or x.shape[1] % 128:
-        why = "resid_mix must be contiguous fp32 and D a multiple of 128"
+    why = cutlass_missing(dqkv.device, "block_attn_dx_sm90")
+    if why is None:
+        if not all(t.is_contiguous() and t.dtype == torch.bfloat16 for t in (dqkv, g_xm, xm, x, x0)):
+            why = "dqkv, g_xm, xm, x and x0 must be contiguous bf16"
+        elif resid_mix.dtype != torch.float32 or not resid_mix.is_contiguous() or x.shape[1] % 128:
+            why = "resid_mix must be contiguous fp32 and D a multiple of 128"
     return _backend_verdict(why, "the attention-input dX")
 
 
@@ -972,27 +971,28 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
         w_all = torch.cat([wq, wk, wv])
         dmix_part = alloc((2, triton.cdiv(M, 128), D), device=dev, dtype=torch.float32)
         _C.block_attn_dx_sm90(dqkv, w_all, g_xm, xm, x, x0, rstd, cvec, resid_mix, dx, dx0, dmix_part)
-        dw, _ = wgrad(dqkv, xm, _flat2(xm), M, NQKV, D)
-        return dx, dx0, dmix_part.sum(1), dw, dgain_part.sum(0)
-    cfg = _blocks("attn_dx")
-    BN = _pick(D, cfg["BN"])
-    BK = _pick(KVH * HD, cfg["BK"])
-    n_rt = triton.cdiv(M, cfg["BM"])
-    dmix_part = alloc((n_rt, 2, D), device=dev, dtype=torch.float32)
-    kw = dict(D=D, H=H, KVH=KVH, HD=HD, BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"],
-              num_stages=cfg["num_stages"])
-    if _use_tma(cfg, dev):
-        BM = cfg["BM"]
-        nprog = min(_num_sms(dev), n_rt * (D // BN))
-        _attn_in_bwd_dx_tma_kernel[(nprog,)](
-            _desc2(dqkv, M, NQKV, BM, BK), *[_desc2(w, w.shape[0], D, BK, BN) for w in (wq, wk, wv)],
-            *[_desc2(t, M, D, BM, BN) for t in (g_xm, xm, x, x0, dx, dx0)], rstd, cvec, resid_mix, dmix_part,
-            M, NPROG=nprog, **kw)
+        dmix = dmix_part.sum(1)
     else:
-        _attn_in_bwd_dx_kernel[(D // BN, n_rt)](dqkv, wq, wk, wv, g_xm, xm, rstd, cvec, x, x0, resid_mix,
-                                                dx, dx0, dmix_part, M, **kw)
+        cfg = _blocks("attn_dx")
+        BN = _pick(D, cfg["BN"])
+        BK = _pick(KVH * HD, cfg["BK"])
+        n_rt = triton.cdiv(M, cfg["BM"])
+        dmix_part = alloc((n_rt, 2, D), device=dev, dtype=torch.float32)
+        kw = dict(D=D, H=H, KVH=KVH, HD=HD, BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+        if _use_tma(cfg, dev):
+            BM = cfg["BM"]
+            nprog = min(_num_sms(dev), n_rt * (D // BN))
+            _attn_in_bwd_dx_tma_kernel[(nprog,)](
+                _desc2(dqkv, M, NQKV, BM, BK), *[_desc2(w, w.shape[0], D, BK, BN) for w in (wq, wk, wv)],
+                *[_desc2(t, M, D, BM, BN) for t in (g_xm, xm, x, x0, dx, dx0)], rstd, cvec, resid_mix, dmix_part,
+                M, NPROG=nprog, **kw)
+        else:
+            _attn_in_bwd_dx_kernel[(D // BN, n_rt)](dqkv, wq, wk, wv, g_xm, xm, rstd, cvec, x, x0, resid_mix,
+                                                    dx, dx0, dmix_part, M, **kw)
+        dmix = dmix_part.sum(0)
     dw, _ = wgrad(dqkv, xm, _flat2(xm), M, NQKV, D)
-    return dx, dx0, dmix_part.sum(0), dw, dgain_part.sum(0)
+    return dx, dx0, dmix, dw, dgain_part.sum(0)
 
 
 def rope_tables(angles: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -596,10 +596,8 @@ def test_gpu_fused_block_bf16(case):
 
 
 def _cutlass_ready() -> bool:
-    if not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9:
-        return False
-    from pgolf_kernels._extension import _C
-    return _C is not None and hasattr(_C, "block_gemm_sm90_built") and _C.block_gemm_sm90_built()
+    from pgolf_kernels import block_kernels as kn
+    return HAS_CUDA and kn.cutlass_missing(torch.device("cuda")) is None
 
 
 @pytest.mark.gpu
