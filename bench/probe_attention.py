@@ -1,0 +1,119 @@
+"""What the fused block's attention costs, and what GQA costs it (H100; bf16, causal, head dim 64, 8 q / 4 kv heads).
+
+The fused block calls SDPA with enable_gqa=True on q [B, 8, T, 64] and k/v [B, 4, T, 64] (views of [B, T, H, 64]).
+cuDNN's backward for GQA computes dK/dV per query head and then sums head pairs in extra kernels
+(fmha_reduce_head), besides its dO.O row sums and its fp32-to-bf16 dQ conversion. This probe times, forward and
+backward, CUDA-graph replay (GPU time only), median of triton.testing.do_bench:
+  gqa        SDPA(q, k, v, enable_gqa=True)                      (what FusedBlock does)
+  expanded   SDPA(q, k8, v8) with k/v already at 8 heads          (the attention-input kernel could write k/v
+             expanded; the backward's epilogue kernel would then add the head pairs of dK/dV itself)
+  expand+sum expanded, plus the torch ops that expand k/v and sum the head pairs (an upper bound on doing it in
+             torch instead of inside the block's kernels)
+for the cuDNN and flash backends, and lists each variant's kernels (torch.profiler, per call).
+
+Usage: python bench/probe_attention.py [--cases B64_T1024,B32_T2048] [--out DIR]
+Result: bench/results/attention_probe-<device>-<date>.txt
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from results_io import capture_cuda_graph, device_slug, git_commit, versions  # bench/ is on sys.path
+
+H, KVH, HD = 8, 4, 64
+
+
+def make_inputs(b, t, gen):
+    def leaf(heads):
+        x = torch.randn(b, t, heads, HD, device="cuda", generator=gen, dtype=torch.bfloat16)
+        return x.transpose(1, 2).detach().requires_grad_()  # [B, heads, T, HD] view, as in the block
+
+    return leaf(H), leaf(KVH), leaf(KVH), torch.randn(b, H, t, HD, device="cuda", generator=gen,
+                                                      dtype=torch.bfloat16)
+
+
+def variants(q, k, v, dy):
+    rep = H // KVH
+    k8 = k.detach().repeat_interleave(rep, dim=1).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    v8 = v.detach().repeat_interleave(rep, dim=1).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
+    def gqa():
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return torch.autograd.grad(y, (q, k, v), dy)
+
+    def expanded():
+        y = F.scaled_dot_product_attention(q, k8, v8, is_causal=True)
+        return torch.autograd.grad(y, (q, k8, v8), dy)
+
+    def expand_sum():
+        ke = k.repeat_interleave(rep, dim=1)
+        ve = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
+        return torch.autograd.grad(y, (q, k, v), dy)  # autograd sums the head pairs
+
+    return {"gqa": gqa, "expanded": expanded, "expand+sum": expand_sum}
+
+
+def kernel_table(fn, iters=5):
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" and e.count > 0:
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+            rows.append((t / iters / 1e3, e.count / iters, e.key))
+    return sorted(rows, reverse=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="B64_T1024,B32_T2048")
+    ap.add_argument("--out", default=None, help="folder for the .txt (default: print only)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("probe_attention: needs a CUDA device")
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    lines = [f"# attention probe on {torch.cuda.get_device_name()} (commit {git_commit()}, {versions()})",
+             "# ms = median GPU time of one forward+backward replayed from a CUDA graph (triton do_bench)"]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for case in args.cases.split(","):
+        b, t = (int(s[1:]) for s in case.split("_"))
+        q, k, v, dy = make_inputs(b, t, gen)
+        for bname, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            with sdpa_kernel([backend]):
+                fns = variants(q, k, v, dy)
+                ref = [g.float() for g in fns["gqa"]()]
+                for name, fn in fns.items():
+                    got = fn()
+                    if name == "expanded":  # compare after summing the head pairs
+                        got = (got[0], *(g.unflatten(1, (KVH, H // KVH)).sum(2) for g in got[1:]))
+                    err = max(((a.float() - r).abs().max() / r.abs().max()).item() for a, r in zip(got, ref))
+                    graph = capture_cuda_graph(fn)
+                    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+                    lines.append(f"{case:10s} {bname:6s} {name:11s} {ms:8.4f} ms  (max rel. diff vs gqa {err:.2e})")
+                    print(lines[-1], flush=True)
+                    if case == args.cases.split(",")[0] and bname == "cudnn":
+                        for kms, calls, key in kernel_table(fn):
+                            lines.append(f"    {kms:8.4f} ms x{calls:.0f}  {key[:120]}")
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        import datetime
+        path = out / f"attention_probe-{device_slug()}-{datetime.date.today().isoformat()}.txt"
+        path.write_text(text)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
