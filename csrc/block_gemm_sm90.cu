@@ -11,9 +11,9 @@
 // Epilogues (the EPI numbers of block_kernels.py):
 //   kResidual (1): out = C + nvec[n] * acc                      C = the residual stream (attention output proj.)
 //   kActBwd   (3): dp = acc * act'(C)                           C = pre, the MLP's pre-activation
-//                  out = dp * rstd[m];  aux_out = act(C);  c[m] = sum_n dp * C   (complete per-row sum: the
-//                  last CTA of a row tile adds the per-column-tile partials in a fixed order, so it is
-//                  deterministic, no float atomics)
+//                  out = dp * rstd[m];  aux_out = act(C);  c[j, m] = sum over the j-th 128-column tile of
+//                  dp * C (per-tile partials, fp32 [ceil(N/128), round_up(M, 128)]; the caller adds the rows,
+//                  so the sums are deterministic, no float atomics)
 //   kNormBwd  (4): out = C + acc - aux_in * (rstd[m]^2 * c[m] / N_norm)    C = g (the gradient flowing in),
 //                  aux_in = x (the RMSNorm input)
 // act: 0 relu(p)^2, 1 leaky_relu(p, 0.5)^2 (block_kernels._act_fwd / _act_grad).
@@ -44,7 +44,7 @@ using EvtResidual = fu::Sm90EVT<fu::Sm90Compute<cutlass::homogeneous_multiply_ad
 template <int ACT>
 using EvtActBwd = fu::Sm90EVT<
     fu::Sm90Compute<ThirdOf, Bf16, float, kRound>,
-    fu::Sm90EVT<RowSum, fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template DpTimesP, float, float, kRound>, Acc, Src>>,
+    fu::Sm90EVT<RowSumPartials, fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template DpTimesP, float, float, kRound>, Acc, Src>>,
     fu::Sm90EVT<AuxOut, fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template Forward, float, float, kRound>, Src>>,
     fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template DpScaled, float, float, kRound>, Acc, Src, PerRow>>;
 
@@ -117,12 +117,13 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
                 "block_gemm_sm90: aux_out (act(pre)) must be a contiguous bf16 [M, N] tensor on A's device");
     Bf16* act_ptr = static_cast<Bf16*>(aux_out->data_ptr());
     float* rstd = vec(row_vec, m, "row_vec (rstd)");
-    float* csum = vec(row_out, m, "row_out (per-row sums)");
+    const int64_t parts = ((m + kTileM - 1) / kTileM) * kTileM * ((n + kTileN - 1) / kTileN);
+    float* csum = vec(row_out, parts, "row_out (per-row partial sums, [ceil(N/128), round_up(M, 128)])");
     auto aux_stride = make_stride(int64_t(n), _1{}, int64_t(0));
     auto run = [&](auto g) {
       using G = decltype(g);
       typename G::Epilogue::FusionCallbacks::Arguments f{
-          {{{}, {}, {}}, {csum, 0.f, {}}},              // c[m] = sum_n dp * pre
+          {{{}, {}, {}}, {csum, 0.f, {}}},              // c[j, m] = sum over column tile j of dp * pre
           {{{}, {}}, {act_ptr, aux_stride}},            // aux_out = act(pre)
           {{}, {}, {rstd, 0.f, {}}, {}},                // dp * rstd
           {}};

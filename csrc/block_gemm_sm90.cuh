@@ -62,9 +62,13 @@ using AuxIn = fu::Sm90AuxLoad<AuxLoadDesc::Stages, EpiDesc::EpilogueTile, Bf16, 
                               AuxLoadDesc::SmemLayoutAtom, AuxLoadDesc::CopyOpS2R, kAlign>;
 using AuxOut = fu::Sm90AuxStore<AuxStoreDesc::Stages, EpiDesc::EpilogueTile, Bf16, kRound, AuxStoreDesc::Stride,
                                 AuxStoreDesc::SmemLayoutAtom, AuxStoreDesc::CopyOpR2S, kAlign>;
-// complete per-row sum over the N tiles (workspace partials, the last tile adds them: deterministic)
-using RowSum = fu::Sm90ColReduction<cutlass::plus, cutlass::plus, cutlass::plus, 0, TileShape, float, float, kRound,
-                                    Stride<_1, _0, int64_t>, 4>;
+// per-row sums, one partial per N tile: fp32 [ceil(N / 128), round_up(M, 128)] (m fastest), added up by the caller.
+// (The complete-sum variant, FinalReduction = true, makes the last tile of a row add the workspace partials behind
+// a fence and an atomic ticket; it measured 0.358 ms against Triton's 0.259 for the MLP dPre at B64xT1024.)
+using RowSumPartials = fu::Sm90ColReduction<cutlass::plus, cutlass::plus, cutlass::plus, 0, TileShape, float, float,
+                                            kRound, Stride<_1, _0, int64_t>, 4, /*EnableNullptr=*/false,
+                                            /*FinalReduction=*/false>;
+constexpr int64_t kTileM = 128, kTileN = 128;  // TileShape's M and N
 
 // ---- element-wise functors on fp32 fragments --------------------------------------------------------------
 template <int ACT>

@@ -455,19 +455,18 @@ def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, w_fc_c: Tensor
     b, t, d = x1.shape
     m, hid = b * t, w_fc_c.shape[0]
     g2, x2 = g.reshape(m, d), x1.reshape(m, d)
-    cfg = kn._blocks("row_gemm_act_bwd")
-    n_ht = hid // kn._pick(hid, cfg["BN"])
-    cpart = kn.alloc((n_ht, m), device=g.device, dtype=torch.float32)
     dpre = kn.alloc_like(pre)
     act_pre = kn.alloc_like(pre)
-    # dPre = (g @ (mlp_scale * w_proj)) * act'(pre), stored times rstd; row partials of sum(dPre * pre);
-    # act(pre) written on the way (the epilogue reads pre anyway) for the dWproj2 product
+    backend = kn.row_gemm_backend(kn.EPI_ACT_BWD, g2, kn._flat2(g2), w_proj_scaled_c, 1, w_proj_scaled_c.stride(0),
+                                  hid, d, kn._flat2(dpre), store_act=True)
+    n_ht, m_row = kn.act_bwd_partials(backend, m, hid)
+    cpart = kn.alloc((n_ht, m_row), device=g.device, dtype=torch.float32)
+    # dPre = (g @ (mlp_scale * w_proj)) * act'(pre), stored times rstd; per-column-tile partials of sum(dPre * pre)
+    # (added up by the dX epilogue); act(pre) written on the way (the epilogue reads pre anyway) for dWproj2
     kn.row_gemm(g2, kn._flat2(g2), w_proj_scaled_c, 1, w_proj_scaled_c.stride(0), m, hid, d, dpre, kn._flat2(dpre),
                 epi=kn.EPI_ACT_BWD, res=pre, rowvec=rstd, c=cpart, g=act_pre, store_act=True, act=act)
-    # rows of cpart now holding the per-row sums: one (complete) from the CUTLASS kernel, else one per column tile
-    if kn.row_gemm_backend(kn.EPI_ACT_BWD, g2, kn._flat2(g2), w_proj_scaled_c, 1, w_proj_scaled_c.stride(0), hid, d,
-                           kn._flat2(dpre), store_act=True) == "cutlass":
-        n_ht = 1
+    if m_row != m:  # CUTLASS pads its partial rows to whole 128-row tiles; the dX epilogue reads rows of m
+        cpart, n_ht = cpart[:, :m].sum(0, keepdim=True), 1
     dw_proj, dscale = kn.wgrad(g2, act_pre, kn._flat2(act_pre), m, d, hid, nscale=mlp_scale, w=w_proj)
     del act_pre
     dw_fc, _ = kn.wgrad(dpre, x2, kn._flat2(x2), m, hid, d)

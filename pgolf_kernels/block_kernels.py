@@ -784,8 +784,8 @@ def row_gemm_kind(epi: int, a_act: bool = False) -> str:
 _CUTLASS_EPIS = (EPI_RESIDUAL, EPI_ACT_BWD, EPI_NORM_BWD)  # and the attention input's dX (_attn_dx_backend)
 # H100, B64xT1024 (bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt), ms CUTLASS vs Triton:
 # residual 0.089 vs 0.105, RMSNorm backward 0.139 vs 0.202. Slower, so "auto" keeps Triton there: activation
-# backward (per-row sums by Sm90ColReduction) 0.358 vs 0.259, attention-input dX (column partials by
-# Sm90RowReduction) 0.990 vs 0.593 for its whole backward.
+# backward 0.358 vs 0.259 (with complete per-row sums by Sm90ColReduction; it now writes per-tile partials),
+# attention-input dX (column partials by Sm90RowReduction) 0.990 vs 0.593 for its whole backward.
 _CUTLASS_AUTO = (EPI_RESIDUAL, EPI_NORM_BWD)
 GEMM_BACKEND = os.environ.get("PGOLF_BLOCK_GEMM", "auto").strip().lower() or "auto"
 if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
@@ -855,7 +855,7 @@ def _row_gemm_cutlass(a, w, M, N, K, out, *, epi, nvec, res, rowvec, c, c_nt, g,
     if epi == EPI_RESIDUAL:
         _C.block_gemm_sm90(a2, w, w_nk, o2, epi, res.view(M, N), None, None, nvec, None, None, None, act, 1.0)
     elif epi == EPI_ACT_BWD:
-        # complete per-row sums go to c[0]
+        # per-row partial sums, one row per 128-column tile (act_bwd_partials("cutlass", M, N))
         _C.block_gemm_sm90(a2, w, w_nk, o2, epi, res.view(M, N), None, g.view(M, N), None, rowvec, None,
                            c.view(-1), act, 1.0)
     else:
@@ -865,11 +865,20 @@ def _row_gemm_cutlass(a, w, M, N, K, out, *, epi, nvec, res, rowvec, c, c_nt, g,
     return out
 
 
+def act_bwd_partials(backend: str, M: int, N: int) -> tuple[int, int]:
+    """(rows, row length) of the fp32 per-row partial sums EPI_ACT_BWD writes to c: one row per column tile of the
+    kernel that runs (backend: row_gemm_backend's answer): Triton's BN-wide tiles with rows of M, or CUTLASS's
+    128-wide tiles with rows padded to a multiple of 128 (only the first M entries of a row are sums)."""
+    if backend == "cutlass":
+        return triton.cdiv(N, 128), triton.cdiv(M, 128) * 128
+    return N // _pick(N, _blocks("row_gemm_act_bwd")["BN"]), M
+
+
 def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, res=None,
              rowvec=None, c=None, c_nt=1, g=None, a_act=False, store_act=False, act=0):
-    """out = epilogue(prologue(A) @ W) (EPI modes above). EPI_ACT_BWD writes per-row sums to c: complete sums in
-    c[0] on the CUTLASS path, one row of partials per column tile on the Triton path (row_gemm_backend says which;
-    EPI_NORM_BWD takes c_nt, the number of rows of c to add)."""
+    """out = epilogue(prologue(A) @ W) (EPI modes above). EPI_ACT_BWD writes per-row partial sums to c, a
+    contiguous fp32 tensor shaped by act_bwd_partials for the backend row_gemm_backend picks; EPI_NORM_BWD adds
+    the first c_nt rows of c (rows of length M)."""
     if row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act, store_act) == "cutlass":
         return _row_gemm_cutlass(a, w, M, N, K, out, epi=epi, nvec=nvec, res=res, rowvec=rowvec, c=c, c_nt=c_nt,
                                  g=g, act=act)

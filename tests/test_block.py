@@ -632,7 +632,7 @@ def test_gpu_cutlass_row_gemm(monkeypatch, epi, M, N, K):
         act = 0 if epi.endswith("relu2") else 1
         pre = rnd(M, N)
         act_out = kn.alloc(M, N, device="cuda", dtype=torch.bfloat16)
-        c = kn.alloc(N // 64, M, device="cuda", dtype=torch.float32)
+        c = kn.alloc(*kn.act_bwd_partials("cutlass", M, N), device="cuda", dtype=torch.float32)
         kn.row_gemm(a, P(K), w, 1, N, M, N, K, out, P(N), epi=kn.EPI_ACT_BWD, res=pre, rowvec=rstd, c=c, g=act_out,
                     store_act=True, act=act)
         p = pre.float()
@@ -640,11 +640,11 @@ def test_gpu_cutlass_row_gemm(monkeypatch, epi, M, N, K):
         grad = 2 * p.clamp_min(0) if act == 0 else torch.where(p > 0, 2 * p, 0.5 * p)
         dp = acc * grad
         for got, want, tol in ((out, dp * rstd[:, None], 8e-3), (act_out, r * r, 8e-3),
-                               (c[0], (dp * p).sum(1), 1e-4)):
+                               (c[:, :M].sum(0), (dp * p).sum(1), 1e-4)):
             assert torch.isfinite(got).all() and rel_err(got, want) <= tol
     else:
         x, gin = rnd(M, N), rnd(M, N)
-        for c_nt in (1, 3):  # complete sums (CUTLASS dPre) or partial rows (Triton dPre) are both accepted
+        for c_nt in (1, 3):  # complete sums or rows of partials (as the dPre kernels write them) are both accepted
             c = torch.randn(c_nt, M, device="cuda", generator=g)
             out.fill_(float("nan"))
             kn.row_gemm(a, P(K), w, 1, N, M, N, K, out, P(N), epi=kn.EPI_NORM_BWD, res=x, rowvec=rstd, c=c,
