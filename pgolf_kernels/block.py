@@ -287,26 +287,27 @@ def _(wq, wk, wv, wp, w_fc, w_proj, attn_scale, mlp_scale, dtype, with_scaled):
 @torch.library.custom_op("pgolf::block_attn_in", mutates_args=())
 def _attn_in_op(x: Tensor, x0: Tensor, resid_mix: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wq_c: Tensor,
                 wk_c: Tensor, wv_c: Tensor, q_gain: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
-                num_kv_heads: int, rope_dims: int,
-                store_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """wq/wk/wv: fp32 masters (gradients land there); wq_c/wk_c/wv_c: their activation-dtype copies (used)."""
+                num_kv_heads: int, rope_dims: int, store_stats: bool,
+                kv_rep: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """wq/wk/wv: fp32 masters (gradients land there); wq_c/wk_c/wv_c: their activation-dtype copies (used).
+    k and v come out with num_kv_heads * kv_rep heads (each head repeated kv_rep times)."""
     b, t, d = x.shape
     hd = wq.shape[0] // num_heads
     xm, q, k, v, rstd, hrstd = _kernels().attn_in_fwd(
         x.reshape(b * t, d), x0.reshape(b * t, d), resid_mix, wq_c, wk_c, wv_c, q_gain, cos, sin, t,
-        num_heads, num_kv_heads, rope_dims, store_stats)
-    return (xm.view(b, t, d), q.view(b, t, num_heads, hd), k.view(b, t, num_kv_heads, hd),
-            v.view(b, t, num_kv_heads, hd), rstd, hrstd)
+        num_heads, num_kv_heads, rope_dims, store_stats, kv_rep)
+    return (xm.view(b, t, d), q.view(b, t, num_heads, hd), k.view(b, t, num_kv_heads * kv_rep, hd),
+            v.view(b, t, num_kv_heads * kv_rep, hd), rstd, hrstd)
 
 
 @_attn_in_op.register_fake
 def _(x, x0, resid_mix, wq, wk, wv, wq_c, wk_c, wv_c, q_gain, cos, sin, num_heads, num_kv_heads, rope_dims,
-      store_stats):
+      store_stats, kv_rep=1):
     b, t, d = x.shape
     hd = wq.shape[0] // num_heads
     m = b * t if store_stats else 0
-    return (torch.empty_like(x), x.new_empty(b, t, num_heads, hd), x.new_empty(b, t, num_kv_heads, hd),
-            x.new_empty(b, t, num_kv_heads, hd), x.new_empty(m, dtype=torch.float32),
+    return (torch.empty_like(x), x.new_empty(b, t, num_heads, hd), x.new_empty(b, t, num_kv_heads * kv_rep, hd),
+            x.new_empty(b, t, num_kv_heads * kv_rep, hd), x.new_empty(m, dtype=torch.float32),
             x.new_empty(m, num_heads + num_kv_heads, dtype=torch.float32))
 
 
@@ -316,7 +317,7 @@ def _attn_in_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, g_xm: Tensor, q: Tensor,
                     resid_mix: Tensor, xm: Tensor, rstd: Tensor, wq_c: Tensor, wk_c: Tensor, wv_c: Tensor,
                     rope_dims: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     b, t, d = x.shape
-    h, kvh = q.shape[2], k.shape[2]
+    h, kvh = q.shape[2], wk_c.shape[0] // (wq_c.shape[0] // q.shape[2])  # k may hold each kv head several times
     dx, dx0, dmix, dw, dgain = _kernels().attn_in_bwd(
         dq, dk, dv, g_xm.reshape(b * t, d), q.reshape(b * t, -1), k.reshape(b * t, -1), v.reshape(b * t, -1),
         q_gain, cos, sin, head_rstd, x.reshape(b * t, d), x0.reshape(b * t, d), resid_mix, xm.reshape(b * t, d),
@@ -333,7 +334,7 @@ def _(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, resid_mix, 
 
 
 def _attn_in_setup(ctx, inputs, output):
-    x, x0, resid_mix, wq, wk, wv, wq_c, wk_c, wv_c, q_gain, cos, sin, _, _, rope_dims, store_stats = inputs
+    x, x0, resid_mix, wq, wk, wv, wq_c, wk_c, wv_c, q_gain, cos, sin, _, _, rope_dims, store_stats, _ = inputs
     xm, q, k, v, rstd, hrstd = output
     ctx.rope_dims = rope_dims
     ctx.store_stats = store_stats
@@ -355,7 +356,7 @@ def _attn_in_backward(ctx, g_xm, g_q, g_k, g_v, _g_rstd, _g_hrstd):
     dtq, dtk, dtv = ctx.w_dtypes
     # kernels accumulate parameter gradients in fp32; match the parameters' dtype (no-op for fp32 params)
     return (dx, dx0, dmix.to(resid_mix.dtype), dw[:nq].to(dtq), dw[nq:nq + nk].to(dtk), dw[nq + nk:].to(dtv),
-            None, None, None, dgain.to(q_gain.dtype), None, None, None, None, None, None)
+            None, None, None, dgain.to(q_gain.dtype), None, None, None, None, None, None, None)
 
 
 _attn_in_op.register_autograd(_attn_in_backward, setup_context=_attn_in_setup)
@@ -512,6 +513,11 @@ class FusedBlock(ReferenceBlock):
     nothing is saved for backward and the MLP stores act(pre) instead of pre.
     """
 
+    # GQA: write k/v once per query head (the attention-input kernel stores each kv head num_heads/num_kv_heads
+    # times, its backward adds the copies' gradients) so SDPA runs without GQA and cuDNN's backward needs no
+    # head-pair reduction kernels; bench/probe_attention.py measures the trade.
+    expand_kv: bool = False
+
     def __init__(self, cfg: BlockConfig | None = None, **overrides):
         super().__init__(cfg, **overrides)
         hd = self.cfg.head_dim
@@ -552,11 +558,12 @@ class FusedBlock(ReferenceBlock):
         w_c = _prep_op(wq.detach(), wk.detach(), wv.detach(), wp.detach(), w_fc.detach(), w_proj.detach(),
                        self.attn_scale.detach(), self.mlp_scale.detach(), x.dtype, train)
         wp_scaled_c, w_proj_scaled_c = (w_c[6], w_c[7]) if train else (w_c[3], w_c[5])
+        kv_rep = cfg.num_heads // cfg.num_kv_heads if self.expand_kv else 1
         xm, q, k, v, _, _ = _attn_in_op(x.contiguous(), x0.contiguous(), self.resid_mix, wq, wk, wv, w_c[0], w_c[1],
                                         w_c[2], a.q_gain, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.rope_dims,
-                                        train)
+                                        train, kv_rep)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        gqa = cfg.num_kv_heads != cfg.num_heads
+        gqa = k.shape[1] != q.shape[1]
         if self.sdpa_backends is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:

@@ -196,9 +196,10 @@ def _attn_in_fwd_kernel(xm_ptr, xm_desc, rstd_ptr, wq_ptr, wk_ptr, wv_ptr, gain_
                         M, T, eps,
                         D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
                         RD: tl.constexpr, STORE_STATS: tl.constexpr, HPP: tl.constexpr, A_TMA: tl.constexpr,
-                        BM: tl.constexpr, BK: tl.constexpr):
+                        KV_REP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     # One program = HPP heads of one kind (groups of q heads, then of k heads, then of v heads) x one row tile:
     # (xm @ W^T) * rstd, then the per-head q/k RMSNorm, RoPE and q gain on the accumulator.
+    # KV_REP > 1 writes each k/v head KV_REP times (k, v laid out with KVH * KV_REP heads: attention without GQA).
     # The group is the fastest grid axis so the programs reading the same xm rows run together and share them
     # through L2.
     grp = tl.program_id(0)
@@ -222,11 +223,13 @@ def _attn_in_fwd_kernel(xm_ptr, xm_desc, rstd_ptr, wq_ptr, wk_ptr, wv_ptr, gain_
         o_base = q_ptr + grp * HPP * HD
     elif grp < NQG + NKG:
         w_base = wk_ptr + (grp - NQG) * HPP * HD * D
-        o_base = k_ptr + (grp - NQG) * HPP * HD
+        o_base = k_ptr + (grp - NQG) * HPP * KV_REP * HD
     else:
         w_base = wv_ptr + (grp - NQG - NKG) * HPP * HD * D
-        o_base = v_ptr + (grp - NQG - NKG) * HPP * HD
-    o_rs = tl.where(grp < NQG, H * HD, KVH * HD)
+        o_base = v_ptr + (grp - NQG - NKG) * HPP * KV_REP * HD
+    o_rs = tl.where(grp < NQG, H * HD, KVH * KV_REP * HD)
+    # output column of the first copy of each accumulator column (head j of a k/v group sits at j * KV_REP)
+    o_head = tl.where(grp < NQG, 0, j * (KV_REP - 1) * HD)
     rm = pid_m * BM + tl.arange(0, BM)
     mmask = rm < M
     rk = tl.arange(0, BK)
@@ -271,8 +274,11 @@ def _attn_in_fwd_kernel(xm_ptr, xm_desc, rstd_ptr, wq_ptr, wk_ptr, wv_ptr, gain_
     g = tl.where(grp < NQG, g, 1.0)
     ra = (na * cs + nb * sn) * g[None, :]
     rb = (nb * cs - na * sn) * g[None, :]
-    tl.store(o_base + rm[:, None] * o_rs + idx_a[None, :], ra.to(CDT), mask=mmask[:, None])
-    tl.store(o_base + rm[:, None] * o_rs + idx_b[None, :], rb.to(CDT), mask=mmask[:, None])
+    for r in tl.static_range(KV_REP):
+        if r == 0 or grp >= NQG:
+            o_row = o_base + rm[:, None] * o_rs + r * HD + o_head[None, :]
+            tl.store(o_row + idx_a[None, :], ra.to(CDT), mask=mmask[:, None])
+            tl.store(o_row + idx_b[None, :], rb.to(CDT), mask=mmask[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -448,11 +454,12 @@ def _attn_in_bwd_epi_kernel(dq_ptr, dq_s0, dq_s1, dq_s2, dq_s3,
                             dqkv_ptr, c_ptr, dgain_ptr,
                             M, T, eps,
                             H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, RD: tl.constexpr,
-                            BM: tl.constexpr):
+                            KV_REP: tl.constexpr, BM: tl.constexpr):
     # dqkv = gradient of the QKV matmul output (after the attention RMSNorm row scale, before the head norm),
     # stored times the row's rstd (then dW and dX are plain matmuls); c[m] = sum_j dqkv[m, j] * qkv[m, j]
     # (what the attention RMSNorm backward needs); dgain partial per tile.
     # The normalised, unrotated q/k are recovered from the forward outputs: n = R^T(y) / gain.
+    # KV_REP > 1: k/v (and dk/dv) hold each kv head KV_REP times; the copies' gradients are added here.
     pid_m = tl.program_id(0)
     HALF: tl.constexpr = HD // 2
     NQKV: tl.constexpr = (H + 2 * KVH) * HD
@@ -474,11 +481,15 @@ def _attn_in_bwd_epi_kernel(dq_ptr, dq_s0, dq_s1, dq_s2, dq_s3,
             dbase = dq_ptr + bi * dq_s0 + t * dq_s1 + h * dq_s2
             ybase = q_ptr + rm * (H * HD) + h * HD
         else:
-            dbase = dk_ptr + bi * dk_s0 + t * dk_s1 + (h - H) * dk_s2
-            ybase = k_ptr + rm * (KVH * HD) + (h - H) * HD
+            dbase = dk_ptr + bi * dk_s0 + t * dk_s1 + (h - H) * KV_REP * dk_s2
+            ybase = k_ptr + rm * (KVH * KV_REP * HD) + (h - H) * KV_REP * HD
         d_s3 = tl.where(h < H, dq_s3, dk_s3)
         dya = tl.load(dbase[:, None] + idx_a[None, :] * d_s3, mask=m2, other=0.0).to(tl.float32)
         dyb = tl.load(dbase[:, None] + idx_b[None, :] * d_s3, mask=m2, other=0.0).to(tl.float32)
+        for r in tl.static_range(1, KV_REP):
+            if h >= H:
+                dya += tl.load(dbase[:, None] + r * dk_s2 + idx_a[None, :] * d_s3, mask=m2, other=0.0).to(tl.float32)
+                dyb += tl.load(dbase[:, None] + r * dk_s2 + idx_b[None, :] * d_s3, mask=m2, other=0.0).to(tl.float32)
         ra = tl.load(ybase[:, None] + idx_a[None, :], mask=m2, other=0.0).to(tl.float32) / g
         rb = tl.load(ybase[:, None] + idx_b[None, :], mask=m2, other=0.0).to(tl.float32) / g
         if h < H:
@@ -500,9 +511,12 @@ def _attn_in_bwd_epi_kernel(dq_ptr, dq_s0, dq_s1, dq_s2, dq_s3,
         tl.store(dqkv_ptr + rm[:, None] * NQKV + h * HD + idx_b[None, :], (dab * r1).to(CDT), mask=m2)
     cd = tl.arange(0, HD)
     for h in range(0, KVH):
-        dvt = tl.load(dv_ptr + (bi * dv_s0 + t * dv_s1 + h * dv_s2)[:, None] + cd[None, :] * dv_s3,
-                      mask=m2, other=0.0).to(tl.float32)
-        vt = tl.load(v_ptr + rm[:, None] * (KVH * HD) + h * HD + cd[None, :], mask=m2, other=0.0).to(tl.float32)
+        dvt = tl.zeros((BM, HD), dtype=tl.float32)
+        for r in tl.static_range(KV_REP):
+            dvt += tl.load(dv_ptr + (bi * dv_s0 + t * dv_s1 + (h * KV_REP + r) * dv_s2)[:, None] + cd[None, :] * dv_s3,
+                           mask=m2, other=0.0).to(tl.float32)
+        vt = tl.load(v_ptr + rm[:, None] * (KVH * KV_REP * HD) + h * KV_REP * HD + cd[None, :], mask=m2,
+                     other=0.0).to(tl.float32)
         csum += tl.sum(dvt * vt, axis=1)
         tl.store(dqkv_ptr + rm[:, None] * NQKV + (H + KVH + h) * HD + cd[None, :], (dvt * r1).to(CDT), mask=m2)
     tl.store(c_ptr + rm, csum, mask=mmask)
@@ -735,9 +749,10 @@ def row_stats(x, x0=None, resid_mix=None):
     return (xm, rstd) if mix else rstd
 
 
-def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_dims, store_stats):
-    """x, x0: [M, D]; returns xm [M, D], q [M, H*HD], k, v [M, KVH*HD], rstd [M] and head_rstd [M, H+KVH]
-    (both [0...] when not store_stats). Two launches: _row_stats (xm, rstd), then _attn_in_fwd (the matmul)."""
+def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_dims, store_stats, kv_rep=1):
+    """x, x0: [M, D]; returns xm [M, D], q [M, H*HD], k, v [M, KVH*kv_rep*HD] (each k/v head written kv_rep
+    times, adjacent), rstd [M] and head_rstd [M, H+KVH] (both [0...] when not store_stats). Two launches:
+    _row_stats (xm, rstd), then _attn_in_fwd (the matmul)."""
     M, D = x.shape
     HD = wq.shape[0] // H
     _check(x0.shape == x.shape and x0.dtype == x.dtype, "x0 must have x's shape and dtype")
@@ -752,15 +767,16 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
     dev, dt = x.device, x.dtype
     xm, rstd = row_stats(x, x0, resid_mix)
     q = alloc((M, H * HD), device=dev, dtype=dt)
-    k = alloc((M, KVH * HD), device=dev, dtype=dt)
-    v = alloc((M, KVH * HD), device=dev, dtype=dt)
+    _check(kv_rep >= 1 and KVH * kv_rep <= H, "kv_rep must be >= 1 with num_kv_heads * kv_rep <= num_heads")
+    k = alloc((M, KVH * kv_rep * HD), device=dev, dtype=dt)
+    v = alloc((M, KVH * kv_rep * HD), device=dev, dtype=dt)
     hrstd = alloc((M if store_stats else 0, H + KVH), device=dev, dtype=torch.float32)
     grid = ((H + 2 * KVH) // hpp, triton.cdiv(M, cfg["BM"]))
     a_tma = _use_tma(cfg, x.device)
     _attn_in_fwd_kernel[grid](xm, _desc2(xm, M, D, cfg["BM"], BK) if a_tma else xm, rstd, wq, wk, wv, q_gain, cos,
                               sin, q, k, v, hrstd,
                               M, T, RMS_EPS, D=D, H=H, KVH=KVH, HD=HD, RD=rope_dims, STORE_STATS=store_stats,
-                              HPP=hpp, A_TMA=a_tma,
+                              HPP=hpp, A_TMA=a_tma, KV_REP=kv_rep,
                               BM=cfg["BM"], BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return xm, q, k, v, (rstd if store_stats else rstd.new_empty(0)), hrstd
 
@@ -957,10 +973,14 @@ def wgrad(a, b, b_addr, M, N, K, *, nscale=None, w=None):
 
 def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, resid_mix, xm, rstd,
                 wq, wk, wv, T, H, KVH, rope_dims):
-    """dq, dk, dv: [B, T, heads, HD] (any strides); everything else as saved by attn_in_fwd.
-    Returns dx, dx0, d_resid_mix [2, D], d[Wq; Wk; Wv] [(H+2KVH)*HD, D] fp32, d_q_gain."""
+    """dq, dk, dv: [B, T, heads, HD] (any strides); everything else as saved by attn_in_fwd (k, v and dk, dv with
+    KVH * kv_rep heads when it ran with kv_rep > 1). Returns dx, dx0, d_resid_mix [2, D],
+    d[Wq; Wk; Wv] [(H+2KVH)*HD, D] fp32, d_q_gain."""
     M, D = x.shape
     HD = wq.shape[0] // H
+    kv_rep = k.shape[1] // (KVH * HD)
+    _check(k.shape[1] == KVH * kv_rep * HD and dk.shape[2] == KVH * kv_rep and dv.shape[2] == KVH * kv_rep,
+           "k, dk and dv must hold num_kv_heads * kv_rep heads")
     dev, dt = x.device, x.dtype
     NQKV = (H + 2 * KVH) * HD
     ecfg = _blocks("attn_epi")
@@ -970,7 +990,8 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
     dgain_part = alloc((n_mt, H), device=dev, dtype=torch.float32)
     _attn_in_bwd_epi_kernel[(n_mt,)](dq, *dq.stride(), dk, *dk.stride(), dv, *dv.stride(),
                                       q, k, v, q_gain, cos, sin, head_rstd, rstd, dqkv, cvec, dgain_part,
-                                      M, T, RMS_EPS, H=H, KVH=KVH, HD=HD, RD=rope_dims, BM=ecfg["BM"],
+                                      M, T, RMS_EPS, H=H, KVH=KVH, HD=HD, RD=rope_dims, KV_REP=kv_rep,
+                                      BM=ecfg["BM"],
                                       num_warps=ecfg["num_warps"])
     dx = alloc_like(x)
     dx0 = alloc_like(x0)

@@ -319,6 +319,27 @@ def test_fused_block_matches_reference(case, gemm_path):
 
 
 @needs_triton_cpu
+def test_fused_block_expand_kv_matches_reference(monkeypatch):
+    """expand_kv: k/v written once per query head (SDPA without GQA), their copies' gradients added back."""
+    case = BLOCK_CASES[1]
+    ref = ReferenceBlock(**case)
+    randomize_(ref, 43)
+    fused = FusedBlock(**case)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    monkeypatch.setattr(fused, "expand_kv", True)
+    x = torch.randn(2, 40, case["d_model"], requires_grad=True)
+    x0 = torch.randn(2, 40, case["d_model"], requires_grad=True)
+    yr, yf = ref(x, x0), fused(x, x0)
+    close(yf, yr, "block out (expand_kv)")
+    up = torch.randn_like(yr)
+    names = ["x", "x0"] + [n for n, _ in ref.named_parameters()]
+    gr = torch.autograd.grad(yr, [x, x0, *ref.parameters()], up)
+    gf = torch.autograd.grad(yf, [x, x0, *fused.parameters()], up)
+    for n, a, b in zip(names, gf, gr):
+        close(a, b, f"block d{n} (expand_kv)")
+
+
+@needs_triton_cpu
 def test_fused_block_rejects_bad_inputs():
     fused = FusedBlock(**BLOCK_CASES[0])
     with pytest.raises(ValueError, match="x0 must match x"):
@@ -675,6 +696,30 @@ def test_gpu_block_cutlass_matches_triton(monkeypatch, case):
         outs[backend] = [y.detach()] + list(torch.autograd.grad(y, [xi, x0i, *fused.parameters()], up))
     names = ["out", "dx", "dx0"] + [n for n, _ in fused.named_parameters()]
     for n, a, b in zip(names, outs["cutlass"], outs["triton"]):
+        assert torch.isfinite(a).all(), n
+        assert rel_err(a, b) < 1e-2, f"{n}: {rel_err(a, b):.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("case", gpu_cases(4, seed=13), ids=lambda c: f"B{c['B']}_T{c['T']}_m{c['mlp_mult']}_{c['activation']}")
+def test_gpu_block_expand_kv_matches_gqa(case):
+    """The fused block with k/v expanded to every query head (SDPA without GQA) vs with GQA: forward and every
+    gradient (bf16; only the attention kernels and the order of the kv-head sums differ)."""
+    cfg = BlockConfig(mlp_mult=case["mlp_mult"], activation=case["activation"], rope_dims=case["rope_dims"])
+    fused = FusedBlock(cfg)
+    randomize_(fused, 4)
+    fused = fused.cuda()
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x, x0, up = (torch.randn(case["B"], case["T"], 512, device="cuda", generator=g).bfloat16() for _ in range(3))
+    outs = {}
+    for expand in (False, True):
+        fused.expand_kv = expand
+        xi, x0i = x.clone().requires_grad_(), x0.clone().requires_grad_()
+        y = fused(xi, x0i)
+        outs[expand] = [y.detach()] + list(torch.autograd.grad(y, [xi, x0i, *fused.parameters()], up))
+    names = ["out", "dx", "dx0"] + [n for n, _ in fused.named_parameters()]
+    for n, a, b in zip(names, outs[True], outs[False]):
         assert torch.isfinite(a).all(), n
         assert rel_err(a, b) < 1e-2, f"{n}: {rel_err(a, b):.3e}"
 
