@@ -9,7 +9,7 @@ Implementations (rows' `impl`):
            Python (wrapper "none"); more fused rows: the flash backend (how much of the gain is attention) and
            torch.compile(FusedBlock) (wrapper "torch.compile": the custom ops are opaque, compile removes Python
            overhead around them). Its row GEMMs with heavy epilogues run as CUTLASS sm_90a kernels where the
-           extension has them and they measured faster (rows' `block_gemm`: "auto (CUTLASS built)"; see
+           extension has them and they measured faster (rows' `block_gemm`: "auto (CUTLASS: residual, ...)"; see
            block_kernels.GEMM_BACKEND), else as Triton kernels
   fused_triton  the same fused block with every row GEMM on Triton (block_kernels.GEMM_BACKEND = "triton"),
            cuDNN attention: what the CUTLASS kernels gain, measured in the same run
@@ -500,9 +500,12 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device("cpu" if smoke else "cuda")
     act_dtype = torch.float32 if smoke else torch.bfloat16
     shape_kw = dict(d_model=128, num_heads=2, num_kv_heads=1) if smoke else {}
-    cutlass_state = f"{block_kernels.GEMM_BACKEND} (CUTLASS built)" if (
-        not smoke and block_kernels.GEMM_BACKEND != "triton"
-        and block_kernels.cutlass_missing(torch.device("cuda")) is None) else "triton"
+    kn = block_kernels
+    on = kn._CUTLASS_EPIS if kn.GEMM_BACKEND == "cutlass" else kn._CUTLASS_AUTO
+    launches = ", ".join({kn.EPI_RESIDUAL: "residual", kn.EPI_ACT_BWD: "act_bwd", kn.EPI_NORM_BWD: "norm_bwd"}[e]
+                         for e in on) + (", attn_dx" if kn.GEMM_BACKEND == "cutlass" else "")
+    cutlass_state = f"{kn.GEMM_BACKEND} (CUTLASS: {launches})" if (
+        not smoke and kn.GEMM_BACKEND != "triton" and kn.cutlass_missing(torch.device("cuda")) is None) else "triton"
 
     def over_budget() -> bool:
         return time.time() - t_start > args.time_budget
@@ -614,6 +617,7 @@ def main(argv: list[str] | None = None) -> None:
                        tflops=None, peak_mib=None, tokens_per_s=None, ok=False, max_rel_err=None, error=None)
             if impl.startswith("fused"):
                 row["block_gemm"] = "triton" if impl == "fused_triton" else cutlass_state
+                row["expand_kv"] = FusedBlock.expand_kv
             try:
                 outs = fn()  # warm-up (compiles) + the outputs checked below
                 outs = [o.detach() for o in outs]
