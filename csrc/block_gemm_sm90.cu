@@ -18,8 +18,9 @@
 //                  aux_in = x (the RMSNorm input)
 // act: 0 relu(p)^2, 1 leaky_relu(p, 0.5)^2 (block_kernels._act_fwd / _act_grad).
 // Measured on the H100 at B64xT1024 (bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt):
-// kResidual 0.089 ms vs Triton's 0.105, kNormBwd 0.139 vs 0.202, but kActBwd 0.358 vs 0.259 (its per-row
-// reduction), so block_kernels runs kActBwd only under PGOLF_BLOCK_GEMM=cutlass.
+// kResidual 0.089 ms vs Triton's 0.105, kNormBwd 0.139 vs 0.202; kActBwd 0.209 vs 0.259 with per-tile partial
+// sums (…-2026-12-06-dpre-partials.txt), 0.358 when the kernel completed the sums itself (fence + atomic ticket
+// per tile, the last tile adding the partials).
 //
 // Built only when setup.py finds CUTLASS's headers (the `nvidia-cutlass` wheel from PyPI, or CUTLASS_HOME) and
 // defines PGOLF_WITH_CUTLASS; otherwise block_gemm_sm90_supported() is false and the Triton kernels run.

@@ -339,6 +339,7 @@ def _attn_in_setup(ctx, inputs, output):
     ctx.rope_dims = rope_dims
     ctx.store_stats = store_stats
     ctx.w_dtypes = (wq.dtype, wk.dtype, wv.dtype)
+    ctx.set_materialize_grads(False)  # rstd / hrstd get no gradient: no zero tensors for them
     ctx.save_for_backward(x, x0, resid_mix, wq_c, wk_c, wv_c, q_gain, cos, sin, xm, q, k, v, rstd, hrstd)
 
 
@@ -489,6 +490,9 @@ def _mlp_setup(ctx, inputs, output):
     ctx.act = act
     ctx.store_stats = store_stats
     ctx.w_fc_dtype = w_fc.dtype
+    # pre and rstd are saved statistics that get no gradient; without this autograd would fill a zero [M, hidden]
+    # gradient for pre on every backward (0.04 ms at B64xT1024, MLP 2x, in bench_block's profile)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x1, pre, rstd, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale)
 
 
@@ -496,6 +500,7 @@ def _mlp_backward(ctx, g, _g_pre, _g_rstd):
     if not ctx.store_stats:
         raise RuntimeError("the fused MLP ran with store_stats=False (eval path); it has no backward")
     x1, pre, rstd, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale = ctx.saved_tensors
+    g = torch.zeros_like(x1) if g is None else g
     dx1, dw_fc, dw_proj, dscale = _mlp_bwd_op(g.contiguous(), x1, pre, rstd, w_fc_c, w_proj, w_proj_scaled_c,
                                               mlp_scale, ctx.act)
     return (dx1, dw_fc.to(ctx.w_fc_dtype), dw_proj.to(w_proj.dtype), None, None, None, dscale.to(mlp_scale.dtype),

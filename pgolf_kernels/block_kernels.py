@@ -798,11 +798,12 @@ def row_gemm_kind(epi: int, a_act: bool = False) -> str:
 # suit it, else Triton), "triton", or "cutlass" (every launch that has a CUTLASS kernel; an error where it cannot
 # run). Tests and benchmarks set GEMM_BACKEND directly.
 _CUTLASS_EPIS = (EPI_RESIDUAL, EPI_ACT_BWD, EPI_NORM_BWD)  # and the attention input's dX (_attn_dx_backend)
-# H100, B64xT1024 (bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt), ms CUTLASS vs Triton:
-# residual 0.089 vs 0.105, RMSNorm backward 0.139 vs 0.202. Slower, so "auto" keeps Triton there: activation
-# backward 0.358 vs 0.259 (with complete per-row sums by Sm90ColReduction; it now writes per-tile partials),
-# attention-input dX (column partials by Sm90RowReduction) 0.990 vs 0.593 for its whole backward.
-_CUTLASS_AUTO = (EPI_RESIDUAL, EPI_NORM_BWD)
+# H100, B64xT1024, ms CUTLASS vs Triton (bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt):
+# residual 0.089 vs 0.105, RMSNorm backward 0.139 vs 0.202; activation backward 0.209 vs 0.259 with per-tile
+# partial row sums (…-2026-12-06-dpre-partials.txt; 0.358 when Sm90ColReduction completed the sums itself).
+# Slower, so "auto" keeps Triton there: attention-input dX (column partials by Sm90RowReduction) 0.990 vs 0.593
+# for its whole backward.
+_CUTLASS_AUTO = (EPI_RESIDUAL, EPI_NORM_BWD, EPI_ACT_BWD)
 GEMM_BACKEND = os.environ.get("PGOLF_BLOCK_GEMM", "auto").strip().lower() or "auto"
 if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
     raise ValueError(f"PGOLF_BLOCK_GEMM must be auto, triton or cutlass, not {GEMM_BACKEND!r}")

@@ -676,9 +676,12 @@ def test_gpu_cutlass_row_gemm(monkeypatch, epi, M, N, K):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cutlass_ready(), reason="needs an sm_90 GPU and the extension built with CUTLASS")
-@pytest.mark.parametrize("case", gpu_cases(6, seed=11), ids=lambda c: f"B{c['B']}_T{c['T']}_m{c['mlp_mult']}_{c['activation']}")
+@pytest.mark.parametrize("case", gpu_cases(6, seed=11) + [dict(B=1, T=1000, mlp_mult=3, activation="leaky_relu2",
+                                                                rope_dims=32)],
+                         ids=lambda c: f"B{c['B']}_T{c['T']}_m{c['mlp_mult']}_{c['activation']}")
 def test_gpu_block_cutlass_matches_triton(monkeypatch, case):
-    """The whole fused block, forward and every gradient, with the CUTLASS row GEMMs vs with Triton's only."""
+    """The whole fused block, forward and every gradient, with the CUTLASS row GEMMs vs with Triton's only
+    (B*T = 1000 too: rows that fill no whole 128-row tile, whose dPre partial sums CUTLASS pads)."""
     from pgolf_kernels import block_kernels as kn
     cfg = BlockConfig(mlp_mult=case["mlp_mult"], activation=case["activation"], rope_dims=case["rope_dims"])
     fused = FusedBlock(cfg)
