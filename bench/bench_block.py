@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pgolf_kernels import block_kernels  # noqa: E402
 from pgolf_kernels.block import BlockConfig, FusedBlock, ReferenceBlock  # noqa: E402
-from results_io import capture_cuda_graph, peak_extra_mib, write_results  # noqa: E402
+from results_io import capture_cuda_graph, kernel_profile, peak_extra_mib, write_results  # noqa: E402
 
 DEFAULT_CASES = ["B64_T1024_mlp2_relu2", "B64_T1024_mlp3_leaky_relu2", "B32_T2048_mlp2_relu2",
                  "B32_T2048_mlp3_leaky_relu2"]
@@ -89,26 +89,6 @@ def init_params(block: torch.nn.Module, seed: int) -> None:
                 p.fill_(1.5)
             else:
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
-
-
-def kernel_profile(fn, iters: int = 5, top: int = 30) -> list[dict]:
-    """CUDA time per kernel name, averaged over `iters` calls of fn (torch.profiler), largest first."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    out = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None)
-        if t is None:
-            t = getattr(e, "cuda_time_total", 0.0)
-        if t > 0:
-            out.append(dict(kernel=e.key[:120], calls_per_iter=e.count / iters, ms_per_iter=t / 1e3 / iters))
-    out.sort(key=lambda r: -r["ms_per_iter"])
-    return out[:top]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

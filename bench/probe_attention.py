@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from results_io import capture_cuda_graph, device_slug, git_commit, versions  # bench/ is on sys.path
+from results_io import capture_cuda_graph, device_slug, git_commit, kernel_profile, versions  # bench/ on sys.path
 
 H, KVH, HD = 8, 4, 64
 
@@ -57,22 +57,6 @@ def variants(q, k, v, dy):
     return {"gqa": gqa, "expanded": expanded, "expand+sum": expand_sum}
 
 
-def kernel_table(fn, iters=5):
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        if e.device_type.name == "CUDA" and e.count > 0:
-            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-            rows.append((t / iters / 1e3, e.count / iters, e.key))
-    return sorted(rows, reverse=True)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="B64_T1024,B32_T2048")
@@ -103,8 +87,8 @@ def main(argv=None):
                     lines.append(f"{case:10s} {bname:6s} {name:11s} {ms:8.4f} ms  (max rel. diff vs gqa {err:.2e})")
                     print(lines[-1], flush=True)
                     if case == args.cases.split(",")[0] and bname == "cudnn":
-                        for kms, calls, key in kernel_table(fn):
-                            lines.append(f"    {kms:8.4f} ms x{calls:.0f}  {key[:120]}")
+                        for k in kernel_profile(fn):
+                            lines.append(f"    {k['ms_per_iter']:8.4f} ms x{k['calls_per_iter']:.0f}  {k['kernel']}")
     text = "\n".join(lines) + "\n"
     if args.out:
         out = Path(args.out)

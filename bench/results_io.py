@@ -114,6 +114,28 @@ def capture_cuda_graph(step, inner: int = 1):
     return graph
 
 
+def kernel_profile(fn, iters: int = 5, top: int = 30) -> list[dict]:
+    """CUDA time per kernel name, averaged over `iters` calls of fn (torch.profiler), largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0.0)
+        if t > 0:
+            out.append(dict(kernel=e.key[:120], calls_per_iter=e.count / iters, ms_per_iter=t / 1e3 / iters))
+    out.sort(key=lambda r: -r["ms_per_iter"])
+    return out[:top]
+
+
 def peak_extra_mib(fn) -> float:
     """Peak CUDA memory of one call of fn above what is allocated just before it, in MiB (garbage collected and
     synchronised first, so freed tensors of the caller's earlier calls do not count)."""

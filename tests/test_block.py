@@ -295,48 +295,39 @@ BLOCK_CASES = [
 ]
 
 
+def check_fused_block(case, seed, T=50, expand_kv=False):
+    """FusedBlock against ReferenceBlock with the same weights: output, every gradient and the eval path."""
+    torch.manual_seed(seed)
+    ref = ReferenceBlock(**case)
+    randomize_(ref, seed + 1)
+    fused = FusedBlock(**case)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    fused.expand_kv = expand_kv
+    tag = " (expand_kv)" if expand_kv else ""
+    x = torch.randn(2, T, case["d_model"], requires_grad=True)
+    x0 = torch.randn(2, T, case["d_model"], requires_grad=True)
+    yr, yf = ref(x, x0), fused(x, x0)
+    close(yf, yr, "block out" + tag)
+    up = torch.randn_like(yr)
+    names = ["x", "x0"] + [n for n, _ in ref.named_parameters()]
+    gr = torch.autograd.grad(yr, [x, x0, *ref.parameters()], up)
+    gf = torch.autograd.grad(yf, [x, x0, *fused.parameters()], up)
+    for n, a, b in zip(names, gf, gr):
+        close(a, b, f"block d{n}{tag}")
+    with torch.no_grad():
+        close(fused(x, x0), yr.detach(), "block eval path" + tag)
+
+
 @needs_triton_cpu
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"m{c['mlp_mult']}_{c['activation']}_r{c['rope_dims']}")
 def test_fused_block_matches_reference(case, gemm_path):
-    torch.manual_seed(40)
-    ref = ReferenceBlock(**case)
-    randomize_(ref, 41)
-    fused = FusedBlock(**case)
-    fused.load_state_dict(ref.state_dict(), strict=True)
-    B, T = 2, 50
-    x = torch.randn(B, T, case["d_model"], requires_grad=True)
-    x0 = torch.randn(B, T, case["d_model"], requires_grad=True)
-    yr, yf = ref(x, x0), fused(x, x0)
-    close(yf, yr, "block out")
-    up = torch.randn_like(yr)
-    names = ["x", "x0"] + [n for n, _ in ref.named_parameters()]
-    gr = torch.autograd.grad(yr, [x, x0, *ref.parameters()], up)
-    gf = torch.autograd.grad(yf, [x, x0, *fused.parameters()], up)
-    for n, a, b in zip(names, gf, gr):
-        close(a, b, f"block d{n}")
-    with torch.no_grad():
-        close(fused(x, x0), yr.detach(), "block eval path")
+    check_fused_block(case, 40)
 
 
 @needs_triton_cpu
-def test_fused_block_expand_kv_matches_reference(monkeypatch):
+def test_fused_block_expand_kv_matches_reference():
     """expand_kv: k/v written once per query head (SDPA without GQA), their copies' gradients added back."""
-    case = BLOCK_CASES[1]
-    ref = ReferenceBlock(**case)
-    randomize_(ref, 43)
-    fused = FusedBlock(**case)
-    fused.load_state_dict(ref.state_dict(), strict=True)
-    monkeypatch.setattr(fused, "expand_kv", True)
-    x = torch.randn(2, 40, case["d_model"], requires_grad=True)
-    x0 = torch.randn(2, 40, case["d_model"], requires_grad=True)
-    yr, yf = ref(x, x0), fused(x, x0)
-    close(yf, yr, "block out (expand_kv)")
-    up = torch.randn_like(yr)
-    names = ["x", "x0"] + [n for n, _ in ref.named_parameters()]
-    gr = torch.autograd.grad(yr, [x, x0, *ref.parameters()], up)
-    gf = torch.autograd.grad(yf, [x, x0, *fused.parameters()], up)
-    for n, a, b in zip(names, gf, gr):
-        close(a, b, f"block d{n} (expand_kv)")
+    check_fused_block(BLOCK_CASES[1], 42, T=40, expand_kv=True)
 
 
 @needs_triton_cpu
