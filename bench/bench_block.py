@@ -183,7 +183,7 @@ def aot_check(arch: int = 90) -> list[dict]:
                              cos_ptr=F32, sin_ptr=F32, q_ptr=BF, k_ptr=BF, v_ptr=BF,
                              hrstd_ptr=F32, eps="fp32"),
                         dict(D=D, H=H, KVH=KVH, HD=HD, RD=rd, STORE_STATS=True, HPP=cfg["HPP"], A_TMA=False,
-                             BM=cfg["BM"], BK=cfg["BK"]), cfg))
+                             KV_REP=1, BM=cfg["BM"], BK=cfg["BK"]), cfg))
     gemm_types = dict(a_ptr=BF, w_ptr=BF, out_ptr=BF, nvec_ptr=F32, res_ptr=BF, rowvec_ptr=F32, c_ptr=F32, g_ptr=BF)
     base = dict(A_ACT=False, EPI=0, STORE_ACT=False, ACT=1, NT_P2=1, A_4D=False, O_4D=False)
     # integer arguments that are 1 at launch are constants in the real kernel (Triton specialises on 1):
@@ -205,7 +205,7 @@ def aot_check(arch: int = 90) -> list[dict]:
     rows.append(one("attn_in bwd epilogue", kn._attn_in_bwd_epi_kernel,
                     dict(dq_ptr=BF, dk_ptr=BF, dv_ptr=BF, q_ptr=BF, k_ptr=BF, v_ptr=BF, gain_ptr=F32, cos_ptr=F32,
                          sin_ptr=F32, hrstd_ptr=F32, rstd_ptr=F32, dqkv_ptr=BF, c_ptr=F32, dgain_ptr=F32, eps="fp32"),
-                    dict(H=H, KVH=KVH, HD=HD, RD=16, BM=cfg["BM"], dq_s3=1, dk_s3=1, dv_s3=1), cfg))
+                    dict(H=H, KVH=KVH, HD=HD, RD=16, KV_REP=1, BM=cfg["BM"], dq_s3=1, dk_s3=1, dv_s3=1), cfg))
     cfg = kn._blocks("attn_dx")
     rows.append(one("attn_in bwd dX", kn._attn_in_bwd_dx_kernel,
                     dict(dqkv_ptr=BF, wq_ptr=BF, wk_ptr=BF, wv_ptr=BF, gxm_ptr=BF, xm_ptr=BF, rstd_ptr=F32, c_ptr=F32,
