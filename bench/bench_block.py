@@ -13,6 +13,8 @@ Implementations (rows' `impl`):
            block_kernels.GEMM_BACKEND), else as Triton kernels
   fused_triton  the same fused block with every row GEMM on Triton (block_kernels.GEMM_BACKEND = "triton"),
            cuDNN attention: what the CUTLASS kernels gain, measured in the same run
+  fused_keep_act, fused_expand_kv  the fused block (cuDNN) with FusedBlock.keep_act / .expand_kv switched on:
+           options measured against the default in the same run
 Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
 fwd = forward under torch.no_grad() (the fused block's eval path).
 
@@ -89,6 +91,9 @@ def init_params(block: torch.nn.Module, seed: int) -> None:
                 p.fill_(1.5)
             else:
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
+
+
+FUSED_OPTIONS = {"fused_keep_act": "keep_act", "fused_expand_kv": "expand_kv"}  # impl -> FusedBlock option
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -193,6 +198,9 @@ def aot_check(arch: int = 90) -> list[dict]:
     for label, v, kind, ones in [("attn_out fwd", dict(EPI=1), "row_gemm_res", fwd_ones),
                                  ("mlp up (train)", dict(EPI=2), "row_gemm", fwd_ones),
                                  ("mlp up (eval)", dict(EPI=2, STORE_ACT=True), "row_gemm", fwd_ones),
+                                 ("mlp up (train, keep_act)", dict(EPI=5), "row_gemm", fwd_ones),
+                                 ("mlp down (keep_act)", dict(EPI=1), "row_gemm_res", fwd_ones),
+                                 ("mlp bwd dPre (keep_act)", dict(EPI=3), "row_gemm_act_bwd", bwd_ones),
                                  ("mlp down", dict(A_ACT=True, EPI=1), "row_gemm_act_in", fwd_ones),
                                  ("attn_out bwd dY", dict(), "row_gemm", bwd_ones),
                                  ("mlp bwd dPre", dict(EPI=3, STORE_ACT=True), "row_gemm_act_bwd", bwd_ones),
@@ -335,7 +343,7 @@ def stage_errors(activation: str, mlp_mult: int, rope_dims: int, B: int, T: int,
         x1b = x1_r.to(dtype)
         pre_r = rms(x1b.double()) @ W["mlp.fc.weight"].T
         mlp_r = x1b.double() + P["mlp_scale"] * (act_fn(pre_r) @ W["mlp.proj.weight"].T)
-        o, pre, r = blk._mlp_op(x1b, m.fc.weight, m.proj.weight, wc[4], wc[5], wc[6], ref.mlp_scale, act, True)
+        o, pre, r, _ = blk._mlp_op(x1b, m.fc.weight, m.proj.weight, wc[4], wc[5], wc[6], ref.mlp_scale, act, True)
         report("mlp pre (train)", pre.view(B, T, -1), pre_r)
         report("mlp rstd (train)", r, torch.rsqrt(x1b.double().pow(2).mean(-1) + kn.RMS_EPS).view(-1))
         report("mlp out (train)", o, mlp_r)
@@ -482,8 +490,9 @@ def main(argv: list[str] | None = None) -> None:
     shape_kw = dict(d_model=128, num_heads=2, num_kv_heads=1) if smoke else {}
     kn = block_kernels
     on = kn._CUTLASS_EPIS if kn.GEMM_BACKEND == "cutlass" else kn._CUTLASS_AUTO
-    launches = ", ".join({kn.EPI_RESIDUAL: "residual", kn.EPI_ACT_BWD: "act_bwd", kn.EPI_NORM_BWD: "norm_bwd"}[e]
-                         for e in on) + (", attn_dx" if kn.GEMM_BACKEND == "cutlass" else "")
+    names = {kn.EPI_RESIDUAL: "residual", kn.EPI_ACT_BWD: "act_bwd", kn.EPI_NORM_BWD: "norm_bwd",
+             kn.EPI_MLP_UP_ACT: "mlp_up_act"}
+    launches = ", ".join(names[e] for e in on) + (", attn_dx" if kn.GEMM_BACKEND == "cutlass" else "")
     cutlass_state = f"{kn.GEMM_BACKEND} (CUTLASS: {launches})" if (
         not smoke and kn.GEMM_BACKEND != "triton" and kn.cutlass_missing(torch.device("cuda")) is None) else "triton"
 
@@ -546,17 +555,22 @@ def main(argv: list[str] | None = None) -> None:
             params = params_fused if is_fused else params_ref
             autocast = not is_fused and not smoke
             gemm = "triton" if impl == "fused_triton" else block_kernels.GEMM_BACKEND
+            option = FUSED_OPTIONS.get(impl)
             if smoke:
                 backend = SDPBackend.MATH  # the only CPU backend
 
             @contextlib.contextmanager
-            def gemm_backend():
+            def gemm_backend():  # and the FusedBlock option of this impl
                 saved = block_kernels.GEMM_BACKEND
                 block_kernels.GEMM_BACKEND = gemm
+                if option:
+                    setattr(fused, option, True)
                 try:
                     yield
                 finally:
                     block_kernels.GEMM_BACKEND = saved
+                    if option:
+                        delattr(fused, option)  # back to the class default
 
             def fwd_bwd():
                 with gemm_backend(), sdpa_kernel([backend]), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
@@ -578,7 +592,7 @@ def main(argv: list[str] | None = None) -> None:
                              (impl, mode, SDPBackend.FLASH_ATTENTION, "flash", "none")]
                     if not smoke:
                         plan.append((impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn", "torch.compile"))
-                elif impl == "fused_triton":
+                elif impl == "fused_triton" or impl in FUSED_OPTIONS:
                     plan.append((impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn", "none"))
                 else:
                     plan.append((impl, mode, SDPBackend.FLASH_ATTENTION, "flash",
@@ -597,7 +611,8 @@ def main(argv: list[str] | None = None) -> None:
                        tflops=None, peak_mib=None, tokens_per_s=None, ok=False, max_rel_err=None, error=None)
             if impl.startswith("fused"):
                 row["block_gemm"] = "triton" if impl == "fused_triton" else cutlass_state
-                row["expand_kv"] = FusedBlock.expand_kv
+                for opt in FUSED_OPTIONS.values():
+                    row[opt] = FusedBlock.__dict__[opt] or FUSED_OPTIONS.get(impl) == opt
             try:
                 outs = fn()  # warm-up (compiles) + the outputs checked below
                 outs = [o.detach() for o in outs]

@@ -14,8 +14,11 @@
 //                  out = dp * rstd[m];  aux_out = act(C);  c[j, m] = sum over the j-th 128-column tile of
 //                  dp * C (per-tile partials, fp32 [ceil(N/128), round_up(M, 128)]; the caller adds the rows,
 //                  so the sums are deterministic, no float atomics)
+//                  (without aux_out: the same minus the act(C) store, for when the forward kept act(pre))
 //   kNormBwd  (4): out = C + acc - aux_in * (rstd[m]^2 * c[m] / N_norm)    C = g (the gradient flowing in),
 //                  aux_in = x (the RMSNorm input)
+//   kMlpUpAct (5): out = acc * rstd[m] (pre);  aux_out = act(pre)      no C (the MLP up matmul in training when
+//                  the forward keeps act(pre) for the down matmul and the backward)
 // act: 0 relu(p)^2, 1 leaky_relu(p, 0.5)^2 (block_kernels._act_fwd / _act_grad).
 // Measured on the H100 at B64xT1024 (bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt):
 // kResidual 0.089 ms vs Triton's 0.105, kNormBwd 0.139 vs 0.202; kActBwd 0.209 vs 0.259 with per-tile partial
@@ -28,7 +31,7 @@
 
 namespace pgolf {
 
-enum BlockEpi : int64_t { kResidual = 1, kActBwd = 3, kNormBwd = 4 };
+enum BlockEpi : int64_t { kResidual = 1, kActBwd = 3, kNormBwd = 4, kMlpUpAct = 5 };
 
 #if defined(PGOLF_WITH_CUTLASS)
 using namespace block_gemm_detail;
@@ -49,7 +52,20 @@ using EvtActBwd = fu::Sm90EVT<
     fu::Sm90EVT<AuxOut, fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template Forward, float, float, kRound>, Src>>,
     fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template DpScaled, float, float, kRound>, Acc, Src, PerRow>>;
 
+template <int ACT>
+using EvtActBwdNoStore = fu::Sm90EVT<
+    fu::Sm90Compute<SecondOf, Bf16, float, kRound>,
+    fu::Sm90EVT<RowSumPartials, fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template DpTimesP, float, float, kRound>, Acc, Src>>,
+    fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template DpScaled, float, float, kRound>, Acc, Src, PerRow>>;
+
 using EvtNormBwd = fu::Sm90EVT<fu::Sm90Compute<NormBwd, Bf16, float, kRound>, Src, Acc, AuxIn, PerRow, PerRow, Scalar>;
+
+// pre = acc * rstd is formed twice (once under the act(pre) store): a visitor tree cannot share a node
+template <int ACT>
+using EvtMlpUpAct = fu::Sm90EVT<
+    fu::Sm90Compute<SecondOf, Bf16, float, kRound>,
+    fu::Sm90EVT<AuxOut, fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template OfScaled, float, float, kRound>, Acc, PerRow>>,
+    fu::Sm90EVT<fu::Sm90Compute<cutlass::multiplies, float, float, kRound>, Acc, PerRow>>;
 
 }  // namespace
 #endif  // PGOLF_WITH_CUTLASS
@@ -93,13 +109,14 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
               c10::toString(a.scalar_type()), ", weight ", shape_text(w), " ", c10::toString(w.scalar_type()),
               ", out ", shape_text(out));
   const int64_t m = a.size(0), k = a.size(1);
-  TORCH_CHECK(ok_matrix(out, m, n, a) && ok_matrix(c_in, m, n, a),
+  TORCH_CHECK(ok_matrix(out, m, n, a) && (epi == kMlpUpAct || ok_matrix(c_in, m, n, a)),
               "block_gemm_sm90: out and the epilogue source must be contiguous bf16 [M, N] on A's device; got out ",
               shape_text(out), ", source ", shape_text(c_in));
   TORCH_CHECK(act == 0 || act == 1, "block_gemm_sm90: act must be 0 (relu^2) or 1 (leaky_relu(0.5)^2)");
   const c10::cuda::CUDAGuard guard(a.device());
   bind_primary_context(a.get_device());  // CUTLASS makes its TMA descriptors with a driver call
-  const Operands ops{a.data_ptr(), w.data_ptr(), w.stride(0), out.data_ptr(), c_in.data_ptr(),
+  const Operands ops{a.data_ptr(), w.data_ptr(), w.stride(0), out.data_ptr(),
+                     epi == kMlpUpAct ? nullptr : c_in.data_ptr(),  // kMlpUpAct reads no C
                      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k)};
   const int device = a.get_device();
   auto vec = [&](const c10::optional<at::Tensor>& t, int64_t len, const char* what) -> float* {
@@ -114,26 +131,52 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
     launch<G>(ops, f, device, a);
   } else if (epi == kActBwd) {
     TORCH_CHECK(!w_nk, "block_gemm_sm90: the activation-backward epilogue is built for a [K, N] weight");
-    TORCH_CHECK(aux_out.has_value() && ok_matrix(*aux_out, m, n, a),
+    TORCH_CHECK(!aux_out.has_value() || ok_matrix(*aux_out, m, n, a),
                 "block_gemm_sm90: aux_out (act(pre)) must be a contiguous bf16 [M, N] tensor on A's device");
-    Bf16* act_ptr = static_cast<Bf16*>(aux_out->data_ptr());
     float* rstd = vec(row_vec, m, "row_vec (rstd)");
     const int64_t parts = ((m + kTileM - 1) / kTileM) * kTileM * ((n + kTileN - 1) / kTileN);
     float* csum = vec(row_out, parts, "row_out (per-row partial sums, [ceil(N/128), round_up(M, 128)])");
     auto aux_stride = make_stride(int64_t(n), _1{}, int64_t(0));
+    auto run_store = [&](auto g) {
+      using G = decltype(g);
+      typename G::Epilogue::FusionCallbacks::Arguments f{
+          {{{}, {}, {}}, {csum, 0.f, {}}},                                          // c[j, m]: dp * pre over tile j
+          {{{}, {}}, {static_cast<Bf16*>(aux_out->data_ptr()), aux_stride}},        // aux_out = act(pre)
+          {{}, {}, {rstd, 0.f, {}}, {}},                                            // dp * rstd
+          {}};
+      launch<G>(ops, f, device, a);
+    };
+    auto run_no_store = [&](auto g) {
+      using G = decltype(g);
+      typename G::Epilogue::FusionCallbacks::Arguments f{
+          {{{}, {}, {}}, {csum, 0.f, {}}}, {{}, {}, {rstd, 0.f, {}}, {}}, {}};
+      launch<G>(ops, f, device, a);
+    };
+    if (aux_out.has_value()) {
+      if (act == 0) run_store(Gemm<EvtActBwd<0>, cutlass::layout::RowMajor>{});
+      else run_store(Gemm<EvtActBwd<1>, cutlass::layout::RowMajor>{});
+    } else {
+      if (act == 0) run_no_store(Gemm<EvtActBwdNoStore<0>, cutlass::layout::RowMajor>{});
+      else run_no_store(Gemm<EvtActBwdNoStore<1>, cutlass::layout::RowMajor>{});
+    }
+  } else if (epi == kMlpUpAct) {
+    TORCH_CHECK(w_nk, "block_gemm_sm90: the MLP-up epilogue is built for a [N, K] weight");
+    TORCH_CHECK(aux_out.has_value() && ok_matrix(*aux_out, m, n, a),
+                "block_gemm_sm90: aux_out (act(pre)) must be a contiguous bf16 [M, N] tensor on A's device");
+    float* rstd = vec(row_vec, m, "row_vec (rstd)");
+    auto aux_stride = make_stride(int64_t(n), _1{}, int64_t(0));
     auto run = [&](auto g) {
       using G = decltype(g);
       typename G::Epilogue::FusionCallbacks::Arguments f{
-          {{{}, {}, {}}, {csum, 0.f, {}}},              // c[j, m] = sum over column tile j of dp * pre
-          {{{}, {}}, {act_ptr, aux_stride}},            // aux_out = act(pre)
-          {{}, {}, {rstd, 0.f, {}}, {}},                // dp * rstd
+          {{{}, {rstd, 0.f, {}}, {}}, {static_cast<Bf16*>(aux_out->data_ptr()), aux_stride}},  // aux_out = act(pre)
+          {{}, {rstd, 0.f, {}}, {}},                                                          // pre = acc * rstd
           {}};
       launch<G>(ops, f, device, a);
     };
     if (act == 0) {
-      run(Gemm<EvtActBwd<0>, cutlass::layout::RowMajor>{});
+      run(Gemm<EvtMlpUpAct<0>, cutlass::layout::ColumnMajor>{});
     } else {
-      run(Gemm<EvtActBwd<1>, cutlass::layout::RowMajor>{});
+      run(Gemm<EvtMlpUpAct<1>, cutlass::layout::ColumnMajor>{});
     }
   } else if (epi == kNormBwd) {
     using G = Gemm<EvtNormBwd, cutlass::layout::RowMajor>;
@@ -151,7 +194,8 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
         {}};
     launch<G>(ops, f, device, a);
   } else {
-    TORCH_CHECK(false, "block_gemm_sm90: epi must be 1 (residual), 3 (activation backward) or 4 (RMSNorm backward)");
+    TORCH_CHECK(false, "block_gemm_sm90: epi must be 1 (residual), 3 (activation backward), 4 (RMSNorm backward) "
+                       "or 5 (MLP up keeping act(pre))");
   }
 #else
   (void)a, (void)w, (void)w_nk, (void)out, (void)epi, (void)c_in, (void)aux_in, (void)aux_out, (void)col_vec;

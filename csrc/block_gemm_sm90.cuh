@@ -92,6 +92,15 @@ struct ActOps {
     }
   };
   template <class T>
+  struct OfScaled {  // act(acc * r): the MLP-up epilogue's act(pre), pre = acc * rstd
+    CUTLASS_HOST_DEVICE T operator()(T const& acc, T const& r) const {
+      T o;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < T::kElements; ++i) o[i] = Act<ACT>::fwd(acc[i] * r[i]);
+      return o;
+    }
+  };
+  template <class T>
   struct DpTimesP {  // (acc * act'(p)) * p, the summand of c[m]
     CUTLASS_HOST_DEVICE T operator()(T const& acc, T const& p) const {
       T o;
@@ -124,6 +133,11 @@ struct NormBwd {  // g + acc - x * (rstd^2 * c * inv_n)
 template <class T>
 struct ThirdOf {  // the root of kActBwd: its first two children only store (aux_out) and reduce (c)
   CUTLASS_HOST_DEVICE T operator()(T const&, T const&, T const& x) const { return x; }
+};
+
+template <class T>
+struct SecondOf {  // a root whose first child only stores or reduces
+  CUTLASS_HOST_DEVICE T operator()(T const&, T const& x) const { return x; }
 };
 
 template <class Evt, class LayoutB>

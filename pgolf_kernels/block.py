@@ -422,51 +422,66 @@ _attn_out_op.register_autograd(_attn_out_backward, setup_context=_attn_out_setup
 
 @torch.library.custom_op("pgolf::block_mlp", mutates_args=())
 def _mlp_op(x1: Tensor, w_fc: Tensor, w_proj: Tensor, w_fc_c: Tensor, w_proj_c: Tensor, w_proj_scaled_c: Tensor,
-            mlp_scale: Tensor, act: int, store_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """out = x1 + mlp_scale * (act(rms_norm(x1) @ w_fc^T) @ w_proj^T); also returns pre and rstd (training).
+            mlp_scale: Tensor, act: int, store_stats: bool,
+            keep_act: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """out = x1 + mlp_scale * (act(rms_norm(x1) @ w_fc^T) @ w_proj^T); also returns pre, rstd and (with keep_act)
+    act(pre) for the backward (training; empty otherwise).
     *_c: activation-dtype copies (w_proj_scaled_c = mlp_scale[:, None] * w_proj, used by backward)."""
     kn = _kernels()
     b, t, d = x1.shape
     m, hid = b * t, w_fc.shape[0]
     x2 = x1.reshape(m, d)
+    keep_act = keep_act and store_stats
     pre = kn.alloc((m, hid), device=x1.device, dtype=x1.dtype)
+    act_pre = kn.alloc((m, hid), device=x1.device, dtype=x1.dtype) if keep_act else x1.new_empty(0, hid)
     rstd = kn.row_stats(x2)
-    kn.row_gemm(x2, kn._flat2(x2), w_fc_c, w_fc_c.stride(0), 1, m, hid, d, pre, kn._flat2(pre),
-                epi=kn.EPI_MLP_UP, rowvec=rstd, store_act=not store_stats, act=act)
+    if keep_act:  # pre for the backward's act', act(pre) for the down matmul and dWproj2
+        kn.row_gemm(x2, kn._flat2(x2), w_fc_c, w_fc_c.stride(0), 1, m, hid, d, pre, kn._flat2(pre),
+                    epi=kn.EPI_MLP_UP_ACT, rowvec=rstd, g=act_pre, act=act)
+    else:
+        kn.row_gemm(x2, kn._flat2(x2), w_fc_c, w_fc_c.stride(0), 1, m, hid, d, pre, kn._flat2(pre),
+                    epi=kn.EPI_MLP_UP, rowvec=rstd, store_act=not store_stats, act=act)
     out = kn.alloc_like(x1)
-    # training: pre holds the pre-activation, the down matmul applies act while loading it;
+    # training: pre holds the pre-activation, the down matmul applies act while loading it (or reads act_pre);
     # eval: pre already holds act(pre)
-    kn.row_gemm(pre, kn._flat2(pre), w_proj_c, w_proj_c.stride(0), 1, m, d, hid, out, kn._flat2(out.view(m, d)),
-                epi=kn.EPI_RESIDUAL, nvec=mlp_scale, res=x2, a_act=store_stats, act=act)
+    a_in = act_pre if keep_act else pre
+    kn.row_gemm(a_in, kn._flat2(a_in), w_proj_c, w_proj_c.stride(0), 1, m, d, hid, out, kn._flat2(out.view(m, d)),
+                epi=kn.EPI_RESIDUAL, nvec=mlp_scale, res=x2, a_act=store_stats and not keep_act, act=act)
     if not store_stats:
         pre, rstd = x1.new_empty(0, hid), rstd.new_empty(0)
-    return out, pre, rstd
+    return out, pre, rstd, act_pre
 
 
 @_mlp_op.register_fake
-def _(x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store_stats):
+def _(x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store_stats, keep_act=False):
     b, t, d = x1.shape
     m = b * t if store_stats else 0
-    return torch.empty_like(x1), x1.new_empty(m, w_fc.shape[0]), x1.new_empty(m, dtype=torch.float32)
+    return (torch.empty_like(x1), x1.new_empty(m, w_fc.shape[0]), x1.new_empty(m, dtype=torch.float32),
+            x1.new_empty(m if keep_act else 0, w_fc.shape[0]))
 
 
 @torch.library.custom_op("pgolf::block_mlp_bwd", mutates_args=())
-def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, w_fc_c: Tensor, w_proj: Tensor,
+def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, act_pre: Tensor, w_fc_c: Tensor, w_proj: Tensor,
                 w_proj_scaled_c: Tensor, mlp_scale: Tensor, act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """act_pre: act(pre) kept by the forward, or empty (then the dPre epilogue writes it)."""
     kn = _kernels()
     b, t, d = x1.shape
     m, hid = b * t, w_fc_c.shape[0]
     g2, x2 = g.reshape(m, d), x1.reshape(m, d)
     dpre = kn.alloc_like(pre)
-    act_pre = kn.alloc_like(pre)
+    store_act = act_pre.numel() == 0
+    if store_act:
+        act_pre = kn.alloc_like(pre)
     backend = kn.row_gemm_backend(kn.EPI_ACT_BWD, g2, kn._flat2(g2), w_proj_scaled_c, 1, w_proj_scaled_c.stride(0),
-                                  hid, d, kn._flat2(dpre), store_act=True)
+                                  hid, d, kn._flat2(dpre), store_act=store_act)
     n_ht, m_row = kn.act_bwd_partials(backend, m, hid)
     cpart = kn.alloc((n_ht, m_row), device=g.device, dtype=torch.float32)
     # dPre = (g @ (mlp_scale * w_proj)) * act'(pre), stored times rstd; per-column-tile partials of sum(dPre * pre)
-    # (added up by the dX epilogue); act(pre) written on the way (the epilogue reads pre anyway) for dWproj2
+    # (added up by the dX epilogue); act(pre) written on the way (the epilogue reads pre anyway) for dWproj2,
+    # unless the forward kept it
     kn.row_gemm(g2, kn._flat2(g2), w_proj_scaled_c, 1, w_proj_scaled_c.stride(0), m, hid, d, dpre, kn._flat2(dpre),
-                epi=kn.EPI_ACT_BWD, res=pre, rowvec=rstd, c=cpart, g=act_pre, store_act=True, act=act)
+                epi=kn.EPI_ACT_BWD, res=pre, rowvec=rstd, c=cpart, g=act_pre if store_act else None,
+                store_act=store_act, act=act)
     if m_row != m:  # CUTLASS pads its partial rows to whole 128-row tiles; the dX epilogue reads rows of m
         cpart, n_ht = cpart[:, :m].sum(0, keepdim=True), 1
     dw_proj, dscale = kn.wgrad(g2, act_pre, kn._flat2(act_pre), m, d, hid, nscale=mlp_scale, w=w_proj)
@@ -479,32 +494,32 @@ def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, w_fc_c: Tensor
 
 
 @_mlp_bwd_op.register_fake
-def _(g, x1, pre, rstd, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale, act):
+def _(g, x1, pre, rstd, act_pre, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale, act):
     return (torch.empty_like(x1), torch.empty_like(w_fc_c, dtype=torch.float32),
             torch.empty_like(w_proj, dtype=torch.float32), torch.empty_like(mlp_scale, dtype=torch.float32))
 
 
 def _mlp_setup(ctx, inputs, output):
-    x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store_stats = inputs
-    _, pre, rstd = output
+    x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store_stats, *_ = inputs
+    _, pre, rstd, act_pre = output
     ctx.act = act
     ctx.store_stats = store_stats
     ctx.w_fc_dtype = w_fc.dtype
-    # pre and rstd are saved statistics that get no gradient; without this autograd would fill a zero [M, hidden]
-    # gradient for pre on every backward (0.04 ms at B64xT1024, MLP 2x, in bench_block's profile)
+    # pre, rstd and act_pre are saved statistics that get no gradient; without this autograd would fill a zero
+    # [M, hidden] gradient for pre on every backward (0.04 ms at B64xT1024, MLP 2x, in bench_block's profile)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x1, pre, rstd, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale)
+    ctx.save_for_backward(x1, pre, rstd, act_pre, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale)
 
 
-def _mlp_backward(ctx, g, _g_pre, _g_rstd):
+def _mlp_backward(ctx, g, _g_pre, _g_rstd, _g_act_pre):
     if not ctx.store_stats:
         raise RuntimeError("the fused MLP ran with store_stats=False (eval path); it has no backward")
-    x1, pre, rstd, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale = ctx.saved_tensors
+    x1, pre, rstd, act_pre, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale = ctx.saved_tensors
     g = torch.zeros_like(x1) if g is None else g
-    dx1, dw_fc, dw_proj, dscale = _mlp_bwd_op(g.contiguous(), x1, pre, rstd, w_fc_c, w_proj, w_proj_scaled_c,
-                                              mlp_scale, ctx.act)
+    dx1, dw_fc, dw_proj, dscale = _mlp_bwd_op(g.contiguous(), x1, pre, rstd, act_pre, w_fc_c, w_proj,
+                                              w_proj_scaled_c, mlp_scale, ctx.act)
     return (dx1, dw_fc.to(ctx.w_fc_dtype), dw_proj.to(w_proj.dtype), None, None, None, dscale.to(mlp_scale.dtype),
-            None, None)
+            None, None, None)
 
 
 _mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
@@ -522,6 +537,11 @@ class FusedBlock(ReferenceBlock):
     # times, its backward adds the copies' gradients) so SDPA runs without GQA and cuDNN's backward needs no
     # head-pair reduction kernels; bench/probe_attention.py measures the trade.
     expand_kv: bool = False
+    # Training: the MLP-up matmul stores act(pre) beside pre (one more [B*T, hidden] write and that much more
+    # memory saved for backward), so the down matmul is a plain product (the CUTLASS residual kernel instead of
+    # Triton applying act while loading) and the backward's dPre epilogue stores nothing extra.
+    # Not yet measured on a GPU: off until bench_block shows it faster.
+    keep_act: bool = False
 
     def __init__(self, cfg: BlockConfig | None = None, **overrides):
         super().__init__(cfg, **overrides)
@@ -577,7 +597,8 @@ class FusedBlock(ReferenceBlock):
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         x1 = _attn_out_op(y.transpose(1, 2), xm, wp, w_c[3], wp_scaled_c, self.attn_scale)
         act = 0 if cfg.activation == "relu2" else 1
-        out, _, _ = _mlp_op(x1, w_fc, w_proj, w_c[4], w_c[5], w_proj_scaled_c, self.mlp_scale, act, train)
+        out = _mlp_op(x1, w_fc, w_proj, w_c[4], w_c[5], w_proj_scaled_c, self.mlp_scale, act, train,
+                      self.keep_act)[0]
         return out
 
 

@@ -63,7 +63,7 @@ def _blocks(kind: str) -> dict:
     registers and spills. PGOLF_BLOCK_TILES overrides any setting."""
     if _INTERPRET:
         small = dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=1)
-        table = {"row_gemm": small, "row_gemm_res": small, "row_gemm_act_in": small,
+        table = {"row_gemm": small, "row_gemm_res": small, "row_gemm_act_in": small, "row_gemm_up_act": small,
                  "row_stats": dict(BM=8, num_warps=4),
                  "row_gemm_act_bwd": small, "row_gemm_norm_bwd": small,
                  "attn_in": dict(BM=32, BK=64, HPP=2, num_warps=4, num_stages=1),
@@ -89,6 +89,8 @@ def _blocks(kind: str) -> dict:
                  "row_stats": dict(BM=8, num_warps=4),
                  # dPre 0.258 vs 0.263; MLP dX 0.201 vs 0.206
                  "row_gemm_act_bwd": dict(TMA=1, BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+                 # EPI_MLP_UP_ACT (keep_act: two [M, N] outputs, so dPre's tiles; not yet swept)
+                 "row_gemm_up_act": dict(TMA=1, BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
                  "row_gemm_norm_bwd": dict(TMA=1, BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
                  # attn_in forward (with its row pass) 0.291 vs 0.296
                  "attn_in": dict(TMA=1, BM=64, BK=64, HPP=2, num_warps=4, num_stages=3),
@@ -290,8 +292,9 @@ def _attn_in_fwd_kernel(xm_ptr, xm_desc, rstd_ptr, wq_ptr, wk_ptr, wv_ptr, gain_
 #      stored as pre (or as act(pre) when STORE_ACT) | 3 activation backward: dp = acc * act'(res), row partial
 #      sum(dp * res) to c_ptr[pid_n, m], stored as dp * rstd, and with STORE_ACT act(res) to g_ptr (so the
 #      weight gradient that needs act(pre) is a plain cuBLAS product) | 4 RMSNorm backward with A = rstd * dPre:
-#      g + acc - res * rstd^2 * c / N, c summed from c_NT partials.
-EPI_STORE, EPI_RESIDUAL, EPI_MLP_UP, EPI_ACT_BWD, EPI_NORM_BWD = 0, 1, 2, 3, 4
+#      g + acc - res * rstd^2 * c / N, c summed from c_NT partials | 5 MLP up keeping act(pre): pre = acc * rowvec[m]
+#      stored, act(pre) to g_ptr (training with FusedBlock.keep_act: the down matmul and dWproj2 read it).
+EPI_STORE, EPI_RESIDUAL, EPI_MLP_UP, EPI_ACT_BWD, EPI_NORM_BWD, EPI_MLP_UP_ACT = 0, 1, 2, 3, 4, 5
 
 
 @triton.jit
@@ -338,7 +341,7 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
         gv = tl.load(g_ptr + flat, mask=mmask[:, None], other=0.0)
     out, side = _row_epilogue(acc, res, gv, rm, rn, mmask, pid_n, nvec_ptr, rowvec_ptr, c_ptr, c_NT, M, N,
                               EPI, STORE_ACT, ACT, NT_P2)
-    if EPI == 3 and STORE_ACT:
+    if (EPI == 3 and STORE_ACT) or EPI == 5:
         tl.store(g_ptr + flat, side.to(CDT), mask=mmask[:, None])
     if O_4D:
         o_off = ((rm // o_T) * o_s0 + (rm % o_T) * o_s1)[:, None] + ((rn // o_HD) * o_s2 + (rn % o_HD) * o_s3)[None, :]
@@ -352,15 +355,17 @@ def _row_epilogue(acc, res, gv, rm, rn, mmask, pid_n, nvec_ptr, rowvec_ptr, c_pt
                   EPI: tl.constexpr, STORE_ACT: tl.constexpr, ACT: tl.constexpr, NT_P2: tl.constexpr):
     """The EPI modes of the row GEMM (see above) on one fp32 accumulator tile; res / gv are the tile's side
     inputs (loaded by the caller when EPI needs them). Returns (out, side): side is act(res) for EPI 3 with
-    STORE_ACT (the caller stores it to g), else out again."""
+    STORE_ACT or act(out) for EPI 5 (the caller stores it to g), else out again."""
     side = acc
     if EPI == 0:
         out = acc
     elif EPI == 1:
         out = res.to(tl.float32) + tl.load(nvec_ptr + rn)[None, :] * acc
-    elif EPI == 2:
+    elif EPI == 2 or EPI == 5:
         out = acc * tl.load(rowvec_ptr + rm, mask=mmask, other=0.0)[:, None]
-        if STORE_ACT:
+        if EPI == 5:
+            side = _act_fwd(out, ACT)
+        elif STORE_ACT:
             out = _act_fwd(out, ACT)
     elif EPI == 3:
         p = res.to(tl.float32)
@@ -377,7 +382,7 @@ def _row_epilogue(acc, res, gv, rm, rn, mmask, pid_n, nvec_ptr, rowvec_ptr, c_pt
         cpart = tl.load(c_ptr + ct[:, None] * M + rm[None, :], mask=(ct[:, None] < c_NT) & mmask[None, :], other=0.0)
         csum = tl.sum(cpart, axis=0)
         out = gv.to(tl.float32) + acc - res.to(tl.float32) * (r * r * csum / N)[:, None]
-    if EPI != 3 or not STORE_ACT:
+    if not ((EPI == 3 and STORE_ACT) or EPI == 5):
         side = out
     return out, side
 
@@ -424,7 +429,7 @@ def _row_gemm_tma_kernel(a_desc, w_desc, out_desc, res_desc, g_desc,
             gv = g_desc.load([em * BM, en * BN])
         out, side = _row_epilogue(acc, res, gv, rm, rn, mmask, en, nvec_ptr, rowvec_ptr, c_ptr, c_NT, M, N,
                                   EPI, STORE_ACT, ACT, NT_P2)
-        if EPI == 3 and STORE_ACT:
+        if (EPI == 3 and STORE_ACT) or EPI == 5:
             g_desc.store([em * BM, en * BN], side.to(CDT))
         out_desc.store([em * BM, en * BN], out.to(CDT))
 
@@ -787,6 +792,8 @@ def row_gemm_kind(epi: int, a_act: bool = False) -> str:
         return "row_gemm_act_bwd"
     if epi == EPI_NORM_BWD:
         return "row_gemm_norm_bwd"
+    if epi == EPI_MLP_UP_ACT:
+        return "row_gemm_up_act"
     if a_act:
         return "row_gemm_act_in"
     return "row_gemm_res" if epi == EPI_RESIDUAL else "row_gemm"
@@ -797,13 +804,16 @@ def row_gemm_kind(epi: int, a_act: bool = False) -> str:
 # "auto" (default: CUTLASS for the launches where it measured faster, if the extension has it and the operands
 # suit it, else Triton), "triton", or "cutlass" (every launch that has a CUTLASS kernel; an error where it cannot
 # run). Tests and benchmarks set GEMM_BACKEND directly.
-_CUTLASS_EPIS = (EPI_RESIDUAL, EPI_ACT_BWD, EPI_NORM_BWD)  # and the attention input's dX (_attn_dx_backend)
+_CUTLASS_EPIS = (EPI_RESIDUAL, EPI_ACT_BWD, EPI_NORM_BWD, EPI_MLP_UP_ACT)  # and the attention input's dX
+_CUTLASS_W_NK = (EPI_RESIDUAL, EPI_MLP_UP_ACT)  # the epilogues built for a [N, K] weight (the others: [K, N])
 # H100, B64xT1024, ms CUTLASS vs Triton (bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt):
 # residual 0.089 vs 0.105, RMSNorm backward 0.139 vs 0.202; activation backward 0.209 vs 0.259 with per-tile
 # partial row sums (…-2026-12-06-dpre-partials.txt; 0.358 when Sm90ColReduction completed the sums itself).
 # Slower, so "auto" keeps Triton there: attention-input dX (column partials by Sm90RowReduction) 0.990 vs 0.593
 # for its whole backward.
-_CUTLASS_AUTO = (EPI_RESIDUAL, EPI_NORM_BWD, EPI_ACT_BWD)
+# EPI_MLP_UP_ACT (only with FusedBlock.keep_act, off by default) is not measured yet; it follows the other
+# epilogues without a reduction onto CUTLASS.
+_CUTLASS_AUTO = (EPI_RESIDUAL, EPI_NORM_BWD, EPI_ACT_BWD, EPI_MLP_UP_ACT)
 GEMM_BACKEND = os.environ.get("PGOLF_BLOCK_GEMM", "auto").strip().lower() or "auto"
 if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
     raise ValueError(f"PGOLF_BLOCK_GEMM must be auto, triton or cutlass, not {GEMM_BACKEND!r}")
@@ -835,14 +845,14 @@ def _backend_verdict(why, what: str) -> str:
 
 def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, store_act=False) -> str:
     """"cutlass" or "triton": which kernel row_gemm runs for these operands (see GEMM_BACKEND)."""
-    has_kernel = epi in _CUTLASS_EPIS and not a_act and (epi != EPI_ACT_BWD or store_act)
+    has_kernel = epi in _CUTLASS_EPIS and not a_act
     if GEMM_BACKEND == "triton" or not has_kernel or (GEMM_BACKEND == "auto" and epi not in _CUTLASS_AUTO):
         return "triton"
     why = cutlass_missing(a.device, "block_gemm_sm90")
     if why is None:
         if tuple(a_addr) != _plain(K) or tuple(o_addr) != _plain(N) or not a.is_contiguous():
             why = "A and out must be plain row-major matrices"
-        elif (w_sk == 1) != (epi == EPI_RESIDUAL) or (w_sk != 1 and w_sn != 1):
+        elif (w_sk == 1) != (epi in _CUTLASS_W_NK) or (w_sk != 1 and w_sn != 1):
             why = "the weight layout differs from the one built for this epilogue"
         else:
             from ._extension import _C
@@ -865,16 +875,18 @@ def _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) -> str:
     return _backend_verdict(why, "the attention-input dX")
 
 
-def _row_gemm_cutlass(a, w, M, N, K, out, *, epi, nvec, res, rowvec, c, c_nt, g, act):
+def _row_gemm_cutlass(a, w, M, N, K, out, *, epi, nvec, res, rowvec, c, c_nt, g, act, store_act):
     from ._extension import _C
     a2, o2 = a.view(M, K), out.view(M, N)
-    w_nk = epi == EPI_RESIDUAL
+    w_nk = epi in _CUTLASS_W_NK
     if epi == EPI_RESIDUAL:
         _C.block_gemm_sm90(a2, w, w_nk, o2, epi, res.view(M, N), None, None, nvec, None, None, None, act, 1.0)
+    elif epi == EPI_MLP_UP_ACT:  # reads no C (out passed in its place)
+        _C.block_gemm_sm90(a2, w, w_nk, o2, epi, o2, None, g.view(M, N), None, rowvec, None, None, act, 1.0)
     elif epi == EPI_ACT_BWD:
         # per-row partial sums, one row per 128-column tile (act_bwd_partials("cutlass", M, N))
-        _C.block_gemm_sm90(a2, w, w_nk, o2, epi, res.view(M, N), None, g.view(M, N), None, rowvec, None,
-                           c.view(-1), act, 1.0)
+        _C.block_gemm_sm90(a2, w, w_nk, o2, epi, res.view(M, N), None, g.view(M, N) if store_act else None, None,
+                           rowvec, None, c.view(-1), act, 1.0)
     else:
         csum = c.view(-1)[:M] if c_nt == 1 else c.view(-1, M)[:c_nt].sum(0)
         _C.block_gemm_sm90(a2, w, w_nk, o2, epi, g.view(M, N), res.view(M, N), None, None, rowvec, csum, None,
@@ -898,7 +910,7 @@ def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, 
     the first c_nt rows of c (rows of length M)."""
     if row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act, store_act) == "cutlass":
         return _row_gemm_cutlass(a, w, M, N, K, out, epi=epi, nvec=nvec, res=res, rowvec=rowvec, c=c, c_nt=c_nt,
-                                 g=g, act=act)
+                                 g=g, act=act, store_act=store_act)
     cfg = _blocks(row_gemm_kind(epi, a_act))
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])

@@ -256,8 +256,12 @@ def test_attn_out_piece(strided, gemm_path):
 
 
 @needs_triton_cpu
-@pytest.mark.parametrize("mult,activation", [(2, "relu2"), (3, "leaky_relu2"), (4, "leaky_relu2")])
-def test_mlp_piece(mult, activation, gemm_path):
+@pytest.mark.parametrize("mult,activation,keep_act", [(2, "relu2", False), (3, "leaky_relu2", False),
+                                                     (4, "leaky_relu2", False), (2, "relu2", True),
+                                                     (3, "leaky_relu2", True)])
+def test_mlp_piece(mult, activation, keep_act, gemm_path):
+    """The fused MLP against PyTorch, forward and gradients; keep_act: the up matmul also stores act(pre), which
+    the down matmul and the backward then read (FusedBlock.keep_act)."""
     from pgolf_kernels import block as blk
     from pgolf_kernels import block_kernels as kn
     torch.manual_seed(30 + mult)
@@ -269,7 +273,8 @@ def test_mlp_piece(mult, activation, gemm_path):
     act = 0 if activation == "relu2" else 1
     w1_c, w2_c, w2_scaled_c = kn.prep_weights([(w1.detach(), None), (w2.detach(), None), (w2.detach(), s.detach())],
                                               x1.dtype)
-    out = blk._mlp_op(x1, w1, w2, w1_c, w2_c, w2_scaled_c, s, act, True)[0]
+    out, _, _, act_pre = blk._mlp_op(x1, w1, w2, w1_c, w2_c, w2_scaled_c, s, act, True, keep_act)
+    assert act_pre.numel() == (B * T * mult * D if keep_act else 0)
     h = F.rms_norm(x1, (D,)) @ w1.T
     h = torch.relu(h) if act == 0 else F.leaky_relu(h, 0.5)
     ref = x1 + s * (h.square() @ w2.T)
@@ -280,7 +285,7 @@ def test_mlp_piece(mult, activation, gemm_path):
     for name, a, b in zip(("x1", "w_fc", "w_proj", "mlp_scale"), gf, gr):
         close(a, b, f"mlp d{name}")
     with torch.no_grad():  # eval path: act(pre) stored by the up kernel, nothing saved
-        out_eval, pre, rstd = blk._mlp_op(x1, w1, w2, w1_c, w2_c, w2_scaled_c, s, act, False)
+        out_eval, pre, rstd, _ = blk._mlp_op(x1, w1, w2, w1_c, w2_c, w2_scaled_c, s, act, False)
     close(out_eval, ref.detach(), "mlp eval")
     assert pre.numel() == 0 and rstd.numel() == 0
 
@@ -295,15 +300,15 @@ BLOCK_CASES = [
 ]
 
 
-def check_fused_block(case, seed, T=50, expand_kv=False):
+def check_fused_block(case, seed, T=50, expand_kv=False, keep_act=False):
     """FusedBlock against ReferenceBlock with the same weights: output, every gradient and the eval path."""
     torch.manual_seed(seed)
     ref = ReferenceBlock(**case)
     randomize_(ref, seed + 1)
     fused = FusedBlock(**case)
     fused.load_state_dict(ref.state_dict(), strict=True)
-    fused.expand_kv = expand_kv
-    tag = " (expand_kv)" if expand_kv else ""
+    fused.expand_kv, fused.keep_act = expand_kv, keep_act
+    tag = (" (expand_kv)" if expand_kv else "") + (" (keep_act)" if keep_act else "")
     x = torch.randn(2, T, case["d_model"], requires_grad=True)
     x0 = torch.randn(2, T, case["d_model"], requires_grad=True)
     yr, yf = ref(x, x0), fused(x, x0)
@@ -328,6 +333,12 @@ def test_fused_block_matches_reference(case, gemm_path):
 def test_fused_block_expand_kv_matches_reference():
     """expand_kv: k/v written once per query head (SDPA without GQA), their copies' gradients added back."""
     check_fused_block(BLOCK_CASES[1], 42, T=40, expand_kv=True)
+
+
+@needs_triton_cpu
+def test_fused_block_keep_act_matches_reference():
+    """keep_act: act(pre) stored by the MLP-up matmul and read by the down matmul and the backward."""
+    check_fused_block(BLOCK_CASES[0], 44, T=40, keep_act=True)
 
 
 @needs_triton_cpu
@@ -616,7 +627,8 @@ def _cutlass_ready() -> bool:
 @pytest.mark.skipif(not _cutlass_ready(), reason="needs an sm_90 GPU and the extension built with CUTLASS")
 @pytest.mark.parametrize("M,N,K", [(4096, 512, 512), (1000, 1024, 512), (4133, 512, 1536), (128, 1536, 512),
                                    (2 * 2048 + 64, 512, 2048)])
-@pytest.mark.parametrize("epi", ["residual", "act_bwd_relu2", "act_bwd_leaky", "norm_bwd"])
+@pytest.mark.parametrize("epi", ["residual", "act_bwd_relu2", "act_bwd_leaky", "act_bwd_nostore", "norm_bwd",
+                                 "mlp_up_act"])
 def test_gpu_cutlass_row_gemm(monkeypatch, epi, M, N, K):
     """The CUTLASS row GEMMs (csrc/block_gemm_sm90.cu) against their formulas in fp32 on the same bf16 inputs,
     outputs poisoned. bf16 outputs: relative error <= 8e-3 (one bf16 rounding of the result is 2e-3 to 4e-3);
@@ -637,23 +649,35 @@ def test_gpu_cutlass_row_gemm(monkeypatch, epi, M, N, K):
         ref = res.float() + nvec * (a.float() @ w.float().t())
         assert torch.isfinite(out).all() and rel_err(out, ref) <= 8e-3
         return
+    if epi == "mlp_up_act":
+        w, rstd = rnd(N, K, scale=K ** -0.5), torch.rand(M, device="cuda", generator=g) + 0.5
+        act_out = kn.alloc(M, N, device="cuda", dtype=torch.bfloat16)
+        kn.row_gemm(a, P(K), w, K, 1, M, N, K, out, P(N), epi=kn.EPI_MLP_UP_ACT, rowvec=rstd, g=act_out, act=1)
+        pre = (a.float() @ w.float().t()) * rstd[:, None]
+        r = torch.where(pre > 0, pre, 0.5 * pre)
+        for got, want in ((out, pre), (act_out, r * r)):
+            assert torch.isfinite(got).all() and rel_err(got, want) <= 8e-3
+        return
     w = rnd(K, N, scale=K ** -0.5)
     rstd = torch.rand(M, device="cuda", generator=g) + 0.5
     acc = a.float() @ w.float()
     if epi.startswith("act_bwd"):
         act = 0 if epi.endswith("relu2") else 1
+        store = epi != "act_bwd_nostore"
         pre = rnd(M, N)
         act_out = kn.alloc(M, N, device="cuda", dtype=torch.bfloat16)
         c = kn.alloc(*kn.act_bwd_partials("cutlass", M, N), device="cuda", dtype=torch.float32)
-        kn.row_gemm(a, P(K), w, 1, N, M, N, K, out, P(N), epi=kn.EPI_ACT_BWD, res=pre, rowvec=rstd, c=c, g=act_out,
-                    store_act=True, act=act)
+        kn.row_gemm(a, P(K), w, 1, N, M, N, K, out, P(N), epi=kn.EPI_ACT_BWD, res=pre, rowvec=rstd, c=c,
+                    g=act_out if store else None, store_act=store, act=act)
         p = pre.float()
         r = p.clamp_min(0) if act == 0 else torch.where(p > 0, p, 0.5 * p)
         grad = 2 * p.clamp_min(0) if act == 0 else torch.where(p > 0, 2 * p, 0.5 * p)
         dp = acc * grad
-        for got, want, tol in ((out, dp * rstd[:, None], 8e-3), (act_out, r * r, 8e-3),
-                               (c[:, :M].sum(0), (dp * p).sum(1), 1e-4)):
+        checks = [(out, dp * rstd[:, None], 8e-3), (c[:, :M].sum(0), (dp * p).sum(1), 1e-4)]
+        for got, want, tol in checks + ([(act_out, r * r, 8e-3)] if store else []):
             assert torch.isfinite(got).all() and rel_err(got, want) <= tol
+        if not store:
+            assert torch.isnan(act_out).all()  # untouched: poisoned by alloc, nothing stored
     else:
         x, gin = rnd(M, N), rnd(M, N)
         for c_nt in (1, 3):  # complete sums or rows of partials (as the dPre kernels write them) are both accepted
@@ -696,10 +720,12 @@ def test_gpu_block_cutlass_matches_triton(monkeypatch, case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("option", ["expand_kv", "keep_act"])
 @pytest.mark.parametrize("case", gpu_cases(4, seed=13), ids=lambda c: f"B{c['B']}_T{c['T']}_m{c['mlp_mult']}_{c['activation']}")
-def test_gpu_block_expand_kv_matches_gqa(case):
-    """The fused block with k/v expanded to every query head (SDPA without GQA) vs with GQA: forward and every
-    gradient (bf16; only the attention kernels and the order of the kv-head sums differ)."""
+def test_gpu_block_option_matches_default(case, option):
+    """The fused block with an option on vs off, forward and every gradient (bf16): expand_kv (k/v expanded to
+    every query head, SDPA without GQA; only the attention kernels and the order of the kv-head sums differ) and
+    keep_act (act(pre) stored by the MLP-up matmul: other kernels, the same roundings)."""
     cfg = BlockConfig(mlp_mult=case["mlp_mult"], activation=case["activation"], rope_dims=case["rope_dims"])
     fused = FusedBlock(cfg)
     randomize_(fused, 4)
@@ -707,11 +733,11 @@ def test_gpu_block_expand_kv_matches_gqa(case):
     g = torch.Generator(device="cuda").manual_seed(2)
     x, x0, up = (torch.randn(case["B"], case["T"], 512, device="cuda", generator=g).bfloat16() for _ in range(3))
     outs = {}
-    for expand in (False, True):
-        fused.expand_kv = expand
+    for on in (False, True):
+        setattr(fused, option, on)
         xi, x0i = x.clone().requires_grad_(), x0.clone().requires_grad_()
         y = fused(xi, x0i)
-        outs[expand] = [y.detach()] + list(torch.autograd.grad(y, [xi, x0i, *fused.parameters()], up))
+        outs[on] = [y.detach()] + list(torch.autograd.grad(y, [xi, x0i, *fused.parameters()], up))
     names = ["out", "dx", "dx0"] + [n for n, _ in fused.named_parameters()]
     for n, a, b in zip(names, outs[True], outs[False]):
         assert torch.isfinite(a).all(), n
@@ -759,12 +785,13 @@ def test_bench_block_cpu_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("pgolf_bench_block_smoke", REPO / "bench" / "bench_block.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--smoke-cpu", "--out", str(tmp_path), "--cases", "B1_T64_mlp3_leaky_relu2", "--impls", "eager,fused",
-                "--modes", "fwd_bwd,fwd"])
+    bench.main(["--smoke-cpu", "--out", str(tmp_path), "--cases", "B1_T64_mlp3_leaky_relu2", "--impls",
+                "eager,fused,fused_keep_act", "--modes", "fwd_bwd,fwd"])
     files = sorted(p.suffix for p in tmp_path.iterdir())
     assert files == [".json", ".md", ".png"]
     obj = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert obj["bench"] == "block" and len(obj["rows"]) == 6
+    assert obj["bench"] == "block" and len(obj["rows"]) == 8
+    assert all(r["keep_act"] == (r["impl"] == "fused_keep_act") for r in obj["rows"] if r["impl"].startswith("fused"))
     assert all(r["ok"] and r["error"] is None and r["ms"] > 0 for r in obj["rows"]), obj["rows"]
 
 
