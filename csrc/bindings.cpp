@@ -77,8 +77,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_gemm_sm90", &pgolf::block_gemm_sm90_cuda, "Fused block row GEMM out = epilogue(a @ w) on sm_90a "
         "(CUTLASS ping-pong): epi 1 residual (c_in + col_vec[n]*acc), 3 activation backward (c_in = pre; aux_out = "
         "act(pre), row_out[j, m] = sum of dp*pre over column tile j, fp32 [ceil(N/128), round_up(M, 128)], "
-        "out = dp*row_vec[m]), 4 RMSNorm backward (c_in = g, aux_in = x, row_vec = rstd, row_vec2 = per-row sums, "
-        "inv_n); see csrc/block_gemm_sm90.cu", py::arg("a"), py::arg("w"),
+        "out = dp*row_vec[m]; aux_out may be None), 4 RMSNorm backward (c_in = g, aux_in = x, row_vec = rstd, "
+        "row_vec2 = per-row sums, inv_n), 5 MLP up keeping act(pre) (out = acc*row_vec[m], aux_out = act(out); "
+        "c_in unused); see csrc/block_gemm_sm90.cu", py::arg("a"), py::arg("w"),
         py::arg("w_nk"), py::arg("out"), py::arg("epi"), py::arg("c_in"), py::arg("aux_in"), py::arg("aux_out"),
         py::arg("col_vec"), py::arg("row_vec"), py::arg("row_vec2"), py::arg("row_out"), py::arg("act"),
         py::arg("inv_n"));

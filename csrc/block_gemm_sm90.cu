@@ -116,7 +116,8 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
   const c10::cuda::CUDAGuard guard(a.device());
   bind_primary_context(a.get_device());  // CUTLASS makes its TMA descriptors with a driver call
   const Operands ops{a.data_ptr(), w.data_ptr(), w.stride(0), out.data_ptr(),
-                     epi == kMlpUpAct ? nullptr : c_in.data_ptr(),  // kMlpUpAct reads no C
+                     // kMlpUpAct reads no C; out's address only fills the C descriptor CUTLASS builds anyway
+                     epi == kMlpUpAct ? out.data_ptr() : c_in.data_ptr(),
                      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k)};
   const int device = a.get_device();
   auto vec = [&](const c10::optional<at::Tensor>& t, int64_t len, const char* what) -> float* {
