@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
                 backend = SDPBackend.MATH  # the only CPU backend
 
             @contextlib.contextmanager
-            def gemm_backend():  # and the FusedBlock option of this impl
+            def impl_settings():  # this impl's GEMM backend and FusedBlock option
                 saved = block_kernels.GEMM_BACKEND
                 block_kernels.GEMM_BACKEND = gemm
                 if option:
@@ -573,12 +573,12 @@ def main(argv: list[str] | None = None) -> None:
                         delattr(fused, option)  # back to the class default
 
             def fwd_bwd():
-                with gemm_backend(), sdpa_kernel([backend]), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                with impl_settings(), sdpa_kernel([backend]), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
                     y = block(xg, x0g)
                     return [y] + list(torch.autograd.grad(y, [xg, x0g, *params], dy))
 
             def fwd():
-                with (torch.no_grad(), gemm_backend(), sdpa_kernel([backend]),
+                with (torch.no_grad(), impl_settings(), sdpa_kernel([backend]),
                       torch.autocast("cuda", torch.bfloat16, enabled=autocast)):
                     return [block(x, x0)]
 

@@ -87,8 +87,9 @@ def main(argv=None):
                     lines.append(f"{case:10s} {bname:6s} {name:11s} {ms:8.4f} ms  (max rel. diff vs gqa {err:.2e})")
                     print(lines[-1], flush=True)
                     if case == args.cases.split(",")[0] and bname == "cudnn":
-                        for k in kernel_profile(fn):
-                            lines.append(f"    {k['ms_per_iter']:8.4f} ms x{k['calls_per_iter']:.0f}  {k['kernel']}")
+                        for kern in kernel_profile(fn):  # (not `k`: that is the key tensor the next backend uses)
+                            lines.append(f"    {kern['ms_per_iter']:8.4f} ms x{kern['calls_per_iter']:.0f}  "
+                                         f"{kern['kernel']}")
     text = "\n".join(lines) + "\n"
     if args.out:
         out = Path(args.out)

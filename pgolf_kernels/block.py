@@ -435,12 +435,10 @@ def _mlp_op(x1: Tensor, w_fc: Tensor, w_proj: Tensor, w_fc_c: Tensor, w_proj_c: 
     pre = kn.alloc((m, hid), device=x1.device, dtype=x1.dtype)
     act_pre = kn.alloc((m, hid), device=x1.device, dtype=x1.dtype) if keep_act else x1.new_empty(0, hid)
     rstd = kn.row_stats(x2)
-    if keep_act:  # pre for the backward's act', act(pre) for the down matmul and dWproj2
-        kn.row_gemm(x2, kn._flat2(x2), w_fc_c, w_fc_c.stride(0), 1, m, hid, d, pre, kn._flat2(pre),
-                    epi=kn.EPI_MLP_UP_ACT, rowvec=rstd, g=act_pre, act=act)
-    else:
-        kn.row_gemm(x2, kn._flat2(x2), w_fc_c, w_fc_c.stride(0), 1, m, hid, d, pre, kn._flat2(pre),
-                    epi=kn.EPI_MLP_UP, rowvec=rstd, store_act=not store_stats, act=act)
+    # keep_act: pre for the backward's act', act(pre) to act_pre for the down matmul and dWproj2
+    kn.row_gemm(x2, kn._flat2(x2), w_fc_c, w_fc_c.stride(0), 1, m, hid, d, pre, kn._flat2(pre),
+                epi=kn.EPI_MLP_UP_ACT if keep_act else kn.EPI_MLP_UP, rowvec=rstd, g=act_pre if keep_act else None,
+                store_act=not store_stats, act=act)
     out = kn.alloc_like(x1)
     # training: pre holds the pre-activation, the down matmul applies act while loading it (or reads act_pre);
     # eval: pre already holds act(pre)
