@@ -13,6 +13,8 @@ Implementations (rows' `impl`):
            block_kernels.GEMM_BACKEND), else as Triton kernels
   fused_triton  the same fused block with every row GEMM on Triton (block_kernels.GEMM_BACKEND = "triton"),
            cuDNN attention: what the CUTLASS kernels gain, measured in the same run
+  fused_cutlass  the same with every launch that has a CUTLASS kernel on it ("cutlass"), including those that
+           "auto" keeps on Triton
   fused_keep_act, fused_expand_kv  the fused block (cuDNN) with FusedBlock.keep_act / .expand_kv switched on:
            options measured against the default in the same run
 Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
@@ -94,6 +96,7 @@ def init_params(block: torch.nn.Module, seed: int) -> None:
 
 
 FUSED_OPTIONS = {"fused_keep_act": "keep_act", "fused_expand_kv": "expand_kv"}  # impl -> FusedBlock option
+GEMM_IMPLS = {"fused_triton": "triton", "fused_cutlass": "cutlass"}  # impl -> block_kernels.GEMM_BACKEND
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -489,12 +492,16 @@ def main(argv: list[str] | None = None) -> None:
     act_dtype = torch.float32 if smoke else torch.bfloat16
     shape_kw = dict(d_model=128, num_heads=2, num_kv_heads=1) if smoke else {}
     kn = block_kernels
-    on = kn._CUTLASS_EPIS if kn.GEMM_BACKEND == "cutlass" else kn._CUTLASS_AUTO
+    cutlass_ok = not smoke and kn.cutlass_missing(torch.device("cuda")) is None
     names = {kn.EPI_RESIDUAL: "residual", kn.EPI_ACT_BWD: "act_bwd", kn.EPI_NORM_BWD: "norm_bwd",
              kn.EPI_MLP_UP_ACT: "mlp_up_act"}
-    launches = ", ".join(names[e] for e in on) + (", attn_dx" if kn.GEMM_BACKEND == "cutlass" else "")
-    cutlass_state = f"{kn.GEMM_BACKEND} (CUTLASS: {launches})" if (
-        not smoke and kn.GEMM_BACKEND != "triton" and kn.cutlass_missing(torch.device("cuda")) is None) else "triton"
+
+    def gemm_state(backend: str) -> str:  # rows' block_gemm: the backend and the launches it runs on CUTLASS
+        if backend == "triton" or not cutlass_ok:
+            return "triton"
+        on = kn._CUTLASS_EPIS if backend == "cutlass" else kn._CUTLASS_AUTO
+        attn_dx = backend == "cutlass" or kn._ATTN_DX_AUTO
+        return f"{backend} (CUTLASS: " + ", ".join(names[e] for e in on) + (", attn_dx" if attn_dx else "") + ")"
 
     def over_budget() -> bool:
         return time.time() - t_start > args.time_budget
@@ -554,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
                 block = {"eager": ref, "compile": compiled}[impl]
             params = params_fused if is_fused else params_ref
             autocast = not is_fused and not smoke
-            gemm = "triton" if impl == "fused_triton" else block_kernels.GEMM_BACKEND
+            gemm = GEMM_IMPLS.get(impl, block_kernels.GEMM_BACKEND)
             option = FUSED_OPTIONS.get(impl)
             if smoke:
                 backend = SDPBackend.MATH  # the only CPU backend
@@ -592,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
                              (impl, mode, SDPBackend.FLASH_ATTENTION, "flash", "none")]
                     if not smoke:
                         plan.append((impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn", "torch.compile"))
-                elif impl == "fused_triton" or impl in FUSED_OPTIONS:
+                elif impl in GEMM_IMPLS or impl in FUSED_OPTIONS:
                     plan.append((impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn", "none"))
                 else:
                     plan.append((impl, mode, SDPBackend.FLASH_ATTENTION, "flash",
@@ -610,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
             row = dict(case=f"{case}", mode=mode, impl=impl, sdpa=bname, wrapper=wrapper, ms=None, graph_ms=None,
                        tflops=None, peak_mib=None, tokens_per_s=None, ok=False, max_rel_err=None, error=None)
             if impl.startswith("fused"):
-                row["block_gemm"] = "triton" if impl == "fused_triton" else cutlass_state
+                row["block_gemm"] = gemm_state(GEMM_IMPLS.get(impl, kn.GEMM_BACKEND))
                 for opt in FUSED_OPTIONS.values():
                     row[opt] = FusedBlock.__dict__[opt] or FUSED_OPTIONS.get(impl) == opt
             try:

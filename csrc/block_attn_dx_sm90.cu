@@ -7,11 +7,13 @@
 // dxm is computed once per fragment and feeds four consumers, so the epilogue is a split tree (CUTLASS's DAG form
 // where one input tree feeds several output trees; a general topological visitor kept 17 fragments in local
 // memory): g_xm comes in as the epilogue source C, xm, x and x0 as TMA-loaded auxiliary inputs, dx0 leaves as a
-// TMA-stored auxiliary output. The dmix partials (one row per 128-row tile, no atomics) are summed by
-// the caller.
-// Measured on the H100 at B64xT1024: slower than the Triton kernel (the whole attention-input backward 0.990 vs
-// 0.593 ms, bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt; ptxas gives the column
-// reductions a 1.8 KB stack frame), so block_kernels runs it only under PGOLF_BLOCK_GEMM=cutlass.
+// TMA-stored auxiliary output.
+// The GEMM runs transposed, dxᵀ [D, M] = Wᵀ · dqkvᵀ, with every [M, D] tensor read and written as a column-major
+// [D, M] one: the dmix sums over tokens then become per-row sums of the output tile (Sm90ColReduction, one
+// partial per 128-token tile, no atomics; summed by the caller). The untransposed form summed over the tile's
+// rows with Sm90RowReduction, which ptxas gave a 1.8 KB stack frame; it measured slower than the Triton kernel
+// (the whole attention-input backward 0.990 vs 0.593 ms at B64xT1024,
+// bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt).
 #include "block_gemm_sm90.cuh"
 
 namespace pgolf {
@@ -23,22 +25,23 @@ using namespace cute;
 using namespace block_gemm_detail;
 namespace fu = cutlass::epilogue::fusion;
 
-// per-column partial sums over each 128-row tile, written as [ceil(M/128), N] fp32 (no final reduction here)
-using ColPartials = fu::Sm90RowReduction<cutlass::plus, cutlass::plus, cutlass::plus, 0, TileShape, float, float, kRound,
-                                         Stride<_0, _1, int64_t>, 4, true, false>;
 using Mul = fu::Sm90Compute<cutlass::multiplies, float, float, kRound>;
-
 using Fetch = fu::Sm90SplitTreeFetch;  // dxm, inside the trees that consume it
+using PerD = PerRow;                   // v[d]: the transposed problem's rows are D's columns
+using PerToken = PerCol;               // v[m]
+using AuxInT = AuxInOf<cutlass::layout::ColumnMajor>;
+using AuxOutT = AuxOutOf<cutlass::layout::ColumnMajor>;
 
 // dxm is computed once per fragment (the input tree) and handed to four consumer trees
 using EvtAttnDx = fu::Sm90SplitTreeVisitor<
-    fu::Sm90EVT<fu::Sm90Compute<NormBwd, float, float, kRound>, Src, Acc, AuxIn, PerRow, PerRow, Scalar>,  // dxm
-    fu::Sm90EVT<fu::Sm90Compute<cutlass::multiplies, Bf16, float, kRound>, PerCol, Fetch>,  // D: dx = mix0 * dxm
-    fu::Sm90EVT<ColPartials, fu::Sm90EVT<Mul, Fetch, AuxIn>>,                             // dmix partials of x
-    fu::Sm90EVT<ColPartials, fu::Sm90EVT<Mul, Fetch, AuxIn>>,                             // dmix partials of x0
-    fu::Sm90EVT<AuxOut, fu::Sm90EVT<Mul, PerCol, Fetch>>>;                               // dx0 = mix1 * dxm
+    fu::Sm90EVT<fu::Sm90Compute<NormBwd, float, float, kRound>, Src, Acc, AuxInT, PerToken, PerToken, Scalar>,  // dxm
+    fu::Sm90EVT<fu::Sm90Compute<cutlass::multiplies, Bf16, float, kRound>, PerD, Fetch>,  // D: dx = mix0 * dxm
+    fu::Sm90EVT<RowSumPartials, fu::Sm90EVT<Mul, Fetch, AuxInT>>,                        // dmix partials of x
+    fu::Sm90EVT<RowSumPartials, fu::Sm90EVT<Mul, Fetch, AuxInT>>,                        // dmix partials of x0
+    fu::Sm90EVT<AuxOutT, fu::Sm90EVT<Mul, PerD, Fetch>>>;                               // dx0 = mix1 * dxm
 
-using GemmAttnDx = Gemm<EvtAttnDx, cutlass::layout::RowMajor>;
+using ColMajor = cutlass::layout::ColumnMajor;
+using GemmAttnDx = Gemm<EvtAttnDx, /*B = dqkv [M, K]*/ ColMajor, /*A = Wᵀ*/ ColMajor, /*C, D = dxᵀ*/ ColMajor>;
 
 }  // namespace
 #endif  // PGOLF_WITH_CUTLASS
@@ -71,9 +74,11 @@ void block_attn_dx_sm90_cuda(const at::Tensor& dqkv, const at::Tensor& w, const 
               "fp32 tensors on dqkv's device");
   const c10::cuda::CUDAGuard guard(dqkv.device());
   bind_primary_context(dqkv.get_device());  // CUTLASS makes its TMA descriptors with a driver call
-  const Operands ops{dqkv.data_ptr(), w.data_ptr(), w.stride(0), dx.data_ptr(), g_xm.data_ptr(),
-                     static_cast<int>(m), static_cast<int>(d), static_cast<int>(k)};
-  auto aux = make_stride(int64_t(d), _1{}, int64_t(0));
+  // the transposed problem: M' = D, N' = tokens; A' = Wᵀ (w [K, D] read d-contiguous), B' = dqkv [tokens, K]
+  Operands ops{w.data_ptr(), dqkv.data_ptr(), k, dx.data_ptr(), g_xm.data_ptr(),
+               static_cast<int>(d), static_cast<int>(m), static_cast<int>(k)};
+  ops.lda = w.stride(0);
+  auto aux = make_stride(_1{}, int64_t(d), int64_t(0));  // [M, D] row-major = [D, M] column-major
   auto bf = [](const at::Tensor& t) { return static_cast<const Bf16*>(t.data_ptr()); };
   float* mixp = mix.data_ptr<float>();
   float* part = dmix_part.data_ptr<float>();

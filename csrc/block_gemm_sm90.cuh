@@ -48,9 +48,12 @@ using EpiSchedule = cutlass::epilogue::TmaWarpSpecialized;
 using EpiTileAuto = cutlass::epilogue::collective::EpilogueTileAuto;
 using EpiDesc = cutlass::epilogue::collective::detail::EpilogueDescriptor<TileShape, EpiTileAuto, Bf16, Bf16,
                                                                           EpiSchedule>;
-using AuxLoadDesc = cutlass::epilogue::collective::detail::AuxLoadDescriptor<EpiDesc, cutlass::layout::RowMajor, Bf16>;
-using AuxStoreDesc =
-    cutlass::epilogue::collective::detail::AuxStoreDescriptor<EpiDesc, cutlass::layout::RowMajor, Bf16>;
+// Aux tensors in the output's layout: RowMajor [M, N] (n contiguous) or ColumnMajor (m contiguous, for the
+// transposed problems that compute outᵀ so that a per-column sum becomes a per-row one).
+template <class Layout>
+using AuxLoadDescOf = cutlass::epilogue::collective::detail::AuxLoadDescriptor<EpiDesc, Layout, Bf16>;
+template <class Layout>
+using AuxStoreDescOf = cutlass::epilogue::collective::detail::AuxStoreDescriptor<EpiDesc, Layout, Bf16>;
 
 // ---- EVT leaves -------------------------------------------------------------------------------------------
 using Acc = fu::Sm90AccFetch;
@@ -58,10 +61,17 @@ using Src = fu::Sm90SrcFetch<Bf16>;                                             
 using PerRow = fu::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>>;  // v[m]
 using PerCol = fu::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>>;  // v[n]
 using Scalar = fu::Sm90ScalarBroadcast<float>;
-using AuxIn = fu::Sm90AuxLoad<AuxLoadDesc::Stages, EpiDesc::EpilogueTile, Bf16, AuxLoadDesc::Stride,
-                              AuxLoadDesc::SmemLayoutAtom, AuxLoadDesc::CopyOpS2R, kAlign>;
-using AuxOut = fu::Sm90AuxStore<AuxStoreDesc::Stages, EpiDesc::EpilogueTile, Bf16, kRound, AuxStoreDesc::Stride,
-                                AuxStoreDesc::SmemLayoutAtom, AuxStoreDesc::CopyOpR2S, kAlign>;
+template <class Layout = cutlass::layout::RowMajor>
+using AuxInOf = fu::Sm90AuxLoad<AuxLoadDescOf<Layout>::Stages, EpiDesc::EpilogueTile, Bf16,
+                                typename AuxLoadDescOf<Layout>::Stride, typename AuxLoadDescOf<Layout>::SmemLayoutAtom,
+                                typename AuxLoadDescOf<Layout>::CopyOpS2R, kAlign>;
+template <class Layout = cutlass::layout::RowMajor>
+using AuxOutOf = fu::Sm90AuxStore<AuxStoreDescOf<Layout>::Stages, EpiDesc::EpilogueTile, Bf16, kRound,
+                                  typename AuxStoreDescOf<Layout>::Stride,
+                                  typename AuxStoreDescOf<Layout>::SmemLayoutAtom,
+                                  typename AuxStoreDescOf<Layout>::CopyOpR2S, kAlign>;
+using AuxIn = AuxInOf<>;
+using AuxOut = AuxOutOf<>;
 // per-row sums, one partial per N tile: fp32 [ceil(N / 128), round_up(M, 128)] (m fastest), added up by the caller.
 // (The complete-sum variant, FinalReduction = true, makes the last tile of a row add the workspace partials behind
 // a fence and an atomic ticket; it measured 0.358 ms against Triton's 0.259 for the MLP dPre at B64xT1024.)
@@ -140,13 +150,16 @@ struct SecondOf {  // a root whose first child only stores or reduces
   CUTLASS_HOST_DEVICE T operator()(T const&, T const& x) const { return x; }
 };
 
-template <class Evt, class LayoutB>
+// A is [M, K] k-contiguous (RowMajor) or m-contiguous (ColumnMajor); B is given by LayoutB (RowMajor: [K, N] n
+// contiguous, ColumnMajor: [N, K] k contiguous); C and D are [M, N] in LayoutC.
+template <class Evt, class LayoutB, class LayoutA = cutlass::layout::RowMajor,
+          class LayoutC = cutlass::layout::RowMajor>
 struct Gemm {
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, EpiTileAuto, float, float, Bf16,
-      cutlass::layout::RowMajor, kAlign, Bf16, cutlass::layout::RowMajor, kAlign, EpiSchedule, Evt>::CollectiveOp;
+      LayoutC, kAlign, Bf16, LayoutC, kAlign, EpiSchedule, Evt>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Bf16, cutlass::layout::RowMajor, kAlign, Bf16, LayoutB,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Bf16, LayoutA, kAlign, Bf16, LayoutB,
       kAlign, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       MainSchedule>::CollectiveOp;
@@ -161,6 +174,7 @@ struct Operands {
   void* out;
   const void* c;
   int M, N, K;
+  int64_t lda = 0;  // A's leading stride; 0: packed (K for RowMajor A, M for ColumnMajor A)
 };
 
 inline int sm_count(int device) {
@@ -181,8 +195,13 @@ void launch(const Operands& o, const typename G::Epilogue::FusionCallbacks::Argu
   using StrideB = typename Adapter::GemmKernel::StrideB;
   using StrideC = typename Adapter::GemmKernel::StrideC;
   using StrideD = typename Adapter::GemmKernel::StrideD;
+  using StrideAm = cute::remove_cvref_t<decltype(get<0>(StrideA{}))>;
   StrideA sa{};
-  get<0>(sa) = o.K;  // A [M, K] row-major
+  if constexpr (cute::is_same_v<StrideAm, cute::_1>) {
+    get<1>(sa) = o.lda ? o.lda : o.M;  // A [M, K], m contiguous: (m, k) at m + k * lda
+  } else {
+    get<0>(sa) = o.lda ? o.lda : o.K;  // A [M, K], k contiguous: (m, k) at m * lda + k
+  }
   StrideB sb{};
   using StrideBn = cute::remove_cvref_t<decltype(get<0>(StrideB{}))>;
   using StrideBk = cute::remove_cvref_t<decltype(get<1>(StrideB{}))>;
@@ -193,13 +212,16 @@ void launch(const Operands& o, const typename G::Epilogue::FusionCallbacks::Argu
     static_assert(cute::is_same_v<StrideBn, int64_t> && cute::is_same_v<StrideBk, cute::_1>);
     get<0>(sb) = o.ldb;  // B [N, K], k contiguous: (n, k) at n * ldb + k
   }
-  static_assert(cute::is_same_v<cute::remove_cvref_t<decltype(get<0>(StrideA{}))>, int64_t> &&
-                cute::is_same_v<cute::remove_cvref_t<decltype(get<0>(StrideC{}))>, int64_t> &&
-                cute::is_same_v<cute::remove_cvref_t<decltype(get<0>(StrideD{}))>, int64_t>);
+  // C and D packed: [M, N] with n contiguous (RowMajor) or m contiguous (ColumnMajor)
   StrideC sc{};
-  get<0>(sc) = o.N;
   StrideD sd{};
-  get<0>(sd) = o.N;
+  if constexpr (cute::is_same_v<cute::remove_cvref_t<decltype(get<0>(StrideC{}))>, cute::_1>) {
+    get<1>(sc) = o.M;
+    get<1>(sd) = o.M;
+  } else {
+    get<0>(sc) = o.N;
+    get<0>(sd) = o.N;
+  }
   cutlass::KernelHardwareInfo hw{device, sm_count(device)};
   typename Adapter::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,

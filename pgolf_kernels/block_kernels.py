@@ -809,11 +809,13 @@ _CUTLASS_W_NK = (EPI_RESIDUAL, EPI_MLP_UP_ACT)  # the epilogues built for a [N, 
 # H100, B64xT1024, ms CUTLASS vs Triton (bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt):
 # residual 0.089 vs 0.105, RMSNorm backward 0.139 vs 0.202; activation backward 0.209 vs 0.259 with per-tile
 # partial row sums (…-2026-12-06-dpre-partials.txt; 0.358 when Sm90ColReduction completed the sums itself).
-# Slower, so "auto" keeps Triton there: attention-input dX (column partials by Sm90RowReduction) 0.990 vs 0.593
-# for its whole backward.
+# The attention-input dX with its dmix column partials by Sm90RowReduction was slower, 0.990 vs 0.593 for its
+# whole backward; it now runs transposed (the partials become per-row sums), not measured yet, so "auto" keeps
+# Triton there (_ATTN_DX_AUTO).
 # EPI_MLP_UP_ACT (only with FusedBlock.keep_act, off by default) is not measured yet; it follows the other
 # epilogues without a reduction onto CUTLASS.
 _CUTLASS_AUTO = (EPI_RESIDUAL, EPI_NORM_BWD, EPI_ACT_BWD, EPI_MLP_UP_ACT)
+_ATTN_DX_AUTO = False
 GEMM_BACKEND = os.environ.get("PGOLF_BLOCK_GEMM", "auto").strip().lower() or "auto"
 if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
     raise ValueError(f"PGOLF_BLOCK_GEMM must be auto, triton or cutlass, not {GEMM_BACKEND!r}")
@@ -863,8 +865,8 @@ def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, s
 
 def _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) -> str:
     """"cutlass" or "triton" for the attention input's dX matmul (csrc/block_attn_dx_sm90.cu; see GEMM_BACKEND:
-    "auto" keeps Triton here, where it measured faster)."""
-    if GEMM_BACKEND != "cutlass":
+    "auto" follows _ATTN_DX_AUTO)."""
+    if GEMM_BACKEND == "triton" or (GEMM_BACKEND == "auto" and not _ATTN_DX_AUTO):
         return "triton"
     why = cutlass_missing(dqkv.device, "block_attn_dx_sm90")
     if why is None:
