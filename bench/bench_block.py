@@ -15,8 +15,8 @@ Implementations (rows' `impl`):
            cuDNN attention: what the CUTLASS kernels gain, measured in the same run
   fused_cutlass  the same with every launch that has a CUTLASS kernel on it ("cutlass"), including those that
            "auto" keeps on Triton
-  fused_keep_act, fused_expand_kv  the fused block (cuDNN) with FusedBlock.keep_act / .expand_kv switched on:
-           options measured against the default in the same run
+  fused_keep_act, fused_no_keep_act, fused_expand_kv  the fused block (cuDNN) with FusedBlock.keep_act on / off,
+           .expand_kv on: options measured against the default in the same run
 Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
 fwd = forward under torch.no_grad() (the fused block's eval path).
 
@@ -95,7 +95,9 @@ def init_params(block: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
 
 
-FUSED_OPTIONS = {"fused_keep_act": "keep_act", "fused_expand_kv": "expand_kv"}  # impl -> FusedBlock option
+# impl -> (FusedBlock option, value) measured against the class default
+FUSED_OPTIONS = {"fused_keep_act": ("keep_act", True), "fused_no_keep_act": ("keep_act", False),
+                 "fused_expand_kv": ("expand_kv", True)}
 GEMM_IMPLS = {"fused_triton": "triton", "fused_cutlass": "cutlass"}  # impl -> block_kernels.GEMM_BACKEND
 
 
@@ -571,13 +573,13 @@ def main(argv: list[str] | None = None) -> None:
                 saved = block_kernels.GEMM_BACKEND
                 block_kernels.GEMM_BACKEND = gemm
                 if option:
-                    setattr(fused, option, True)
+                    setattr(fused, *option)
                 try:
                     yield
                 finally:
                     block_kernels.GEMM_BACKEND = saved
                     if option:
-                        delattr(fused, option)  # back to the class default
+                        delattr(fused, option[0])  # back to the class default
 
             def fwd_bwd():
                 with impl_settings(), sdpa_kernel([backend]), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
@@ -605,6 +607,11 @@ def main(argv: list[str] | None = None) -> None:
                     plan.append((impl, mode, SDPBackend.FLASH_ATTENTION, "flash",
                                  "torch.compile" if impl == "compile" else "none"))
         eager_err: dict[str, list[float]] = {}
+        if "eager" not in impls:  # the yardstick of every row's `ok`: one untimed eager call per mode
+            for mode in modes:
+                outs = [o.detach() for o in make("eager", mode, SDPBackend.FLASH_ATTENTION, "none")()]
+                eager_err[mode] = [rel_err(o, t) for o, t in zip(outs, truth)]
+                del outs
         for impl, mode, backend, bname, wrapper in plan:
             label = f"{case}/{mode}/{impl}/{bname}/{wrapper}"
             if over_budget():
@@ -618,8 +625,9 @@ def main(argv: list[str] | None = None) -> None:
                        tflops=None, peak_mib=None, tokens_per_s=None, ok=False, max_rel_err=None, error=None)
             if impl.startswith("fused"):
                 row["block_gemm"] = gemm_state(GEMM_IMPLS.get(impl, kn.GEMM_BACKEND))
-                for opt in FUSED_OPTIONS.values():
-                    row[opt] = FusedBlock.__dict__[opt] or FUSED_OPTIONS.get(impl) == opt
+                for opt in sorted({o for o, _ in FUSED_OPTIONS.values()}):
+                    forced = FUSED_OPTIONS.get(impl)
+                    row[opt] = forced[1] if forced and forced[0] == opt else FusedBlock.__dict__[opt]
             try:
                 outs = fn()  # warm-up (compiles) + the outputs checked below
                 outs = [o.detach() for o in outs]

@@ -809,13 +809,13 @@ _CUTLASS_W_NK = (EPI_RESIDUAL, EPI_MLP_UP_ACT)  # the epilogues built for a [N, 
 # H100, B64xT1024, ms CUTLASS vs Triton (bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt):
 # residual 0.089 vs 0.105, RMSNorm backward 0.139 vs 0.202; activation backward 0.209 vs 0.259 with per-tile
 # partial row sums (…-2026-12-06-dpre-partials.txt; 0.358 when Sm90ColReduction completed the sums itself).
-# The attention-input dX with its dmix column partials by Sm90RowReduction was slower, 0.990 vs 0.593 for its
-# whole backward; it now runs transposed (the partials become per-row sums), not measured yet, so "auto" keeps
-# Triton there (_ATTN_DX_AUTO).
-# EPI_MLP_UP_ACT (only with FusedBlock.keep_act, off by default) is not measured yet; it follows the other
-# epilogues without a reduction onto CUTLASS.
+# Attention-input dX: with its dmix column partials by Sm90RowReduction it was slower, 0.990 vs 0.593 ms for the
+# whole attention-input backward; run transposed (the partials become per-row sums) it is faster, 0.486 vs 0.585
+# (…-2026-12-06-ab78360.txt), so "auto" takes it (_ATTN_DX_AUTO).
+# EPI_MLP_UP_ACT (FusedBlock.keep_act): 0.144 vs 0.202, and the dPre without the act store 0.163 vs 0.214
+# (…-2026-12-06-ab78360.txt).
 _CUTLASS_AUTO = (EPI_RESIDUAL, EPI_NORM_BWD, EPI_ACT_BWD, EPI_MLP_UP_ACT)
-_ATTN_DX_AUTO = False
+_ATTN_DX_AUTO = True
 GEMM_BACKEND = os.environ.get("PGOLF_BLOCK_GEMM", "auto").strip().lower() or "auto"
 if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
     raise ValueError(f"PGOLF_BLOCK_GEMM must be auto, triton or cutlass, not {GEMM_BACKEND!r}")
