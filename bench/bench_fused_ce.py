@@ -6,7 +6,8 @@ Implementations (rows' `impl`):
   liger    Liger-Kernel's LigerFusedLinearCrossEntropyLoss(softcap=30) (weight passed as a bf16 cast of the
            fp32 master, since it wants one dtype), when liger_kernel is importable
   fused    pgolf_kernels.fused_ce.fused_linear_cross_entropy (bf16 h, fp32 master weight, default settings)
-For each case: median ms of forward+backward (triton.testing.do_bench, return_mode="median"), peak MiB
+For each case: median ms of forward+backward (triton.testing.do_bench, return_mode="median"; `graph_ms`: the
+same step replayed from a CUDA graph, GPU time without the host's launch overhead, or `graph_error`), peak MiB
 allocated above what was allocated just before the call (after reset_peak_memory_stats; h.grad and W.grad
 are None before each call, so the gradients themselves are included), and `ok` = loss and both gradients
 matched the fp32 oracle (reference on the same bf16-rounded operands) in this run: loss within 5e-3
@@ -43,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pgolf_kernels import fused_ce as flce_mod  # noqa: E402
-from results_io import host_and_wall_ms, peak_extra_mib  # noqa: E402
+from results_io import capture_cuda_graph, host_and_wall_ms, peak_extra_mib  # noqa: E402
 from pgolf_kernels.fused_ce import (  # noqa: E402
     fused_linear_cross_entropy,
     reference_linear_cross_entropy,
@@ -141,10 +142,19 @@ def measure(fn, h, w, y, ref):
 
     ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
     enqueue = host_ms(step)
+    graph, graph_err = None, None
+    try:  # GPU time alone: the step replayed from a CUDA graph (as inside a graph-captured training step)
+        graph = capture_cuda_graph(step)
+        graph_ms = triton.testing.do_bench(graph.replay, warmup=20, rep=200, return_mode="median")
+    except Exception as exc:  # a host sync or an uncapturable op: say so, keep the plain timing
+        graph_ms, graph_err = None, f"{type(exc).__name__}: {str(exc)[:160]}"
+    del graph
     h.grad = None
     w.grad = None
-    return dict(ms=ms, host_ms=enqueue, peak_mib=peak_mib, ok=ok, loss_rel_err=loss_err, dh_rel_fro=dh_err,
-                dw_rel_fro=dw_err)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(ms=ms, host_ms=enqueue, graph_ms=graph_ms, graph_error=graph_err, peak_mib=peak_mib, ok=ok,
+                loss_rel_err=loss_err, dh_rel_fro=dh_err, dw_rel_fro=dw_err)
 
 
 def inputs(N, d, V, seed=0):
@@ -419,10 +429,13 @@ def main():
                 torch.cuda.empty_cache()
                 continue
             row = dict(case=c, impl=name, ms=round(r["ms"], 4), host_ms=round(r["host_ms"], 4),
+                       graph_ms=None if r["graph_ms"] is None else round(r["graph_ms"], 4),
                        peak_mib=round(r["peak_mib"], 1),
                        tokens_per_s=round(N / (r["ms"] * 1e-3)), ok=r["ok"],
                        loss_rel_err=float(f"{r['loss_rel_err']:.3g}"), dh_rel_fro=float(f"{r['dh_rel_fro']:.3g}"),
                        dw_rel_fro=float(f"{r['dw_rel_fro']:.3g}"))
+            if r["graph_error"]:
+                row["graph_error"] = r["graph_error"]
             rows.append(row)
             log(json.dumps(row))
         del h, w, y, ref
@@ -437,6 +450,8 @@ def main():
         if f and k:
             ratios[c] = {"compile_over_fused_ms": round(k["ms"] / f["ms"], 3),
                          "fused_over_compile_mib": round(f["peak_mib"] / k["peak_mib"], 3)}
+            if f["graph_ms"] and k["graph_ms"]:
+                ratios[c]["compile_over_fused_graph_ms"] = round(k["graph_ms"] / f["graph_ms"], 3)
     extra["ratios"] = ratios
     log("ratios " + json.dumps(ratios))
 
