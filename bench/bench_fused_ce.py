@@ -415,6 +415,29 @@ def main():
              "fused_host": {c: "cpp" if flce_mod._cpp_extension(probe, parse_case(c)[2]) else "python"
                             for c in args.cases.split(",")}}
     rows = []
+    ratios = {}
+    extra["ratios"] = ratios
+
+    def update_ratios():  # fused / compile, same run
+        for c in dict.fromkeys(r["case"] for r in rows):
+            f = next((r for r in rows if r["case"] == c and r["impl"] == "fused"), None)
+            k = next((r for r in rows if r["case"] == c and r["impl"] == "compile"), None)
+            if f and k:
+                ratios[c] = {"compile_over_fused_ms": round(k["ms"] / f["ms"], 3),
+                             "fused_over_compile_mib": round(f["peak_mib"] / k["peak_mib"], 3)}
+                if f["graph_ms"] and k["graph_ms"]:
+                    ratios[c]["compile_over_fused_graph_ms"] = round(k["graph_ms"] / f["graph_ms"], 3)
+
+    def write():
+        if args.no_write or not args.out:
+            return
+        from results_io import write_results
+
+        update_ratios()
+        notes = "ratios (same run): " + json.dumps(ratios) + "\n" + extra_markdown(extra)
+        paths = write_results("fused_ce", rows, args.out, plot=plot, extra=extra, notes=notes)
+        log(f"wrote {[str(p) for p in paths]}")
+
     for c in args.cases.split(","):
         N, d, V = parse_case(c)
         h, w, y = inputs(N, d, V)
@@ -441,30 +464,11 @@ def main():
         del h, w, y, ref
         gc.collect()
         torch.cuda.empty_cache()
+        write()  # after every case: a run cut off by a time limit keeps what it measured
 
-    # fused / compile ratios, same run
-    ratios = {}
-    for c in dict.fromkeys(r["case"] for r in rows):
-        f = next((r for r in rows if r["case"] == c and r["impl"] == "fused"), None)
-        k = next((r for r in rows if r["case"] == c and r["impl"] == "compile"), None)
-        if f and k:
-            ratios[c] = {"compile_over_fused_ms": round(k["ms"] / f["ms"], 3),
-                         "fused_over_compile_mib": round(f["peak_mib"] / k["peak_mib"], 3)}
-            if f["graph_ms"] and k["graph_ms"]:
-                ratios[c]["compile_over_fused_graph_ms"] = round(k["graph_ms"] / f["graph_ms"], 3)
-    extra["ratios"] = ratios
+    update_ratios()
     log("ratios " + json.dumps(ratios))
-
-    def write():
-        if args.no_write or not args.out:
-            return
-        from results_io import write_results
-
-        notes = "ratios (same run): " + json.dumps(ratios) + "\n" + extra_markdown(extra)
-        paths = write_results("fused_ce", rows, args.out, plot=plot, extra=extra, notes=notes)
-        log(f"wrote {[str(p) for p in paths]}")
-
-    write()  # the main table first, so a failing sweep cannot lose it
+    write()  # the main table before the sweep and profile, so a failing sweep cannot lose it
     if args.sweep:
         deadline = t0 + args.time_budget
         sweep_rows = []
