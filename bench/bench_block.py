@@ -9,12 +9,12 @@ Implementations (rows' `impl`):
            Python (wrapper "none"); more fused rows: the flash backend (how much of the gain is attention) and
            torch.compile(FusedBlock) (wrapper "torch.compile": the custom ops are opaque, compile removes Python
            overhead around them). Its row GEMMs with heavy epilogues run as CUTLASS sm_90a kernels where the
-           extension has them and they measured faster (rows' `block_gemm`: "auto (CUTLASS: residual, ...)"; see
+           extension has them (rows' `block_gemm`: "auto (CUTLASS: residual, ...)"; see
            block_kernels.GEMM_BACKEND), else as Triton kernels
   fused_triton  the same fused block with every row GEMM on Triton (block_kernels.GEMM_BACKEND = "triton"),
            cuDNN attention: what the CUTLASS kernels gain, measured in the same run
-  fused_cutlass  the same with every launch that has a CUTLASS kernel on it ("cutlass"), including those that
-           "auto" keeps on Triton
+  fused_cutlass  the same with GEMM_BACKEND = "cutlass": the launches "auto" puts on CUTLASS, but an error
+           instead of a Triton fallback where one cannot run
   fused_keep_act, fused_no_keep_act, fused_expand_kv  the fused block (cuDNN) with FusedBlock.keep_act on / off,
            .expand_kv on: options measured against the default in the same run
 Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
@@ -501,9 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     def gemm_state(backend: str) -> str:  # rows' block_gemm: the backend and the launches it runs on CUTLASS
         if backend == "triton" or not cutlass_ok:
             return "triton"
-        on = kn._CUTLASS_EPIS if backend == "cutlass" else kn._CUTLASS_AUTO
-        attn_dx = backend == "cutlass" or kn._ATTN_DX_AUTO
-        return f"{backend} (CUTLASS: " + ", ".join(names[e] for e in on) + (", attn_dx" if attn_dx else "") + ")"
+        return f"{backend} (CUTLASS: " + ", ".join(names[e] for e in kn._CUTLASS_EPIS) + ", attn_dx)"
 
     def over_budget() -> bool:
         return time.time() - t_start > args.time_budget

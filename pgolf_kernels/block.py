@@ -17,22 +17,24 @@ bf16 (buffers included) before restoring the weights to fp32, so there the posit
     SDPA      torch scaled_dot_product_attention (cuDNN or flash backend, causal, GQA)         (attention)
     attn_out  y @ Wproj^T, epilogue  x1 = xm + attn_scale * (.)                                  1
     mlp       rstd(x1) (one row pass)                                                          1
-              up:   (x1 @ Wfc^T) * rstd(x1) -> pre (RMSNorm as a row scale)                      1
+              up:   (x1 @ Wfc^T) * rstd(x1) -> pre (RMSNorm as a row scale), in training with
+                    FusedBlock.keep_act also act(pre)                                            1
               down: act(pre) @ Wproj2^T, epilogue  out = x1 + mlp_scale * (.)                    1
   => one block forward launches 7 kernels outside attention (FORWARD_KERNELS_OUTSIDE_ATTENTION), plus the RoPE
      tables once per sequence length (cached). With the CUDA extension built with CUTLASS on an sm_90 GPU the
-     attn_out launch is a CUTLASS ping-pong kernel (csrc/block_gemm_sm90.cu), the other six Triton.
+     attn_out, MLP up (keep_act) and MLP down (keep_act) launches are CUTLASS ping-pong kernels
+     (csrc/block_gemm_sm90.cu), the others Triton.
 
   backward: attn_in 3 kernels (QKV-epilogue backward; dX matmul with the RMSNorm + resid_mix backward in its
   epilogue; d[Wq;Wk;Wv]), attn_out 2 (dY matmul, dWproj with d attn_scale in its epilogue), mlp 4 (dPre
-  matmul with act' in its epilogue, which also writes act(pre); dWproj2 with d mlp_scale, dWfc, dX matmul with
-  the RMSNorm backward and the residual in its epilogue) = 9 kernels (BACKWARD_KERNELS; on a GPU the four
-  weight gradients are cuBLAS products with fp32 output where their operand is row-major, as cuDNN's attention
-  output is, else _wgrad_kernel; the other five Triton, or with CUTLASS on sm_90 the dPre and MLP dX matmuls as
-  CUTLASS kernels), plus small torch sums of per-tile partials (split-over-rows dW, the scale / gain / resid_mix
-  vectors; with the CUTLASS MLP dX, the dPre epilogue's per-row partials too). PGOLF_BLOCK_GEMM=triton|cutlass
-  picks the matmul kernels (block_kernels.GEMM_BACKEND; "cutlass" also runs the slower CUTLASS attention-input
-  dX).
+  matmul with act' in its epilogue, which also writes act(pre) unless the forward kept it; dWproj2 with
+  d mlp_scale, dWfc, dX matmul with the RMSNorm backward and the residual in its epilogue) = 9 kernels
+  (BACKWARD_KERNELS; on a GPU the four weight gradients are cuBLAS products with fp32 output where their operand
+  is row-major, as cuDNN's attention output is, else _wgrad_kernel; the other five Triton, or with CUTLASS on
+  sm_90 the attention-input dX, dPre and MLP dX matmuls as CUTLASS kernels), plus small torch sums of per-tile
+  partials (split-over-rows dW, the scale / gain / resid_mix vectors; with the CUTLASS MLP dX, the dPre
+  epilogue's per-row partials too). PGOLF_BLOCK_GEMM=triton|cutlass picks the matmul kernels
+  (block_kernels.GEMM_BACKEND).
 
 Design choices (and why):
   * Weightless RMSNorm is a row scale: norm(x) @ W^T = rstd * (x @ W^T), so the matmul that consumes a normed

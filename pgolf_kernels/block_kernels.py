@@ -801,9 +801,9 @@ def row_gemm_kind(epi: int, a_act: bool = False) -> str:
 
 # The epilogue-heavy row GEMMs also exist as CUTLASS sm_90a kernels (csrc/block_gemm_sm90.cu: warp-specialised
 # ping-pong, so one tile's epilogue overlaps the next tile's matmul, which Triton cannot do). PGOLF_BLOCK_GEMM:
-# "auto" (default: CUTLASS for the launches where it measured faster, if the extension has it and the operands
-# suit it, else Triton), "triton", or "cutlass" (every launch that has a CUTLASS kernel; an error where it cannot
-# run). Tests and benchmarks set GEMM_BACKEND directly.
+# "auto" (default: every launch that has a CUTLASS kernel runs it, if the extension has it and the operands suit
+# it, else Triton), "triton", or "cutlass" (the same launches, but an error where CUTLASS cannot run). Tests and
+# benchmarks set GEMM_BACKEND directly. Each of these CUTLASS kernels measured faster than its Triton twin.
 _CUTLASS_EPIS = (EPI_RESIDUAL, EPI_ACT_BWD, EPI_NORM_BWD, EPI_MLP_UP_ACT)  # and the attention input's dX
 _CUTLASS_W_NK = (EPI_RESIDUAL, EPI_MLP_UP_ACT)  # the epilogues built for a [N, K] weight (the others: [K, N])
 # H100, B64xT1024, ms CUTLASS vs Triton (bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt):
@@ -811,11 +811,9 @@ _CUTLASS_W_NK = (EPI_RESIDUAL, EPI_MLP_UP_ACT)  # the epilogues built for a [N, 
 # partial row sums (…-2026-12-06-dpre-partials.txt; 0.358 when Sm90ColReduction completed the sums itself).
 # Attention-input dX: with its dmix column partials by Sm90RowReduction it was slower, 0.990 vs 0.593 ms for the
 # whole attention-input backward; run transposed (the partials become per-row sums) it is faster, 0.486 vs 0.585
-# (…-2026-12-06-ab78360.txt), so "auto" takes it (_ATTN_DX_AUTO).
+# (…-2026-12-06-ab78360.txt).
 # EPI_MLP_UP_ACT (FusedBlock.keep_act): 0.144 vs 0.202, and the dPre without the act store 0.163 vs 0.214
 # (…-2026-12-06-ab78360.txt).
-_CUTLASS_AUTO = (EPI_RESIDUAL, EPI_NORM_BWD, EPI_ACT_BWD, EPI_MLP_UP_ACT)
-_ATTN_DX_AUTO = True
 GEMM_BACKEND = os.environ.get("PGOLF_BLOCK_GEMM", "auto").strip().lower() or "auto"
 if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
     raise ValueError(f"PGOLF_BLOCK_GEMM must be auto, triton or cutlass, not {GEMM_BACKEND!r}")
@@ -847,8 +845,7 @@ def _backend_verdict(why, what: str) -> str:
 
 def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, store_act=False) -> str:
     """"cutlass" or "triton": which kernel row_gemm runs for these operands (see GEMM_BACKEND)."""
-    has_kernel = epi in _CUTLASS_EPIS and not a_act
-    if GEMM_BACKEND == "triton" or not has_kernel or (GEMM_BACKEND == "auto" and epi not in _CUTLASS_AUTO):
+    if GEMM_BACKEND == "triton" or epi not in _CUTLASS_EPIS or a_act:
         return "triton"
     why = cutlass_missing(a.device, "block_gemm_sm90")
     if why is None:
@@ -864,9 +861,8 @@ def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, s
 
 
 def _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) -> str:
-    """"cutlass" or "triton" for the attention input's dX matmul (csrc/block_attn_dx_sm90.cu; see GEMM_BACKEND:
-    "auto" follows _ATTN_DX_AUTO)."""
-    if GEMM_BACKEND == "triton" or (GEMM_BACKEND == "auto" and not _ATTN_DX_AUTO):
+    """"cutlass" or "triton" for the attention input's dX matmul (csrc/block_attn_dx_sm90.cu; see GEMM_BACKEND)."""
+    if GEMM_BACKEND == "triton":
         return "triton"
     why = cutlass_missing(dqkv.device, "block_attn_dx_sm90")
     if why is None:
