@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pgolf_kernels import block_kernels  # noqa: E402
 from pgolf_kernels.block import BlockConfig, FusedBlock, ReferenceBlock  # noqa: E402
-from results_io import capture_cuda_graph, kernel_profile, peak_extra_mib, write_results  # noqa: E402
+from results_io import graph_replay_ms, kernel_profile, peak_extra_mib, write_results  # noqa: E402
 
 DEFAULT_CASES = ["B64_T1024_mlp2_relu2", "B64_T1024_mlp3_leaky_relu2", "B32_T2048_mlp2_relu2",
                  "B32_T2048_mlp3_leaky_relu2"]
@@ -474,9 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         jitter by 10-30% (bench/results/block-h100-*: the same kernels timed 4.0 and 5.5 ms in one run)."""
         if smoke:
             return None
-        graph = capture_cuda_graph(fn)
-        ms = triton.testing.do_bench(graph.replay, warmup=20, rep=args.rep, return_mode="median")
-        del graph
+        ms = graph_replay_ms(fn, warmup=20, rep=args.rep)
         gc.collect()
         torch.cuda.empty_cache()
         return ms

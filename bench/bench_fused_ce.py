@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pgolf_kernels import fused_ce as flce_mod  # noqa: E402
-from results_io import capture_cuda_graph, host_and_wall_ms, peak_extra_mib  # noqa: E402
+from results_io import graph_replay_ms, host_and_wall_ms, peak_extra_mib  # noqa: E402
 from pgolf_kernels.fused_ce import (  # noqa: E402
     fused_linear_cross_entropy,
     reference_linear_cross_entropy,
@@ -142,13 +142,11 @@ def measure(fn, h, w, y, ref):
 
     ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
     enqueue = host_ms(step)
-    graph, graph_err = None, None
+    graph_err = None
     try:  # GPU time alone: the step replayed from a CUDA graph (as inside a graph-captured training step)
-        graph = capture_cuda_graph(step)
-        graph_ms = triton.testing.do_bench(graph.replay, warmup=20, rep=200, return_mode="median")
+        graph_ms = graph_replay_ms(step, warmup=20, rep=200)
     except Exception as exc:  # a host sync or an uncapturable op: say so, keep the plain timing
         graph_ms, graph_err = None, f"{type(exc).__name__}: {str(exc)[:160]}"
-    del graph
     h.grad = None
     w.grad = None
     gc.collect()
@@ -464,11 +462,10 @@ def main():
         del h, w, y, ref
         gc.collect()
         torch.cuda.empty_cache()
-        write()  # after every case: a run cut off by a time limit keeps what it measured
+        write()  # after every case (so before the sweep and profile): a run cut off or failing later keeps it
 
     update_ratios()
     log("ratios " + json.dumps(ratios))
-    write()  # the main table before the sweep and profile, so a failing sweep cannot lose it
     if args.sweep:
         deadline = t0 + args.time_budget
         sweep_rows = []

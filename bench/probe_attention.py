@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from results_io import capture_cuda_graph, device_slug, git_commit, kernel_profile, versions  # bench/ on sys.path
+from results_io import device_slug, git_commit, graph_replay_ms, kernel_profile, versions  # bench/ on sys.path
 
 H, KVH, HD = 8, 4, 64
 
@@ -64,7 +64,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("probe_attention: needs a CUDA device")
-    import triton.testing
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     lines = [f"# attention probe on {torch.cuda.get_device_name()} (commit {git_commit()}, {versions()})",
@@ -82,8 +81,7 @@ def main(argv=None):
                     if name == "expanded":  # compare after summing the head pairs
                         got = (got[0], *(g.unflatten(1, (KVH, H // KVH)).sum(2) for g in got[1:]))
                     err = max(((a.float() - r).abs().max() / r.abs().max()).item() for a, r in zip(got, ref))
-                    graph = capture_cuda_graph(fn)
-                    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+                    ms = graph_replay_ms(fn, warmup=25, rep=200)
                     lines.append(f"{case:10s} {bname:6s} {name:11s} {ms:8.4f} ms  (max rel. diff vs gqa {err:.2e})")
                     print(lines[-1], flush=True)
                     if case == args.cases.split(",")[0] and bname == "cudnn":

@@ -114,6 +114,17 @@ def capture_cuda_graph(step, inner: int = 1):
     return graph
 
 
+def graph_replay_ms(step, warmup: int = 20, rep: int = 200) -> float:
+    """Median ms (triton.testing.do_bench) of replaying one call of step captured in a CUDA graph: the GPU's time
+    without the host's Python and launch overhead."""
+    import triton.testing
+
+    graph = capture_cuda_graph(step)
+    ms = triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
+    del graph
+    return ms
+
+
 def kernel_profile(fn, iters: int = 5, top: int = 30) -> list[dict]:
     """CUDA time per kernel name, averaged over `iters` calls of fn (torch.profiler), largest first."""
     import torch
