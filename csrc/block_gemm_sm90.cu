@@ -19,7 +19,10 @@
 //                  aux_in = x (the RMSNorm input)
 //   kMlpUpAct (5): out = acc * rstd[m] (pre);  aux_out = act(pre)      no C (the MLP up matmul in training when
 //                  the forward keeps act(pre) for the down matmul and the backward)
-// act: 0 relu(p)^2, 1 leaky_relu(p, 0.5)^2 (block_kernels._act_fwd / _act_grad).
+//   kMlpUp    (2): out = act(acc * rstd[m])                             no C (only act(pre) kept: evaluation, and
+//                  training with relu^2, whose backward needs no pre, act 2 below)
+// act: 0 relu(p)^2, 1 leaky_relu(p, 0.5)^2 (block_kernels._act_fwd / _act_grad); kActBwd also takes 2, relu^2
+// with C = act(pre) in place of pre (Act<2> in block_gemm_sm90.cuh).
 // Measured on the H100 at B64xT1024 (bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt):
 // kResidual 0.089 ms vs Triton's 0.105, kNormBwd 0.139 vs 0.202; kActBwd 0.209 vs 0.259 with per-tile partial
 // sums (…-2026-12-06-dpre-partials.txt), 0.358 when the kernel completed the sums itself (fence + atomic ticket
@@ -31,7 +34,7 @@
 
 namespace pgolf {
 
-enum BlockEpi : int64_t { kResidual = 1, kActBwd = 3, kNormBwd = 4, kMlpUpAct = 5 };
+enum BlockEpi : int64_t { kResidual = 1, kMlpUp = 2, kActBwd = 3, kNormBwd = 4, kMlpUpAct = 5 };
 
 #if defined(PGOLF_WITH_CUTLASS)
 using namespace block_gemm_detail;
@@ -66,6 +69,9 @@ using EvtMlpUpAct = fu::Sm90EVT<
     fu::Sm90Compute<SecondOf, Bf16, float, kRound>,
     fu::Sm90EVT<AuxOut, fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template OfScaled, float, float, kRound>, Acc, PerRow>>,
     fu::Sm90EVT<fu::Sm90Compute<cutlass::multiplies, float, float, kRound>, Acc, PerRow>>;
+
+template <int ACT>
+using EvtMlpUp = fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template OfScaled, Bf16, float, kRound>, Acc, PerRow>;
 
 }  // namespace
 #endif  // PGOLF_WITH_CUTLASS
@@ -109,15 +115,18 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
               c10::toString(a.scalar_type()), ", weight ", shape_text(w), " ", c10::toString(w.scalar_type()),
               ", out ", shape_text(out));
   const int64_t m = a.size(0), k = a.size(1);
-  TORCH_CHECK(ok_matrix(out, m, n, a) && (epi == kMlpUpAct || ok_matrix(c_in, m, n, a)),
+  const bool reads_c = epi != kMlpUpAct && epi != kMlpUp;
+  TORCH_CHECK(ok_matrix(out, m, n, a) && (!reads_c || ok_matrix(c_in, m, n, a)),
               "block_gemm_sm90: out and the epilogue source must be contiguous bf16 [M, N] on A's device; got out ",
               shape_text(out), ", source ", shape_text(c_in));
-  TORCH_CHECK(act == 0 || act == 1, "block_gemm_sm90: act must be 0 (relu^2) or 1 (leaky_relu(0.5)^2)");
+  TORCH_CHECK(act == 0 || act == 1 || (act == 2 && epi == kActBwd),
+              "block_gemm_sm90: act must be 0 (relu^2) or 1 (leaky_relu(0.5)^2), or 2 (relu^2 given act(pre)) for "
+              "the activation backward");
   const c10::cuda::CUDAGuard guard(a.device());
   bind_primary_context(a.get_device());  // CUTLASS makes its TMA descriptors with a driver call
   const Operands ops{a.data_ptr(), w.data_ptr(), w.stride(0), out.data_ptr(),
-                     // kMlpUpAct reads no C; out's address only fills the C descriptor CUTLASS builds anyway
-                     epi == kMlpUpAct ? out.data_ptr() : c_in.data_ptr(),
+                     // kMlpUp(Act) read no C; out's address only fills the C descriptor CUTLASS builds anyway
+                     reads_c ? c_in.data_ptr() : out.data_ptr(),
                      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k)};
   const int device = a.get_device();
   auto vec = [&](const c10::optional<at::Tensor>& t, int64_t len, const char* what) -> float* {
@@ -153,13 +162,26 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
           {{{}, {}, {}}, {csum, 0.f, {}}}, {{}, {}, {rstd, 0.f, {}}, {}}, {}};
       launch<G>(ops, f, device, a);
     };
+    TORCH_CHECK(act != 2 || !aux_out.has_value(),
+                "block_gemm_sm90: act 2 (C = act(pre)) has no act(pre) to store (aux_out must be None)");
     if (aux_out.has_value()) {
       if (act == 0) run_store(Gemm<EvtActBwd<0>, cutlass::layout::RowMajor>{});
       else run_store(Gemm<EvtActBwd<1>, cutlass::layout::RowMajor>{});
     } else {
       if (act == 0) run_no_store(Gemm<EvtActBwdNoStore<0>, cutlass::layout::RowMajor>{});
-      else run_no_store(Gemm<EvtActBwdNoStore<1>, cutlass::layout::RowMajor>{});
+      else if (act == 1) run_no_store(Gemm<EvtActBwdNoStore<1>, cutlass::layout::RowMajor>{});
+      else run_no_store(Gemm<EvtActBwdNoStore<2>, cutlass::layout::RowMajor>{});
     }
+  } else if (epi == kMlpUp) {
+    TORCH_CHECK(w_nk, "block_gemm_sm90: the MLP-up epilogue is built for a [N, K] weight");
+    float* rstd = vec(row_vec, m, "row_vec (rstd)");
+    auto run = [&](auto g) {
+      using G = decltype(g);
+      typename G::Epilogue::FusionCallbacks::Arguments f{{}, {rstd, 0.f, {}}, {}};  // act(acc * rstd)
+      launch<G>(ops, f, device, a);
+    };
+    if (act == 0) run(Gemm<EvtMlpUp<0>, cutlass::layout::ColumnMajor>{});
+    else run(Gemm<EvtMlpUp<1>, cutlass::layout::ColumnMajor>{});
   } else if (epi == kMlpUpAct) {
     TORCH_CHECK(w_nk, "block_gemm_sm90: the MLP-up epilogue is built for a [N, K] weight");
     TORCH_CHECK(aux_out.has_value() && ok_matrix(*aux_out, m, n, a),
@@ -195,8 +217,8 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
         {}};
     launch<G>(ops, f, device, a);
   } else {
-    TORCH_CHECK(false, "block_gemm_sm90: epi must be 1 (residual), 3 (activation backward), 4 (RMSNorm backward) "
-                       "or 5 (MLP up keeping act(pre))");
+    TORCH_CHECK(false, "block_gemm_sm90: epi must be 1 (residual), 2 (MLP up storing act(pre)), 3 (activation "
+                       "backward), 4 (RMSNorm backward) or 5 (MLP up keeping pre and act(pre))");
   }
 #else
   (void)a, (void)w, (void)w_nk, (void)out, (void)epi, (void)c_in, (void)aux_in, (void)aux_out, (void)col_vec;

@@ -81,13 +81,17 @@ using RowSumPartials = fu::Sm90ColReduction<cutlass::plus, cutlass::plus, cutlas
 constexpr int64_t kTileM = 128, kTileN = 128;  // TileShape's M and N
 
 // ---- element-wise functors on fp32 fragments --------------------------------------------------------------
+// ACT 0 relu(p)^2, 1 leaky_relu(p, 0.5)^2, 2 relu^2 whose backward is given act(pre) in place of pre (the forward
+// kept only act(pre)): relu(pre) = sqrt(act(pre)) stands in for pre, exact for relu^2's backward since its
+// derivative 2 relu(p) and the summand dp * p are unchanged with relu(p) for p (dp = 0 wherever p <= 0).
 template <int ACT>
 struct Act {
   CUTLASS_HOST_DEVICE static float fwd(float p) {
-    const float r = ACT == 0 ? fmaxf(p, 0.f) : (p > 0.f ? p : 0.5f * p);
+    const float r = ACT == 1 ? (p > 0.f ? p : 0.5f * p) : fmaxf(p, 0.f);
     return r * r;
   }
-  CUTLASS_HOST_DEVICE static float grad(float p) { return ACT == 0 ? 2.f * fmaxf(p, 0.f) : (p > 0.f ? 2.f * p : 0.5f * p); }
+  CUTLASS_HOST_DEVICE static float grad(float p) { return ACT == 1 ? (p > 0.f ? 2.f * p : 0.5f * p) : 2.f * fmaxf(p, 0.f); }
+  CUTLASS_HOST_DEVICE static float saved(float s) { return ACT == 2 ? sqrtf(s) : s; }  // what stands for pre
 };
 
 template <int ACT>
@@ -115,7 +119,10 @@ struct ActOps {
     CUTLASS_HOST_DEVICE T operator()(T const& acc, T const& p) const {
       T o;
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < T::kElements; ++i) o[i] = acc[i] * Act<ACT>::grad(p[i]) * p[i];
+      for (int i = 0; i < T::kElements; ++i) {
+        const float pi = Act<ACT>::saved(p[i]);
+        o[i] = acc[i] * Act<ACT>::grad(pi) * pi;
+      }
       return o;
     }
   };
@@ -124,7 +131,7 @@ struct ActOps {
     CUTLASS_HOST_DEVICE T operator()(T const& acc, T const& p, T const& rstd) const {
       T o;
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < T::kElements; ++i) o[i] = acc[i] * Act<ACT>::grad(p[i]) * rstd[i];
+      for (int i = 0; i < T::kElements; ++i) o[i] = acc[i] * Act<ACT>::grad(Act<ACT>::saved(p[i])) * rstd[i];
       return o;
     }
   };

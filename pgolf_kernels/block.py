@@ -17,12 +17,12 @@ bf16 (buffers included) before restoring the weights to fp32, so there the posit
     SDPA      torch scaled_dot_product_attention (cuDNN or flash backend, causal, GQA)         (attention)
     attn_out  y @ Wproj^T, epilogue  x1 = xm + attn_scale * (.)                                  1
     mlp       rstd(x1) (one row pass)                                                          1
-              up:   (x1 @ Wfc^T) * rstd(x1) -> pre (RMSNorm as a row scale), in training with
-                    FusedBlock.keep_act also act(pre)                                            1
+              up:   (x1 @ Wfc^T) * rstd(x1) -> pre (RMSNorm as a row scale); with
+                    FusedBlock.keep_act act(pre) beside it, or for relu^2 act(pre) alone          1
               down: act(pre) @ Wproj2^T, epilogue  out = x1 + mlp_scale * (.)                    1
   => one block forward launches 7 kernels outside attention (FORWARD_KERNELS_OUTSIDE_ATTENTION), plus the RoPE
      tables once per sequence length (cached). With the CUDA extension built with CUTLASS on an sm_90 GPU the
-     attn_out, MLP up (keep_act) and MLP down (keep_act) launches are CUTLASS ping-pong kernels
+     attn_out, MLP up (keep_act, and eval) and MLP down (keep_act) launches are CUTLASS ping-pong kernels
      (csrc/block_gemm_sm90.cu), the others Triton.
 
   backward: attn_in 3 kernels (QKV-epilogue backward; dX matmul with the RMSNorm + resid_mix backward in its
@@ -44,9 +44,12 @@ Design choices (and why):
     Its backward needs c = sum_j dh_j h_j = sum_k d(pre)_k pre_k, which the kernel before the dX matmul has in
     its epilogue, so the norm backward is per-row scalars in the dX matmul's epilogue. That kernel also stores
     its gradient already multiplied by rstd, so both of its consumers (dW and dX) are plain matmuls.
-  * The MLP stores only `pre` (hidden before the activation); act(pre) is recomputed in the down matmul's
-    operand load, and in backward dPre's epilogue (which reads pre for act'(pre) anyway) writes act(pre) to a
-    temporary so dWproj2 is a plain cuBLAS product. Nothing else of width `hidden` is written in forward.
+  * Without keep_act the MLP stores only `pre` (hidden before the activation); act(pre) is recomputed in the
+    down matmul's operand load, and in backward dPre's epilogue (which reads pre for act'(pre) anyway) writes
+    act(pre) to a temporary so dWproj2 is a plain cuBLAS product. With keep_act (the default, measured faster)
+    the up matmul stores act(pre) for the down matmul and dWproj2; relu^2 then needs no pre at all: its
+    derivative 2 relu(p) and the norm backward's dp * p are the same with relu(p) = sqrt(act(pre)) in place
+    of p (dp = 0 where p <= 0), so act(pre) is the one [B*T, hidden] tensor written (block_kernels ACT 2).
   * q/k/v come out of one kernel in which a program owns whole heads (two on the GPU) of a row tile, so the
     per-head RMSNorm, RoPE and gain are epilogue math. RoPE pairs are laid out as two half-head accumulators
     (two matmuls of N = heads*head_dim/2), so rotating is elementwise and partial RoPE is just cos=1 / sin=0 on
@@ -434,43 +437,55 @@ def _mlp_op(x1: Tensor, w_fc: Tensor, w_proj: Tensor, w_fc_c: Tensor, w_proj_c: 
     m, hid = b * t, w_fc.shape[0]
     x2 = x1.reshape(m, d)
     keep_act = keep_act and store_stats
+    # relu^2's backward needs only act(pre) (kn.ACT_RELU2_SAVED_ACT): keep_act then stores act(pre) alone, in pre
+    act_only = _act_only(keep_act, act) or not store_stats
     pre = kn.alloc((m, hid), device=x1.device, dtype=x1.dtype)
-    act_pre = kn.alloc((m, hid), device=x1.device, dtype=x1.dtype) if keep_act else x1.new_empty(0, hid)
+    two_outs = keep_act and not act_only
+    act_pre = kn.alloc((m, hid), device=x1.device, dtype=x1.dtype) if two_outs else x1.new_empty(0, hid)
     rstd = kn.row_stats(x2)
-    # keep_act: pre for the backward's act', act(pre) to act_pre for the down matmul and dWproj2
+    # two_outs: pre for the backward's act', act(pre) to act_pre for the down matmul and dWproj2
     kn.row_gemm(x2, kn._flat2(x2), w_fc_c, w_fc_c.stride(0), 1, m, hid, d, pre, kn._flat2(pre),
-                epi=kn.EPI_MLP_UP_ACT if keep_act else kn.EPI_MLP_UP, rowvec=rstd, g=act_pre if keep_act else None,
-                store_act=not store_stats, act=act)
+                epi=kn.EPI_MLP_UP_ACT if two_outs else kn.EPI_MLP_UP, rowvec=rstd, g=act_pre if two_outs else None,
+                store_act=act_only, act=act)
     out = kn.alloc_like(x1)
-    # training: pre holds the pre-activation, the down matmul applies act while loading it (or reads act_pre);
-    # eval: pre already holds act(pre)
-    a_in = act_pre if keep_act else pre
+    # training without keep_act: pre holds the pre-activation, the down matmul applies act while loading it;
+    # with keep_act it reads act_pre, or pre holding act(pre) (act_only, as in eval)
+    a_in = act_pre if two_outs else pre
     kn.row_gemm(a_in, kn._flat2(a_in), w_proj_c, w_proj_c.stride(0), 1, m, d, hid, out, kn._flat2(out.view(m, d)),
-                epi=kn.EPI_RESIDUAL, nvec=mlp_scale, res=x2, a_act=store_stats and not keep_act, act=act)
+                epi=kn.EPI_RESIDUAL, nvec=mlp_scale, res=x2, a_act=not keep_act and not act_only, act=act)
     if not store_stats:
         pre, rstd = x1.new_empty(0, hid), rstd.new_empty(0)
     return out, pre, rstd, act_pre
+
+
+def _act_only(keep_act: bool, act: int) -> bool:
+    """Whether the training forward keeps act(pre) alone (in place of pre): keep_act with relu^2."""
+    return keep_act and act == 0
 
 
 @_mlp_op.register_fake
 def _(x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store_stats, keep_act=False):
     b, t, d = x1.shape
     m = b * t if store_stats else 0
+    two_outs = keep_act and store_stats and not _act_only(keep_act, act)
     return (torch.empty_like(x1), x1.new_empty(m, w_fc.shape[0]), x1.new_empty(m, dtype=torch.float32),
-            x1.new_empty(m if keep_act else 0, w_fc.shape[0]))
+            x1.new_empty(m if two_outs else 0, w_fc.shape[0]))
 
 
 @torch.library.custom_op("pgolf::block_mlp_bwd", mutates_args=())
 def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, act_pre: Tensor, w_fc_c: Tensor, w_proj: Tensor,
                 w_proj_scaled_c: Tensor, mlp_scale: Tensor, act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """act_pre: act(pre) kept by the forward, or empty (then the dPre epilogue writes it)."""
+    """act_pre: act(pre) kept by the forward, or empty (then the dPre epilogue writes it). act 2
+    (kn.ACT_RELU2_SAVED_ACT): relu^2 with pre holding act(pre), act_pre empty."""
     kn = _kernels()
     b, t, d = x1.shape
     m, hid = b * t, w_fc_c.shape[0]
     g2, x2 = g.reshape(m, d), x1.reshape(m, d)
     dpre = kn.alloc_like(pre)
-    store_act = act_pre.numel() == 0
-    if store_act:
+    store_act = act_pre.numel() == 0 and act != kn.ACT_RELU2_SAVED_ACT
+    if act == kn.ACT_RELU2_SAVED_ACT:
+        act_pre = pre
+    elif store_act:
         act_pre = kn.alloc_like(pre)
     backend = kn.row_gemm_backend(kn.EPI_ACT_BWD, g2, kn._flat2(g2), w_proj_scaled_c, 1, w_proj_scaled_c.stride(0),
                                   hid, d, kn._flat2(dpre), store_act=store_act)
@@ -500,9 +515,11 @@ def _(g, x1, pre, rstd, act_pre, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale, act
 
 
 def _mlp_setup(ctx, inputs, output):
-    x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store_stats, *_ = inputs
+    x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store_stats, *rest = inputs
     _, pre, rstd, act_pre = output
-    ctx.act = act
+    keep_act = bool(rest and rest[0])
+    # the forward kept only act(pre) (in pre): its backward reads it as relu^2's ACT_RELU2_SAVED_ACT
+    ctx.act = _kernels().ACT_RELU2_SAVED_ACT if _act_only(keep_act, act) else act
     ctx.store_stats = store_stats
     ctx.w_fc_dtype = w_fc.dtype
     # pre, rstd and act_pre are saved statistics that get no gradient; without this autograd would fill a zero
@@ -543,6 +560,8 @@ class FusedBlock(ReferenceBlock):
     # H100, fwd+bwd graph ms, same run (bench/results/block-h100-80gb-hbm3-2026-12-06-ab78360.json): 2.924 vs
     # 3.018 (B64xT1024, MLP 2x), 3.317 vs 3.441 (3x), 3.464 vs 3.559 and 3.871 vs 3.963 (B32xT2048); peak memory
     # +3 MiB at 2x, +62 MiB at 3x (act(pre) is kept in bf16 beside pre).
+    # With relu^2 only act(pre) is stored (its backward recovers relu(pre) as sqrt(act(pre))): one [B*T, hidden]
+    # tensor written and kept, as without keep_act.
     keep_act: bool = True
 
     def __init__(self, cfg: BlockConfig | None = None, **overrides):

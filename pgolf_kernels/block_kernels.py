@@ -132,23 +132,29 @@ _TILE_OVERRIDES = _tile_overrides()
 # jit helpers
 # ----------------------------------------------------------------------------------------------------------
 
+# ACT 0: relu(p)^2 ; ACT 1: leaky_relu(p, 0.5)^2 ; ACT 2 (backward only, EPI_ACT_BWD): relu^2 whose saved
+# tensor is act(pre) = relu(pre)^2 instead of pre, when the forward kept only act(pre) (FusedBlock.keep_act with
+# relu^2). relu(pre) = sqrt(act(pre)) then stands in for pre: relu^2's derivative 2 relu(p) and the summand
+# dp * p of the RMSNorm backward are the same with relu(p) in place of p (dp = 0 wherever p <= 0).
+ACT_RELU2, ACT_LEAKY_RELU2, ACT_RELU2_SAVED_ACT = 0, 1, 2
+
+
 @triton.jit
 def _act_fwd(p, ACT: tl.constexpr):
-    # ACT 0: relu(p)^2 ; ACT 1: leaky_relu(p, 0.5)^2
-    if ACT == 0:
-        r = tl.maximum(p, 0.0)
-    else:
+    if ACT == 1:
         r = tl.where(p > 0, p, 0.5 * p)
+    else:
+        r = tl.maximum(p, 0.0)
     return r * r
 
 
 @triton.jit
 def _act_grad(p, ACT: tl.constexpr):
     # derivative of _act_fwd at p
-    if ACT == 0:
-        g = 2.0 * tl.maximum(p, 0.0)
-    else:
+    if ACT == 1:
         g = tl.where(p > 0, 2.0 * p, 0.5 * p)
+    else:
+        g = 2.0 * tl.maximum(p, 0.0)
     return g
 
 
@@ -290,7 +296,8 @@ def _attn_in_fwd_kernel(xm_ptr, xm_desc, rstd_ptr, wq_ptr, wk_ptr, wv_ptr, gain_
 #   row m -> (m // T) * s0 + (m % T) * s1 ; column c -> (c // HD) * s2 + (c % HD) * s3.
 # EPI: 0 store | 1 residual: res + nvec[n] * acc | 2 MLP up: acc * rowvec[m] (rowvec = rstd from _row_stats),
 #      stored as pre (or as act(pre) when STORE_ACT) | 3 activation backward: dp = acc * act'(res), row partial
-#      sum(dp * res) to c_ptr[pid_n, m], stored as dp * rstd, and with STORE_ACT act(res) to g_ptr (so the
+#      sum(dp * res) to c_ptr[pid_n, m] (ACT 2: res = act(pre), sqrt(res) in its place), stored as dp * rstd,
+#      and with STORE_ACT act(res) to g_ptr (so the
 #      weight gradient that needs act(pre) is a plain cuBLAS product) | 4 RMSNorm backward with A = rstd * dPre:
 #      g + acc - res * rstd^2 * c / N, c summed from c_NT partials | 5 MLP up keeping act(pre): pre = acc * rowvec[m]
 #      stored, act(pre) to g_ptr (training with FusedBlock.keep_act: the down matmul and dWproj2 read it).
@@ -369,6 +376,8 @@ def _row_epilogue(acc, res, gv, rm, rn, mmask, pid_n, nvec_ptr, rowvec_ptr, c_pt
             out = _act_fwd(out, ACT)
     elif EPI == 3:
         p = res.to(tl.float32)
+        if ACT == 2:  # res holds act(pre) (see ACT_RELU2_SAVED_ACT)
+            p = tl.sqrt_rn(p)
         dp = acc * _act_grad(p, ACT)
         tl.store(c_ptr + pid_n * M + rm, tl.sum(dp * p, axis=1), mask=mmask)
         if STORE_ACT:
@@ -804,8 +813,9 @@ def row_gemm_kind(epi: int, a_act: bool = False) -> str:
 # "auto" (default: every launch that has a CUTLASS kernel runs it, if the extension has it and the operands suit
 # it, else Triton), "triton", or "cutlass" (the same launches, but an error where CUTLASS cannot run). Tests and
 # benchmarks set GEMM_BACKEND directly. Each of these CUTLASS kernels measured faster than its Triton twin.
-_CUTLASS_EPIS = (EPI_RESIDUAL, EPI_ACT_BWD, EPI_NORM_BWD, EPI_MLP_UP_ACT)  # and the attention input's dX
-_CUTLASS_W_NK = (EPI_RESIDUAL, EPI_MLP_UP_ACT)  # the epilogues built for a [N, K] weight (the others: [K, N])
+# EPI_MLP_UP only when it stores act(pre) (store_act); the Triton kernel stores pre.
+_CUTLASS_EPIS = (EPI_RESIDUAL, EPI_MLP_UP, EPI_ACT_BWD, EPI_NORM_BWD, EPI_MLP_UP_ACT)  # and the attention dX
+_CUTLASS_W_NK = (EPI_RESIDUAL, EPI_MLP_UP, EPI_MLP_UP_ACT)  # built for a [N, K] weight (the others: [K, N])
 # H100, B64xT1024, ms CUTLASS vs Triton (bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt):
 # residual 0.089 vs 0.105, RMSNorm backward 0.139 vs 0.202; activation backward 0.209 vs 0.259 with per-tile
 # partial row sums (…-2026-12-06-dpre-partials.txt; 0.358 when Sm90ColReduction completed the sums itself).
@@ -845,7 +855,7 @@ def _backend_verdict(why, what: str) -> str:
 
 def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, store_act=False) -> str:
     """"cutlass" or "triton": which kernel row_gemm runs for these operands (see GEMM_BACKEND)."""
-    if GEMM_BACKEND == "triton" or epi not in _CUTLASS_EPIS or a_act:
+    if GEMM_BACKEND == "triton" or epi not in _CUTLASS_EPIS or a_act or (epi == EPI_MLP_UP and not store_act):
         return "triton"
     why = cutlass_missing(a.device, "block_gemm_sm90")
     if why is None:
@@ -881,6 +891,8 @@ def _row_gemm_cutlass(a, w, M, N, K, out, *, epi, nvec, res, rowvec, c, c_nt, g,
         _C.block_gemm_sm90(a2, w, w_nk, o2, epi, res.view(M, N), None, None, nvec, None, None, None, act, 1.0)
     elif epi == EPI_MLP_UP_ACT:  # reads no C (out passed in its place)
         _C.block_gemm_sm90(a2, w, w_nk, o2, epi, o2, None, g.view(M, N), None, rowvec, None, None, act, 1.0)
+    elif epi == EPI_MLP_UP:  # act(acc * rstd) (store_act; row_gemm_backend sends the pre store to Triton)
+        _C.block_gemm_sm90(a2, w, w_nk, o2, epi, o2, None, None, None, rowvec, None, None, act, 1.0)
     elif epi == EPI_ACT_BWD:
         # per-row partial sums, one row per 128-column tile (act_bwd_partials("cutlass", M, N))
         _C.block_gemm_sm90(a2, w, w_nk, o2, epi, res.view(M, N), None, g.view(M, N) if store_act else None, None,

@@ -261,7 +261,8 @@ def test_attn_out_piece(strided, gemm_path):
                                                      (3, "leaky_relu2", True)])
 def test_mlp_piece(mult, activation, keep_act, gemm_path):
     """The fused MLP against PyTorch, forward and gradients; keep_act: the up matmul also stores act(pre), which
-    the down matmul and the backward then read (FusedBlock.keep_act)."""
+    the down matmul and the backward then read (FusedBlock.keep_act); with relu^2 act(pre) alone, and the
+    backward recovers relu(pre) from it (ACT_RELU2_SAVED_ACT)."""
     from pgolf_kernels import block as blk
     from pgolf_kernels import block_kernels as kn
     torch.manual_seed(30 + mult)
@@ -273,12 +274,14 @@ def test_mlp_piece(mult, activation, keep_act, gemm_path):
     act = 0 if activation == "relu2" else 1
     w1_c, w2_c, w2_scaled_c = kn.prep_weights([(w1.detach(), None), (w2.detach(), None), (w2.detach(), s.detach())],
                                               x1.dtype)
-    out, _, _, act_pre = blk._mlp_op(x1, w1, w2, w1_c, w2_c, w2_scaled_c, s, act, True, keep_act)
-    assert act_pre.numel() == (B * T * mult * D if keep_act else 0)
+    out, pre, _, act_pre = blk._mlp_op(x1, w1, w2, w1_c, w2_c, w2_scaled_c, s, act, True, keep_act)
+    assert act_pre.numel() == (B * T * mult * D if keep_act and act == 1 else 0)
     h = F.rms_norm(x1, (D,)) @ w1.T
     h = torch.relu(h) if act == 0 else F.leaky_relu(h, 0.5)
     ref = x1 + s * (h.square() @ w2.T)
     close(out, ref, "mlp")
+    if keep_act and act == 0:  # relu^2: pre holds act(pre), nothing else of width hidden is kept
+        close(pre.view(B, T, -1), h.square(), "mlp act(pre) kept in place of pre")
     up = torch.randn_like(ref)
     gf = torch.autograd.grad(out, [x1, w1, w2, s], up)
     gr = torch.autograd.grad(ref, [x1, w1, w2, s], up)
@@ -531,7 +534,8 @@ def test_row_gemm_backend_choice(monkeypatch):
     for backend in ("auto", "triton"):
         monkeypatch.setattr(kn, "GEMM_BACKEND", backend)
         assert kn.row_gemm_backend(kn.EPI_RESIDUAL, a, P(128), w, 128, 1, 256, 128, P(256)) == "triton"
-    # launches without a CUTLASS kernel stay on Triton even when CUTLASS is forced
+    # launches without a CUTLASS kernel stay on Triton even when CUTLASS is forced (EPI_MLP_UP has one only for
+    # storing act(pre), store_act)
     for backend in ("auto", "cutlass"):
         monkeypatch.setattr(kn, "GEMM_BACKEND", backend)
         assert kn.row_gemm_backend(kn.EPI_MLP_UP, a, P(128), w, 128, 1, 256, 128, P(256)) == "triton"
@@ -630,8 +634,8 @@ def _cutlass_ready() -> bool:
 @pytest.mark.skipif(not _cutlass_ready(), reason="needs an sm_90 GPU and the extension built with CUTLASS")
 @pytest.mark.parametrize("M,N,K", [(4096, 512, 512), (1000, 1024, 512), (4133, 512, 1536), (128, 1536, 512),
                                    (2 * 2048 + 64, 512, 2048)])
-@pytest.mark.parametrize("epi", ["residual", "act_bwd_relu2", "act_bwd_leaky", "act_bwd_nostore", "norm_bwd",
-                                 "mlp_up_act"])
+@pytest.mark.parametrize("epi", ["residual", "act_bwd_relu2", "act_bwd_leaky", "act_bwd_nostore", "act_bwd_saved_act",
+                                 "norm_bwd", "mlp_up_act", "mlp_up_relu2", "mlp_up_leaky"])
 def test_gpu_cutlass_row_gemm(monkeypatch, epi, M, N, K):
     """The CUTLASS row GEMMs (csrc/block_gemm_sm90.cu) against their formulas in fp32 on the same bf16 inputs,
     outputs poisoned. bf16 outputs: relative error <= 8e-3 (one bf16 rounding of the result is 2e-3 to 4e-3);
@@ -661,18 +665,33 @@ def test_gpu_cutlass_row_gemm(monkeypatch, epi, M, N, K):
         for got, want in ((out, pre), (act_out, r * r)):
             assert torch.isfinite(got).all() and rel_err(got, want) <= 8e-3
         return
+    if epi.startswith("mlp_up_"):  # act(pre) alone (store_act)
+        act = 0 if epi.endswith("relu2") else 1
+        w, rstd = rnd(N, K, scale=K ** -0.5), torch.rand(M, device="cuda", generator=g) + 0.5
+        assert kn.row_gemm_backend(kn.EPI_MLP_UP, a, P(K), w, K, 1, N, K, P(N), store_act=True) == "cutlass"
+        kn.row_gemm(a, P(K), w, K, 1, M, N, K, out, P(N), epi=kn.EPI_MLP_UP, rowvec=rstd, store_act=True, act=act)
+        pre = (a.float() @ w.float().t()) * rstd[:, None]
+        r = pre.clamp_min(0) if act == 0 else torch.where(pre > 0, pre, 0.5 * pre)
+        assert torch.isfinite(out).all() and rel_err(out, r * r) <= 8e-3
+        return
     w = rnd(K, N, scale=K ** -0.5)
     rstd = torch.rand(M, device="cuda", generator=g) + 0.5
     acc = a.float() @ w.float()
     if epi.startswith("act_bwd"):
-        act = 0 if epi.endswith("relu2") else 1
-        store = epi != "act_bwd_nostore"
+        act = 1 if epi.endswith("leaky") else 0
+        store = epi not in ("act_bwd_nostore", "act_bwd_saved_act")
         pre = rnd(M, N)
         act_out = kn.alloc(M, N, device="cuda", dtype=torch.bfloat16)
         c = kn.alloc(*kn.act_bwd_partials("cutlass", M, N), device="cuda", dtype=torch.float32)
-        kn.row_gemm(a, P(K), w, 1, N, M, N, K, out, P(N), epi=kn.EPI_ACT_BWD, res=pre, rowvec=rstd, c=c,
-                    g=act_out if store else None, store_act=store, act=act)
-        p = pre.float()
+        if epi == "act_bwd_saved_act":  # C = act(pre) = relu(pre)^2 (bf16); the formulas below use relu(pre) for pre
+            saved = pre.float().clamp_min(0).square().bfloat16()
+            kn.row_gemm(a, P(K), w, 1, N, M, N, K, out, P(N), epi=kn.EPI_ACT_BWD, res=saved, rowvec=rstd, c=c,
+                        act=kn.ACT_RELU2_SAVED_ACT)
+            p = saved.float().sqrt()
+        else:
+            kn.row_gemm(a, P(K), w, 1, N, M, N, K, out, P(N), epi=kn.EPI_ACT_BWD, res=pre, rowvec=rstd, c=c,
+                        g=act_out if store else None, store_act=store, act=act)
+            p = pre.float()
         r = p.clamp_min(0) if act == 0 else torch.where(p > 0, p, 0.5 * p)
         grad = 2 * p.clamp_min(0) if act == 0 else torch.where(p > 0, 2 * p, 0.5 * p)
         dp = acc * grad
