@@ -493,13 +493,13 @@ def main(argv: list[str] | None = None) -> None:
     shape_kw = dict(d_model=128, num_heads=2, num_kv_heads=1) if smoke else {}
     kn = block_kernels
     cutlass_ok = not smoke and kn.cutlass_missing(torch.device("cuda")) is None
-    names = {kn.EPI_RESIDUAL: "residual", kn.EPI_ACT_BWD: "act_bwd", kn.EPI_NORM_BWD: "norm_bwd",
-             kn.EPI_MLP_UP_ACT: "mlp_up_act"}
+    names = {kn.EPI_RESIDUAL: "residual", kn.EPI_MLP_UP: "mlp_up (act only)", kn.EPI_ACT_BWD: "act_bwd",
+             kn.EPI_NORM_BWD: "norm_bwd", kn.EPI_MLP_UP_ACT: "mlp_up_act"}
 
     def gemm_state(backend: str) -> str:  # rows' block_gemm: the backend and the launches it runs on CUTLASS
         if backend == "triton" or not cutlass_ok:
             return "triton"
-        return f"{backend} (CUTLASS: " + ", ".join(names[e] for e in kn._CUTLASS_EPIS) + ", attn_dx)"
+        return f"{backend} (CUTLASS: " + ", ".join(names.get(e, f"epi {e}") for e in kn._CUTLASS_EPIS) + ", attn_dx)"
 
     def over_budget() -> bool:
         return time.time() - t_start > args.time_budget

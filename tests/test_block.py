@@ -584,10 +584,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("case", gpu_cases(), ids=lambda c: f"B{c['B']}_T{c['T']}_m{c['mlp_mult']}_{c['activation']}_r{c['rope_dims']}")
-def test_gpu_fused_block_bf16(case):
+def fused_vs_truth(case: dict, setup=None) -> None:
+    """The fused block (bf16) against the fp32 reference block on fresh random inputs, forward (training and eval)
+    and every gradient: each within 1.5x the eager bf16 block's error + 5e-3. setup(fused) sets an option."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cfg = BlockConfig(mlp_mult=case["mlp_mult"], activation=case["activation"], rope_dims=case["rope_dims"])
@@ -596,6 +595,8 @@ def test_gpu_fused_block_bf16(case):
     ref = ref.cuda()
     fused = FusedBlock(cfg).cuda()
     fused.load_state_dict(ref.state_dict())
+    if setup is not None:
+        setup(fused)
     g = torch.Generator(device="cuda").manual_seed(0)
     x32 = torch.randn(case["B"], case["T"], 512, device="cuda", generator=g)
     x032 = torch.randn(case["B"], case["T"], 512, device="cuda", generator=g)
@@ -623,6 +624,13 @@ def test_gpu_fused_block_bf16(case):
         report.append(f"{n}: fused {ef:.3e} eager {eb:.3e}{'' if ok else ' FAIL'}")
         bad += [] if ok else [n]
     assert not bad, "fused rel err vs eager bf16 (fp32 reference): " + "; ".join(report)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("case", gpu_cases(), ids=lambda c: f"B{c['B']}_T{c['T']}_m{c['mlp_mult']}_{c['activation']}_r{c['rope_dims']}")
+def test_gpu_fused_block_bf16(case):
+    fused_vs_truth(case)
 
 
 def _cutlass_ready() -> bool:
@@ -742,28 +750,16 @@ def test_gpu_block_cutlass_matches_triton(monkeypatch, case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("on", [False, True])
 @pytest.mark.parametrize("option", ["expand_kv", "keep_act"])
 @pytest.mark.parametrize("case", gpu_cases(4, seed=13), ids=lambda c: f"B{c['B']}_T{c['T']}_m{c['mlp_mult']}_{c['activation']}")
-def test_gpu_block_option_matches_default(case, option):
-    """The fused block with an option on vs off, forward and every gradient (bf16): expand_kv (k/v expanded to
-    every query head, SDPA without GQA; only the attention kernels and the order of the kv-head sums differ) and
-    keep_act (act(pre) stored by the MLP-up matmul: other kernels, the same roundings)."""
-    cfg = BlockConfig(mlp_mult=case["mlp_mult"], activation=case["activation"], rope_dims=case["rope_dims"])
-    fused = FusedBlock(cfg)
-    randomize_(fused, 4)
-    fused = fused.cuda()
-    g = torch.Generator(device="cuda").manual_seed(2)
-    x, x0, up = (torch.randn(case["B"], case["T"], 512, device="cuda", generator=g).bfloat16() for _ in range(3))
-    outs = {}
-    for on in (False, True):
-        setattr(fused, option, on)
-        xi, x0i = x.clone().requires_grad_(), x0.clone().requires_grad_()
-        y = fused(xi, x0i)
-        outs[on] = [y.detach()] + list(torch.autograd.grad(y, [xi, x0i, *fused.parameters()], up))
-    names = ["out", "dx", "dx0"] + [n for n, _ in fused.named_parameters()]
-    for n, a, b in zip(names, outs[True], outs[False]):
-        assert torch.isfinite(a).all(), n
-        assert rel_err(a, b) < 1e-2, f"{n}: {rel_err(a, b):.3e}"
+def test_gpu_block_option_vs_truth(case, option, on):
+    """The fused block with an option on and off, each against the fp32 reference (as test_gpu_fused_block_bf16):
+    expand_kv (k/v expanded to every query head, SDPA without GQA) and keep_act (act(pre) stored by the MLP-up
+    matmul; with relu^2 alone, relu(pre) recovered from it in backward: other roundings than pre in bf16, so the
+    two are not compared with each other: d(q_gain), a sum over every token, differed by 1.02e-2 relative at
+    B3xT1024 MLP 4x relu^2, H100, while both were within the bound below)."""
+    fused_vs_truth(case, lambda fused: setattr(fused, option, on))
 
 
 @pytest.mark.gpu
