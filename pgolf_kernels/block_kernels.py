@@ -766,7 +766,8 @@ def row_stats(x, x0=None, resid_mix=None):
 def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_dims, store_stats, kv_rep=1):
     """x, x0: [M, D]; returns xm [M, D], q [M, H*HD], k, v [M, KVH*kv_rep*HD] (each k/v head written kv_rep
     times, adjacent), rstd [M] and head_rstd [M, H+KVH] (both [0...] when not store_stats). Two launches:
-    _row_stats (xm, rstd), then _attn_in_fwd (the matmul)."""
+    _row_stats (xm, rstd), then the matmul: csrc/block_attn_in_sm90.cu where _attn_in_backend allows, else
+    _attn_in_fwd_kernel."""
     M, D = x.shape
     HD = wq.shape[0] // H
     _check(x0.shape == x.shape and x0.dtype == x.dtype, "x0 must have x's shape and dtype")
@@ -785,6 +786,11 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
     k = alloc((M, KVH * kv_rep * HD), device=dev, dtype=dt)
     v = alloc((M, KVH * kv_rep * HD), device=dev, dtype=dt)
     hrstd = alloc((M if store_stats else 0, H + KVH), device=dev, dtype=torch.float32)
+    if _attn_in_backend(xm, wq, wk, wv, q_gain, H, KVH, HD, rope_dims, kv_rep, T) == "sm90":
+        from ._extension import _C
+        _C.block_attn_in_sm90(xm, rstd, wq, wk, wv, q_gain, cos, sin, q, k, v, hrstd if store_stats else None, T,
+                              rope_dims, RMS_EPS)
+        return xm, q, k, v, (rstd if store_stats else rstd.new_empty(0)), hrstd
     grid = ((H + 2 * KVH) // hpp, triton.cdiv(M, cfg["BM"]))
     a_tma = _use_tma(cfg, x.device)
     _attn_in_fwd_kernel[grid](xm, _desc2(xm, M, D, cfg["BM"], BK) if a_tma else xm, rstd, wq, wk, wv, q_gain, cos,
@@ -829,17 +835,17 @@ if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
     raise ValueError(f"PGOLF_BLOCK_GEMM must be auto, triton or cutlass, not {GEMM_BACKEND!r}")
 
 
-def cutlass_missing(device: torch.device, op: str = "block_gemm_sm90"):
-    """Why the extension's CUTLASS kernel `op` cannot run on `device`, or None when it can (tests and benches
-    ask this too)."""
+def cutlass_missing(device: torch.device, op: str = "block_gemm_sm90", needs_cutlass: bool = True):
+    """Why the extension's sm_90 kernel `op` (a CUTLASS one unless needs_cutlass is False) cannot run on
+    `device`, or None when it can (tests and benches ask this too)."""
     if device.type != "cuda" or _INTERPRET:
         return "it runs on CUDA tensors only (not on the CPU or under TRITON_INTERPRET)"
     from ._extension import extension_available, _C
     if not extension_available() or not hasattr(_C, op):
         return "the CUDA extension pgolf_kernels._C is not built"
-    if not _C.block_gemm_sm90_built():
+    if needs_cutlass and not _C.block_gemm_sm90_built():
         return "pgolf_kernels._C was built without CUTLASS headers (pip install nvidia-cutlass, rebuild)"
-    if torch.cuda.get_device_capability(device)[0] != 9:
+    if torch.cuda.get_device_capability(device) != (9, 0):
         return "it needs an sm_90 GPU"
     return None
 
@@ -868,6 +874,27 @@ def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, s
             if not _C.block_gemm_sm90_supported(a.view(-1, K), w, w_sk == 1, N):
                 why = "operands unsupported (needs bf16, K and N multiples of 8, 16-byte alignment)"
     return _backend_verdict(why, "this row GEMM")
+
+
+def _attn_in_backend(xm, wq, wk, wv, q_gain, H, KVH, HD, rope_dims, kv_rep, T) -> str:
+    """"sm90" (csrc/block_attn_in_sm90.cu, a wgmma kernel that needs no CUTLASS) or "triton" for the attention
+    input's forward matmul; GEMM_BACKEND as for the CUTLASS kernels ("cutlass" forces it)."""
+    if GEMM_BACKEND == "triton":
+        return "triton"
+    why = cutlass_missing(xm.device, "block_attn_in_sm90", needs_cutlass=False)
+    if why is None:
+        if not all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in (xm, wq, wk, wv)):
+            why = "xm and the weights must be contiguous bf16"
+        elif HD != 64 or H % 4 or KVH % 4 or rope_dims not in (16, 32, 48, 64) or xm.shape[1] % 64:
+            why = "it is built for head_dim 64, head counts multiple of 4, rope_dims 16/32/48/64, D % 64 == 0"
+        elif kv_rep != 1:
+            why = "it writes each k/v head once (expand_kv off)"
+        elif q_gain.dtype != torch.float32 or not q_gain.is_contiguous():
+            why = "q_gain must be contiguous fp32"
+        elif xm.shape[0] % T:
+            why = "the rows must be whole sequences of T"
+    verdict = _backend_verdict(why, "the attention input")
+    return "sm90" if verdict == "cutlass" else verdict
 
 
 def _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) -> str:
