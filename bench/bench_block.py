@@ -499,7 +499,8 @@ def main(argv: list[str] | None = None) -> None:
     def gemm_state(backend: str) -> str:  # rows' block_gemm: the backend and the launches it runs on CUTLASS
         if backend == "triton" or not cutlass_ok:
             return "triton"
-        return f"{backend} (CUTLASS: " + ", ".join(names.get(e, f"epi {e}") for e in kn._CUTLASS_EPIS) + ", attn_dx)"
+        return (f"{backend} (CUTLASS: " + ", ".join(names.get(e, f"epi {e}") for e in kn._CUTLASS_EPIS)
+                + ", attn_dx; wgmma: attn_in)")
 
     def over_budget() -> bool:
         return time.time() - t_start > args.time_budget
