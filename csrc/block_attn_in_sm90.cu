@@ -42,13 +42,25 @@ constexpr int kStages = 3;
 constexpr int kThreads = 384;
 constexpr int kABytes = kTileM * kTileK * 2;   // 16 KB
 constexpr int kBBytes = kTileN * kTileK * 2;   // 32 KB
-constexpr int kStageBytes = kABytes + kBBytes;
 constexpr int kBoxBytes = 64 * kHeadDim * 2;   // one head's [64 tokens x 64 columns] bf16 epilogue box, 8 KB
-constexpr int kEpiBytes = 4 * kBoxBytes;       // per consumer warpgroup
-constexpr int kSmemBytes = kStages * kStageBytes + 2 * kEpiBytes + 1024 /* alignment */ + 64 /* barriers */;
+
+// MIX: the kernel also forms xm = mix[0] * x + mix[1] * x0 from x and x0 tiles (a second A stage, mixed in shared
+// memory before the wgmmas read it), its rows' rstd, and stores both (the column-tile-0 CTAs): no row pass before
+// it. Its epilogue then has room for 2 head boxes per warpgroup (stored in two rounds) instead of 4.
+template <bool MIX>
+struct Smem {
+  static constexpr int kStageBytes = (MIX ? 2 : 1) * kABytes + kBBytes;
+  static constexpr int kBoxes = MIX ? 2 : 4;      // epilogue boxes per consumer warpgroup
+  static constexpr int kEpiBytes = kBoxes * kBoxBytes;
+  static constexpr int kRowBytes = MIX ? 2 * 64 * 4 : 0;  // the tile's 128 row rstd (MIX)
+  static constexpr int kBytes = kStages * kStageBytes + 2 * kEpiBytes + kRowBytes + 1024 /* alignment */ +
+                                128 /* barriers */;
+  static_assert(kBytes <= 232448, "more shared memory than an sm_90 CTA can have");
+};
 
 struct AttnInArgs {
-  const float* rstd;  // [M] 1 / rms of xm's rows
+  float* rstd;        // [M] 1 / rms of xm's rows: read, or with MIX written (column-tile-0 CTAs)
+  const float* mix;   // [2, D] resid_mix (MIX)
   const float* gain;  // [H] q gain
   const float* cos;   // [T, 32] RoPE tables (block_kernels.rope_tables)
   const float* sin;
@@ -58,20 +70,26 @@ struct AttnInArgs {
 };
 
 // RH8 = rope_dims / 16: the 8-column blocks of a head that RoPE pairs with the block RH8 further on.
-template <int RH8>
+// map_x: xm, or with MIX x (and map_x0: x0, map_xm: where xm goes); unused maps are copies of map_x.
+template <int RH8, bool MIX>
 __global__ void __launch_bounds__(kThreads, 1)
-    attn_in_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_wq,
+    attn_in_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_x0,
+                   const __grid_constant__ CUtensorMap map_xm, const __grid_constant__ CUtensorMap map_wq,
                    const __grid_constant__ CUtensorMap map_wk, const __grid_constant__ CUtensorMap map_wv,
                    const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                    const __grid_constant__ CUtensorMap map_v, const AttnInArgs args) {
 #ifdef PGOLF_SM90A
+  using S = Smem<MIX>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  uint8_t* stage_a = smem;                          // kStages x kABytes
-  uint8_t* stage_b = smem + kStages * kABytes;      // kStages x kBBytes
-  uint8_t* epi = smem + kStages * kStageBytes;      // 2 x kEpiBytes
-  uint64_t* full = reinterpret_cast<uint64_t*>(epi + 2 * kEpiBytes);
+  uint8_t* stage_a = smem;                              // kStages x kABytes (x, or xm)
+  uint8_t* stage_a0 = smem + kStages * kABytes;         // MIX: kStages x kABytes (x0)
+  uint8_t* stage_b = smem + kStages * (S::kStageBytes - kBBytes);  // kStages x kBBytes
+  uint8_t* epi = smem + kStages * S::kStageBytes;       // 2 x kEpiBytes
+  float* row_rstd = reinterpret_cast<float*>(epi + 2 * S::kEpiBytes);  // MIX: [128]
+  uint64_t* full = reinterpret_cast<uint64_t*>(epi + 2 * S::kEpiBytes + S::kRowBytes);
   uint64_t* empty = full + kStages;
+  uint64_t* mixed = empty + kStages;  // MIX: both consumer warpgroups have mixed the stage's xm
 
   const int warpgroup = threadIdx.x / 128;
   const int tid = threadIdx.x % 128;
@@ -83,7 +101,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 8);  // lane 0 of each of the 8 consumer warps
+      mbar_init(&empty[s], MIX ? 9 : 8);  // lane 0 of each of the 8 consumer warps (+ the xm storer)
+      if (MIX) mbar_init(&mixed[s], 2);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -91,6 +110,30 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (MIX && tid == 32) {
+      // xm storer: once both consumer warpgroups have mixed a stage, the column-tile-0 CTAs store its xm, then
+      // the stage goes back to the loader. (Its own thread: a consumer waiting for a bulk store's read between
+      // wgmma issue and retirement makes ptxas serialise the wgmmas, C7515.)
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        const int nt = tile % num_n, m0 = (tile / num_n) * kTileM;
+        for (int kb = 0; kb < num_k; ++kb) {
+          mbar_wait(&mixed[stage], phase);
+          if (nt == 0) {
+            tma_store_2d(&map_xm, stage_a + stage * kABytes, kb * kTileK, m0);
+            tma_store_wait_read();
+          }
+          mbar_arrive(&empty[stage]);
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+      tma_store_wait_all();
+      return;
+    }
     if (tid != 0) return;
     int stage = 0;
     uint32_t phase = 0;
@@ -101,8 +144,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int w0 = kTileN * (nt < nq ? nt : nt < nq + nk ? nt - nq : nt - nq - nk);
       for (int kb = 0; kb < num_k; ++kb) {
         mbar_wait(&empty[stage], phase ^ 1);
-        mbar_expect_tx(&full[stage], kStageBytes);
+        mbar_expect_tx(&full[stage], S::kStageBytes);
         tma_load_2d(stage_a + stage * kABytes, &map_x, &full[stage], kb * kTileK, m0);
+        if (MIX) tma_load_2d(stage_a0 + stage * kABytes, &map_x0, &full[stage], kb * kTileK, m0);
         tma_load_2d(stage_b + stage * kBBytes, wmap, &full[stage], kb * kTileK, w0);
         if (++stage == kStages) {
           stage = 0;
@@ -118,10 +162,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, q = lane % 4;
   const int row = 64 * cw + 16 * warp + g;  // this thread's rows within the tile: row, row + 8
-  uint8_t* my_epi = epi + cw * kEpiBytes;
+  uint8_t* my_epi = epi + cw * S::kEpiBytes;
   const int n_heads = args.H + args.KVH;
   int stage = 0;
   uint32_t phase = 0;
+  // MIX: this thread mixes 4 of the 8 16-byte chunks (32 columns) of row mrow of its warpgroup's 64 per stage
+  const int mrow = tid >> 1, mchunk0 = 4 * (tid & 1);
 
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int nt = tile % num_n, m0 = (tile / num_n) * kTileM;
@@ -132,8 +178,41 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
     int prev = 0;
+    float ssq = 0.f;  // MIX: sum of squares of row mrow's mixed values (fp32, before rounding), this thread's part
     for (int kb = 0; kb < num_k; ++kb) {
       mbar_wait(&full[stage], phase);
+      if constexpr (MIX) {
+        // xm = mix0 * x + mix1 * x0 in place of x in the stage (only this warpgroup's rows), while the previous
+        // step's wgmmas still run; the 128-byte swizzle moves 16-byte chunk c of row r to c ^ (r % 8)
+        uint8_t* xt = stage_a + stage * kABytes + cw * (kABytes / 2) + mrow * 128;
+        const uint8_t* x0t = stage_a0 + stage * kABytes + cw * (kABytes / 2) + mrow * 128;
+#pragma unroll
+        for (int c = mchunk0; c < mchunk0 + 4; ++c) {
+          const int off = ((c ^ mrow) & 7) << 4;
+          const uint4 xv = *reinterpret_cast<const uint4*>(xt + off);
+          const uint4 x0v = *reinterpret_cast<const uint4*>(x0t + off);
+          // (few values live at a time: the accumulators of the wgmmas in flight hold 128 registers)
+          const float2* m0p = reinterpret_cast<const float2*>(args.mix + kb * kTileK + 8 * c);
+          const float2* m1p = reinterpret_cast<const float2*>(args.mix + args.D + kb * kTileK + 8 * c);
+          const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
+          const __nv_bfloat162* x0p = reinterpret_cast<const __nv_bfloat162*>(&x0v);
+          uint4 out;
+          uint32_t* op = reinterpret_cast<uint32_t*>(&out);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float2 xf = __bfloat1622float2(xp[j]), x0f = __bfloat1622float2(x0p[j]);
+            const float2 ma = __ldg(m0p + j), mb = __ldg(m1p + j);
+            const float lo = ma.x * xf.x + mb.x * x0f.x;
+            const float hi = ma.y * xf.y + mb.y * x0f.y;
+            ssq += lo * lo + hi * hi;
+            op[j] = pack_bf16(lo, hi);
+          }
+          *reinterpret_cast<uint4*>(xt + off) = out;
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the wgmmas and the TMA store
+        named_barrier(1 + cw, 128);
+        if (tid == 0) mbar_arrive(&mixed[stage]);
+      }
       const uint64_t desc_a = smem_desc_sw128(stage_a + stage * kABytes + cw * (kABytes / 2));
       const uint64_t desc_b = smem_desc_sw128(stage_b + stage * kBBytes);
       fence_operands(acc);
@@ -157,8 +236,21 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // ---- epilogue: rows m_lo = m0 + row (registers 4 i, 4 i + 1) and m_lo + 8 (4 i + 2, 4 i + 3) ----
     const int m_lo = m0 + row, m_hi = m_lo + 8;
-    const float rs_lo = m_lo < args.M ? __ldg(args.rstd + m_lo) : 0.f;
-    const float rs_hi = m_hi < args.M ? __ldg(args.rstd + m_hi) : 0.f;
+    float rs_lo, rs_hi;
+    if constexpr (MIX) {  // the row's two halves were summed by adjacent threads
+      ssq += __shfl_xor_sync(0xffffffffu, ssq, 1);
+      const float r = 1.f / sqrtf(ssq / args.D + args.eps);
+      if ((tid & 1) == 0) {
+        row_rstd[64 * cw + mrow] = r;
+        if (nt == 0 && m0 + 64 * cw + mrow < args.M) args.rstd[m0 + 64 * cw + mrow] = r;
+      }
+      named_barrier(1 + cw, 128);
+      rs_lo = row_rstd[row];
+      rs_hi = row_rstd[row + 8];
+    } else {
+      rs_lo = m_lo < args.M ? __ldg(args.rstd + m_lo) : 0.f;
+      rs_hi = m_hi < args.M ? __ldg(args.rstd + m_hi) : 0.f;
+    }
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
       acc[4 * i] *= rs_lo;
@@ -223,28 +315,34 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
 
-    // bf16 into the warpgroup's 4 head boxes ([64 tokens x 128 bytes], 128-byte swizzle), then TMA stores
-    if (tid == 0) tma_store_wait_read();  // the previous tile's stores have left the boxes
-    named_barrier(1 + cw, 128);
+    // bf16 into the warpgroup's head boxes ([64 tokens x 128 bytes], 128-byte swizzle), then TMA stores; 4 boxes
+    // in one round, or (MIX) 2 in each of two
     const int mi = lane / 8, mr = lane % 8;
     const int srow = 16 * warp + (mi & 1) * 8 + mr;  // the box row whose address this lane gives
+    const CUtensorMap* omap = kind == 0 ? &map_q : kind == 1 ? &map_k : &map_v;
 #pragma unroll
-    for (int h = 0; h < 4; ++h) {
+    for (int h0 = 0; h0 < 4; h0 += S::kBoxes) {
+      if (tid == 0) tma_store_wait_read();  // the previous stores have left the boxes
+      named_barrier(1 + cw, 128);
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {  // 8-column blocks 2p, 2p + 1 of the head
-        const int i = 8 * h + 2 * p;
-        const int chunk = 2 * p + (mi >> 1);
-        const uint32_t addr = smem_addr(my_epi + h * kBoxBytes) + srow * 128 + (((chunk ^ srow) & 7) << 4);
-        stmatrix_x4(addr, pack_bf16(acc[4 * i], acc[4 * i + 1]), pack_bf16(acc[4 * i + 2], acc[4 * i + 3]),
-                    pack_bf16(acc[4 * i + 4], acc[4 * i + 5]), pack_bf16(acc[4 * i + 6], acc[4 * i + 7]));
+      for (int hb = 0; hb < S::kBoxes; ++hb) {
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {  // 8-column blocks 2p, 2p + 1 of head h0 + hb
+          const int i = 8 * (h0 + hb) + 2 * p;
+          const int chunk = 2 * p + (mi >> 1);
+          const uint32_t addr = smem_addr(my_epi + hb * kBoxBytes) + srow * 128 + (((chunk ^ srow) & 7) << 4);
+          stmatrix_x4(addr, pack_bf16(acc[4 * i], acc[4 * i + 1]), pack_bf16(acc[4 * i + 2], acc[4 * i + 3]),
+                      pack_bf16(acc[4 * i + 4], acc[4 * i + 5]), pack_bf16(acc[4 * i + 6], acc[4 * i + 7]));
+        }
       }
-    }
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    named_barrier(1 + cw, 128);
-    if (tid == 0) {
-      const CUtensorMap* omap = kind == 0 ? &map_q : kind == 1 ? &map_k : &map_v;
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      named_barrier(1 + cw, 128);
+      if (tid == 0) {
 #pragma unroll
-      for (int h = 0; h < 4; ++h) tma_store_2d(omap, my_epi + h * kBoxBytes, kTileN * ct + kHeadDim * h, m0 + 64 * cw);
+        for (int hb = 0; hb < S::kBoxes; ++hb) {
+          tma_store_2d(omap, my_epi + hb * kBoxBytes, kTileN * ct + kHeadDim * (h0 + hb), m0 + 64 * cw);
+        }
+      }
     }
   }
   if (tid == 0) tma_store_wait_all();
@@ -256,6 +354,15 @@ struct DeviceInfo {
   bool sm90 = false;
   int sms = 0;
 };
+
+using Kernel = void (*)(CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap,
+                        CUtensorMap, CUtensorMap, AttnInArgs);
+
+template <bool MIX>
+Kernel kernel_for(int64_t rope_dims) {
+  return rope_dims == 16 ? attn_in_kernel<1, MIX> : rope_dims == 32 ? attn_in_kernel<2, MIX>
+         : rope_dims == 48 ? attn_in_kernel<3, MIX> : attn_in_kernel<4, MIX>;
+}
 
 const DeviceInfo& device_info(int device) {
   constexpr int kMaxDevices = 64;
@@ -270,8 +377,11 @@ const DeviceInfo& device_info(int device) {
     infos[device].sm90 = major == 9 && minor == 0;
     if (infos[device].sm90) {
       const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-      for (auto kernel : {attn_in_kernel<1>, attn_in_kernel<2>, attn_in_kernel<3>, attn_in_kernel<4>}) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+      for (int64_t rd : {16, 32, 48, 64}) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel_for<false>(rd), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            Smem<false>::kBytes));
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel_for<true>(rd), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            Smem<true>::kBytes));
       }
     }
   });
@@ -291,58 +401,71 @@ bool ok_f32(const at::Tensor& t, int64_t numel, const at::Tensor& like) {
 
 }  // namespace
 
-// q, k, v (and hrstd unless undefined) written from xm, see the top of this file.
-void block_attn_in_sm90_cuda(const at::Tensor& xm, const at::Tensor& rstd, const at::Tensor& wq,
-                             const at::Tensor& wk, const at::Tensor& wv, const at::Tensor& q_gain,
-                             const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& q, const at::Tensor& k,
-                             const at::Tensor& v, const c10::optional<at::Tensor>& hrstd, int64_t seq_len,
-                             int64_t rope_dims, double eps) {
-  TORCH_CHECK(xm.is_cuda() && xm.dim() == 2, "block_attn_in_sm90: xm must be a CUDA [M, D] tensor, got ",
-              shape_text(xm));
-  const int64_t m = xm.size(0), d = xm.size(1);
-  TORCH_CHECK(device_info(xm.get_device()).sm90, "block_attn_in_sm90: needs an sm_90 GPU");
+// q, k, v (and hrstd unless None) from x, see the top of this file. Without x0: x is xm and rstd its rows' rstd
+// (the row pass ran). With x0, mix and xm: x is the block input, and the kernel writes xm = mix[0]*x + mix[1]*x0
+// and rstd itself.
+void block_attn_in_sm90_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& x0,
+                             const c10::optional<at::Tensor>& mix, const c10::optional<at::Tensor>& xm,
+                             const at::Tensor& rstd, const at::Tensor& wq, const at::Tensor& wk, const at::Tensor& wv,
+                             const at::Tensor& q_gain, const at::Tensor& cos, const at::Tensor& sin,
+                             const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const c10::optional<at::Tensor>& hrstd, int64_t seq_len, int64_t rope_dims, double eps) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "block_attn_in_sm90: x must be a CUDA [M, D] tensor, got ",
+              shape_text(x));
+  const int64_t m = x.size(0), d = x.size(1);
+  TORCH_CHECK(device_info(x.get_device()).sm90, "block_attn_in_sm90: needs an sm_90 GPU");
+  const bool fuse_mix = x0.has_value();
+  TORCH_CHECK(m > 0 && m < (int64_t(1) << 31) && d % kTileK == 0 && ok_bf16_matrix(x, m, d, x),
+              "block_attn_in_sm90: x must be contiguous bf16 [M, D] with D % 64 == 0, got ", shape_text(x));
+  TORCH_CHECK(fuse_mix == mix.has_value() && fuse_mix == xm.has_value(),
+              "block_attn_in_sm90: x0, mix and xm come together (the kernel mixing) or not at all");
+  if (fuse_mix) {
+    TORCH_CHECK(ok_bf16_matrix(*x0, m, d, x) && ok_bf16_matrix(*xm, m, d, x) && ok_f32(*mix, 2 * d, x),
+                "block_attn_in_sm90: x0 and xm must be contiguous bf16 like x, mix contiguous fp32 [2, D]");
+  }
   const int64_t h = wq.dim() == 2 ? wq.size(0) / kHeadDim : 0, kvh = wk.dim() == 2 ? wk.size(0) / kHeadDim : 0;
-  TORCH_CHECK(m > 0 && m < (int64_t(1) << 31) && d % kTileK == 0 && ok_bf16_matrix(xm, m, d, xm),
-              "block_attn_in_sm90: xm must be contiguous bf16 [M, D] with D % 64 == 0, got ", shape_text(xm));
-  TORCH_CHECK(h > 0 && h % 4 == 0 && kvh > 0 && kvh % 4 == 0 && ok_bf16_matrix(wq, h * kHeadDim, d, xm) &&
-                  ok_bf16_matrix(wk, kvh * kHeadDim, d, xm) && ok_bf16_matrix(wv, kvh * kHeadDim, d, xm),
-              "block_attn_in_sm90: wq [H*64, D], wk and wv [KVH*64, D] must be contiguous bf16 on xm's device with "
+  TORCH_CHECK(h > 0 && h % 4 == 0 && kvh > 0 && kvh % 4 == 0 && ok_bf16_matrix(wq, h * kHeadDim, d, x) &&
+                  ok_bf16_matrix(wk, kvh * kHeadDim, d, x) && ok_bf16_matrix(wv, kvh * kHeadDim, d, x),
+              "block_attn_in_sm90: wq [H*64, D], wk and wv [KVH*64, D] must be contiguous bf16 on x's device with "
               "H and KVH multiples of 4; got ", shape_text(wq), ", ", shape_text(wk), ", ", shape_text(wv));
-  TORCH_CHECK(ok_bf16_matrix(q, m, h * kHeadDim, xm) && ok_bf16_matrix(k, m, kvh * kHeadDim, xm) &&
-                  ok_bf16_matrix(v, m, kvh * kHeadDim, xm),
-              "block_attn_in_sm90: q [M, H*64], k and v [M, KVH*64] must be contiguous bf16 on xm's device");
+  TORCH_CHECK(ok_bf16_matrix(q, m, h * kHeadDim, x) && ok_bf16_matrix(k, m, kvh * kHeadDim, x) &&
+                  ok_bf16_matrix(v, m, kvh * kHeadDim, x),
+              "block_attn_in_sm90: q [M, H*64], k and v [M, KVH*64] must be contiguous bf16 on x's device");
   TORCH_CHECK(rope_dims == 16 || rope_dims == 32 || rope_dims == 48 || rope_dims == 64,
               "block_attn_in_sm90: rope_dims must be 16, 32, 48 or 64, got ", num_text(rope_dims));
-  TORCH_CHECK(seq_len > 0 && m % seq_len == 0 && ok_f32(cos, seq_len * kHeadDim / 2, xm) &&
-                  ok_f32(sin, seq_len * kHeadDim / 2, xm),
+  TORCH_CHECK(seq_len > 0 && m % seq_len == 0 && ok_f32(cos, seq_len * kHeadDim / 2, x) &&
+                  ok_f32(sin, seq_len * kHeadDim / 2, x),
               "block_attn_in_sm90: cos and sin must be contiguous fp32 [T, 32] with M a multiple of T");
-  TORCH_CHECK(ok_f32(rstd, m, xm) && ok_f32(q_gain, h, xm),
-              "block_attn_in_sm90: rstd [M] and q_gain [H] must be contiguous fp32 on xm's device");
+  TORCH_CHECK(ok_f32(rstd, m, x) && ok_f32(q_gain, h, x),
+              "block_attn_in_sm90: rstd [M] and q_gain [H] must be contiguous fp32 on x's device");
   float* hr_ptr = nullptr;
   if (hrstd.has_value()) {
-    TORCH_CHECK(ok_f32(*hrstd, m * (h + kvh), xm), "block_attn_in_sm90: hrstd must be contiguous fp32 [M, H+KVH]");
+    TORCH_CHECK(ok_f32(*hrstd, m * (h + kvh), x), "block_attn_in_sm90: hrstd must be contiguous fp32 [M, H+KVH]");
     hr_ptr = hrstd->data_ptr<float>();
   }
-  const c10::cuda::CUDAGuard guard(xm.device());
-  bind_primary_context(xm.get_device());  // the descriptors below are made by a driver call
+  const c10::cuda::CUDAGuard guard(x.device());
+  bind_primary_context(x.get_device());  // the descriptors below are made by a driver call
   constexpr auto kBf16 = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const char* what = "block_attn_in_sm90";
-  const CUtensorMap map_x = make_map(what, xm, kBf16, 2, m, d, kTileK, kTileM);
+  const CUtensorMap map_x = make_map(what, x, kBf16, 2, m, d, kTileK, kTileM);
+  const CUtensorMap map_x0 = fuse_mix ? make_map(what, *x0, kBf16, 2, m, d, kTileK, kTileM) : map_x;
+  const CUtensorMap map_xm = fuse_mix ? make_map(what, *xm, kBf16, 2, m, d, kTileK, kTileM) : map_x;
   const CUtensorMap map_wq = make_map(what, wq, kBf16, 2, wq.size(0), d, kTileK, kTileN);
   const CUtensorMap map_wk = make_map(what, wk, kBf16, 2, wk.size(0), d, kTileK, kTileN);
   const CUtensorMap map_wv = make_map(what, wv, kBf16, 2, wv.size(0), d, kTileK, kTileN);
   const CUtensorMap map_q = make_map(what, q, kBf16, 2, m, q.size(1), kHeadDim, 64);
   const CUtensorMap map_k = make_map(what, k, kBf16, 2, m, k.size(1), kHeadDim, 64);
   const CUtensorMap map_v = make_map(what, v, kBf16, 2, m, v.size(1), kHeadDim, 64);
-  const AttnInArgs args{rstd.data_ptr<float>(), q_gain.data_ptr<float>(), cos.data_ptr<float>(),
-                        sin.data_ptr<float>(), hr_ptr, static_cast<int>(m), static_cast<int>(seq_len),
-                        static_cast<int>(d), static_cast<int>(h), static_cast<int>(kvh), static_cast<float>(eps)};
+  const AttnInArgs args{rstd.data_ptr<float>(), fuse_mix ? mix->data_ptr<float>() : nullptr,
+                        q_gain.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), hr_ptr,
+                        static_cast<int>(m), static_cast<int>(seq_len), static_cast<int>(d), static_cast<int>(h),
+                        static_cast<int>(kvh), static_cast<float>(eps)};
   const int64_t num_tiles = (h / 4 + 2 * (kvh / 4)) * ((m + kTileM - 1) / kTileM);
-  const int grid = static_cast<int>(std::min<int64_t>(num_tiles, device_info(xm.get_device()).sms));
+  const int grid = static_cast<int>(std::min<int64_t>(num_tiles, device_info(x.get_device()).sms));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  auto kernel = rope_dims == 16 ? attn_in_kernel<1> : rope_dims == 32 ? attn_in_kernel<2>
-                : rope_dims == 48 ? attn_in_kernel<3> : attn_in_kernel<4>;
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(map_x, map_wq, map_wk, map_wv, map_q, map_k, map_v, args);
+  const Kernel kernel = fuse_mix ? kernel_for<true>(rope_dims) : kernel_for<false>(rope_dims);
+  const int smem = fuse_mix ? Smem<true>::kBytes : Smem<false>::kBytes;
+  kernel<<<grid, kThreads, smem, stream>>>(map_x, map_x0, map_xm, map_wq, map_wk, map_wv, map_q, map_k, map_v, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -293,21 +293,22 @@ def _(wq, wk, wv, wp, w_fc, w_proj, attn_scale, mlp_scale, dtype, with_scaled):
 def _attn_in_op(x: Tensor, x0: Tensor, resid_mix: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wq_c: Tensor,
                 wk_c: Tensor, wv_c: Tensor, q_gain: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
                 num_kv_heads: int, rope_dims: int, store_stats: bool,
-                kv_rep: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                kv_rep: int = 1, fuse_mix: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """wq/wk/wv: fp32 masters (gradients land there); wq_c/wk_c/wv_c: their activation-dtype copies (used).
-    k and v come out with num_kv_heads * kv_rep heads (each head repeated kv_rep times)."""
+    k and v come out with num_kv_heads * kv_rep heads (each head repeated kv_rep times). fuse_mix: the sm_90
+    kernel forms xm and rstd itself (FusedBlock.attn_in_mix)."""
     b, t, d = x.shape
     hd = wq.shape[0] // num_heads
     xm, q, k, v, rstd, hrstd = _kernels().attn_in_fwd(
         x.reshape(b * t, d), x0.reshape(b * t, d), resid_mix, wq_c, wk_c, wv_c, q_gain, cos, sin, t,
-        num_heads, num_kv_heads, rope_dims, store_stats, kv_rep)
+        num_heads, num_kv_heads, rope_dims, store_stats, kv_rep, fuse_mix)
     return (xm.view(b, t, d), q.view(b, t, num_heads, hd), k.view(b, t, num_kv_heads * kv_rep, hd),
             v.view(b, t, num_kv_heads * kv_rep, hd), rstd, hrstd)
 
 
 @_attn_in_op.register_fake
 def _(x, x0, resid_mix, wq, wk, wv, wq_c, wk_c, wv_c, q_gain, cos, sin, num_heads, num_kv_heads, rope_dims,
-      store_stats, kv_rep=1):
+      store_stats, kv_rep=1, fuse_mix=True):
     b, t, d = x.shape
     hd = wq.shape[0] // num_heads
     m = b * t if store_stats else 0
@@ -339,7 +340,7 @@ def _(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, resid_mix, 
 
 
 def _attn_in_setup(ctx, inputs, output):
-    x, x0, resid_mix, wq, wk, wv, wq_c, wk_c, wv_c, q_gain, cos, sin, _, _, rope_dims, store_stats, _ = inputs
+    x, x0, resid_mix, wq, wk, wv, wq_c, wk_c, wv_c, q_gain, cos, sin, _, _, rope_dims, store_stats, *_ = inputs
     xm, q, k, v, rstd, hrstd = output
     ctx.rope_dims = rope_dims
     ctx.store_stats = store_stats
@@ -362,7 +363,7 @@ def _attn_in_backward(ctx, g_xm, g_q, g_k, g_v, _g_rstd, _g_hrstd):
     dtq, dtk, dtv = ctx.w_dtypes
     # kernels accumulate parameter gradients in fp32; match the parameters' dtype (no-op for fp32 params)
     return (dx, dx0, dmix.to(resid_mix.dtype), dw[:nq].to(dtq), dw[nq:nq + nk].to(dtk), dw[nq + nk:].to(dtv),
-            None, None, None, dgain.to(q_gain.dtype), None, None, None, None, None, None, None)
+            None, None, None, dgain.to(q_gain.dtype), None, None, None, None, None, None, None, None)
 
 
 _attn_in_op.register_autograd(_attn_in_backward, setup_context=_attn_in_setup)
@@ -563,6 +564,9 @@ class FusedBlock(ReferenceBlock):
     # With relu^2 only act(pre) is stored (its backward recovers relu(pre) as sqrt(act(pre))): one [B*T, hidden]
     # tensor written and kept, as without keep_act.
     keep_act: bool = True
+    # On sm_90 with the extension: the wgmma attention-input kernel forms xm = resid_mix-mixed x, x0 and its rstd
+    # from x and x0 tiles itself (csrc/block_attn_in_sm90.cu, MIX), so no row pass runs before it.
+    attn_in_mix: bool = True
 
     def __init__(self, cfg: BlockConfig | None = None, **overrides):
         super().__init__(cfg, **overrides)
@@ -607,7 +611,7 @@ class FusedBlock(ReferenceBlock):
         kv_rep = cfg.num_heads // cfg.num_kv_heads if self.expand_kv else 1
         xm, q, k, v, _, _ = _attn_in_op(x.contiguous(), x0.contiguous(), self.resid_mix, wq, wk, wv, w_c[0], w_c[1],
                                         w_c[2], a.q_gain, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.rope_dims,
-                                        train, kv_rep)
+                                        train, kv_rep, self.attn_in_mix)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = k.shape[1] != q.shape[1]
         if self.sdpa_backends is None:

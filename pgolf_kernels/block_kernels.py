@@ -763,11 +763,12 @@ def row_stats(x, x0=None, resid_mix=None):
     return (xm, rstd) if mix else rstd
 
 
-def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_dims, store_stats, kv_rep=1):
+def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_dims, store_stats, kv_rep=1,
+                fuse_mix=True):
     """x, x0: [M, D]; returns xm [M, D], q [M, H*HD], k, v [M, KVH*kv_rep*HD] (each k/v head written kv_rep
-    times, adjacent), rstd [M] and head_rstd [M, H+KVH] (both [0...] when not store_stats). Two launches:
-    _row_stats (xm, rstd), then the matmul: csrc/block_attn_in_sm90.cu where _attn_in_backend allows, else
-    _attn_in_fwd_kernel."""
+    times, adjacent), rstd [M] and head_rstd [M, H+KVH] (both [0...] when not store_stats). Where
+    _attn_in_backend allows, csrc/block_attn_in_sm90.cu: one launch that also forms xm and rstd (fuse_mix), or
+    _row_stats (xm, rstd) then the wgmma kernel; else _row_stats then _attn_in_fwd_kernel (Triton)."""
     M, D = x.shape
     HD = wq.shape[0] // H
     _check(x0.shape == x.shape and x0.dtype == x.dtype, "x0 must have x's shape and dtype")
@@ -780,17 +781,25 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
     while H % hpp or KVH % hpp:
         hpp //= 2
     dev, dt = x.device, x.dtype
-    xm, rstd = row_stats(x, x0, resid_mix)
     q = alloc((M, H * HD), device=dev, dtype=dt)
     _check(kv_rep >= 1 and KVH * kv_rep <= H, "kv_rep must be >= 1 with num_kv_heads * kv_rep <= num_heads")
     k = alloc((M, KVH * kv_rep * HD), device=dev, dtype=dt)
     v = alloc((M, KVH * kv_rep * HD), device=dev, dtype=dt)
     hrstd = alloc((M if store_stats else 0, H + KVH), device=dev, dtype=torch.float32)
-    if _attn_in_backend(xm, wq, wk, wv, q_gain, H, KVH, HD, rope_dims, kv_rep, T) == "sm90":
+    if _attn_in_backend(x, wq, wk, wv, q_gain, H, KVH, HD, rope_dims, kv_rep, T) == "sm90":
         from ._extension import _C
-        _C.block_attn_in_sm90(xm, rstd, wq, wk, wv, q_gain, cos, sin, q, k, v, hrstd if store_stats else None, T,
-                              rope_dims, RMS_EPS)
+        hr = hrstd if store_stats else None
+        if fuse_mix and x0.is_contiguous() and resid_mix.dtype == torch.float32 and resid_mix.is_contiguous():
+            # the kernel mixes x and x0 itself and writes xm and rstd: no row pass
+            xm, rstd = alloc_like(x), alloc((M,), device=dev, dtype=torch.float32)
+            _C.block_attn_in_sm90(x, x0, resid_mix, xm, rstd, wq, wk, wv, q_gain, cos, sin, q, k, v, hr, T, rope_dims,
+                                  RMS_EPS)
+        else:
+            xm, rstd = row_stats(x, x0, resid_mix)
+            _C.block_attn_in_sm90(xm, None, None, None, rstd, wq, wk, wv, q_gain, cos, sin, q, k, v, hr, T,
+                                  rope_dims, RMS_EPS)
         return xm, q, k, v, (rstd if store_stats else rstd.new_empty(0)), hrstd
+    xm, rstd = row_stats(x, x0, resid_mix)
     grid = ((H + 2 * KVH) // hpp, triton.cdiv(M, cfg["BM"]))
     a_tma = _use_tma(cfg, x.device)
     _attn_in_fwd_kernel[grid](xm, _desc2(xm, M, D, cfg["BM"], BK) if a_tma else xm, rstd, wq, wk, wv, q_gain, cos,
@@ -876,22 +885,22 @@ def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, s
     return _backend_verdict(why, "this row GEMM")
 
 
-def _attn_in_backend(xm, wq, wk, wv, q_gain, H, KVH, HD, rope_dims, kv_rep, T) -> str:
+def _attn_in_backend(x, wq, wk, wv, q_gain, H, KVH, HD, rope_dims, kv_rep, T) -> str:
     """"sm90" (csrc/block_attn_in_sm90.cu, a wgmma kernel that needs no CUTLASS) or "triton" for the attention
     input's forward matmul; GEMM_BACKEND as for the CUTLASS kernels ("cutlass" forces it)."""
     if GEMM_BACKEND == "triton":
         return "triton"
-    why = cutlass_missing(xm.device, "block_attn_in_sm90", needs_cutlass=False)
+    why = cutlass_missing(x.device, "block_attn_in_sm90", needs_cutlass=False)
     if why is None:
-        if not all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in (xm, wq, wk, wv)):
-            why = "xm and the weights must be contiguous bf16"
-        elif HD != 64 or H % 4 or KVH % 4 or rope_dims not in (16, 32, 48, 64) or xm.shape[1] % 64:
+        if not all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in (x, wq, wk, wv)):
+            why = "x and the weights must be contiguous bf16"
+        elif HD != 64 or H % 4 or KVH % 4 or rope_dims not in (16, 32, 48, 64) or x.shape[1] % 64:
             why = "it is built for head_dim 64, head counts multiple of 4, rope_dims 16/32/48/64, D % 64 == 0"
         elif kv_rep != 1:
             why = "it writes each k/v head once (expand_kv off)"
         elif q_gain.dtype != torch.float32 or not q_gain.is_contiguous():
             why = "q_gain must be contiguous fp32"
-        elif xm.shape[0] % T:
+        elif x.shape[0] % T:
             why = "the rows must be whole sequences of T"
     verdict = _backend_verdict(why, "the attention input")
     return "sm90" if verdict == "cutlass" else verdict

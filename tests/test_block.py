@@ -732,12 +732,14 @@ def _sm90_attn_in_ready() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90_attn_in_ready(), reason="needs an sm_90 GPU and the CUDA extension")
+@pytest.mark.parametrize("fuse_mix", [True, False])
 @pytest.mark.parametrize("B,T,H,KVH,rope_dims,store_stats", [(2, 1024, 8, 4, 64, True), (3, 300, 8, 4, 16, True),
                                                             (1, 1000, 12, 4, 48, False), (5, 77, 4, 4, 32, True)])
-def test_gpu_sm90_attn_in(monkeypatch, B, T, H, KVH, rope_dims, store_stats):
+def test_gpu_sm90_attn_in(monkeypatch, B, T, H, KVH, rope_dims, store_stats, fuse_mix):
     """The wgmma attention-input kernel (csrc/block_attn_in_sm90.cu) against its formula in fp32 on the same bf16
     inputs, outputs poisoned; M = B*T not a multiple of the 128-row tile in most cases. bf16 q/k/v: relative error
-    <= 8e-3 (bf16 rounding of the result ~3e-3); the fp32 per-head rstd: <= 1e-4."""
+    <= 8e-3 (bf16 rounding of the result ~3e-3); the fp32 per-head rstd: <= 1e-4. fuse_mix: the kernel also forms
+    xm (one bf16 rounding of the fp32 mix) and its rows' rstd (fp32, <= 1e-5 relative)."""
     from pgolf_kernels import block_kernels as kn
     monkeypatch.setattr(kn, "GEMM_BACKEND", "cutlass")  # the sm_90 kernel or an error, no Triton fallback
     g = torch.Generator(device="cuda").manual_seed(B * T + H + rope_dims)
@@ -750,7 +752,12 @@ def test_gpu_sm90_attn_in(monkeypatch, B, T, H, KVH, rope_dims, store_stats):
     cos, sin = kn.rope_tables(torch.outer(torch.arange(T, device="cuda").float(), inv_freq), HD)
     assert kn._attn_in_backend(x, wq, wk, wv, gain, H, KVH, HD, rope_dims, 1, T) == "sm90"
     xm, q, k, v, rstd, hrstd = kn.attn_in_fwd(x, x0, mix, wq, wk, wv, gain, cos, sin, T, H, KVH, rope_dims,
-                                              store_stats)
+                                              store_stats, fuse_mix=fuse_mix)
+    xm_want = mix[0] * x.float() + mix[1] * x0.float()
+    assert torch.isfinite(xm).all()
+    assert ((xm.float() - xm_want).abs() <= 2 ** -8 * xm_want.abs() + 1e-30).all(), "xm off by more than a rounding"
+    if store_stats:
+        torch.testing.assert_close(rstd, xm_want.square().mean(1).add(kn.RMS_EPS).rsqrt(), rtol=1e-5, atol=0)
     y = (xm.float() @ torch.cat([wq, wk, wv]).float().t()) * rstd[:, None] if store_stats else None
     if y is None:  # rstd is not returned on the eval path: recompute it from xm as the row pass did
         y = (xm.float() @ torch.cat([wq, wk, wv]).float().t()) * xm.float().square().mean(1).add(kn.RMS_EPS).rsqrt()[:, None]
