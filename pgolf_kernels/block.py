@@ -14,16 +14,18 @@ bf16 (buffers included) before restoring the weights to fp32, so there the posit
     prep      fp32 weights -> bf16 copies (and attn_scale*Wproj, mlp_scale*Wproj2 for backward) 1
     attn_in   resid_mix -> xm and rstd(xm) (one row pass)                                      1
               [Wq;Wk;Wv] matmul * rstd + q/k RMSNorm + RoPE + q gain                           1
+              (on sm_90 with the extension one wgmma kernel does both, FusedBlock.attn_in_mix)
     SDPA      torch scaled_dot_product_attention (cuDNN or flash backend, causal, GQA)         (attention)
     attn_out  y @ Wproj^T, epilogue  x1 = xm + attn_scale * (.)                                  1
     mlp       rstd(x1) (one row pass)                                                          1
               up:   (x1 @ Wfc^T) * rstd(x1) -> pre (RMSNorm as a row scale); with
                     FusedBlock.keep_act act(pre) beside it, or for relu^2 act(pre) alone          1
               down: act(pre) @ Wproj2^T, epilogue  out = x1 + mlp_scale * (.)                    1
-  => one block forward launches 7 kernels outside attention (FORWARD_KERNELS_OUTSIDE_ATTENTION), plus the RoPE
-     tables once per sequence length (cached). With the CUDA extension built with CUTLASS on an sm_90 GPU the
+  => one block forward launches 7 kernels outside attention (FORWARD_KERNELS_OUTSIDE_ATTENTION; 6 on sm_90 with
+     the extension), plus the RoPE tables once per sequence length (cached). With the CUDA extension on an sm_90
+     GPU the attention input is csrc/block_attn_in_sm90.cu (hand-written wgmma), and built with CUTLASS the
      attn_out, MLP up (keep_act, and eval) and MLP down (keep_act) launches are CUTLASS ping-pong kernels
-     (csrc/block_gemm_sm90.cu), the others Triton.
+     (csrc/block_gemm_sm90.cu); the others Triton.
 
   backward: attn_in 3 kernels (QKV-epilogue backward; dX matmul with the RMSNorm + resid_mix backward in its
   epilogue; d[Wq;Wk;Wv]), attn_out 2 (dY matmul, dWproj with d attn_scale in its epilogue), mlp 4 (dPre
@@ -50,10 +52,12 @@ Design choices (and why):
     the up matmul stores act(pre) for the down matmul and dWproj2; relu^2 then needs no pre at all: its
     derivative 2 relu(p) and the norm backward's dp * p are the same with relu(p) = sqrt(act(pre)) in place
     of p (dp = 0 where p <= 0), so act(pre) is the one [B*T, hidden] tensor written (block_kernels ACT 2).
-  * q/k/v come out of one kernel in which a program owns whole heads (two on the GPU) of a row tile, so the
-    per-head RMSNorm, RoPE and gain are epilogue math. RoPE pairs are laid out as two half-head accumulators
-    (two matmuls of N = heads*head_dim/2), so rotating is elementwise and partial RoPE is just cos=1 / sin=0 on
-    the pass-through columns. Programs of one row tile are adjacent in the grid, so xm comes from HBM once.
+  * q/k/v come out of one kernel in which a program owns whole heads (two in Triton, four in the sm_90 kernel) of
+    a row tile, so the per-head RMSNorm, RoPE and gain are epilogue math. In Triton RoPE pairs are laid out as
+    two half-head accumulators (two matmuls of N = heads*head_dim/2), so rotating is elementwise and partial RoPE
+    is just cos=1 / sin=0 on the pass-through columns; in the wgmma accumulator layout a thread already holds
+    both columns of each pair, so the sm_90 kernel keeps W's rows in order. Programs of one row tile are adjacent
+    in the grid, so xm comes from HBM once.
   * Backward recovers the normalised, unrotated q/k from the q/k that SDPA keeps alive anyway
     (n = R^T(y) / gain) and needs only the per-head rstd ([M, H+KVH] floats) from forward. A q gain of
     exactly 0 would make d(q_gain) wrong for that head (y carries no information then).
@@ -630,5 +634,7 @@ class FusedBlock(ReferenceBlock):
         return out
 
 
-FORWARD_KERNELS_OUTSIDE_ATTENTION = 7  # 1 weight preparation + 2 row passes (rstd) + 4 fused matmul kernels
+# 1 weight preparation + 2 row passes (rstd) + 4 fused matmul kernels; on sm_90 with the extension and
+# FusedBlock.attn_in_mix the attention input's row pass is inside its matmul kernel (6)
+FORWARD_KERNELS_OUTSIDE_ATTENTION = 7
 BACKWARD_KERNELS = 9  # outside attention; 4 of them cuBLAS weight gradients on a GPU
