@@ -349,12 +349,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif  // PGOLF_SM90A
 }
 
-// Per device, once: whether it is sm_90, its multiprocessor count, and the kernels' shared-memory limit raised.
-struct DeviceInfo {
-  bool sm90 = false;
-  int sms = 0;
-};
-
 using Kernel = void (*)(CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap,
                         CUtensorMap, CUtensorMap, AttnInArgs);
 
@@ -365,27 +359,14 @@ Kernel kernel_for(int64_t rope_dims) {
 }
 
 const DeviceInfo& device_info(int device) {
-  constexpr int kMaxDevices = 64;
-  static DeviceInfo infos[kMaxDevices];
-  static std::once_flag once[kMaxDevices];
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "block_attn_in_sm90: device index out of range");
-  std::call_once(once[device], [device] {
-    int major = 0, minor = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&infos[device].sms, cudaDevAttrMultiProcessorCount, device));
-    infos[device].sm90 = major == 9 && minor == 0;
-    if (infos[device].sm90) {
-      const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-      for (int64_t rd : {16, 32, 48, 64}) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel_for<false>(rd), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            Smem<false>::kBytes));
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel_for<true>(rd), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            Smem<true>::kBytes));
-      }
+  return sm90::device_info(device, "block_attn_in_sm90", [] {
+    for (int64_t rd : {16, 32, 48, 64}) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel_for<false>(rd), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          Smem<false>::kBytes));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel_for<true>(rd), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          Smem<true>::kBytes));
     }
   });
-  return infos[device];
 }
 
 bool ok_bf16_matrix(const at::Tensor& t, int64_t rows, int64_t cols, const at::Tensor& like) {

@@ -303,31 +303,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif  // PGOLF_SM90A
 }
 
-struct DeviceInfo {
-  bool sm90 = false;
-  int sms = 0;
-};
-
+// The kernels' shared-memory limit raised once per sm_90 device (the op runs once per linear per micro-step, so
+// its host time matters at the small shapes).
 const DeviceInfo& device_info(int device) {
-  constexpr int kMaxDevices = 64;
-  static DeviceInfo infos[kMaxDevices];
-  static std::once_flag once[kMaxDevices];
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "qat_linear_sm90: device index out of range");
-  std::call_once(once[device], [device] {
-    int major = 0, minor = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&infos[device].sms, cudaDevAttrMultiProcessorCount, device));
-    infos[device].sm90 = major == 9 && minor == 0;
-    if (infos[device].sm90) {
-      const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-      C10_CUDA_CHECK(cudaFuncSetAttribute(qat_gemm_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          kSmemBytes));
-      C10_CUDA_CHECK(cudaFuncSetAttribute(qat_gemm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          kSmemBytes));
-    }
+  return sm90::device_info(device, "qat_linear_sm90", [] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(qat_gemm_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        kSmemBytes));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(qat_gemm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        kSmemBytes));
   });
-  return infos[device];
 }
 
 }  // namespace

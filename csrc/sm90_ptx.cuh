@@ -6,12 +6,14 @@
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>
 
 #include <cstdint>
+#include <mutex>
 
 #include "error_text.h"
 
@@ -162,6 +164,34 @@ inline CUtensorMap make_map(const char* what, const at::Tensor& t, CUtensorMapDa
   TORCH_CHECK(res == CUDA_SUCCESS, what, ": cuTensorMapEncodeTiled failed with code ",
               num_text(static_cast<int64_t>(res)));
   return map;
+}
+
+// Per device, looked up once: whether it is sm_90 and its multiprocessor count; on an sm_90 device
+// raise_smem() (the caller's cudaFuncSetAttribute calls for its kernels' shared memory) runs once with the device
+// current. Call it from one function per kernel family: each lambda type has its own table.
+struct DeviceInfo {
+  bool sm90 = false;
+  int sms = 0;
+};
+
+template <class RaiseSmem>
+const DeviceInfo& device_info(int device, const char* what, RaiseSmem raise_smem) {
+  constexpr int kMaxDevices = 64;
+  static DeviceInfo infos[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, what, ": device index out of range");
+  std::call_once(once[device], [&] {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&infos[device].sms, cudaDevAttrMultiProcessorCount, device));
+    infos[device].sm90 = major == 9 && minor == 0;
+    if (infos[device].sm90) {
+      const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+      raise_smem();
+    }
+  });
+  return infos[device];
 }
 
 }  // namespace sm90
