@@ -15,9 +15,9 @@ Implementations (rows' `impl`):
            cuDNN attention: what the CUTLASS kernels gain, measured in the same run
   fused_cutlass  the same with GEMM_BACKEND = "cutlass": the launches "auto" puts on CUTLASS, but an error
            instead of a Triton fallback where one cannot run
-  fused_keep_act, fused_no_keep_act, fused_expand_kv, fused_rowpass  the fused block (cuDNN) with
-           FusedBlock.keep_act on / off, .expand_kv on, .attn_in_mix off (the row pass before the sm_90 attention
-           input): options measured against the default in the same run
+  fused_keep_act, fused_no_keep_act, fused_expand_kv, fused_attn_in_mix  the fused block (cuDNN) with
+           FusedBlock.keep_act on / off, .expand_kv on, .attn_in_mix on (the sm_90 attention input forms xm and
+           rstd itself, no row pass): options measured against the default in the same run
 Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
 fwd = forward under torch.no_grad() (the fused block's eval path).
 
@@ -98,7 +98,7 @@ def init_params(block: torch.nn.Module, seed: int) -> None:
 
 # impl -> (FusedBlock option, value) measured against the class default
 FUSED_OPTIONS = {"fused_keep_act": ("keep_act", True), "fused_no_keep_act": ("keep_act", False),
-                 "fused_expand_kv": ("expand_kv", True), "fused_rowpass": ("attn_in_mix", False)}
+                 "fused_expand_kv": ("expand_kv", True), "fused_attn_in_mix": ("attn_in_mix", True)}
 GEMM_IMPLS = {"fused_triton": "triton", "fused_cutlass": "cutlass"}  # impl -> block_kernels.GEMM_BACKEND
 
 

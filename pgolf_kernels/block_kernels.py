@@ -764,7 +764,7 @@ def row_stats(x, x0=None, resid_mix=None):
 
 
 def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_dims, store_stats, kv_rep=1,
-                fuse_mix=True):
+                fuse_mix=False):
     """x, x0: [M, D]; returns xm [M, D], q [M, H*HD], k, v [M, KVH*kv_rep*HD] (each k/v head written kv_rep
     times, adjacent), rstd [M] and head_rstd [M, H+KVH] (both [0...] when not store_stats). Where
     _attn_in_backend allows, csrc/block_attn_in_sm90.cu: one launch that also forms xm and rstd (fuse_mix), or

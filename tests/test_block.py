@@ -760,7 +760,8 @@ def test_gpu_sm90_attn_in(monkeypatch, B, T, H, KVH, rope_dims, store_stats, fus
         torch.testing.assert_close(rstd, xm_want.square().mean(1).add(kn.RMS_EPS).rsqrt(), rtol=1e-5, atol=0)
     y = (xm.float() @ torch.cat([wq, wk, wv]).float().t()) * rstd[:, None] if store_stats else None
     if y is None:  # rstd is not returned on the eval path: recompute it from xm as the row pass did
-        y = (xm.float() @ torch.cat([wq, wk, wv]).float().t()) * xm.float().square().mean(1).add(kn.RMS_EPS).rsqrt()[:, None]
+        r = xm.float().square().mean(1).add(kn.RMS_EPS).rsqrt()
+        y = (xm.float() @ torch.cat([wq, wk, wv]).float().t()) * r[:, None]
     heads = y.view(M, H + 2 * KVH, HD)
     hr = heads[:, :H + KVH].square().mean(-1).add(kn.RMS_EPS).rsqrt()  # q and k heads
     n = heads[:, :H + KVH] * hr[..., None]
@@ -815,10 +816,11 @@ def test_gpu_block_cutlass_matches_triton(monkeypatch, case):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("on", [False, True])
-@pytest.mark.parametrize("option", ["expand_kv", "keep_act"])
+@pytest.mark.parametrize("option", ["expand_kv", "keep_act", "attn_in_mix"])
 @pytest.mark.parametrize("case", gpu_cases(4, seed=13), ids=lambda c: f"B{c['B']}_T{c['T']}_m{c['mlp_mult']}_{c['activation']}")
 def test_gpu_block_option_vs_truth(case, option, on):
     """The fused block with an option on and off, each against the fp32 reference (as test_gpu_fused_block_bf16):
+    attn_in_mix (the sm_90 attention input mixing x and x0 itself; elsewhere a no-op),
     expand_kv (k/v expanded to every query head, SDPA without GQA) and keep_act (act(pre) stored by the MLP-up
     matmul; with relu^2 alone, relu(pre) recovered from it in backward: other roundings than pre in bf16, so the
     two are not compared with each other: d(q_gain), a sum over every token, differed by 1.02e-2 relative at
