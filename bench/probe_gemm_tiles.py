@@ -118,6 +118,8 @@ BLOCK_VARIANTS = {
                 {"BN": 128, "num_stages": 4}, dict(_TMA, BN=128, num_stages=4), dict(_TMA, BM=64, BN=256, num_stages=4)],
     "attn_in": [{}, {"HPP": 1}, {"HPP": 4}, {"BM": 64, "num_warps": 4}, {"num_stages": 4}, {"BK": 128, "num_stages": 2},
                 {"TMA": 0}, {"TMA": 1, "num_stages": 4}],
+    # the sm_90 wgmma attention input (csrc/block_attn_in_sm90.cu) under auto; its launches differ in fuse_mix
+    "attn_in_sm90": [{"BACKEND": "auto"}],
     "attn_epi": [{}, {"BM": 16}, {"BM": 64}, {"BM": 32, "num_warps": 4}],
 }
 
@@ -155,6 +157,10 @@ def block_launches(budget: float, dev: str = "cuda", B: int = 64, T: int = 1024,
     launches = [
         ("attn_in fwd (row_stats + qkv)", "attn_in", 2.0 * M * D * (H + 2 * KVH) * HD,
          lambda: kn.attn_in_fwd(x, x0, mix, wq, wk, wv, gain, cos, sin, T, H, KVH, HD, True)),
+        ("attn_in fwd sm90 (row_stats + wgmma)", "attn_in_sm90", 2.0 * M * D * (H + 2 * KVH) * HD,
+         lambda: kn.attn_in_fwd(x, x0, mix, wq, wk, wv, gain, cos, sin, T, H, KVH, HD, True)),
+        ("attn_in fwd sm90 (mix in the kernel)", "attn_in_sm90", 2.0 * M * D * (H + 2 * KVH) * HD,
+         lambda: kn.attn_in_fwd(x, x0, mix, wq, wk, wv, gain, cos, sin, T, H, KVH, HD, True, fuse_mix=True)),
         ("attn_out fwd (residual)", "row_gemm_res", gf * D * D,
          lambda: kn.row_gemm(y, P(D), wp, D, 1, M, D, D, out_d, P(D), epi=kn.EPI_RESIDUAL, nvec=nvec, res=xm)),
         ("mlp up (row scale)", "row_gemm", gf * D * HID,
@@ -228,7 +234,7 @@ def block_launches(budget: float, dev: str = "cuda", B: int = 64, T: int = 1024,
                 ms, err = float("nan"), f"{type(e).__name__}: {str(e)[:80]}"
             kn._TILE_OVERRIDES.clear()
             kn.GEMM_BACKEND = "auto"
-            tiles = dict(kn._blocks(kind), **var)
+            tiles = dict(kn._blocks(kind) if kind != "attn_in_sm90" else {}, **var)  # (the wgmma kernel: no tiles)
             rows.append(dict(launch=name, kind=kind, tiles=tiles, ms=ms, tflops=flop / ms / 1e9 if ms == ms else None,
                              error=err))
             lines.append(f"{name:40s} {json.dumps(var):50s} {ms:8.4f} ms {(flop / ms / 1e9) if ms == ms else 0:6.1f} TF/s {err}")
