@@ -15,6 +15,8 @@ Implementations (rows' `impl`):
            cuDNN attention: what the CUTLASS kernels gain, measured in the same run
   fused_cutlass  the same with GEMM_BACKEND = "cutlass": the launches "auto" puts on CUTLASS, but an error
            instead of a Triton fallback where one cannot run
+  fused_attn_in_pingpong  the fused block with the sm_90 attention input on its ping-pong schedule
+           (block_kernels.ATTN_IN_SCHEDULE)
   fused_keep_act, fused_no_keep_act, fused_expand_kv, fused_attn_in_mix  the fused block (cuDNN) with
            FusedBlock.keep_act on / off, .expand_kv on, .attn_in_mix on (the sm_90 attention input forms xm and
            rstd itself, no row pass): options measured against the default in the same run
@@ -100,6 +102,7 @@ def init_params(block: torch.nn.Module, seed: int) -> None:
 FUSED_OPTIONS = {"fused_keep_act": ("keep_act", True), "fused_no_keep_act": ("keep_act", False),
                  "fused_expand_kv": ("expand_kv", True), "fused_attn_in_mix": ("attn_in_mix", True)}
 GEMM_IMPLS = {"fused_triton": "triton", "fused_cutlass": "cutlass"}  # impl -> block_kernels.GEMM_BACKEND
+SCHEDULE_IMPLS = {"fused_attn_in_pingpong": "pingpong"}  # impl -> block_kernels.ATTN_IN_SCHEDULE
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -562,20 +565,21 @@ def main(argv: list[str] | None = None) -> None:
             params = params_fused if is_fused else params_ref
             autocast = not is_fused and not smoke
             gemm = GEMM_IMPLS.get(impl, block_kernels.GEMM_BACKEND)
+            schedule = SCHEDULE_IMPLS.get(impl, block_kernels.ATTN_IN_SCHEDULE)
             option = FUSED_OPTIONS.get(impl)
             if smoke:
                 backend = SDPBackend.MATH  # the only CPU backend
 
             @contextlib.contextmanager
-            def impl_settings():  # this impl's GEMM backend and FusedBlock option
-                saved = block_kernels.GEMM_BACKEND
-                block_kernels.GEMM_BACKEND = gemm
+            def impl_settings():  # this impl's GEMM backend, attention-input schedule and FusedBlock option
+                saved = block_kernels.GEMM_BACKEND, block_kernels.ATTN_IN_SCHEDULE
+                block_kernels.GEMM_BACKEND, block_kernels.ATTN_IN_SCHEDULE = gemm, schedule
                 if option:
                     setattr(fused, *option)
                 try:
                     yield
                 finally:
-                    block_kernels.GEMM_BACKEND = saved
+                    block_kernels.GEMM_BACKEND, block_kernels.ATTN_IN_SCHEDULE = saved
                     if option:
                         delattr(fused, option[0])  # back to the class default
 
@@ -599,7 +603,7 @@ def main(argv: list[str] | None = None) -> None:
                              (impl, mode, SDPBackend.FLASH_ATTENTION, "flash", "none")]
                     if not smoke:
                         plan.append((impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn", "torch.compile"))
-                elif impl in GEMM_IMPLS or impl in FUSED_OPTIONS:
+                elif impl in GEMM_IMPLS or impl in FUSED_OPTIONS or impl in SCHEDULE_IMPLS:
                     plan.append((impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn", "none"))
                 else:
                     plan.append((impl, mode, SDPBackend.FLASH_ATTENTION, "flash",
@@ -623,6 +627,7 @@ def main(argv: list[str] | None = None) -> None:
                        tflops=None, peak_mib=None, tokens_per_s=None, ok=False, max_rel_err=None, error=None)
             if impl.startswith("fused"):
                 row["block_gemm"] = gemm_state(GEMM_IMPLS.get(impl, kn.GEMM_BACKEND))
+                row["attn_in_schedule"] = SCHEDULE_IMPLS.get(impl, kn.ATTN_IN_SCHEDULE)
                 for opt in sorted({o for o, _ in FUSED_OPTIONS.values()}):
                     forced = FUSED_OPTIONS.get(impl)
                     row[opt] = forced[1] if forced and forced[0] == opt else FusedBlock.__dict__[opt]

@@ -154,6 +154,14 @@ def block_launches(budget: float, dev: str = "cuda", B: int = 64, T: int = 1024,
     out_d, out_h, act_out = (torch.empty(M, n, device=dev, dtype=adt) for n in (D, HID, HID))
     P = kn._plain
     gf = 2.0 * M
+
+    def pingpong(fn, *args, **kw):  # fn under the sm_90 attention input's ping-pong schedule
+        saved, kn.ATTN_IN_SCHEDULE = kn.ATTN_IN_SCHEDULE, "pingpong"
+        try:
+            return fn(*args, **kw)
+        finally:
+            kn.ATTN_IN_SCHEDULE = saved
+
     launches = [
         ("attn_in fwd (row_stats + qkv)", "attn_in", 2.0 * M * D * (H + 2 * KVH) * HD,
          lambda: kn.attn_in_fwd(x, x0, mix, wq, wk, wv, gain, cos, sin, T, H, KVH, HD, True)),
@@ -161,6 +169,8 @@ def block_launches(budget: float, dev: str = "cuda", B: int = 64, T: int = 1024,
          lambda: kn.attn_in_fwd(x, x0, mix, wq, wk, wv, gain, cos, sin, T, H, KVH, HD, True)),
         ("attn_in fwd sm90 (mix in the kernel)", "attn_in_sm90", 2.0 * M * D * (H + 2 * KVH) * HD,
          lambda: kn.attn_in_fwd(x, x0, mix, wq, wk, wv, gain, cos, sin, T, H, KVH, HD, True, fuse_mix=True)),
+        ("attn_in fwd sm90 ping-pong (+ row_stats)", "attn_in_sm90", 2.0 * M * D * (H + 2 * KVH) * HD,
+         lambda: pingpong(kn.attn_in_fwd, x, x0, mix, wq, wk, wv, gain, cos, sin, T, H, KVH, HD, True)),
         ("attn_out fwd (residual)", "row_gemm_res", gf * D * D,
          lambda: kn.row_gemm(y, P(D), wp, D, 1, M, D, D, out_d, P(D), epi=kn.EPI_RESIDUAL, nvec=nvec, res=xm)),
         ("mlp up (row scale)", "row_gemm", gf * D * HID,

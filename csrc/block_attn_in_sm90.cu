@@ -19,6 +19,10 @@
 // Tile: 128 tokens x 256 columns (4 heads of 64) x 64 reduction. Needs head_dim 64, num_heads and num_kv_heads
 // multiples of 4, rope_dims in {16, 32, 48, 64}, d_model % 64 == 0, bf16; block_kernels.attn_in_fwd sends every
 // other case (and k/v written several times, kv_rep > 1) to the Triton kernel.
+// Measured on the H100 at B64xT1024 (bench/results/block-h100-80gb-hbm3-2026-12-06-3182126.json, profile):
+// 0.148 ms against the Triton kernel's 0.224. Two variants below were written without a device to run them
+// (session 11), each behind a switch that is off: MIX (the kernel forms xm and rstd itself, no row pass before
+// it; FusedBlock.attn_in_mix) and a ping-pong schedule (block_kernels.ATTN_IN_SCHEDULE).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -68,6 +72,87 @@ struct AttnInArgs {
   int M, T, D, H, KVH;
   float eps;
 };
+
+#ifdef PGOLF_SM90A
+// Per-head RMSNorm (+ q gain) and RoPE of NH heads of 64 columns in one m64 wgmma accumulator block: this thread
+// holds rows m_lo (registers 4 i, 4 i + 1) and m_lo + 8 (4 i + 2, 4 i + 3) of every 8-column block i, columns
+// 8 i + 2 q + {0, 1}, already scaled by the rows' rstd. head0: hrstd column of the first head.
+template <int NH, int RH8>
+__device__ __forceinline__ void qk_norm_rope(float (&acc)[NH * 32], int head0, bool is_q, int m_lo,
+                                             const AttnInArgs& args, int q) {
+  const int m_hi = m_lo + 8, n_heads = args.H + args.KVH;
+#pragma unroll
+  for (int h = 0; h < NH; ++h) {
+    float s_lo = 0.f, s_hi = 0.f;
+#pragma unroll
+    for (int i = 8 * h; i < 8 * h + 8; ++i) {
+      s_lo += acc[4 * i] * acc[4 * i] + acc[4 * i + 1] * acc[4 * i + 1];
+      s_hi += acc[4 * i + 2] * acc[4 * i + 2] + acc[4 * i + 3] * acc[4 * i + 3];
+    }
+    s_lo += __shfl_xor_sync(0xffffffffu, s_lo, 1);
+    s_lo += __shfl_xor_sync(0xffffffffu, s_lo, 2);
+    s_hi += __shfl_xor_sync(0xffffffffu, s_hi, 1);
+    s_hi += __shfl_xor_sync(0xffffffffu, s_hi, 2);
+    const float hr_lo = 1.f / sqrtf(s_lo / kHeadDim + args.eps);
+    const float hr_hi = 1.f / sqrtf(s_hi / kHeadDim + args.eps);
+    if (args.hrstd != nullptr && q == 0) {
+      if (m_lo < args.M) args.hrstd[int64_t(m_lo) * n_heads + head0 + h] = hr_lo;
+      if (m_hi < args.M) args.hrstd[int64_t(m_hi) * n_heads + head0 + h] = hr_hi;
+    }
+    // the gain commutes with the rotation: applied with the norm
+    const float gn = is_q ? __ldg(args.gain + head0 + h) : 1.f;
+    const float f_lo = hr_lo * gn, f_hi = hr_hi * gn;
+#pragma unroll
+    for (int i = 8 * h; i < 8 * h + 8; ++i) {
+      acc[4 * i] *= f_lo;
+      acc[4 * i + 1] *= f_lo;
+      acc[4 * i + 2] *= f_hi;
+      acc[4 * i + 3] *= f_hi;
+    }
+  }
+  // RoPE: column c < rope_dims/2 of a head (block ib < RH8) rotates with column c + rope_dims/2
+  const float* cs_lo = args.cos + (m_lo % args.T) * (kHeadDim / 2);
+  const float* sn_lo = args.sin + (m_lo % args.T) * (kHeadDim / 2);
+  const float* cs_hi = args.cos + (m_hi % args.T) * (kHeadDim / 2);
+  const float* sn_hi = args.sin + (m_hi % args.T) * (kHeadDim / 2);
+#pragma unroll
+  for (int ib = 0; ib < RH8; ++ib) {
+    const int c = 8 * ib + 2 * q;
+    const float2 cl = __ldg(reinterpret_cast<const float2*>(cs_lo + c));
+    const float2 sl = __ldg(reinterpret_cast<const float2*>(sn_lo + c));
+    const float2 ch = __ldg(reinterpret_cast<const float2*>(cs_hi + c));
+    const float2 sh = __ldg(reinterpret_cast<const float2*>(sn_hi + c));
+    const float cv[4] = {cl.x, cl.y, ch.x, ch.y}, sv[4] = {sl.x, sl.y, sh.x, sh.y};
+#pragma unroll
+    for (int h = 0; h < NH; ++h) {
+      const int ia = 8 * h + ib, ibb = ia + RH8;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {  // (row lo, col c), (lo, c + 1), (hi, c), (hi, c + 1)
+        const float a = acc[4 * ia + e], b = acc[4 * ibb + e];
+        acc[4 * ia + e] = a * cv[e] + b * sv[e];
+        acc[4 * ibb + e] = b * cv[e] - a * sv[e];
+      }
+    }
+  }
+}
+
+// bf16 of head h of an m64 accumulator block into its box (rows of 128 bytes, 128-byte swizzle); this warp's 16
+// rows start at box row row0.
+template <int N>
+__device__ __forceinline__ void stmatrix_head(const float (&acc)[N], int h, uint8_t* box, int row0, int lane) {
+  const int mi = lane / 8, mr = lane % 8;
+  const int srow = row0 + (mi & 1) * 8 + mr;  // the box row whose address this lane gives
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {  // 8-column blocks 2p, 2p + 1 of the head
+    const int i = 8 * h + 2 * p;
+    const int chunk = 2 * p + (mi >> 1);
+    const uint32_t addr = smem_addr(box) + srow * 128 + (((chunk ^ srow) & 7) << 4);
+    stmatrix_x4(addr, pack_bf16(acc[4 * i], acc[4 * i + 1]), pack_bf16(acc[4 * i + 2], acc[4 * i + 3]),
+                pack_bf16(acc[4 * i + 4], acc[4 * i + 5]), pack_bf16(acc[4 * i + 6], acc[4 * i + 7]));
+  }
+}
+
+#endif  // PGOLF_SM90A
 
 // RH8 = rope_dims / 16: the 8-column blocks of a head that RoPE pairs with the block RH8 further on.
 // map_x: xm, or with MIX x (and map_x0: x0, map_xm: where xm goes); unused maps are copies of map_x.
@@ -163,7 +248,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int g = lane / 4, q = lane % 4;
   const int row = 64 * cw + 16 * warp + g;  // this thread's rows within the tile: row, row + 8
   uint8_t* my_epi = epi + cw * S::kEpiBytes;
-  const int n_heads = args.H + args.KVH;
   int stage = 0;
   uint32_t phase = 0;
   // MIX: this thread mixes 4 of the 8 16-byte chunks (32 columns) of row mrow of its warpgroup's 64 per stage
@@ -259,83 +343,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       acc[4 * i + 3] *= rs_hi;
     }
     if (kind != 2) {
-      const int head0 = kind == 0 ? 4 * ct : args.H + 4 * ct;  // head index of the tile's first head (hrstd column)
-#pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        float s_lo = 0.f, s_hi = 0.f;
-#pragma unroll
-        for (int i = 8 * h; i < 8 * h + 8; ++i) {
-          s_lo += acc[4 * i] * acc[4 * i] + acc[4 * i + 1] * acc[4 * i + 1];
-          s_hi += acc[4 * i + 2] * acc[4 * i + 2] + acc[4 * i + 3] * acc[4 * i + 3];
-        }
-        s_lo += __shfl_xor_sync(0xffffffffu, s_lo, 1);
-        s_lo += __shfl_xor_sync(0xffffffffu, s_lo, 2);
-        s_hi += __shfl_xor_sync(0xffffffffu, s_hi, 1);
-        s_hi += __shfl_xor_sync(0xffffffffu, s_hi, 2);
-        const float hr_lo = 1.f / sqrtf(s_lo / kHeadDim + args.eps);
-        const float hr_hi = 1.f / sqrtf(s_hi / kHeadDim + args.eps);
-        if (args.hrstd != nullptr && q == 0) {
-          if (m_lo < args.M) args.hrstd[int64_t(m_lo) * n_heads + head0 + h] = hr_lo;
-          if (m_hi < args.M) args.hrstd[int64_t(m_hi) * n_heads + head0 + h] = hr_hi;
-        }
-        // the gain commutes with the rotation: applied with the norm
-        const float gn = kind == 0 ? __ldg(args.gain + head0 + h) : 1.f;
-        const float f_lo = hr_lo * gn, f_hi = hr_hi * gn;
-#pragma unroll
-        for (int i = 8 * h; i < 8 * h + 8; ++i) {
-          acc[4 * i] *= f_lo;
-          acc[4 * i + 1] *= f_lo;
-          acc[4 * i + 2] *= f_hi;
-          acc[4 * i + 3] *= f_hi;
-        }
-      }
-      // RoPE: column c < rope_dims/2 of a head (block ib < RH8) rotates with column c + rope_dims/2
-      const float* cs_lo = args.cos + (m_lo % args.T) * (kHeadDim / 2);
-      const float* sn_lo = args.sin + (m_lo % args.T) * (kHeadDim / 2);
-      const float* cs_hi = args.cos + (m_hi % args.T) * (kHeadDim / 2);
-      const float* sn_hi = args.sin + (m_hi % args.T) * (kHeadDim / 2);
-#pragma unroll
-      for (int ib = 0; ib < RH8; ++ib) {
-        const int c = 8 * ib + 2 * q;
-        const float2 cl = __ldg(reinterpret_cast<const float2*>(cs_lo + c));
-        const float2 sl = __ldg(reinterpret_cast<const float2*>(sn_lo + c));
-        const float2 ch = __ldg(reinterpret_cast<const float2*>(cs_hi + c));
-        const float2 sh = __ldg(reinterpret_cast<const float2*>(sn_hi + c));
-        const float cv[4] = {cl.x, cl.y, ch.x, ch.y}, sv[4] = {sl.x, sl.y, sh.x, sh.y};
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          const int ia = 8 * h + ib, ibb = ia + RH8;
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {  // (row lo, col c), (lo, c + 1), (hi, c), (hi, c + 1)
-            const float a = acc[4 * ia + e], b = acc[4 * ibb + e];
-            acc[4 * ia + e] = a * cv[e] + b * sv[e];
-            acc[4 * ibb + e] = b * cv[e] - a * sv[e];
-          }
-        }
-      }
+      // head index of the tile's first head (hrstd column)
+      qk_norm_rope<4, RH8>(acc, kind == 0 ? 4 * ct : args.H + 4 * ct, kind == 0, m_lo, args, q);
     }
 
     // bf16 into the warpgroup's head boxes ([64 tokens x 128 bytes], 128-byte swizzle), then TMA stores; 4 boxes
     // in one round, or (MIX) 2 in each of two
-    const int mi = lane / 8, mr = lane % 8;
-    const int srow = 16 * warp + (mi & 1) * 8 + mr;  // the box row whose address this lane gives
     const CUtensorMap* omap = kind == 0 ? &map_q : kind == 1 ? &map_k : &map_v;
 #pragma unroll
     for (int h0 = 0; h0 < 4; h0 += S::kBoxes) {
       if (tid == 0) tma_store_wait_read();  // the previous stores have left the boxes
       named_barrier(1 + cw, 128);
 #pragma unroll
-      for (int hb = 0; hb < S::kBoxes; ++hb) {
-#pragma unroll
-        for (int p = 0; p < 4; ++p) {  // 8-column blocks 2p, 2p + 1 of head h0 + hb
-          const int i = 8 * (h0 + hb) + 2 * p;
-          const int chunk = 2 * p + (mi >> 1);
-          const uint32_t addr = smem_addr(my_epi + hb * kBoxBytes) + srow * 128 + (((chunk ^ srow) & 7) << 4);
-          stmatrix_x4(addr, pack_bf16(acc[4 * i], acc[4 * i + 1]), pack_bf16(acc[4 * i + 2], acc[4 * i + 3]),
-                      pack_bf16(acc[4 * i + 4], acc[4 * i + 5]), pack_bf16(acc[4 * i + 6], acc[4 * i + 7]));
-        }
-      }
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      for (int hb = 0; hb < S::kBoxes; ++hb) stmatrix_head(acc, h0 + hb, my_epi + hb * kBoxBytes, 16 * warp, lane);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       named_barrier(1 + cw, 128);
       if (tid == 0) {
 #pragma unroll
@@ -343,6 +364,173 @@ __global__ void __launch_bounds__(kThreads, 1)
           tma_store_2d(omap, my_epi + hb * kBoxBytes, kTileN * ct + kHeadDim * (h0 + hb), m0 + 64 * cw);
         }
       }
+    }
+  }
+  if (tid == 0) tma_store_wait_all();
+#endif  // PGOLF_SM90A
+}
+
+// ---- ping-pong schedule (no MIX) -------------------------------------------------------------------------------
+// Each consumer warpgroup owns whole tiles of 128 tokens x 128 columns (2 heads; two m64n128 accumulator blocks,
+// 128 registers), the two taking alternate tiles: while one runs its epilogue the other's wgmmas run, where the
+// kernel above (both warpgroups on one 128x256 tile) leaves the tensor cores idle during each epilogue. An order
+// barrier makes the two main loops take turns (as CUTLASS's ping-pong kernels do), which also keeps every wait on
+// a `full` barrier within one phase of the producer. Operand bytes per tile: 128 KB of xm and 128 KB of W for
+// 128 columns, against 128 + 256 KB for 256 columns above.
+constexpr int kPPTileN = 128;
+constexpr int kPPStages = 4;
+constexpr int kPPBBytes = kPPTileN * kTileK * 2;    // 16 KB
+constexpr int kPPStageBytes = kABytes + kPPBBytes;  // 32 KB
+constexpr int kPPBoxBytes = kTileM * kHeadDim * 2;  // one head of a tile: [128 tokens x 64 columns] bf16, 16 KB
+constexpr int kPPEpiBytes = 2 * kPPBoxBytes;        // per consumer warpgroup
+constexpr int kPPSmemBytes = kPPStages * kPPStageBytes + 2 * kPPEpiBytes + 1024 /* alignment */ + 128 /* barriers */;
+static_assert(kPPSmemBytes <= 232448, "more shared memory than an sm_90 CTA can have");
+
+template <int RH8>
+__global__ void __launch_bounds__(kThreads, 1)
+    attn_in_pingpong_kernel(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_wq,
+                            const __grid_constant__ CUtensorMap map_wk, const __grid_constant__ CUtensorMap map_wv,
+                            const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                            const __grid_constant__ CUtensorMap map_v, const AttnInArgs args) {
+#ifdef PGOLF_SM90A
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* stage_a = smem;                            // kPPStages x kABytes (xm)
+  uint8_t* stage_b = smem + kPPStages * kABytes;      // kPPStages x kPPBBytes (W)
+  uint8_t* epi = smem + kPPStages * kPPStageBytes;    // 2 x kPPEpiBytes
+  uint64_t* full = reinterpret_cast<uint64_t*>(epi + 2 * kPPEpiBytes);
+  uint64_t* empty = full + kPPStages;
+  uint64_t* order = empty + kPPStages;  // order[w]: warpgroup w may start its next main loop
+
+  const int warpgroup = threadIdx.x / 128;
+  const int tid = threadIdx.x % 128;
+  const int nq = args.H / 2, nk = args.KVH / 2;  // column tiles of q, of k (and of v)
+  const int num_n = nq + 2 * nk;
+  const int num_tiles = num_n * ((args.M + kTileM - 1) / kTileM);
+  const int num_k = args.D / kTileK;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kPPStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 4);  // lane 0 of each warp of the warpgroup that consumed the stage
+    }
+    mbar_init(&order[0], 1);
+    mbar_init(&order[1], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (tid != 0) return;
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+      const int nt = tile % num_n, m0 = (tile / num_n) * kTileM;
+      const CUtensorMap* wmap = nt < nq ? &map_wq : nt < nq + nk ? &map_wk : &map_wv;
+      const int w0 = kPPTileN * (nt < nq ? nt : nt < nq + nk ? nt - nq : nt - nq - nk);
+      for (int kb = 0; kb < num_k; ++kb) {
+        mbar_wait(&empty[stage], phase ^ 1);
+        mbar_expect_tx(&full[stage], kPPStageBytes);
+        tma_load_2d(stage_a + stage * kABytes, &map_x, &full[stage], kb * kTileK, m0);
+        tma_load_2d(stage_b + stage * kPPBBytes, wmap, &full[stage], kb * kTileK, w0);
+        if (++stage == kPPStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int w = warpgroup - 1;  // consumer warpgroup: this CTA's tiles j with j % 2 == w
+  const int warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, q = lane % 4;
+  uint8_t* my_epi = epi + w * kPPEpiBytes;
+  int stage = 0;
+  uint32_t phase = 0, order_phase = 0;
+  int j = 0;
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++j) {
+    if ((j & 1) != w) {  // the other warpgroup's tile: its stages pass by
+      for (int kb = 0; kb < num_k; ++kb) {
+        if (++stage == kPPStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      continue;
+    }
+    const int nt = tile % num_n, m0 = (tile / num_n) * kTileM;
+    const int kind = nt < nq ? 0 : nt < nq + nk ? 1 : 2;  // q, k, v
+    const int ct = kind == 0 ? nt : kind == 1 ? nt - nq : nt - nq - nk;
+
+    if (j > 0) {  // the other warpgroup's main loop of tile j - 1 is over (it has waited on all of its stages)
+      mbar_wait(&order[w], order_phase);
+      order_phase ^= 1;
+    }
+    float acc[2][64];  // token rows [0, 64) and [64, 128) of the tile
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[0][i] = acc[1][i] = 0.f;
+    int prev = 0;
+    for (int kb = 0; kb < num_k; ++kb) {
+      mbar_wait(&full[stage], phase);
+      const uint64_t desc_a0 = smem_desc_sw128(stage_a + stage * kABytes);
+      const uint64_t desc_a1 = smem_desc_sw128(stage_a + stage * kABytes + kABytes / 2);
+      const uint64_t desc_b = smem_desc_sw128(stage_b + stage * kPPBBytes);
+      fence_operands(acc[0]);
+      fence_operands(acc[1]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {  // +32 bytes = 16 bf16 along the reduction
+        wgmma_m64n128k16_ss(acc[0], desc_a0 + 2 * kk, desc_b + 2 * kk);
+        wgmma_m64n128k16_ss(acc[1], desc_a1 + 2 * kk, desc_b + 2 * kk);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_operands(acc[0]);
+      fence_operands(acc[1]);
+      if (kb > 0 && lane == 0) mbar_arrive(&empty[prev]);
+      prev = stage;
+      if (++stage == kPPStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+    wgmma_wait<0>();
+    fence_operands(acc[0]);
+    fence_operands(acc[1]);
+    if (lane == 0) mbar_arrive(&empty[prev]);
+    if (tid == 0) mbar_arrive(&order[1 - w]);  // the other warpgroup's turn
+
+    // ---- epilogue (overlaps the other warpgroup's main loop) ----
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb) {
+      const int m_lo = m0 + 64 * mb + 16 * warp + g, m_hi = m_lo + 8;
+      const float rs_lo = m_lo < args.M ? __ldg(args.rstd + m_lo) : 0.f;
+      const float rs_hi = m_hi < args.M ? __ldg(args.rstd + m_hi) : 0.f;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        acc[mb][4 * i] *= rs_lo;
+        acc[mb][4 * i + 1] *= rs_lo;
+        acc[mb][4 * i + 2] *= rs_hi;
+        acc[mb][4 * i + 3] *= rs_hi;
+      }
+      if (kind != 2) qk_norm_rope<2, RH8>(acc[mb], kind == 0 ? 2 * ct : args.H + 2 * ct, kind == 0, m_lo, args, q);
+    }
+    if (tid == 0) tma_store_wait_read();  // this warpgroup's previous stores have left its boxes
+    named_barrier(1 + w, 128);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb) stmatrix_head(acc[mb], h, my_epi + h * kPPBoxBytes, 64 * mb + 16 * warp, lane);
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    named_barrier(1 + w, 128);
+    if (tid == 0) {
+      const CUtensorMap* omap = kind == 0 ? &map_q : kind == 1 ? &map_k : &map_v;
+      tma_store_2d(omap, my_epi, kPPTileN * ct, m0);
+      tma_store_2d(omap, my_epi + kPPBoxBytes, kPPTileN * ct + kHeadDim, m0);
     }
   }
   if (tid == 0) tma_store_wait_all();
@@ -358,9 +546,19 @@ Kernel kernel_for(int64_t rope_dims) {
          : rope_dims == 48 ? attn_in_kernel<3, MIX> : attn_in_kernel<4, MIX>;
 }
 
+using PingPongKernel = void (*)(CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap,
+                                CUtensorMap, AttnInArgs);
+
+PingPongKernel pingpong_kernel_for(int64_t rope_dims) {
+  return rope_dims == 16 ? attn_in_pingpong_kernel<1> : rope_dims == 32 ? attn_in_pingpong_kernel<2>
+         : rope_dims == 48 ? attn_in_pingpong_kernel<3> : attn_in_pingpong_kernel<4>;
+}
+
 const DeviceInfo& device_info(int device) {
   return sm90::device_info(device, "block_attn_in_sm90", [] {
     for (int64_t rd : {16, 32, 48, 64}) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(pingpong_kernel_for(rd), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          kPPSmemBytes));
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel_for<false>(rd), cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           Smem<false>::kBytes));
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel_for<true>(rd), cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -390,7 +588,8 @@ void block_attn_in_sm90_cuda(const at::Tensor& x, const c10::optional<at::Tensor
                              const at::Tensor& rstd, const at::Tensor& wq, const at::Tensor& wk, const at::Tensor& wv,
                              const at::Tensor& q_gain, const at::Tensor& cos, const at::Tensor& sin,
                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const c10::optional<at::Tensor>& hrstd, int64_t seq_len, int64_t rope_dims, double eps) {
+                             const c10::optional<at::Tensor>& hrstd, int64_t seq_len, int64_t rope_dims, double eps,
+                             bool pingpong) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, "block_attn_in_sm90: x must be a CUDA [M, D] tensor, got ",
               shape_text(x));
   const int64_t m = x.size(0), d = x.size(1);
@@ -405,10 +604,14 @@ void block_attn_in_sm90_cuda(const at::Tensor& x, const c10::optional<at::Tensor
                 "block_attn_in_sm90: x0 and xm must be contiguous bf16 like x, mix contiguous fp32 [2, D]");
   }
   const int64_t h = wq.dim() == 2 ? wq.size(0) / kHeadDim : 0, kvh = wk.dim() == 2 ? wk.size(0) / kHeadDim : 0;
-  TORCH_CHECK(h > 0 && h % 4 == 0 && kvh > 0 && kvh % 4 == 0 && ok_bf16_matrix(wq, h * kHeadDim, d, x) &&
-                  ok_bf16_matrix(wk, kvh * kHeadDim, d, x) && ok_bf16_matrix(wv, kvh * kHeadDim, d, x),
+  TORCH_CHECK(!(pingpong && fuse_mix), "block_attn_in_sm90: the ping-pong schedule has no mixing variant");
+  const int heads_per_tile = pingpong ? 2 : 4;
+  TORCH_CHECK(h > 0 && h % heads_per_tile == 0 && kvh > 0 && kvh % heads_per_tile == 0 &&
+                  ok_bf16_matrix(wq, h * kHeadDim, d, x) && ok_bf16_matrix(wk, kvh * kHeadDim, d, x) &&
+                  ok_bf16_matrix(wv, kvh * kHeadDim, d, x),
               "block_attn_in_sm90: wq [H*64, D], wk and wv [KVH*64, D] must be contiguous bf16 on x's device with "
-              "H and KVH multiples of 4; got ", shape_text(wq), ", ", shape_text(wk), ", ", shape_text(wv));
+              "H and KVH multiples of ", num_text(static_cast<int64_t>(heads_per_tile)), "; got ", shape_text(wq), ", ", shape_text(wk),
+              ", ", shape_text(wv));
   TORCH_CHECK(ok_bf16_matrix(q, m, h * kHeadDim, x) && ok_bf16_matrix(k, m, kvh * kHeadDim, x) &&
                   ok_bf16_matrix(v, m, kvh * kHeadDim, x),
               "block_attn_in_sm90: q [M, H*64], k and v [M, KVH*64] must be contiguous bf16 on x's device");
@@ -431,19 +634,27 @@ void block_attn_in_sm90_cuda(const at::Tensor& x, const c10::optional<at::Tensor
   const CUtensorMap map_x = make_map(what, x, kBf16, 2, m, d, kTileK, kTileM);
   const CUtensorMap map_x0 = fuse_mix ? make_map(what, *x0, kBf16, 2, m, d, kTileK, kTileM) : map_x;
   const CUtensorMap map_xm = fuse_mix ? make_map(what, *xm, kBf16, 2, m, d, kTileK, kTileM) : map_x;
-  const CUtensorMap map_wq = make_map(what, wq, kBf16, 2, wq.size(0), d, kTileK, kTileN);
-  const CUtensorMap map_wk = make_map(what, wk, kBf16, 2, wk.size(0), d, kTileK, kTileN);
-  const CUtensorMap map_wv = make_map(what, wv, kBf16, 2, wv.size(0), d, kTileK, kTileN);
-  const CUtensorMap map_q = make_map(what, q, kBf16, 2, m, q.size(1), kHeadDim, 64);
-  const CUtensorMap map_k = make_map(what, k, kBf16, 2, m, k.size(1), kHeadDim, 64);
-  const CUtensorMap map_v = make_map(what, v, kBf16, 2, m, v.size(1), kHeadDim, 64);
+  const uint32_t w_rows = pingpong ? kPPTileN : kTileN, out_rows = pingpong ? kTileM : 64;  // TMA box heights
+  const CUtensorMap map_wq = make_map(what, wq, kBf16, 2, wq.size(0), d, kTileK, w_rows);
+  const CUtensorMap map_wk = make_map(what, wk, kBf16, 2, wk.size(0), d, kTileK, w_rows);
+  const CUtensorMap map_wv = make_map(what, wv, kBf16, 2, wv.size(0), d, kTileK, w_rows);
+  const CUtensorMap map_q = make_map(what, q, kBf16, 2, m, q.size(1), kHeadDim, out_rows);
+  const CUtensorMap map_k = make_map(what, k, kBf16, 2, m, k.size(1), kHeadDim, out_rows);
+  const CUtensorMap map_v = make_map(what, v, kBf16, 2, m, v.size(1), kHeadDim, out_rows);
   const AttnInArgs args{rstd.data_ptr<float>(), fuse_mix ? mix->data_ptr<float>() : nullptr,
                         q_gain.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), hr_ptr,
                         static_cast<int>(m), static_cast<int>(seq_len), static_cast<int>(d), static_cast<int>(h),
                         static_cast<int>(kvh), static_cast<float>(eps)};
-  const int64_t num_tiles = (h / 4 + 2 * (kvh / 4)) * ((m + kTileM - 1) / kTileM);
+  const int64_t num_tiles =
+      (h / heads_per_tile + 2 * (kvh / heads_per_tile)) * ((m + kTileM - 1) / kTileM);
   const int grid = static_cast<int>(std::min<int64_t>(num_tiles, device_info(x.get_device()).sms));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if (pingpong) {
+    pingpong_kernel_for(rope_dims)<<<grid, kThreads, kPPSmemBytes, stream>>>(map_x, map_wq, map_wk, map_wv, map_q,
+                                                                             map_k, map_v, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const Kernel kernel = fuse_mix ? kernel_for<true>(rope_dims) : kernel_for<false>(rope_dims);
   const int smem = fuse_mix ? Smem<true>::kBytes : Smem<false>::kBytes;
   kernel<<<grid, kThreads, smem, stream>>>(map_x, map_x0, map_xm, map_wq, map_wk, map_wv, map_q, map_k, map_v, args);

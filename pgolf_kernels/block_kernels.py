@@ -797,7 +797,7 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
         else:
             xm, rstd = row_stats(x, x0, resid_mix)
             _C.block_attn_in_sm90(xm, None, None, None, rstd, wq, wk, wv, q_gain, cos, sin, q, k, v, hr, T,
-                                  rope_dims, RMS_EPS)
+                                  rope_dims, RMS_EPS, ATTN_IN_SCHEDULE == "pingpong")
         return xm, q, k, v, (rstd if store_stats else rstd.new_empty(0)), hrstd
     xm, rstd = row_stats(x, x0, resid_mix)
     grid = ((H + 2 * KVH) // hpp, triton.cdiv(M, cfg["BM"]))
@@ -883,6 +883,16 @@ def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, s
             if not _C.block_gemm_sm90_supported(a.view(-1, K), w, w_sk == 1, N):
                 why = "operands unsupported (needs bf16, K and N multiples of 8, 16-byte alignment)"
     return _backend_verdict(why, "this row GEMM")
+
+
+# The sm_90 attention input's schedule (csrc/block_attn_in_sm90.cu): "cooperative" (both consumer warpgroups on one
+# 128x256 tile; measured 0.148 ms against Triton's 0.224 at B64xT1024, bench/results/block-h100-*-3182126.json)
+# or "pingpong" (each warpgroup its own 128x128 tiles, one's epilogue under the other's matmul; written in session
+# 11 without a device to run it, not measured yet). PGOLF_ATTN_IN_SCHEDULE sets it; the mixing variant
+# (FusedBlock.attn_in_mix) is cooperative only.
+ATTN_IN_SCHEDULE = os.environ.get("PGOLF_ATTN_IN_SCHEDULE", "cooperative").strip().lower() or "cooperative"
+if ATTN_IN_SCHEDULE not in ("cooperative", "pingpong"):
+    raise ValueError(f"PGOLF_ATTN_IN_SCHEDULE must be cooperative or pingpong, not {ATTN_IN_SCHEDULE!r}")
 
 
 def _attn_in_backend(x, wq, wk, wv, q_gain, H, KVH, HD, rope_dims, kv_rep, T) -> str:

@@ -732,16 +732,19 @@ def _sm90_attn_in_ready() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90_attn_in_ready(), reason="needs an sm_90 GPU and the CUDA extension")
-@pytest.mark.parametrize("fuse_mix", [True, False])
+@pytest.mark.parametrize("variant", ["cooperative", "cooperative_mix", "pingpong"])
 @pytest.mark.parametrize("B,T,H,KVH,rope_dims,store_stats", [(2, 1024, 8, 4, 64, True), (3, 300, 8, 4, 16, True),
                                                             (1, 1000, 12, 4, 48, False), (5, 77, 4, 4, 32, True)])
-def test_gpu_sm90_attn_in(monkeypatch, B, T, H, KVH, rope_dims, store_stats, fuse_mix):
+def test_gpu_sm90_attn_in(monkeypatch, B, T, H, KVH, rope_dims, store_stats, variant):
     """The wgmma attention-input kernel (csrc/block_attn_in_sm90.cu) against its formula in fp32 on the same bf16
     inputs, outputs poisoned; M = B*T not a multiple of the 128-row tile in most cases. bf16 q/k/v: relative error
-    <= 8e-3 (bf16 rounding of the result ~3e-3); the fp32 per-head rstd: <= 1e-4. fuse_mix: the kernel also forms
-    xm (one bf16 rounding of the fp32 mix) and its rows' rstd (fp32, <= 1e-5 relative)."""
+    <= 8e-3 (bf16 rounding of the result ~3e-3); the fp32 per-head rstd: <= 1e-4. The mixing variant also forms
+    xm (one bf16 rounding of the fp32 mix) and its rows' rstd (fp32, <= 1e-5 relative); pingpong: the ping-pong
+    schedule (block_kernels.ATTN_IN_SCHEDULE)."""
     from pgolf_kernels import block_kernels as kn
     monkeypatch.setattr(kn, "GEMM_BACKEND", "cutlass")  # the sm_90 kernel or an error, no Triton fallback
+    monkeypatch.setattr(kn, "ATTN_IN_SCHEDULE", "pingpong" if variant == "pingpong" else "cooperative")
+    fuse_mix = variant == "cooperative_mix"
     g = torch.Generator(device="cuda").manual_seed(B * T + H + rope_dims)
     D, HD, M = 512, 64, B * T
     x, x0 = (torch.randn(M, D, device="cuda", generator=g).bfloat16() for _ in range(2))
@@ -826,6 +829,17 @@ def test_gpu_block_option_vs_truth(case, option, on):
     two are not compared with each other: d(q_gain), a sum over every token, differed by 1.02e-2 relative at
     B3xT1024 MLP 4x relu^2, H100, while both were within the bound below)."""
     fused_vs_truth(case, lambda fused: setattr(fused, option, on))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90_attn_in_ready(), reason="needs an sm_90 GPU and the CUDA extension")
+@pytest.mark.parametrize("case", gpu_cases(3, seed=17), ids=lambda c: f"B{c['B']}_T{c['T']}_m{c['mlp_mult']}_{c['activation']}")
+def test_gpu_block_attn_in_pingpong_vs_truth(monkeypatch, case):
+    """The whole fused block with the sm_90 attention input on its ping-pong schedule, against the fp32 reference
+    (as test_gpu_fused_block_bf16)."""
+    from pgolf_kernels import block_kernels as kn
+    monkeypatch.setattr(kn, "ATTN_IN_SCHEDULE", "pingpong")
+    fused_vs_truth(case)
 
 
 @pytest.mark.gpu
