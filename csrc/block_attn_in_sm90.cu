@@ -136,6 +136,48 @@ __device__ __forceinline__ void qk_norm_rope(float (&acc)[NH * 32], int head0, b
   }
 }
 
+// Column tile nt of a row tile: q tiles first, then k, then v (nq, nk tiles of q and k); ct is the column tile
+// within its tensor.
+struct ColTile {
+  int kind, ct;  // kind: 0 q, 1 k, 2 v
+};
+__device__ __forceinline__ ColTile col_tile(int nt, int nq, int nk) {
+  return nt < nq ? ColTile{0, nt} : nt < nq + nk ? ColTile{1, nt - nq} : ColTile{2, nt - nq - nk};
+}
+
+__device__ __forceinline__ void next_stage(int& stage, uint32_t& phase, int n_stages) {
+  if (++stage == n_stages) {
+    stage = 0;
+    phase ^= 1;
+  }
+}
+
+// The producer thread: for each of this CTA's tiles (column tile fastest, so the CTAs on one row tile run together
+// and share its xm through L2), num_k stages of the row tile's xm [128 x 64] (MIX: x and x0) and W [tile_n x 64]
+// into a ring of N_STAGES, `a_bytes` and `b_bytes` per stage slot.
+template <int N_STAGES, bool MIX>
+__device__ __forceinline__ void produce(const CUtensorMap* map_x, const CUtensorMap* map_x0, const CUtensorMap* map_wq,
+                                        const CUtensorMap* map_wk, const CUtensorMap* map_wv, uint8_t* stage_a,
+                                        uint8_t* stage_a0, uint8_t* stage_b, int b_bytes, uint64_t* full,
+                                        uint64_t* empty, int num_tiles, int num_n, int nq, int nk, int tile_n,
+                                        int num_k) {
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const int m0 = (tile / num_n) * kTileM;
+    const ColTile c = col_tile(tile % num_n, nq, nk);
+    const CUtensorMap* wmap = c.kind == 0 ? map_wq : c.kind == 1 ? map_wk : map_wv;
+    for (int kb = 0; kb < num_k; ++kb) {
+      mbar_wait(&empty[stage], phase ^ 1);
+      mbar_expect_tx(&full[stage], (MIX ? 2 : 1) * kABytes + b_bytes);
+      tma_load_2d(stage_a + stage * kABytes, map_x, &full[stage], kb * kTileK, m0);
+      if (MIX) tma_load_2d(stage_a0 + stage * kABytes, map_x0, &full[stage], kb * kTileK, m0);
+      tma_load_2d(stage_b + stage * b_bytes, wmap, &full[stage], kb * kTileK, tile_n * c.ct);
+      next_stage(stage, phase, N_STAGES);
+    }
+  }
+}
+
 // bf16 of head h of an m64 accumulator block into its box (rows of 128 bytes, 128-byte swizzle); this warp's 16
 // rows start at box row row0.
 template <int N>
@@ -210,35 +252,15 @@ __global__ void __launch_bounds__(kThreads, 1)
             tma_store_wait_read();
           }
           mbar_arrive(&empty[stage]);
-          if (++stage == kStages) {
-            stage = 0;
-            phase ^= 1;
-          }
+          next_stage(stage, phase, kStages);
         }
       }
       tma_store_wait_all();
       return;
     }
     if (tid != 0) return;
-    int stage = 0;
-    uint32_t phase = 0;
-    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-      // column tile fastest: the CTAs working on one row tile run together and share its xm through L2
-      const int nt = tile % num_n, m0 = (tile / num_n) * kTileM;
-      const CUtensorMap* wmap = nt < nq ? &map_wq : nt < nq + nk ? &map_wk : &map_wv;
-      const int w0 = kTileN * (nt < nq ? nt : nt < nq + nk ? nt - nq : nt - nq - nk);
-      for (int kb = 0; kb < num_k; ++kb) {
-        mbar_wait(&empty[stage], phase ^ 1);
-        mbar_expect_tx(&full[stage], S::kStageBytes);
-        tma_load_2d(stage_a + stage * kABytes, &map_x, &full[stage], kb * kTileK, m0);
-        if (MIX) tma_load_2d(stage_a0 + stage * kABytes, &map_x0, &full[stage], kb * kTileK, m0);
-        tma_load_2d(stage_b + stage * kBBytes, wmap, &full[stage], kb * kTileK, w0);
-        if (++stage == kStages) {
-          stage = 0;
-          phase ^= 1;
-        }
-      }
-    }
+    produce<kStages, MIX>(&map_x, &map_x0, &map_wq, &map_wk, &map_wv, stage_a, stage_a0, stage_b, kBBytes, full,
+                          empty, num_tiles, num_n, nq, nk, kTileN, num_k);
     return;
   }
 
@@ -255,8 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int nt = tile % num_n, m0 = (tile / num_n) * kTileM;
-    const int kind = nt < nq ? 0 : nt < nq + nk ? 1 : 2;  // q, k, v
-    const int ct = kind == 0 ? nt : kind == 1 ? nt - nq : nt - nq - nk;  // column tile within q, k or v
+    const auto [kind, ct] = col_tile(nt, nq, nk);
 
     float acc[128];
 #pragma unroll
@@ -309,10 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_operands(acc);
       if (kb > 0 && lane == 0) mbar_arrive(&empty[prev]);
       prev = stage;
-      if (++stage == kStages) {
-        stage = 0;
-        phase ^= 1;
-      }
+      next_stage(stage, phase, kStages);
     }
     wgmma_wait<0>();
     fence_operands(acc);
@@ -423,23 +441,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (tid != 0) return;
-    int stage = 0;
-    uint32_t phase = 0;
-    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-      const int nt = tile % num_n, m0 = (tile / num_n) * kTileM;
-      const CUtensorMap* wmap = nt < nq ? &map_wq : nt < nq + nk ? &map_wk : &map_wv;
-      const int w0 = kPPTileN * (nt < nq ? nt : nt < nq + nk ? nt - nq : nt - nq - nk);
-      for (int kb = 0; kb < num_k; ++kb) {
-        mbar_wait(&empty[stage], phase ^ 1);
-        mbar_expect_tx(&full[stage], kPPStageBytes);
-        tma_load_2d(stage_a + stage * kABytes, &map_x, &full[stage], kb * kTileK, m0);
-        tma_load_2d(stage_b + stage * kPPBBytes, wmap, &full[stage], kb * kTileK, w0);
-        if (++stage == kPPStages) {
-          stage = 0;
-          phase ^= 1;
-        }
-      }
-    }
+    produce<kPPStages, false>(&map_x, &map_x, &map_wq, &map_wk, &map_wv, stage_a, stage_a, stage_b, kPPBBytes, full,
+                              empty, num_tiles, num_n, nq, nk, kPPTileN, num_k);
     return;
   }
 
@@ -453,17 +456,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   int j = 0;
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++j) {
     if ((j & 1) != w) {  // the other warpgroup's tile: its stages pass by
-      for (int kb = 0; kb < num_k; ++kb) {
-        if (++stage == kPPStages) {
-          stage = 0;
-          phase ^= 1;
-        }
-      }
+      for (int kb = 0; kb < num_k; ++kb) next_stage(stage, phase, kPPStages);
       continue;
     }
-    const int nt = tile % num_n, m0 = (tile / num_n) * kTileM;
-    const int kind = nt < nq ? 0 : nt < nq + nk ? 1 : 2;  // q, k, v
-    const int ct = kind == 0 ? nt : kind == 1 ? nt - nq : nt - nq - nk;
+    const int m0 = (tile / num_n) * kTileM;
+    const auto [kind, ct] = col_tile(tile % num_n, nq, nk);
 
     if (j > 0) {  // the other warpgroup's main loop of tile j - 1 is over (it has waited on all of its stages)
       mbar_wait(&order[w], order_phase);
@@ -492,10 +489,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_operands(acc[1]);
       if (kb > 0 && lane == 0) mbar_arrive(&empty[prev]);
       prev = stage;
-      if (++stage == kPPStages) {
-        stage = 0;
-        phase ^= 1;
-      }
+      next_stage(stage, phase, kPPStages);
     }
     wgmma_wait<0>();
     fence_operands(acc[0]);
