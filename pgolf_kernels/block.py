@@ -24,9 +24,8 @@ bf16 (buffers included) before restoring the weights to fp32, so there the posit
   => one block forward launches 7 kernels outside attention (FORWARD_KERNELS_OUTSIDE_ATTENTION; 6 on sm_90 with
      the extension and attn_in_mix), plus the RoPE tables once per sequence length (cached). With the CUDA
      extension on an sm_90 GPU the attention input is csrc/block_attn_in_sm90.cu (hand-written wgmma), and built
-     with CUTLASS the
-     attn_out, MLP up (keep_act, and eval) and MLP down (keep_act) launches are CUTLASS ping-pong kernels
-     (csrc/block_gemm_sm90.cu); the others Triton.
+     with CUTLASS the attn_out, MLP up (keep_act, and eval) and MLP down (keep_act) launches are CUTLASS
+     ping-pong kernels (csrc/block_gemm_sm90.cu); the others Triton.
 
   backward: attn_in 3 kernels (QKV-epilogue backward; dX matmul with the RMSNorm + resid_mix backward in its
   epilogue; d[Wq;Wk;Wv]), attn_out 2 (dY matmul, dWproj with d attn_scale in its epilogue), mlp 4 (dPre
@@ -572,7 +571,8 @@ class FusedBlock(ReferenceBlock):
     # On sm_90 with the extension: the wgmma attention-input kernel forms xm = resid_mix-mixed x, x0 and its rstd
     # from x and x0 tiles itself (csrc/block_attn_in_sm90.cu, MIX), so no row pass runs before it. Off until it
     # has run on a GPU: written and compiled in session 11, when no device could be had for its tests
-    # (tests/test_block.py::test_gpu_sm90_attn_in[...-True]) or its bench row (bench_block --impls fused_attn_in_mix).
+    # (tests/test_block.py::test_gpu_sm90_attn_in[...cooperative_mix], test_gpu_block_option_vs_truth) or its
+    # bench row (bench_block --impls fused_attn_in_mix).
     attn_in_mix: bool = False
 
     def __init__(self, cfg: BlockConfig | None = None, **overrides):
