@@ -74,6 +74,18 @@ struct AttnInArgs {
 };
 
 #ifdef PGOLF_SM90A
+// acc of an m64 accumulator block times its rows' rstd: rows m_lo (registers 4 i, 4 i + 1) and m_lo + 8.
+template <int N>
+__device__ __forceinline__ void scale_rows(float (&acc)[N], float rs_lo, float rs_hi) {
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) {
+    acc[4 * i] *= rs_lo;
+    acc[4 * i + 1] *= rs_lo;
+    acc[4 * i + 2] *= rs_hi;
+    acc[4 * i + 3] *= rs_hi;
+  }
+}
+
 // Per-head RMSNorm (+ q gain) and RoPE of NH heads of 64 columns in one m64 wgmma accumulator block: this thread
 // holds rows m_lo (registers 4 i, 4 i + 1) and m_lo + 8 (4 i + 2, 4 i + 3) of every 8-column block i, columns
 // 8 i + 2 q + {0, 1}, already scaled by the rows' rstd. head0: hrstd column of the first head.
@@ -353,13 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       rs_lo = m_lo < args.M ? __ldg(args.rstd + m_lo) : 0.f;
       rs_hi = m_hi < args.M ? __ldg(args.rstd + m_hi) : 0.f;
     }
-#pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      acc[4 * i] *= rs_lo;
-      acc[4 * i + 1] *= rs_lo;
-      acc[4 * i + 2] *= rs_hi;
-      acc[4 * i + 3] *= rs_hi;
-    }
+    scale_rows(acc, rs_lo, rs_hi);
     if (kind != 2) {
       // head index of the tile's first head (hrstd column)
       qk_norm_rope<4, RH8>(acc, kind == 0 ? 4 * ct : args.H + 4 * ct, kind == 0, m_lo, args, q);
@@ -503,13 +509,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int m_lo = m0 + 64 * mb + 16 * warp + g, m_hi = m_lo + 8;
       const float rs_lo = m_lo < args.M ? __ldg(args.rstd + m_lo) : 0.f;
       const float rs_hi = m_hi < args.M ? __ldg(args.rstd + m_hi) : 0.f;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        acc[mb][4 * i] *= rs_lo;
-        acc[mb][4 * i + 1] *= rs_lo;
-        acc[mb][4 * i + 2] *= rs_hi;
-        acc[mb][4 * i + 3] *= rs_hi;
-      }
+      scale_rows(acc[mb], rs_lo, rs_hi);
       if (kind != 2) qk_norm_rope<2, RH8>(acc[mb], kind == 0 ? 2 * ct : args.H + 2 * ct, kind == 0, m_lo, args, q);
     }
     if (tid == 0) tma_store_wait_read();  // this warpgroup's previous stores have left its boxes

@@ -761,10 +761,9 @@ def test_gpu_sm90_attn_in(monkeypatch, B, T, H, KVH, rope_dims, store_stats, var
     assert ((xm.float() - xm_want).abs() <= 2 ** -8 * xm_want.abs() + 1e-30).all(), "xm off by more than a rounding"
     if store_stats:
         torch.testing.assert_close(rstd, xm_want.square().mean(1).add(kn.RMS_EPS).rsqrt(), rtol=1e-5, atol=0)
-    y = (xm.float() @ torch.cat([wq, wk, wv]).float().t()) * rstd[:, None] if store_stats else None
-    if y is None:  # rstd is not returned on the eval path: recompute it from xm as the row pass did
-        r = xm.float().square().mean(1).add(kn.RMS_EPS).rsqrt()
-        y = (xm.float() @ torch.cat([wq, wk, wv]).float().t()) * r[:, None]
+    # rstd is not returned on the eval path: recompute it from xm there, as the row pass did
+    r = rstd if store_stats else xm.float().square().mean(1).add(kn.RMS_EPS).rsqrt()
+    y = (xm.float() @ torch.cat([wq, wk, wv]).float().t()) * r[:, None]
     heads = y.view(M, H + 2 * KVH, HD)
     hr = heads[:, :H + KVH].square().mean(-1).add(kn.RMS_EPS).rsqrt()  # q and k heads
     n = heads[:, :H + KVH] * hr[..., None]
