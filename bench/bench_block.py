@@ -20,6 +20,8 @@ Implementations (rows' `impl`):
   fused_keep_act, fused_no_keep_act, fused_expand_kv, fused_attn_in_mix  the fused block (cuDNN) with
            FusedBlock.keep_act on / off, .expand_kv on, .attn_in_mix on (the sm_90 attention input forms xm and
            rstd itself, no row pass): options measured against the default in the same run
+  IMPL+SETTING  any fused impl with more settings joined by "+": a FusedBlock option turned on
+           (fused_attn_in_mix+expand_kv) or +pingpong (fused_expand_kv+pingpong); see fused_settings
 Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
 fwd = forward under torch.no_grad() (the fused block's eval path).
 
@@ -103,6 +105,29 @@ FUSED_OPTIONS = {"fused_keep_act": ("keep_act", True), "fused_no_keep_act": ("ke
                  "fused_expand_kv": ("expand_kv", True), "fused_attn_in_mix": ("attn_in_mix", True)}
 GEMM_IMPLS = {"fused_triton": "triton", "fused_cutlass": "cutlass"}  # impl -> block_kernels.GEMM_BACKEND
 SCHEDULE_IMPLS = {"fused_attn_in_pingpong": "pingpong"}  # impl -> block_kernels.ATTN_IN_SCHEDULE
+
+
+def fused_settings(impl: str) -> tuple[str, str, dict]:
+    """(GEMM backend, attention-input schedule, FusedBlock options) of a fused impl. "+" joins settings onto an
+    impl: "fused_attn_in_mix+expand_kv" turns FusedBlock.expand_kv on too, "+pingpong" the ping-pong schedule."""
+    base, *extra = impl.split("+")
+    gemm = GEMM_IMPLS.get(base, block_kernels.GEMM_BACKEND)
+    schedule = SCHEDULE_IMPLS.get(base, block_kernels.ATTN_IN_SCHEDULE)
+    options = dict([FUSED_OPTIONS[base]]) if base in FUSED_OPTIONS else {}
+    names = {o for o, _ in FUSED_OPTIONS.values()}
+    for e in extra:
+        if e == "pingpong":
+            schedule = "pingpong"
+        elif e in names:
+            options[e] = True
+        else:
+            raise ValueError(f"impl {impl!r}: unknown setting {e!r} (pingpong or one of {sorted(names)})")
+    return gemm, schedule, options
+
+
+def known_fused_impl(impl: str) -> bool:
+    base = impl.split("+")[0]
+    return base in GEMM_IMPLS or base in FUSED_OPTIONS or base in SCHEDULE_IMPLS or (base == "fused" and "+" in impl)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -564,24 +589,22 @@ def main(argv: list[str] | None = None) -> None:
                 block = {"eager": ref, "compile": compiled}[impl]
             params = params_fused if is_fused else params_ref
             autocast = not is_fused and not smoke
-            gemm = GEMM_IMPLS.get(impl, block_kernels.GEMM_BACKEND)
-            schedule = SCHEDULE_IMPLS.get(impl, block_kernels.ATTN_IN_SCHEDULE)
-            option = FUSED_OPTIONS.get(impl)
+            gemm, schedule, options = fused_settings(impl)
             if smoke:
                 backend = SDPBackend.MATH  # the only CPU backend
 
             @contextlib.contextmanager
-            def impl_settings():  # this impl's GEMM backend, attention-input schedule and FusedBlock option
+            def impl_settings():  # this impl's GEMM backend, attention-input schedule and FusedBlock options
                 saved = block_kernels.GEMM_BACKEND, block_kernels.ATTN_IN_SCHEDULE
                 block_kernels.GEMM_BACKEND, block_kernels.ATTN_IN_SCHEDULE = gemm, schedule
-                if option:
-                    setattr(fused, *option)
+                for opt, value in options.items():
+                    setattr(fused, opt, value)
                 try:
                     yield
                 finally:
                     block_kernels.GEMM_BACKEND, block_kernels.ATTN_IN_SCHEDULE = saved
-                    if option:
-                        delattr(fused, option[0])  # back to the class default
+                    for opt in options:
+                        delattr(fused, opt)  # back to the class default
 
             def fwd_bwd():
                 with impl_settings(), sdpa_kernel([backend]), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
@@ -603,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
                              (impl, mode, SDPBackend.FLASH_ATTENTION, "flash", "none")]
                     if not smoke:
                         plan.append((impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn", "torch.compile"))
-                elif impl in GEMM_IMPLS or impl in FUSED_OPTIONS or impl in SCHEDULE_IMPLS:
+                elif known_fused_impl(impl):
                     plan.append((impl, mode, SDPBackend.CUDNN_ATTENTION, "cudnn", "none"))
                 else:
                     plan.append((impl, mode, SDPBackend.FLASH_ATTENTION, "flash",
@@ -626,11 +649,10 @@ def main(argv: list[str] | None = None) -> None:
             row = dict(case=f"{case}", mode=mode, impl=impl, sdpa=bname, wrapper=wrapper, ms=None, graph_ms=None,
                        tflops=None, peak_mib=None, tokens_per_s=None, ok=False, max_rel_err=None, error=None)
             if impl.startswith("fused"):
-                row["block_gemm"] = gemm_state(GEMM_IMPLS.get(impl, kn.GEMM_BACKEND))
-                row["attn_in_schedule"] = SCHEDULE_IMPLS.get(impl, kn.ATTN_IN_SCHEDULE)
+                gemm, row["attn_in_schedule"], options = fused_settings(impl)
+                row["block_gemm"] = gemm_state(gemm)
                 for opt in sorted({o for o, _ in FUSED_OPTIONS.values()}):
-                    forced = FUSED_OPTIONS.get(impl)
-                    row[opt] = forced[1] if forced and forced[0] == opt else FusedBlock.__dict__[opt]
+                    row[opt] = options.get(opt, FusedBlock.__dict__[opt])
             try:
                 outs = fn()  # warm-up (compiles) + the outputs checked below
                 outs = [o.detach() for o in outs]

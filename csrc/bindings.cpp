@@ -38,7 +38,7 @@ void block_attn_in_sm90_cuda(const at::Tensor& x, const c10::optional<at::Tensor
                              const at::Tensor& q_gain, const at::Tensor& cos, const at::Tensor& sin,
                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const c10::optional<at::Tensor>& hrstd, int64_t seq_len, int64_t rope_dims, double eps,
-                             bool pingpong);
+                             bool pingpong, int64_t kv_rep);
 }  // namespace pgolf
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -102,9 +102,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_attn_in_sm90", &pgolf::block_attn_in_sm90_cuda, "Attention input of the fused block on sm_90a "
         "(wgmma, no CUTLASS): q, k, v = per-head RMSNorm + RoPE (+ q gain) of rstd * (xm @ [wq; wk; wv]^T), "
         "hrstd the per-head rstd of q and k. Without x0, x is xm and rstd given; with x0, mix and xm the kernel "
-        "writes xm = mix[0]*x + mix[1]*x0 and rstd; pingpong: the ping-pong schedule (no mixing); see "
+        "writes xm = mix[0]*x + mix[1]*x0 and rstd; pingpong: the ping-pong schedule (no mixing); kv_rep: each "
+        "k/v head stored kv_rep times (k, v [M, KVH*kv_rep*64]); see "
         "csrc/block_attn_in_sm90.cu", py::arg("x"), py::arg("x0"),
         py::arg("mix"), py::arg("xm"), py::arg("rstd"), py::arg("wq"), py::arg("wk"), py::arg("wv"),
         py::arg("q_gain"), py::arg("cos"), py::arg("sin"), py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("hrstd"), py::arg("seq_len"), py::arg("rope_dims"), py::arg("eps"), py::arg("pingpong") = false);
+        py::arg("hrstd"), py::arg("seq_len"), py::arg("rope_dims"), py::arg("eps"), py::arg("pingpong") = false,
+        py::arg("kv_rep") = 1);
 }

@@ -18,7 +18,8 @@
 //                    64 tokens x 64 columns, one per head), TMA stores.
 // Tile: 128 tokens x 256 columns (4 heads of 64) x 64 reduction. Needs head_dim 64, num_heads and num_kv_heads
 // multiples of 4, rope_dims in {16, 32, 48, 64}, d_model % 64 == 0, bf16; block_kernels.attn_in_fwd sends every
-// other case (and k/v written several times, kv_rep > 1) to the Triton kernel.
+// other case to the Triton kernel. kv_rep > 1 (FusedBlock.expand_kv) stores each k/v head box kv_rep times, so the
+// attention runs without GQA (cuDNN then skips its per-head reduction of dK and dV).
 // Measured on the H100 at B64xT1024 (bench/results/block-h100-80gb-hbm3-2026-12-06-3182126.json, profile):
 // 0.148 ms against the Triton kernel's 0.224. Two variants below were written without a device to run them
 // (session 11), each behind a switch that is off: MIX (the kernel forms xm and rstd itself, no row pass before
@@ -70,6 +71,7 @@ struct AttnInArgs {
   const float* sin;
   float* hrstd;       // [M, H + KVH] per-head rstd of q and k, or nullptr
   int M, T, D, H, KVH;
+  int kv_rep;         // each k/v head stored kv_rep times, adjacent (attention without GQA); q once
   float eps;
 };
 
@@ -383,9 +385,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       named_barrier(1 + cw, 128);
       if (tid == 0) {
+        const int rep = kind == 0 ? 1 : args.kv_rep;
 #pragma unroll
         for (int hb = 0; hb < S::kBoxes; ++hb) {
-          tma_store_2d(omap, my_epi + hb * kBoxBytes, kTileN * ct + kHeadDim * (h0 + hb), m0 + 64 * cw);
+          const int head = 4 * ct + h0 + hb;  // within q, k or v
+          for (int r = 0; r < rep; ++r) {
+            tma_store_2d(omap, my_epi + hb * kBoxBytes, kHeadDim * (head * rep + r), m0 + 64 * cw);
+          }
         }
       }
     }
@@ -523,8 +529,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     named_barrier(1 + w, 128);
     if (tid == 0) {
       const CUtensorMap* omap = kind == 0 ? &map_q : kind == 1 ? &map_k : &map_v;
-      tma_store_2d(omap, my_epi, kPPTileN * ct, m0);
-      tma_store_2d(omap, my_epi + kPPBoxBytes, kPPTileN * ct + kHeadDim, m0);
+      const int rep = kind == 0 ? 1 : args.kv_rep;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        for (int r = 0; r < rep; ++r) tma_store_2d(omap, my_epi + h * kPPBoxBytes, kHeadDim * ((2 * ct + h) * rep + r), m0);
+      }
     }
   }
   if (tid == 0) tma_store_wait_all();
@@ -583,7 +592,7 @@ void block_attn_in_sm90_cuda(const at::Tensor& x, const c10::optional<at::Tensor
                              const at::Tensor& q_gain, const at::Tensor& cos, const at::Tensor& sin,
                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const c10::optional<at::Tensor>& hrstd, int64_t seq_len, int64_t rope_dims, double eps,
-                             bool pingpong) {
+                             bool pingpong, int64_t kv_rep) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, "block_attn_in_sm90: x must be a CUDA [M, D] tensor, got ",
               shape_text(x));
   const int64_t m = x.size(0), d = x.size(1);
@@ -606,9 +615,11 @@ void block_attn_in_sm90_cuda(const at::Tensor& x, const c10::optional<at::Tensor
               "block_attn_in_sm90: wq [H*64, D], wk and wv [KVH*64, D] must be contiguous bf16 on x's device with "
               "H and KVH multiples of ", num_text(static_cast<int64_t>(heads_per_tile)), "; got ", shape_text(wq), ", ", shape_text(wk),
               ", ", shape_text(wv));
-  TORCH_CHECK(ok_bf16_matrix(q, m, h * kHeadDim, x) && ok_bf16_matrix(k, m, kvh * kHeadDim, x) &&
-                  ok_bf16_matrix(v, m, kvh * kHeadDim, x),
-              "block_attn_in_sm90: q [M, H*64], k and v [M, KVH*64] must be contiguous bf16 on x's device");
+  TORCH_CHECK(kv_rep >= 1 && kvh * kv_rep <= h, "block_attn_in_sm90: kv_rep must be >= 1 with KVH * kv_rep <= H, got ",
+              num_text(kv_rep));
+  TORCH_CHECK(ok_bf16_matrix(q, m, h * kHeadDim, x) && ok_bf16_matrix(k, m, kvh * kv_rep * kHeadDim, x) &&
+                  ok_bf16_matrix(v, m, kvh * kv_rep * kHeadDim, x),
+              "block_attn_in_sm90: q [M, H*64], k and v [M, KVH*kv_rep*64] must be contiguous bf16 on x's device");
   TORCH_CHECK(rope_dims == 16 || rope_dims == 32 || rope_dims == 48 || rope_dims == 64,
               "block_attn_in_sm90: rope_dims must be 16, 32, 48 or 64, got ", num_text(rope_dims));
   TORCH_CHECK(seq_len > 0 && m % seq_len == 0 && ok_f32(cos, seq_len * kHeadDim / 2, x) &&
@@ -638,7 +649,7 @@ void block_attn_in_sm90_cuda(const at::Tensor& x, const c10::optional<at::Tensor
   const AttnInArgs args{rstd.data_ptr<float>(), fuse_mix ? mix->data_ptr<float>() : nullptr,
                         q_gain.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), hr_ptr,
                         static_cast<int>(m), static_cast<int>(seq_len), static_cast<int>(d), static_cast<int>(h),
-                        static_cast<int>(kvh), static_cast<float>(eps)};
+                        static_cast<int>(kvh), static_cast<int>(kv_rep), static_cast<float>(eps)};
   const int64_t num_tiles =
       (h / heads_per_tile + 2 * (kvh / heads_per_tile)) * ((m + kTileM - 1) / kTileM);
   const int grid = static_cast<int>(std::min<int64_t>(num_tiles, device_info(x.get_device()).sms));

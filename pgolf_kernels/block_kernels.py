@@ -793,11 +793,11 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
             # the kernel mixes x and x0 itself and writes xm and rstd: no row pass
             xm, rstd = alloc_like(x), alloc((M,), device=dev, dtype=torch.float32)
             _C.block_attn_in_sm90(x, x0, resid_mix, xm, rstd, wq, wk, wv, q_gain, cos, sin, q, k, v, hr, T, rope_dims,
-                                  RMS_EPS)
+                                  RMS_EPS, kv_rep=kv_rep)
         else:
             xm, rstd = row_stats(x, x0, resid_mix)
             _C.block_attn_in_sm90(xm, None, None, None, rstd, wq, wk, wv, q_gain, cos, sin, q, k, v, hr, T,
-                                  rope_dims, RMS_EPS, ATTN_IN_SCHEDULE == "pingpong")
+                                  rope_dims, RMS_EPS, ATTN_IN_SCHEDULE == "pingpong", kv_rep=kv_rep)
         return xm, q, k, v, (rstd if store_stats else rstd.new_empty(0)), hrstd
     xm, rstd = row_stats(x, x0, resid_mix)
     grid = ((H + 2 * KVH) // hpp, triton.cdiv(M, cfg["BM"]))
@@ -906,8 +906,6 @@ def _attn_in_backend(x, wq, wk, wv, q_gain, H, KVH, HD, rope_dims, kv_rep, T) ->
             why = "x and the weights must be contiguous bf16"
         elif HD != 64 or H % 4 or KVH % 4 or rope_dims not in (16, 32, 48, 64) or x.shape[1] % 64:
             why = "it is built for head_dim 64, head counts multiple of 4, rope_dims 16/32/48/64, D % 64 == 0"
-        elif kv_rep != 1:
-            why = "it writes each k/v head once (expand_kv off)"
         elif q_gain.dtype != torch.float32 or not q_gain.is_contiguous():
             why = "q_gain must be contiguous fp32"
         elif x.shape[0] % T:

@@ -732,16 +732,20 @@ def _sm90_attn_in_ready() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90_attn_in_ready(), reason="needs an sm_90 GPU and the CUDA extension")
+@pytest.mark.parametrize("expand_kv", [False, True])
 @pytest.mark.parametrize("variant", ["cooperative", "cooperative_mix", "pingpong"])
 @pytest.mark.parametrize("B,T,H,KVH,rope_dims,store_stats", [(2, 1024, 8, 4, 64, True), (3, 300, 8, 4, 16, True),
                                                             (1, 1000, 12, 4, 48, False), (5, 77, 4, 4, 32, True)])
-def test_gpu_sm90_attn_in(monkeypatch, B, T, H, KVH, rope_dims, store_stats, variant):
+def test_gpu_sm90_attn_in(monkeypatch, B, T, H, KVH, rope_dims, store_stats, variant, expand_kv):
     """The wgmma attention-input kernel (csrc/block_attn_in_sm90.cu) against its formula in fp32 on the same bf16
     inputs, outputs poisoned; M = B*T not a multiple of the 128-row tile in most cases. bf16 q/k/v: relative error
     <= 8e-3 (bf16 rounding of the result ~3e-3); the fp32 per-head rstd: <= 1e-4. The mixing variant also forms
     xm (one bf16 rounding of the fp32 mix) and its rows' rstd (fp32, <= 1e-5 relative); pingpong: the ping-pong
-    schedule (block_kernels.ATTN_IN_SCHEDULE)."""
+    schedule (block_kernels.ATTN_IN_SCHEDULE). expand_kv: each k/v head stored H/KVH times (kv_rep)."""
     from pgolf_kernels import block_kernels as kn
+    kv_rep = H // KVH if expand_kv else 1
+    if expand_kv and kv_rep == 1:
+        pytest.skip("H == KVH: nothing to expand")
     monkeypatch.setattr(kn, "GEMM_BACKEND", "cutlass")  # the sm_90 kernel or an error, no Triton fallback
     monkeypatch.setattr(kn, "ATTN_IN_SCHEDULE", "pingpong" if variant == "pingpong" else "cooperative")
     fuse_mix = variant == "cooperative_mix"
@@ -753,9 +757,9 @@ def test_gpu_sm90_attn_in(monkeypatch, B, T, H, KVH, rope_dims, store_stats, var
     gain = torch.rand(H, device="cuda", generator=g) + 0.5
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rope_dims, 2, device="cuda").float() / rope_dims))
     cos, sin = kn.rope_tables(torch.outer(torch.arange(T, device="cuda").float(), inv_freq), HD)
-    assert kn._attn_in_backend(x, wq, wk, wv, gain, H, KVH, HD, rope_dims, 1, T) == "sm90"
+    assert kn._attn_in_backend(x, wq, wk, wv, gain, H, KVH, HD, rope_dims, kv_rep, T) == "sm90"
     xm, q, k, v, rstd, hrstd = kn.attn_in_fwd(x, x0, mix, wq, wk, wv, gain, cos, sin, T, H, KVH, rope_dims,
-                                              store_stats, fuse_mix=fuse_mix)
+                                              store_stats, kv_rep=kv_rep, fuse_mix=fuse_mix)
     xm_want = mix[0] * x.float() + mix[1] * x0.float()
     assert torch.isfinite(xm).all()
     assert ((xm.float() - xm_want).abs() <= 2 ** -8 * xm_want.abs() + 1e-30).all(), "xm off by more than a rounding"
@@ -773,7 +777,8 @@ def test_gpu_sm90_attn_in(monkeypatch, B, T, H, KVH, rope_dims, store_stats, var
     c, s_ = cos[t, :hh][:, None, :], sin[t, :hh][:, None, :]
     a, b = n[..., :hh].clone(), n[..., hh:rope_dims].clone()
     n[..., :hh], n[..., hh:rope_dims] = a * c + b * s_, b * c - a * s_
-    want = {"q": n[:, :H].reshape(M, -1), "k": n[:, H:].reshape(M, -1), "v": heads[:, H + KVH:].reshape(M, -1)}
+    want = {"q": n[:, :H].reshape(M, -1), "k": n[:, H:].repeat_interleave(kv_rep, 1).reshape(M, -1),
+            "v": heads[:, H + KVH:].repeat_interleave(kv_rep, 1).reshape(M, -1)}
     for name, got in (("q", q), ("k", k), ("v", v)):
         assert torch.isfinite(got).all() and rel_err(got, want[name]) <= 8e-3, f"{name}: {rel_err(got, want[name]):.3e}"
         # element by element too (a few wrong elements would hide in the norm): one bf16 rounding (2^-8
@@ -883,12 +888,15 @@ def test_bench_block_cpu_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.main(["--smoke-cpu", "--out", str(tmp_path), "--cases", "B1_T64_mlp3_leaky_relu2", "--impls",
-                "fused,fused_no_keep_act", "--modes", "fwd_bwd,fwd"])  # no eager row: ok from an untimed call
+                "fused,fused_no_keep_act+expand_kv", "--modes", "fwd_bwd,fwd"])  # no eager row: ok from an untimed call
     files = sorted(p.suffix for p in tmp_path.iterdir())
     assert files == [".json", ".md", ".png"]
     obj = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert obj["bench"] == "block" and len(obj["rows"]) == 6
-    assert all(r["keep_act"] == (r["impl"] != "fused_no_keep_act") for r in obj["rows"])
+    assert all(r["keep_act"] == (r["impl"] == "fused") for r in obj["rows"])
+    assert all(r["expand_kv"] == (r["impl"] == "fused_no_keep_act+expand_kv") for r in obj["rows"])
+    with pytest.raises(ValueError, match="unknown setting"):
+        bench.fused_settings("fused+no_such_option")
     assert all(r["ok"] and r["error"] is None and r["ms"] > 0 for r in obj["rows"]), obj["rows"]
 
 
