@@ -453,8 +453,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="no GPU needed: compile every kernel for sm_90 and print registers/spills/smem, then exit")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timing (graph_ms)")
     ap.add_argument("--no-profile", action="store_true",
-                    help="skip the per-kernel CUDA time breakdown (torch.profiler) of the first case's fused and compile "
-                         "fwd+bwd, stored under 'profile' in the JSON")
+                    help="skip the per-kernel CUDA time breakdown (torch.profiler) of the first case's fwd+bwd (compile and "
+                         "every fused impl on cuDNN), stored under 'profile' in the JSON")
     ap.add_argument("--smoke-cpu", action="store_true",
                     help="check this script's logic on CPU (TRITON_INTERPRET=1, fp32, d_model 128, 2/1 heads, one "
                          "timed call, no torch.compile rows for fused); numbers mean nothing")
@@ -685,8 +685,9 @@ def main(argv: list[str] | None = None) -> None:
                 except Exception as e:  # capture not supported by some piece: say so, keep the plain timing
                     row["error"] = f"graph capture: {type(e).__name__}: {str(e)[:200]}"
             if (not smoke and not args.no_profile and mode == "fwd_bwd" and row["ms"] is not None and not over_budget()
-                    and case == args.cases.split(",")[0] and (impl, bname, wrapper) in
-                    {("fused", "cudnn", "none"), ("compile", "flash", "torch.compile")}):
+                    and case == args.cases.split(",")[0]
+                    and ((impl.startswith("fused") and (bname, wrapper) == ("cudnn", "none"))
+                         or (impl, bname, wrapper) == ("compile", "flash", "torch.compile"))):
                 profiles[f"{case}/{mode}/{impl}/{bname}/{wrapper}"] = kernel_profile(fn)
             rows.append(row)
             print(f"[{time.time() - t_start:6.1f}s] {label}: ms={row['ms']} ok={row['ok']} "
