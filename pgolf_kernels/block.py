@@ -557,7 +557,10 @@ class FusedBlock(ReferenceBlock):
 
     # GQA: write k/v once per query head (the attention-input kernel stores each kv head num_heads/num_kv_heads
     # times, its backward adds the copies' gradients) so SDPA runs without GQA and cuDNN's backward needs no
-    # head-pair reduction kernels; bench/probe_attention.py measures the trade.
+    # head-pair reduction kernels; bench/probe_attention.py measures the trade. Off: no gain. H200, B64xT1024
+    # fwd+bwd graph ms, same run (bench/results/block-h200-2026-12-06-3fa30da.json): 2.557 against 2.553 (the
+    # wgmma attention input storing each k/v head twice); the extra k/v stores and dk/dv reads cost what cuDNN's
+    # reductions did.
     expand_kv: bool = False
     # Training: the MLP-up matmul stores act(pre) beside pre (one more [B*T, hidden] write and that much more
     # memory saved for backward), so the down matmul is a plain product (the CUTLASS residual kernel instead of
@@ -569,10 +572,10 @@ class FusedBlock(ReferenceBlock):
     # tensor written and kept, as without keep_act.
     keep_act: bool = True
     # On sm_90 with the extension: the wgmma attention-input kernel forms xm = resid_mix-mixed x, x0 and its rstd
-    # from x and x0 tiles itself (csrc/block_attn_in_sm90.cu, MIX), so no row pass runs before it. Off until it
-    # has run on a GPU: written and compiled in session 11, when no device could be had for its tests
-    # (tests/test_block.py::test_gpu_sm90_attn_in[...cooperative_mix], test_gpu_block_option_vs_truth) or its
-    # bench row (bench_block --impls fused_attn_in_mix).
+    # from x and x0 tiles itself (csrc/block_attn_in_sm90.cu, MIX), so no row pass runs before it. Off: slower.
+    # H200, B64xT1024 fwd+bwd graph ms in one run (bench/results/block-h200-2026-12-06-3fa30da.json): 2.650
+    # against 2.553 without it. Every column-tile CTA of a row tile mixes the same x/x0 tiles again (4 times at
+    # 8/4 heads) in its consumer warps, between the wgmmas, and loads x0 besides x.
     attn_in_mix: bool = False
 
     def __init__(self, cfg: BlockConfig | None = None, **overrides):

@@ -887,8 +887,9 @@ def row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act=False, s
 
 # The sm_90 attention input's schedule (csrc/block_attn_in_sm90.cu): "cooperative" (both consumer warpgroups on one
 # 128x256 tile; measured 0.148 ms against Triton's 0.224 at B64xT1024, bench/results/block-h100-*-3182126.json)
-# or "pingpong" (each warpgroup its own 128x128 tiles, one's epilogue under the other's matmul; written in session
-# 11 without a device to run it, not measured yet). PGOLF_ATTN_IN_SCHEDULE sets it; the mixing variant
+# or "pingpong" (each warpgroup its own 128x128 tiles, one's epilogue under the other's matmul). The ping-pong
+# schedule gained nothing: the whole block took 2.563 ms against 2.553 fwd+bwd on the H200 in one run
+# (bench/results/block-h200-2026-12-06-3fa30da.json). PGOLF_ATTN_IN_SCHEDULE sets it; the mixing variant
 # (FusedBlock.attn_in_mix) is cooperative only.
 ATTN_IN_SCHEDULE = os.environ.get("PGOLF_ATTN_IN_SCHEDULE", "cooperative").strip().lower() or "cooperative"
 if ATTN_IN_SCHEDULE not in ("cooperative", "pingpong"):
