@@ -21,9 +21,10 @@
 // other case to the Triton kernel. kv_rep > 1 (FusedBlock.expand_kv) stores each k/v head box kv_rep times, so the
 // attention runs without GQA (cuDNN then skips its per-head reduction of dK and dV).
 // Measured on the H100 at B64xT1024 (bench/results/block-h100-80gb-hbm3-2026-12-06-3182126.json, profile):
-// 0.148 ms against the Triton kernel's 0.224. Two variants below were written without a device to run them
-// (session 11), each behind a switch that is off: MIX (the kernel forms xm and rstd itself, no row pass before
-// it; FusedBlock.attn_in_mix) and a ping-pong schedule (block_kernels.ATTN_IN_SCHEDULE).
+// 0.148 ms against the Triton kernel's 0.224. Two variants below, each behind a switch that is off, did not pay
+// (whole block fwd+bwd on the H200, bench/results/block-h200-2026-12-06-3fa30da.json: 2.553 ms without them):
+// MIX (the kernel forms xm and rstd itself, no row pass before it; FusedBlock.attn_in_mix) 2.650 ms, and a
+// ping-pong schedule (block_kernels.ATTN_IN_SCHEDULE) 2.563 ms.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
