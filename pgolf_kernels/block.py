@@ -14,7 +14,7 @@ bf16 (buffers included) before restoring the weights to fp32, so there the posit
     prep      fp32 weights -> bf16 copies (and attn_scale*Wproj, mlp_scale*Wproj2 for backward) 1
     attn_in   resid_mix -> xm and rstd(xm) (one row pass)                                      1
               [Wq;Wk;Wv] matmul * rstd + q/k RMSNorm + RoPE + q gain                           1
-              (on sm_90 with the extension one wgmma kernel does both, FusedBlock.attn_in_mix)
+              (on sm_90 one wgmma kernel can do both: FusedBlock.attn_in_mix, off, measured slower)
     SDPA      torch scaled_dot_product_attention (cuDNN or flash backend, causal, GQA)         (attention)
     attn_out  y @ Wproj^T, epilogue  x1 = xm + attn_scale * (.)                                  1
     mlp       rstd(x1) (one row pass)                                                          1
@@ -641,6 +641,6 @@ class FusedBlock(ReferenceBlock):
 
 
 # 1 weight preparation + 2 row passes (rstd) + 4 fused matmul kernels; on sm_90 with the extension and
-# FusedBlock.attn_in_mix the attention input's row pass is inside its matmul kernel (6)
+# FusedBlock.attn_in_mix (off: slower) the attention input's row pass is inside its matmul kernel (6)
 FORWARD_KERNELS_OUTSIDE_ATTENTION = 7
 BACKWARD_KERNELS = 9  # outside attention; 4 of them cuBLAS weight gradients on a GPU
