@@ -533,7 +533,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int rep = kind == 0 ? 1 : args.kv_rep;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        for (int r = 0; r < rep; ++r) tma_store_2d(omap, my_epi + h * kPPBoxBytes, kHeadDim * ((2 * ct + h) * rep + r), m0);
+        for (int r = 0; r < rep; ++r) {
+          tma_store_2d(omap, my_epi + h * kPPBoxBytes, kHeadDim * ((2 * ct + h) * rep + r), m0);
+        }
       }
     }
   }
@@ -616,8 +618,8 @@ void block_attn_in_sm90_cuda(const at::Tensor& x, const c10::optional<at::Tensor
               "block_attn_in_sm90: wq [H*64, D], wk and wv [KVH*64, D] must be contiguous bf16 on x's device with "
               "H and KVH multiples of ", num_text(static_cast<int64_t>(heads_per_tile)), "; got ", shape_text(wq), ", ", shape_text(wk),
               ", ", shape_text(wv));
-  TORCH_CHECK(kv_rep >= 1 && kvh * kv_rep <= h, "block_attn_in_sm90: kv_rep must be >= 1 with KVH * kv_rep <= H, got ",
-              num_text(kv_rep));
+  TORCH_CHECK(kv_rep >= 1 && kvh * kv_rep <= h,
+              "block_attn_in_sm90: kv_rep must be >= 1 with KVH * kv_rep <= H, got ", num_text(kv_rep));
   TORCH_CHECK(ok_bf16_matrix(q, m, h * kHeadDim, x) && ok_bf16_matrix(k, m, kvh * kv_rep * kHeadDim, x) &&
                   ok_bf16_matrix(v, m, kvh * kv_rep * kHeadDim, x),
               "block_attn_in_sm90: q [M, H*64], k and v [M, KVH*kv_rep*64] must be contiguous bf16 on x's device");
