@@ -665,6 +665,34 @@ def _wgrad_kernel(a_ptr, a_sm,
     tl.store(out_ptr + pid_s * N * K + rn[:, None] * K + rk[None, :], acc)
 
 
+@triton.jit
+def _scale_rows_dot_kernel(g_ptr, nscale_ptr, w_ptr, dscale_ptr, K, BK: tl.constexpr):
+    # row n of an fp32 product G from cuBLAS: dscale[n] = sum_k W[n, k] * G[n, k], then G[n, :] *= nscale[n] in
+    # place (dW); one launch where torch needed three (product, row sum, scaling)
+    n = tl.program_id(0).to(tl.int64)
+    s = tl.load(nscale_ptr + n)
+    acc = tl.zeros((BK,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        kmask = rk < K
+        gv = tl.load(g_ptr + n * K + rk, mask=kmask, other=0.0)
+        acc += gv * tl.load(w_ptr + n * K + rk, mask=kmask, other=0.0).to(tl.float32)
+        tl.store(g_ptr + n * K + rk, gv * s, mask=kmask)
+    tl.store(dscale_ptr + n, tl.sum(acc, axis=0))
+
+
+def scale_rows_dot(g: torch.Tensor, nscale: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a weight used as nscale[n] * W[n, :] with G its unscaled gradient ([N, K] fp32, contiguous): returns
+    (dW = nscale[:, None] * G, written into g, and dscale = (W * G).sum(1)), both fp32."""
+    N, K = g.shape
+    _check(g.dtype == torch.float32 and g.is_contiguous(), "G must be contiguous fp32")
+    _check(w.shape == (N, K) and w.is_contiguous() and nscale.shape == (N,) and nscale.is_contiguous(),
+           "W must be a contiguous [N, K] like G and nscale a contiguous [N]")
+    dscale = alloc((N,), device=g.device, dtype=torch.float32)
+    _scale_rows_dot_kernel[(N,)](g, nscale, w, dscale, K, BK=min(1024, triton.next_power_of_2(K)), num_warps=4)
+    return g, dscale
+
+
 # ----------------------------------------------------------------------------------------------------------
 # weight preparation: fp32 master weights -> activation-dtype copies (optionally row-scaled), one launch
 # ----------------------------------------------------------------------------------------------------------
@@ -1017,7 +1045,7 @@ def wgrad(a, b, b_addr, M, N, K, *, nscale=None, w=None):
         g = torch.mm(at, bm) if a.dtype == torch.float32 else torch.mm(at, bm, out_dtype=torch.float32)
         if nscale is None:
             return g, None
-        return g * nscale[:, None], (w * g).sum(1)
+        return scale_rows_dot(g, nscale, w)
     cfg = _blocks("wgrad")
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])

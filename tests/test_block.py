@@ -554,6 +554,24 @@ def test_row_gemm_backend_choice(monkeypatch):
 
 
 @needs_triton_cpu
+@pytest.mark.parametrize("N,K", [(16, 48), (7, 1500), (512, 512)])
+def test_scale_rows_dot(N, K):
+    """The cuBLAS weight-gradient path's finishing kernel: dW = nscale * G in place, dscale = sum_k W * G (fp32,
+    relative 1e-6 / 1e-5 for the sum); K over the 1024-wide block and not a power of two covers the loop and mask."""
+    from pgolf_kernels import block_kernels as kn
+    g = torch.Generator().manual_seed(N * K)
+    G, W = torch.randn(N, K, generator=g), torch.randn(N, K, generator=g)
+    s = torch.rand(N, generator=g) + 0.5
+    want_dw, want_ds = s[:, None] * G, (W * G).sum(1)
+    dw, ds = kn.scale_rows_dot(G.clone(), s, W)
+    assert torch.isfinite(dw).all() and torch.isfinite(ds).all()
+    torch.testing.assert_close(dw, want_dw, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ds, want_ds, rtol=1e-5, atol=1e-5 * float((W * G).abs().sum(1).max()))
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        kn.scale_rows_dot(G.double(), s, W)
+
+
+@needs_triton_cpu
 def test_prep_weights_casts_and_row_scales():
     from pgolf_kernels import block_kernels as kn
     ws = [torch.randn(96, 64), torch.randn(32, 160), torch.randn(2000, 8)]
