@@ -1035,8 +1035,8 @@ def wgrad(a, b, b_addr, M, N, K, *, nscale=None, w=None):
     """G[n, k] = sum_m A[m, n] * B[m, k]; returns (dW [N, K] fp32, dscale [N] fp32 or None)
     where dW = nscale[n] * G and dscale[n] = sum_k W[n, k] * G[n, k] when nscale is given.
 
-    On a GPU, when B has plain row-major addressing, G is one cuBLAS product
-    with fp32 output (and with nscale one scale_rows_dot launch after it): on the H100 the four _wgrad_kernel launches of a B64xT1024 block took 0.78 ms for
+    On a GPU, when B has plain row-major addressing, G is one cuBLAS product with fp32 output (with nscale, one
+    scale_rows_dot launch after it): on the H100 the four _wgrad_kernel launches of a B64xT1024 block took 0.78 ms for
     240 GFLOP (about 310 TFLOP/s; bench/results/block-h100-*-2026-11-23.json, profile), where torch.compile's
     cuBLAS weight-gradient products ran at about twice that rate. PGOLF_BLOCK_WGRAD=triton keeps the kernel."""
     if (a.is_cuda and tuple(b_addr) == _plain(K) and not _INTERPRET
