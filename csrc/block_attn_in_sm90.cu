@@ -64,6 +64,19 @@ struct Smem {
   static_assert(kBytes <= 232448, "more shared memory than an sm_90 CTA can have");
 };
 
+// The work of one launch: row tiles of kTileM tokens times column tiles of `heads` heads (q tiles first, then k,
+// then v), each reduced over D in steps of kTileK. The kernels and the host's grid size derive it alike.
+struct Tiles {
+  int nq, nk;     // column tiles of q, of k (and of v)
+  int num_n;      // column tiles per row tile
+  int num_tiles;  // row tiles x num_n
+  int num_k;      // reduction steps per tile
+};
+__host__ __device__ inline Tiles tiles_of(int m, int d, int h, int kvh, int heads) {
+  const int nq = h / heads, nk = kvh / heads, num_n = nq + 2 * nk;
+  return Tiles{nq, nk, num_n, num_n * ((m + kTileM - 1) / kTileM), d / kTileK};
+}
+
 struct AttnInArgs {
   float* rstd;        // [M] 1 / rms of xm's rows: read, or with MIX written (column-tile-0 CTAs)
   const float* mix;   // [2, D] resid_mix (MIX)
@@ -174,15 +187,14 @@ template <int N_STAGES, bool MIX>
 __device__ __forceinline__ void produce(const CUtensorMap* map_x, const CUtensorMap* map_x0, const CUtensorMap* map_wq,
                                         const CUtensorMap* map_wk, const CUtensorMap* map_wv, uint8_t* stage_a,
                                         uint8_t* stage_a0, uint8_t* stage_b, int b_bytes, uint64_t* full,
-                                        uint64_t* empty, int num_tiles, int num_n, int nq, int nk, int tile_n,
-                                        int num_k) {
+                                        uint64_t* empty, const Tiles& t, int tile_n) {
   int stage = 0;
   uint32_t phase = 0;
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-    const int m0 = (tile / num_n) * kTileM;
-    const ColTile c = col_tile(tile % num_n, nq, nk);
+  for (int tile = blockIdx.x; tile < t.num_tiles; tile += gridDim.x) {
+    const int m0 = (tile / t.num_n) * kTileM;
+    const ColTile c = col_tile(tile % t.num_n, t.nq, t.nk);
     const CUtensorMap* wmap = c.kind == 0 ? map_wq : c.kind == 1 ? map_wk : map_wv;
-    for (int kb = 0; kb < num_k; ++kb) {
+    for (int kb = 0; kb < t.num_k; ++kb) {
       mbar_wait(&empty[stage], phase ^ 1);
       mbar_expect_tx(&full[stage], (MIX ? 2 : 1) * kABytes + b_bytes);
       tma_load_2d(stage_a + stage * kABytes, map_x, &full[stage], kb * kTileK, m0);
@@ -235,10 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int warpgroup = threadIdx.x / 128;
   const int tid = threadIdx.x % 128;
-  const int nq = args.H / 4, nk = args.KVH / 4;     // column tiles of q, of k (and of v)
-  const int num_n = nq + 2 * nk;
-  const int num_tiles = num_n * ((args.M + kTileM - 1) / kTileM);
-  const int num_k = args.D / kTileK;
+  const Tiles t = tiles_of(args.M, args.D, args.H, args.KVH, 4);
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -258,9 +267,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // wgmma issue and retirement makes ptxas serialise the wgmmas, C7515.)
       int stage = 0;
       uint32_t phase = 0;
-      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-        const int nt = tile % num_n, m0 = (tile / num_n) * kTileM;
-        for (int kb = 0; kb < num_k; ++kb) {
+      for (int tile = blockIdx.x; tile < t.num_tiles; tile += gridDim.x) {
+        const int nt = tile % t.num_n, m0 = (tile / t.num_n) * kTileM;
+        for (int kb = 0; kb < t.num_k; ++kb) {
           mbar_wait(&mixed[stage], phase);
           if (nt == 0) {
             tma_store_2d(&map_xm, stage_a + stage * kABytes, kb * kTileK, m0);
@@ -275,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (tid != 0) return;
     produce<kStages, MIX>(&map_x, &map_x0, &map_wq, &map_wk, &map_wv, stage_a, stage_a0, stage_b, kBBytes, full,
-                          empty, num_tiles, num_n, nq, nk, kTileN, num_k);
+                          empty, t, kTileN);
     return;
   }
 
@@ -290,16 +299,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   // MIX: this thread mixes 4 of the 8 16-byte chunks (32 columns) of row mrow of its warpgroup's 64 per stage
   const int mrow = tid >> 1, mchunk0 = 4 * (tid & 1);
 
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-    const int nt = tile % num_n, m0 = (tile / num_n) * kTileM;
-    const auto [kind, ct] = col_tile(nt, nq, nk);
+  for (int tile = blockIdx.x; tile < t.num_tiles; tile += gridDim.x) {
+    const int nt = tile % t.num_n, m0 = (tile / t.num_n) * kTileM;
+    const auto [kind, ct] = col_tile(nt, t.nq, t.nk);
 
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
     int prev = 0;
     float ssq = 0.f;  // MIX: sum of squares of row mrow's mixed values (fp32, before rounding), this thread's part
-    for (int kb = 0; kb < num_k; ++kb) {
+    for (int kb = 0; kb < t.num_k; ++kb) {
       mbar_wait(&full[stage], phase);
       if constexpr (MIX) {
         // xm = mix0 * x + mix1 * x0 in place of x in the stage (only this warpgroup's rows), while the previous
@@ -435,10 +444,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int warpgroup = threadIdx.x / 128;
   const int tid = threadIdx.x % 128;
-  const int nq = args.H / 2, nk = args.KVH / 2;  // column tiles of q, of k (and of v)
-  const int num_n = nq + 2 * nk;
-  const int num_tiles = num_n * ((args.M + kTileM - 1) / kTileM);
-  const int num_k = args.D / kTileK;
+  const Tiles t = tiles_of(args.M, args.D, args.H, args.KVH, 2);
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kPPStages; ++s) {
@@ -455,7 +461,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (tid != 0) return;
     produce<kPPStages, false>(&map_x, &map_x, &map_wq, &map_wk, &map_wv, stage_a, stage_a, stage_b, kPPBBytes, full,
-                              empty, num_tiles, num_n, nq, nk, kPPTileN, num_k);
+                              empty, t, kPPTileN);
     return;
   }
 
@@ -467,13 +473,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   int stage = 0;
   uint32_t phase = 0, order_phase = 0;
   int j = 0;
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++j) {
+  for (int tile = blockIdx.x; tile < t.num_tiles; tile += gridDim.x, ++j) {
     if ((j & 1) != w) {  // the other warpgroup's tile: its stages pass by
-      for (int kb = 0; kb < num_k; ++kb) next_stage(stage, phase, kPPStages);
+      for (int kb = 0; kb < t.num_k; ++kb) next_stage(stage, phase, kPPStages);
       continue;
     }
-    const int m0 = (tile / num_n) * kTileM;
-    const auto [kind, ct] = col_tile(tile % num_n, nq, nk);
+    const int m0 = (tile / t.num_n) * kTileM;
+    const auto [kind, ct] = col_tile(tile % t.num_n, t.nq, t.nk);
 
     if (j > 0) {  // the other warpgroup's main loop of tile j - 1 is over (it has waited on all of its stages)
       mbar_wait(&order[w], order_phase);
@@ -483,7 +489,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[0][i] = acc[1][i] = 0.f;
     int prev = 0;
-    for (int kb = 0; kb < num_k; ++kb) {
+    for (int kb = 0; kb < t.num_k; ++kb) {
       mbar_wait(&full[stage], phase);
       const uint64_t desc_a0 = smem_desc_sw128(stage_a + stage * kABytes);
       const uint64_t desc_a1 = smem_desc_sw128(stage_a + stage * kABytes + kABytes / 2);
@@ -653,9 +659,8 @@ void block_attn_in_sm90_cuda(const at::Tensor& x, const c10::optional<at::Tensor
                         q_gain.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), hr_ptr,
                         static_cast<int>(m), static_cast<int>(seq_len), static_cast<int>(d), static_cast<int>(h),
                         static_cast<int>(kvh), static_cast<int>(kv_rep), static_cast<float>(eps)};
-  const int64_t num_tiles =
-      (h / heads_per_tile + 2 * (kvh / heads_per_tile)) * ((m + kTileM - 1) / kTileM);
-  const int grid = static_cast<int>(std::min<int64_t>(num_tiles, device_info(x.get_device()).sms));
+  const int num_tiles = tiles_of(args.M, args.D, args.H, args.KVH, heads_per_tile).num_tiles;
+  const int grid = std::min(num_tiles, device_info(x.get_device()).sms);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (pingpong) {
     pingpong_kernel_for(rope_dims)<<<grid, kThreads, kPPSmemBytes, stream>>>(map_x, map_wq, map_wk, map_wv, map_q,
