@@ -103,6 +103,7 @@ def init_params(block: torch.nn.Module, seed: int) -> None:
 # impl -> (FusedBlock option, value) measured against the class default
 FUSED_OPTIONS = {"fused_keep_act": ("keep_act", True), "fused_no_keep_act": ("keep_act", False),
                  "fused_expand_kv": ("expand_kv", True), "fused_attn_in_mix": ("attn_in_mix", True)}
+OPTION_NAMES = sorted({o for o, _ in FUSED_OPTIONS.values()})  # the FusedBlock options a row reports
 GEMM_IMPLS = {"fused_triton": "triton", "fused_cutlass": "cutlass"}  # impl -> block_kernels.GEMM_BACKEND
 SCHEDULE_IMPLS = {"fused_attn_in_pingpong": "pingpong"}  # impl -> block_kernels.ATTN_IN_SCHEDULE
 
@@ -114,14 +115,13 @@ def fused_settings(impl: str) -> tuple[str, str, dict]:
     gemm = GEMM_IMPLS.get(base, block_kernels.GEMM_BACKEND)
     schedule = SCHEDULE_IMPLS.get(base, block_kernels.ATTN_IN_SCHEDULE)
     options = dict([FUSED_OPTIONS[base]]) if base in FUSED_OPTIONS else {}
-    names = {o for o, _ in FUSED_OPTIONS.values()}
     for e in extra:
         if e == "pingpong":
             schedule = "pingpong"
-        elif e in names:
+        elif e in OPTION_NAMES:
             options[e] = True
         else:
-            raise ValueError(f"impl {impl!r}: unknown setting {e!r} (pingpong or one of {sorted(names)})")
+            raise ValueError(f"impl {impl!r}: unknown setting {e!r} (pingpong or one of {OPTION_NAMES})")
     return gemm, schedule, options
 
 
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> None:
             if impl.startswith("fused"):
                 gemm, row["attn_in_schedule"], options = fused_settings(impl)
                 row["block_gemm"] = gemm_state(gemm)
-                for opt in sorted({o for o, _ in FUSED_OPTIONS.values()}):
+                for opt in OPTION_NAMES:
                     row[opt] = options.get(opt, FusedBlock.__dict__[opt])
             try:
                 outs = fn()  # warm-up (compiles) + the outputs checked below
