@@ -102,7 +102,8 @@ def init_params(block: torch.nn.Module, seed: int) -> None:
 
 # impl -> (FusedBlock option, value) measured against the class default
 FUSED_OPTIONS = {"fused_keep_act": ("keep_act", True), "fused_no_keep_act": ("keep_act", False),
-                 "fused_expand_kv": ("expand_kv", True), "fused_attn_in_mix": ("attn_in_mix", True)}
+                 "fused_expand_kv": ("expand_kv", True), "fused_attn_in_mix": ("attn_in_mix", True),
+                 "fused_no_attn_out_rstd": ("attn_out_rstd", False)}
 OPTION_NAMES = sorted({o for o, _ in FUSED_OPTIONS.values()})  # the FusedBlock options a row reports
 GEMM_IMPLS = {"fused_triton": "triton", "fused_cutlass": "cutlass"}  # impl -> block_kernels.GEMM_BACKEND
 SCHEDULE_IMPLS = {"fused_attn_in_pingpong": "pingpong"}  # impl -> block_kernels.ATTN_IN_SCHEDULE
@@ -371,9 +372,11 @@ def stage_errors(activation: str, mlp_mult: int, rope_dims: int, B: int, T: int,
                     print(f"sdpa {bname} {layout}: {str(e)[:120]}", flush=True)
         yb, xmb = y_r.to(dtype).transpose(1, 2), xm_r.to(dtype)  # [B, T, H, hd] view of BHTD memory
         x1_r = xmb.double() + P["attn_scale"] * (yb.double().reshape(B, T, D) @ W["attn.proj.weight"].T)
-        report("attn_out (strided y)", blk._attn_out_op(yb, xmb, a.proj.weight, wc[3], wc[3], ref.attn_scale), x1_r)
-        report("attn_out (contiguous y)", blk._attn_out_op(yb.contiguous(), xmb, a.proj.weight, wc[3], wc[3],
-                                                           ref.attn_scale), x1_r)
+        report("attn_out (strided y)", blk._attn_out_op(yb, xmb, a.proj.weight, wc[3], wc[3], ref.attn_scale)[0],
+               x1_r)
+        x1o, r1 = blk._attn_out_op(yb.contiguous(), xmb, a.proj.weight, wc[3], wc[3], ref.attn_scale, True)
+        report("attn_out (contiguous y)", x1o, x1_r)
+        report("attn_out rstd(x1)", r1, torch.rsqrt(x1o.double().pow(2).mean(-1) + kn.RMS_EPS).view(-1))
         x1b = x1_r.to(dtype)
         pre_r = rms(x1b.double()) @ W["mlp.fc.weight"].T
         mlp_r = x1b.double() + P["mlp_scale"] * (act_fn(pre_r) @ W["mlp.proj.weight"].T)

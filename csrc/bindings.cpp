@@ -86,7 +86,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "act(pre), row_out[j, m] = sum of dp*pre over column tile j, fp32 [ceil(N/128), round_up(M, 128)], "
         "out = dp*row_vec[m]; aux_out may be None), 4 RMSNorm backward (c_in = g, aux_in = x, row_vec = rstd, "
         "row_vec2 = per-row sums, inv_n), 5 MLP up keeping act(pre) (out = acc*row_vec[m], aux_out = act(out); "
-        "c_in unused); see csrc/block_gemm_sm90.cu", py::arg("a"), py::arg("w"),
+        "c_in unused), 6 residual as 1 with row_out[j, m] = sum of out^2 over column tile j (laid out as 3's); "
+        "see csrc/block_gemm_sm90.cu", py::arg("a"), py::arg("w"),
         py::arg("w_nk"), py::arg("out"), py::arg("epi"), py::arg("c_in"), py::arg("aux_in"), py::arg("aux_out"),
         py::arg("col_vec"), py::arg("row_vec"), py::arg("row_vec2"), py::arg("row_out"), py::arg("act"),
         py::arg("inv_n"));

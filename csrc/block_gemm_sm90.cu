@@ -10,6 +10,8 @@
 //
 // Epilogues (the EPI numbers of block_kernels.py):
 //   kResidual (1): out = C + nvec[n] * acc                      C = the residual stream (attention output proj.)
+//   kResidualRowSq (6): the same, and per-tile partials of sum over n of out[m, n]^2 (out as stored, bf16-rounded)
+//                  in c, laid out as kActBwd's: the next RMSNorm's statistics without a row pass over out
 //   kActBwd   (3): dp = acc * act'(C)                           C = pre, the MLP's pre-activation
 //                  out = dp * rstd[m];  aux_out = act(C);  c[j, m] = sum over the j-th 128-column tile of
 //                  dp * C (per-tile partials, fp32 [ceil(N/128), round_up(M, 128)]; the caller adds the rows,
@@ -34,7 +36,7 @@
 
 namespace pgolf {
 
-enum BlockEpi : int64_t { kResidual = 1, kMlpUp = 2, kActBwd = 3, kNormBwd = 4, kMlpUpAct = 5 };
+enum BlockEpi : int64_t { kResidual = 1, kMlpUp = 2, kActBwd = 3, kNormBwd = 4, kMlpUpAct = 5, kResidualRowSq = 6 };
 
 #if defined(PGOLF_WITH_CUTLASS)
 using namespace block_gemm_detail;
@@ -47,6 +49,13 @@ namespace fu = cutlass::epilogue::fusion;
 // ---- the three epilogue trees -----------------------------------------------------------------------------
 using EvtResidual = fu::Sm90EVT<fu::Sm90Compute<cutlass::homogeneous_multiply_add, Bf16, float, kRound>,  // nvec*acc+C
                                 PerCol, Acc, Src>;
+
+// out = C + nvec * acc as kResidual, formed twice (a visitor tree cannot share a node): once stored, once rounded to
+// bf16 (Sm90Compute's output type) and squared into the per-tile row sums, so they are the stored values' squares
+using EvtResidualRowSq = fu::Sm90EVT<
+    fu::Sm90Compute<SecondOf, Bf16, float, kRound>,
+    fu::Sm90EVT<RowSumPartials, fu::Sm90EVT<fu::Sm90Compute<Square, float, float, kRound>, EvtResidual>>,
+    EvtResidual>;
 
 template <int ACT>
 using EvtActBwd = fu::Sm90EVT<
@@ -134,18 +143,32 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
                 " must be a contiguous fp32 CUDA vector of at least ", num_text(len), " elements on A's device");
     return t->data_ptr<float>();
   };
+  // per-row partial sums, one row of round_up(M, 128) per 128-column tile (kActBwd, kResidualRowSq)
+  auto partials = [&]() {
+    const int64_t parts = ((m + kTileM - 1) / kTileM) * kTileM * ((n + kTileN - 1) / kTileN);
+    return vec(row_out, parts, "row_out (per-row partial sums, [ceil(N/128), round_up(M, 128)])");
+  };
   if (epi == kResidual) {
     using G = Gemm<EvtResidual, cutlass::layout::ColumnMajor>;
     TORCH_CHECK(w_nk, "block_gemm_sm90: the residual epilogue is built for a [N, K] weight");
     typename G::Epilogue::FusionCallbacks::Arguments f{{vec(col_vec, n, "col_vec (per-column scale)")}, {}, {}, {}};
+    launch<G>(ops, f, device, a);
+  } else if (epi == kResidualRowSq) {
+    using G = Gemm<EvtResidualRowSq, cutlass::layout::ColumnMajor>;
+    TORCH_CHECK(w_nk, "block_gemm_sm90: the residual epilogue is built for a [N, K] weight");
+    float* nvec = vec(col_vec, n, "col_vec (per-column scale)");
+    float* sq = partials();
+    typename G::Epilogue::FusionCallbacks::Arguments f{
+        {{{{nvec}, {}, {}, {}}, {}}, {sq, 0.f, {}}},  // c[j, m]: out^2 over tile j
+        {{nvec}, {}, {}, {}},                          // out = C + nvec * acc
+        {}};
     launch<G>(ops, f, device, a);
   } else if (epi == kActBwd) {
     TORCH_CHECK(!w_nk, "block_gemm_sm90: the activation-backward epilogue is built for a [K, N] weight");
     TORCH_CHECK(!aux_out.has_value() || ok_matrix(*aux_out, m, n, a),
                 "block_gemm_sm90: aux_out (act(pre)) must be a contiguous bf16 [M, N] tensor on A's device");
     float* rstd = vec(row_vec, m, "row_vec (rstd)");
-    const int64_t parts = ((m + kTileM - 1) / kTileM) * kTileM * ((n + kTileN - 1) / kTileN);
-    float* csum = vec(row_out, parts, "row_out (per-row partial sums, [ceil(N/128), round_up(M, 128)])");
+    float* csum = partials();
     auto aux_stride = make_stride(int64_t(n), _1{}, int64_t(0));
     auto run_store = [&](auto g) {
       using G = decltype(g);
@@ -218,7 +241,8 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
     launch<G>(ops, f, device, a);
   } else {
     TORCH_CHECK(false, "block_gemm_sm90: epi must be 1 (residual), 2 (MLP up storing act(pre)), 3 (activation "
-                       "backward), 4 (RMSNorm backward) or 5 (MLP up keeping pre and act(pre))");
+                       "backward), 4 (RMSNorm backward), 5 (MLP up keeping pre and act(pre)) or 6 (residual with "
+                       "the output's row sums of squares)");
   }
 #else
   (void)a, (void)w, (void)w_nk, (void)out, (void)epi, (void)c_in, (void)aux_in, (void)aux_out, (void)col_vec;

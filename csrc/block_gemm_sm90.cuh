@@ -148,6 +148,16 @@ struct NormBwd {  // g + acc - x * (rstd^2 * c * inv_n)
 };
 
 template <class T>
+struct Square {
+  CUTLASS_HOST_DEVICE T operator()(T const& x) const {
+    T o;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < T::kElements; ++i) o[i] = x[i] * x[i];
+    return o;
+  }
+};
+
+template <class T>
 struct ThirdOf {  // the root of kActBwd: its first two children only store (aux_out) and reduce (c)
   CUTLASS_HOST_DEVICE T operator()(T const&, T const&, T const& x) const { return x; }
 };

@@ -17,7 +17,8 @@ bf16 (buffers included) before restoring the weights to fp32, so there the posit
               (on sm_90 one wgmma kernel can do both: FusedBlock.attn_in_mix, off, measured slower)
     SDPA      torch scaled_dot_product_attention (cuDNN or flash backend, causal, GQA)         (attention)
     attn_out  y @ Wproj^T, epilogue  x1 = xm + attn_scale * (.)                                  1
-    mlp       rstd(x1) (one row pass)                                                          1
+    mlp       rstd(x1) (one row pass; with the CUTLASS kernels the projection's epilogue also     1
+              writes per-tile sums of x1^2 and a small kernel adds them up into rstd)
               up:   (x1 @ Wfc^T) * rstd(x1) -> pre (RMSNorm as a row scale); with
                     FusedBlock.keep_act act(pre) beside it, or for relu^2 act(pre) alone          1
               down: act(pre) @ Wproj2^T, epilogue  out = x1 + mlp_scale * (.)                    1
@@ -79,6 +80,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -374,22 +376,33 @@ _attn_in_op.register_autograd(_attn_in_backward, setup_context=_attn_in_setup)
 
 
 @torch.library.custom_op("pgolf::block_attn_out", mutates_args=())
-def _attn_out_op(y: Tensor, xm: Tensor, wp: Tensor, wp_c: Tensor, wp_scaled_c: Tensor, attn_scale: Tensor) -> Tensor:
-    """y: [B, T, H, HD] (SDPA's output, transposed view); returns xm + attn_scale * (y @ wp^T).
+def _attn_out_op(y: Tensor, xm: Tensor, wp: Tensor, wp_c: Tensor, wp_scaled_c: Tensor, attn_scale: Tensor,
+                 out_rstd: bool = False) -> tuple[Tensor, Tensor]:
+    """y: [B, T, H, HD] (SDPA's output, transposed view); returns x1 = xm + attn_scale * (y @ wp^T) and, with
+    out_rstd, rstd [B*T] fp32 of x1's rows for the MLP's RMSNorm (else an empty tensor).
     wp_c: activation-dtype copy of wp; wp_scaled_c: of attn_scale[:, None] * wp (used by backward)."""
     kn = _kernels()
     b, t, h, hd = y.shape
     d = xm.shape[-1]
     m = b * t
     out = kn.alloc_like(xm)
-    kn.row_gemm(y, kn._flat4(y, t, hd), wp_c, wp_c.stride(0), 1, m, d, h * hd, out, kn._flat2(out.view(m, d)),
-                epi=kn.EPI_RESIDUAL, nvec=attn_scale, res=xm)
-    return out
+    a_addr, o_addr = kn._flat4(y, t, hd), kn._flat2(out.view(m, d))
+    if out_rstd and kn.row_gemm_backend(kn.EPI_RESIDUAL_ROWSQ, y, a_addr, wp_c, wp_c.stride(0), 1, d, h * hd,
+                                        o_addr) == "cutlass":
+        # the epilogue sums the squares of the x1 it stores, per 128-column tile: no row pass over x1
+        sq = kn.alloc(kn.act_bwd_partials("cutlass", m, d), device=y.device, dtype=torch.float32)
+        kn.row_gemm(y, a_addr, wp_c, wp_c.stride(0), 1, m, d, h * hd, out, o_addr, epi=kn.EPI_RESIDUAL_ROWSQ,
+                    nvec=attn_scale, res=xm, c=sq)
+        return out, kn.rstd_from_partials(sq, m, d)
+    kn.row_gemm(y, a_addr, wp_c, wp_c.stride(0), 1, m, d, h * hd, out, o_addr, epi=kn.EPI_RESIDUAL,
+                nvec=attn_scale, res=xm)
+    return out, (kn.row_stats(out.view(m, d)) if out_rstd else xm.new_empty(0, dtype=torch.float32))
 
 
 @_attn_out_op.register_fake
-def _(y, xm, wp, wp_c, wp_scaled_c, attn_scale):
-    return torch.empty_like(xm)
+def _(y, xm, wp, wp_c, wp_scaled_c, attn_scale, out_rstd=False):
+    m = xm.shape[0] * xm.shape[1] if out_rstd else 0
+    return torch.empty_like(xm), xm.new_empty(m, dtype=torch.float32)
 
 
 @torch.library.custom_op("pgolf::block_attn_out_bwd", mutates_args=())
@@ -415,16 +428,17 @@ def _(g, y, wp, wp_scaled_c, attn_scale):
 
 
 def _attn_out_setup(ctx, inputs, output):
-    y, xm, wp, wp_c, wp_scaled_c, attn_scale = inputs
+    y, xm, wp, wp_c, wp_scaled_c, attn_scale, *_ = inputs
+    ctx.set_materialize_grads(False)  # rstd gets no gradient: no zero tensor for it
     ctx.save_for_backward(y, wp, wp_scaled_c, attn_scale)
 
 
-def _attn_out_backward(ctx, g):
+def _attn_out_backward(ctx, g, _g_rstd):
     y, wp, wp_scaled_c, attn_scale = ctx.saved_tensors
-    g = g.contiguous()
+    g = torch.zeros(y.shape[:2] + wp.shape[:1], device=y.device, dtype=y.dtype) if g is None else g.contiguous()
     dy, dwp, dscale = _attn_out_bwd_op(g, y, wp, wp_scaled_c, attn_scale)
     # d(xm) is the incoming gradient itself (residual)
-    return dy, g, dwp.to(wp.dtype), None, None, dscale.to(attn_scale.dtype)
+    return dy, g, dwp.to(wp.dtype), None, None, dscale.to(attn_scale.dtype), None
 
 
 _attn_out_op.register_autograd(_attn_out_backward, setup_context=_attn_out_setup)
@@ -432,10 +446,11 @@ _attn_out_op.register_autograd(_attn_out_backward, setup_context=_attn_out_setup
 
 @torch.library.custom_op("pgolf::block_mlp", mutates_args=())
 def _mlp_op(x1: Tensor, w_fc: Tensor, w_proj: Tensor, w_fc_c: Tensor, w_proj_c: Tensor, w_proj_scaled_c: Tensor,
-            mlp_scale: Tensor, act: int, store_stats: bool,
-            keep_act: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            mlp_scale: Tensor, act: int, store_stats: bool, keep_act: bool = False,
+            rstd_in: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """out = x1 + mlp_scale * (act(rms_norm(x1) @ w_fc^T) @ w_proj^T); also returns pre, rstd and (with keep_act)
-    act(pre) for the backward (training; empty otherwise).
+    act(pre) for the backward (training; empty otherwise). rstd_in: x1's rstd when the caller has it (the attention
+    output's epilogue makes it); the returned rstd is then empty (an output may not alias an input).
     *_c: activation-dtype copies (w_proj_scaled_c = mlp_scale[:, None] * w_proj, used by backward)."""
     kn = _kernels()
     b, t, d = x1.shape
@@ -447,7 +462,7 @@ def _mlp_op(x1: Tensor, w_fc: Tensor, w_proj: Tensor, w_fc_c: Tensor, w_proj_c: 
     pre = kn.alloc((m, hid), device=x1.device, dtype=x1.dtype)
     two_outs = keep_act and not act_only
     act_pre = kn.alloc((m, hid), device=x1.device, dtype=x1.dtype) if two_outs else x1.new_empty(0, hid)
-    rstd = kn.row_stats(x2)
+    rstd = kn.row_stats(x2) if rstd_in is None else rstd_in
     # two_outs: pre for the backward's act', act(pre) to act_pre for the down matmul and dWproj2
     kn.row_gemm(x2, kn._flat2(x2), w_fc_c, w_fc_c.stride(0), 1, m, hid, d, pre, kn._flat2(pre),
                 epi=kn.EPI_MLP_UP_ACT if two_outs else kn.EPI_MLP_UP, rowvec=rstd, g=act_pre if two_outs else None,
@@ -459,7 +474,9 @@ def _mlp_op(x1: Tensor, w_fc: Tensor, w_proj: Tensor, w_fc_c: Tensor, w_proj_c: 
     kn.row_gemm(a_in, kn._flat2(a_in), w_proj_c, w_proj_c.stride(0), 1, m, d, hid, out, kn._flat2(out.view(m, d)),
                 epi=kn.EPI_RESIDUAL, nvec=mlp_scale, res=x2, a_act=not keep_act and not act_only, act=act)
     if not store_stats:
-        pre, rstd = x1.new_empty(0, hid), rstd.new_empty(0)
+        pre = x1.new_empty(0, hid)
+    if not store_stats or rstd_in is not None:
+        rstd = rstd.new_empty(0)
     return out, pre, rstd, act_pre
 
 
@@ -469,11 +486,13 @@ def _act_only(keep_act: bool, act: int) -> bool:
 
 
 @_mlp_op.register_fake
-def _(x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store_stats, keep_act=False):
+def _(x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store_stats, keep_act=False,
+      rstd_in=None):
     b, t, d = x1.shape
     m = b * t if store_stats else 0
     two_outs = keep_act and store_stats and not _act_only(keep_act, act)
-    return (torch.empty_like(x1), x1.new_empty(m, w_fc.shape[0]), x1.new_empty(m, dtype=torch.float32),
+    return (torch.empty_like(x1), x1.new_empty(m, w_fc.shape[0]),
+            x1.new_empty(0 if rstd_in is not None else m, dtype=torch.float32),
             x1.new_empty(m if two_outs else 0, w_fc.shape[0]))
 
 
@@ -523,6 +542,8 @@ def _mlp_setup(ctx, inputs, output):
     x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store_stats, *rest = inputs
     _, pre, rstd, act_pre = output
     keep_act = bool(rest and rest[0])
+    if len(rest) > 1 and rest[1] is not None:
+        rstd = rest[1]  # rstd_in
     # the forward kept only act(pre) (in pre): its backward reads it as relu^2's ACT_RELU2_SAVED_ACT
     ctx.act = _kernels().ACT_RELU2_SAVED_ACT if _act_only(keep_act, act) else act
     ctx.store_stats = store_stats
@@ -541,7 +562,7 @@ def _mlp_backward(ctx, g, _g_pre, _g_rstd, _g_act_pre):
     dx1, dw_fc, dw_proj, dscale = _mlp_bwd_op(g.contiguous(), x1, pre, rstd, act_pre, w_fc_c, w_proj,
                                               w_proj_scaled_c, mlp_scale, ctx.act)
     return (dx1, dw_fc.to(ctx.w_fc_dtype), dw_proj.to(w_proj.dtype), None, None, None, dscale.to(mlp_scale.dtype),
-            None, None, None)
+            None, None, None, None)
 
 
 _mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
@@ -577,6 +598,9 @@ class FusedBlock(ReferenceBlock):
     # against 2.553 without it. Every column-tile CTA of a row tile mixes the same x/x0 tiles again (4 times at
     # 8/4 heads) in its consumer warps, between the wgmmas, and loads x0 besides x.
     attn_in_mix: bool = False
+    # The MLP's rstd(x1) from the attention output projection's epilogue (with the CUTLASS kernels: it writes
+    # per-128-column sums of x1^2, one small kernel adds them up) instead of a row pass over x1 before the MLP.
+    attn_out_rstd: bool = True
 
     def __init__(self, cfg: BlockConfig | None = None, **overrides):
         super().__init__(cfg, **overrides)
@@ -630,13 +654,15 @@ class FusedBlock(ReferenceBlock):
             from torch.nn.attention import sdpa_kernel
             with sdpa_kernel(self.sdpa_backends):
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        x1 = _attn_out_op(y.transpose(1, 2), xm, wp, w_c[3], wp_scaled_c, self.attn_scale)
+        # x1 and its rstd for the MLP's RMSNorm (on sm_90 with CUTLASS from the projection's epilogue)
+        x1, rstd1 = _attn_out_op(y.transpose(1, 2), xm, wp, w_c[3], wp_scaled_c, self.attn_scale,
+                                 self.attn_out_rstd)
         # free the attention tensors before the MLP (autograd holds what the backward needs): the eval path kept
         # them alive to the end, which showed as a forward-only peak of 2x compile's (not re-measured since)
         del xm, q, k, v, y
         act = 0 if cfg.activation == "relu2" else 1
         out = _mlp_op(x1, w_fc, w_proj, w_c[4], w_c[5], w_proj_scaled_c, self.mlp_scale, act, train,
-                      self.keep_act)[0]
+                      self.keep_act, rstd1 if self.attn_out_rstd else None)[0]
         return out
 
 

@@ -9,6 +9,7 @@ row-scaled) in one launch per forward, and the matmul kernels read those. Accumu
 
 Every kernel but three is a matmul with its elementwise neighbours folded into operand loads or the epilogue:
   _row_stats_kernel        rstd of each row for RMSNorm as a row scale (with resid_mix: also writes xm)
+  _rstd_from_partials_kernel  the same rstd from per-tile partial sums of squares a matmul epilogue wrote
   _attn_in_fwd_kernel      (xm @ [Wq;Wk;Wv]^T) * rstd + q/k RMSNorm + RoPE + q gain
   _row_gemm_kernel         generic  out = epilogue(prologue(A) @ W)  (output projections, MLP up/down, dX matmuls)
   _row_gemm_tma_kernel     the same for row-major operands: TMA tensor descriptors, persistent over output tiles
@@ -302,6 +303,9 @@ def _attn_in_fwd_kernel(xm_ptr, xm_desc, rstd_ptr, wq_ptr, wk_ptr, wv_ptr, gain_
 #      g + acc - res * rstd^2 * c / N, c summed from c_NT partials | 5 MLP up keeping act(pre): pre = acc * rowvec[m]
 #      stored, act(pre) to g_ptr (training with FusedBlock.keep_act: the down matmul and dWproj2 read it).
 EPI_STORE, EPI_RESIDUAL, EPI_MLP_UP, EPI_ACT_BWD, EPI_NORM_BWD, EPI_MLP_UP_ACT = 0, 1, 2, 3, 4, 5
+# CUTLASS only: EPI_RESIDUAL that also writes per-column-tile partial row sums of out^2 (the bf16 values stored) to
+# c, shaped as act_bwd_partials("cutlass", M, N); rstd_from_partials turns them into the next RMSNorm's rstd
+EPI_RESIDUAL_ROWSQ = 6
 
 
 @triton.jit
@@ -778,6 +782,30 @@ def _flat2(t: torch.Tensor) -> tuple:
     return (1, n, 0, n, 0, 1)
 
 
+@triton.jit
+def _rstd_from_partials_kernel(c_ptr, rstd_ptr, M, LD, eps, NT: tl.constexpr, NT_P2: tl.constexpr, D: tl.constexpr,
+                               BM: tl.constexpr):
+    # rstd[m] = 1 / sqrt(sum_j c[j, m] / D + eps): the NT per-tile partial sums of squares of row m (rows of LD)
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    j = tl.arange(0, NT_P2)
+    msk = (j < NT)[:, None] & (rm < M)[None, :]
+    ss = tl.sum(tl.load(c_ptr + j[:, None] * LD + rm[None, :], mask=msk, other=0.0), axis=0)
+    tl.store(rstd_ptr + rm, 1.0 / tl.sqrt(ss / D + eps), mask=rm < M)
+
+
+def rstd_from_partials(c, M, D):
+    """rstd [M] fp32 (as row_stats) from c: fp32 [tiles, >= M] per-column-tile partial sums of the rows' squares,
+    e.g. EPI_RESIDUAL_ROWSQ's."""
+    _check(c.dtype == torch.float32 and c.dim() == 2 and c.is_contiguous() and c.shape[1] >= M,
+           "partials must be contiguous fp32 [tiles, >= M]")
+    rstd = alloc((M,), device=c.device, dtype=torch.float32)
+    bm = 1024
+    _rstd_from_partials_kernel[(triton.cdiv(M, bm),)](c, rstd, M, c.shape[1], RMS_EPS, NT=c.shape[0],
+                                                       NT_P2=triton.next_power_of_2(c.shape[0]), D=D, BM=bm,
+                                                       num_warps=4)
+    return rstd
+
+
 def row_stats(x, x0=None, resid_mix=None):
     """rstd [M] fp32 of x's rows, or with x0 and resid_mix: (xm = mix0 * x + mix1 * x0, rstd of xm)."""
     M, D = x.shape
@@ -857,8 +885,9 @@ def row_gemm_kind(epi: int, a_act: bool = False) -> str:
 # it, else Triton), "triton", or "cutlass" (the same launches, but an error where CUTLASS cannot run). Tests and
 # benchmarks set GEMM_BACKEND directly. Each of these CUTLASS kernels measured faster than its Triton twin.
 # EPI_MLP_UP only when it stores act(pre) (store_act); the Triton kernel stores pre.
-_CUTLASS_EPIS = (EPI_RESIDUAL, EPI_MLP_UP, EPI_ACT_BWD, EPI_NORM_BWD, EPI_MLP_UP_ACT)  # and the attention dX
-_CUTLASS_W_NK = (EPI_RESIDUAL, EPI_MLP_UP, EPI_MLP_UP_ACT)  # built for a [N, K] weight (the others: [K, N])
+_CUTLASS_EPIS = (EPI_RESIDUAL, EPI_MLP_UP, EPI_ACT_BWD, EPI_NORM_BWD, EPI_MLP_UP_ACT,
+                 EPI_RESIDUAL_ROWSQ)  # and the attention dX
+_CUTLASS_W_NK = (EPI_RESIDUAL, EPI_MLP_UP, EPI_MLP_UP_ACT, EPI_RESIDUAL_ROWSQ)  # built for a [N, K] weight
 # H100, B64xT1024, ms CUTLASS vs Triton (bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt):
 # residual 0.089 vs 0.105, RMSNorm backward 0.139 vs 0.202; activation backward 0.209 vs 0.259 with per-tile
 # partial row sums (…-2026-12-06-dpre-partials.txt; 0.358 when Sm90ColReduction completed the sums itself).
@@ -962,6 +991,8 @@ def _row_gemm_cutlass(a, w, M, N, K, out, *, epi, nvec, res, rowvec, c, c_nt, g,
     w_nk = epi in _CUTLASS_W_NK
     if epi == EPI_RESIDUAL:
         _C.block_gemm_sm90(a2, w, w_nk, o2, epi, res.view(M, N), None, None, nvec, None, None, None, act, 1.0)
+    elif epi == EPI_RESIDUAL_ROWSQ:  # c: partial row sums of out^2 (act_bwd_partials("cutlass", M, N))
+        _C.block_gemm_sm90(a2, w, w_nk, o2, epi, res.view(M, N), None, None, nvec, None, None, c.view(-1), act, 1.0)
     elif epi == EPI_MLP_UP_ACT:  # reads no C (out passed in its place)
         _C.block_gemm_sm90(a2, w, w_nk, o2, epi, o2, None, g.view(M, N), None, rowvec, None, None, act, 1.0)
     elif epi == EPI_MLP_UP:  # act(acc * rstd) (store_act; row_gemm_backend sends the pre store to Triton)
@@ -994,6 +1025,8 @@ def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, 
     if row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act, store_act) == "cutlass":
         return _row_gemm_cutlass(a, w, M, N, K, out, epi=epi, nvec=nvec, res=res, rowvec=rowvec, c=c, c_nt=c_nt,
                                  g=g, act=act, store_act=store_act)
+    _check(epi != EPI_RESIDUAL_ROWSQ, "EPI_RESIDUAL_ROWSQ has only a CUTLASS kernel (row_gemm_backend says "
+           "whether it runs; else use EPI_RESIDUAL and row_stats)")
     cfg = _blocks(row_gemm_kind(epi, a_act))
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])

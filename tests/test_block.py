@@ -244,9 +244,12 @@ def test_attn_out_piece(strided, gemm_path):
     wp = (torch.randn(D, D) / D ** 0.5).requires_grad_()
     s = (0.5 + torch.rand(D)).requires_grad_()
     wp_c, wp_scaled_c = kn.prep_weights([(wp.detach(), None), (wp.detach(), s.detach())], y.dtype)
-    out = blk._attn_out_op(y, xm, wp, wp_c, wp_scaled_c, s)
+    out, rstd = blk._attn_out_op(y, xm, wp, wp_c, wp_scaled_c, s, True)
     ref = xm + s * (y.reshape(B, T, D) @ wp.T)
     close(out, ref, "attn_out")
+    # x1's rstd for the MLP's RMSNorm, of the x1 stored
+    close(rstd, out.detach().square().mean(-1).add(kn.RMS_EPS).rsqrt().reshape(-1), "attn_out rstd(x1)")
+    assert blk._attn_out_op(y, xm, wp, wp_c, wp_scaled_c, s)[1].numel() == 0
     up = torch.randn_like(ref)
     gf = torch.autograd.grad(out, [y, xm, wp, s], up)
     gr = torch.autograd.grad(ref, [y, xm, wp, s], up)
@@ -572,6 +575,24 @@ def test_scale_rows_dot(N, K):
 
 
 @needs_triton_cpu
+@pytest.mark.parametrize("tiles,M,ld", [(4, 3000, 3072), (1, 70, 70), (3, 1025, 1152)])
+def test_rstd_from_partials(tiles, M, ld):
+    """rstd from per-column-tile partial sums of squares (EPI_RESIDUAL_ROWSQ's, rows padded to ld): equal to
+    row_stats of the rows they came from (fp32, relative 1e-6), padding ignored, output poisoned first."""
+    from pgolf_kernels import block_kernels as kn
+    g = torch.Generator().manual_seed(tiles * M)
+    D = 128 * tiles
+    x = torch.randn(M, D, generator=g) * (torch.rand(M, 1, generator=g) * 4 + 0.1)
+    c = torch.full((tiles, ld), float("nan"))  # padding past M is never read
+    c[:, :M] = x.square().view(M, tiles, 128).sum(-1).t()
+    rstd = kn.rstd_from_partials(c, M, D)
+    assert rstd.shape == (M,) and torch.isfinite(rstd).all()
+    torch.testing.assert_close(rstd, kn.row_stats(x), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        kn.rstd_from_partials(c.t(), M, D)
+
+
+@needs_triton_cpu
 def test_prep_weights_casts_and_row_scales():
     from pgolf_kernels import block_kernels as kn
     ws = [torch.randn(96, 64), torch.randn(32, 160), torch.randn(2000, 8)]
@@ -666,7 +687,7 @@ def _cutlass_ready() -> bool:
 @pytest.mark.skipif(not _cutlass_ready(), reason="needs an sm_90 GPU and the extension built with CUTLASS")
 @pytest.mark.parametrize("M,N,K", [(4096, 512, 512), (1000, 1024, 512), (4133, 512, 1536), (128, 1536, 512),
                                    (2 * 2048 + 64, 512, 2048)])
-@pytest.mark.parametrize("epi", ["residual", "act_bwd_relu2", "act_bwd_leaky", "act_bwd_nostore", "act_bwd_saved_act",
+@pytest.mark.parametrize("epi", ["residual", "residual_rowsq", "act_bwd_relu2", "act_bwd_leaky", "act_bwd_nostore", "act_bwd_saved_act",
                                  "norm_bwd", "mlp_up_act", "mlp_up_relu2", "mlp_up_leaky"])
 def test_gpu_cutlass_row_gemm(monkeypatch, epi, M, N, K):
     """The CUTLASS row GEMMs (csrc/block_gemm_sm90.cu) against their formulas in fp32 on the same bf16 inputs,
@@ -687,6 +708,17 @@ def test_gpu_cutlass_row_gemm(monkeypatch, epi, M, N, K):
         kn.row_gemm(a, P(K), w, K, 1, M, N, K, out, P(N), epi=kn.EPI_RESIDUAL, nvec=nvec, res=res)
         ref = res.float() + nvec * (a.float() @ w.float().t())
         assert torch.isfinite(out).all() and rel_err(out, ref) <= 8e-3
+        return
+    if epi == "residual_rowsq":  # and per-tile partial sums of the stored out's squares, then rstd from them
+        w, res, nvec = rnd(N, K, scale=K ** -0.5), rnd(M, N), torch.rand(N, device="cuda", generator=g) + 0.5
+        c = kn.alloc(*kn.act_bwd_partials("cutlass", M, N), device="cuda", dtype=torch.float32)
+        kn.row_gemm(a, P(K), w, K, 1, M, N, K, out, P(N), epi=kn.EPI_RESIDUAL_ROWSQ, nvec=nvec, res=res, c=c)
+        ref = res.float() + nvec * (a.float() @ w.float().t())
+        assert torch.isfinite(out).all() and rel_err(out, ref) <= 8e-3
+        sq = out.float().square().sum(1)
+        assert torch.isfinite(c[:, :M]).all() and rel_err(c[:, :M].sum(0), sq) <= 1e-5
+        rstd = kn.rstd_from_partials(c, M, N)
+        assert rel_err(rstd, kn.row_stats(out)) <= 1e-5
         return
     if epi == "mlp_up_act":
         w, rstd = rnd(N, K, scale=K ** -0.5), torch.rand(M, device="cuda", generator=g) + 0.5
@@ -845,12 +877,13 @@ def test_gpu_block_cutlass_matches_triton(monkeypatch, case):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("on", [False, True])
-@pytest.mark.parametrize("option", ["expand_kv", "keep_act", "attn_in_mix"])
+@pytest.mark.parametrize("option", ["expand_kv", "keep_act", "attn_in_mix", "attn_out_rstd"])
 @pytest.mark.parametrize("case", gpu_cases(4, seed=13), ids=lambda c: f"B{c['B']}_T{c['T']}_m{c['mlp_mult']}_{c['activation']}")
 def test_gpu_block_option_vs_truth(case, option, on):
     """The fused block with an option on and off, each against the fp32 reference (as test_gpu_fused_block_bf16):
     attn_in_mix (the sm_90 attention input mixing x and x0 itself; elsewhere a no-op),
-    expand_kv (k/v expanded to every query head, SDPA without GQA) and keep_act (act(pre) stored by the MLP-up
+    expand_kv (k/v expanded to every query head, SDPA without GQA), attn_out_rstd (the MLP's rstd from the
+    projection's epilogue sums, or a row pass) and keep_act (act(pre) stored by the MLP-up
     matmul; with relu^2 alone, relu(pre) recovered from it in backward: other roundings than pre in bf16, so the
     two are not compared with each other: d(q_gain), a sum over every token, differed by 1.02e-2 relative at
     B3xT1024 MLP 4x relu^2, H100, while both were within the bound below)."""
