@@ -9,6 +9,10 @@ backward, CUDA-graph replay (GPU time only), median of triton.testing.do_bench:
              expanded; the backward's epilogue kernel would then add the head pairs of dK/dV itself)
   expand+sum expanded, plus the torch ops that expand k/v and sum the head pairs (an upper bound on doing it in
              torch instead of inside the block's kernels)
+  gqa_bhtd   gqa on q/k/v/dO all contiguous [B, heads, T, HD] (would the attention input writing that layout
+             make cuDNN's dO.O, dQ-conversion or head-pair kernels cheaper?)
+  gqa_dO_like_O  gqa with dO allocated like O (empty_like(y)), as the block's backward passes it
+             (gqa_dO_like_O includes one copy into that dO: compare the kernels, not only the total)
 for the cuDNN and flash backends, and lists each variant's kernels (torch.profiler, per call).
 
 Usage: python bench/probe_attention.py [--cases B64_T1024,B32_T2048] [--out DIR]
@@ -54,7 +58,20 @@ def variants(q, k, v, dy):
         y = F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
         return torch.autograd.grad(y, (q, k, v), dy)  # autograd sums the head pairs
 
-    return {"gqa": gqa, "expanded": expanded, "expand+sum": expand_sum}
+    # the same GQA call on other memory layouts: q/k/v and dO all [B, heads, T, HD] contiguous (BHTD), and the
+    # block's own (q/k/v views of [B, T, heads, HD] memory) with dO laid out like O, as the block passes it
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+
+    def gqa_bhtd():
+        y = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=True)
+        return torch.autograd.grad(y, (qc, kc, vc), dy.contiguous())
+
+    def gqa_do_like_o():
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return torch.autograd.grad(y, (q, k, v), torch.empty_like(y).copy_(dy))
+
+    return {"gqa": gqa, "expanded": expanded, "expand+sum": expand_sum, "gqa_bhtd": gqa_bhtd,
+            "gqa_dO_like_O": gqa_do_like_o}
 
 
 def main(argv=None):
