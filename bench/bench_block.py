@@ -514,6 +514,12 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     out_dirs = args.out.split(",")
     impls = args.impls.split(",")
+    for impl in impls:  # an unknown name fails here, not as a plain fused row under its name
+        if impl not in ("eager", "compile", "fused") and not known_fused_impl(impl):
+            ap.error(f"unknown impl {impl!r}: eager, compile, fused, {', '.join(sorted(FUSED_OPTIONS))}, "
+                     f"{', '.join(sorted(GEMM_IMPLS))}, {', '.join(sorted(SCHEDULE_IMPLS))} (settings join with +)")
+        if impl.startswith("fused"):
+            fused_settings(impl)  # raises on an unknown "+" setting
     modes = args.modes.split(",")
     rows: list[dict] = []
     skipped: list[str] = []

@@ -952,6 +952,11 @@ def test_bench_block_cpu_smoke(tmp_path):
     assert all(r["expand_kv"] == (r["impl"] == "fused_no_keep_act+expand_kv") for r in obj["rows"])
     with pytest.raises(ValueError, match="unknown setting"):
         bench.fused_settings("fused+no_such_option")
+    for bad in ("fused_no_such_option", "fused+no_such_option"):  # refused before anything runs
+        with pytest.raises((SystemExit, ValueError)):
+            bench.main(["--smoke-cpu", "--out", str(tmp_path / "bad"), "--cases", "B1_T64_mlp3_leaky_relu2",
+                        "--impls", bad])
+    assert not (tmp_path / "bad").exists()
     assert all(r["ok"] and r["error"] is None and r["ms"] > 0 for r in obj["rows"]), obj["rows"]
 
 
