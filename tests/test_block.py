@@ -687,8 +687,8 @@ def _cutlass_ready() -> bool:
 @pytest.mark.skipif(not _cutlass_ready(), reason="needs an sm_90 GPU and the extension built with CUTLASS")
 @pytest.mark.parametrize("M,N,K", [(4096, 512, 512), (1000, 1024, 512), (4133, 512, 1536), (128, 1536, 512),
                                    (2 * 2048 + 64, 512, 2048)])
-@pytest.mark.parametrize("epi", ["residual", "residual_rowsq", "act_bwd_relu2", "act_bwd_leaky", "act_bwd_nostore", "act_bwd_saved_act",
-                                 "norm_bwd", "mlp_up_act", "mlp_up_relu2", "mlp_up_leaky"])
+@pytest.mark.parametrize("epi", ["residual", "residual_rowsq", "act_bwd_relu2", "act_bwd_leaky", "act_bwd_nostore",
+                                 "act_bwd_saved_act", "norm_bwd", "mlp_up_act", "mlp_up_relu2", "mlp_up_leaky"])
 def test_gpu_cutlass_row_gemm(monkeypatch, epi, M, N, K):
     """The CUTLASS row GEMMs (csrc/block_gemm_sm90.cu) against their formulas in fp32 on the same bf16 inputs,
     outputs poisoned. bf16 outputs: relative error <= 8e-3 (one bf16 rounding of the result is 2e-3 to 4e-3);
@@ -785,7 +785,8 @@ def _sm90_attn_in_ready() -> bool:
 @pytest.mark.parametrize("expand_kv", [False, True])
 @pytest.mark.parametrize("variant", ["cooperative", "cooperative_mix", "pingpong"])
 @pytest.mark.parametrize("B,T,H,KVH,rope_dims,store_stats", [(2, 1024, 8, 4, 64, True), (3, 300, 8, 4, 16, True),
-                                                            (1, 1000, 12, 4, 48, False), (5, 77, 4, 4, 32, True)])
+                                                            (1, 1000, 12, 4, 48, False), (5, 77, 4, 4, 32, True),
+                                                            (1, 4096, 8, 4, 64, True)])
 def test_gpu_sm90_attn_in(monkeypatch, B, T, H, KVH, rope_dims, store_stats, variant, expand_kv):
     """The wgmma attention-input kernel (csrc/block_attn_in_sm90.cu) against its formula in fp32 on the same bf16
     inputs, outputs poisoned; M = B*T not a multiple of the 128-row tile in most cases. bf16 q/k/v: relative error
