@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     kn = block_kernels
     cutlass_ok = not smoke and kn.cutlass_missing(torch.device("cuda")) is None
     names = {kn.EPI_RESIDUAL: "residual", kn.EPI_MLP_UP: "mlp_up (act only)", kn.EPI_ACT_BWD: "act_bwd",
-             kn.EPI_NORM_BWD: "norm_bwd", kn.EPI_MLP_UP_ACT: "mlp_up_act"}
+             kn.EPI_NORM_BWD: "norm_bwd", kn.EPI_MLP_UP_ACT: "mlp_up_act", kn.EPI_RESIDUAL_ROWSQ: "residual_rowsq"}
 
     def gemm_state(backend: str) -> str:  # rows' block_gemm: the backend and the launches it runs on CUTLASS
         if backend == "triton" or not cutlass_ok:
