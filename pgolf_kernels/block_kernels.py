@@ -7,7 +7,8 @@ Layout conventions (all activations row-major, M = batch * seq rows):
 Master weights stay fp32 (as the optimiser keeps them); `prep_weights` makes their activation-dtype copies (some
 row-scaled) in one launch per forward, and the matmul kernels read those. Accumulation is always fp32.
 
-Every kernel but three is a matmul with its elementwise neighbours folded into operand loads or the epilogue:
+The matmuls carry their elementwise neighbours in operand loads or the epilogue; the other kernels are row passes
+and small finishing steps:
   _row_stats_kernel        rstd of each row for RMSNorm as a row scale (with resid_mix: also writes xm)
   _rstd_from_partials_kernel  the same rstd from per-tile partial sums of squares a matmul epilogue wrote
   _attn_in_fwd_kernel      (xm @ [Wq;Wk;Wv]^T) * rstd + q/k RMSNorm + RoPE + q gain
@@ -19,9 +20,11 @@ Every kernel but three is a matmul with its elementwise neighbours folded into o
   _wgrad_kernel            generic  dW = A^T @ B over rows (split over rows for parallelism); on a GPU plain
                            products go to cuBLAS instead (see wgrad)
   _prep_weights_kernel     fp32 -> activation-dtype weight copies, optionally row-scaled, up to 8 per launch
+  _scale_rows_dot_kernel   after a cuBLAS weight gradient G: dW = nscale * G in place and dscale = rowsum(W * G)
 
-CUTLASS sm_90a versions of some matmuls live in csrc/ (block_gemm_sm90.cu: residual, activation-backward and
-RMSNorm-backward epilogues; block_attn_dx_sm90.cu: the attention input's dX); GEMM_BACKEND below picks them.
+CUTLASS sm_90a versions of some matmuls live in csrc/ (block_gemm_sm90.cu: residual (also with the output's row
+sums of squares), MLP-up, activation-backward and RMSNorm-backward epilogues; block_attn_dx_sm90.cu: the attention
+input's dX); GEMM_BACKEND below picks them.
 
 Wrappers below allocate outputs and launch; they check shapes and raise ValueError naming the problem.
 """
