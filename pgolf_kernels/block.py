@@ -392,7 +392,7 @@ def _attn_out_op(y: Tensor, xm: Tensor, wp: Tensor, wp_c: Tensor, wp_scaled_c: T
         # the epilogue sums the squares of the x1 it stores, per 128-column tile: no row pass over x1
         sq = kn.alloc(kn.act_bwd_partials("cutlass", m, d), device=y.device, dtype=torch.float32)
         kn.row_gemm(y, a_addr, wp_c, wp_c.stride(0), 1, m, d, h * hd, out, o_addr, epi=kn.EPI_RESIDUAL_ROWSQ,
-                    nvec=attn_scale, res=xm, c=sq)
+                    nvec=attn_scale, res=xm, c=sq, backend="cutlass")
         return out, kn.rstd_from_partials(sq, m, d)
     kn.row_gemm(y, a_addr, wp_c, wp_c.stride(0), 1, m, d, h * hd, out, o_addr, epi=kn.EPI_RESIDUAL,
                 nvec=attn_scale, res=xm)
@@ -520,7 +520,7 @@ def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, act_pre: Tenso
     # unless the forward kept it
     kn.row_gemm(g2, kn._flat2(g2), w_proj_scaled_c, 1, w_proj_scaled_c.stride(0), m, hid, d, dpre, kn._flat2(dpre),
                 epi=kn.EPI_ACT_BWD, res=pre, rowvec=rstd, c=cpart, g=act_pre if store_act else None,
-                store_act=store_act, act=act)
+                store_act=store_act, act=act, backend=backend)
     if m_row != m:  # CUTLASS pads its partial rows to whole 128-row tiles; the dX epilogue reads rows of m
         cpart, n_ht = cpart[:, :m].sum(0, keepdim=True), 1
     dw_proj, dscale = kn.wgrad(g2, act_pre, kn._flat2(act_pre), m, d, hid, nscale=mlp_scale, w=w_proj)

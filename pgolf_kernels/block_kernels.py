@@ -1021,11 +1021,14 @@ def act_bwd_partials(backend: str, M: int, N: int) -> tuple[int, int]:
 
 
 def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, res=None,
-             rowvec=None, c=None, c_nt=1, g=None, a_act=False, store_act=False, act=0):
+             rowvec=None, c=None, c_nt=1, g=None, a_act=False, store_act=False, act=0, backend=None):
     """out = epilogue(prologue(A) @ W) (EPI modes above). EPI_ACT_BWD writes per-row partial sums to c, a
     contiguous fp32 tensor shaped by act_bwd_partials for the backend row_gemm_backend picks; EPI_NORM_BWD adds
-    the first c_nt rows of c (rows of length M)."""
-    if row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act, store_act) == "cutlass":
+    the first c_nt rows of c (rows of length M). backend: row_gemm_backend's answer for these operands, when the
+    caller already asked it (it is not asked again)."""
+    if backend is None:
+        backend = row_gemm_backend(epi, a, a_addr, w, w_sn, w_sk, N, K, o_addr, a_act, store_act)
+    if backend == "cutlass":
         return _row_gemm_cutlass(a, w, M, N, K, out, epi=epi, nvec=nvec, res=res, rowvec=rowvec, c=c, c_nt=c_nt,
                                  g=g, act=act, store_act=store_act)
     _check(epi != EPI_RESIDUAL_ROWSQ, "EPI_RESIDUAL_ROWSQ has only a CUTLASS kernel (row_gemm_backend says "
