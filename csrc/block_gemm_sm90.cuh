@@ -120,8 +120,14 @@ struct ActOps {
       T o;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < T::kElements; ++i) {
-        const float pi = Act<ACT>::saved(p[i]);
-        o[i] = acc[i] * Act<ACT>::grad(pi) * pi;
+        if constexpr (ACT == 2) {
+          // given s = act(pre) = relu(p)^2: act'(p) * p = 2 relu(p) * p = 2 s, no square root (the tree cannot
+          // share DpScaled's, and the epilogue's square roots run on the slow special-function unit)
+          o[i] = 2.f * acc[i] * p[i];
+        } else {
+          const float pi = Act<ACT>::saved(p[i]);
+          o[i] = acc[i] * Act<ACT>::grad(pi) * pi;
+        }
       }
       return o;
     }
