@@ -522,7 +522,7 @@ def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, act_pre: Tenso
                 epi=kn.EPI_ACT_BWD, res=pre, rowvec=rstd, c=cpart, g=act_pre if store_act else None,
                 store_act=store_act, act=act, backend=backend)
     if m_row != m:  # CUTLASS pads its partial rows to whole 128-row tiles; the dX epilogue reads rows of m
-        cpart, n_ht = cpart[:, :m].sum(0, keepdim=True), 1
+        cpart, n_ht = kn.sum_partials(cpart, m)[None], 1
     dw_proj, dscale = kn.wgrad(g2, act_pre, kn._flat2(act_pre), m, d, hid, nscale=mlp_scale, w=w_proj)
     del act_pre
     dw_fc, _ = kn.wgrad(dpre, x2, kn._flat2(x2), m, hid, d)

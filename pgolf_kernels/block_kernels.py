@@ -10,7 +10,7 @@ row-scaled) in one launch per forward, and the matmul kernels read those. Accumu
 The matmuls carry their elementwise neighbours in operand loads or the epilogue; the other kernels are row passes
 and small finishing steps:
   _row_stats_kernel        rstd of each row for RMSNorm as a row scale (with resid_mix: also writes xm)
-  _rstd_from_partials_kernel  the same rstd from per-tile partial sums of squares a matmul epilogue wrote
+  _sum_partials_kernel     sums of per-tile partials (matmul epilogues' row sums), or rstd from sums of squares
   _attn_in_fwd_kernel      (xm @ [Wq;Wk;Wv]^T) * rstd + q/k RMSNorm + RoPE + q gain
   _row_gemm_kernel         generic  out = epilogue(prologue(A) @ W)  (output projections, MLP up/down, dX matmuls)
   _row_gemm_tma_kernel     the same for row-major operands: TMA tensor descriptors, persistent over output tiles
@@ -786,27 +786,42 @@ def _flat2(t: torch.Tensor) -> tuple:
 
 
 @triton.jit
-def _rstd_from_partials_kernel(c_ptr, rstd_ptr, M, LD, eps, NT: tl.constexpr, NT_P2: tl.constexpr, D: tl.constexpr,
-                               BM: tl.constexpr):
-    # rstd[m] = 1 / sqrt(sum_j c[j, m] / D + eps): the NT per-tile partial sums of squares of row m (rows of LD)
+def _sum_partials_kernel(c_ptr, out_ptr, M, NT, LD, BSTRIDE, eps, D, RSTD: tl.constexpr, BJ: tl.constexpr,
+                         BM: tl.constexpr):
+    # out[b, m] = sum_j c[b, j, m] over NT partial rows (row j of batch b at b * BSTRIDE + j * LD), in fixed order;
+    # RSTD: 1 / sqrt(out / D + eps) instead (the rows' RMSNorm scale from per-tile sums of squares)
+    b = tl.program_id(1)
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    j = tl.arange(0, NT_P2)
-    msk = (j < NT)[:, None] & (rm < M)[None, :]
-    ss = tl.sum(tl.load(c_ptr + j[:, None] * LD + rm[None, :], mask=msk, other=0.0), axis=0)
-    tl.store(rstd_ptr + rm, 1.0 / tl.sqrt(ss / D + eps), mask=rm < M)
+    acc = tl.zeros((BM,), dtype=tl.float32)
+    for j0 in range(0, NT, BJ):
+        j = j0 + tl.arange(0, BJ)
+        msk = (j < NT)[:, None] & (rm < M)[None, :]
+        acc += tl.sum(tl.load(c_ptr + b * BSTRIDE + j[:, None] * LD + rm[None, :], mask=msk, other=0.0), axis=0)
+    if RSTD:
+        acc = 1.0 / tl.sqrt(acc / D + eps)
+    tl.store(out_ptr + b * M + rm, acc, mask=rm < M)
+
+
+def sum_partials(c, M, rstd_of_d=None):
+    """Sums of per-tile partials in one launch: c fp32 [tiles, >= M] (rows contiguous) -> [M], or [B, tiles, M]
+    -> [B, M]; with rstd_of_d = D, rstd as row_stats from partial sums of squares of D-wide rows (e.g.
+    EPI_RESIDUAL_ROWSQ's) instead of the sums."""
+    _check(c.dtype == torch.float32 and c.dim() in (2, 3) and c.stride(-1) == 1 and c.shape[-1] >= M,
+           "partials must be fp32 [tiles, >= M] or [batch, tiles, >= M] with unit inner stride")
+    c3 = c if c.dim() == 3 else c.unsqueeze(0)
+    out = alloc((c3.shape[0], M), device=c.device, dtype=torch.float32)
+    bm = 1024
+    _sum_partials_kernel[(triton.cdiv(M, bm), c3.shape[0])](
+        c3, out, M, c3.shape[1], c3.stride(1), c3.stride(0), RMS_EPS, rstd_of_d or 1, RSTD=rstd_of_d is not None,
+        BJ=8, BM=bm, num_warps=4)
+    return out if c.dim() == 3 else out[0]
 
 
 def rstd_from_partials(c, M, D):
     """rstd [M] fp32 (as row_stats) from c: fp32 [tiles, >= M] per-column-tile partial sums of the rows' squares,
     e.g. EPI_RESIDUAL_ROWSQ's."""
-    _check(c.dtype == torch.float32 and c.dim() == 2 and c.is_contiguous() and c.shape[1] >= M,
-           "partials must be contiguous fp32 [tiles, >= M]")
-    rstd = alloc((M,), device=c.device, dtype=torch.float32)
-    bm = 1024
-    _rstd_from_partials_kernel[(triton.cdiv(M, bm),)](c, rstd, M, c.shape[1], RMS_EPS, NT=c.shape[0],
-                                                       NT_P2=triton.next_power_of_2(c.shape[0]), D=D, BM=bm,
-                                                       num_warps=4)
-    return rstd
+    _check(c.dim() == 2, "partials must be fp32 [tiles, >= M]")
+    return sum_partials(c, M, rstd_of_d=D)
 
 
 def row_stats(x, x0=None, resid_mix=None):
@@ -1005,7 +1020,7 @@ def _row_gemm_cutlass(a, w, M, N, K, out, *, epi, nvec, res, rowvec, c, c_nt, g,
         _C.block_gemm_sm90(a2, w, w_nk, o2, epi, res.view(M, N), None, g.view(M, N) if store_act else None, None,
                            rowvec, None, c.view(-1), act, 1.0)
     else:
-        csum = c.view(-1)[:M] if c_nt == 1 else c.view(-1, M)[:c_nt].sum(0)
+        csum = c.view(-1)[:M] if c_nt == 1 else sum_partials(c.view(-1, M)[:c_nt], M)
         _C.block_gemm_sm90(a2, w, w_nk, o2, epi, g.view(M, N), res.view(M, N), None, None, rowvec, csum, None,
                            act, 1.0 / N)
     return out
@@ -1136,7 +1151,7 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
         w_all = torch.cat([wq, wk, wv])
         dmix_part = alloc((2, triton.cdiv(M, 128), D), device=dev, dtype=torch.float32)
         _C.block_attn_dx_sm90(dqkv, w_all, g_xm, xm, x, x0, rstd, cvec, resid_mix, dx, dx0, dmix_part)
-        dmix = dmix_part.sum(1)
+        dmix = sum_partials(dmix_part, D)
     else:
         cfg = _blocks("attn_dx")
         BN = _pick(D, cfg["BN"])
@@ -1155,9 +1170,9 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
         else:
             _attn_in_bwd_dx_kernel[(D // BN, n_rt)](dqkv, wq, wk, wv, g_xm, xm, rstd, cvec, x, x0, resid_mix,
                                                     dx, dx0, dmix_part, M, **kw)
-        dmix = dmix_part.sum(0)
+        dmix = sum_partials(dmix_part.view(n_rt, 2 * D), 2 * D).view(2, D)
     dw, _ = wgrad(dqkv, xm, _flat2(xm), M, NQKV, D)
-    return dx, dx0, dmix, dw, dgain_part.sum(0)
+    return dx, dx0, dmix, dw, sum_partials(dgain_part, H)
 
 
 def rope_tables(angles: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -588,8 +588,23 @@ def test_rstd_from_partials(tiles, M, ld):
     rstd = kn.rstd_from_partials(c, M, D)
     assert rstd.shape == (M,) and torch.isfinite(rstd).all()
     torch.testing.assert_close(rstd, kn.row_stats(x), rtol=1e-6, atol=0)
-    with pytest.raises(ValueError, match="contiguous fp32"):
-        kn.rstd_from_partials(c.t(), M, D)
+    with pytest.raises(ValueError, match="fp32"):
+        kn.rstd_from_partials(c.double(), M, D)
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("shape,M", [((8, 5000), 5000), ((3, 1030), 1000), ((2, 37, 96), 96), ((1024, 8), 8)])
+def test_sum_partials(shape, M):
+    """Per-tile partial sums added up in one launch (rows of >= M, padding past M never read), batched over a
+    leading dim, against torch in fp32 (relative 1e-6); the output poisoned first (alloc)."""
+    from pgolf_kernels import block_kernels as kn
+    g = torch.Generator().manual_seed(sum(shape))
+    c = torch.randn(*shape, generator=g)
+    c[..., M:] = float("nan")
+    got = kn.sum_partials(c, M)
+    want = c[..., :M].sum(-2)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(c[..., :M].abs().sum(-2).max()))
 
 
 @needs_triton_cpu
