@@ -64,7 +64,9 @@ def _cuda_extension():
         include_dirs.append(cutlass_inc)
         # NDEBUG: CuTe's device-side asserts are calls, and a call inside the wgmma pipeline makes ptxas serialise
         # it ("wgmma.mma_async instructions are serialized", C7510); no csrc kernel relies on assert().
-        nvcc_flags += ["-DPGOLF_WITH_CUTLASS", "--expt-relaxed-constexpr", "-DNDEBUG"]
+        # CUTLASS_ENABLE_GDC_FOR_SM90: the kernels wait for the grid before them, so they may be launched
+        # programmatically (csrc/cuda_context.h, programmatic_launch).
+        nvcc_flags += ["-DPGOLF_WITH_CUTLASS", "--expt-relaxed-constexpr", "-DNDEBUG", "-DCUTLASS_ENABLE_GDC_FOR_SM90"]
     else:
         print("pgolf_kernels: CUTLASS headers not found (pip install nvidia-cutlass, or set CUTLASS_HOME): the "
               "fused block's CUTLASS row GEMMs are left out and its Triton kernels run")

@@ -20,8 +20,10 @@ Implementations (rows' `impl`):
   fused_keep_act, fused_no_keep_act, fused_expand_kv, fused_attn_in_mix  the fused block (cuDNN) with
            FusedBlock.keep_act on / off, .expand_kv on, .attn_in_mix on (the sm_90 attention input forms xm and
            rstd itself, no row pass): options measured against the default in the same run
+  fused_no_pdl  the fused block with plain launches instead of programmatic dependent ones (block_kernels.PDL):
+           what overlapping each kernel's launch with the tail of the one before gains
   IMPL+SETTING  any fused impl with more settings joined by "+": a FusedBlock option turned on
-           (fused_attn_in_mix+expand_kv) or +pingpong (fused_expand_kv+pingpong); see fused_settings
+           (fused_attn_in_mix+expand_kv), +pingpong (fused_expand_kv+pingpong) or +no_pdl; see fused_settings
 Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
 fwd = forward under torch.no_grad() (the fused block's eval path).
 
@@ -109,26 +111,31 @@ GEMM_IMPLS = {"fused_triton": "triton", "fused_cutlass": "cutlass"}  # impl -> b
 SCHEDULE_IMPLS = {"fused_attn_in_pingpong": "pingpong"}  # impl -> block_kernels.ATTN_IN_SCHEDULE
 
 
-def fused_settings(impl: str) -> tuple[str, str, dict]:
-    """(GEMM backend, attention-input schedule, FusedBlock options) of a fused impl. "+" joins settings onto an
-    impl: "fused_attn_in_mix+expand_kv" turns FusedBlock.expand_kv on too, "+pingpong" the ping-pong schedule."""
+def fused_settings(impl: str) -> tuple[dict, dict]:
+    """(block_kernels settings {GEMM_BACKEND, ATTN_IN_SCHEDULE, PDL}, FusedBlock options) of a fused impl. "+" joins
+    settings onto an impl: "fused_attn_in_mix+expand_kv" turns FusedBlock.expand_kv on too, "+pingpong" the
+    ping-pong schedule, "+no_pdl" plain launches instead of programmatic ones."""
     base, *extra = impl.split("+")
-    gemm = GEMM_IMPLS.get(base, block_kernels.GEMM_BACKEND)
-    schedule = SCHEDULE_IMPLS.get(base, block_kernels.ATTN_IN_SCHEDULE)
+    kernels = dict(GEMM_BACKEND=GEMM_IMPLS.get(base, block_kernels.GEMM_BACKEND),
+                   ATTN_IN_SCHEDULE=SCHEDULE_IMPLS.get(base, block_kernels.ATTN_IN_SCHEDULE),
+                   PDL=block_kernels.PDL and base != "fused_no_pdl")
     options = dict([FUSED_OPTIONS[base]]) if base in FUSED_OPTIONS else {}
     for e in extra:
         if e == "pingpong":
-            schedule = "pingpong"
+            kernels["ATTN_IN_SCHEDULE"] = "pingpong"
+        elif e == "no_pdl":
+            kernels["PDL"] = False
         elif e in OPTION_NAMES:
             options[e] = True
         else:
-            raise ValueError(f"impl {impl!r}: unknown setting {e!r} (pingpong or one of {OPTION_NAMES})")
-    return gemm, schedule, options
+            raise ValueError(f"impl {impl!r}: unknown setting {e!r} (pingpong, no_pdl or one of {OPTION_NAMES})")
+    return kernels, options
 
 
 def known_fused_impl(impl: str) -> bool:
     base = impl.split("+")[0]
-    return base in GEMM_IMPLS or base in FUSED_OPTIONS or base in SCHEDULE_IMPLS or (base == "fused" and "+" in impl)
+    return (base in GEMM_IMPLS or base in FUSED_OPTIONS or base in SCHEDULE_IMPLS or base == "fused_no_pdl"
+            or (base == "fused" and "+" in impl))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -517,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     for impl in impls:  # an unknown name fails here, not as a plain fused row under its name
         if impl not in ("eager", "compile", "fused") and not known_fused_impl(impl):
             ap.error(f"unknown impl {impl!r}: eager, compile, fused, {', '.join(sorted(FUSED_OPTIONS))}, "
-                     f"{', '.join(sorted(GEMM_IMPLS))}, {', '.join(sorted(SCHEDULE_IMPLS))} (settings join with +)")
+                     f"{', '.join(sorted(GEMM_IMPLS))}, {', '.join(sorted(SCHEDULE_IMPLS))}, fused_no_pdl (settings join with +)")
         if impl.startswith("fused"):
             fused_settings(impl)  # raises on an unknown "+" setting
     modes = args.modes.split(",")
@@ -598,20 +605,22 @@ def main(argv: list[str] | None = None) -> None:
                 block = {"eager": ref, "compile": compiled}[impl]
             params = params_fused if is_fused else params_ref
             autocast = not is_fused and not smoke
-            gemm, schedule, options = fused_settings(impl)
+            kernel_settings, options = fused_settings(impl)
             if smoke:
                 backend = SDPBackend.MATH  # the only CPU backend
 
             @contextlib.contextmanager
-            def impl_settings():  # this impl's GEMM backend, attention-input schedule and FusedBlock options
-                saved = block_kernels.GEMM_BACKEND, block_kernels.ATTN_IN_SCHEDULE
-                block_kernels.GEMM_BACKEND, block_kernels.ATTN_IN_SCHEDULE = gemm, schedule
+            def impl_settings():  # this impl's block_kernels settings (GEMM backend, ...) and FusedBlock options
+                saved = {k: getattr(block_kernels, k) for k in kernel_settings}
+                for k, value in kernel_settings.items():
+                    setattr(block_kernels, k, value)
                 for opt, value in options.items():
                     setattr(fused, opt, value)
                 try:
                     yield
                 finally:
-                    block_kernels.GEMM_BACKEND, block_kernels.ATTN_IN_SCHEDULE = saved
+                    for k, value in saved.items():
+                        setattr(block_kernels, k, value)
                     for opt in options:
                         delattr(fused, opt)  # back to the class default
 
@@ -658,8 +667,9 @@ def main(argv: list[str] | None = None) -> None:
             row = dict(case=f"{case}", mode=mode, impl=impl, sdpa=bname, wrapper=wrapper, ms=None, graph_ms=None,
                        tflops=None, peak_mib=None, tokens_per_s=None, ok=False, max_rel_err=None, error=None)
             if impl.startswith("fused"):
-                gemm, row["attn_in_schedule"], options = fused_settings(impl)
-                row["block_gemm"] = gemm_state(gemm)
+                kernel_settings, options = fused_settings(impl)
+                row["block_gemm"] = gemm_state(kernel_settings["GEMM_BACKEND"])
+                row["attn_in_schedule"], row["pdl"] = kernel_settings["ATTN_IN_SCHEDULE"], kernel_settings["PDL"]
                 for opt in OPTION_NAMES:
                     row[opt] = options.get(opt, FusedBlock.__dict__[opt])
             try:

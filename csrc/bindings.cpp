@@ -5,6 +5,8 @@
 #include <string>
 #include <tuple>
 
+#include "cuda_context.h"
+
 namespace pgolf {
 std::tuple<at::Tensor, at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64_t bits, const std::string& rule,
                                                       const at::Tensor& fractions);
@@ -110,4 +112,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q_gain"), py::arg("cos"), py::arg("sin"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("hrstd"), py::arg("seq_len"), py::arg("rope_dims"), py::arg("eps"), py::arg("pingpong") = false,
         py::arg("kv_rep") = 1);
+  m.def("set_programmatic_launch", [](bool on) { pgolf::programmatic_launch() = on; },
+        "Whether the next block_gemm_sm90 / block_attn_dx_sm90 / block_attn_in_sm90 launches are programmatic "
+        "dependent launches (sm_90+; each kernel waits for the grid before it before touching memory)",
+        py::arg("on"));
 }

@@ -258,6 +258,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  grid_dependency_wait();  // x, x0 (and xm, q, k, v written below) belong to the kernels before this one
 
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
@@ -456,6 +457,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  grid_dependency_wait();  // x, x0 (and xm, q, k, v written below) belong to the kernels before this one
 
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
@@ -663,15 +665,14 @@ void block_attn_in_sm90_cuda(const at::Tensor& x, const c10::optional<at::Tensor
   const int grid = std::min(num_tiles, device_info(x.get_device()).sms);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (pingpong) {
-    pingpong_kernel_for(rope_dims)<<<grid, kThreads, kPPSmemBytes, stream>>>(map_x, map_wq, map_wk, map_wv, map_q,
-                                                                             map_k, map_v, args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(pingpong_kernel_for(rope_dims), grid, kThreads, kPPSmemBytes, stream, map_x, map_wq, map_wk, map_wv,
+                  map_q, map_k, map_v, args);
     return;
   }
   const Kernel kernel = fuse_mix ? kernel_for<true>(rope_dims) : kernel_for<false>(rope_dims);
   const int smem = fuse_mix ? Smem<true>::kBytes : Smem<false>::kBytes;
-  kernel<<<grid, kThreads, smem, stream>>>(map_x, map_x0, map_xm, map_wq, map_wk, map_wv, map_q, map_k, map_v, args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, grid, kThreads, smem, stream, map_x, map_x0, map_xm, map_wq, map_wk, map_wv, map_q, map_k,
+                map_v, args);
 }
 
 }  // namespace pgolf

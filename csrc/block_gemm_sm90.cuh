@@ -16,6 +16,11 @@
 #include "error_text.h"
 
 #if defined(PGOLF_WITH_CUTLASS)
+// A programmatic launch (programmatic_launch()) is safe only where CUTLASS's kernels wait for the grid before
+// them, which it compiles in only with this macro (setup.py defines it).
+#ifndef CUTLASS_ENABLE_GDC_FOR_SM90
+#error "block_gemm_sm90.cuh needs CUTLASS_ENABLE_GDC_FOR_SM90 (programmatic launches)"
+#endif
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
@@ -262,7 +267,8 @@ void launch(const Operands& o, const typename G::Epilogue::FusionCallbacks::Argu
   auto stream = c10::cuda::getCurrentCUDAStream();
   cutlass::Status st = gemm.initialize(args, ws.data_ptr(), stream);
   TORCH_CHECK(st == cutlass::Status::kSuccess, "block_gemm_sm90: initialize failed: ", cutlassGetStatusString(st));
-  st = gemm.run(stream);
+  // Programmatic: the kernel's producer warps wait for the grid before (wait_on_dependent_grids) before loading.
+  st = gemm.run(stream, nullptr, programmatic_launch());
   TORCH_CHECK(st == cutlass::Status::kSuccess, "block_gemm_sm90: launch failed: ", cutlassGetStatusString(st));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -45,6 +45,39 @@ ACTIVATIONS = {"relu2": 0, "leaky_relu2": 1}
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+try:
+    from triton.language.extra.cuda import gdc_wait
+    from triton.backends.nvidia.compiler import CUDAOptions
+    _TRITON_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
+except (ImportError, AttributeError):  # a Triton without grid dependency control: no programmatic launches
+    _TRITON_PDL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+# Programmatic dependent launch (sm_90+): the block's kernels (Triton, CUTLASS and the sm_90 attention input) are
+# launched so that each may start while the kernel before it drains; each waits (griddepcontrol.wait) before it
+# touches global memory, so only its launch and set-up overlap that tail. On by default; PGOLF_PDL=0 or PDL =
+# False turns it off (read at each launch, so a CUDA graph keeps what was set when it was captured).
+PDL = os.environ.get("PGOLF_PDL", "1").strip() != "0"
+
+
+def _pdl_on(t: torch.Tensor) -> bool:
+    return PDL and not _INTERPRET and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _pdl(t: torch.Tensor) -> dict:
+    """The launch options of a block Triton kernel whose operands live on t's device."""
+    return dict(PDL=True, launch_pdl=True) if _TRITON_PDL and _pdl_on(t) else dict(PDL=False)
+
+
+def _c_pdl(ext, t: torch.Tensor):
+    """Tells the extension whether its next launches (CUTLASS, sm_90 attention input) are programmatic (a build
+    from before the switch existed launches them plainly)."""
+    if hasattr(ext, "set_programmatic_launch"):
+        ext.set_programmatic_launch(_pdl_on(t))
+
 # Tests set this to True: every buffer a kernel is meant to fill starts as NaN, so an unwritten element fails.
 POISON_OUTPUTS = False
 
@@ -182,7 +215,9 @@ def _rope_halves(HD: tl.constexpr, RD: tl.constexpr):
 
 @triton.jit
 def _row_stats_kernel(x_ptr, x0_ptr, mix_ptr, xm_ptr, rstd_ptr, M, eps,
-                      D: tl.constexpr, BD: tl.constexpr, HAS_MIX: tl.constexpr, BM: tl.constexpr):
+                      D: tl.constexpr, BD: tl.constexpr, HAS_MIX: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     # rstd[m] = 1 / rms(row m) for RMSNorm as a row scale of the next matmul; with HAS_MIX the row is first
     # mixed, xm = mix[0] * x + mix[1] * x0 (stored: it is the residual stream), and rstd is taken of xm in fp32
     # before it is rounded. A separate pass (one read of x, x0) keeps the matmuls that use rstd plain: summing
@@ -208,7 +243,9 @@ def _attn_in_fwd_kernel(xm_ptr, xm_desc, rstd_ptr, wq_ptr, wk_ptr, wv_ptr, gain_
                         M, T, eps,
                         D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
                         RD: tl.constexpr, STORE_STATS: tl.constexpr, HPP: tl.constexpr, A_TMA: tl.constexpr,
-                        KV_REP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+                        KV_REP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     # One program = HPP heads of one kind (groups of q heads, then of k heads, then of v heads) x one row tile:
     # (xm @ W^T) * rstd, then the per-head q/k RMSNorm, RoPE and q gain on the accumulator.
     # KV_REP > 1 writes each k/v head KV_REP times (k, v laid out with KVH * KV_REP heads: attention without GQA).
@@ -320,7 +357,9 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
                      A_ACT: tl.constexpr,
                      EPI: tl.constexpr, STORE_ACT: tl.constexpr,
                      ACT: tl.constexpr, NT_P2: tl.constexpr, A_4D: tl.constexpr, O_4D: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     # column tile fastest: programs sharing an A row tile run together (A read from HBM once, W stays in L2)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -409,7 +448,9 @@ def _row_gemm_tma_kernel(a_desc, w_desc, out_desc, res_desc, g_desc,
                          M, N, K,
                          A_ACT: tl.constexpr, EPI: tl.constexpr, STORE_ACT: tl.constexpr, ACT: tl.constexpr,
                          NT_P2: tl.constexpr, W_NK: tl.constexpr, GROUP_M: tl.constexpr, NPROG: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     """_row_gemm_kernel for plain row-major A [M, K] and out [M, N] through TMA tensor descriptors, persistent:
     NPROG programs walk the output tiles, and the flattened tile loop lets Triton issue the next tile's loads
     while this tile's epilogue runs. W is [N, K] (W_NK) or [K, N]; res / g are [M, N] like out."""
@@ -475,7 +516,9 @@ def _attn_in_bwd_epi_kernel(dq_ptr, dq_s0, dq_s1, dq_s2, dq_s3,
                             dqkv_ptr, c_ptr, dgain_ptr,
                             M, T, eps,
                             H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, RD: tl.constexpr,
-                            KV_REP: tl.constexpr, BM: tl.constexpr):
+                            KV_REP: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     # dqkv = gradient of the QKV matmul output (after the attention RMSNorm row scale, before the head norm),
     # stored times the row's rstd (then dW and dX are plain matmuls); c[m] = sum_j dqkv[m, j] * qkv[m, j]
     # (what the attention RMSNorm backward needs); dgain partial per tile.
@@ -548,7 +591,9 @@ def _attn_in_bwd_dx_kernel(dqkv_ptr, wq_ptr, wk_ptr, wv_ptr, gxm_ptr, xm_ptr, rs
                            x_ptr, x0_ptr, mix_ptr, dx_ptr, dx0_ptr, dmix_ptr,
                            M,
                            D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     # acc = (rstd * dqkv) @ [Wq; Wk; Wv] = rstd * dh; dxm = g_xm + acc - xm * rstd^2 * c / D;
     # dx = mix0 * dxm; dx0 = mix1 * dxm; dmix partial sums over this row tile.
     pid_n = tl.program_id(0)
@@ -600,7 +645,9 @@ def _attn_in_bwd_dx_tma_kernel(dqkv_desc, wq_desc, wk_desc, wv_desc, gxm_desc, x
                                dx_desc, dx0_desc, rstd_ptr, c_ptr, mix_ptr, dmix_ptr,
                                M, NPROG: tl.constexpr,
                                D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
-                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     # _attn_in_bwd_dx_kernel through TMA descriptors, persistent over (row tile, column tile), column fastest
     CDT = dx_desc.dtype
     num_n: tl.constexpr = D // BN
@@ -640,7 +687,9 @@ def _wgrad_kernel(a_ptr, a_sm,
                   out_ptr, nscale_ptr, w_ptr, dscale_ptr,
                   M, N, K, m_per_split,
                   OUT_SCALE: tl.constexpr,
-                  B_4D: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
+                  B_4D: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -673,7 +722,9 @@ def _wgrad_kernel(a_ptr, a_sm,
 
 
 @triton.jit
-def _scale_rows_dot_kernel(g_ptr, nscale_ptr, w_ptr, dscale_ptr, K, BK: tl.constexpr):
+def _scale_rows_dot_kernel(g_ptr, nscale_ptr, w_ptr, dscale_ptr, K, BK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     # row n of an fp32 product G from cuBLAS: dscale[n] = sum_k W[n, k] * G[n, k], then G[n, :] *= nscale[n] in
     # place (dW); one launch where torch needed three (product, row sum, scaling)
     n = tl.program_id(0).to(tl.int64)
@@ -696,7 +747,8 @@ def scale_rows_dot(g: torch.Tensor, nscale: torch.Tensor, w: torch.Tensor) -> tu
     _check(w.shape == (N, K) and w.is_contiguous() and nscale.shape == (N,) and nscale.is_contiguous(),
            "W must be a contiguous [N, K] like G and nscale a contiguous [N]")
     dscale = alloc((N,), device=g.device, dtype=torch.float32)
-    _scale_rows_dot_kernel[(N,)](g, nscale, w, dscale, K, BK=min(1024, triton.next_power_of_2(K)), num_warps=4)
+    _scale_rows_dot_kernel[(N,)](g, nscale, w, dscale, K, BK=min(1024, triton.next_power_of_2(K)), num_warps=4,
+                                 **_pdl(g))
     return g, dscale
 
 
@@ -721,7 +773,9 @@ def _prep_weights_kernel(s0, d0, c0, n0, k0, s1, d1, c1, n1, k1, s2, d2, c2, n2,
                          s4, d4, c4, n4, k4, s5, d5, c5, n5, k5, s6, d6, c6, n6, k6, s7, d7, c7, n7, k7,
                          S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
                          S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     pid = tl.program_id(0)
     t = tl.program_id(1)
     if t == 0:
@@ -786,34 +840,50 @@ def _flat2(t: torch.Tensor) -> tuple:
 
 
 @triton.jit
-def _sum_partials_kernel(c_ptr, out_ptr, M, NT, LD, BSTRIDE, eps, D, RSTD: tl.constexpr, BJ: tl.constexpr,
-                         BM: tl.constexpr):
-    # out[b, m] = sum_j c[b, j, m] over NT partial rows (row j of batch b at b * BSTRIDE + j * LD), in fixed order;
-    # RSTD: 1 / sqrt(out / D + eps) instead (the rows' RMSNorm scale from per-tile sums of squares)
+def _sum_partials_kernel(c_ptr, out_ptr, M, NT, CHUNK, LD, BSTRIDE, eps, D, RSTD: tl.constexpr, BJ: tl.constexpr,
+                         BM: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
+    # out[b, s, m] = sum of c[b, j, m] over the partial rows j of chunk s (row j of batch b at b * BSTRIDE + j * LD),
+    # in fixed order; RSTD: 1 / sqrt(out / D + eps) instead (the rows' RMSNorm scale from per-tile sums of squares)
     b = tl.program_id(1)
+    s = tl.program_id(2)
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    j_hi = tl.minimum(NT, (s + 1) * CHUNK)
     acc = tl.zeros((BM,), dtype=tl.float32)
-    for j0 in range(0, NT, BJ):
+    for j0 in range(s * CHUNK, j_hi, BJ):
         j = j0 + tl.arange(0, BJ)
-        msk = (j < NT)[:, None] & (rm < M)[None, :]
+        msk = (j < j_hi)[:, None] & (rm < M)[None, :]
         acc += tl.sum(tl.load(c_ptr + b * BSTRIDE + j[:, None] * LD + rm[None, :], mask=msk, other=0.0), axis=0)
     if RSTD:
         acc = 1.0 / tl.sqrt(acc / D + eps)
-    tl.store(out_ptr + b * M + rm, acc, mask=rm < M)
+    tl.store(out_ptr + (b * tl.num_programs(2) + s) * M + rm, acc, mask=rm < M)
 
 
 def sum_partials(c, M, rstd_of_d=None):
-    """Sums of per-tile partials in one launch: c fp32 [tiles, >= M] (rows contiguous) -> [M], or [B, tiles, M]
+    """Sums of per-tile partials: c fp32 [tiles, >= M] (rows with unit inner stride) -> [M], or [B, tiles, M]
     -> [B, M]; with rstd_of_d = D, rstd as row_stats from partial sums of squares of D-wide rows (e.g.
-    EPI_RESIDUAL_ROWSQ's) instead of the sums."""
+    EPI_RESIDUAL_ROWSQ's) instead of the sums. Deterministic: every sum is taken in the same order each call."""
     _check(c.dtype == torch.float32 and c.dim() in (2, 3) and c.stride(-1) == 1 and c.shape[-1] >= M,
            "partials must be fp32 [tiles, >= M] or [batch, tiles, >= M] with unit inner stride")
     c3 = c if c.dim() == 3 else c.unsqueeze(0)
-    out = alloc((c3.shape[0], M), device=c.device, dtype=torch.float32)
-    bm = 1024
-    _sum_partials_kernel[(triton.cdiv(M, bm), c3.shape[0])](
-        c3, out, M, c3.shape[1], c3.stride(1), c3.stride(0), RMS_EPS, rstd_of_d or 1, RSTD=rstd_of_d is not None,
-        BJ=8, BM=bm, num_warps=4)
+    nb, nt = c3.shape[0], c3.shape[1]
+    bm = min(1024, max(32, triton.next_power_of_2(M)))
+    grid_m = triton.cdiv(M, bm)
+    ld, bstride = c3.stride(1), c3.stride(0)
+    # Few columns over many tiles (the attention input's dmix [row tiles, 2D] and dgain [row tiles, heads]): one
+    # program per column block would walk a thousand tiles alone, so a first pass sums chunks of tiles in parallel.
+    if grid_m * nb < 32 and nt > 64:
+        chunk = 32
+        n_chunks = triton.cdiv(nt, chunk)
+        part = alloc((nb, n_chunks, M), device=c.device, dtype=torch.float32)
+        _sum_partials_kernel[(grid_m, nb, n_chunks)](
+            c3, part, M, nt, chunk, ld, bstride, RMS_EPS, 1, RSTD=False, BJ=8, BM=bm, num_warps=4, **_pdl(c))
+        c3, nt, ld, bstride = part, n_chunks, M, n_chunks * M
+    out = alloc((nb, M), device=c.device, dtype=torch.float32)
+    _sum_partials_kernel[(grid_m, nb, 1)](
+        c3, out, M, nt, nt, ld, bstride, RMS_EPS, rstd_of_d or 1, RSTD=rstd_of_d is not None,
+        BJ=8, BM=bm, num_warps=4, **_pdl(c))
     return out if c.dim() == 3 else out[0]
 
 
@@ -833,7 +903,7 @@ def row_stats(x, x0=None, resid_mix=None):
     xm = alloc_like(x) if mix else None
     _row_stats_kernel[(triton.cdiv(M, cfg["BM"]),)](
         x, x0 if mix else x, resid_mix if mix else rstd, xm if mix else x, rstd, M, RMS_EPS,
-        D=D, BD=triton.next_power_of_2(D), HAS_MIX=mix, BM=cfg["BM"], num_warps=cfg["num_warps"])
+        D=D, BD=triton.next_power_of_2(D), HAS_MIX=mix, BM=cfg["BM"], num_warps=cfg["num_warps"], **_pdl(x))
     return (xm, rstd) if mix else rstd
 
 
@@ -862,6 +932,7 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
     hrstd = alloc((M if store_stats else 0, H + KVH), device=dev, dtype=torch.float32)
     if _attn_in_backend(x, wq, wk, wv, q_gain, H, KVH, HD, rope_dims, kv_rep, T) == "sm90":
         from ._extension import _C
+        _c_pdl(_C, x)
         hr = hrstd if store_stats else None
         if fuse_mix and x0.is_contiguous() and resid_mix.dtype == torch.float32 and resid_mix.is_contiguous():
             # the kernel mixes x and x0 itself and writes xm and rstd: no row pass
@@ -880,7 +951,7 @@ def attn_in_fwd(x, x0, resid_mix, wq, wk, wv, q_gain, cos, sin, T, H, KVH, rope_
                               sin, q, k, v, hrstd,
                               M, T, RMS_EPS, D=D, H=H, KVH=KVH, HD=HD, RD=rope_dims, STORE_STATS=store_stats,
                               HPP=hpp, A_TMA=a_tma, KV_REP=kv_rep,
-                              BM=cfg["BM"], BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                              BM=cfg["BM"], BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(x))
     return xm, q, k, v, (rstd if store_stats else rstd.new_empty(0)), hrstd
 
 
@@ -1005,6 +1076,7 @@ def _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) -> str:
 
 def _row_gemm_cutlass(a, w, M, N, K, out, *, epi, nvec, res, rowvec, c, c_nt, g, act, store_act):
     from ._extension import _C
+    _c_pdl(_C, a)
     a2, o2 = a.view(M, K), out.view(M, N)
     w_nk = epi in _CUTLASS_W_NK
     if epi == EPI_RESIDUAL:
@@ -1052,7 +1124,7 @@ def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, 
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])
     dummy = out
-    common = dict(A_ACT=a_act, EPI=epi, STORE_ACT=store_act, ACT=act, NT_P2=max(1, triton.next_power_of_2(c_nt)),
+    common = dict(**_pdl(a), A_ACT=a_act, EPI=epi, STORE_ACT=store_act, ACT=act, NT_P2=max(1, triton.next_power_of_2(c_nt)),
                   BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     plain = tuple(a_addr) == _plain(K) and tuple(o_addr) == _plain(N) and (w_sk == 1 or w_sn == 1)
     if plain and _use_tma(cfg, a.device):
@@ -1115,7 +1187,7 @@ def wgrad(a, b, b_addr, M, N, K, *, nscale=None, w=None):
         M, N, K, m_per,
         OUT_SCALE=nscale is not None,
         B_4D=tuple(b_addr) != _plain(K),
-        BN=BN, BK=BK, BM=BM, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BN=BN, BK=BK, BM=BM, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(a))
     dw = out[0] if split == 1 else out.sum(0)
     ds = dscale.sum((0, 1)) if nscale is not None else None
     return dw, ds
@@ -1142,11 +1214,12 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
                                       q, k, v, q_gain, cos, sin, head_rstd, rstd, dqkv, cvec, dgain_part,
                                       M, T, RMS_EPS, H=H, KVH=KVH, HD=HD, RD=rope_dims, KV_REP=kv_rep,
                                       BM=ecfg["BM"],
-                                      num_warps=ecfg["num_warps"])
+                                      num_warps=ecfg["num_warps"], **_pdl(dq))
     dx = alloc_like(x)
     dx0 = alloc_like(x0)
     if _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) == "cutlass":
         from ._extension import _C
+        _c_pdl(_C, x)
         # one [NQKV, D] weight for the CUTLASS kernel (a 1 MB copy at d 512)
         w_all = torch.cat([wq, wk, wv])
         dmix_part = alloc((2, triton.cdiv(M, 128), D), device=dev, dtype=torch.float32)
@@ -1158,7 +1231,7 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
         BK = _pick(KVH * HD, cfg["BK"])
         n_rt = triton.cdiv(M, cfg["BM"])
         dmix_part = alloc((n_rt, 2, D), device=dev, dtype=torch.float32)
-        kw = dict(D=D, H=H, KVH=KVH, HD=HD, BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"],
+        kw = dict(**_pdl(dqkv), D=D, H=H, KVH=KVH, HD=HD, BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"])
         if _use_tma(cfg, dev):
             BM = cfg["BM"]
@@ -1203,5 +1276,5 @@ def prep_weights(items: list, dtype: torch.dtype) -> list[torch.Tensor]:
         flags.append(False)
     BLOCK = 4096 if not _INTERPRET else 1024
     grid = (triton.cdiv(max(w.numel() for w, _ in items), BLOCK), len(items))
-    _prep_weights_kernel[grid](*args, *[bool(f) for f in flags], BLOCK=BLOCK, num_warps=4)
+    _prep_weights_kernel[grid](*args, *[bool(f) for f in flags], BLOCK=BLOCK, num_warps=4, **_pdl(outs[0]))
     return outs

@@ -593,10 +593,11 @@ def test_rstd_from_partials(tiles, M, ld):
 
 
 @needs_triton_cpu
-@pytest.mark.parametrize("shape,M", [((8, 5000), 5000), ((3, 1030), 1000), ((2, 37, 96), 96), ((1024, 8), 8)])
+@pytest.mark.parametrize("shape,M", [((8, 5000), 5000), ((3, 1030), 1000), ((2, 37, 96), 96), ((1024, 8), 8),
+                                     ((1000, 1030), 1024), ((2, 130, 96), 96)])
 def test_sum_partials(shape, M):
-    """Per-tile partial sums added up in one launch (rows of >= M, padding past M never read), batched over a
-    leading dim, against torch in fp32 (relative 1e-6); the output poisoned first (alloc)."""
+    """Per-tile partial sums (rows of >= M, padding past M never read), batched over a leading dim, in one launch or
+    (few columns over many tiles) two, against torch in fp32 (relative 1e-6); the output poisoned first (alloc)."""
     from pgolf_kernels import block_kernels as kn
     g = torch.Generator().manual_seed(sum(shape))
     c = torch.randn(*shape, generator=g)
@@ -937,6 +938,56 @@ def test_gpu_fused_block_under_torch_compile():
         assert torch.isfinite(a).all() and rel_err(a, b) < 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_gpu_block_programmatic_launch_in_cuda_graph(monkeypatch):
+    """The block's forward and backward captured in a CUDA graph with programmatic dependent launches (each kernel
+    may start while the one before drains and must wait before touching memory), replayed twice back to back on
+    fresh inputs, against plain launches outside a graph: a kernel that read its inputs before they were written
+    would give stale values or the poison (NaN) its buffers start with. Off sm_90 PDL is a no-op and this still
+    checks graph replay."""
+    from pgolf_kernels import block_kernels as kn
+    cfg = BlockConfig(mlp_mult=3, activation="leaky_relu2", rope_dims=32)
+    fused = FusedBlock(cfg)
+    randomize_(fused, 7)
+    fused = fused.cuda()
+    params = list(fused.parameters())
+    g = torch.Generator(device="cuda").manual_seed(2)
+    shape = (4, 1024, 512)
+    x = torch.randn(shape, device="cuda", generator=g).bfloat16().requires_grad_()
+    x0 = torch.randn(shape, device="cuda", generator=g).bfloat16().requires_grad_()
+    up = torch.randn(shape, device="cuda", generator=g).bfloat16()
+
+    def step():
+        y = fused(x, x0)
+        return [y] + list(torch.autograd.grad(y, [x, x0, *params], up))
+
+    monkeypatch.setattr(kn, "PDL", True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton compiles, cuDNN plans) off the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    names = ["out", "dx", "dx0"] + [n for n, _ in fused.named_parameters()]
+    for _ in range(2):
+        with torch.no_grad():
+            for t in (x, x0, up):
+                t.copy_(torch.randn(shape, device="cuda", generator=g))
+        graph.replay()
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setattr(kn, "PDL", False)
+        want = step()
+        monkeypatch.setattr(kn, "PDL", True)
+        for n, a, b in zip(names, outs, want):
+            assert torch.isfinite(a).all(), n
+            # the same kernels on the same inputs; only cuDNN's backward may add in another order
+            assert rel_err(a, b) < 2e-3, f"{n}: {rel_err(a, b):.3e}"
+
+
 def test_bench_block_flops_and_plot(tmp_path):
     spec = importlib.util.spec_from_file_location("pgolf_bench_block", REPO / "bench" / "bench_block.py")
     bench = importlib.util.module_from_spec(spec)
@@ -959,13 +1010,15 @@ def test_bench_block_cpu_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.main(["--smoke-cpu", "--out", str(tmp_path), "--cases", "B1_T64_mlp3_leaky_relu2", "--impls",
-                "fused,fused_no_keep_act+expand_kv", "--modes", "fwd_bwd,fwd"])  # no eager row: ok from an untimed call
+                "fused,fused_no_keep_act+expand_kv+no_pdl", "--modes", "fwd_bwd,fwd"])  # no eager row: ok from an untimed call
     files = sorted(p.suffix for p in tmp_path.iterdir())
     assert files == [".json", ".md", ".png"]
     obj = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert obj["bench"] == "block" and len(obj["rows"]) == 6
     assert all(r["keep_act"] == (r["impl"] == "fused") for r in obj["rows"])
-    assert all(r["expand_kv"] == (r["impl"] == "fused_no_keep_act+expand_kv") for r in obj["rows"])
+    assert all(r["expand_kv"] == (r["impl"] == "fused_no_keep_act+expand_kv+no_pdl") for r in obj["rows"])
+    from pgolf_kernels import block_kernels as kn
+    assert all(r["pdl"] == (r["impl"] == "fused" and kn.PDL) for r in obj["rows"])
     with pytest.raises(ValueError, match="unknown setting"):
         bench.fused_settings("fused+no_such_option")
     for bad in ("fused_no_such_option", "fused+no_such_option"):  # refused before anything runs
