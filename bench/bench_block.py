@@ -20,10 +20,10 @@ Implementations (rows' `impl`):
   fused_keep_act, fused_no_keep_act, fused_expand_kv, fused_attn_in_mix  the fused block (cuDNN) with
            FusedBlock.keep_act on / off, .expand_kv on, .attn_in_mix on (the sm_90 attention input forms xm and
            rstd itself, no row pass): options measured against the default in the same run
-  fused_no_pdl  the fused block with plain launches instead of programmatic dependent ones (block_kernels.PDL):
-           what overlapping each kernel's launch with the tail of the one before gains
+  fused_pdl, fused_no_pdl  the fused block with programmatic dependent launches on / off (block_kernels.PDL, off
+           by default): what overlapping each kernel's launch with the tail of the one before gains
   IMPL+SETTING  any fused impl with more settings joined by "+": a FusedBlock option turned on
-           (fused_attn_in_mix+expand_kv), +pingpong (fused_expand_kv+pingpong) or +no_pdl; see fused_settings
+           (fused_attn_in_mix+expand_kv), +pingpong (fused_expand_kv+pingpong), +pdl or +no_pdl; see fused_settings
 Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
 fwd = forward under torch.no_grad() (the fused block's eval path).
 
@@ -114,28 +114,28 @@ SCHEDULE_IMPLS = {"fused_attn_in_pingpong": "pingpong"}  # impl -> block_kernels
 def fused_settings(impl: str) -> tuple[dict, dict]:
     """(block_kernels settings {GEMM_BACKEND, ATTN_IN_SCHEDULE, PDL}, FusedBlock options) of a fused impl. "+" joins
     settings onto an impl: "fused_attn_in_mix+expand_kv" turns FusedBlock.expand_kv on too, "+pingpong" the
-    ping-pong schedule, "+no_pdl" plain launches instead of programmatic ones."""
+    ping-pong schedule, "+pdl" / "+no_pdl" programmatic dependent launches on / off."""
     base, *extra = impl.split("+")
     kernels = dict(GEMM_BACKEND=GEMM_IMPLS.get(base, block_kernels.GEMM_BACKEND),
                    ATTN_IN_SCHEDULE=SCHEDULE_IMPLS.get(base, block_kernels.ATTN_IN_SCHEDULE),
-                   PDL=block_kernels.PDL and base != "fused_no_pdl")
+                   PDL={"fused_pdl": True, "fused_no_pdl": False}.get(base, block_kernels.PDL))
     options = dict([FUSED_OPTIONS[base]]) if base in FUSED_OPTIONS else {}
     for e in extra:
         if e == "pingpong":
             kernels["ATTN_IN_SCHEDULE"] = "pingpong"
-        elif e == "no_pdl":
-            kernels["PDL"] = False
+        elif e in ("pdl", "no_pdl"):
+            kernels["PDL"] = e == "pdl"
         elif e in OPTION_NAMES:
             options[e] = True
         else:
-            raise ValueError(f"impl {impl!r}: unknown setting {e!r} (pingpong, no_pdl or one of {OPTION_NAMES})")
+            raise ValueError(f"impl {impl!r}: unknown setting {e!r} (pingpong, pdl, no_pdl or one of {OPTION_NAMES})")
     return kernels, options
 
 
 def known_fused_impl(impl: str) -> bool:
     base = impl.split("+")[0]
-    return (base in GEMM_IMPLS or base in FUSED_OPTIONS or base in SCHEDULE_IMPLS or base == "fused_no_pdl"
-            or (base == "fused" and "+" in impl))
+    return (base in GEMM_IMPLS or base in FUSED_OPTIONS or base in SCHEDULE_IMPLS
+            or base in ("fused_pdl", "fused_no_pdl") or (base == "fused" and "+" in impl))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -524,7 +524,8 @@ def main(argv: list[str] | None = None) -> None:
     for impl in impls:  # an unknown name fails here, not as a plain fused row under its name
         if impl not in ("eager", "compile", "fused") and not known_fused_impl(impl):
             ap.error(f"unknown impl {impl!r}: eager, compile, fused, {', '.join(sorted(FUSED_OPTIONS))}, "
-                     f"{', '.join(sorted(GEMM_IMPLS))}, {', '.join(sorted(SCHEDULE_IMPLS))}, fused_no_pdl (settings join with +)")
+                     f"{', '.join(sorted(GEMM_IMPLS))}, {', '.join(sorted(SCHEDULE_IMPLS))}, fused_pdl, fused_no_pdl "
+                     "(settings join with +)")
         if impl.startswith("fused"):
             fused_settings(impl)  # raises on an unknown "+" setting
     modes = args.modes.split(",")

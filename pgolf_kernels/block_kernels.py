@@ -58,9 +58,12 @@ except (ImportError, AttributeError):  # a Triton without grid dependency contro
 
 # Programmatic dependent launch (sm_90+): the block's kernels (Triton, CUTLASS and the sm_90 attention input) are
 # launched so that each may start while the kernel before it drains; each waits (griddepcontrol.wait) before it
-# touches global memory, so only its launch and set-up overlap that tail. On by default; PGOLF_PDL=0 or PDL =
-# False turns it off (read at each launch, so a CUDA graph keeps what was set when it was captured).
-PDL = os.environ.get("PGOLF_PDL", "1").strip() != "0"
+# touches global memory, so only its launch and set-up overlap that tail. Read at each launch, so a CUDA graph
+# keeps what was set when it was captured. Off by default: under a CUDA graph it did not pay (B64xT1024 MLP 2x on
+# the H100, 2.688 ms with it against 2.682 without: the gaps between kernels shrank by 0.018 ms and the kernels,
+# whose early-started programs wait on the SMs, grew by 0.024; bench/results/block-h100-80gb-hbm3-2026-12-07-
+# 14b48cf.json). PGOLF_PDL=1 or PDL = True turns it on.
+PDL = os.environ.get("PGOLF_PDL", "0").strip() == "1"
 
 
 def _pdl_on(t: torch.Tensor) -> bool:
@@ -1124,8 +1127,8 @@ def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, 
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])
     dummy = out
-    common = dict(**_pdl(a), A_ACT=a_act, EPI=epi, STORE_ACT=store_act, ACT=act, NT_P2=max(1, triton.next_power_of_2(c_nt)),
-                  BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    common = dict(A_ACT=a_act, EPI=epi, STORE_ACT=store_act, ACT=act, NT_P2=max(1, triton.next_power_of_2(c_nt)),
+                  BM=cfg["BM"], BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_pdl(a))
     plain = tuple(a_addr) == _plain(K) and tuple(o_addr) == _plain(N) and (w_sk == 1 or w_sn == 1)
     if plain and _use_tma(cfg, a.device):
         BM = cfg["BM"]
