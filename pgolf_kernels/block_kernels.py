@@ -219,12 +219,12 @@ def _rope_halves(HD: tl.constexpr, RD: tl.constexpr):
 @triton.jit
 def _row_stats_kernel(x_ptr, x0_ptr, mix_ptr, xm_ptr, rstd_ptr, M, eps,
                       D: tl.constexpr, BD: tl.constexpr, HAS_MIX: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
-        gdc_wait()
     # rstd[m] = 1 / rms(row m) for RMSNorm as a row scale of the next matmul; with HAS_MIX the row is first
     # mixed, xm = mix[0] * x + mix[1] * x0 (stored: it is the residual stream), and rstd is taken of xm in fp32
     # before it is rounded. A separate pass (one read of x, x0) keeps the matmuls that use rstd plain: summing
     # squares inside a matmul's operand loads cost them their fast tiles (see _blocks).
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     cd = tl.arange(0, BD)
     msk = (rm < M)[:, None] & (cd < D)[None, :]
@@ -247,13 +247,13 @@ def _attn_in_fwd_kernel(xm_ptr, xm_desc, rstd_ptr, wq_ptr, wk_ptr, wv_ptr, gain_
                         D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
                         RD: tl.constexpr, STORE_STATS: tl.constexpr, HPP: tl.constexpr, A_TMA: tl.constexpr,
                         KV_REP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
-        gdc_wait()
     # One program = HPP heads of one kind (groups of q heads, then of k heads, then of v heads) x one row tile:
     # (xm @ W^T) * rstd, then the per-head q/k RMSNorm, RoPE and q gain on the accumulator.
     # KV_REP > 1 writes each k/v head KV_REP times (k, v laid out with KVH * KV_REP heads: attention without GQA).
     # The group is the fastest grid axis so the programs reading the same xm rows run together and share them
     # through L2.
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     grp = tl.program_id(0)
     pid_m = tl.program_id(1)
     HALF: tl.constexpr = HD // 2
@@ -361,9 +361,9 @@ def _row_gemm_kernel(a_ptr, a_T, a_s0, a_s1, a_HD, a_s2, a_s3,
                      EPI: tl.constexpr, STORE_ACT: tl.constexpr,
                      ACT: tl.constexpr, NT_P2: tl.constexpr, A_4D: tl.constexpr, O_4D: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    # column tile fastest: programs sharing an A row tile run together (A read from HBM once, W stays in L2)
     if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
         gdc_wait()
-    # column tile fastest: programs sharing an A row tile run together (A read from HBM once, W stays in L2)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     CDT = out_ptr.dtype.element_ty
@@ -452,11 +452,11 @@ def _row_gemm_tma_kernel(a_desc, w_desc, out_desc, res_desc, g_desc,
                          A_ACT: tl.constexpr, EPI: tl.constexpr, STORE_ACT: tl.constexpr, ACT: tl.constexpr,
                          NT_P2: tl.constexpr, W_NK: tl.constexpr, GROUP_M: tl.constexpr, NPROG: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
-        gdc_wait()
     """_row_gemm_kernel for plain row-major A [M, K] and out [M, N] through TMA tensor descriptors, persistent:
     NPROG programs walk the output tiles, and the flattened tile loop lets Triton issue the next tile's loads
     while this tile's epilogue runs. W is [N, K] (W_NK) or [K, N]; res / g are [M, N] like out."""
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     CDT = out_desc.dtype
     num_m = tl.cdiv(M, BM)
     num_n = N // BN
@@ -520,13 +520,13 @@ def _attn_in_bwd_epi_kernel(dq_ptr, dq_s0, dq_s1, dq_s2, dq_s3,
                             M, T, eps,
                             H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, RD: tl.constexpr,
                             KV_REP: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
-        gdc_wait()
     # dqkv = gradient of the QKV matmul output (after the attention RMSNorm row scale, before the head norm),
     # stored times the row's rstd (then dW and dX are plain matmuls); c[m] = sum_j dqkv[m, j] * qkv[m, j]
     # (what the attention RMSNorm backward needs); dgain partial per tile.
     # The normalised, unrotated q/k are recovered from the forward outputs: n = R^T(y) / gain.
     # KV_REP > 1: k/v (and dk/dv) hold each kv head KV_REP times; the copies' gradients are added here.
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     pid_m = tl.program_id(0)
     HALF: tl.constexpr = HD // 2
     NQKV: tl.constexpr = (H + 2 * KVH) * HD
@@ -595,10 +595,10 @@ def _attn_in_bwd_dx_kernel(dqkv_ptr, wq_ptr, wk_ptr, wv_ptr, gxm_ptr, xm_ptr, rs
                            M,
                            D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
-        gdc_wait()
     # acc = (rstd * dqkv) @ [Wq; Wk; Wv] = rstd * dh; dxm = g_xm + acc - xm * rstd^2 * c / D;
     # dx = mix0 * dxm; dx0 = mix1 * dxm; dmix partial sums over this row tile.
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     NQKV: tl.constexpr = (H + 2 * KVH) * HD
@@ -649,9 +649,9 @@ def _attn_in_bwd_dx_tma_kernel(dqkv_desc, wq_desc, wk_desc, wv_desc, gxm_desc, x
                                M, NPROG: tl.constexpr,
                                D: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    # _attn_in_bwd_dx_kernel through TMA descriptors, persistent over (row tile, column tile), column fastest
     if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
         gdc_wait()
-    # _attn_in_bwd_dx_kernel through TMA descriptors, persistent over (row tile, column tile), column fastest
     CDT = dx_desc.dtype
     num_n: tl.constexpr = D // BN
     num_tiles = tl.cdiv(M, BM) * num_n
@@ -726,10 +726,10 @@ def _wgrad_kernel(a_ptr, a_sm,
 
 @triton.jit
 def _scale_rows_dot_kernel(g_ptr, nscale_ptr, w_ptr, dscale_ptr, K, BK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
-        gdc_wait()
     # row n of an fp32 product G from cuBLAS: dscale[n] = sum_k W[n, k] * G[n, k], then G[n, :] *= nscale[n] in
     # place (dW); one launch where torch needed three (product, row sum, scaling)
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     n = tl.program_id(0).to(tl.int64)
     s = tl.load(nscale_ptr + n)
     acc = tl.zeros((BK,), dtype=tl.float32)
@@ -845,10 +845,10 @@ def _flat2(t: torch.Tensor) -> tuple:
 @triton.jit
 def _sum_partials_kernel(c_ptr, out_ptr, M, NT, CHUNK, LD, BSTRIDE, eps, D, RSTD: tl.constexpr, BJ: tl.constexpr,
                          BM: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
-        gdc_wait()
     # out[b, s, m] = sum of c[b, j, m] over the partial rows j of chunk s (row j of batch b at b * BSTRIDE + j * LD),
     # in fixed order; RSTD: 1 / sqrt(out / D + eps) instead (the rows' RMSNorm scale from per-tile sums of squares)
+    if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
+        gdc_wait()
     b = tl.program_id(1)
     s = tl.program_id(2)
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
