@@ -668,7 +668,8 @@ class FusedBlock(ReferenceBlock):
         return out
 
 
-# 1 weight preparation + 2 row passes (rstd) + 4 fused matmul kernels; on sm_90 with the extension and
-# FusedBlock.attn_in_mix (off: slower) the attention input's row pass is inside its matmul kernel (6)
+# 1 weight preparation + 2 rstd kernels (row passes; with CUTLASS x1's is the sum of the projection epilogue's
+# partials) + 4 fused matmul kernels; on sm_90 with the extension and FusedBlock.attn_in_mix (off: slower) the
+# attention input's row pass is inside its matmul kernel (6)
 FORWARD_KERNELS_OUTSIDE_ATTENTION = 7
 BACKWARD_KERNELS = 9  # outside attention; 4 of them cuBLAS weight gradients on a GPU

@@ -75,11 +75,17 @@ def _pdl(t: torch.Tensor) -> dict:
     return dict(PDL=True, launch_pdl=True) if _TRITON_PDL and _pdl_on(t) else dict(PDL=False)
 
 
+_ext_pdl = False  # what the extension's switch was last set to (it starts off)
+
+
 def _c_pdl(ext, t: torch.Tensor):
-    """Tells the extension whether its next launches (CUTLASS, sm_90 attention input) are programmatic (a build
-    from before the switch existed launches them plainly)."""
-    if hasattr(ext, "set_programmatic_launch"):
-        ext.set_programmatic_launch(_pdl_on(t))
+    """Tells the extension whether its next launches (CUTLASS, sm_90 attention input) are programmatic; calls into
+    it only when that changes (a build from before the switch existed launches them plainly)."""
+    global _ext_pdl
+    on = _pdl_on(t)
+    if on != _ext_pdl and hasattr(ext, "set_programmatic_launch"):
+        ext.set_programmatic_launch(on)
+        _ext_pdl = on
 
 # Tests set this to True: every buffer a kernel is meant to fill starts as NaN, so an unwritten element fails.
 POISON_OUTPUTS = False
