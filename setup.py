@@ -3,11 +3,13 @@
 The extension is optional: with no nvcc or a CPU-only torch the install still succeeds and
 `pgolf_kernels.extension_status()` reports why the extension is absent (a note is written beside the package).
 Arch list: TORCH_CUDA_ARCH_LIST if set, else Hopper sm_90a plus portable sm_80.
-Build: `pip install --no-build-isolation .` (torch must already be installed); MAX_JOBS caps ninja's jobs.
+Build: `pip install --no-build-isolation .` (torch must already be installed); MAX_JOBS caps ninja's jobs;
+PGOLF_NVCC_FLAGS adds nvcc flags (A/B builds of kernel configurations).
 """
 import glob
 import json
 import os
+import shlex
 import shutil
 
 from setuptools import find_packages, setup
@@ -70,6 +72,9 @@ def _cuda_extension():
     else:
         print("pgolf_kernels: CUTLASS headers not found (pip install nvidia-cutlass, or set CUTLASS_HOME): the "
               "fused block's CUTLASS row GEMMs are left out and its Triton kernels run")
+    # Extra nvcc flags for A/B builds of kernel configurations, e.g. PGOLF_NVCC_FLAGS="-DPGOLF_CLUSTER_M=2
+    # -DPGOLF_CLUSTER_N=1" (the knobs of csrc/block_gemm_sm90.cuh).
+    nvcc_flags += shlex.split(os.environ.get("PGOLF_NVCC_FLAGS", ""))
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         # Hopper's own instructions (wgmma, setmaxnreg) need sm_90a; sm_80 keeps the build portable.
         nvcc_flags += ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]

@@ -46,12 +46,28 @@ constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 constexpr int kAlign = 8;  // bf16 elements per 16 bytes
 
 // 128x128 output tiles, 64-deep reduction steps, ping-pong consumers (each owns a whole tile), no clusters.
+// Build-time overrides for A/B builds (setup.py's PGOLF_NVCC_FLAGS), not measured yet; all compile for sm_90a
+// without spills, except 64x128 epilogue subtiles (two kernels spill 4 and 56 bytes):
+//  * PGOLF_CLUSTER_M / PGOLF_CLUSTER_N: 2x1 clusters multicast each weight tile to two CTAs, 1x2 each activation
+//    tile. Without multicast a 128x128x64 step pulls 32 KB from L2 for 2 MFLOP (1/64 byte per FLOP), which at
+//    the tensor cores' rate may be more than L2 delivers; cuBLAS's own choices here use 2x1 and 1x2 clusters.
+//  * PGOLF_EPI_TILE_N (64 or 128): 64xN epilogue subtiles instead of CUTLASS's 64x32: fewer, larger steps for
+//    the epilogue-heavy launches (dPre and the MLP dX read a [M, N] tensor in the epilogue with K only 512-1024).
 using TileShape = Shape<_128, _128, _64>;
+#if defined(PGOLF_CLUSTER_M) && defined(PGOLF_CLUSTER_N)
+using ClusterShape = Shape<Int<PGOLF_CLUSTER_M>, Int<PGOLF_CLUSTER_N>, _1>;
+#else
 using ClusterShape = Shape<_1, _1, _1>;
+#endif
 using MainSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using EpiSchedule = cutlass::epilogue::TmaWarpSpecialized;
-using EpiTileAuto = cutlass::epilogue::collective::EpilogueTileAuto;
-using EpiDesc = cutlass::epilogue::collective::detail::EpilogueDescriptor<TileShape, EpiTileAuto, Bf16, Bf16,
+// The epilogue's subtile: CUTLASS's choice (64x32 for ping-pong) unless PGOLF_EPI_TILE_N is defined.
+#if defined(PGOLF_EPI_TILE_N)
+using EpiTile = Shape<_64, Int<PGOLF_EPI_TILE_N>>;
+#else
+using EpiTile = cutlass::epilogue::collective::EpilogueTileAuto;
+#endif
+using EpiDesc = cutlass::epilogue::collective::detail::EpilogueDescriptor<TileShape, EpiTile, Bf16, Bf16,
                                                                           EpiSchedule>;
 // Aux tensors in the output's layout: RowMajor [M, N] (n contiguous) or ColumnMajor (m contiguous, for the
 // transposed problems that compute outᵀ so that a per-column sum becomes a per-row one).
@@ -184,7 +200,7 @@ template <class Evt, class LayoutB, class LayoutA = cutlass::layout::RowMajor,
           class LayoutC = cutlass::layout::RowMajor>
 struct Gemm {
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, EpiTileAuto, float, float, Bf16,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, EpiTile, float, float, Bf16,
       LayoutC, kAlign, Bf16, LayoutC, kAlign, EpiSchedule, Evt>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Bf16, LayoutA, kAlign, Bf16, LayoutB,

@@ -281,18 +281,19 @@ def _kernels():
 @torch.library.custom_op("pgolf::block_prep_weights", mutates_args=())
 def _prep_op(wq: Tensor, wk: Tensor, wv: Tensor, wp: Tensor, w_fc: Tensor, w_proj: Tensor, attn_scale: Tensor,
              mlp_scale: Tensor, dtype: torch.dtype, with_scaled: bool) -> list[Tensor]:
-    """Activation-dtype copies [wq, wk, wv, wp, w_fc, w_proj] (+ [attn_scale * wp, mlp_scale * w_proj] row-scaled
-    for backward when with_scaled), one launch. Not differentiable: gradients go to the fp32 weights."""
+    """Activation-dtype copies [[wq; wk; wv] stacked, wp, w_fc, w_proj] (+ [attn_scale * wp, mlp_scale * w_proj]
+    row-scaled for backward when with_scaled), one launch. Not differentiable: gradients go to the fp32 weights."""
     items = [(wq, None), (wk, None), (wv, None), (wp, None), (w_fc, None), (w_proj, None)]
     if with_scaled:
         items += [(wp, attn_scale), (w_proj, mlp_scale)]
-    return _kernels().prep_weights(items, dtype)
+    return _kernels().prep_weights(items, dtype, stacked=3)
 
 
 @_prep_op.register_fake
 def _(wq, wk, wv, wp, w_fc, w_proj, attn_scale, mlp_scale, dtype, with_scaled):
-    ws = [wq, wk, wv, wp, w_fc, w_proj] + ([wp, w_proj] if with_scaled else [])
-    return [torch.empty_like(w, dtype=dtype) for w in ws]
+    ws = [wp, w_fc, w_proj] + ([wp, w_proj] if with_scaled else [])
+    wqkv = wq.new_empty(wq.shape[0] + wk.shape[0] + wv.shape[0], wq.shape[1], dtype=dtype)
+    return [wqkv] + [torch.empty_like(w, dtype=dtype) for w in ws]
 
 
 @torch.library.custom_op("pgolf::block_attn_in", mutates_args=())
@@ -643,10 +644,13 @@ class FusedBlock(ReferenceBlock):
                                         for m in (a.c_q, a.c_k, a.c_v, a.proj, mlp.fc, mlp.proj))
         w_c = _prep_op(wq.detach(), wk.detach(), wv.detach(), wp.detach(), w_fc.detach(), w_proj.detach(),
                        self.attn_scale.detach(), self.mlp_scale.detach(), x.dtype, train)
+        # [Wq; Wk; Wv] copied into one tensor (the sm_90 attention dX matmul reads it whole), split into views here
+        wq_c, wk_c, wv_c = w_c[0].split([wq.shape[0], wk.shape[0], wv.shape[0]])
+        w_c = [wq_c, wk_c, wv_c] + w_c[1:]
         wp_scaled_c, w_proj_scaled_c = (w_c[6], w_c[7]) if train else (w_c[3], w_c[5])
         kv_rep = cfg.num_heads // cfg.num_kv_heads if self.expand_kv else 1
-        xm, q, k, v, _, _ = _attn_in_op(x.contiguous(), x0.contiguous(), self.resid_mix, wq, wk, wv, w_c[0], w_c[1],
-                                        w_c[2], a.q_gain, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.rope_dims,
+        xm, q, k, v, _, _ = _attn_in_op(x.contiguous(), x0.contiguous(), self.resid_mix, wq, wk, wv, wq_c, wk_c,
+                                        wv_c, a.q_gain, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.rope_dims,
                                         train, kv_rep, self.attn_in_mix)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = k.shape[1] != q.shape[1]

@@ -1229,8 +1229,8 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
     if _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) == "cutlass":
         from ._extension import _C
         _c_pdl(_C, x)
-        # one [NQKV, D] weight for the CUTLASS kernel (a 1 MB copy at d 512)
-        w_all = torch.cat([wq, wk, wv])
+        # one [NQKV, D] weight for the CUTLASS kernel: FusedBlock's copies already lie so (else a 1 MB copy at d 512)
+        w_all = stacked_rows([wq, wk, wv])
         dmix_part = alloc((2, triton.cdiv(M, 128), D), device=dev, dtype=torch.float32)
         _C.block_attn_dx_sm90(dqkv, w_all, g_xm, xm, x, x0, rstd, cvec, resid_mix, dx, dx0, dmix_part)
         dmix = sum_partials(dmix_part, D)
@@ -1268,15 +1268,25 @@ def rope_tables(angles: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torc
     return cos, sin
 
 
-def prep_weights(items: list, dtype: torch.dtype) -> list[torch.Tensor]:
+def prep_weights(items: list, dtype: torch.dtype, stacked: int = 0) -> list[torch.Tensor]:
     """items: up to 8 (weight [N, K] fp32 contiguous, row_scale [N] or None); returns dtype copies of
-    row_scale[:, None] * weight, all in one launch."""
+    row_scale[:, None] * weight, all in one launch. stacked: the first `stacked` copies (same K) are written
+    into consecutive rows of one [sum of N, K] tensor, returned first in their place (the attention input's
+    [Wq; Wk; Wv], which its sm_90 dX matmul reads as one weight)."""
     _check(0 < len(items) <= 8, "prep_weights takes 1 to 8 weights")
-    outs, args, flags = [], [], []
+    _check(0 <= stacked <= len(items), "stacked counts weights among items")
     for w, scale in items:
         _check(w.dim() == 2 and w.is_contiguous(), "weights must be contiguous 2-D tensors")
         _check(scale is None or scale.shape == (w.shape[0],), "row scale must have one value per weight row")
-        o = alloc(tuple(w.shape), device=w.device, dtype=dtype)
+    _check(len({w.shape[1] for w, _ in items[:stacked]}) <= 1, "stacked weights must share their column count")
+    stack = None
+    if stacked:
+        stack = alloc((sum(w.shape[0] for w, _ in items[:stacked]), items[0][0].shape[1]), device=items[0][0].device,
+                      dtype=dtype)
+        parts = iter(stack.split([w.shape[0] for w, _ in items[:stacked]]))
+    outs, args, flags = [], [], []
+    for i, (w, scale) in enumerate(items):
+        o = next(parts) if i < stacked else alloc(tuple(w.shape), device=w.device, dtype=dtype)
         outs.append(o)
         args += [w, o, scale if scale is not None else w, w.numel(), w.shape[1]]
         flags.append(scale is not None)
@@ -1286,4 +1296,17 @@ def prep_weights(items: list, dtype: torch.dtype) -> list[torch.Tensor]:
     BLOCK = 4096 if not _INTERPRET else 1024
     grid = (triton.cdiv(max(w.numel() for w, _ in items), BLOCK), len(items))
     _prep_weights_kernel[grid](*args, *[bool(f) for f in flags], BLOCK=BLOCK, num_warps=4, **_pdl(outs[0]))
-    return outs
+    return [stack] + outs[stacked:] if stacked else outs
+
+
+def stacked_rows(ws: list[torch.Tensor]) -> torch.Tensor:
+    """[w0; w1; ...] as one [sum of rows, K] tensor: a view when the blocks already lie one after another in one
+    storage (prep_weights(stacked=...) writes them so), else a copy."""
+    w0 = ws[0]
+    off = w0.storage_offset()
+    for w in ws:
+        if not (w.is_contiguous() and w.dim() == 2 and w.shape[1] == w0.shape[1] and w.dtype == w0.dtype
+                and w.untyped_storage().data_ptr() == w0.untyped_storage().data_ptr() and w.storage_offset() == off):
+            return torch.cat(ws)
+        off += w.numel()
+    return w0.as_strided((sum(w.shape[0] for w in ws), w0.shape[1]), (w0.shape[1], 1))

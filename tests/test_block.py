@@ -620,6 +620,34 @@ def test_prep_weights_casts_and_row_scales():
         kn.prep_weights([(ws[0], scale)], torch.float32)
 
 
+@needs_triton_cpu
+def test_prep_weights_stacked_rows():
+    """stacked=3: [Wq; Wk; Wv] copied into one tensor (poisoned first), which stacked_rows then takes as a view
+    of its rows; blocks that do not lie one after another are copied (torch.cat)."""
+    from pgolf_kernels import block_kernels as kn
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(64, 48, generator=g), torch.randn(32, 48, generator=g), torch.randn(32, 48, generator=g),
+          torch.randn(48, 64, generator=g)]
+    scale = torch.rand(48, generator=g) + 0.5
+    kn.POISON_OUTPUTS = True
+    try:
+        out = kn.prep_weights([(ws[0], None), (ws[1], None), (ws[2], None), (ws[3], None), (ws[3], scale)],
+                              torch.float32, stacked=3)
+    finally:
+        kn.POISON_OUTPUTS = False
+    assert len(out) == 3 and out[0].shape == (128, 48)
+    assert torch.equal(out[0], torch.cat(ws[:3])) and torch.equal(out[1], ws[3])
+    torch.testing.assert_close(out[2], scale[:, None] * ws[3], rtol=1e-6, atol=0)
+    parts = out[0].split([64, 32, 32])
+    view = kn.stacked_rows(list(parts))
+    assert view.data_ptr() == out[0].data_ptr() and torch.equal(view, out[0])
+    for apart in ([parts[0], parts[2], parts[1]], [w.clone() for w in parts]):
+        copy = kn.stacked_rows(apart)
+        assert copy.data_ptr() != out[0].data_ptr() and torch.equal(copy, torch.cat(apart))
+    with pytest.raises(ValueError, match="share their column count"):
+        kn.prep_weights([(ws[0], None), (ws[3], None)], torch.float32, stacked=2)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: bf16 on random shapes (run on the device)
 # ----------------------------------------------------------------------------------------------------------
