@@ -1279,15 +1279,14 @@ def prep_weights(items: list, dtype: torch.dtype, stacked: int = 0) -> list[torc
         _check(w.dim() == 2 and w.is_contiguous(), "weights must be contiguous 2-D tensors")
         _check(scale is None or scale.shape == (w.shape[0],), "row scale must have one value per weight row")
     _check(len({w.shape[1] for w, _ in items[:stacked]}) <= 1, "stacked weights must share their column count")
-    stack = None
+    stack, outs = None, []
     if stacked:
-        stack = alloc((sum(w.shape[0] for w, _ in items[:stacked]), items[0][0].shape[1]), device=items[0][0].device,
-                      dtype=dtype)
-        parts = iter(stack.split([w.shape[0] for w, _ in items[:stacked]]))
-    outs, args, flags = [], [], []
-    for i, (w, scale) in enumerate(items):
-        o = next(parts) if i < stacked else alloc(tuple(w.shape), device=w.device, dtype=dtype)
-        outs.append(o)
+        rows = [w.shape[0] for w, _ in items[:stacked]]
+        stack = alloc((sum(rows), items[0][0].shape[1]), device=items[0][0].device, dtype=dtype)
+        outs = list(stack.split(rows))
+    outs += [alloc(tuple(w.shape), device=w.device, dtype=dtype) for w, _ in items[stacked:]]
+    args, flags = [], []
+    for (w, scale), o in zip(items, outs):
         args += [w, o, scale if scale is not None else w, w.numel(), w.shape[1]]
         flags.append(scale is not None)
     while len(flags) < 8:  # unused slots: never reached (the grid has one row per real weight)
