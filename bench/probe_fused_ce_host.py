@@ -3,11 +3,15 @@
 Times the enqueue of each piece with time.perf_counter, no profiler (whose own overhead distorts host time):
 one cuBLAS product from Python, the C++ forward (pgolf_kernels._C.flce_forward) with and without gradients,
 the op's forward through autograd, forward + backward, and a one-element graph's .backward() (the autograd
-engine's own cost). Needs a CUDA device and the extension built (python setup.py build_ext --inplace).
+engine's own cost); then the floor of one launch (a small torch.add, a tiny cuBLAS product, a Triton kernel) and,
+with --api, the CUDA runtime/driver calls the C++ forward makes under torch.profiler, summed per name (host time
+per call of the forward: which of cuBLAS, kernel launches or allocation the 0.79 ms is). Needs a CUDA device and the extension built (python setup.py build_ext --inplace).
 Result: bench/results/fused_ce-host_probe-*.txt.
 
-Usage: python bench/probe_fused_ce_host.py
+Usage: python bench/probe_fused_ce_host.py [--api]
 """
+import sys
+
 import torch
 from results_io import host_and_wall_ms  # bench/ is on sys.path as the script's folder
 
@@ -51,8 +55,39 @@ def main():
         "fused forward + .backward()": fwd_bwd,
         "tiny graph .backward()": lambda: (one * 2).sum().backward(),
     }
+    small = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    small_out = torch.empty_like(small)
+    probes.update({
+        "torch.add(out=) 64x64 (one launch)": lambda: torch.add(small, small, out=small_out),
+        "torch.mm(out=) 64x64x64 bf16": lambda: torch.mm(small, small, out=small_out),
+        "torch.empty 8192x1024 bf16": lambda: torch.empty(CHUNK, V, device="cuda", dtype=torch.bfloat16),
+    })
     for name, fn in probes.items():
         print(f"{name:40s} host enqueue {host_us(fn):8.1f} us/call (median of 5 x 10 calls)", flush=True)
+    if "--api" in sys.argv:
+        api_breakdown(lambda: ext.flce_forward(hd, wd, y, 30.0, -100, 0, True, True, CHUNK, 4))
+
+
+def api_breakdown(fn, calls: int = 10):
+    """Host time per call of fn in each CUDA runtime/driver API and ATen op, from torch.profiler's CPU-side events
+    (the profiler adds its own overhead, so read shares, not absolute times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        if ev.self_cpu_time_total > 0:
+            rows.append((ev.self_cpu_time_total / calls, ev.count / calls, ev.key))
+    rows.sort(reverse=True)
+    print(f"\nprofiler, ext.flce_forward with grads: self host time per forward call (us), calls per forward")
+    for us, n, key in rows[:25]:
+        print(f"  {us:8.1f} us  x{n:5.1f}  {key[:100]}")
 
 
 if __name__ == "__main__":
