@@ -78,6 +78,7 @@ bench/bench_block.py, results and the kernel profile in bench/results/block-h100
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -146,12 +147,14 @@ class CastedLinear(nn.Linear):
         return F.linear(x, straight_through_fake_quant(self.weight, self.qat_bits).to(x.dtype))
 
 
-@torch.library.custom_op("pgolf::block_fake_quant", mutates_args=())
-def _fake_quant_op(w: Tensor, bits: int) -> Tensor:
+def _fake_quant_impl(w: Tensor, bits: int) -> Tensor:
     """Q(w) in w's dtype: the exporter's per-row amax quantise-dequantise (int6_linear.quantize_weight, bit-equal
     to quant.fake_quant), one launch on the GPU. Not differentiable; see straight_through_fake_quant."""
     from .int6_linear import quantize_weight
     return quantize_weight(w.contiguous(), bits, dtype=w.dtype)
+
+
+_fake_quant_op = torch.library.custom_op("pgolf::block_fake_quant", _fake_quant_impl, mutates_args=())
 
 
 @_fake_quant_op.register_fake
@@ -164,7 +167,8 @@ def straight_through_fake_quant(w: Tensor, bits: int) -> Tensor:
     difference and the sum are exact), identity gradient to w. bits = 0 returns w."""
     if not bits:
         return w
-    return w + (_fake_quant_op(w.detach(), bits) - w).detach()
+    fake_quant = _fake_quant_op if torch.compiler.is_compiling() else _fake_quant_impl
+    return w + (fake_quant(w.detach(), bits) - w).detach()
 
 
 def rope_angles(seq_len: int, inv_freq: Tensor) -> Tensor:
@@ -269,7 +273,8 @@ class ReferenceBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# fused path: custom ops (opaque to torch.compile) with registered autograd
+# fused path: custom ops (opaque to torch.compile) with registered autograd; eager calls skip their dispatch
+# layers through plain autograd.Functions over the same functions (_eager_op)
 # ----------------------------------------------------------------------------------------------------------
 
 def _kernels():
@@ -278,8 +283,7 @@ def _kernels():
     return block_kernels
 
 
-@torch.library.custom_op("pgolf::block_prep_weights", mutates_args=())
-def _prep_op(wq: Tensor, wk: Tensor, wv: Tensor, wp: Tensor, w_fc: Tensor, w_proj: Tensor, attn_scale: Tensor,
+def _prep_impl(wq: Tensor, wk: Tensor, wv: Tensor, wp: Tensor, w_fc: Tensor, w_proj: Tensor, attn_scale: Tensor,
              mlp_scale: Tensor, dtype: torch.dtype, with_scaled: bool) -> list[Tensor]:
     """Activation-dtype copies [[wq; wk; wv] stacked, wp, w_fc, w_proj] (+ [attn_scale * wp, mlp_scale * w_proj]
     row-scaled for backward when with_scaled), one launch. Not differentiable: gradients go to the fp32 weights."""
@@ -289,6 +293,9 @@ def _prep_op(wq: Tensor, wk: Tensor, wv: Tensor, wp: Tensor, w_fc: Tensor, w_pro
     return _kernels().prep_weights(items, dtype, stacked=3)
 
 
+_prep_op = torch.library.custom_op("pgolf::block_prep_weights", _prep_impl, mutates_args=())
+
+
 @_prep_op.register_fake
 def _(wq, wk, wv, wp, w_fc, w_proj, attn_scale, mlp_scale, dtype, with_scaled):
     ws = [wp, w_fc, w_proj] + ([wp, w_proj] if with_scaled else [])
@@ -296,8 +303,7 @@ def _(wq, wk, wv, wp, w_fc, w_proj, attn_scale, mlp_scale, dtype, with_scaled):
     return [wqkv] + [torch.empty_like(w, dtype=dtype) for w in ws]
 
 
-@torch.library.custom_op("pgolf::block_attn_in", mutates_args=())
-def _attn_in_op(x: Tensor, x0: Tensor, resid_mix: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wq_c: Tensor,
+def _attn_in_impl(x: Tensor, x0: Tensor, resid_mix: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wq_c: Tensor,
                 wk_c: Tensor, wv_c: Tensor, q_gain: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
                 num_kv_heads: int, rope_dims: int, store_stats: bool,
                 kv_rep: int = 1, fuse_mix: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -313,6 +319,9 @@ def _attn_in_op(x: Tensor, x0: Tensor, resid_mix: Tensor, wq: Tensor, wk: Tensor
             v.view(b, t, num_kv_heads * kv_rep, hd), rstd, hrstd)
 
 
+_attn_in_op = torch.library.custom_op("pgolf::block_attn_in", _attn_in_impl, mutates_args=())
+
+
 @_attn_in_op.register_fake
 def _(x, x0, resid_mix, wq, wk, wv, wq_c, wk_c, wv_c, q_gain, cos, sin, num_heads, num_kv_heads, rope_dims,
       store_stats, kv_rep=1, fuse_mix=False):
@@ -324,8 +333,7 @@ def _(x, x0, resid_mix, wq, wk, wv, wq_c, wk_c, wv_c, q_gain, cos, sin, num_head
             x.new_empty(m, num_heads + num_kv_heads, dtype=torch.float32))
 
 
-@torch.library.custom_op("pgolf::block_attn_in_bwd", mutates_args=())
-def _attn_in_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, g_xm: Tensor, q: Tensor, k: Tensor, v: Tensor,
+def _attn_in_bwd_impl(dq: Tensor, dk: Tensor, dv: Tensor, g_xm: Tensor, q: Tensor, k: Tensor, v: Tensor,
                     q_gain: Tensor, cos: Tensor, sin: Tensor, head_rstd: Tensor, x: Tensor, x0: Tensor,
                     resid_mix: Tensor, xm: Tensor, rstd: Tensor, wq_c: Tensor, wk_c: Tensor, wv_c: Tensor,
                     rope_dims: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -336,6 +344,9 @@ def _attn_in_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, g_xm: Tensor, q: Tensor,
         q_gain, cos, sin, head_rstd, x.reshape(b * t, d), x0.reshape(b * t, d), resid_mix, xm.reshape(b * t, d),
         rstd, wq_c, wk_c, wv_c, t, h, kvh, rope_dims)
     return dx.view(b, t, d), dx0.view(b, t, d), dmix, dw, dgain
+
+
+_attn_in_bwd_op = torch.library.custom_op("pgolf::block_attn_in_bwd", _attn_in_bwd_impl, mutates_args=())
 
 
 @_attn_in_bwd_op.register_fake
@@ -364,8 +375,9 @@ def _attn_in_backward(ctx, g_xm, g_q, g_k, g_v, _g_rstd, _g_hrstd):
     g_q = torch.zeros_like(q) if g_q is None else g_q
     g_k = torch.zeros_like(k) if g_k is None else g_k
     g_v = torch.zeros_like(v) if g_v is None else g_v
-    dx, dx0, dmix, dw, dgain = _attn_in_bwd_op(g_q, g_k, g_v, g_xm, q, k, v, q_gain, cos, sin, hrstd, x, x0,
-                                               resid_mix, xm, rstd, wq_c, wk_c, wv_c, ctx.rope_dims)
+    bwd = _attn_in_bwd_impl if _eager_ctx(ctx) else _attn_in_bwd_op
+    dx, dx0, dmix, dw, dgain = bwd(g_q, g_k, g_v, g_xm, q, k, v, q_gain, cos, sin, hrstd, x, x0, resid_mix, xm, rstd,
+                                   wq_c, wk_c, wv_c, ctx.rope_dims)
     nq, nk = wq_c.shape[0], wk_c.shape[0]
     dtq, dtk, dtv = ctx.w_dtypes
     # kernels accumulate parameter gradients in fp32; match the parameters' dtype (no-op for fp32 params)
@@ -376,8 +388,7 @@ def _attn_in_backward(ctx, g_xm, g_q, g_k, g_v, _g_rstd, _g_hrstd):
 _attn_in_op.register_autograd(_attn_in_backward, setup_context=_attn_in_setup)
 
 
-@torch.library.custom_op("pgolf::block_attn_out", mutates_args=())
-def _attn_out_op(y: Tensor, xm: Tensor, wp: Tensor, wp_c: Tensor, wp_scaled_c: Tensor, attn_scale: Tensor,
+def _attn_out_impl(y: Tensor, xm: Tensor, wp: Tensor, wp_c: Tensor, wp_scaled_c: Tensor, attn_scale: Tensor,
                  out_rstd: bool = False) -> tuple[Tensor, Tensor]:
     """y: [B, T, H, HD] (SDPA's output, transposed view); returns x1 = xm + attn_scale * (y @ wp^T) and, with
     out_rstd, rstd [B*T] fp32 of x1's rows for the MLP's RMSNorm (else an empty tensor).
@@ -400,14 +411,16 @@ def _attn_out_op(y: Tensor, xm: Tensor, wp: Tensor, wp_c: Tensor, wp_scaled_c: T
     return out, (kn.row_stats(out.view(m, d)) if out_rstd else xm.new_empty(0, dtype=torch.float32))
 
 
+_attn_out_op = torch.library.custom_op("pgolf::block_attn_out", _attn_out_impl, mutates_args=())
+
+
 @_attn_out_op.register_fake
 def _(y, xm, wp, wp_c, wp_scaled_c, attn_scale, out_rstd=False):
     m = xm.shape[0] * xm.shape[1] if out_rstd else 0
     return torch.empty_like(xm), xm.new_empty(m, dtype=torch.float32)
 
 
-@torch.library.custom_op("pgolf::block_attn_out_bwd", mutates_args=())
-def _attn_out_bwd_op(g: Tensor, y: Tensor, wp: Tensor, wp_scaled_c: Tensor,
+def _attn_out_bwd_impl(g: Tensor, y: Tensor, wp: Tensor, wp_scaled_c: Tensor,
                      attn_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     kn = _kernels()
     b, t, h, hd = y.shape
@@ -420,6 +433,9 @@ def _attn_out_bwd_op(g: Tensor, y: Tensor, wp: Tensor, wp_scaled_c: Tensor,
                 epi=kn.EPI_STORE)
     dwp, dscale = kn.wgrad(g2, y, kn._flat4(y, t, hd), m, d, h * hd, nscale=attn_scale, w=wp)
     return dy, dwp, dscale
+
+
+_attn_out_bwd_op = torch.library.custom_op("pgolf::block_attn_out_bwd", _attn_out_bwd_impl, mutates_args=())
 
 
 @_attn_out_bwd_op.register_fake
@@ -437,7 +453,7 @@ def _attn_out_setup(ctx, inputs, output):
 def _attn_out_backward(ctx, g, _g_rstd):
     y, wp, wp_scaled_c, attn_scale = ctx.saved_tensors
     g = torch.zeros(y.shape[:2] + wp.shape[:1], device=y.device, dtype=y.dtype) if g is None else g.contiguous()
-    dy, dwp, dscale = _attn_out_bwd_op(g, y, wp, wp_scaled_c, attn_scale)
+    dy, dwp, dscale = (_attn_out_bwd_impl if _eager_ctx(ctx) else _attn_out_bwd_op)(g, y, wp, wp_scaled_c, attn_scale)
     # d(xm) is the incoming gradient itself (residual)
     return dy, g, dwp.to(wp.dtype), None, None, dscale.to(attn_scale.dtype), None
 
@@ -445,8 +461,7 @@ def _attn_out_backward(ctx, g, _g_rstd):
 _attn_out_op.register_autograd(_attn_out_backward, setup_context=_attn_out_setup)
 
 
-@torch.library.custom_op("pgolf::block_mlp", mutates_args=())
-def _mlp_op(x1: Tensor, w_fc: Tensor, w_proj: Tensor, w_fc_c: Tensor, w_proj_c: Tensor, w_proj_scaled_c: Tensor,
+def _mlp_impl(x1: Tensor, w_fc: Tensor, w_proj: Tensor, w_fc_c: Tensor, w_proj_c: Tensor, w_proj_scaled_c: Tensor,
             mlp_scale: Tensor, act: int, store_stats: bool, keep_act: bool = False,
             rstd_in: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """out = x1 + mlp_scale * (act(rms_norm(x1) @ w_fc^T) @ w_proj^T); also returns pre, rstd and (with keep_act)
@@ -486,6 +501,9 @@ def _act_only(keep_act: bool, act: int) -> bool:
     return keep_act and act == 0
 
 
+_mlp_op = torch.library.custom_op("pgolf::block_mlp", _mlp_impl, mutates_args=())
+
+
 @_mlp_op.register_fake
 def _(x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store_stats, keep_act=False,
       rstd_in=None):
@@ -497,8 +515,7 @@ def _(x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store
             x1.new_empty(m if two_outs else 0, w_fc.shape[0]))
 
 
-@torch.library.custom_op("pgolf::block_mlp_bwd", mutates_args=())
-def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, act_pre: Tensor, w_fc_c: Tensor, w_proj: Tensor,
+def _mlp_bwd_impl(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, act_pre: Tensor, w_fc_c: Tensor, w_proj: Tensor,
                 w_proj_scaled_c: Tensor, mlp_scale: Tensor, act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """act_pre: act(pre) kept by the forward, or empty (then the dPre epilogue writes it). act 2
     (kn.ACT_RELU2_SAVED_ACT): relu^2 with pre holding act(pre), act_pre empty."""
@@ -533,6 +550,9 @@ def _mlp_bwd_op(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, act_pre: Tenso
     return dx1, dw_fc, dw_proj, dscale
 
 
+_mlp_bwd_op = torch.library.custom_op("pgolf::block_mlp_bwd", _mlp_bwd_impl, mutates_args=())
+
+
 @_mlp_bwd_op.register_fake
 def _(g, x1, pre, rstd, act_pre, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale, act):
     return (torch.empty_like(x1), torch.empty_like(w_fc_c, dtype=torch.float32),
@@ -560,13 +580,53 @@ def _mlp_backward(ctx, g, _g_pre, _g_rstd, _g_act_pre):
         raise RuntimeError("the fused MLP ran with store_stats=False (eval path); it has no backward")
     x1, pre, rstd, act_pre, w_fc_c, w_proj, w_proj_scaled_c, mlp_scale = ctx.saved_tensors
     g = torch.zeros_like(x1) if g is None else g
-    dx1, dw_fc, dw_proj, dscale = _mlp_bwd_op(g.contiguous(), x1, pre, rstd, act_pre, w_fc_c, w_proj,
-                                              w_proj_scaled_c, mlp_scale, ctx.act)
+    bwd = _mlp_bwd_impl if _eager_ctx(ctx) else _mlp_bwd_op
+    dx1, dw_fc, dw_proj, dscale = bwd(g.contiguous(), x1, pre, rstd, act_pre, w_fc_c, w_proj, w_proj_scaled_c,
+                                      mlp_scale, ctx.act)
     return (dx1, dw_fc.to(ctx.w_fc_dtype), dw_proj.to(w_proj.dtype), None, None, None, dscale.to(mlp_scale.dtype),
             None, None, None, None)
 
 
 _mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+def _eager_ctx(ctx) -> bool:
+    """Whether a backward runs for an _eager_op call (then it calls the backward function itself, not its op)."""
+    return getattr(ctx, "eager", False)
+
+
+def _eager_op(op_name: str, impl, setup_context, backward):
+    """The eager form of a custom op with registered autograd: a plain autograd.Function whose forward is impl
+    followed by setup_context and whose backward is the op's (calling the backward's impl, not its op). Same
+    arithmetic and saved tensors; what it skips is the dispatcher, the generated autograd wrapper and the output
+    alias checks, several of which a fused block forward+backward goes through (7 op calls) on a host that the
+    block's plain calls are bound by (bench/results/block-*: fused `ms` above `graph_ms`). Callers pass every
+    argument positionally (no defaults filled in, unlike the dispatcher); torch.compile keeps using the ops."""
+    n_args = len(inspect.signature(impl).parameters)
+
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup_context(ctx, args, out)
+        ctx.eager = True
+        return out
+
+    fn = type(f"Eager_{op_name}", (torch.autograd.Function,),
+              {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def call(*args):
+        if len(args) != n_args:
+            raise TypeError(f"{op_name}: the eager path takes all {n_args} arguments positionally, got {len(args)}")
+        # as the op's autograd wrapper: no graph node (and no saved tensors) unless a gradient can flow
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return fn.apply(*args)
+        return impl(*args)
+
+    return call
+
+
+_attn_in_eager = _eager_op("block_attn_in", _attn_in_impl, _attn_in_setup, _attn_in_backward)
+_attn_out_eager = _eager_op("block_attn_out", _attn_out_impl, _attn_out_setup, _attn_out_backward)
+_mlp_eager = _eager_op("block_mlp", _mlp_impl, _mlp_setup, _mlp_backward)
 
 
 class FusedBlock(ReferenceBlock):
@@ -604,6 +664,10 @@ class FusedBlock(ReferenceBlock):
     # H100, B64xT1024 MLP 2x, fwd+bwd graph ms, same run (bench/results/block-h100-80gb-hbm3-2026-12-06-e742718.json):
     # 2.736 against 2.753 without it.
     attn_out_rstd: bool = True
+    # Eager calls (not under torch.compile, which always uses the custom ops) go through plain autograd.Functions
+    # over the ops' functions (_eager_op) instead of the custom ops' dispatch layers, whose host time the plain
+    # (un-graphed) forward+backward is bound by. True: through the custom ops, as torch.compile sees them.
+    custom_ops: bool = False
 
     def __init__(self, cfg: BlockConfig | None = None, **overrides):
         super().__init__(cfg, **overrides)
@@ -642,16 +706,20 @@ class FusedBlock(ReferenceBlock):
         # the kernels then use Q(W) everywhere W appears (both matmuls and the scale gradients).
         wq, wk, wv, wp, w_fc, w_proj = (straight_through_fake_quant(m.weight, m.qat_bits)
                                         for m in (a.c_q, a.c_k, a.c_v, a.proj, mlp.fc, mlp.proj))
-        w_c = _prep_op(wq.detach(), wk.detach(), wv.detach(), wp.detach(), w_fc.detach(), w_proj.detach(),
-                       self.attn_scale.detach(), self.mlp_scale.detach(), x.dtype, train)
+        if self.custom_ops or torch.compiler.is_compiling():
+            prep, attn_in, attn_out, mlp_op = _prep_op, _attn_in_op, _attn_out_op, _mlp_op
+        else:  # the prep op has no autograd: its function is called directly
+            prep, attn_in, attn_out, mlp_op = _prep_impl, _attn_in_eager, _attn_out_eager, _mlp_eager
+        w_c = prep(wq.detach(), wk.detach(), wv.detach(), wp.detach(), w_fc.detach(), w_proj.detach(),
+                   self.attn_scale.detach(), self.mlp_scale.detach(), x.dtype, train)
         # [Wq; Wk; Wv] copied into one tensor (the sm_90 attention dX matmul reads it whole), split into views here
         wq_c, wk_c, wv_c = w_c[0].split([wq.shape[0], wk.shape[0], wv.shape[0]])
         w_c = [wq_c, wk_c, wv_c] + w_c[1:]
         wp_scaled_c, w_proj_scaled_c = (w_c[6], w_c[7]) if train else (w_c[3], w_c[5])
         kv_rep = cfg.num_heads // cfg.num_kv_heads if self.expand_kv else 1
-        xm, q, k, v, _, _ = _attn_in_op(x.contiguous(), x0.contiguous(), self.resid_mix, wq, wk, wv, wq_c, wk_c,
-                                        wv_c, a.q_gain, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.rope_dims,
-                                        train, kv_rep, self.attn_in_mix)
+        xm, q, k, v, _, _ = attn_in(x.contiguous(), x0.contiguous(), self.resid_mix, wq, wk, wv, wq_c, wk_c, wv_c,
+                                    a.q_gain, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.rope_dims, train,
+                                    kv_rep, self.attn_in_mix)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = k.shape[1] != q.shape[1]
         if self.sdpa_backends is None:
@@ -661,14 +729,13 @@ class FusedBlock(ReferenceBlock):
             with sdpa_kernel(self.sdpa_backends):
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         # x1 and its rstd for the MLP's RMSNorm (on sm_90 with CUTLASS from the projection's epilogue)
-        x1, rstd1 = _attn_out_op(y.transpose(1, 2), xm, wp, w_c[3], wp_scaled_c, self.attn_scale,
-                                 self.attn_out_rstd)
+        x1, rstd1 = attn_out(y.transpose(1, 2), xm, wp, w_c[3], wp_scaled_c, self.attn_scale, self.attn_out_rstd)
         # free the attention tensors before the MLP (autograd holds what the backward needs): the eval path kept
         # them alive to the end, which showed as a forward-only peak of 2x compile's (not re-measured since)
         del xm, q, k, v, y
         act = 0 if cfg.activation == "relu2" else 1
-        out = _mlp_op(x1, w_fc, w_proj, w_c[4], w_c[5], w_proj_scaled_c, self.mlp_scale, act, train,
-                      self.keep_act, rstd1 if self.attn_out_rstd else None)[0]
+        out = mlp_op(x1, w_fc, w_proj, w_c[4], w_c[5], w_proj_scaled_c, self.mlp_scale, act, train, self.keep_act,
+                     rstd1 if self.attn_out_rstd else None)[0]
         return out
 
 

@@ -386,6 +386,41 @@ def test_fused_block_under_torch_compile_cpu():
         close(a, b, "compiled grad", rtol=1e-6)
 
 
+@needs_triton_cpu
+@pytest.mark.parametrize("qat_bits", [0, 6])
+def test_fused_block_eager_path_matches_custom_ops(qat_bits):
+    """Eager calls go through plain autograd.Functions over the custom ops' functions (block._eager_op): the same
+    output and gradients, bit for bit, as through the ops' dispatch layers (custom_ops=True), with and without
+    QAT's fake-quantised weights; and the no-grad (eval) path."""
+    case = dict(d_model=128, num_heads=2, num_kv_heads=1, mlp_mult=2, activation="relu2", rope_dims=16)
+    fused = FusedBlock(**case)
+    randomize_(fused, 61)
+    for m in fused.modules():
+        if hasattr(m, "qat_bits"):
+            m.qat_bits = qat_bits
+    x = torch.randn(2, 24, 128, requires_grad=True)
+    x0 = torch.randn(2, 24, 128, requires_grad=True)
+    up = torch.randn(2, 24, 128)
+    results = []
+    for custom in (False, True):
+        fused.custom_ops = custom
+        y = fused(x, x0)
+        results.append((y, torch.autograd.grad(y, [x, x0, *fused.parameters()], up)))
+        with torch.no_grad():
+            results[-1] += (fused(x, x0),)
+    (y1, g1, e1), (y2, g2, e2) = results
+    assert torch.isfinite(y1).all() and torch.equal(y1, y2) and torch.equal(e1, e2)
+    assert torch.equal(e1, y1)
+    for a, b in zip(g1, g2):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_eager_op_needs_every_argument():
+    from pgolf_kernels import block as blk
+    with pytest.raises(TypeError, match="all 7 arguments positionally"):
+        blk._attn_out_eager(torch.randn(1, 2, 2, 64), torch.randn(1, 2, 128))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # bf16 on CPU: the interpreter with the GPU's bf16 rounding points
 # ----------------------------------------------------------------------------------------------------------
