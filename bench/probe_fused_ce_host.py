@@ -10,13 +10,16 @@ Result: bench/results/fused_ce-host_probe-*.txt.
 
 Usage: python bench/probe_fused_ce_host.py [--api]
 """
+import os
 import sys
 
 import torch
-from results_io import host_and_wall_ms  # bench/ is on sys.path as the script's folder
 
-from pgolf_kernels import fused_ce
-from pgolf_kernels._extension import require_extension
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository root
+from results_io import host_and_wall_ms  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
+from pgolf_kernels import fused_ce  # noqa: E402
+from pgolf_kernels._extension import require_extension  # noqa: E402
 
 N, D, V, CHUNK = 65536, 512, 1024, 8192
 

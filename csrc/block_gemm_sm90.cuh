@@ -46,11 +46,14 @@ constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 constexpr int kAlign = 8;  // bf16 elements per 16 bytes
 
 // 128x128 output tiles, 64-deep reduction steps, ping-pong consumers (each owns a whole tile), no clusters.
-// Build-time overrides for A/B builds (setup.py's PGOLF_NVCC_FLAGS), not measured yet; all compile for sm_90a
-// without spills, except 64x128 epilogue subtiles (two kernels spill 4 and 56 bytes):
+// Build-time overrides for A/B builds (setup.py's PGOLF_NVCC_FLAGS); all compile for sm_90a without spills, except
+// 64x128 epilogue subtiles (two kernels spill 4 and 56 bytes):
 //  * PGOLF_CLUSTER_M / PGOLF_CLUSTER_N: 2x1 clusters multicast each weight tile to two CTAs, 1x2 each activation
 //    tile. Without multicast a 128x128x64 step pulls 32 KB from L2 for 2 MFLOP (1/64 byte per FLOP), which at
 //    the tensor cores' rate may be more than L2 delivers; cuBLAS's own choices here use 2x1 and 1x2 clusters.
+//    2x1 measured slower: H100, B64xT1024 MLP 2x, fwd+bwd graph 2.775 ms against 2.716 with no clusters in the
+//    same call, the six CUTLASS launches 0.847 against 0.801 ms (bench/results/block-h100-80gb-hbm3-2026-12-07-
+//    dfd12cf{,-cluster2x1}.json). 1x2 and the epilogue subtiles are not measured yet.
 //  * PGOLF_EPI_TILE_N (64 or 128): 64xN epilogue subtiles instead of CUTLASS's 64x32: fewer, larger steps for
 //    the epilogue-heavy launches (dPre and the MLP dX read a [M, N] tensor in the epilogue with K only 512-1024).
 using TileShape = Shape<_128, _128, _64>;

@@ -667,6 +667,9 @@ class FusedBlock(ReferenceBlock):
     # Eager calls (not under torch.compile, which always uses the custom ops) go through plain autograd.Functions
     # over the ops' functions (_eager_op) instead of the custom ops' dispatch layers, whose host time the plain
     # (un-graphed) forward+backward is bound by. True: through the custom ops, as torch.compile sees them.
+    # H100, B64xT1024 MLP 2x, fwd+bwd plain-call ms, four pairs in three calls (bench/results/block-h100-80gb-hbm3-
+    # 2026-12-07-dfd12cf{,-eager-ab1,-eager-ab2}.json): 4.143 / 3.179 / 3.642 / 3.437 against 4.019 / 4.198 /
+    # 4.079 / 3.756 through the ops (0.97-1.32x, host-bound timings are noisy); graph_ms equal within 0.011 ms.
     custom_ops: bool = False
 
     def __init__(self, cfg: BlockConfig | None = None, **overrides):
