@@ -999,11 +999,24 @@ if GEMM_BACKEND not in ("auto", "triton", "cutlass"):
     raise ValueError(f"PGOLF_BLOCK_GEMM must be auto, triton or cutlass, not {GEMM_BACKEND!r}")
 
 
+# cutlass_missing's answers per (device, op, needs_cutlass): the extension and the device do not change within a
+# process, and a block forward+backward asks 7 times (cProfile on the H100 at dfd12cf, 210 calls in 30 iterations:
+# ~0.2 ms of profiled host time per iteration, bench/results/block_host_probe-h100-80gb-hbm3-2026-12-07-dfd12cf.txt)
+_CUTLASS_MISSING: dict = {}
+
+
 def cutlass_missing(device: torch.device, op: str = "block_gemm_sm90", needs_cutlass: bool = True):
     """Why the extension's sm_90 kernel `op` (a CUTLASS one unless needs_cutlass is False) cannot run on
     `device`, or None when it can (tests and benches ask this too)."""
     if device.type != "cuda" or _INTERPRET:
         return "it runs on CUDA tensors only (not on the CPU or under TRITON_INTERPRET)"
+    key = (device.index if device.index is not None else torch.cuda.current_device(), op, needs_cutlass)
+    if key not in _CUTLASS_MISSING:
+        _CUTLASS_MISSING[key] = _cutlass_missing_uncached(device, op, needs_cutlass)
+    return _CUTLASS_MISSING[key]
+
+
+def _cutlass_missing_uncached(device: torch.device, op: str, needs_cutlass: bool):
     from ._extension import extension_available, _C
     if not extension_available() or not hasattr(_C, op):
         return "the CUDA extension pgolf_kernels._C is not built"

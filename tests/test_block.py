@@ -591,6 +591,21 @@ def test_row_gemm_backend_choice(monkeypatch):
         kn.row_gemm_backend(kn.EPI_RESIDUAL, a, P(128), w, 128, 1, 256, 128, P(256))
 
 
+def test_cutlass_missing_asks_once_per_device_and_op(monkeypatch):
+    """The extension/device check behind every CUTLASS launch is answered once per (device, op, needs_cutlass)."""
+    from pgolf_kernels import block_kernels as kn
+    calls = []
+    monkeypatch.setattr(kn, "_INTERPRET", False)
+    monkeypatch.setattr(kn, "_CUTLASS_MISSING", {})
+    monkeypatch.setattr(kn, "_cutlass_missing_uncached", lambda d, op, nc: calls.append((op, nc)) or f"no {op}")
+    dev = torch.device("cuda", 0)
+    for _ in range(3):
+        assert kn.cutlass_missing(dev, "block_gemm_sm90") == "no block_gemm_sm90"
+        assert kn.cutlass_missing(dev, "block_attn_in_sm90", needs_cutlass=False) == "no block_attn_in_sm90"
+    assert calls == [("block_gemm_sm90", True), ("block_attn_in_sm90", False)]
+    assert "CUDA tensors only" in kn.cutlass_missing(torch.device("cpu"))
+
+
 @needs_triton_cpu
 @pytest.mark.parametrize("N,K", [(16, 48), (7, 1500), (512, 512)])
 def test_scale_rows_dot(N, K):
