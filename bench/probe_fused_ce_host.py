@@ -3,9 +3,10 @@
 Times the enqueue of each piece with time.perf_counter, no profiler (whose own overhead distorts host time):
 one cuBLAS product from Python, the C++ forward (pgolf_kernels._C.flce_forward) with and without gradients,
 the op's forward through autograd, forward + backward, and a one-element graph's .backward() (the autograd
-engine's own cost); then the floor of one launch (a small torch.add, a tiny cuBLAS product, a Triton kernel) and,
-with --api, the CUDA runtime/driver calls the C++ forward makes under torch.profiler, summed per name (host time
-per call of the forward: which of cuBLAS, kernel launches or allocation the 0.79 ms is). Needs a CUDA device and the extension built (python setup.py build_ext --inplace).
+engine's own cost); then the floors of one small torch.add, a tiny cuBLAS product and an allocation; and, with
+--api, the host time of the C++ forward per ATen op and CUDA runtime/driver call under torch.profiler (which of
+cuBLAS, kernel launches or tensor bookkeeping its enqueue time is). Needs a CUDA device and the extension built
+(python setup.py build_ext --inplace).
 Result: bench/results/fused_ce-host_probe-*.txt.
 
 Usage: python bench/probe_fused_ce_host.py [--api]

@@ -284,7 +284,7 @@ def _kernels():
 
 
 def _prep_impl(wq: Tensor, wk: Tensor, wv: Tensor, wp: Tensor, w_fc: Tensor, w_proj: Tensor, attn_scale: Tensor,
-             mlp_scale: Tensor, dtype: torch.dtype, with_scaled: bool) -> list[Tensor]:
+               mlp_scale: Tensor, dtype: torch.dtype, with_scaled: bool) -> list[Tensor]:
     """Activation-dtype copies [[wq; wk; wv] stacked, wp, w_fc, w_proj] (+ [attn_scale * wp, mlp_scale * w_proj]
     row-scaled for backward when with_scaled), one launch. Not differentiable: gradients go to the fp32 weights."""
     items = [(wq, None), (wk, None), (wv, None), (wp, None), (w_fc, None), (w_proj, None)]
@@ -304,9 +304,9 @@ def _(wq, wk, wv, wp, w_fc, w_proj, attn_scale, mlp_scale, dtype, with_scaled):
 
 
 def _attn_in_impl(x: Tensor, x0: Tensor, resid_mix: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wq_c: Tensor,
-                wk_c: Tensor, wv_c: Tensor, q_gain: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
-                num_kv_heads: int, rope_dims: int, store_stats: bool,
-                kv_rep: int = 1, fuse_mix: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  wk_c: Tensor, wv_c: Tensor, q_gain: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
+                  num_kv_heads: int, rope_dims: int, store_stats: bool,
+                  kv_rep: int = 1, fuse_mix: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """wq/wk/wv: fp32 masters (gradients land there); wq_c/wk_c/wv_c: their activation-dtype copies (used).
     k and v come out with num_kv_heads * kv_rep heads (each head repeated kv_rep times). fuse_mix: the sm_90
     kernel forms xm and rstd itself (FusedBlock.attn_in_mix)."""
@@ -334,9 +334,9 @@ def _(x, x0, resid_mix, wq, wk, wv, wq_c, wk_c, wv_c, q_gain, cos, sin, num_head
 
 
 def _attn_in_bwd_impl(dq: Tensor, dk: Tensor, dv: Tensor, g_xm: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                    q_gain: Tensor, cos: Tensor, sin: Tensor, head_rstd: Tensor, x: Tensor, x0: Tensor,
-                    resid_mix: Tensor, xm: Tensor, rstd: Tensor, wq_c: Tensor, wk_c: Tensor, wv_c: Tensor,
-                    rope_dims: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      q_gain: Tensor, cos: Tensor, sin: Tensor, head_rstd: Tensor, x: Tensor, x0: Tensor,
+                      resid_mix: Tensor, xm: Tensor, rstd: Tensor, wq_c: Tensor, wk_c: Tensor, wv_c: Tensor,
+                      rope_dims: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     b, t, d = x.shape
     h, kvh = q.shape[2], wk_c.shape[0] // (wq_c.shape[0] // q.shape[2])  # k may hold each kv head several times
     dx, dx0, dmix, dw, dgain = _kernels().attn_in_bwd(
@@ -389,7 +389,7 @@ _attn_in_op.register_autograd(_attn_in_backward, setup_context=_attn_in_setup)
 
 
 def _attn_out_impl(y: Tensor, xm: Tensor, wp: Tensor, wp_c: Tensor, wp_scaled_c: Tensor, attn_scale: Tensor,
-                 out_rstd: bool = False) -> tuple[Tensor, Tensor]:
+                   out_rstd: bool = False) -> tuple[Tensor, Tensor]:
     """y: [B, T, H, HD] (SDPA's output, transposed view); returns x1 = xm + attn_scale * (y @ wp^T) and, with
     out_rstd, rstd [B*T] fp32 of x1's rows for the MLP's RMSNorm (else an empty tensor).
     wp_c: activation-dtype copy of wp; wp_scaled_c: of attn_scale[:, None] * wp (used by backward)."""
@@ -421,7 +421,7 @@ def _(y, xm, wp, wp_c, wp_scaled_c, attn_scale, out_rstd=False):
 
 
 def _attn_out_bwd_impl(g: Tensor, y: Tensor, wp: Tensor, wp_scaled_c: Tensor,
-                     attn_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                       attn_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     kn = _kernels()
     b, t, h, hd = y.shape
     d = g.shape[-1]
@@ -462,8 +462,8 @@ _attn_out_op.register_autograd(_attn_out_backward, setup_context=_attn_out_setup
 
 
 def _mlp_impl(x1: Tensor, w_fc: Tensor, w_proj: Tensor, w_fc_c: Tensor, w_proj_c: Tensor, w_proj_scaled_c: Tensor,
-            mlp_scale: Tensor, act: int, store_stats: bool, keep_act: bool = False,
-            rstd_in: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              mlp_scale: Tensor, act: int, store_stats: bool, keep_act: bool = False,
+              rstd_in: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """out = x1 + mlp_scale * (act(rms_norm(x1) @ w_fc^T) @ w_proj^T); also returns pre, rstd and (with keep_act)
     act(pre) for the backward (training; empty otherwise). rstd_in: x1's rstd when the caller has it (the attention
     output's epilogue makes it); the returned rstd is then empty (an output may not alias an input).
@@ -516,7 +516,7 @@ def _(x1, w_fc, w_proj, w_fc_c, w_proj_c, w_proj_scaled_c, mlp_scale, act, store
 
 
 def _mlp_bwd_impl(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, act_pre: Tensor, w_fc_c: Tensor, w_proj: Tensor,
-                w_proj_scaled_c: Tensor, mlp_scale: Tensor, act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  w_proj_scaled_c: Tensor, mlp_scale: Tensor, act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """act_pre: act(pre) kept by the forward, or empty (then the dPre epilogue writes it). act 2
     (kn.ACT_RELU2_SAVED_ACT): relu^2 with pre holding act(pre), act_pre empty."""
     kn = _kernels()
