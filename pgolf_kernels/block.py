@@ -453,7 +453,8 @@ def _attn_out_setup(ctx, inputs, output):
 def _attn_out_backward(ctx, g, _g_rstd):
     y, wp, wp_scaled_c, attn_scale = ctx.saved_tensors
     g = torch.zeros(y.shape[:2] + wp.shape[:1], device=y.device, dtype=y.dtype) if g is None else g.contiguous()
-    dy, dwp, dscale = (_attn_out_bwd_impl if _eager_ctx(ctx) else _attn_out_bwd_op)(g, y, wp, wp_scaled_c, attn_scale)
+    bwd = _attn_out_bwd_impl if _eager_ctx(ctx) else _attn_out_bwd_op
+    dy, dwp, dscale = bwd(g, y, wp, wp_scaled_c, attn_scale)
     # d(xm) is the incoming gradient itself (residual)
     return dy, g, dwp.to(wp.dtype), None, None, dscale.to(attn_scale.dtype), None
 
