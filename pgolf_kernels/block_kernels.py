@@ -849,14 +849,24 @@ def _flat2(t: torch.Tensor) -> tuple:
 
 
 @triton.jit
-def _sum_partials_kernel(c_ptr, out_ptr, M, NT, CHUNK, LD, BSTRIDE, eps, D, RSTD: tl.constexpr, BJ: tl.constexpr,
-                         BM: tl.constexpr, PDL: tl.constexpr):
+def _sum_partials_kernel(c_ptr, out_ptr, NB, M, NT, CHUNK, LD, BSTRIDE, c2_ptr, out2_ptr, M2, NT2, CHUNK2, LD2,
+                         BSTRIDE2, eps, D, RSTD: tl.constexpr, BJ: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr):
     # out[b, s, m] = sum of c[b, j, m] over the partial rows j of chunk s (row j of batch b at b * BSTRIDE + j * LD),
-    # in fixed order; RSTD: 1 / sqrt(out / D + eps) instead (the rows' RMSNorm scale from per-tile sums of squares)
+    # in fixed order; RSTD: 1 / sqrt(out / D + eps) instead (the rows' RMSNorm scale from per-tile sums of squares).
+    # Two jobs per launch: batches b >= NB are the second job's (b - NB: c2 -> out2 with M2, NT2, ...).
     if PDL:  # launched programmatically: wait for the kernel before to finish before touching memory
         gdc_wait()
     b = tl.program_id(1)
     s = tl.program_id(2)
+    second = b >= NB
+    b = tl.where(second, b - NB, b)
+    c_ptr = tl.where(second, c2_ptr, c_ptr)
+    out_ptr = tl.where(second, out2_ptr, out_ptr)
+    M = tl.where(second, M2, M)
+    NT = tl.where(second, NT2, NT)
+    CHUNK = tl.where(second, CHUNK2, CHUNK)
+    LD = tl.where(second, LD2, LD)
+    BSTRIDE = tl.where(second, BSTRIDE2, BSTRIDE)
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     j_hi = tl.minimum(NT, (s + 1) * CHUNK)
     acc = tl.zeros((BM,), dtype=tl.float32)
@@ -869,31 +879,47 @@ def _sum_partials_kernel(c_ptr, out_ptr, M, NT, CHUNK, LD, BSTRIDE, eps, D, RSTD
     tl.store(out_ptr + (b * tl.num_programs(2) + s) * M + rm, acc, mask=rm < M)
 
 
-def sum_partials(c, M, rstd_of_d=None):
+def sum_partials(c, M, rstd_of_d=None, *, also=None):
     """Sums of per-tile partials: c fp32 [tiles, >= M] (rows with unit inner stride) -> [M], or [B, tiles, M]
     -> [B, M]; with rstd_of_d = D, rstd as row_stats from partial sums of squares of D-wide rows (e.g.
-    EPI_RESIDUAL_ROWSQ's) instead of the sums. Deterministic: every sum is taken in the same order each call."""
-    _check(c.dtype == torch.float32 and c.dim() in (2, 3) and c.stride(-1) == 1 and c.shape[-1] >= M,
-           "partials must be fp32 [tiles, >= M] or [batch, tiles, >= M] with unit inner stride")
-    c3 = c if c.dim() == 3 else c.unsqueeze(0)
-    nb, nt = c3.shape[0], c3.shape[1]
-    bm = min(1024, max(32, triton.next_power_of_2(M)))
-    grid_m = triton.cdiv(M, bm)
-    ld, bstride = c3.stride(1), c3.stride(0)
+    EPI_RESIDUAL_ROWSQ's) instead of the sums. Deterministic: every sum is taken in the same order each call.
+    also=(c2, M2): a second set of partials summed by the same launches (the attention input backward's dmix and
+    dgain: two launches instead of four); returns both sums then."""
+    jobs = [(c, M)] + ([also] if also is not None else [])
+    _check(also is None or (rstd_of_d is None and also[0].device == c.device),
+           "sum_partials(also=...) takes plain sums of partials on c's device")
+    cs = []
+    for cj, mj in jobs:
+        _check(cj.dtype == torch.float32 and cj.dim() in (2, 3) and cj.stride(-1) == 1 and cj.shape[-1] >= mj,
+               "partials must be fp32 [tiles, >= M] or [batch, tiles, >= M] with unit inner stride")
+        cs.append(cj if cj.dim() == 3 else cj.unsqueeze(0))
+    ms = [mj for _, mj in jobs]
+    nbs = [t.shape[0] for t in cs]
+    nts = [t.shape[1] for t in cs]
+    strides = [(t.stride(0), t.stride(1)) for t in cs]
+    bm = min(1024, max(32, triton.next_power_of_2(max(ms))))
+    grid_m = max(triton.cdiv(mj, bm) for mj in ms)
+
+    def launch(src, dst, chunks, n_chunks, rstd):
+        j = len(jobs) - 1  # a lone job is passed twice (no batch index reaches the second)
+        _sum_partials_kernel[(grid_m, sum(nbs), n_chunks)](
+            src[0], dst[0], nbs[0], ms[0], nts[0], chunks[0], strides[0][1], strides[0][0],
+            src[j], dst[j], ms[j], nts[j], chunks[j], strides[j][1], strides[j][0], RMS_EPS, rstd or 1,
+            RSTD=rstd is not None, BJ=8, BM=bm, num_warps=4, **_pdl(c))
+
     # Few columns over many tiles (the attention input's dmix [row tiles, 2D] and dgain [row tiles, heads]): one
-    # program per column block would walk a thousand tiles alone, so a first pass sums chunks of tiles in parallel.
-    if grid_m * nb < 32 and nt > 64:
-        chunk = 32
-        n_chunks = triton.cdiv(nt, chunk)
-        part = alloc((nb, n_chunks, M), device=c.device, dtype=torch.float32)
-        _sum_partials_kernel[(grid_m, nb, n_chunks)](
-            c3, part, M, nt, chunk, ld, bstride, RMS_EPS, 1, RSTD=False, BJ=8, BM=bm, num_warps=4, **_pdl(c))
-        c3, nt, ld, bstride = part, n_chunks, M, n_chunks * M
-    out = alloc((nb, M), device=c.device, dtype=torch.float32)
-    _sum_partials_kernel[(grid_m, nb, 1)](
-        c3, out, M, nt, nt, ld, bstride, RMS_EPS, rstd_of_d or 1, RSTD=rstd_of_d is not None,
-        BJ=8, BM=bm, num_warps=4, **_pdl(c))
-    return out if c.dim() == 3 else out[0]
+    # program per column block would walk a thousand tiles alone, so a first pass sums chunks of tiles in parallel
+    # (up to 32 tiles per chunk; two jobs get the same number of chunks, the one with fewer tiles shorter ones).
+    if all(triton.cdiv(mj, bm) * nb < 32 and nt > 64 for mj, nb, nt in zip(ms, nbs, nts)):
+        n_chunks = max(triton.cdiv(nt, 32) for nt in nts)
+        parts = [alloc((nb, n_chunks, mj), device=c.device, dtype=torch.float32) for nb, mj in zip(nbs, ms)]
+        # a job whose tiles run out before its last chunk writes rows of zeros there
+        launch(cs, parts, [triton.cdiv(nt, n_chunks) for nt in nts], n_chunks, None)
+        cs, nts, strides = parts, [n_chunks] * len(jobs), [(n_chunks * mj, mj) for mj in ms]
+    outs = [alloc((nb, mj), device=c.device, dtype=torch.float32) for nb, mj in zip(nbs, ms)]
+    launch(cs, outs, nts, 1, rstd_of_d)
+    outs = [o if cj.dim() == 3 else o[0] for o, (cj, _) in zip(outs, jobs)]
+    return outs[0] if also is None else tuple(outs)
 
 
 def rstd_from_partials(c, M, D):
@@ -1246,7 +1272,7 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
         w_all = stacked_rows([wq, wk, wv])
         dmix_part = alloc((2, triton.cdiv(M, 128), D), device=dev, dtype=torch.float32)
         _C.block_attn_dx_sm90(dqkv, w_all, g_xm, xm, x, x0, rstd, cvec, resid_mix, dx, dx0, dmix_part)
-        dmix = sum_partials(dmix_part, D)
+        dmix, dgain = sum_partials(dmix_part, D, also=(dgain_part, H))
     else:
         cfg = _blocks("attn_dx")
         BN = _pick(D, cfg["BN"])
@@ -1265,9 +1291,10 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
         else:
             _attn_in_bwd_dx_kernel[(D // BN, n_rt)](dqkv, wq, wk, wv, g_xm, xm, rstd, cvec, x, x0, resid_mix,
                                                     dx, dx0, dmix_part, M, **kw)
-        dmix = sum_partials(dmix_part.view(n_rt, 2 * D), 2 * D).view(2, D)
+        dmix, dgain = sum_partials(dmix_part.view(n_rt, 2 * D), 2 * D, also=(dgain_part, H))
+        dmix = dmix.view(2, D)
     dw, _ = wgrad(dqkv, xm, _flat2(xm), M, NQKV, D)
-    return dx, dx0, dmix, dw, sum_partials(dgain_part, H)
+    return dx, dx0, dmix, dw, dgain
 
 
 def rope_tables(angles: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

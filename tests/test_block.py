@@ -658,6 +658,31 @@ def test_sum_partials(shape, M):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(c[..., :M].abs().sum(-2).max()))
 
 
+
+@needs_triton_cpu
+@pytest.mark.parametrize("shape1,M1,shape2,M2", [((2, 130, 96), 96, (1000, 9), 8), ((3, 40), 40, (2, 70, 33), 33),
+                                                 ((520, 64), 64, (4, 5), 5)])
+def test_sum_partials_two_jobs(shape1, M1, shape2, M2):
+    """also=: a second set of partials summed by the same launches (both through the two-pass path, or neither),
+    each as sum_partials alone would give; padding past M never read, outputs poisoned (alloc)."""
+    from pgolf_kernels import block_kernels as kn
+    g = torch.Generator().manual_seed(sum(shape1) + sum(shape2))
+    c1, c2 = torch.randn(*shape1, generator=g), torch.randn(*shape2, generator=g)
+    c1[..., M1:] = float("nan")
+    c2[..., M2:] = float("nan")
+    kn.POISON_OUTPUTS = True
+    try:
+        got1, got2 = kn.sum_partials(c1, M1, also=(c2, M2))
+    finally:
+        kn.POISON_OUTPUTS = False
+    for got, c, M in ((got1, c1, M1), (got2, c2, M2)):
+        want = c[..., :M].sum(-2)
+        assert got.shape == want.shape and torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(c[..., :M].abs().sum(-2).max()))
+    with pytest.raises(ValueError, match="plain sums"):
+        kn.sum_partials(c1, M1, rstd_of_d=4, also=(c2, M2))
+
+
 @needs_triton_cpu
 def test_prep_weights_casts_and_row_scales():
     from pgolf_kernels import block_kernels as kn
