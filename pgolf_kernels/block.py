@@ -34,10 +34,11 @@ bf16 (buffers included) before restoring the weights to fp32, so there the posit
   d mlp_scale, dWfc, dX matmul with the RMSNorm backward and the residual in its epilogue) = 9 kernels
   (BACKWARD_KERNELS; on a GPU the four weight gradients are cuBLAS products with fp32 output where their operand
   is row-major, as cuDNN's attention output is, else _wgrad_kernel; the other five Triton, or with CUTLASS on
-  sm_90 the attention-input dX, dPre and MLP dX matmuls as CUTLASS kernels), plus small torch sums of per-tile
-  partials (split-over-rows dW, the scale / gain / resid_mix vectors; with the CUTLASS MLP dX, the dPre
-  epilogue's per-row partials too). PGOLF_BLOCK_GEMM=triton|cutlass picks the matmul kernels
-  (block_kernels.GEMM_BACKEND).
+  sm_90 the attention-input dX, dPre and MLP dX matmuls as CUTLASS kernels), plus small Triton sums of per-tile
+  partials (block_kernels.sum_partials: the resid_mix and q gain vectors' together in two launches; the dPre
+  epilogue's per-row partials where M is not a whole number of 128-row tiles), the scale vectors' row dots after
+  the cuBLAS weight gradients, and cuBLAS's split-K reductions. PGOLF_BLOCK_GEMM=triton|cutlass picks the
+  matmul kernels (block_kernels.GEMM_BACKEND).
 
 Design choices (and why):
   * Weightless RMSNorm is a row scale: norm(x) @ W^T = rstd * (x @ W^T), so the matmul that consumes a normed
