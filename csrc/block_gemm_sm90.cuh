@@ -56,6 +56,7 @@ constexpr int kAlign = 8;  // bf16 elements per 16 bytes
 //    dfd12cf{,-cluster2x1}.json). 1x2 and the epilogue subtiles are not measured yet.
 //  * PGOLF_EPI_TILE_N (64 or 128): 64xN epilogue subtiles instead of CUTLASS's 64x32: fewer, larger steps for
 //    the epilogue-heavy launches (dPre and the MLP dX read a [M, N] tensor in the epilogue with K only 512-1024).
+//  * PGOLF_EPI_STAGES_C: how many subtiles of C and of each aux input are loaded ahead (below, kEpiStagesC).
 using TileShape = Shape<_128, _128, _64>;
 #if defined(PGOLF_CLUSTER_M) && defined(PGOLF_CLUSTER_N)
 using ClusterShape = Shape<Int<PGOLF_CLUSTER_M>, Int<PGOLF_CLUSTER_N>, _1>;
@@ -72,6 +73,19 @@ using EpiTile = cutlass::epilogue::collective::EpilogueTileAuto;
 #endif
 using EpiDesc = cutlass::epilogue::collective::detail::EpilogueDescriptor<TileShape, EpiTile, Bf16, Bf16,
                                                                           EpiSchedule>;
+// How many epilogue subtiles of C and of each aux input are loaded ahead: CUTLASS's min(subtiles, 4) unless
+// PGOLF_EPI_STAGES_C is defined. With 64x32 subtiles a 128x128 tile has 8, so the loads of its second half are
+// issued only as the epilogue frees stages, mid-epilogue (the hypothesis behind dPre's 0.20 ms against the MLP
+// up matmul's 0.125 with the same main loop; PGOLF_EPI_STAGES_C=8 or 64x64 subtiles would prefetch all of them).
+#if defined(PGOLF_EPI_STAGES_C)
+constexpr int kEpiStagesC = PGOLF_EPI_STAGES_C;
+#else
+constexpr int kEpiStagesC = EpiDesc::StagesC;
+#endif
+using EpiPolicy = cutlass::epilogue::Sm90TmaWarpSpecialized<kEpiStagesC, EpiDesc::DispatchPolicy::StagesD,
+                                                            EpiDesc::DispatchPolicy::FragmentSize,
+                                                            EpiDesc::DispatchPolicy::ReuseSmemC,
+                                                            EpiDesc::DispatchPolicy::DelayTmaStore>;
 // Aux tensors in the output's layout: RowMajor [M, N] (n contiguous) or ColumnMajor (m contiguous, for the
 // transposed problems that compute outᵀ so that a per-column sum becomes a per-row one).
 template <class Layout>
@@ -86,7 +100,7 @@ using PerRow = fu::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, i
 using PerCol = fu::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>>;  // v[n]
 using Scalar = fu::Sm90ScalarBroadcast<float>;
 template <class Layout = cutlass::layout::RowMajor>
-using AuxInOf = fu::Sm90AuxLoad<AuxLoadDescOf<Layout>::Stages, EpiDesc::EpilogueTile, Bf16,
+using AuxInOf = fu::Sm90AuxLoad<kEpiStagesC, EpiDesc::EpilogueTile, Bf16,
                                 typename AuxLoadDescOf<Layout>::Stride, typename AuxLoadDescOf<Layout>::SmemLayoutAtom,
                                 typename AuxLoadDescOf<Layout>::CopyOpS2R, kAlign>;
 template <class Layout = cutlass::layout::RowMajor>
@@ -202,9 +216,10 @@ struct SecondOf {  // a root whose first child only stores or reduces
 template <class Evt, class LayoutB, class LayoutA = cutlass::layout::RowMajor,
           class LayoutC = cutlass::layout::RowMajor>
 struct Gemm {
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape, EpiTile, float, float, Bf16,
-      LayoutC, kAlign, Bf16, LayoutC, kAlign, EpiSchedule, Evt>::CollectiveOp;
+  // CUTLASS's epilogue builder with the dispatch policy given (EpiPolicy: its own but for kEpiStagesC)
+  using Epilogue = typename cutlass::epilogue::collective::detail::Sm90TmaBuilderImpl<
+      TileShape, typename EpiDesc::EpilogueTile, float, float, Bf16, LayoutC, kAlign, Bf16, LayoutC, kAlign, Evt,
+      EpiPolicy>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Bf16, LayoutA, kAlign, Bf16, LayoutB,
       kAlign, float, TileShape, ClusterShape,
