@@ -257,7 +257,8 @@ def aot_check(arch: int = 90) -> list[dict]:
     rows.append(one("attn_in bwd epilogue", kn._attn_in_bwd_epi_kernel,
                     dict(dq_ptr=BF, dk_ptr=BF, dv_ptr=BF, q_ptr=BF, k_ptr=BF, v_ptr=BF, gain_ptr=F32, cos_ptr=F32,
                          sin_ptr=F32, hrstd_ptr=F32, rstd_ptr=F32, dqkv_ptr=BF, c_ptr=F32, dgain_ptr=F32, eps="fp32"),
-                    dict(H=H, KVH=KVH, HD=HD, RD=16, KV_REP=1, BM=cfg["BM"], dq_s3=1, dk_s3=1, dv_s3=1), cfg))
+                    dict(H=H, KVH=KVH, HD=HD, RD=16, KV_REP=1, BM=cfg["BM"], UNROLL=cfg.get("UNROLL", 1), dq_s3=1,
+                         dk_s3=1, dv_s3=1), cfg))
     cfg = kn._blocks("attn_dx")
     rows.append(one("attn_in bwd dX", kn._attn_in_bwd_dx_kernel,
                     dict(dqkv_ptr=BF, wq_ptr=BF, wk_ptr=BF, wv_ptr=BF, gxm_ptr=BF, xm_ptr=BF, rstd_ptr=F32, c_ptr=F32,

@@ -120,7 +120,7 @@ BLOCK_VARIANTS = {
                 {"TMA": 0}, {"TMA": 1, "num_stages": 4}],
     # the sm_90 wgmma attention input (csrc/block_attn_in_sm90.cu) under auto; its launches differ in fuse_mix
     "attn_in_sm90": [{"BACKEND": "auto"}],
-    "attn_epi": [{}, {"BM": 16}, {"BM": 64}, {"BM": 32, "num_warps": 4}],
+    "attn_epi": [{}, {"BM": 16}, {"BM": 64}, {"BM": 32, "num_warps": 4}, {"UNROLL": 2}, {"UNROLL": 4}],
 }
 
 

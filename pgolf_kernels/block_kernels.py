@@ -525,7 +525,7 @@ def _attn_in_bwd_epi_kernel(dq_ptr, dq_s0, dq_s1, dq_s2, dq_s3,
                             dqkv_ptr, c_ptr, dgain_ptr,
                             M, T, eps,
                             H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, RD: tl.constexpr,
-                            KV_REP: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr):
+                            KV_REP: tl.constexpr, BM: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr):
     # dqkv = gradient of the QKV matmul output (after the attention RMSNorm row scale, before the head norm),
     # stored times the row's rstd (then dW and dX are plain matmuls); c[m] = sum_j dqkv[m, j] * qkv[m, j]
     # (what the attention RMSNorm backward needs); dgain partial per tile.
@@ -547,7 +547,8 @@ def _attn_in_bwd_epi_kernel(dq_ptr, dq_s0, dq_s1, dq_s2, dq_s3,
     sn = tl.load(sin_ptr + t[:, None] * HALF + c[None, :], mask=m2, other=0.0)
     r1 = tl.load(rstd_ptr + rm, mask=mmask, other=0.0)[:, None]
     csum = tl.zeros((BM,), dtype=tl.float32)
-    for h in range(0, H + KVH):
+    # UNROLL > 1: the head loop unrolled that many times (loads of the next heads issued before this one's stores)
+    for h in tl.range(0, H + KVH, loop_unroll_factor=UNROLL):
         g = tl.load(gain_ptr + tl.minimum(h, H - 1))
         g = tl.where(h < H, g, 1.0)
         if h < H:
@@ -1261,7 +1262,7 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
     _attn_in_bwd_epi_kernel[(n_mt,)](dq, *dq.stride(), dk, *dk.stride(), dv, *dv.stride(),
                                       q, k, v, q_gain, cos, sin, head_rstd, rstd, dqkv, cvec, dgain_part,
                                       M, T, RMS_EPS, H=H, KVH=KVH, HD=HD, RD=rope_dims, KV_REP=kv_rep,
-                                      BM=ecfg["BM"],
+                                      BM=ecfg["BM"], UNROLL=ecfg.get("UNROLL", 1),
                                       num_warps=ecfg["num_warps"], **_pdl(dq))
     dx = alloc_like(x)
     dx0 = alloc_like(x0)
