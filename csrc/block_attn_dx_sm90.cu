@@ -14,6 +14,7 @@
 // rows with Sm90RowReduction, which ptxas gave a 1.8 KB stack frame; it measured slower than the Triton kernel
 // (the whole attention-input backward 0.990 vs 0.593 ms at B64xT1024,
 // bench/results/gemm_tiles_block-h100-80gb-hbm3-2026-12-06-cutlass.txt).
+#define PGOLF_ATTN_DX_TU  // PGOLF_EPI_ATTN_DX_DEFAULTS keeps this kernel's epilogue as built by default
 #include "block_gemm_sm90.cuh"
 
 namespace pgolf {

@@ -56,8 +56,18 @@ constexpr int kAlign = 8;  // bf16 elements per 16 bytes
 //    dfd12cf{,-cluster2x1}.json). 1x2 and the epilogue subtiles are not measured yet.
 //  * PGOLF_EPI_TILE_N (64 or 128): 64xN epilogue subtiles instead of CUTLASS's 64x32: fewer, larger steps for
 //    the epilogue-heavy launches (dPre and the MLP dX read a [M, N] tensor in the epilogue with K only 512-1024).
-//  * PGOLF_EPI_STAGES_C: how many subtiles of C and of each aux input are loaded ahead (below, kEpiStagesC).
+//  * PGOLF_EPI_STAGES_C: how many subtiles of C and of each aux input are loaded ahead (below, kEpiStagesC), and
+//    PGOLF_EPI_NO_REUSE_C: the output's subtiles in shared memory of their own (kEpiReuseC).
+//  * PGOLF_EPI_ATTN_DX_DEFAULTS: the three epilogue knobs above leave the attention-input dX kernel
+//    (block_attn_dx_sm90.cu, whose epilogue reads C and three aux inputs) as it is. Its shared memory is the
+//    tightest: 64x64 subtiles with 8 stages leave no room for two main-loop stages, and 8 stages of 64x32 or
+//    64x64 subtiles without reuse leave two (four by default; the latter also spills 72 bytes).
 using TileShape = Shape<_128, _128, _64>;
+#if defined(PGOLF_ATTN_DX_TU) && defined(PGOLF_EPI_ATTN_DX_DEFAULTS)
+#undef PGOLF_EPI_TILE_N
+#undef PGOLF_EPI_STAGES_C
+#undef PGOLF_EPI_NO_REUSE_C
+#endif
 #if defined(PGOLF_CLUSTER_M) && defined(PGOLF_CLUSTER_N)
 using ClusterShape = Shape<Int<PGOLF_CLUSTER_M>, Int<PGOLF_CLUSTER_N>, _1>;
 #else
@@ -77,14 +87,20 @@ using EpiDesc = cutlass::epilogue::collective::detail::EpilogueDescriptor<TileSh
 // PGOLF_EPI_STAGES_C is defined. With 64x32 subtiles a 128x128 tile has 8, so the loads of its second half are
 // issued only as the epilogue frees stages, mid-epilogue (the hypothesis behind dPre's 0.20 ms against the MLP
 // up matmul's 0.125 with the same main loop; PGOLF_EPI_STAGES_C=8 or 64x64 subtiles would prefetch all of them).
+// PGOLF_EPI_NO_REUSE_C: the output's subtiles get shared memory of their own instead of reusing C's, so a C stage is
+// handed back to the loads without waiting for the output's TMA store to leave it.
 #if defined(PGOLF_EPI_STAGES_C)
 constexpr int kEpiStagesC = PGOLF_EPI_STAGES_C;
 #else
 constexpr int kEpiStagesC = EpiDesc::StagesC;
 #endif
+#if defined(PGOLF_EPI_NO_REUSE_C)
+constexpr bool kEpiReuseC = false;
+#else
+constexpr bool kEpiReuseC = EpiDesc::DispatchPolicy::ReuseSmemC;
+#endif
 using EpiPolicy = cutlass::epilogue::Sm90TmaWarpSpecialized<kEpiStagesC, EpiDesc::DispatchPolicy::StagesD,
-                                                            EpiDesc::DispatchPolicy::FragmentSize,
-                                                            EpiDesc::DispatchPolicy::ReuseSmemC,
+                                                            EpiDesc::DispatchPolicy::FragmentSize, kEpiReuseC,
                                                             EpiDesc::DispatchPolicy::DelayTmaStore>;
 // Aux tensors in the output's layout: RowMajor [M, N] (n contiguous) or ColumnMajor (m contiguous, for the
 // transposed problems that compute outᵀ so that a per-column sum becomes a per-row one).
