@@ -85,8 +85,10 @@ using EpiDesc = cutlass::epilogue::collective::detail::EpilogueDescriptor<TileSh
                                                                           EpiSchedule>;
 // How many epilogue subtiles of C and of each aux input are loaded ahead: CUTLASS's min(subtiles, 4) unless
 // PGOLF_EPI_STAGES_C is defined. With 64x32 subtiles a 128x128 tile has 8, so the loads of its second half are
-// issued only as the epilogue frees stages, mid-epilogue (the hypothesis behind dPre's 0.20 ms against the MLP
-// up matmul's 0.125 with the same main loop; PGOLF_EPI_STAGES_C=8 or 64x64 subtiles would prefetch all of them).
+// issued only as the epilogue frees stages, mid-epilogue. That is the hypothesis behind dPre (with its act(pre)
+// store) taking 0.209 ms alone against cuBLAS's 0.113 for a plain product of its shape (H100, bench/results/
+// gemm_tiles_block-h100-80gb-hbm3-2026-12-06-dpre-partials.txt); PGOLF_EPI_STAGES_C=8 or 64x64 subtiles would
+// prefetch them all. Not measured yet.
 // PGOLF_EPI_NO_REUSE_C: the output's subtiles get shared memory of their own instead of reusing C's, so a C stage is
 // handed back to the loads without waiting for the output's TMA store to leave it.
 #if defined(PGOLF_EPI_STAGES_C)
@@ -232,7 +234,7 @@ struct SecondOf {  // a root whose first child only stores or reduces
 template <class Evt, class LayoutB, class LayoutA = cutlass::layout::RowMajor,
           class LayoutC = cutlass::layout::RowMajor>
 struct Gemm {
-  // CUTLASS's epilogue builder with the dispatch policy given (EpiPolicy: its own but for kEpiStagesC)
+  // CUTLASS's epilogue builder with the dispatch policy given (EpiPolicy: its own but for kEpiStagesC, kEpiReuseC)
   using Epilogue = typename cutlass::epilogue::collective::detail::Sm90TmaBuilderImpl<
       TileShape, typename EpiDesc::EpilogueTile, float, float, Bf16, LayoutC, kAlign, Bf16, LayoutC, kAlign, Evt,
       EpiPolicy>::CollectiveOp;
