@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pgolf_kernels.block import BlockConfig, FusedBlock  # noqa: E402
-from results_io import capture_cuda_graph  # noqa: E402
+from results_io import capture_cuda_graph, kernel_label  # noqa: E402
 
 
 def replay_timelines(graph, replays: int) -> list[list[tuple[float, float, str]]]:
@@ -37,7 +37,7 @@ def replay_timelines(graph, replays: int) -> list[list[tuple[float, float, str]]
     kernels = []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels.append((e.time_range.start, e.time_range.end - e.time_range.start, e.name))
+            kernels.append((e.time_range.start, e.time_range.end - e.time_range.start, kernel_label(e.name)))
     kernels.sort()
     if not kernels or len(kernels) % replays:
         raise RuntimeError(f"the profiler saw {len(kernels)} kernels over {replays} replays: not a whole number per "

@@ -125,6 +125,21 @@ def graph_replay_ms(step, warmup: int = 20, rep: int = 200) -> float:
     return ms
 
 
+# Names of the block's CUTLASS epilogue functors and visitors (csrc/block_gemm_sm90.cuh, block_attn_dx_sm90.cu):
+# every CUTLASS kernel's mangled name starts alike for hundreds of characters, and these tell them apart.
+_CUTLASS_TAGS = ("Sm90SplitTreeVisitor", "NormBwd", "DpScaled", "DpTimesP", "OfScaled", "homogeneous_multiply_add",
+                 "Square", "SecondOf", "ThirdOf")
+
+
+def kernel_label(name: str, width: int = 120) -> str:
+    """A profiler kernel name cut to width; a CUTLASS kernel's keeps its epilogue's functor names, e.g.
+    'cutlass::device_kernel[NormBwd]' (the mangled names differ only deep inside)."""
+    if "cutlass" in name and "device_kernel" in name:
+        tags = [t for t in _CUTLASS_TAGS if t in name]
+        return f"cutlass::device_kernel[{','.join(tags)}]"[:width]
+    return name[:width]
+
+
 def kernel_profile(fn, iters: int = 5, top: int = 30) -> list[dict]:
     """CUDA time per kernel name, averaged over `iters` calls of fn (torch.profiler), largest first."""
     import torch
@@ -142,7 +157,7 @@ def kernel_profile(fn, iters: int = 5, top: int = 30) -> list[dict]:
         if t is None:
             t = getattr(e, "cuda_time_total", 0.0)
         if t > 0:
-            out.append(dict(kernel=e.key[:120], calls_per_iter=e.count / iters, ms_per_iter=t / 1e3 / iters))
+            out.append(dict(kernel=kernel_label(e.key), calls_per_iter=e.count / iters, ms_per_iter=t / 1e3 / iters))
     out.sort(key=lambda r: -r["ms_per_iter"])
     return out[:top]
 

@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from results_io import peak_extra_mib, source_digest, write_results  # noqa: E402
+from results_io import kernel_label, peak_extra_mib, source_digest, write_results  # noqa: E402
 
 
 def test_peak_extra_mib_is_the_peak_of_one_call_above_the_base(monkeypatch):
@@ -58,3 +58,19 @@ def test_write_results_records_the_source_digest(tmp_path):
     obj = json.loads(path.read_text())
     assert obj["source_sha256"] == source_digest()
     assert obj["source_sha256"][:16] in path.with_suffix(".md").read_text()
+
+
+def test_kernel_label_tells_cutlass_kernels_apart_by_their_epilogue():
+    """Mangled CUTLASS kernel names share hundreds of leading characters: the label keeps the epilogue's functor
+    names instead (mangled or demangled); other names are cut to the width."""
+    def mangled(functors):
+        return ("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalIN4cute5tupleIJiiiiEEE" + "x" * 300
+                + "".join(f"N5pgolf{len(f)}{f}IfEE" for f in functors) + "EEEEvNT_6ParamsE")
+    assert kernel_label(mangled(["NormBwd"])) == "cutlass::device_kernel[NormBwd]"
+    assert (kernel_label(mangled(["DpTimesP", "DpScaled", "ThirdOf"]))
+            == "cutlass::device_kernel[DpScaled,DpTimesP,ThirdOf]")
+    assert kernel_label("void cutlass::device_kernel<X<pgolf::Square<float>>>(X::Params)") == \
+        "cutlass::device_kernel[Square]"
+    assert kernel_label("_attn_in_bwd_epi_kernel") == "_attn_in_bwd_epi_kernel"
+    assert kernel_label("k" * 200) == "k" * 120
+
