@@ -132,12 +132,10 @@ _CUTLASS_TAGS = ("Sm90SplitTreeVisitor", "NormBwd", "DpScaled", "DpTimesP", "OfS
 
 
 def kernel_label(name: str, width: int = 120) -> str:
-    """A profiler kernel name cut to width; a CUTLASS kernel's keeps its epilogue's functor names, e.g.
-    'cutlass::device_kernel[NormBwd]' (the mangled names differ only deep inside)."""
-    if "cutlass" in name and "device_kernel" in name:
-        tags = [t for t in _CUTLASS_TAGS if t in name]
-        return f"cutlass::device_kernel[{','.join(tags)}]"[:width]
-    return name[:width]
+    """A profiler kernel name cut to width; a CUTLASS kernel of the block keeps its epilogue's functor names instead,
+    e.g. 'cutlass::device_kernel[NormBwd]' (the mangled names differ only deep inside)."""
+    tags = [t for t in _CUTLASS_TAGS if t in name] if "cutlass" in name and "device_kernel" in name else []
+    return f"cutlass::device_kernel[{','.join(tags)}]"[:width] if tags else name[:width]
 
 
 def kernel_profile(fn, iters: int = 5, top: int = 30) -> list[dict]:

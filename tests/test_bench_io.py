@@ -61,8 +61,8 @@ def test_write_results_records_the_source_digest(tmp_path):
 
 
 def test_kernel_label_tells_cutlass_kernels_apart_by_their_epilogue():
-    """Mangled CUTLASS kernel names share hundreds of leading characters: the label keeps the epilogue's functor
-    names instead (mangled or demangled); other names are cut to the width."""
+    """Mangled CUTLASS kernel names share hundreds of leading characters: the label keeps the block's epilogue
+    functor names instead (mangled or demangled); other names, and CUTLASS kernels with none, are cut to the width."""
     def mangled(functors):
         return ("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalIN4cute5tupleIJiiiiEEE" + "x" * 300
                 + "".join(f"N5pgolf{len(f)}{f}IfEE" for f in functors) + "EEEEvNT_6ParamsE")
@@ -71,6 +71,7 @@ def test_kernel_label_tells_cutlass_kernels_apart_by_their_epilogue():
             == "cutlass::device_kernel[DpScaled,DpTimesP,ThirdOf]")
     assert kernel_label("void cutlass::device_kernel<X<pgolf::Square<float>>>(X::Params)") == \
         "cutlass::device_kernel[Square]"
+    assert kernel_label(mangled(["Other"])) == mangled(["Other"])[:120]  # none of the block's: cut as any other
     assert kernel_label("_attn_in_bwd_epi_kernel") == "_attn_in_bwd_epi_kernel"
     assert kernel_label("k" * 200) == "k" * 120
 
