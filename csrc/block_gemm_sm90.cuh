@@ -53,9 +53,11 @@ constexpr int kAlign = 8;  // bf16 elements per 16 bytes
 //    the tensor cores' rate may be more than L2 delivers; cuBLAS's own choices here use 2x1 and 1x2 clusters.
 //    2x1 measured slower: H100, B64xT1024 MLP 2x, fwd+bwd graph 2.775 ms against 2.716 with no clusters in the
 //    same call, the six CUTLASS launches 0.847 against 0.801 ms (bench/results/block-h100-80gb-hbm3-2026-12-07-
-//    dfd12cf{,-cluster2x1}.json). 1x2 and the epilogue subtiles are not measured yet.
-//  * PGOLF_EPI_TILE_N (64 or 128): 64xN epilogue subtiles instead of CUTLASS's 64x32: fewer, larger steps for
-//    the epilogue-heavy launches (dPre and the MLP dX read a [M, N] tensor in the epilogue with K only 512-1024).
+//    dfd12cf{,-cluster2x1}.json). 1x2 is not measured yet.
+//  * PGOLF_EPI_TILE_N (32, 64 or 128): 64xN epilogue subtiles (default below: 64, except in the attention dX);
+//    larger ones are fewer, larger steps for the epilogue-heavy launches (dPre and the MLP dX read a [M, N]
+//    tensor in the epilogue with K only 512-1024), and with 64x64 all four of a 128x128 tile's subtiles of C and
+//    of each aux input are loaded ahead (CUTLASS's min(subtiles, 4) stages).
 //  * PGOLF_EPI_STAGES_C: how many subtiles of C and of each aux input are loaded ahead (below, kEpiStagesC), and
 //    PGOLF_EPI_NO_REUSE_C: the output's subtiles in shared memory of their own (kEpiReuseC).
 //  * PGOLF_EPI_ATTN_DX_DEFAULTS: the three epilogue knobs above leave the attention-input dX kernel
@@ -67,6 +69,14 @@ using TileShape = Shape<_128, _128, _64>;
 #undef PGOLF_EPI_TILE_N
 #undef PGOLF_EPI_STAGES_C
 #undef PGOLF_EPI_NO_REUSE_C
+#endif
+// Default subtiles: 64x64 for the kernels of block_gemm_sm90.cu, CUTLASS's 64x32 for the attention-input dX.
+// H100, B64xT1024 MLP 2x, fwd+bwd graph in one call: 2.623 ms with 64x64 there against 2.661 with 64x32
+// everywhere (dPre 0.164 -> 0.144, MLP down with the row sums 0.086 -> 0.076; MLP dX and the attention output
+// 4 and 6 us slower), while 64x64 in the attention dX as well cost 0.14 ms there (0.204 -> 0.346; 2.742 in all).
+// bench/results/epilogue-subtiles-h100-80gb-hbm3-2026-12-07-fe75836.md.
+#if !defined(PGOLF_EPI_TILE_N) && !defined(PGOLF_ATTN_DX_TU)
+#define PGOLF_EPI_TILE_N 64
 #endif
 #if defined(PGOLF_CLUSTER_M) && defined(PGOLF_CLUSTER_N)
 using ClusterShape = Shape<Int<PGOLF_CLUSTER_M>, Int<PGOLF_CLUSTER_N>, _1>;
@@ -87,8 +97,10 @@ using EpiDesc = cutlass::epilogue::collective::detail::EpilogueDescriptor<TileSh
 // PGOLF_EPI_STAGES_C is defined. With 64x32 subtiles a 128x128 tile has 8, so the loads of its second half are
 // issued only as the epilogue frees stages, mid-epilogue. That is the hypothesis behind dPre (with its act(pre)
 // store) taking 0.209 ms alone against cuBLAS's 0.113 for a plain product of its shape (H100, bench/results/
-// gemm_tiles_block-h100-80gb-hbm3-2026-12-06-dpre-partials.txt); PGOLF_EPI_STAGES_C=8 or 64x64 subtiles would
-// prefetch them all. Not measured yet.
+// gemm_tiles_block-h100-80gb-hbm3-2026-12-06-dpre-partials.txt); PGOLF_EPI_STAGES_C=8 or 64x64 subtiles
+// prefetch them all. Measured in the block (H100, same call as the subtiles above): 64x64 took dPre to 0.144 ms,
+// while 8 stages of 64x32 everywhere gave 2.753 ms (dPre 0.151; the attention dX left with two main-loop stages,
+// 0.344).
 // PGOLF_EPI_NO_REUSE_C: the output's subtiles get shared memory of their own instead of reusing C's, so a C stage is
 // handed back to the loads without waiting for the output's TMA store to leave it.
 #if defined(PGOLF_EPI_STAGES_C)
