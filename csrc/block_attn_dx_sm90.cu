@@ -30,8 +30,8 @@ using Mul = fu::Sm90Compute<cutlass::multiplies, float, float, kRound>;
 using Fetch = fu::Sm90SplitTreeFetch;  // dxm, inside the trees that consume it
 using PerD = PerRow;                   // v[d]: the transposed problem's rows are D's columns
 using PerToken = PerCol;               // v[m]
-using AuxInT = AuxInOf<cutlass::layout::ColumnMajor>;
-using AuxOutT = AuxOutOf<cutlass::layout::ColumnMajor>;
+using AuxInT = AuxInOf<kEpiNarrow, cutlass::layout::ColumnMajor>;
+using AuxOutT = AuxOutOf<kEpiNarrow, cutlass::layout::ColumnMajor>;
 
 // dxm is computed once per fragment (the input tree) and handed to four consumer trees
 using EvtAttnDx = fu::Sm90SplitTreeVisitor<
@@ -42,7 +42,8 @@ using EvtAttnDx = fu::Sm90SplitTreeVisitor<
     fu::Sm90EVT<AuxOutT, fu::Sm90EVT<Mul, PerD, Fetch>>>;                               // dx0 = mix1 * dxm
 
 using ColMajor = cutlass::layout::ColumnMajor;
-using GemmAttnDx = Gemm<EvtAttnDx, /*B = dqkv [M, K]*/ ColMajor, /*A = Wᵀ*/ ColMajor, /*C, D = dxᵀ*/ ColMajor>;
+using GemmAttnDx =
+    Gemm<EvtAttnDx, kEpiNarrow, /*B = dqkv [M, K]*/ ColMajor, /*A = Wᵀ*/ ColMajor, /*C, D = dxᵀ*/ ColMajor>;
 
 }  // namespace
 #endif  // PGOLF_WITH_CUTLASS

@@ -61,7 +61,8 @@ template <int ACT>
 using EvtActBwd = fu::Sm90EVT<
     fu::Sm90Compute<ThirdOf, Bf16, float, kRound>,
     fu::Sm90EVT<RowSumPartials, fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template DpTimesP, float, float, kRound>, Acc, Src>>,
-    fu::Sm90EVT<AuxOut, fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template Forward, float, float, kRound>, Src>>,
+    fu::Sm90EVT<AuxOutOf<kEpiWide>,
+                fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template Forward, float, float, kRound>, Src>>,
     fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template DpScaled, float, float, kRound>, Acc, Src, PerRow>>;
 
 template <int ACT>
@@ -70,13 +71,15 @@ using EvtActBwdNoStore = fu::Sm90EVT<
     fu::Sm90EVT<RowSumPartials, fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template DpTimesP, float, float, kRound>, Acc, Src>>,
     fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template DpScaled, float, float, kRound>, Acc, Src, PerRow>>;
 
-using EvtNormBwd = fu::Sm90EVT<fu::Sm90Compute<NormBwd, Bf16, float, kRound>, Src, Acc, AuxIn, PerRow, PerRow, Scalar>;
+using EvtNormBwd =
+    fu::Sm90EVT<fu::Sm90Compute<NormBwd, Bf16, float, kRound>, Src, Acc, AuxInOf<kEpiNarrow>, PerRow, PerRow, Scalar>;
 
 // pre = acc * rstd is formed twice (once under the act(pre) store): a visitor tree cannot share a node
 template <int ACT>
 using EvtMlpUpAct = fu::Sm90EVT<
     fu::Sm90Compute<SecondOf, Bf16, float, kRound>,
-    fu::Sm90EVT<AuxOut, fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template OfScaled, float, float, kRound>, Acc, PerRow>>,
+    fu::Sm90EVT<AuxOutOf<kEpiNarrow>,
+                fu::Sm90EVT<fu::Sm90Compute<ActOps<ACT>::template OfScaled, float, float, kRound>, Acc, PerRow>>,
     fu::Sm90EVT<fu::Sm90Compute<cutlass::multiplies, float, float, kRound>, Acc, PerRow>>;
 
 template <int ACT>
@@ -149,12 +152,12 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
     return vec(row_out, parts, "row_out (per-row partial sums, [ceil(N/128), round_up(M, 128)])");
   };
   if (epi == kResidual) {
-    using G = Gemm<EvtResidual, cutlass::layout::ColumnMajor>;
+    using G = Gemm<EvtResidual, kEpiNarrow, cutlass::layout::ColumnMajor>;
     TORCH_CHECK(w_nk, "block_gemm_sm90: the residual epilogue is built for a [N, K] weight");
     typename G::Epilogue::FusionCallbacks::Arguments f{{vec(col_vec, n, "col_vec (per-column scale)")}, {}, {}, {}};
     launch<G>(ops, f, device, a);
   } else if (epi == kResidualRowSq) {
-    using G = Gemm<EvtResidualRowSq, cutlass::layout::ColumnMajor>;
+    using G = Gemm<EvtResidualRowSq, kEpiWide, cutlass::layout::ColumnMajor>;
     TORCH_CHECK(w_nk, "block_gemm_sm90: the residual epilogue is built for a [N, K] weight");
     float* nvec = vec(col_vec, n, "col_vec (per-column scale)");
     float* sq = partials();
@@ -188,12 +191,12 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
     TORCH_CHECK(act != 2 || !aux_out.has_value(),
                 "block_gemm_sm90: act 2 (C = act(pre)) has no act(pre) to store (aux_out must be None)");
     if (aux_out.has_value()) {
-      if (act == 0) run_store(Gemm<EvtActBwd<0>, cutlass::layout::RowMajor>{});
-      else run_store(Gemm<EvtActBwd<1>, cutlass::layout::RowMajor>{});
+      if (act == 0) run_store(Gemm<EvtActBwd<0>, kEpiWide, cutlass::layout::RowMajor>{});
+      else run_store(Gemm<EvtActBwd<1>, kEpiWide, cutlass::layout::RowMajor>{});
     } else {
-      if (act == 0) run_no_store(Gemm<EvtActBwdNoStore<0>, cutlass::layout::RowMajor>{});
-      else if (act == 1) run_no_store(Gemm<EvtActBwdNoStore<1>, cutlass::layout::RowMajor>{});
-      else run_no_store(Gemm<EvtActBwdNoStore<2>, cutlass::layout::RowMajor>{});
+      if (act == 0) run_no_store(Gemm<EvtActBwdNoStore<0>, kEpiWide, cutlass::layout::RowMajor>{});
+      else if (act == 1) run_no_store(Gemm<EvtActBwdNoStore<1>, kEpiWide, cutlass::layout::RowMajor>{});
+      else run_no_store(Gemm<EvtActBwdNoStore<2>, kEpiWide, cutlass::layout::RowMajor>{});
     }
   } else if (epi == kMlpUp) {
     TORCH_CHECK(w_nk, "block_gemm_sm90: the MLP-up epilogue is built for a [N, K] weight");
@@ -203,8 +206,8 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
       typename G::Epilogue::FusionCallbacks::Arguments f{{}, {rstd, 0.f, {}}, {}};  // act(acc * rstd)
       launch<G>(ops, f, device, a);
     };
-    if (act == 0) run(Gemm<EvtMlpUp<0>, cutlass::layout::ColumnMajor>{});
-    else run(Gemm<EvtMlpUp<1>, cutlass::layout::ColumnMajor>{});
+    if (act == 0) run(Gemm<EvtMlpUp<0>, kEpiNarrow, cutlass::layout::ColumnMajor>{});
+    else run(Gemm<EvtMlpUp<1>, kEpiNarrow, cutlass::layout::ColumnMajor>{});
   } else if (epi == kMlpUpAct) {
     TORCH_CHECK(w_nk, "block_gemm_sm90: the MLP-up epilogue is built for a [N, K] weight");
     TORCH_CHECK(aux_out.has_value() && ok_matrix(*aux_out, m, n, a),
@@ -220,12 +223,12 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
       launch<G>(ops, f, device, a);
     };
     if (act == 0) {
-      run(Gemm<EvtMlpUpAct<0>, cutlass::layout::ColumnMajor>{});
+      run(Gemm<EvtMlpUpAct<0>, kEpiNarrow, cutlass::layout::ColumnMajor>{});
     } else {
-      run(Gemm<EvtMlpUpAct<1>, cutlass::layout::ColumnMajor>{});
+      run(Gemm<EvtMlpUpAct<1>, kEpiNarrow, cutlass::layout::ColumnMajor>{});
     }
   } else if (epi == kNormBwd) {
-    using G = Gemm<EvtNormBwd, cutlass::layout::RowMajor>;
+    using G = Gemm<EvtNormBwd, kEpiNarrow, cutlass::layout::RowMajor>;
     TORCH_CHECK(!w_nk, "block_gemm_sm90: the RMSNorm-backward epilogue is built for a [K, N] weight");
     TORCH_CHECK(aux_in.has_value() && ok_matrix(*aux_in, m, n, a),
                 "block_gemm_sm90: aux_in (x) must be a contiguous bf16 [M, N] tensor on A's device");

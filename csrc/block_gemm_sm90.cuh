@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "cuda_context.h"
 #include "error_text.h"
@@ -53,11 +54,11 @@ constexpr int kAlign = 8;  // bf16 elements per 16 bytes
 //    the tensor cores' rate may be more than L2 delivers; cuBLAS's own choices here use 2x1 and 1x2 clusters.
 //    2x1 measured slower: H100, B64xT1024 MLP 2x, fwd+bwd graph 2.775 ms against 2.716 with no clusters in the
 //    same call, the six CUTLASS launches 0.847 against 0.801 ms (bench/results/block-h100-80gb-hbm3-2026-12-07-
-//    dfd12cf{,-cluster2x1}.json). 1x2 is not measured yet.
-//  * PGOLF_EPI_TILE_N (32, 64 or 128): 64xN epilogue subtiles (default below: 64, except in the attention dX);
-//    larger ones are fewer, larger steps for the epilogue-heavy launches (dPre and the MLP dX read a [M, N]
-//    tensor in the epilogue with K only 512-1024), and with 64x64 all four of a 128x128 tile's subtiles of C and
-//    of each aux input are loaded ahead (CUTLASS's min(subtiles, 4) stages).
+//    dfd12cf{,-cluster2x1}.json). 1x2 (with 64x64 subtiles in four kernels) measured even: 2.670 and 2.677 ms
+//    against 2.679 and 2.663 in the same call (bench/results/epilogue-subtiles-h100-80gb-hbm3-2026-12-07-fe75836.md).
+//  * PGOLF_EPI_TILE_N (32, 64 or 128): 64xN epilogue subtiles in every kernel instead of the per-kernel choice
+//    below (kEpiWide / kEpiNarrow). Larger ones are fewer, larger steps, and with 64x64 all four of a 128x128
+//    tile's subtiles of C and of each aux input are loaded ahead (CUTLASS's min(subtiles, 4) stages).
 //  * PGOLF_EPI_STAGES_C: how many subtiles of C and of each aux input are loaded ahead (below, kEpiStagesC), and
 //    PGOLF_EPI_NO_REUSE_C: the output's subtiles in shared memory of their own (kEpiReuseC).
 //  * PGOLF_EPI_ATTN_DX_DEFAULTS: the three epilogue knobs above leave the attention-input dX kernel
@@ -70,14 +71,6 @@ using TileShape = Shape<_128, _128, _64>;
 #undef PGOLF_EPI_STAGES_C
 #undef PGOLF_EPI_NO_REUSE_C
 #endif
-// Default subtiles: 64x64 for the kernels of block_gemm_sm90.cu, CUTLASS's 64x32 for the attention-input dX.
-// H100, B64xT1024 MLP 2x, fwd+bwd graph in one call: 2.623 ms with 64x64 there against 2.661 with 64x32
-// everywhere (dPre 0.164 -> 0.144, MLP down with the row sums 0.086 -> 0.076; MLP dX and the attention output
-// 4 and 6 us slower), while 64x64 in the attention dX as well cost 0.14 ms there (0.204 -> 0.346; 2.742 in all).
-// bench/results/epilogue-subtiles-h100-80gb-hbm3-2026-12-07-fe75836.md.
-#if !defined(PGOLF_EPI_TILE_N) && !defined(PGOLF_ATTN_DX_TU)
-#define PGOLF_EPI_TILE_N 64
-#endif
 #if defined(PGOLF_CLUSTER_M) && defined(PGOLF_CLUSTER_N)
 using ClusterShape = Shape<Int<PGOLF_CLUSTER_M>, Int<PGOLF_CLUSTER_N>, _1>;
 #else
@@ -85,43 +78,57 @@ using ClusterShape = Shape<_1, _1, _1>;
 #endif
 using MainSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using EpiSchedule = cutlass::epilogue::TmaWarpSpecialized;
-// The epilogue's subtile: CUTLASS's choice (64x32 for ping-pong) unless PGOLF_EPI_TILE_N is defined.
+// The epilogue's subtile, chosen per kernel: 64xN with N = kEpiWide for the kernels that gain from fewer, larger
+// subtiles, and CUTLASS's choice (N = 0 here: 64x32 for ping-pong) for the rest. PGOLF_EPI_TILE_N sets N for all.
+// H100, B64xT1024 MLP 2x, fwd+bwd, one call, each launch's time from the profile, 64x32 -> 64x64: dPre 0.164 ->
+// 0.144 ms and the attention output with its row sums 0.086 -> 0.076 (wide), but the MLP down 0.108 -> 0.112, the
+// MLP dX 0.125 -> 0.131 and the attention dX 0.204 -> 0.346 (narrow; the last reads C and three aux inputs, whose
+// four stages of 64x64 leave its main loop too little shared memory); the MLP up 0.108 -> 0.107. The graph: 2.661
+// ms with 64x32 everywhere, 2.623 with 64x64 everywhere but the attention dX, 2.742 with 64x64 everywhere
+// (bench/results/epilogue-subtiles-h100-80gb-hbm3-2026-12-07-fe75836.md).
 #if defined(PGOLF_EPI_TILE_N)
-using EpiTile = Shape<_64, Int<PGOLF_EPI_TILE_N>>;
+constexpr int kEpiWide = PGOLF_EPI_TILE_N, kEpiNarrow = PGOLF_EPI_TILE_N;
 #else
-using EpiTile = cutlass::epilogue::collective::EpilogueTileAuto;
+constexpr int kEpiWide = 64, kEpiNarrow = 0;
 #endif
-using EpiDesc = cutlass::epilogue::collective::detail::EpilogueDescriptor<TileShape, EpiTile, Bf16, Bf16,
-                                                                          EpiSchedule>;
+template <int EpiN>
+using EpiTileOf = std::conditional_t<EpiN == 0, cutlass::epilogue::collective::EpilogueTileAuto, Shape<_64, Int<EpiN>>>;
+template <int EpiN>
+using EpiDescOf = cutlass::epilogue::collective::detail::EpilogueDescriptor<TileShape, EpiTileOf<EpiN>, Bf16, Bf16,
+                                                                            EpiSchedule>;
 // How many epilogue subtiles of C and of each aux input are loaded ahead: CUTLASS's min(subtiles, 4) unless
 // PGOLF_EPI_STAGES_C is defined. With 64x32 subtiles a 128x128 tile has 8, so the loads of its second half are
-// issued only as the epilogue frees stages, mid-epilogue. That is the hypothesis behind dPre (with its act(pre)
-// store) taking 0.209 ms alone against cuBLAS's 0.113 for a plain product of its shape (H100, bench/results/
-// gemm_tiles_block-h100-80gb-hbm3-2026-12-06-dpre-partials.txt); PGOLF_EPI_STAGES_C=8 or 64x64 subtiles
-// prefetch them all. Measured in the block (H100, same call as the subtiles above): 64x64 took dPre to 0.144 ms,
-// while 8 stages of 64x32 everywhere gave 2.753 ms (dPre 0.151; the attention dX left with two main-loop stages,
-// 0.344).
+// issued only as the epilogue frees stages, mid-epilogue: the hypothesis behind dPre (with its act(pre) store)
+// taking 0.209 ms alone against cuBLAS's 0.113 for a plain product of its shape (H100, bench/results/
+// gemm_tiles_block-h100-80gb-hbm3-2026-12-06-dpre-partials.txt). 64x64 subtiles prefetch all four of a tile
+// (dPre 0.144 above); 8 stages of 64x32 in every kernel gave 2.753 ms in the same call (dPre 0.151; the attention
+// dX, left with two main-loop stages, 0.344).
 // PGOLF_EPI_NO_REUSE_C: the output's subtiles get shared memory of their own instead of reusing C's, so a C stage is
 // handed back to the loads without waiting for the output's TMA store to leave it.
+template <int EpiN>
+constexpr int kEpiStagesC =
 #if defined(PGOLF_EPI_STAGES_C)
-constexpr int kEpiStagesC = PGOLF_EPI_STAGES_C;
+    PGOLF_EPI_STAGES_C;
 #else
-constexpr int kEpiStagesC = EpiDesc::StagesC;
+    EpiDescOf<EpiN>::StagesC;
 #endif
+template <int EpiN>
+constexpr bool kEpiReuseC =
 #if defined(PGOLF_EPI_NO_REUSE_C)
-constexpr bool kEpiReuseC = false;
+    false;
 #else
-constexpr bool kEpiReuseC = EpiDesc::DispatchPolicy::ReuseSmemC;
+    EpiDescOf<EpiN>::DispatchPolicy::ReuseSmemC;
 #endif
-using EpiPolicy = cutlass::epilogue::Sm90TmaWarpSpecialized<kEpiStagesC, EpiDesc::DispatchPolicy::StagesD,
-                                                            EpiDesc::DispatchPolicy::FragmentSize, kEpiReuseC,
-                                                            EpiDesc::DispatchPolicy::DelayTmaStore>;
+template <int EpiN, class P = typename EpiDescOf<EpiN>::DispatchPolicy>
+using EpiPolicyOf = cutlass::epilogue::Sm90TmaWarpSpecialized<kEpiStagesC<EpiN>, P::StagesD, P::FragmentSize,
+                                                              kEpiReuseC<EpiN>, P::DelayTmaStore>;
 // Aux tensors in the output's layout: RowMajor [M, N] (n contiguous) or ColumnMajor (m contiguous, for the
-// transposed problems that compute outᵀ so that a per-column sum becomes a per-row one).
-template <class Layout>
-using AuxLoadDescOf = cutlass::epilogue::collective::detail::AuxLoadDescriptor<EpiDesc, Layout, Bf16>;
-template <class Layout>
-using AuxStoreDescOf = cutlass::epilogue::collective::detail::AuxStoreDescriptor<EpiDesc, Layout, Bf16>;
+// transposed problems that compute outᵀ so that a per-column sum becomes a per-row one). Their subtile must be
+// the kernel's (EpiN as in its Gemm).
+template <int EpiN, class Layout>
+using AuxLoadDescOf = cutlass::epilogue::collective::detail::AuxLoadDescriptor<EpiDescOf<EpiN>, Layout, Bf16>;
+template <int EpiN, class Layout>
+using AuxStoreDescOf = cutlass::epilogue::collective::detail::AuxStoreDescriptor<EpiDescOf<EpiN>, Layout, Bf16>;
 
 // ---- EVT leaves -------------------------------------------------------------------------------------------
 using Acc = fu::Sm90AccFetch;
@@ -129,17 +136,12 @@ using Src = fu::Sm90SrcFetch<Bf16>;                                             
 using PerRow = fu::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>>;  // v[m]
 using PerCol = fu::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>>;  // v[n]
 using Scalar = fu::Sm90ScalarBroadcast<float>;
-template <class Layout = cutlass::layout::RowMajor>
-using AuxInOf = fu::Sm90AuxLoad<kEpiStagesC, EpiDesc::EpilogueTile, Bf16,
-                                typename AuxLoadDescOf<Layout>::Stride, typename AuxLoadDescOf<Layout>::SmemLayoutAtom,
-                                typename AuxLoadDescOf<Layout>::CopyOpS2R, kAlign>;
-template <class Layout = cutlass::layout::RowMajor>
-using AuxOutOf = fu::Sm90AuxStore<AuxStoreDescOf<Layout>::Stages, EpiDesc::EpilogueTile, Bf16, kRound,
-                                  typename AuxStoreDescOf<Layout>::Stride,
-                                  typename AuxStoreDescOf<Layout>::SmemLayoutAtom,
-                                  typename AuxStoreDescOf<Layout>::CopyOpR2S, kAlign>;
-using AuxIn = AuxInOf<>;
-using AuxOut = AuxOutOf<>;
+template <int EpiN, class Layout = cutlass::layout::RowMajor, class D = AuxLoadDescOf<EpiN, Layout>>
+using AuxInOf = fu::Sm90AuxLoad<kEpiStagesC<EpiN>, typename EpiDescOf<EpiN>::EpilogueTile, Bf16, typename D::Stride,
+                                typename D::SmemLayoutAtom, typename D::CopyOpS2R, kAlign>;
+template <int EpiN, class Layout = cutlass::layout::RowMajor, class D = AuxStoreDescOf<EpiN, Layout>>
+using AuxOutOf = fu::Sm90AuxStore<D::Stages, typename EpiDescOf<EpiN>::EpilogueTile, Bf16, kRound, typename D::Stride,
+                                  typename D::SmemLayoutAtom, typename D::CopyOpR2S, kAlign>;
 // per-row sums, one partial per N tile: fp32 [ceil(N / 128), round_up(M, 128)] (m fastest), added up by the caller.
 // (The complete-sum variant, FinalReduction = true, makes the last tile of a row add the workspace partials behind
 // a fence and an atomic ticket; it measured 0.358 ms against Triton's 0.259 for the MLP dPre at B64xT1024.)
@@ -243,13 +245,14 @@ struct SecondOf {  // a root whose first child only stores or reduces
 
 // A is [M, K] k-contiguous (RowMajor) or m-contiguous (ColumnMajor); B is given by LayoutB (RowMajor: [K, N] n
 // contiguous, ColumnMajor: [N, K] k contiguous); C and D are [M, N] in LayoutC.
-template <class Evt, class LayoutB, class LayoutA = cutlass::layout::RowMajor,
+// EpiN: the epilogue's subtile (kEpiWide or kEpiNarrow above), the same as any aux input's or output's in Evt.
+template <class Evt, int EpiN, class LayoutB, class LayoutA = cutlass::layout::RowMajor,
           class LayoutC = cutlass::layout::RowMajor>
 struct Gemm {
-  // CUTLASS's epilogue builder with the dispatch policy given (EpiPolicy: its own but for kEpiStagesC, kEpiReuseC)
+  // CUTLASS's epilogue builder with the dispatch policy given (its own but for kEpiStagesC, kEpiReuseC)
   using Epilogue = typename cutlass::epilogue::collective::detail::Sm90TmaBuilderImpl<
-      TileShape, typename EpiDesc::EpilogueTile, float, float, Bf16, LayoutC, kAlign, Bf16, LayoutC, kAlign, Evt,
-      EpiPolicy>::CollectiveOp;
+      TileShape, typename EpiDescOf<EpiN>::EpilogueTile, float, float, Bf16, LayoutC, kAlign, Bf16, LayoutC, kAlign,
+      Evt, EpiPolicyOf<EpiN>>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Bf16, LayoutA, kAlign, Bf16, LayoutB,
       kAlign, float, TileShape, ClusterShape,
