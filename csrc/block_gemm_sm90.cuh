@@ -85,7 +85,8 @@ using EpiSchedule = cutlass::epilogue::TmaWarpSpecialized;
 // MLP dX 0.125 -> 0.131 and the attention dX 0.204 -> 0.346 (narrow; the last reads C and three aux inputs, whose
 // four stages of 64x64 leave its main loop too little shared memory); the MLP up 0.108 -> 0.107. The graph: 2.661
 // ms with 64x32 everywhere, 2.623 with 64x64 everywhere but the attention dX, 2.742 with 64x64 everywhere
-// (bench/results/epilogue-subtiles-h100-80gb-hbm3-2026-12-07-fe75836.md).
+// (bench/results/epilogue-subtiles-h100-80gb-hbm3-2026-12-07-fe75836.md); this per-kernel choice 2.663 twice
+// against 2.667 (64x64 but the attention dX) and 2.686 (64x32) in a later call on another H100.
 #if defined(PGOLF_EPI_TILE_N)
 constexpr int kEpiWide = PGOLF_EPI_TILE_N, kEpiNarrow = PGOLF_EPI_TILE_N;
 #else
