@@ -38,7 +38,8 @@ bf16 (buffers included) before restoring the weights to fp32, so there the posit
   partials (block_kernels.sum_partials: the resid_mix and q gain vectors' together in two launches; the dPre
   epilogue's per-row partials where M is not a whole number of 128-row tiles), the scale vectors' row dots after
   the cuBLAS weight gradients, and cuBLAS's split-K reductions. PGOLF_BLOCK_GEMM=triton|cutlass picks the
-  matmul kernels (block_kernels.GEMM_BACKEND).
+  matmul kernels (block_kernels.GEMM_BACKEND); PGOLF_BLOCK_WGRAD_STREAM=1 runs the weight gradients on a second
+  CUDA stream beside the dX matmuls (block_kernels.WGRAD_STREAM, off: not measured yet).
 
 Design choices (and why):
   * Weightless RMSNorm is a row scale: norm(x) @ W^T = rstd * (x @ W^T), so the matmul that consumes a normed
@@ -428,11 +429,17 @@ def _attn_out_bwd_impl(g: Tensor, y: Tensor, wp: Tensor, wp_scaled_c: Tensor,
     d = g.shape[-1]
     m = b * t
     g2 = g.reshape(m, d)
+    side = kn.SideStream(g.device)  # with kn.WGRAD_STREAM dWproj runs on a second stream beside the dY matmul
+    wgrad_proj = (kn.wgrad, g2, y, kn._flat4(y, t, hd), m, d, h * hd)
+    if side.on:
+        dwp, dscale = side.run(*wgrad_proj, nscale=attn_scale, w=wp)
     dy = kn.alloc_like(y)  # same strides as y: SDPA's backward gets dO laid out like O
     # dy = (g * attn_scale) @ wp = g @ (attn_scale[:, None] * wp)
     kn.row_gemm(g2, kn._flat2(g2), wp_scaled_c, 1, wp_scaled_c.stride(0), m, h * hd, d, dy, kn._flat4(dy, t, hd),
                 epi=kn.EPI_STORE)
-    dwp, dscale = kn.wgrad(g2, y, kn._flat4(y, t, hd), m, d, h * hd, nscale=attn_scale, w=wp)
+    if not side.on:
+        dwp, dscale = side.run(*wgrad_proj, nscale=attn_scale, w=wp)
+    side.join()
     return dy, dwp, dscale
 
 
@@ -535,6 +542,12 @@ def _mlp_bwd_impl(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, act_pre: Ten
                                   hid, d, kn._flat2(dpre), store_act=store_act)
     n_ht, m_row = kn.act_bwd_partials(backend, m, hid)
     cpart = kn.alloc((n_ht, m_row), device=g.device, dtype=torch.float32)
+    # with kn.WGRAD_STREAM the weight gradients run on a second stream: dWproj2 beside dPre where act(pre) is
+    # already there, dWfc beside the dX matmul
+    side = kn.SideStream(g.device)
+    wgrad_proj = (kn.wgrad, g2, act_pre, kn._flat2(act_pre), m, d, hid)
+    if side.on and not store_act:
+        dw_proj, dscale = side.run(*wgrad_proj, nscale=mlp_scale, w=w_proj)
     # dPre = (g @ (mlp_scale * w_proj)) * act'(pre), stored times rstd; per-column-tile partials of sum(dPre * pre)
     # (added up by the dX epilogue); act(pre) written on the way (the epilogue reads pre anyway) for dWproj2,
     # unless the forward kept it
@@ -543,12 +556,14 @@ def _mlp_bwd_impl(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, act_pre: Ten
                 store_act=store_act, act=act, backend=backend)
     if m_row != m:  # CUTLASS pads its partial rows to whole 128-row tiles; the dX epilogue reads rows of m
         cpart, n_ht = kn.sum_partials(cpart, m)[None], 1
-    dw_proj, dscale = kn.wgrad(g2, act_pre, kn._flat2(act_pre), m, d, hid, nscale=mlp_scale, w=w_proj)
-    del act_pre
-    dw_fc, _ = kn.wgrad(dpre, x2, kn._flat2(x2), m, hid, d)
+    if not (side.on and not store_act):
+        dw_proj, dscale = side.run(*wgrad_proj, nscale=mlp_scale, w=w_proj)
+    del act_pre, wgrad_proj
+    dw_fc, _ = side.run(kn.wgrad, dpre, x2, kn._flat2(x2), m, hid, d)
     dx1 = kn.alloc_like(x1)
     kn.row_gemm(dpre, kn._flat2(dpre), w_fc_c, 1, w_fc_c.stride(0), m, d, hid, dx1, kn._flat2(dx1.view(m, d)),
                 epi=kn.EPI_NORM_BWD, res=x2, rowvec=rstd, c=cpart, c_nt=n_ht, g=g2)
+    side.join()
     return dx1, dw_fc, dw_proj, dscale
 
 

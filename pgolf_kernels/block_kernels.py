@@ -65,6 +65,48 @@ except (ImportError, AttributeError):  # a Triton without grid dependency contro
 # 14b48cf.json). PGOLF_PDL=1 or PDL = True turns it on.
 PDL = os.environ.get("PGOLF_PDL", "0").strip() == "1"
 
+# The backward's weight gradients on a second CUDA stream, beside the dX chain (SideStream below). Each of the four
+# pairs (dPre with dWproj2, the MLP dX with dWfc, the attention output's dY with dWproj, the attention-input dX with
+# d[Wq;Wk;Wv]) is a memory-heavy launch and a compute-bound cuBLAS one, plus the latter's small split-K and
+# row-dot launches; side by side, one may use what the other leaves idle, including its tail. Read at each
+# backward call, so a CUDA graph keeps what was set when it was captured. Off until it is measured.
+# PGOLF_BLOCK_WGRAD_STREAM=1 or WGRAD_STREAM = True turns it on.
+WGRAD_STREAM = os.environ.get("PGOLF_BLOCK_WGRAD_STREAM", "0").strip() == "1"
+_SIDE_STREAMS: dict = {}
+
+
+class SideStream:
+    """Work beside the current stream (with WGRAD_STREAM, on a GPU; otherwise run() just calls):
+    run(fn, ...) calls fn on the device's side stream once the current stream's work so far is done, and join()
+    makes the current stream wait for all of it. Every tensor handed to or returned by run() stays referenced
+    until join(), so none of the current stream's blocks is freed and reused while the side stream may still read
+    it; the side stream's own blocks go back to its pool, whose next use waits on the current stream again. Call
+    join() before the results leave the op (and before capture ends, under a CUDA graph)."""
+
+    def __init__(self, device: torch.device):
+        self.on = WGRAD_STREAM and device.type == "cuda" and not _INTERPRET
+        self._held: list = []
+        if self.on:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._main = torch.cuda.current_stream(index)
+            if index not in _SIDE_STREAMS:
+                _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+            self._side = _SIDE_STREAMS[index]
+
+    def run(self, fn, *args, **kwargs):
+        if not self.on:
+            return fn(*args, **kwargs)
+        self._side.wait_stream(self._main)
+        with torch.cuda.stream(self._side):
+            out = fn(*args, **kwargs)
+        self._held.append((args, kwargs, out))
+        return out
+
+    def join(self) -> None:
+        if self.on and self._held:
+            self._main.wait_stream(self._side)
+            self._held.clear()
+
 
 def _pdl_on(t: torch.Tensor) -> bool:
     return PDL and not _INTERPRET and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
@@ -1264,6 +1306,9 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
                                       M, T, RMS_EPS, H=H, KVH=KVH, HD=HD, RD=rope_dims, KV_REP=kv_rep,
                                       BM=ecfg["BM"], UNROLL=ecfg.get("UNROLL", 1),
                                       num_warps=ecfg["num_warps"], **_pdl(dq))
+    side = SideStream(dev)  # with WGRAD_STREAM d[Wq;Wk;Wv] runs on a second stream beside the dX matmul
+    if side.on:
+        dw, _ = side.run(wgrad, dqkv, xm, _flat2(xm), M, NQKV, D)
     dx = alloc_like(x)
     dx0 = alloc_like(x0)
     if _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) == "cutlass":
@@ -1294,7 +1339,9 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
                                                     dx, dx0, dmix_part, M, **kw)
         dmix, dgain = sum_partials(dmix_part.view(n_rt, 2 * D), 2 * D, also=(dgain_part, H))
         dmix = dmix.view(2, D)
-    dw, _ = wgrad(dqkv, xm, _flat2(xm), M, NQKV, D)
+    if not side.on:
+        dw, _ = wgrad(dqkv, xm, _flat2(xm), M, NQKV, D)
+    side.join()
     return dx, dx0, dmix, dw, dgain
 
 

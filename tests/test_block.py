@@ -1043,12 +1043,15 @@ def test_gpu_fused_block_under_torch_compile():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_gpu_block_programmatic_launch_in_cuda_graph(monkeypatch):
-    """The block's forward and backward captured in a CUDA graph with programmatic dependent launches (each kernel
-    may start while the one before drains and must wait before touching memory), replayed twice back to back on
-    fresh inputs, against plain launches outside a graph: a kernel that read its inputs before they were written
-    would give stale values or the poison (NaN) its buffers start with. Off sm_90 PDL is a no-op and this still
-    checks graph replay."""
+@pytest.mark.parametrize("setting", ["PDL", "WGRAD_STREAM"])
+def test_gpu_block_launch_setting_in_cuda_graph(monkeypatch, setting):
+    """The block's forward and backward captured in a CUDA graph with a launch setting on, replayed twice back to
+    back on fresh inputs, against plain launches outside a graph with it off: a kernel that read its inputs before
+    they were written would give stale values or the poison (NaN) its buffers start with. PDL: programmatic
+    dependent launches (each kernel may start while the one before drains and must wait before touching memory;
+    off sm_90 a no-op, and this still checks graph replay). WGRAD_STREAM: the weight gradients on a second stream,
+    forked from and joined back into the captured one (a missing wait would read or free a buffer too early).
+    With the setting on, plain launches must match too."""
     from pgolf_kernels import block_kernels as kn
     cfg = BlockConfig(mlp_mult=3, activation="leaky_relu2", rope_dims=32)
     fused = FusedBlock(cfg)
@@ -1065,7 +1068,7 @@ def test_gpu_block_programmatic_launch_in_cuda_graph(monkeypatch):
         y = fused(x, x0)
         return [y] + list(torch.autograd.grad(y, [x, x0, *params], up))
 
-    monkeypatch.setattr(kn, "PDL", True)
+    monkeypatch.setattr(kn, setting, True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (Triton compiles, cuDNN plans) off the capture
@@ -1082,13 +1085,15 @@ def test_gpu_block_programmatic_launch_in_cuda_graph(monkeypatch):
         graph.replay()
         graph.replay()
         torch.cuda.synchronize()
-        monkeypatch.setattr(kn, "PDL", False)
+        plain_on = step()
+        monkeypatch.setattr(kn, setting, False)
         want = step()
-        monkeypatch.setattr(kn, "PDL", True)
-        for n, a, b in zip(names, outs, want):
-            assert torch.isfinite(a).all(), n
+        monkeypatch.setattr(kn, setting, True)
+        for n, a, p, b in zip(names, outs, plain_on, want):
+            assert torch.isfinite(a).all() and torch.isfinite(p).all(), n
             # the same kernels on the same inputs; only cuDNN's backward may add in another order
             assert rel_err(a, b) < 2e-3, f"{n}: {rel_err(a, b):.3e}"
+            assert rel_err(p, b) < 2e-3, f"{n} (plain launches, {setting} on): {rel_err(p, b):.3e}"
 
 
 def test_bench_block_flops_and_plot(tmp_path):
@@ -1124,6 +1129,8 @@ def test_bench_block_cpu_smoke(tmp_path):
     assert all(r["pdl"] == (r["impl"] != "fused" or kn.PDL) for r in obj["rows"])
     with pytest.raises(ValueError, match="unknown setting"):
         bench.fused_settings("fused+no_such_option")
+    assert bench.fused_settings("fused_no_pdl+wgrad_stream")[0]["WGRAD_STREAM"] is True
+    assert bench.fused_settings("fused+no_wgrad_stream")[0]["WGRAD_STREAM"] is False
     for bad in ("fused_no_such_option", "fused+no_such_option"):  # refused before anything runs
         with pytest.raises((SystemExit, ValueError)):
             bench.main(["--smoke-cpu", "--out", str(tmp_path / "bad"), "--cases", "B1_T64_mlp3_leaky_relu2",
@@ -1145,3 +1152,13 @@ def test_bench_block_stage_errors_cpu():
     assert {"attn_in q (train)", "attn_out (strided y)", "mlp out (eval)", "block train"} <= set(res)
     bad = {k: e for k, (e, _) in res.items() if not e < 2e-6}
     assert not bad, bad
+
+
+def test_side_stream_runs_inline_off_the_gpu(monkeypatch):
+    # WGRAD_STREAM only ever forks on a GPU; elsewhere run() is a plain call and join() has nothing to wait for
+    from pgolf_kernels import block_kernels as kn
+    monkeypatch.setattr(kn, "WGRAD_STREAM", True)
+    side = kn.SideStream(torch.device("cpu"))
+    assert not side.on
+    assert side.run(torch.add, torch.ones(2), 1).tolist() == [2.0, 2.0]
+    side.join()
