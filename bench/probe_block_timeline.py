@@ -1,12 +1,16 @@
 """The fused block's kernels in launch order as the GPU runs them from a CUDA graph (issue 7; GPU only).
 
 bench_block.py's profile sums each kernel's time over eager calls; the graph's time (graph_ms) is that sum plus the
-idle time between kernels. This probe captures one B64xT1024 forward+backward (cuDNN attention, autograd.grad) in
-a CUDA graph, replays it under torch.profiler and prints one replay's kernels in order: start (us from the first
-kernel's start), duration, the idle gap before it, and the name; then the span, the sum of kernels and of gaps, and
-the largest gaps. Medians over the profiled replays.
+idle time between kernels (less any overlap, with block_kernels.WGRAD_STREAM's second stream). This probe captures
+one B64xT1024 forward+backward (cuDNN attention, autograd.grad) in a CUDA graph, replays it under torch.profiler
+and prints one replay's kernels in start order: start (us from the first kernel's start), duration, the gap before
+it (from the latest end of any earlier kernel: negative where it overlaps them), the stream (0 = the first one
+seen) and the name; then the span, the time some kernel was running (busy), the sum of kernels (more than busy
+where streams overlap) and the idle time, and the largest idle gaps. Medians over the profiled replays; kernels
+are matched across replays by stream and order on it, so concurrent streams may interleave differently.
 
     python bench/probe_block_timeline.py [--replays 10] [--mlp-mult 2] [--json out.json]
+    PGOLF_BLOCK_WGRAD_STREAM=1 python bench/probe_block_timeline.py   # the weight gradients on a second stream
 """
 from __future__ import annotations
 
@@ -24,8 +28,8 @@ from pgolf_kernels.block import BlockConfig, FusedBlock  # noqa: E402
 from results_io import capture_cuda_graph, kernel_label  # noqa: E402
 
 
-def replay_timelines(graph, replays: int) -> list[list[tuple[float, float, str]]]:
-    """[(start_us, dur_us, name)] per replay, in start order, from torch.profiler's kernel events."""
+def replay_timelines(graph, replays: int) -> list[list[tuple[float, float, str, int]]]:
+    """[(start_us, dur_us, name, stream)] per replay, in start order, from torch.profiler's kernel events."""
     from torch.profiler import ProfilerActivity, profile
 
     graph.replay()
@@ -37,13 +41,59 @@ def replay_timelines(graph, replays: int) -> list[list[tuple[float, float, str]]
     kernels = []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels.append((e.time_range.start, e.time_range.end - e.time_range.start, kernel_label(e.name)))
+            kernels.append((e.time_range.start, e.time_range.end - e.time_range.start, kernel_label(e.name),
+                            int(getattr(e, "device_resource_id", 0) or 0)))
     kernels.sort()
     if not kernels or len(kernels) % replays:
         raise RuntimeError(f"the profiler saw {len(kernels)} kernels over {replays} replays: not a whole number per "
                            "replay (are the graph's kernels traced on this torch/CUPTI?)")
     n = len(kernels) // replays
     return [kernels[i * n:(i + 1) * n] for i in range(replays)]
+
+
+def by_stream(line: list[tuple[float, float, str, int]]) -> dict[tuple[int, int], tuple[float, float, str]]:
+    """{(stream rank, k-th kernel on it): (start, dur, name)}, streams ranked by their first kernel's start."""
+    ranks: dict[int, int] = {}
+    counts: dict[int, int] = {}
+    out = {}
+    for start, dur, name, stream in line:
+        r = ranks.setdefault(stream, len(ranks))
+        k = counts.get(r, 0)
+        counts[r] = k + 1
+        out[(r, k)] = (start, dur, name)
+    return out
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, start + dur) intervals."""
+    total, end = 0.0, float("-inf")
+    for start, dur in sorted(intervals):
+        if start + dur > end:
+            total += start + dur - max(start, end)
+            end = start + dur
+    return total
+
+
+def summarize(raw: list[list[tuple[float, float, str, int]]]) -> tuple[list[dict], float, float]:
+    """(rows in median start order, median span, median busy time) of replay_timelines' replays; each row has i,
+    start_us, dur_us, gap_us (from the latest end of the kernels before it), stream and kernel."""
+    lines = [by_stream(line) for line in raw]
+    keys = sorted(lines[0])
+    if any(sorted(line) != keys or any(line[k][2] != lines[0][k][2] for k in keys) for line in lines):
+        raise RuntimeError("the replays ran different kernel sequences")
+    med = statistics.median
+    t0 = [min(v[0] for v in line.values()) for line in lines]
+    rows = [dict(start_us=med([line[k][0] - z for line, z in zip(lines, t0)]),
+                 dur_us=med([line[k][1] for line in lines]), stream=k[0], kernel=lines[0][k][2]) for k in keys]
+    rows.sort(key=lambda r: r["start_us"])
+    latest = float("-inf")
+    for i, r in enumerate(rows):
+        r["i"] = i
+        r["gap_us"] = r["start_us"] - latest if i else 0.0
+        latest = max(latest, r["start_us"] + r["dur_us"])
+    span = med([max(v[0] + v[1] for v in line.values()) - z for line, z in zip(lines, t0)])
+    busy = med([busy_us([(v[0], v[1]) for v in line.values()]) for line in lines])
+    return rows, span, busy
 
 
 def main() -> None:
@@ -72,36 +122,28 @@ def main() -> None:
         return torch.autograd.grad(blk(x, x0), [x, x0, *params], dy)
 
     graph = capture_cuda_graph(step)
-    lines = replay_timelines(graph, args.replays)
-    n = len(lines[0])
-    names = [k[2] for k in lines[0]]
-    if any([k[2] for k in line] != names for line in lines):
-        raise RuntimeError("the replays ran different kernel sequences")
-    med = lambda v: statistics.median(v)  # noqa: E731
-    rows = []
-    for i in range(n):
-        start = med([line[i][0] - line[0][0] for line in lines])
-        dur = med([line[i][1] for line in lines])
-        gap = med([line[i][0] - (line[i - 1][0] + line[i - 1][1]) for line in lines]) if i else 0.0
-        rows.append(dict(i=i, start_us=start, dur_us=dur, gap_us=gap, kernel=names[i]))
-    span = med([line[-1][0] + line[-1][1] - line[0][0] for line in lines])
+    rows, span, busy = summarize(replay_timelines(graph, args.replays))
     ksum = sum(r["dur_us"] for r in rows)
-    gsum = sum(r["gap_us"] for r in rows)
+    n = len(rows)
     print(f"{torch.cuda.get_device_name()}: B{args.batch}xT{args.seq} MLP {args.mlp_mult}x fused block fwd+bwd from a "
           f"CUDA graph, {args.replays} replays (medians)")
-    print(f"{'#':>3} {'start':>8} {'dur':>8} {'gap':>6}  kernel (us)")
+    print(f"{'#':>3} {'start':>8} {'dur':>8} {'gap':>6} {'s':>2}  kernel (us)")
     for r in rows:
-        print(f"{r['i']:>3} {r['start_us']:>8.1f} {r['dur_us']:>8.1f} {r['gap_us']:>6.1f}  {r['kernel'][:100]}")
-    print(f"span {span / 1e3:.4f} ms = kernels {ksum / 1e3:.4f} + gaps {gsum / 1e3:.4f} over {n} kernels "
-          f"({gsum / max(1, n - 1):.2f} us per boundary)")
-    print("largest gaps (us, before kernel):")
+        print(f"{r['i']:>3} {r['start_us']:>8.1f} {r['dur_us']:>8.1f} {r['gap_us']:>6.1f} {r['stream']:>2}  "
+              f"{r['kernel'][:100]}")
+    streams = len({r["stream"] for r in rows})
+    print(f"span {span / 1e3:.4f} ms = busy {busy / 1e3:.4f} + idle {(span - busy) / 1e3:.4f}; "
+          f"kernels {ksum / 1e3:.4f} over {n} kernels on {streams} stream{'s' if streams > 1 else ''} "
+          f"({(span - busy) / max(1, n - 1):.2f} us idle per boundary)")
+    print("largest idle gaps (us, before kernel):")
     for r in sorted(rows, key=lambda r: -r["gap_us"])[:args.top]:
-        prev = names[r["i"] - 1][:48] if r["i"] else ""
+        prev = rows[r["i"] - 1]["kernel"][:48] if r["i"] else ""
         print(f"  {r['gap_us']:6.1f}  {prev}  ->  {r['kernel'][:60]}")
     if args.json:
         with open(args.json + ".tmp", "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), span_ms=span / 1e3, kernels_ms=ksum / 1e3,
-                           gaps_ms=gsum / 1e3, rows=rows), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), span_ms=span / 1e3, busy_ms=busy / 1e3,
+                           idle_ms=(span - busy) / 1e3, kernels_ms=ksum / 1e3, streams=streams, rows=rows), f,
+                      indent=1)
         os.replace(args.json + ".tmp", args.json)
 
 

@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -75,3 +76,22 @@ def test_kernel_label_tells_cutlass_kernels_apart_by_their_epilogue():
     assert kernel_label("_attn_in_bwd_epi_kernel") == "_attn_in_bwd_epi_kernel"
     assert kernel_label("k" * 200) == "k" * 120
 
+
+
+def test_block_timeline_summary_with_two_streams():
+    # two replays on a main stream (id 7) and a side stream (id 9) whose kernels start in different orders: kernels
+    # are matched by stream and order on it, gaps run from the latest end before, busy is the union of intervals
+    from probe_block_timeline import busy_us, summarize
+    r1 = [(100.0, 10.0, "a", 7), (111.0, 20.0, "b", 7), (112.0, 5.0, "w", 9), (140.0, 4.0, "c", 7)]
+    r2 = [(500.0, 10.0, "a", 7), (509.0, 5.0, "w", 9), (511.0, 20.0, "b", 7), (540.0, 4.0, "c", 7)]
+    rows, span, busy = summarize([r1, r2])
+    assert [r["kernel"] for r in rows] == ["a", "w", "b", "c"]  # median starts 0, 10.5, 11, 40
+    by = {r["kernel"]: r for r in rows}
+    assert by["w"]["start_us"] == 10.5 and by["w"]["stream"] == 1 and by["a"]["stream"] == 0
+    assert by["c"]["gap_us"] == 40.0 - 31.0  # after b ends at 11 + 20
+    assert span == 44.0
+    assert busy_us([(0, 10), (11, 20), (12, 5), (40, 4)]) == 34  # r1's union; r2's: [0, 31) and [40, 44) = 35
+    assert busy == 34.5
+    assert busy_us([(0, 10), (5, 10), (20, 1)]) == 16
+    with pytest.raises(RuntimeError, match="different kernel sequences"):
+        summarize([r1, [(0.0, 1.0, "x", 7)]])
