@@ -11,7 +11,8 @@
 //
 // Layout of the work (persistent, warp-specialised, one CTA per SM; the structure of qat_linear_sm90.cu):
 //   warpgroup 0      producer: one thread issues the TMA copies of xm [128 x 64] and W [256 x 64] (bf16, 128-byte
-//                    swizzle) into a ring of 3 stages; it runs ahead into the next tile while the epilogue runs.
+//                    swizzle) into a ring of 3 stages (PGOLF_ATTN_IN_STAGES below); it runs ahead into the next
+//                    tile while the epilogue runs.
 //   warpgroups 1, 2  consumers: each owns 64 of the tile's 128 token rows and issues 4 wgmma m64n256k16 (both
 //                    operands from shared memory) per 64-wide reduction step, one step in flight behind the next.
 //                    Epilogue: the math above in registers, stmatrix into swizzled shared memory (4 boxes of
@@ -44,7 +45,14 @@ constexpr int kTileM = 128;  // tokens per tile (2 consumer warpgroups x 64)
 constexpr int kTileN = 256;  // output columns per tile: 4 heads
 constexpr int kHeadDim = 64;
 constexpr int kTileK = 64;   // reduction per stage
-constexpr int kStages = 3;
+// Main-loop stages of the cooperative kernel: 3 by default; PGOLF_ATTN_IN_STAGES=4 (an A/B build flag, via setup.py's
+// PGOLF_NVCC_FLAGS) gives it a fourth, paid for with half the epilogue boxes (stored in two rounds, as MIX does).
+// MIX keeps 3: its stages hold x and x0.
+#if defined(PGOLF_ATTN_IN_STAGES)
+constexpr int kPlainStages = PGOLF_ATTN_IN_STAGES;
+#else
+constexpr int kPlainStages = 3;
+#endif
 constexpr int kThreads = 384;
 constexpr int kABytes = kTileM * kTileK * 2;   // 16 KB
 constexpr int kBBytes = kTileN * kTileK * 2;   // 32 KB
@@ -55,8 +63,9 @@ constexpr int kBoxBytes = 64 * kHeadDim * 2;   // one head's [64 tokens x 64 col
 // it. Its epilogue then has room for 2 head boxes per warpgroup (stored in two rounds) instead of 4.
 template <bool MIX>
 struct Smem {
+  static constexpr int kStages = MIX ? 3 : kPlainStages;
   static constexpr int kStageBytes = (MIX ? 2 : 1) * kABytes + kBBytes;
-  static constexpr int kBoxes = MIX ? 2 : 4;      // epilogue boxes per consumer warpgroup
+  static constexpr int kBoxes = MIX || kStages > 3 ? 2 : 4;  // epilogue boxes per consumer warpgroup
   static constexpr int kEpiBytes = kBoxes * kBoxBytes;
   static constexpr int kRowBytes = MIX ? 2 * 64 * 4 : 0;  // the tile's 128 row rstd (MIX)
   static constexpr int kBytes = kStages * kStageBytes + 2 * kEpiBytes + kRowBytes + 1024 /* alignment */ +
@@ -236,21 +245,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   using S = Smem<MIX>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  uint8_t* stage_a = smem;                              // kStages x kABytes (x, or xm)
-  uint8_t* stage_a0 = smem + kStages * kABytes;         // MIX: kStages x kABytes (x0)
-  uint8_t* stage_b = smem + kStages * (S::kStageBytes - kBBytes);  // kStages x kBBytes
-  uint8_t* epi = smem + kStages * S::kStageBytes;       // 2 x kEpiBytes
+  uint8_t* stage_a = smem;                                            // S::kStages x kABytes (x, or xm)
+  uint8_t* stage_a0 = smem + S::kStages * kABytes;                    // MIX: S::kStages x kABytes (x0)
+  uint8_t* stage_b = smem + S::kStages * (S::kStageBytes - kBBytes);  // S::kStages x kBBytes
+  uint8_t* epi = smem + S::kStages * S::kStageBytes;                  // 2 x kEpiBytes
   float* row_rstd = reinterpret_cast<float*>(epi + 2 * S::kEpiBytes);  // MIX: [128]
   uint64_t* full = reinterpret_cast<uint64_t*>(epi + 2 * S::kEpiBytes + S::kRowBytes);
-  uint64_t* empty = full + kStages;
-  uint64_t* mixed = empty + kStages;  // MIX: both consumer warpgroups have mixed the stage's xm
+  uint64_t* empty = full + S::kStages;
+  uint64_t* mixed = empty + S::kStages;  // MIX: both consumer warpgroups have mixed the stage's xm
 
   const int warpgroup = threadIdx.x / 128;
   const int tid = threadIdx.x % 128;
   const Tiles t = tiles_of(args.M, args.D, args.H, args.KVH, 4);
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
+    for (int s = 0; s < S::kStages; ++s) {
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], MIX ? 9 : 8);  // lane 0 of each of the 8 consumer warps (+ the xm storer)
       if (MIX) mbar_init(&mixed[s], 2);
@@ -277,14 +286,14 @@ __global__ void __launch_bounds__(kThreads, 1)
             tma_store_wait_read();
           }
           mbar_arrive(&empty[stage]);
-          next_stage(stage, phase, kStages);
+          next_stage(stage, phase, S::kStages);
         }
       }
       tma_store_wait_all();
       return;
     }
     if (tid != 0) return;
-    produce<kStages, MIX>(&map_x, &map_x0, &map_wq, &map_wk, &map_wv, stage_a, stage_a0, stage_b, kBBytes, full,
+    produce<S::kStages, MIX>(&map_x, &map_x0, &map_wq, &map_wk, &map_wv, stage_a, stage_a0, stage_b, kBBytes, full,
                           empty, t, kTileN);
     return;
   }
@@ -355,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_operands(acc);
       if (kb > 0 && lane == 0) mbar_arrive(&empty[prev]);
       prev = stage;
-      next_stage(stage, phase, kStages);
+      next_stage(stage, phase, S::kStages);
     }
     wgmma_wait<0>();
     fence_operands(acc);
@@ -385,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // bf16 into the warpgroup's head boxes ([64 tokens x 128 bytes], 128-byte swizzle), then TMA stores; 4 boxes
-    // in one round, or (MIX) 2 in each of two
+    // in one round, or (MIX, or 4 stages) 2 in each of two
     const CUtensorMap* omap = kind == 0 ? &map_q : kind == 1 ? &map_k : &map_v;
 #pragma unroll
     for (int h0 = 0; h0 < 4; h0 += S::kBoxes) {
