@@ -59,8 +59,9 @@ constexpr int kAlign = 8;  // bf16 elements per 16 bytes
 //  * PGOLF_EPI_TILE_N (32, 64 or 128): 64xN epilogue subtiles in every kernel instead of the per-kernel choice
 //    below (kEpiWide / kEpiNarrow). Larger ones are fewer, larger steps, and with 64x64 all four of a 128x128
 //    tile's subtiles of C and of each aux input are loaded ahead (CUTLASS's min(subtiles, 4) stages).
-//  * PGOLF_EPI_STAGES_C: how many subtiles of C and of each aux input are loaded ahead (below, kEpiStagesC), and
-//    PGOLF_EPI_NO_REUSE_C: the output's subtiles in shared memory of their own (kEpiReuseC).
+//  * PGOLF_EPI_STAGES_C: how many subtiles of C and of each aux input are loaded ahead (below, kEpiStagesC; or
+//    PGOLF_EPI_WIDE_STAGES_C, in the kEpiWide kernels only), and PGOLF_EPI_NO_REUSE_C: the output's subtiles in
+//    shared memory of their own (kEpiReuseC).
 //  * PGOLF_EPI_ATTN_DX_DEFAULTS: the three epilogue knobs above leave the attention-input dX kernel
 //    (block_attn_dx_sm90.cu, whose epilogue reads C and three aux inputs) as it is. Its shared memory is the
 //    tightest: 64x64 subtiles with 8 stages leave no room for two main-loop stages, and 8 stages of 64x32 or
@@ -106,10 +107,14 @@ using EpiDescOf = cutlass::epilogue::collective::detail::EpilogueDescriptor<Tile
 // dX, left with two main-loop stages, 0.344).
 // PGOLF_EPI_NO_REUSE_C: the output's subtiles get shared memory of their own instead of reusing C's, so a C stage is
 // handed back to the loads without waiting for the output's TMA store to leave it.
+// PGOLF_EPI_WIDE_STAGES_C: the same for the kEpiWide kernels alone (with 8 and 64x64 subtiles, dPre's C loads may
+// run a whole tile ahead).
 template <int EpiN>
 constexpr int kEpiStagesC =
 #if defined(PGOLF_EPI_STAGES_C)
     PGOLF_EPI_STAGES_C;
+#elif defined(PGOLF_EPI_WIDE_STAGES_C)
+    EpiN == kEpiWide && kEpiWide != kEpiNarrow ? PGOLF_EPI_WIDE_STAGES_C : EpiDescOf<EpiN>::StagesC;
 #else
     EpiDescOf<EpiN>::StagesC;
 #endif
