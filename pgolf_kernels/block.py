@@ -430,15 +430,12 @@ def _attn_out_bwd_impl(g: Tensor, y: Tensor, wp: Tensor, wp_scaled_c: Tensor,
     m = b * t
     g2 = g.reshape(m, d)
     side = kn.SideStream(g.device)  # with kn.WGRAD_STREAM dWproj runs on a second stream beside the dY matmul
-    wgrad_proj = (kn.wgrad, g2, y, kn._flat4(y, t, hd), m, d, h * hd)
-    if side.on:
-        dwp, dscale = side.run(*wgrad_proj, nscale=attn_scale, w=wp)
+    dw_proj = side.start(kn.wgrad, g2, y, kn._flat4(y, t, hd), m, d, h * hd, nscale=attn_scale, w=wp)
     dy = kn.alloc_like(y)  # same strides as y: SDPA's backward gets dO laid out like O
     # dy = (g * attn_scale) @ wp = g @ (attn_scale[:, None] * wp)
     kn.row_gemm(g2, kn._flat2(g2), wp_scaled_c, 1, wp_scaled_c.stride(0), m, h * hd, d, dy, kn._flat4(dy, t, hd),
                 epi=kn.EPI_STORE)
-    if not side.on:
-        dwp, dscale = side.run(*wgrad_proj, nscale=attn_scale, w=wp)
+    dwp, dscale = dw_proj()
     side.join()
     return dy, dwp, dscale
 
@@ -545,9 +542,11 @@ def _mlp_bwd_impl(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, act_pre: Ten
     # with kn.WGRAD_STREAM the weight gradients run on a second stream: dWproj2 beside dPre where act(pre) is
     # already there, dWfc beside the dX matmul
     side = kn.SideStream(g.device)
-    wgrad_proj = (kn.wgrad, g2, act_pre, kn._flat2(act_pre), m, d, hid)
-    if side.on and not store_act:
-        dw_proj, dscale = side.run(*wgrad_proj, nscale=mlp_scale, w=w_proj)
+
+    def start_dw_proj():
+        return side.start(kn.wgrad, g2, act_pre, kn._flat2(act_pre), m, d, hid, nscale=mlp_scale, w=w_proj)
+
+    dw_proj_early = None if store_act else start_dw_proj()
     # dPre = (g @ (mlp_scale * w_proj)) * act'(pre), stored times rstd; per-column-tile partials of sum(dPre * pre)
     # (added up by the dX epilogue); act(pre) written on the way (the epilogue reads pre anyway) for dWproj2,
     # unless the forward kept it
@@ -556,9 +555,8 @@ def _mlp_bwd_impl(g: Tensor, x1: Tensor, pre: Tensor, rstd: Tensor, act_pre: Ten
                 store_act=store_act, act=act, backend=backend)
     if m_row != m:  # CUTLASS pads its partial rows to whole 128-row tiles; the dX epilogue reads rows of m
         cpart, n_ht = kn.sum_partials(cpart, m)[None], 1
-    if not (side.on and not store_act):
-        dw_proj, dscale = side.run(*wgrad_proj, nscale=mlp_scale, w=w_proj)
-    del act_pre, wgrad_proj
+    dw_proj, dscale = (dw_proj_early or start_dw_proj())()
+    del act_pre, start_dw_proj, dw_proj_early
     dw_fc, _ = side.run(kn.wgrad, dpre, x2, kn._flat2(x2), m, hid, d)
     dx1 = kn.alloc_like(x1)
     kn.row_gemm(dpre, kn._flat2(dpre), w_fc_c, 1, w_fc_c.stride(0), m, d, hid, dx1, kn._flat2(dx1.view(m, d)),

@@ -75,6 +75,10 @@ WGRAD_STREAM = os.environ.get("PGOLF_BLOCK_WGRAD_STREAM", "0").strip() == "1"
 _SIDE_STREAMS: dict = {}
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 class SideStream:
     """Work beside the current stream (with WGRAD_STREAM, on a GPU; otherwise run() just calls):
     run(fn, ...) calls fn on the device's side stream once the current stream's work so far is done, and join()
@@ -87,7 +91,7 @@ class SideStream:
         self.on = WGRAD_STREAM and device.type == "cuda" and not _INTERPRET
         self._held: list = []
         if self.on:
-            index = device.index if device.index is not None else torch.cuda.current_device()
+            index = _cuda_index(device)
             self._main = torch.cuda.current_stream(index)
             if index not in _SIDE_STREAMS:
                 _SIDE_STREAMS[index] = torch.cuda.Stream(index)
@@ -101,6 +105,14 @@ class SideStream:
             out = fn(*args, **kwargs)
         self._held.append((args, kwargs, out))
         return out
+
+    def start(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the side stream now, or without it a plain call deferred to where the result is
+        asked for (so the default launch order stays as it was measured); returns a callable giving the result."""
+        if not self.on:
+            return lambda: fn(*args, **kwargs)
+        out = self.run(fn, *args, **kwargs)
+        return lambda: out
 
     def join(self) -> None:
         if self.on and self._held:
@@ -1079,7 +1091,7 @@ def cutlass_missing(device: torch.device, op: str = "block_gemm_sm90", needs_cut
     `device`, or None when it can (tests and benches ask this too)."""
     if device.type != "cuda" or _INTERPRET:
         return "it runs on CUDA tensors only (not on the CPU or under TRITON_INTERPRET)"
-    key = (device.index if device.index is not None else torch.cuda.current_device(), op, needs_cutlass)
+    key = (_cuda_index(device), op, needs_cutlass)
     if key not in _CUTLASS_MISSING:
         _CUTLASS_MISSING[key] = _cutlass_missing_uncached(device, op, needs_cutlass)
     return _CUTLASS_MISSING[key]
@@ -1307,8 +1319,7 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
                                       BM=ecfg["BM"], UNROLL=ecfg.get("UNROLL", 1),
                                       num_warps=ecfg["num_warps"], **_pdl(dq))
     side = SideStream(dev)  # with WGRAD_STREAM d[Wq;Wk;Wv] runs on a second stream beside the dX matmul
-    if side.on:
-        dw, _ = side.run(wgrad, dqkv, xm, _flat2(xm), M, NQKV, D)
+    dw_qkv = side.start(wgrad, dqkv, xm, _flat2(xm), M, NQKV, D)
     dx = alloc_like(x)
     dx0 = alloc_like(x0)
     if _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) == "cutlass":
@@ -1339,8 +1350,7 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
                                                     dx, dx0, dmix_part, M, **kw)
         dmix, dgain = sum_partials(dmix_part.view(n_rt, 2 * D), 2 * D, also=(dgain_part, H))
         dmix = dmix.view(2, D)
-    if not side.on:
-        dw, _ = wgrad(dqkv, xm, _flat2(xm), M, NQKV, D)
+    dw, _ = dw_qkv()
     side.join()
     return dx, dx0, dmix, dw, dgain
 

@@ -1161,4 +1161,7 @@ def test_side_stream_runs_inline_off_the_gpu(monkeypatch):
     side = kn.SideStream(torch.device("cpu"))
     assert not side.on
     assert side.run(torch.add, torch.ones(2), 1).tolist() == [2.0, 2.0]
+    calls = []
+    later = side.start(lambda v: calls.append(v) or v + 1, 1)  # off the side stream: deferred to the ask
+    assert calls == [] and later() == 2 and calls == [1]
     side.join()
