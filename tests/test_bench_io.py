@@ -77,7 +77,6 @@ def test_kernel_label_tells_cutlass_kernels_apart_by_their_epilogue():
     assert kernel_label("k" * 200) == "k" * 120
 
 
-
 def test_block_timeline_summary_with_two_streams():
     # two replays on a main stream (id 7) and a side stream (id 9) whose kernels start in different orders: kernels
     # are matched by stream and order on it, gaps run from the latest end before, busy is the union of intervals

@@ -658,7 +658,6 @@ def test_sum_partials(shape, M):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(c[..., :M].abs().sum(-2).max()))
 
 
-
 @needs_triton_cpu
 @pytest.mark.parametrize("shape1,M1,shape2,M2", [((2, 130, 96), 96, (1000, 9), 8), ((3, 40), 40, (2, 70, 33), 33),
                                                  ((520, 64), 64, (4, 5), 5)])
@@ -1137,7 +1136,6 @@ def test_bench_block_cpu_smoke(tmp_path):
                         "--impls", bad])
     assert not (tmp_path / "bad").exists()
     assert all(r["ok"] and r["error"] is None and r["ms"] > 0 for r in obj["rows"]), obj["rows"]
-
 
 
 @needs_triton_cpu
