@@ -31,7 +31,7 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
                           const c10::optional<at::Tensor>& row_vec, const c10::optional<at::Tensor>& row_vec2,
                           const c10::optional<at::Tensor>& row_out, int64_t act, double inv_n);
 void block_attn_dx_sm90_cuda(const at::Tensor& dqkv, const at::Tensor& w, const at::Tensor& g_xm,
-                             const at::Tensor& xm, const at::Tensor& x, const at::Tensor& x0, const at::Tensor& rstd,
+                             const at::Tensor& x, const at::Tensor& x0, const at::Tensor& rstd,
                              const at::Tensor& c, const at::Tensor& mix, const at::Tensor& dx, const at::Tensor& dx0,
                              const at::Tensor& dmix_part);
 void block_attn_in_sm90_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& x0,
@@ -97,10 +97,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "operands (built with CUTLASS, sm_90 GPU, bf16, K and N multiples of 8, 16-byte aligned)", py::arg("a"),
         py::arg("w"), py::arg("w_nk"), py::arg("n"));
   m.def("block_attn_dx_sm90", &pgolf::block_attn_dx_sm90_cuda, "Attention-input dX of the fused block on sm_90a "
-        "(CUTLASS ping-pong): dx = mix[0]*dxm, dx0 = mix[1]*dxm with dxm = g_xm + dqkv @ w - xm*rstd^2*c/D, and "
-        "dmix partials [2, ceil(M/128), D]; see csrc/block_attn_dx_sm90.cu", py::arg("dqkv"), py::arg("w"),
-        py::arg("g_xm"), py::arg("xm"), py::arg("x"), py::arg("x0"), py::arg("rstd"), py::arg("c"), py::arg("mix"),
-        py::arg("dx"), py::arg("dx0"), py::arg("dmix_part"));
+        "(CUTLASS ping-pong): dx = mix[0]*dxm, dx0 = mix[1]*dxm with dxm = g_xm + dqkv @ w - xm*rstd^2*c/D, "
+        "xm = mix[0]*x + mix[1]*x0, and dmix partials [2, ceil(M/128), D]; see csrc/block_attn_dx_sm90.cu",
+        py::arg("dqkv"), py::arg("w"), py::arg("g_xm"), py::arg("x"), py::arg("x0"), py::arg("rstd"), py::arg("c"),
+        py::arg("mix"), py::arg("dx"), py::arg("dx0"), py::arg("dmix_part"));
   m.def("block_gemm_sm90_built", &pgolf::block_gemm_sm90_built, "Whether this build has the CUTLASS kernels");
   m.def("block_attn_in_sm90", &pgolf::block_attn_in_sm90_cuda, "Attention input of the fused block on sm_90a "
         "(wgmma, no CUTLASS): q, k, v = per-head RMSNorm + RoPE (+ q gain) of rstd * (xm @ [wq; wk; wv]^T), "

@@ -1328,7 +1328,7 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
         # one [NQKV, D] weight for the CUTLASS kernel: FusedBlock's copies already lie so (else a 1 MB copy at d 512)
         w_all = stacked_rows([wq, wk, wv])
         dmix_part = alloc((2, triton.cdiv(M, 128), D), device=dev, dtype=torch.float32)
-        _C.block_attn_dx_sm90(dqkv, w_all, g_xm, xm, x, x0, rstd, cvec, resid_mix, dx, dx0, dmix_part)
+        _C.block_attn_dx_sm90(dqkv, w_all, g_xm, x, x0, rstd, cvec, resid_mix, dx, dx0, dmix_part)
         dmix, dgain = sum_partials(dmix_part, D, also=(dgain_part, H))
     else:
         cfg = _blocks("attn_dx")
