@@ -26,7 +26,8 @@ Implementations (rows' `impl`):
            by default): what overlapping each kernel's launch with the tail of the one before gains
   IMPL+SETTING  any fused impl with more settings joined by "+": a FusedBlock option turned on
            (fused_attn_in_mix+expand_kv), +pingpong (fused_expand_kv+pingpong), +pdl or +no_pdl, +wgrad_stream
-           (the backward's weight gradients on a second CUDA stream, block_kernels.WGRAD_STREAM); see fused_settings
+           (the backward's weight gradients on a second CUDA stream, block_kernels.WGRAD_STREAM), +store_cublas
+           (the attention output's dY product by cuBLAS, block_kernels.STORE_GEMM); see fused_settings
 Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
 fwd = forward under torch.no_grad() (the fused block's eval path).
 
@@ -118,12 +119,13 @@ def fused_settings(impl: str) -> tuple[dict, dict]:
     """(block_kernels settings {GEMM_BACKEND, ATTN_IN_SCHEDULE, PDL, WGRAD_STREAM}, FusedBlock options) of a fused
     impl. "+" joins settings onto an impl: "fused_attn_in_mix+expand_kv" turns FusedBlock.expand_kv on too,
     "+pingpong" the ping-pong schedule, "+pdl" / "+no_pdl" programmatic dependent launches on / off,
-    "+wgrad_stream" / "+no_wgrad_stream" the weight gradients on a second stream on / off."""
+    "+wgrad_stream" / "+no_wgrad_stream" the weight gradients on a second stream on / off, "+store_cublas" /
+    "+store_triton" the attention output's dY product by cuBLAS / Triton (block_kernels.STORE_GEMM)."""
     base, *extra = impl.split("+")
     kernels = dict(GEMM_BACKEND=GEMM_IMPLS.get(base, block_kernels.GEMM_BACKEND),
                    ATTN_IN_SCHEDULE=SCHEDULE_IMPLS.get(base, block_kernels.ATTN_IN_SCHEDULE),
                    PDL={"fused_pdl": True, "fused_no_pdl": False}.get(base, block_kernels.PDL),
-                   WGRAD_STREAM=block_kernels.WGRAD_STREAM)
+                   WGRAD_STREAM=block_kernels.WGRAD_STREAM, STORE_GEMM=block_kernels.STORE_GEMM)
     options = dict([FUSED_OPTIONS[base]]) if base in FUSED_OPTIONS else {}
     for e in extra:
         if e == "pingpong":
@@ -132,11 +134,13 @@ def fused_settings(impl: str) -> tuple[dict, dict]:
             kernels["PDL"] = e == "pdl"
         elif e in ("wgrad_stream", "no_wgrad_stream"):
             kernels["WGRAD_STREAM"] = e == "wgrad_stream"
+        elif e in ("store_cublas", "store_triton"):
+            kernels["STORE_GEMM"] = e.split("_")[1]
         elif e in OPTION_NAMES:
             options[e] = True
         else:
             raise ValueError(f"impl {impl!r}: unknown setting {e!r} (pingpong, pdl, no_pdl, wgrad_stream, "
-                             f"no_wgrad_stream or one of {OPTION_NAMES})")
+                             f"no_wgrad_stream, store_cublas, store_triton or one of {OPTION_NAMES})")
     return kernels, options
 
 
@@ -681,6 +685,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["block_gemm"] = gemm_state(kernel_settings["GEMM_BACKEND"])
                 row["attn_in_schedule"], row["pdl"] = kernel_settings["ATTN_IN_SCHEDULE"], kernel_settings["PDL"]
                 row["wgrad_stream"] = kernel_settings["WGRAD_STREAM"]
+                row["store_gemm"] = kernel_settings["STORE_GEMM"]
                 for opt in OPTION_NAMES:
                     row[opt] = options.get(opt, FusedBlock.__dict__[opt])
             try:

@@ -72,6 +72,13 @@ PDL = os.environ.get("PGOLF_PDL", "0").strip() == "1"
 # backward call, so a CUDA graph keeps what was set when it was captured. Off until it is measured.
 # PGOLF_BLOCK_WGRAD_STREAM=1 or WGRAD_STREAM = True turns it on.
 WGRAD_STREAM = os.environ.get("PGOLF_BLOCK_WGRAD_STREAM", "0").strip() == "1"
+
+# The plain product EPI_STORE (the attention output's dY = g @ (attn_scale * Wproj) in backward, 65,536 x 512 x 512
+# at B64xT1024): "triton" (_row_gemm_tma_kernel, persistent, 128x256 tiles) or "cublas" (torch.mm, where A and out
+# are plain row-major matrices on a GPU). PGOLF_BLOCK_STORE_GEMM sets it; read at each call.
+STORE_GEMM = os.environ.get("PGOLF_BLOCK_STORE_GEMM", "triton").strip().lower() or "triton"
+if STORE_GEMM not in ("triton", "cublas"):
+    raise ValueError(f"PGOLF_BLOCK_STORE_GEMM must be triton or cublas, not {STORE_GEMM!r}")
 _SIDE_STREAMS: dict = {}
 
 
@@ -1223,6 +1230,12 @@ def row_gemm(a, a_addr, w, w_sn, w_sk, M, N, K, out, o_addr, *, epi, nvec=None, 
                                  g=g, act=act, store_act=store_act)
     _check(epi != EPI_RESIDUAL_ROWSQ, "EPI_RESIDUAL_ROWSQ has only a CUTLASS kernel (row_gemm_backend says "
            "whether it runs; else use EPI_RESIDUAL and row_stats)")
+    if (epi == EPI_STORE and STORE_GEMM == "cublas" and a.is_cuda and not _INTERPRET and not a_act
+            and tuple(a_addr) == _plain(K) and tuple(o_addr) == _plain(N) and a.is_contiguous()
+            and out.is_contiguous() and (w_sk == 1 or w_sn == 1)):
+        wkn = w.as_strided((K, N), (w_sk, w_sn))  # W as [K, N], either memory order
+        torch.mm(a.view(M, K), wkn, out=out.view(M, N))
+        return out
     cfg = _blocks(row_gemm_kind(epi, a_act))
     BN = _pick(N, cfg["BN"])
     BK = _pick(K, cfg["BK"])

@@ -802,6 +802,30 @@ def _cutlass_ready() -> bool:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("store_gemm", ["triton", "cublas"])
+@pytest.mark.parametrize("w_nk", [False, True])
+@pytest.mark.parametrize("M,N,K", [(4096, 512, 512), (1000, 1024, 512), (4133, 512, 1536)])
+def test_gpu_store_gemm(monkeypatch, store_gemm, w_nk, M, N, K):
+    """EPI_STORE (out = A @ W, the attention output's dY product) by either block_kernels.STORE_GEMM against fp32
+    on the same bf16 inputs, W given as [K, N] or [N, K], the output poisoned: relative error <= 8e-3 (one bf16
+    rounding of the result is 2e-3 to 4e-3)."""
+    from pgolf_kernels import block_kernels as kn
+    monkeypatch.setattr(kn, "STORE_GEMM", store_gemm)
+    g = torch.Generator(device="cuda").manual_seed(M + N + K + w_nk)
+    a = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).bfloat16()
+    out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+    if w_nk:  # w[n, k] at n * K + k
+        kn.row_gemm(a, kn._plain(K), w, K, 1, M, N, K, out, kn._plain(N), epi=kn.EPI_STORE)
+    else:  # w[k, n] at k * N + n
+        wt = w.t().contiguous()
+        kn.row_gemm(a, kn._plain(K), wt, 1, N, M, N, K, out, kn._plain(N), epi=kn.EPI_STORE)
+    ref = a.float() @ w.float().t()
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= 8e-3
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not _cutlass_ready(), reason="needs an sm_90 GPU and the extension built with CUTLASS")
 @pytest.mark.parametrize("M,N,K", [(4096, 512, 512), (1000, 1024, 512), (4133, 512, 1536), (128, 1536, 512),
                                    (2 * 2048 + 64, 512, 2048)])
@@ -1130,6 +1154,8 @@ def test_bench_block_cpu_smoke(tmp_path):
         bench.fused_settings("fused+no_such_option")
     assert bench.fused_settings("fused_no_pdl+wgrad_stream")[0]["WGRAD_STREAM"] is True
     assert bench.fused_settings("fused+no_wgrad_stream")[0]["WGRAD_STREAM"] is False
+    assert bench.fused_settings("fused_no_pdl+store_cublas")[0]["STORE_GEMM"] == "cublas"
+    assert bench.fused_settings("fused+store_triton")[0]["STORE_GEMM"] == "triton"
     for bad in ("fused_no_such_option", "fused+no_such_option"):  # refused before anything runs
         with pytest.raises((SystemExit, ValueError)):
             bench.main(["--smoke-cpu", "--out", str(tmp_path / "bad"), "--cases", "B1_T64_mlp3_leaky_relu2",
