@@ -17,9 +17,9 @@ Implementations (rows' `impl`):
            instead of a Triton fallback where one cannot run
   fused_attn_in_pingpong  the fused block with the sm_90 attention input on its ping-pong schedule
            (block_kernels.ATTN_IN_SCHEDULE)
-  fused_keep_act, fused_no_keep_act, fused_expand_kv, fused_attn_in_mix  the fused block (cuDNN) with
-           FusedBlock.keep_act on / off, .expand_kv on, .attn_in_mix on (the sm_90 attention input forms xm and
-           rstd itself, no row pass): options measured against the default in the same run
+  fused_keep_act, fused_no_keep_act, fused_expand_kv, fused_no_expand_kv, fused_attn_in_mix  the fused block
+           (cuDNN) with FusedBlock.keep_act on / off, .expand_kv on / off, .attn_in_mix on (the sm_90 attention
+           input forms xm and rstd itself, no row pass): options measured against the default in the same run
   fused_custom_ops  the fused block's eager calls through its custom ops' dispatch layers (FusedBlock.custom_ops)
            instead of plain autograd.Functions: what the eager path saves in host time (`ms`; graph_ms is the same)
   fused_pdl, fused_no_pdl  the fused block with programmatic dependent launches on / off (block_kernels.PDL, off
@@ -108,7 +108,8 @@ def init_params(block: torch.nn.Module, seed: int) -> None:
 
 # impl -> (FusedBlock option, value) measured against the class default
 FUSED_OPTIONS = {"fused_keep_act": ("keep_act", True), "fused_no_keep_act": ("keep_act", False),
-                 "fused_expand_kv": ("expand_kv", True), "fused_attn_in_mix": ("attn_in_mix", True),
+                 "fused_expand_kv": ("expand_kv", True),
+                 "fused_no_expand_kv": ("expand_kv", False), "fused_attn_in_mix": ("attn_in_mix", True),
                  "fused_no_attn_out_rstd": ("attn_out_rstd", False), "fused_custom_ops": ("custom_ops", True)}
 OPTION_NAMES = sorted({o for o, _ in FUSED_OPTIONS.values()})  # the FusedBlock options a row reports
 GEMM_IMPLS = {"fused_triton": "triton", "fused_cutlass": "cutlass"}  # impl -> block_kernels.GEMM_BACKEND

@@ -652,13 +652,14 @@ class FusedBlock(ReferenceBlock):
     nothing is saved for backward and the MLP stores act(pre) instead of pre.
     """
 
-    # GQA: write k/v once per query head (the attention-input kernel stores each kv head num_heads/num_kv_heads
-    # times, its backward adds the copies' gradients) so SDPA runs without GQA and cuDNN's backward needs no
-    # head-pair reduction kernels; bench/probe_attention.py measures the trade. Off: no gain. H200, B64xT1024
-    # fwd+bwd graph ms, same run (bench/results/block-h200-2026-12-06-3fa30da.json): 2.557 against 2.553 (the
-    # wgmma attention input storing each k/v head twice); the extra k/v stores and dk/dv reads cost what cuDNN's
-    # reductions did.
-    expand_kv: bool = False
+    # GQA in training: write k/v once per query head (the attention-input kernel stores each kv head
+    # num_heads/num_kv_heads times, its backward adds the copies' gradients) so SDPA runs without GQA and cuDNN's
+    # backward needs no head-pair reduction kernels (2 x 0.036 ms at B64xT1024); the extra k/v stores and dk/dv reads
+    # cost the attention input and its backward epilogue about 0.055 ms of that. The forward-only (eval) path
+    # keeps GQA: it has no reduction to save. H100, B64xT1024 MLP 2x, fwd+bwd graph ms, two rounds in one run
+    # (bench/results/block-h100-80gb-hbm3-2026-12-07-7ef7da1-ab.json): 2.628 / 2.633 with it against 2.638 / 2.645
+    # without. (Earlier, with a slower attention dX: 2.557 against 2.553 on the H200, block-h200-2026-12-06-3fa30da.)
+    expand_kv: bool = True
     # Training: the MLP-up matmul stores act(pre) beside pre (one more [B*T, hidden] write and that much more
     # memory saved for backward), so the down matmul is a plain product (the CUTLASS residual kernel instead of
     # Triton applying act while loading) and the backward's dPre epilogue stores nothing extra.
@@ -734,7 +735,7 @@ class FusedBlock(ReferenceBlock):
         wq_c, wk_c, wv_c = w_c[0].split([wq.shape[0], wk.shape[0], wv.shape[0]])
         w_c = [wq_c, wk_c, wv_c] + w_c[1:]
         wp_scaled_c, w_proj_scaled_c = (w_c[6], w_c[7]) if train else (w_c[3], w_c[5])
-        kv_rep = cfg.num_heads // cfg.num_kv_heads if self.expand_kv else 1
+        kv_rep = cfg.num_heads // cfg.num_kv_heads if self.expand_kv and train else 1
         xm, q, k, v, _, _ = attn_in(x.contiguous(), x0.contiguous(), self.resid_mix, wq, wk, wv, wq_c, wk_c, wv_c,
                                     a.q_gain, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.rope_dims, train,
                                     kv_rep, self.attn_in_mix)

@@ -75,7 +75,9 @@ WGRAD_STREAM = os.environ.get("PGOLF_BLOCK_WGRAD_STREAM", "0").strip() == "1"
 
 # The plain product EPI_STORE (the attention output's dY = g @ (attn_scale * Wproj) in backward, 65,536 x 512 x 512
 # at B64xT1024): "triton" (_row_gemm_tma_kernel, persistent, 128x256 tiles) or "cublas" (torch.mm, where A and out
-# are plain row-major matrices on a GPU). PGOLF_BLOCK_STORE_GEMM sets it; read at each call.
+# are plain row-major matrices on a GPU). cuBLAS's kernel is faster, 0.057 against 0.063 ms in the profile, but the
+# block is not: fwd+bwd graph 2.640 / 2.646 ms against 2.638 / 2.645, two rounds in one run on the H100
+# (bench/results/block-h100-80gb-hbm3-2026-12-07-7ef7da1-ab.json). PGOLF_BLOCK_STORE_GEMM sets it; read at each call.
 STORE_GEMM = os.environ.get("PGOLF_BLOCK_STORE_GEMM", "triton").strip().lower() or "triton"
 if STORE_GEMM not in ("triton", "cublas"):
     raise ValueError(f"PGOLF_BLOCK_STORE_GEMM must be triton or cublas, not {STORE_GEMM!r}")

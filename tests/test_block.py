@@ -306,18 +306,20 @@ BLOCK_CASES = [
 ]
 
 
-def check_fused_block(case, seed, T=50, expand_kv=False, keep_act=None):
+def check_fused_block(case, seed, T=50, expand_kv=None, keep_act=None):
     """FusedBlock against ReferenceBlock with the same weights: output, every gradient and the eval path
-    (keep_act None: the class default)."""
+    (expand_kv, keep_act None: the class default)."""
     torch.manual_seed(seed)
     ref = ReferenceBlock(**case)
     randomize_(ref, seed + 1)
     fused = FusedBlock(**case)
     fused.load_state_dict(ref.state_dict(), strict=True)
-    fused.expand_kv = expand_kv
+    if expand_kv is not None:
+        fused.expand_kv = expand_kv
     if keep_act is not None:
         fused.keep_act = keep_act
-    tag = (" (expand_kv)" if expand_kv else "") + (f" (keep_act={keep_act})" if keep_act is not None else "")
+    tag = ((f" (expand_kv={expand_kv})" if expand_kv is not None else "")
+           + (f" (keep_act={keep_act})" if keep_act is not None else ""))
     x = torch.randn(2, T, case["d_model"], requires_grad=True)
     x0 = torch.randn(2, T, case["d_model"], requires_grad=True)
     yr, yf = ref(x, x0), fused(x, x0)
@@ -340,8 +342,9 @@ def test_fused_block_matches_reference(case, gemm_path):
 
 @needs_triton_cpu
 def test_fused_block_expand_kv_matches_reference():
-    """expand_kv: k/v written once per query head (SDPA without GQA), their copies' gradients added back."""
-    check_fused_block(BLOCK_CASES[1], 42, T=40, expand_kv=True)
+    """expand_kv, the other way from the class default: on, k/v written once per query head in training (SDPA
+    without GQA), their copies' gradients added back; off, GQA in SDPA."""
+    check_fused_block(BLOCK_CASES[1], 42, T=40, expand_kv=not FusedBlock.expand_kv)
 
 
 @needs_triton_cpu
@@ -1141,15 +1144,15 @@ def test_bench_block_cpu_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.main(["--smoke-cpu", "--out", str(tmp_path), "--cases", "B1_T64_mlp3_leaky_relu2", "--impls",
-                "fused,fused_no_keep_act+expand_kv+pdl", "--modes", "fwd_bwd,fwd"])  # no eager row: ok, untimed call
+                "fused,fused_no_keep_act+expand_kv+pdl,fused_no_expand_kv", "--modes", "fwd_bwd,fwd"])  # no eager row: ok, untimed call
     files = sorted(p.suffix for p in tmp_path.iterdir())
     assert files == [".json", ".md", ".png"]
     obj = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert obj["bench"] == "block" and len(obj["rows"]) == 6
-    assert all(r["keep_act"] == (r["impl"] == "fused") for r in obj["rows"])
-    assert all(r["expand_kv"] == (r["impl"] == "fused_no_keep_act+expand_kv+pdl") for r in obj["rows"])
+    assert obj["bench"] == "block" and len(obj["rows"]) == 8
+    assert all(r["keep_act"] == (r["impl"] != "fused_no_keep_act+expand_kv+pdl") for r in obj["rows"])
+    assert all(r["expand_kv"] == (r["impl"] != "fused_no_expand_kv") for r in obj["rows"])
     from pgolf_kernels import block_kernels as kn
-    assert all(r["pdl"] == (r["impl"] != "fused" or kn.PDL) for r in obj["rows"])
+    assert all(r["pdl"] == (r["impl"].endswith("+pdl") or kn.PDL) for r in obj["rows"])
     with pytest.raises(ValueError, match="unknown setting"):
         bench.fused_settings("fused+no_such_option")
     assert bench.fused_settings("fused_no_pdl+wgrad_stream")[0]["WGRAD_STREAM"] is True
