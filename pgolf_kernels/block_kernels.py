@@ -176,7 +176,7 @@ def _blocks(kind: str) -> dict:
                  "row_stats": dict(BM=8, num_warps=4),
                  "row_gemm_act_bwd": small, "row_gemm_norm_bwd": small,
                  "attn_in": dict(BM=32, BK=64, HPP=2, num_warps=4, num_stages=1),
-                 "attn_epi": dict(BM=32, num_warps=4),
+                 "attn_epi": dict(BM=32, num_warps=4), "attn_epi_rep": dict(BM=32, num_warps=4),
                  "attn_dx": small,
                  "wgrad": dict(BN=64, BK=64, BM=32, num_warps=4, num_stages=1)}
     else:
@@ -204,6 +204,12 @@ def _blocks(kind: str) -> dict:
                  # attn_in forward (with its row pass) 0.291 vs 0.296
                  "attn_in": dict(TMA=1, BM=64, BK=64, HPP=2, num_warps=4, num_stages=3),
                  "attn_epi": dict(BM=32, num_warps=8),
+                 # the same kernel with kv_rep 2 (FusedBlock.expand_kv: two copies of dk/dv to read and add), fwd+bwd
+                 # graph ms and the kernel's profile ms, one bench process per setting (PGOLF_BLOCK_TILES) on one
+                 # H100: BM 32 / 4 warps 2.618 and 0.177 against 2.631 / 2.639 and 0.187 (twice) with 8 warps;
+                 # BM 64 2.623 / 0.181, BM 16 2.658 / 0.192 (bench/results/block-h100-80gb-hbm3-2026-12-07-
+                 # 766843a-epi-tiles.txt)
+                 "attn_epi_rep": dict(BM=32, num_warps=4),
                  # attn_in backward (epilogue + dX + cuBLAS dW): pointer loads 0.579-0.588 vs TMA 0.608 at best
                  "attn_dx": dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3),
                  "wgrad": dict(BN=128, BK=128, BM=64, num_warps=8, num_stages=3)}
@@ -1323,7 +1329,7 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
            "k, dk and dv must hold num_kv_heads * kv_rep heads")
     dev, dt = x.device, x.dtype
     NQKV = (H + 2 * KVH) * HD
-    ecfg = _blocks("attn_epi")
+    ecfg = _blocks("attn_epi_rep" if kv_rep > 1 else "attn_epi")
     dqkv = alloc((M, NQKV), device=dev, dtype=dt)
     cvec = alloc((M,), device=dev, dtype=torch.float32)
     n_mt = triton.cdiv(M, ecfg["BM"])
