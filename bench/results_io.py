@@ -221,6 +221,13 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def settings_env_prefix() -> str:
+    """The PGOLF_* variables set for this run (they choose kernels, tiles and launch settings), as `K=V ` words to
+    go before the command, so a results file says how to rerun it; PGOLF_COMMIT only labels the file."""
+    return "".join(f"{k}={shlex.quote(v)} " for k, v in sorted(os.environ.items())
+                   if k.startswith("PGOLF_") and k != "PGOLF_COMMIT")
+
+
 def write_results(bench: str, rows: list[dict], out_dirs, *, command: str | None = None, plot=None,
                   extra: dict | None = None, notes: str = "") -> list[Path]:
     """Write JSON + MD (+ PNG when `plot` is given) into each of out_dirs; returns the JSON paths."""
@@ -233,7 +240,8 @@ def write_results(bench: str, rows: list[dict], out_dirs, *, command: str | None
         "commit": git_commit(),
         "source_sha256": source_digest(),
         "versions": versions(),
-        "command": command or " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv),
+        "command": command or (settings_env_prefix()
+                               + " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)),
         "rows": rows,
     }
     if extra:

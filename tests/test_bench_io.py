@@ -1,5 +1,6 @@
 """bench/results_io helpers that the GPU benches share, checked on CPU with the CUDA memory counters faked."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,18 @@ def test_write_results_records_the_source_digest(tmp_path):
     obj = json.loads(path.read_text())
     assert obj["source_sha256"] == source_digest()
     assert obj["source_sha256"][:16] in path.with_suffix(".md").read_text()
+
+
+def test_write_results_command_names_the_pgolf_settings(tmp_path, monkeypatch):
+    for k in [k for k in os.environ if k.startswith("PGOLF_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("PGOLF_BLOCK_TILES", '{"attn_epi": {"num_warps": 4}}')
+    monkeypatch.setenv("PGOLF_COMMIT", "abc1234")  # labels the file; not a setting
+    monkeypatch.setattr(sys, "argv", ["bench/bench_block.py", "--impls", "fused"])
+    (path,) = write_results("probe", [dict(a=1)], [tmp_path])
+    cmd = json.loads(path.read_text())["command"]
+    assert cmd.startswith("PGOLF_BLOCK_TILES='{\"attn_epi\": {\"num_warps\": 4}}' ")
+    assert cmd.endswith("bench/bench_block.py --impls fused") and "PGOLF_COMMIT" not in cmd
 
 
 def test_kernel_label_tells_cutlass_kernels_apart_by_their_epilogue():
