@@ -1179,14 +1179,14 @@ def _attn_in_backend(x, wq, wk, wv, q_gain, H, KVH, HD, rope_dims, kv_rep, T) ->
     return "sm90" if verdict == "cutlass" else verdict
 
 
-def _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) -> str:
+def _attn_dx_backend(dqkv, g_xm, x, x0, resid_mix) -> str:
     """"cutlass" or "triton" for the attention input's dX matmul (csrc/block_attn_dx_sm90.cu; see GEMM_BACKEND)."""
     if GEMM_BACKEND == "triton":
         return "triton"
     why = cutlass_missing(dqkv.device, "block_attn_dx_sm90")
     if why is None:
-        if not all(t.is_contiguous() and t.dtype == torch.bfloat16 for t in (dqkv, g_xm, xm, x, x0)):
-            why = "dqkv, g_xm, xm, x and x0 must be contiguous bf16"
+        if not all(t.is_contiguous() and t.dtype == torch.bfloat16 for t in (dqkv, g_xm, x, x0)):
+            why = "dqkv, g_xm, x and x0 must be contiguous bf16"
         elif resid_mix.dtype != torch.float32 or not resid_mix.is_contiguous() or x.shape[1] % 128:
             why = "resid_mix must be contiguous fp32 and D a multiple of 128"
     return _backend_verdict(why, "the attention-input dX")
@@ -1343,7 +1343,7 @@ def attn_in_bwd(dq, dk, dv, g_xm, q, k, v, q_gain, cos, sin, head_rstd, x, x0, r
     dw_qkv = side.start(wgrad, dqkv, xm, _flat2(xm), M, NQKV, D)
     dx = alloc_like(x)
     dx0 = alloc_like(x0)
-    if _attn_dx_backend(dqkv, g_xm, xm, x, x0, resid_mix) == "cutlass":
+    if _attn_dx_backend(dqkv, g_xm, x, x0, resid_mix) == "cutlass":
         from ._extension import _C
         _c_pdl(_C, x)
         # one [NQKV, D] weight for the CUTLASS kernel: FusedBlock's copies already lie so (else a 1 MB copy at d 512)

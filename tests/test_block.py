@@ -585,10 +585,10 @@ def test_row_gemm_backend_choice(monkeypatch):
     assert kn.row_gemm_backend(kn.EPI_ACT_BWD, a, P(128), w, 1, 128, 256, 128, P(256), store_act=True) == "triton"
     x = torch.randn(64, 128, dtype=torch.bfloat16)
     mix = torch.ones(2, 128)
-    assert kn._attn_dx_backend(x, x, x, x, x, mix) == "triton"  # auto falls back on CPU tensors
+    assert kn._attn_dx_backend(x, x, x, x, mix) == "triton"  # auto falls back on CPU tensors
     monkeypatch.setattr(kn, "GEMM_BACKEND", "cutlass")
     with pytest.raises(RuntimeError, match="attention-input dX cannot use it: it runs on CUDA tensors only"):
-        kn._attn_dx_backend(x, x, x, x, x, mix)
+        kn._attn_dx_backend(x, x, x, x, mix)
     monkeypatch.setattr(kn, "GEMM_BACKEND", "cutlass")
     with pytest.raises(RuntimeError, match="CUDA tensors only"):
         kn.row_gemm_backend(kn.EPI_RESIDUAL, a, P(128), w, 128, 1, 256, 128, P(256))
