@@ -27,7 +27,8 @@ Implementations (rows' `impl`):
   IMPL+SETTING  any fused impl with more settings joined by "+": a FusedBlock option turned on
            (fused_attn_in_mix+expand_kv), +pingpong (fused_expand_kv+pingpong), +pdl or +no_pdl, +wgrad_stream
            (the backward's weight gradients on a second CUDA stream, block_kernels.WGRAD_STREAM), +store_cublas
-           (the attention output's dY product by cuBLAS, block_kernels.STORE_GEMM); see fused_settings
+           (the attention output's dY product by cuBLAS, block_kernels.STORE_GEMM), +norm_bwd_partials (the MLP
+           dX adding up c's partials in its epilogue, block_kernels.NORM_BWD_C_PARTIALS); see fused_settings
 Modes (rows' `mode`): fwd_bwd = y = block(x, x0); autograd.grad(y, [x, x0, *params], dy);
 fwd = forward under torch.no_grad() (the fused block's eval path).
 
@@ -121,12 +122,15 @@ def fused_settings(impl: str) -> tuple[dict, dict]:
     impl. "+" joins settings onto an impl: "fused_attn_in_mix+expand_kv" turns FusedBlock.expand_kv on too,
     "+pingpong" the ping-pong schedule, "+pdl" / "+no_pdl" programmatic dependent launches on / off,
     "+wgrad_stream" / "+no_wgrad_stream" the weight gradients on a second stream on / off, "+store_cublas" /
-    "+store_triton" the attention output's dY product by cuBLAS / Triton (block_kernels.STORE_GEMM)."""
+    "+store_triton" the attention output's dY product by cuBLAS / Triton (block_kernels.STORE_GEMM),
+    "+norm_bwd_partials" / "+no_norm_bwd_partials" the MLP dX adding c's partials in its epilogue or not
+    (block_kernels.NORM_BWD_C_PARTIALS)."""
     base, *extra = impl.split("+")
     kernels = dict(GEMM_BACKEND=GEMM_IMPLS.get(base, block_kernels.GEMM_BACKEND),
                    ATTN_IN_SCHEDULE=SCHEDULE_IMPLS.get(base, block_kernels.ATTN_IN_SCHEDULE),
                    PDL={"fused_pdl": True, "fused_no_pdl": False}.get(base, block_kernels.PDL),
-                   WGRAD_STREAM=block_kernels.WGRAD_STREAM, STORE_GEMM=block_kernels.STORE_GEMM)
+                   WGRAD_STREAM=block_kernels.WGRAD_STREAM, STORE_GEMM=block_kernels.STORE_GEMM,
+                   NORM_BWD_C_PARTIALS=block_kernels.NORM_BWD_C_PARTIALS)
     options = dict([FUSED_OPTIONS[base]]) if base in FUSED_OPTIONS else {}
     for e in extra:
         if e == "pingpong":
@@ -137,11 +141,14 @@ def fused_settings(impl: str) -> tuple[dict, dict]:
             kernels["WGRAD_STREAM"] = e == "wgrad_stream"
         elif e in ("store_cublas", "store_triton"):
             kernels["STORE_GEMM"] = e.split("_")[1]
+        elif e in ("norm_bwd_partials", "no_norm_bwd_partials"):
+            kernels["NORM_BWD_C_PARTIALS"] = e == "norm_bwd_partials"
         elif e in OPTION_NAMES:
             options[e] = True
         else:
             raise ValueError(f"impl {impl!r}: unknown setting {e!r} (pingpong, pdl, no_pdl, wgrad_stream, "
-                             f"no_wgrad_stream, store_cublas, store_triton or one of {OPTION_NAMES})")
+                             f"no_wgrad_stream, store_cublas, store_triton, norm_bwd_partials, no_norm_bwd_partials or one of "
+                             f"{OPTION_NAMES})")
     return kernels, options
 
 
@@ -687,6 +694,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["attn_in_schedule"], row["pdl"] = kernel_settings["ATTN_IN_SCHEDULE"], kernel_settings["PDL"]
                 row["wgrad_stream"] = kernel_settings["WGRAD_STREAM"]
                 row["store_gemm"] = kernel_settings["STORE_GEMM"]
+                row["norm_bwd_partials"] = kernel_settings["NORM_BWD_C_PARTIALS"]
                 for opt in OPTION_NAMES:
                     row[opt] = options.get(opt, FusedBlock.__dict__[opt])
             try:

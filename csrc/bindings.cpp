@@ -29,7 +29,7 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
                           const at::Tensor& c_in, const c10::optional<at::Tensor>& aux_in,
                           const c10::optional<at::Tensor>& aux_out, const c10::optional<at::Tensor>& col_vec,
                           const c10::optional<at::Tensor>& row_vec, const c10::optional<at::Tensor>& row_vec2,
-                          const c10::optional<at::Tensor>& row_out, int64_t act, double inv_n);
+                          const c10::optional<at::Tensor>& row_out, int64_t act, double inv_n, int64_t c_parts);
 void block_attn_dx_sm90_cuda(const at::Tensor& dqkv, const at::Tensor& w, const at::Tensor& g_xm,
                              const at::Tensor& x, const at::Tensor& x0, const at::Tensor& rstd,
                              const at::Tensor& c, const at::Tensor& mix, const at::Tensor& dx, const at::Tensor& dx0,
@@ -87,12 +87,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(CUTLASS ping-pong): epi 1 residual (c_in + col_vec[n]*acc), 3 activation backward (c_in = pre; aux_out = "
         "act(pre), row_out[j, m] = sum of dp*pre over column tile j, fp32 [ceil(N/128), round_up(M, 128)], "
         "out = dp*row_vec[m]; aux_out may be None), 4 RMSNorm backward (c_in = g, aux_in = x, row_vec = rstd, "
-        "row_vec2 = per-row sums, inv_n), 5 MLP up keeping act(pre) (out = acc*row_vec[m], aux_out = act(out); "
-        "c_in unused), 6 residual as 1 with row_out[j, m] = sum of out^2 over column tile j (laid out as 3's); "
-        "see csrc/block_gemm_sm90.cu", py::arg("a"), py::arg("w"),
+        "row_vec2 = per-row sums, or c_parts rows of M partials that the epilogue adds up, inv_n), 5 MLP up "
+        "keeping act(pre) (out = acc*row_vec[m], aux_out = act(out); c_in unused), 6 residual as 1 with "
+        "row_out[j, m] = sum of out^2 over column tile j (laid out as 3's); see csrc/block_gemm_sm90.cu",
+        py::arg("a"), py::arg("w"),
         py::arg("w_nk"), py::arg("out"), py::arg("epi"), py::arg("c_in"), py::arg("aux_in"), py::arg("aux_out"),
         py::arg("col_vec"), py::arg("row_vec"), py::arg("row_vec2"), py::arg("row_out"), py::arg("act"),
-        py::arg("inv_n"));
+        py::arg("inv_n"), py::arg("c_parts") = 1);
   m.def("block_gemm_sm90_supported", &pgolf::block_gemm_sm90_supported, "Whether block_gemm_sm90 runs these "
         "operands (built with CUTLASS, sm_90 GPU, bf16, K and N multiples of 8, 16-byte aligned)", py::arg("a"),
         py::arg("w"), py::arg("w_nk"), py::arg("n"));

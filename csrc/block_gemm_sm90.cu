@@ -18,7 +18,8 @@
 //                  so the sums are deterministic, no float atomics)
 //                  (without aux_out: the same minus the act(C) store, for when the forward kept act(pre))
 //   kNormBwd  (4): out = C + acc - aux_in * (rstd[m]^2 * c[m] / N_norm)    C = g (the gradient flowing in),
-//                  aux_in = x (the RMSNorm input)
+//                  aux_in = x (the RMSNorm input); c given as it is, or as c_parts rows of per-tile partials
+//                  (kActBwd's, rows of M) that the epilogue adds up as it loads them
 //   kMlpUpAct (5): out = acc * rstd[m] (pre);  aux_out = act(pre)      no C (the MLP up matmul in training when
 //                  the forward keeps act(pre) for the down matmul and the backward)
 //   kMlpUp    (2): out = act(acc * rstd[m])                             no C (only act(pre) kept: evaluation, and
@@ -73,6 +74,9 @@ using EvtActBwdNoStore = fu::Sm90EVT<
 
 using EvtNormBwd =
     fu::Sm90EVT<fu::Sm90Compute<NormBwd, Bf16, float, kRound>, Src, Acc, AuxInOf<kEpiNarrow>, PerRow, PerRow, Scalar>;
+// the same with c[m] given as c_parts rows of per-tile partials, added up as the epilogue loads them
+using EvtNormBwdParts = fu::Sm90EVT<fu::Sm90Compute<NormBwd, Bf16, float, kRound>, Src, Acc, AuxInOf<kEpiNarrow>,
+                                    PerRow, PerRowPartialSum, Scalar>;
 
 // pre = acc * rstd is formed twice (once under the act(pre) store): a visitor tree cannot share a node
 template <int ACT>
@@ -118,7 +122,7 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
                           const at::Tensor& c_in, const c10::optional<at::Tensor>& aux_in,
                           const c10::optional<at::Tensor>& aux_out, const c10::optional<at::Tensor>& col_vec,
                           const c10::optional<at::Tensor>& row_vec, const c10::optional<at::Tensor>& row_vec2,
-                          const c10::optional<at::Tensor>& row_out, int64_t act, double inv_n) {
+                          const c10::optional<at::Tensor>& row_out, int64_t act, double inv_n, int64_t c_parts) {
 #if defined(PGOLF_WITH_CUTLASS)
   const int64_t n = out.defined() && out.dim() == 2 ? out.size(1) : -1;
   TORCH_CHECK(n > 0 && block_gemm_sm90_supported(a, w, w_nk, n),
@@ -228,20 +232,29 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
       run(Gemm<EvtMlpUpAct<1>, kEpiNarrow, cutlass::layout::ColumnMajor>{});
     }
   } else if (epi == kNormBwd) {
-    using G = Gemm<EvtNormBwd, kEpiNarrow, cutlass::layout::RowMajor>;
     TORCH_CHECK(!w_nk, "block_gemm_sm90: the RMSNorm-backward epilogue is built for a [K, N] weight");
     TORCH_CHECK(aux_in.has_value() && ok_matrix(*aux_in, m, n, a),
                 "block_gemm_sm90: aux_in (x) must be a contiguous bf16 [M, N] tensor on A's device");
+    TORCH_CHECK(c_parts >= 1 && (c_parts == 1 || m % 4 == 0),
+                "block_gemm_sm90: c_parts (rows of per-row partial sums in row_vec2) must be >= 1, and M a multiple "
+                "of 4 when it is more than 1; got c_parts ", num_text(c_parts), ", M ", num_text(m));
     auto aux_stride = make_stride(int64_t(n), _1{}, int64_t(0));
-    typename G::Epilogue::FusionCallbacks::Arguments f{
-        {},                                                                  // g (C)
-        {},                                                                  // acc
-        {static_cast<const Bf16*>(aux_in->data_ptr()), Bf16(0.f), aux_stride},  // x
-        {vec(row_vec, m, "row_vec (rstd)"), 0.f, {}},
-        {vec(row_vec2, m, "row_vec2 (per-row sums)"), 0.f, {}},
-        {{static_cast<float>(inv_n)}},
-        {}};
-    launch<G>(ops, f, device, a);
+    const auto* x = static_cast<const Bf16*>(aux_in->data_ptr());
+    float* rstd = vec(row_vec, m, "row_vec (rstd)");
+    float* c = vec(row_vec2, m * c_parts, "row_vec2 (per-row sums, c_parts rows of M)");
+    const float inv = static_cast<float>(inv_n);
+    if (c_parts == 1) {
+      using G = Gemm<EvtNormBwd, kEpiNarrow, cutlass::layout::RowMajor>;
+      typename G::Epilogue::FusionCallbacks::Arguments f{
+          {}, {}, {x, Bf16(0.f), aux_stride}, {rstd, 0.f, {}}, {c, 0.f, {}}, {{inv}}, {}};  // g (C), acc, x, rstd, c
+      launch<G>(ops, f, device, a);
+    } else {
+      using G = Gemm<EvtNormBwdParts, kEpiNarrow, cutlass::layout::RowMajor>;
+      TORCH_CHECK(reinterpret_cast<uintptr_t>(c) % 16 == 0, "block_gemm_sm90: row_vec2 must be 16-byte aligned");
+      typename G::Epilogue::FusionCallbacks::Arguments f{
+          {}, {}, {x, Bf16(0.f), aux_stride}, {rstd, 0.f, {}}, {c, static_cast<int>(c_parts), m}, {{inv}}, {}};
+      launch<G>(ops, f, device, a);
+    }
   } else {
     TORCH_CHECK(false, "block_gemm_sm90: epi must be 1 (residual), 2 (MLP up storing act(pre)), 3 (activation "
                        "backward), 4 (RMSNorm backward), 5 (MLP up keeping pre and act(pre)) or 6 (residual with "
@@ -249,7 +262,7 @@ void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, c
   }
 #else
   (void)a, (void)w, (void)w_nk, (void)out, (void)epi, (void)c_in, (void)aux_in, (void)aux_out, (void)col_vec;
-  (void)row_vec, (void)row_vec2, (void)row_out, (void)act, (void)inv_n;
+  (void)row_vec, (void)row_vec2, (void)row_out, (void)act, (void)inv_n, (void)c_parts;
   TORCH_CHECK(false, "block_gemm_sm90: this build of pgolf_kernels._C has no CUTLASS kernels (setup.py found no "
                      "CUTLASS headers: pip install nvidia-cutlass, or set CUTLASS_HOME, then rebuild)");
 #endif

@@ -156,6 +156,112 @@ using RowSumPartials = fu::Sm90ColReduction<cutlass::plus, cutlass::plus, cutlas
                                             /*FinalReduction=*/false>;
 constexpr int64_t kTileM = 128, kTileN = 128;  // TileShape's M and N
 
+// v[m] = sum over j < count of p[j * ld + m]: a per-row broadcast (as PerRow) of the sum of `count` rows of per-tile
+// partials, added in order j = 0, 1, ... as each epilogue thread loads its rows' values (fp32, vectorised like
+// Sm90ColBroadcast's loads; needs ld % 4 == 0 and a 16-byte aligned p). The MLP dX takes the dPre's partials of
+// c[m] so, with no launch before it to add them up (block_kernels.NORM_BWD_C_PARTIALS).
+struct PerRowPartialSum : PerRow {
+  struct Arguments {
+    const float* ptr = nullptr;
+    int count = 1;
+    int64_t ld = 0;
+  };
+  struct Params {
+    const float* ptr = nullptr;
+    int count = 1;
+    int64_t ld = 0;
+  };
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return {args.ptr, args.count, args.ld};
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const& args) {
+    return args.ptr != nullptr && args.count >= 1 && args.ld % 4 == 0 &&
+           reinterpret_cast<uintptr_t>(args.ptr) % 16 == 0;
+  }
+
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_HOST_DEVICE PerRowPartialSum() {}
+  CUTLASS_HOST_DEVICE PerRowPartialSum(Params const& p, typename PerRow::SharedStorage const&) : params(p) {
+    this->is_zero_ = false;
+  }
+  Params params;
+
+  template <class GTensor, class RTensor, class CTensor, class ThrResidue>
+  struct ConsumerStoreCallbacks : fu::detail::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE ConsumerStoreCallbacks(GTensor g, RTensor r, CTensor c, ThrResidue residue, Params const& p)
+        : tCgCol(g), tCrCol(r), tCcCol(c), residue_tCcCol(residue), params(p) {}
+    GTensor tCgCol;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) of partial row 0
+    RTensor tCrCol;
+    CTensor tCcCol;
+    ThrResidue residue_tCcCol;
+    Params const& params;
+
+    CUTLASS_DEVICE void begin() {
+      Tensor tCgCol_flt = filter_zeros(tCgCol);
+      Tensor tCrCol_part = make_tensor_like<float>(filter_zeros(tCrCol));
+      Tensor tCcCol_flt = filter_zeros(tCcCol, tCgCol.stride());
+      constexpr auto MCL = decltype(max_common_layout(tCgCol_flt, tCrCol_part)){};
+      constexpr int V = cute::min(4, size(MCL));
+      constexpr int FrgSize = size(tCrCol_part);
+      using Frg = cutlass::Array<float, FrgSize>;
+      Frg sum;
+      sum.clear();
+      for (int j = 0; j < params.count; ++j) {
+        fill(tCrCol_part, 0.f);
+        Tensor tCgPart = make_tensor(tCgCol_flt.data() + j * params.ld, tCgCol_flt.layout());
+        if constexpr (V > 1) {
+          using VecType = uint_bit_t<V * 32>;
+          Tensor g_vec = recast<VecType>(coalesce(tCgPart));
+          Tensor r_vec = recast<VecType>(coalesce(tCrCol_part));
+          Tensor c_vec = tensor<1>(zipped_divide(tCcCol_flt, MCL.compose(Int<V>{})));
+          Tensor p_vec = cute::lazy::transform(c_vec, [&](auto const& c) { return elem_less(c, residue_tCcCol); });
+          copy_if(p_vec, g_vec, r_vec);
+        } else {
+          Tensor p_flt = cute::lazy::transform(tCcCol_flt, [&](auto const& c) { return elem_less(c, residue_tCcCol); });
+          copy_if(p_flt, tCgPart, tCrCol_part);
+        }
+        Frg const& part = recast<Frg>(coalesce(tCrCol_part))(_0{});
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < FrgSize; ++i) sum[i] += part[i];
+      }
+      recast<Frg>(filter(tCrCol))(_0{}) = sum;
+    }
+
+    template <typename ElementAccumulator, int FragmentSize>
+    CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(cutlass::Array<ElementAccumulator, FragmentSize> const&,
+                                                             int epi_v, int epi_m, int epi_n) {
+      cutlass::Array<float, FragmentSize> frg;
+      Tensor tCrCol_mn = tCrCol(_, _, _, epi_m, epi_n);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < FragmentSize; ++i) frg[i] = tCrCol_mn(epi_v * FragmentSize + i);
+      return frg;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(fu::detail::ConsumerStoreArgs<Args...> const& args) {
+    auto [M, N, K, L] = args.problem_shape_mnkl;
+    auto layout_mnl = make_layout(make_layout(M), make_layout(N, _0{}), make_layout(L, int64_t(0)));
+    Tensor mCol = make_tensor(make_gmem_ptr(params.ptr), layout_mnl);
+    Tensor tCgCol = fu::detail::sm90_partition_for_epilogue<ReferenceSrc>(  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N)
+        mCol, args.tile_shape_mnk, args.tile_coord_mnkl, args.epi_tile, args.tiled_copy, args.thread_idx);
+    Tensor tCrCol = make_tensor_like<float>(tCgCol);
+    return ConsumerStoreCallbacks<decltype(tCgCol), decltype(tCrCol), decltype(args.tCcD), decltype(args.residue_tCcD)>(
+        tCgCol, tCrCol, args.tCcD, args.residue_tCcD, params);
+  }
+};
+
 // ---- element-wise functors on fp32 fragments --------------------------------------------------------------
 // ACT 0 relu(p)^2, 1 leaky_relu(p, 0.5)^2, 2 relu^2 whose backward is given act(pre) in place of pre (the forward
 // kept only act(pre)): relu(pre) = sqrt(act(pre)) stands in for pre, exact for relu^2's backward since its

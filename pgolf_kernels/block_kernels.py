@@ -81,6 +81,12 @@ WGRAD_STREAM = os.environ.get("PGOLF_BLOCK_WGRAD_STREAM", "0").strip() == "1"
 STORE_GEMM = os.environ.get("PGOLF_BLOCK_STORE_GEMM", "triton").strip().lower() or "triton"
 if STORE_GEMM not in ("triton", "cublas"):
     raise ValueError(f"PGOLF_BLOCK_STORE_GEMM must be triton or cublas, not {STORE_GEMM!r}")
+
+# The CUTLASS MLP dX (EPI_NORM_BWD) given the dPre's per-tile partials of c[m] (hidden/128 rows) adds them up in its
+# epilogue as it loads them (block_gemm_sm90.cuh, PerRowPartialSum) instead of a sum_partials launch before it (about
+# 4 us at B64xT1024, the launch and its gap). Off until measured on a GPU. PGOLF_BLOCK_NORM_BWD_PARTIALS=1 turns it
+# on (needs an extension built with it); read at each call.
+NORM_BWD_C_PARTIALS = os.environ.get("PGOLF_BLOCK_NORM_BWD_PARTIALS", "0").strip() == "1"
 _SIDE_STREAMS: dict = {}
 
 
@@ -1209,6 +1215,9 @@ def _row_gemm_cutlass(a, w, M, N, K, out, *, epi, nvec, res, rowvec, c, c_nt, g,
         # per-row partial sums, one row per 128-column tile (act_bwd_partials("cutlass", M, N))
         _C.block_gemm_sm90(a2, w, w_nk, o2, epi, res.view(M, N), None, g.view(M, N) if store_act else None, None,
                            rowvec, None, c.view(-1), act, 1.0)
+    elif c_nt > 1 and NORM_BWD_C_PARTIALS and M % 4 == 0:  # the epilogue adds the c_nt rows of partials up
+        _C.block_gemm_sm90(a2, w, w_nk, o2, epi, g.view(M, N), res.view(M, N), None, None, rowvec,
+                           c.view(-1)[:c_nt * M], None, act, 1.0 / N, c_nt)
     else:
         csum = c.view(-1)[:M] if c_nt == 1 else sum_partials(c.view(-1, M)[:c_nt], M)
         _C.block_gemm_sm90(a2, w, w_nk, o2, epi, g.view(M, N), res.view(M, N), None, None, rowvec, csum, None,
