@@ -117,37 +117,35 @@ GEMM_IMPLS = {"fused_triton": "triton", "fused_cutlass": "cutlass"}  # impl -> b
 SCHEDULE_IMPLS = {"fused_attn_in_pingpong": "pingpong"}  # impl -> block_kernels.ATTN_IN_SCHEDULE
 
 
+# "+SETTING" words of a fused impl -> (block_kernels setting, value): the ping-pong attention input, programmatic
+# dependent launches, the weight gradients on a second stream, the attention output's dY product by cuBLAS or Triton,
+# the MLP dX adding up c's partials in its epilogue
+KERNEL_SETTINGS = {"pingpong": ("ATTN_IN_SCHEDULE", "pingpong"),
+                   "pdl": ("PDL", True), "no_pdl": ("PDL", False),
+                   "wgrad_stream": ("WGRAD_STREAM", True), "no_wgrad_stream": ("WGRAD_STREAM", False),
+                   "store_cublas": ("STORE_GEMM", "cublas"), "store_triton": ("STORE_GEMM", "triton"),
+                   "norm_bwd_partials": ("NORM_BWD_C_PARTIALS", True),
+                   "no_norm_bwd_partials": ("NORM_BWD_C_PARTIALS", False)}
+
+
 def fused_settings(impl: str) -> tuple[dict, dict]:
-    """(block_kernels settings {GEMM_BACKEND, ATTN_IN_SCHEDULE, PDL, WGRAD_STREAM}, FusedBlock options) of a fused
-    impl. "+" joins settings onto an impl: "fused_attn_in_mix+expand_kv" turns FusedBlock.expand_kv on too,
-    "+pingpong" the ping-pong schedule, "+pdl" / "+no_pdl" programmatic dependent launches on / off,
-    "+wgrad_stream" / "+no_wgrad_stream" the weight gradients on a second stream on / off, "+store_cublas" /
-    "+store_triton" the attention output's dY product by cuBLAS / Triton (block_kernels.STORE_GEMM),
-    "+norm_bwd_partials" / "+no_norm_bwd_partials" the MLP dX adding c's partials in its epilogue or not
-    (block_kernels.NORM_BWD_C_PARTIALS)."""
+    """(block_kernels settings {GEMM_BACKEND and those of KERNEL_SETTINGS}, FusedBlock options) of a fused impl.
+    "+" joins settings onto an impl: "fused_attn_in_mix+expand_kv" turns FusedBlock.expand_kv on too, "+pingpong"
+    the ping-pong schedule, and so on through KERNEL_SETTINGS."""
     base, *extra = impl.split("+")
-    kernels = dict(GEMM_BACKEND=GEMM_IMPLS.get(base, block_kernels.GEMM_BACKEND),
+    kernels = {name: getattr(block_kernels, name) for name, _ in KERNEL_SETTINGS.values()}
+    kernels.update(GEMM_BACKEND=GEMM_IMPLS.get(base, block_kernels.GEMM_BACKEND),
                    ATTN_IN_SCHEDULE=SCHEDULE_IMPLS.get(base, block_kernels.ATTN_IN_SCHEDULE),
-                   PDL={"fused_pdl": True, "fused_no_pdl": False}.get(base, block_kernels.PDL),
-                   WGRAD_STREAM=block_kernels.WGRAD_STREAM, STORE_GEMM=block_kernels.STORE_GEMM,
-                   NORM_BWD_C_PARTIALS=block_kernels.NORM_BWD_C_PARTIALS)
+                   PDL={"fused_pdl": True, "fused_no_pdl": False}.get(base, block_kernels.PDL))
     options = dict([FUSED_OPTIONS[base]]) if base in FUSED_OPTIONS else {}
     for e in extra:
-        if e == "pingpong":
-            kernels["ATTN_IN_SCHEDULE"] = "pingpong"
-        elif e in ("pdl", "no_pdl"):
-            kernels["PDL"] = e == "pdl"
-        elif e in ("wgrad_stream", "no_wgrad_stream"):
-            kernels["WGRAD_STREAM"] = e == "wgrad_stream"
-        elif e in ("store_cublas", "store_triton"):
-            kernels["STORE_GEMM"] = e.split("_")[1]
-        elif e in ("norm_bwd_partials", "no_norm_bwd_partials"):
-            kernels["NORM_BWD_C_PARTIALS"] = e == "norm_bwd_partials"
+        if e in KERNEL_SETTINGS:
+            name, value = KERNEL_SETTINGS[e]
+            kernels[name] = value
         elif e in OPTION_NAMES:
             options[e] = True
         else:
-            raise ValueError(f"impl {impl!r}: unknown setting {e!r} (pingpong, pdl, no_pdl, wgrad_stream, "
-                             f"no_wgrad_stream, store_cublas, store_triton, norm_bwd_partials, no_norm_bwd_partials or one of "
+            raise ValueError(f"impl {impl!r}: unknown setting {e!r} (one of {sorted(KERNEL_SETTINGS)} or "
                              f"{OPTION_NAMES})")
     return kernels, options
 

@@ -47,7 +47,8 @@ constexpr int kHeadDim = 64;
 constexpr int kTileK = 64;   // reduction per stage
 // Main-loop stages of the cooperative kernel: 3 by default; PGOLF_ATTN_IN_STAGES=4 (an A/B build flag, via setup.py's
 // PGOLF_NVCC_FLAGS) gives it a fourth, paid for with half the epilogue boxes (stored in two rounds, as MIX does).
-// MIX keeps 3: its stages hold x and x0.
+// It did not pay: the kernel 0.152 ms against 0.149, the block's fwd+bwd graph 2.656 against 2.660 (H100, one call,
+// bench/results/block-h100-80gb-hbm3-2026-12-07-ac1241c-st4-ws8.md). MIX keeps 3: its stages hold x and x0.
 #if defined(PGOLF_ATTN_IN_STAGES)
 constexpr int kPlainStages = PGOLF_ATTN_IN_STAGES;
 #else

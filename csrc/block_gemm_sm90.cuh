@@ -108,7 +108,8 @@ using EpiDescOf = cutlass::epilogue::collective::detail::EpilogueDescriptor<Tile
 // PGOLF_EPI_NO_REUSE_C: the output's subtiles get shared memory of their own instead of reusing C's, so a C stage is
 // handed back to the loads without waiting for the output's TMA store to leave it.
 // PGOLF_EPI_WIDE_STAGES_C: the same for the kEpiWide kernels alone (with 8 and 64x64 subtiles, dPre's C loads may
-// run a whole tile ahead).
+// run a whole tile ahead). 8 measured even: graph 2.655 ms against 2.660, dPre 0.146 against 0.145 (H100, one
+// call, bench/results/block-h100-80gb-hbm3-2026-12-07-ac1241c-st4-ws8.md).
 template <int EpiN>
 constexpr int kEpiStagesC =
 #if defined(PGOLF_EPI_STAGES_C)

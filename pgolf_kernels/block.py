@@ -39,7 +39,7 @@ bf16 (buffers included) before restoring the weights to fp32, so there the posit
   epilogue's per-row partials where M is not a whole number of 128-row tiles), the scale vectors' row dots after
   the cuBLAS weight gradients, and cuBLAS's split-K reductions. PGOLF_BLOCK_GEMM=triton|cutlass picks the
   matmul kernels (block_kernels.GEMM_BACKEND); PGOLF_BLOCK_WGRAD_STREAM=1 runs the weight gradients on a second
-  CUDA stream beside the dX matmuls (block_kernels.WGRAD_STREAM, off: not measured yet).
+  CUDA stream beside the dX matmuls (block_kernels.WGRAD_STREAM, off: it measured slower).
 
 Design choices (and why):
   * Weightless RMSNorm is a row scale: norm(x) @ W^T = rstd * (x @ W^T), so the matmul that consumes a normed

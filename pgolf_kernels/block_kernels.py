@@ -69,8 +69,10 @@ PDL = os.environ.get("PGOLF_PDL", "0").strip() == "1"
 # pairs (dPre with dWproj2, the MLP dX with dWfc, the attention output's dY with dWproj, the attention-input dX with
 # d[Wq;Wk;Wv]) is a memory-heavy launch and a compute-bound cuBLAS one, plus the latter's small split-K and
 # row-dot launches; side by side, one may use what the other leaves idle, including its tail. Read at each
-# backward call, so a CUDA graph keeps what was set when it was captured. Off until it is measured.
-# PGOLF_BLOCK_WGRAD_STREAM=1 or WGRAD_STREAM = True turns it on.
+# backward call, so a CUDA graph keeps what was set when it was captured. Off: it did not pay. H100, B64xT1024
+# MLP 2x, fwd+bwd graph 2.688 ms with it against 2.655 in one run; the paired kernels slow each other (the attention
+# dX 0.274 ms beside its cuBLAS dW against 0.203 alone; bench/results/block-h100-80gb-hbm3-2026-12-07-ac1241c-
+# wgrad-stream-ab.json). PGOLF_BLOCK_WGRAD_STREAM=1 or WGRAD_STREAM = True turns it on.
 WGRAD_STREAM = os.environ.get("PGOLF_BLOCK_WGRAD_STREAM", "0").strip() == "1"
 
 # The plain product EPI_STORE (the attention output's dY = g @ (attn_scale * Wproj) in backward, 65,536 x 512 x 512
