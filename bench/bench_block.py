@@ -66,6 +66,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pgolf_kernels import block_kernels  # noqa: E402
 from pgolf_kernels.block import BlockConfig, FusedBlock, ReferenceBlock  # noqa: E402
+from pgolf_kernels import attention as attention_settings  # noqa: E402
+from pgolf_kernels.attention import attention_path  # noqa: E402
 from results_io import graph_replay_ms, kernel_profile, peak_extra_mib, write_results  # noqa: E402
 
 DEFAULT_CASES = ["B64_T1024_mlp2_relu2", "B64_T1024_mlp3_leaky_relu2", "B32_T2048_mlp2_relu2",
@@ -125,7 +127,14 @@ KERNEL_SETTINGS = {"pingpong": ("ATTN_IN_SCHEDULE", "pingpong"),
                    "wgrad_stream": ("WGRAD_STREAM", True), "no_wgrad_stream": ("WGRAD_STREAM", False),
                    "store_cublas": ("STORE_GEMM", "cublas"), "store_triton": ("STORE_GEMM", "triton"),
                    "norm_bwd_partials": ("NORM_BWD_C_PARTIALS", True),
-                   "no_norm_bwd_partials": ("NORM_BWD_C_PARTIALS", False)}
+                   "no_norm_bwd_partials": ("NORM_BWD_C_PARTIALS", False),
+                   # pgolf_kernels.attention's: SDPA's own backward even where cuDNN forward + FA4 backward applies
+                   "attn_sdpa": ("ATTN_BWD", "sdpa"), "attn_auto": ("ATTN_BWD", "auto")}
+
+
+def settings_module(name: str):
+    """The module a KERNEL_SETTINGS name lives in (block_kernels, or pgolf_kernels.attention for ATTN_BWD)."""
+    return attention_settings if name == "ATTN_BWD" else block_kernels
 
 
 def fused_settings(impl: str) -> tuple[dict, dict]:
@@ -133,7 +142,7 @@ def fused_settings(impl: str) -> tuple[dict, dict]:
     "+" joins settings onto an impl: "fused_attn_in_mix+expand_kv" turns FusedBlock.expand_kv on too, "+pingpong"
     the ping-pong schedule, and so on through KERNEL_SETTINGS."""
     base, *extra = impl.split("+")
-    kernels = {name: getattr(block_kernels, name) for name, _ in KERNEL_SETTINGS.values()}
+    kernels = {name: getattr(settings_module(name), name) for name, _ in KERNEL_SETTINGS.values()}
     kernels.update(GEMM_BACKEND=GEMM_IMPLS.get(base, block_kernels.GEMM_BACKEND),
                    ATTN_IN_SCHEDULE=SCHEDULE_IMPLS.get(base, block_kernels.ATTN_IN_SCHEDULE),
                    PDL={"fused_pdl": True, "fused_no_pdl": False}.get(base, block_kernels.PDL))
@@ -631,16 +640,16 @@ def main(argv: list[str] | None = None) -> None:
 
             @contextlib.contextmanager
             def impl_settings():  # this impl's block_kernels settings (GEMM backend, ...) and FusedBlock options
-                saved = {k: getattr(block_kernels, k) for k in kernel_settings}
+                saved = {k: getattr(settings_module(k), k) for k in kernel_settings}
                 for k, value in kernel_settings.items():
-                    setattr(block_kernels, k, value)
+                    setattr(settings_module(k), k, value)
                 for opt, value in options.items():
                     setattr(fused, opt, value)
                 try:
                     yield
                 finally:
                     for k, value in saved.items():
-                        setattr(block_kernels, k, value)
+                        setattr(settings_module(k), k, value)
                     for opt in options:
                         delattr(fused, opt)  # back to the class default
 
@@ -654,7 +663,16 @@ def main(argv: list[str] | None = None) -> None:
                       torch.autocast("cuda", torch.bfloat16, enabled=autocast)):
                     return [block(x, x0)]
 
-            return fwd_bwd if mode == "fwd_bwd" else fwd
+            fn = fwd_bwd if mode == "fwd_bwd" else fwd
+            # which attention the fused block runs here: SDPA, or cuDNN forward + FlashAttention 4 backward
+            fn.attn_path = "sdpa"
+            if is_fused and not smoke and mode == "fwd_bwd" and wrapper == "none":
+                with impl_settings(), sdpa_kernel([backend]):
+                    kv_heads = cfg.num_heads if fused.expand_kv else cfg.num_kv_heads
+                    probe_q = torch.empty(1, cfg.num_heads, 8, cfg.head_dim, device=dev, dtype=act_dtype)
+                    probe_k = torch.empty(1, kv_heads, 8, cfg.head_dim, device=dev, dtype=act_dtype)
+                    fn.attn_path = attention_path(probe_q, probe_k, True, fused.sdpa_backends)
+            return fn
 
         plan = []
         for mode in modes:
@@ -693,6 +711,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["wgrad_stream"] = kernel_settings["WGRAD_STREAM"]
                 row["store_gemm"] = kernel_settings["STORE_GEMM"]
                 row["norm_bwd_partials"] = kernel_settings["NORM_BWD_C_PARTIALS"]
+                row["attn_path"] = fn.attn_path
                 for opt in OPTION_NAMES:
                     row[opt] = options.get(opt, FusedBlock.__dict__[opt])
             try:

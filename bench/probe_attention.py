@@ -13,9 +13,11 @@ backward, CUDA-graph replay (GPU time only), median of triton.testing.do_bench:
              make cuDNN's dO.O, dQ-conversion or head-pair kernels cheaper?)
   gqa_dO_like_O  gqa with dO allocated like O (empty_like(y)), as the block's backward passes it
              (gqa_dO_like_O includes one copy into that dO: compare the kernels, not only the total)
-for the cuDNN and flash backends, and lists each variant's kernels (torch.profiler, per call).
+for the cuDNN and flash backends, and lists each variant's kernels (torch.profiler, per call). With --backends
+naming fa4 (FlashAttention 4's CuTe DSL kernels, `flash_attn.cute`, which has sm_90 forward and backward), its
+gqa (k/v at 4 heads, FA4's own GQA) and expanded variants on the block's [B, T, heads, HD] memory as well.
 
-Usage: python bench/probe_attention.py [--cases B64_T1024,B32_T2048] [--out DIR]
+Usage: python bench/probe_attention.py [--cases B64_T1024,B32_T2048] [--backends cudnn,flash,fa4] [--out DIR]
 Result: bench/results/attention_probe-<device>-<date>.txt
 """
 import argparse
@@ -74,9 +76,30 @@ def variants(q, k, v, dy):
             "gqa_dO_like_O": gqa_do_like_o}
 
 
+def fa4_variants(q, k, v, dy):
+    """FlashAttention 4 (flash_attn.cute) on [B, T, heads, HD] tensors: the memory under the probe's views."""
+    from flash_attn.cute import flash_attn_func
+
+    rep = H // KVH
+    qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))  # [B, T, heads, HD] contiguous
+    k8, v8 = (t.detach().repeat_interleave(rep, dim=2).requires_grad_() for t in (kt, vt))
+    dyt = dy.transpose(1, 2).contiguous()
+
+    def run(kk, vv):
+        y = flash_attn_func(qt, kk, vv, causal=True)
+        y = y[0] if isinstance(y, tuple) else y
+        return torch.autograd.grad(y, (qt, kk, vv), dyt)
+
+    def as_probe(gs):  # back to the probe's [B, heads, T, HD] views for the comparison
+        return tuple(g.transpose(1, 2) for g in gs)
+
+    return {"gqa": lambda: as_probe(run(kt, vt)), "expanded": lambda: as_probe(run(k8, v8))}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="B64_T1024,B32_T2048")
+    ap.add_argument("--backends", default="cudnn,flash", help="cudnn, flash (SDPA's) and fa4 (flash_attn.cute)")
     ap.add_argument("--out", default=None, help="folder for the .txt (default: print only)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -89,19 +112,22 @@ def main(argv=None):
     for case in args.cases.split(","):
         b, t = (int(s[1:]) for s in case.split("_"))
         q, k, v, dy = make_inputs(b, t, gen)
-        for bname, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            ref = [g.float() for g in variants(q, k, v, dy)["gqa"]()]
+        for bname in args.backends.split(","):
+            backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                       "fa4": SDPBackend.MATH}[bname]
             with sdpa_kernel([backend]):
-                fns = variants(q, k, v, dy)
-                ref = [g.float() for g in fns["gqa"]()]
+                fns = fa4_variants(q, k, v, dy) if bname == "fa4" else variants(q, k, v, dy)
                 for name, fn in fns.items():
                     got = fn()
                     if name == "expanded":  # compare after summing the head pairs
                         got = (got[0], *(g.unflatten(1, (KVH, H // KVH)).sum(2) for g in got[1:]))
                     err = max(((a.float() - r).abs().max() / r.abs().max()).item() for a, r in zip(got, ref))
                     ms = graph_replay_ms(fn, warmup=25, rep=200)
-                    lines.append(f"{case:10s} {bname:6s} {name:11s} {ms:8.4f} ms  (max rel. diff vs gqa {err:.2e})")
+                    lines.append(f"{case:10s} {bname:6s} {name:11s} {ms:8.4f} ms  (max rel. diff vs cudnn gqa {err:.2e})")
                     print(lines[-1], flush=True)
-                    if case == args.cases.split(",")[0] and bname == "cudnn":
+                    if case == args.cases.split(",")[0] and bname in ("cudnn", "fa4"):
                         for kern in kernel_profile(fn):  # (not `k`: that is the key tensor the next backend uses)
                             lines.append(f"    {kern['ms_per_iter']:8.4f} ms x{kern['calls_per_iter']:.0f}  "
                                          f"{kern['kernel']}")

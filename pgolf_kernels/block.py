@@ -15,7 +15,9 @@ bf16 (buffers included) before restoring the weights to fp32, so there the posit
     attn_in   resid_mix -> xm and rstd(xm) (one row pass)                                      1
               [Wq;Wk;Wv] matmul * rstd + q/k RMSNorm + RoPE + q gain                           1
               (on sm_90 one wgmma kernel can do both: FusedBlock.attn_in_mix, off, measured slower)
-    SDPA      torch scaled_dot_product_attention (cuDNN or flash backend, causal, GQA)         (attention)
+    SDPA      torch scaled_dot_product_attention (cuDNN or flash backend, causal, GQA); in    (attention)
+              training on sm_90 with FlashAttention 4 installed, cuDNN's forward and FA4's
+              backward (pgolf_kernels.attention)
     attn_out  y @ Wproj^T, epilogue  x1 = xm + attn_scale * (.)                                  1
     mlp       rstd(x1) (one row pass; with the CUTLASS kernels the projection's epilogue also     1
               writes per-tile sums of x1^2 and a small kernel adds them up into rstd)
@@ -88,6 +90,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .attention import attention
 
 ACTIVATION_NAMES = ("relu2", "leaky_relu2")
 
@@ -740,13 +744,8 @@ class FusedBlock(ReferenceBlock):
                                     a.q_gain, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.rope_dims, train,
                                     kv_rep, self.attn_in_mix)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        gqa = k.shape[1] != q.shape[1]
-        if self.sdpa_backends is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            from torch.nn.attention import sdpa_kernel
-            with sdpa_kernel(self.sdpa_backends):
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        # cuDNN's forward with FlashAttention 4's backward where that applies (pgolf_kernels.attention), else SDPA
+        y = attention(q, k, v, train, self.sdpa_backends)
         # x1 and its rstd for the MLP's RMSNorm (on sm_90 with CUTLASS from the projection's epilogue)
         x1, rstd1 = attn_out(y.transpose(1, 2), xm, wp, w_c[3], wp_scaled_c, self.attn_scale, self.attn_out_rstd)
         # free the attention tensors before the MLP (autograd holds what the backward needs): the eval path kept

@@ -1,0 +1,121 @@
+"""Causal attention for the fused block: PyTorch SDPA, or cuDNN's forward with FlashAttention 4's backward.
+
+The block trains with k/v already at the query heads (FusedBlock.expand_kv), and on the H100 the two fastest
+halves come from different libraries (bench/probe_attention.py, B64xT1024, 8 heads, head dim 64, causal, graph
+replay; bench/results/attention_probe-h100-80gb-hbm3-2026-12-07-fa4.txt):
+
+  forward   cuDNN 0.203 ms      FlashAttention 4 (flash_attn.cute, CuTe DSL) 0.269
+  backward  cuDNN 0.562 + its dO.O row sums 0.098 + dQ fp32->bf16 0.086
+            FA4   0.422 + its dO.O row sums 0.095 + dQ fp32->bf16 0.068
+
+so `attention` runs cuDNN's forward (aten's `_scaled_dot_product_cudnn_attention`, which also returns the rows'
+log-sum-exp) and hands FA4's backward that log-sum-exp: both are the natural-log LSE of the scaled scores
+(tests/test_attention.py checks the gradients against SDPA's own backward on the GPU).
+
+When the pair is used (ATTN_BWD):
+  "auto" (default): in training, without GQA (k/v at the query heads), outside torch.compile (FA4's launches are
+          not traceable), on sm_90 with cuDNN SDPA enabled (torch.backends.cuda.cudnn_sdp_enabled(), so an
+          `sdpa_kernel([...FLASH...])` context still gets flash), head_dim a multiple of 8 up to 256, and
+          `flash_attn.cute` importable (`pip install flash-attn-4 'nvidia-cutlass-dsl[cu13]'`).
+          Otherwise F.scaled_dot_product_attention as before.
+  "fa4":  the same, but a missing or unusable FlashAttention 4 raises instead of falling back.
+  "sdpa": always F.scaled_dot_product_attention.
+PGOLF_ATTN_BWD sets it at import; the module attribute can be changed at run time (read at each call).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ATTN_BWD = os.environ.get("PGOLF_ATTN_BWD", "auto").strip().lower()
+ATTN_BWD_CHOICES = ("auto", "fa4", "sdpa")
+
+
+@functools.lru_cache(maxsize=1)
+def _fa4_backward():
+    """FlashAttention 4's backward entry point, or the reason it cannot be had (a str)."""
+    try:
+        from flash_attn.cute.interface import _flash_attn_bwd
+    except Exception as e:  # not installed, or its CuTe DSL libraries fail to load
+        return f"flash_attn.cute (FlashAttention 4) is not importable: {type(e).__name__}: {e}"
+    return _flash_attn_bwd
+
+
+def fa4_status() -> str:
+    """'available' or why FlashAttention 4's backward cannot be used here."""
+    got = _fa4_backward()
+    return got if isinstance(got, str) else "available"
+
+
+def _pair_usable(q: Tensor, k: Tensor, train: bool) -> str | None:
+    """None where cuDNN forward + FA4 backward applies to this call, else why not."""
+    if not train:
+        return "not training"
+    if k.shape[1] != q.shape[1]:
+        return "GQA (k/v fewer heads than q): FA4's GQA backward adds dK/dV accumulators that cost more"
+    if torch.compiler.is_compiling():
+        return "inside torch.compile"
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "not an sm_90 GPU"
+    if not torch.backends.cuda.cudnn_sdp_enabled():
+        return "cuDNN SDPA disabled (sdpa_kernel context)"
+    hd = q.shape[-1]
+    if q.dtype not in (torch.bfloat16, torch.float16) or hd % 8 or hd > 256:
+        return f"dtype {q.dtype} / head_dim {hd} (FA4 on sm_90: fp16/bf16, head_dim a multiple of 8 up to 256)"
+    return fa4_status() if fa4_status() != "available" else None
+
+
+class _CudnnForwardFa4Backward(torch.autograd.Function):
+    """Causal attention of q, k, v [B, H, T, D] (any strides SDPA accepts): cuDNN forward, FA4 backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, dropout_p=0.0, is_causal=True, return_debug_mask=False)[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        b, h, t, _ = q.shape
+        # FA4 takes [B, T, heads, D] (the block's q/k/v memory: these transposes are views) and lse [B, H, T]
+        bthd = [x.transpose(1, 2) for x in (q, k, v, out, dout)]
+        dq, dk, dv = _fa4_backward()(*bthd, lse.reshape(b, h, t).float(), causal=True)[:3]
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, train: bool, sdpa_backends: list | None = None) -> Tensor:
+    """Causal attention, q [B, H, T, D], k/v [B, KVH, T, D] (KVH dividing H); cuDNN forward + FA4 backward where
+    ATTN_BWD allows (module docstring), else F.scaled_dot_product_attention (within sdpa_kernel(sdpa_backends)
+    when given)."""
+    mode = ATTN_BWD
+    if mode not in ATTN_BWD_CHOICES:
+        raise ValueError(f"PGOLF_ATTN_BWD / attention.ATTN_BWD must be one of {ATTN_BWD_CHOICES}, got {mode!r}")
+    if mode != "sdpa":
+        from torch.nn.attention import SDPBackend
+        why = _pair_usable(q, k, train)
+        if why is None and sdpa_backends is not None and SDPBackend.CUDNN_ATTENTION not in sdpa_backends:
+            why = f"sdpa_backends {sdpa_backends} has no cuDNN"
+        if why is None:
+            return _CudnnForwardFa4Backward.apply(q, k, v)
+        if mode == "fa4" and train:
+            raise RuntimeError(f"PGOLF_ATTN_BWD=fa4, but cuDNN forward + FlashAttention 4 backward cannot run: {why}")
+    gqa = k.shape[1] != q.shape[1]
+    if sdpa_backends is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(sdpa_backends):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
+def attention_path(q: Tensor, k: Tensor, train: bool, sdpa_backends: list | None = None) -> str:
+    """'cudnn+fa4' or 'sdpa': which path `attention` takes for these inputs now (bench rows record it)."""
+    if ATTN_BWD == "sdpa" or _pair_usable(q, k, train) is not None:
+        return "sdpa"
+    from torch.nn.attention import SDPBackend
+    return "sdpa" if sdpa_backends is not None and SDPBackend.CUDNN_ATTENTION not in sdpa_backends else "cudnn+fa4"
