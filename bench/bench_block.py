@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
             fn = fwd_bwd if mode == "fwd_bwd" else fwd
             # which attention the fused block runs here: SDPA, or cuDNN forward + FlashAttention 4 backward
             fn.attn_path = "sdpa"
-            if is_fused and not smoke and mode == "fwd_bwd" and wrapper == "none":
+            if is_fused and not smoke and mode == "fwd_bwd":
                 with impl_settings(), sdpa_kernel([backend]):
                     kv_heads = cfg.num_heads if fused.expand_kv else cfg.num_kv_heads
                     probe_q = torch.empty(1, cfg.num_heads, 8, cfg.head_dim, device=dev, dtype=act_dtype)

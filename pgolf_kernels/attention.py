@@ -13,11 +13,12 @@ log-sum-exp) and hands FA4's backward that log-sum-exp: both are the natural-log
 (tests/test_attention.py checks the gradients against SDPA's own backward on the GPU).
 
 When the pair is used (ATTN_BWD):
-  "auto" (default): in training, without GQA (k/v at the query heads), outside torch.compile (FA4's launches are
-          not traceable), on sm_90 with cuDNN SDPA enabled (torch.backends.cuda.cudnn_sdp_enabled(), so an
-          `sdpa_kernel([...FLASH...])` context still gets flash), head_dim a multiple of 8 up to 256, and
-          `flash_attn.cute` importable (`pip install flash-attn-4 'nvidia-cutlass-dsl[cu13]'`).
-          Otherwise F.scaled_dot_product_attention as before.
+  "auto" (default): in training, without GQA (k/v at the query heads), on sm_90 with cuDNN SDPA enabled
+          (torch.backends.cuda.cudnn_sdp_enabled(), so an `sdpa_kernel([...FLASH...])` context still gets
+          flash), head_dim a multiple of 8 up to 256, and `flash_attn.cute` importable
+          (`pip install flash-attn-4 'nvidia-cutlass-dsl[cu13]'`). Otherwise F.scaled_dot_product_attention.
+          Under torch.compile the FA4 backward is the custom op pgolf::fa4_attention_backward (its launches
+          are not traceable), and whether the pair applies is decided once, when the graph is traced.
   "fa4":  the same, but a missing or unusable FlashAttention 4 raises instead of falling back.
   "sdpa": always F.scaled_dot_product_attention.
 PGOLF_ATTN_BWD sets it at import; the module attribute can be changed at run time (read at each call).
@@ -51,22 +52,46 @@ def fa4_status() -> str:
     return got if isinstance(got, str) else "available"
 
 
+def _host_reason(device_index: int) -> str:
+    """'' where this process can run the pair on that GPU now, else why not (host-side state only)."""
+    if torch.cuda.get_device_capability(device_index)[0] != 9:
+        return "not an sm_90 GPU"
+    if not torch.backends.cuda.cudnn_sdp_enabled():
+        return "cuDNN SDPA disabled (sdpa_kernel context)"
+    return "" if fa4_status() == "available" else fa4_status()
+
+
+# torch.compile cannot trace the host queries above; it takes their answer as a constant of the traced graph
+_host_reason_traced = torch.compiler.assume_constant_result(_host_reason)
+
+
 def _pair_usable(q: Tensor, k: Tensor, train: bool) -> str | None:
     """None where cuDNN forward + FA4 backward applies to this call, else why not."""
     if not train:
         return "not training"
     if k.shape[1] != q.shape[1]:
         return "GQA (k/v fewer heads than q): FA4's GQA backward adds dK/dV accumulators that cost more"
-    if torch.compiler.is_compiling():
-        return "inside torch.compile"
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if q.device.type != "cuda":
         return "not an sm_90 GPU"
-    if not torch.backends.cuda.cudnn_sdp_enabled():
-        return "cuDNN SDPA disabled (sdpa_kernel context)"
     hd = q.shape[-1]
     if q.dtype not in (torch.bfloat16, torch.float16) or hd % 8 or hd > 256:
         return f"dtype {q.dtype} / head_dim {hd} (FA4 on sm_90: fp16/bf16, head_dim a multiple of 8 up to 256)"
-    return fa4_status() if fa4_status() != "available" else None
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    why = (_host_reason_traced if torch.compiler.is_compiling() else _host_reason)(index)
+    return why or None
+
+
+@torch.library.custom_op("pgolf::fa4_attention_backward", mutates_args=())
+def _fa4_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor,
+                     lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of causal attention by FlashAttention 4; q/k/v/out/dout [B, T, heads, D], lse [B, H, T] fp32."""
+    dq, dk, dv = _fa4_backward()(q, k, v, out, dout, lse, causal=True)[:3]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_fa4_backward_op.register_fake
+def _(q, k, v, out, dout, lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 class _CudnnForwardFa4Backward(torch.autograd.Function):
@@ -85,7 +110,7 @@ class _CudnnForwardFa4Backward(torch.autograd.Function):
         b, h, t, _ = q.shape
         # FA4 takes [B, T, heads, D] (the block's q/k/v memory: these transposes are views) and lse [B, H, T]
         bthd = [x.transpose(1, 2) for x in (q, k, v, out, dout)]
-        dq, dk, dv = _fa4_backward()(*bthd, lse.reshape(b, h, t).float(), causal=True)[:3]
+        dq, dk, dv = _fa4_backward_op(*bthd, lse.reshape(b, h, t).float())
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 

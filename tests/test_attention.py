@@ -64,8 +64,8 @@ def _needs_pair():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("b,t", [(2, 1024), (1, 2048), (3, 384)])
-def test_gpu_cudnn_forward_fa4_backward_matches_sdpa(monkeypatch, b, t):
+@pytest.mark.parametrize("b,t,compiled", [(2, 1024, False), (1, 2048, False), (3, 384, False), (2, 1024, True)])
+def test_gpu_cudnn_forward_fa4_backward_matches_sdpa(monkeypatch, b, t, compiled):
     _needs_pair()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     monkeypatch.setattr(attn, "ATTN_BWD", "fa4")
@@ -73,10 +73,25 @@ def test_gpu_cudnn_forward_fa4_backward_matches_sdpa(monkeypatch, b, t):
     q, k, v = _qkv(b, h, h, t, d, "cuda", torch.bfloat16, seed=b * t)
     dy = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+    def step(q_, k_, v_):
+        y_ = attn.attention(q_, k_, v_, train=True)
+        return [y_] + list(torch.autograd.grad(y_, (q_, k_, v_), dy))
+
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         assert attn.attention_path(*leaves[:2], train=True) == "cudnn+fa4"
-        y = attn.attention(*leaves, train=True)
-        got = [y] + list(torch.autograd.grad(y, leaves, dy))
+        if compiled:  # the pair inside a compiled graph: the FA4 backward as the custom op
+            from torch.profiler import ProfilerActivity, profile
+            fn = torch.compile(lambda *a: attn.attention(*a, train=True), fullgraph=True)
+            y = fn(*leaves)
+            got = [y] + list(torch.autograd.grad(y, leaves, dy))
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                torch.autograd.grad(fn(*leaves), leaves, dy)
+                torch.cuda.synchronize()
+            names = [e.name for e in prof.events()]
+            assert any("FlashAttentionBackwardSm90" in n for n in names), "compiled backward did not run FA4's"
+        else:
+            got = step(*leaves)
         ref_leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         y_ref = F.scaled_dot_product_attention(*ref_leaves, is_causal=True)
         want = [y_ref] + list(torch.autograd.grad(y_ref, ref_leaves, dy))

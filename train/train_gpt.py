@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # The script lives in train/; make the repository's pgolf_kernels importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pgolf_kernels import attention  # noqa: E402
 from pgolf_kernels import block as block_lib  # noqa: E402
 from pgolf_kernels import export, quant  # noqa: E402
 from pgolf_kernels.metric import build_bpb_luts, evaluate_bpb  # noqa: E402
@@ -721,8 +722,11 @@ def main() -> None:
     # ---- model
     base_model = GPT(cfg, fused_blocks=fused_blocks).to(device)
     if cfg.kernels == "fused":
+        # FusedBlock's attention backward: FlashAttention 4's where it is installed (pgolf_kernels.attention)
+        attn_bwd = ("fa4" if fused_blocks and device.type == "cuda" and attention.ATTN_BWD != "sdpa"
+                    and attention.fa4_status() == "available" else "sdpa")
         log(f"kernels:fused blocks:{'FusedBlock' if fused_blocks else 'plain'} sdpa:{'cudnn' if fused_blocks else 'flash'} "
-            f"ce:fused_linear_cross_entropy qat_linear:{'int6 kernel' if cfg.qat_start_frac is not None else 'off'}")
+            f"attn_bwd:{attn_bwd} ce:fused_linear_cross_entropy qat_linear:{'int6 kernel' if cfg.qat_start_frac is not None else 'off'}")
     if bf16:
         cast_like_official(base_model, cfg.control_patterns)
     base_model.fused_ce = fused_ce
