@@ -136,6 +136,9 @@ setup(
         "prepare": ["lxml", "docutils", "py3langid"],
         "triton": ["triton>=3.3"],  # host-side TMA tensor descriptors (triton.tools.tensor_descriptor)
         "bench": ["matplotlib"],
+        # FlashAttention 4 (CuTe DSL): the fused block's attention backward on sm_90 (pgolf_kernels/attention.py).
+        # [cu13] for a CUDA 13 torch, as measured; a CUDA 12 torch takes plain nvidia-cutlass-dsl.
+        "fa4": ["flash-attn-4==4.0.0b36", "nvidia-cutlass-dsl[cu13]==4.8.1"],
         "test": ["pytest", "lxml", "docutils", "py3langid", "matplotlib"],
     },
     ext_modules=ext_modules,

@@ -700,7 +700,9 @@ class FusedBlock(ReferenceBlock):
         if self.cfg.d_model % 64 or self.cfg.hidden % 64:
             raise ValueError("FusedBlock needs d_model and hidden to be multiples of 64")
         self._rope_cache: dict = {}
-        self.sdpa_backends: list | None = None  # e.g. [SDPBackend.CUDNN_ATTENTION]; None = PyTorch's choice
+        # e.g. [SDPBackend.CUDNN_ATTENTION]; None = PyTorch's choice. In training on sm_90 with FlashAttention 4
+        # installed the attention is cuDNN's forward + FA4's backward unless this leaves cuDNN out (attention.py)
+        self.sdpa_backends: list | None = None
 
     def _rope(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
         inv_freq = self.attn.rotary.inv_freq

@@ -113,11 +113,12 @@ class Config:
     export_scheme: str = "int8+zlib"
     qat_start_frac: float | None = None  # fake-quantise block matrices from this fraction of the run; unset = off
     qat_bits: int = 6
-    # KERNELS=fused only: every block as pgolf's FusedBlock (fused Triton block kernels, cuDNN attention, no
-    # autocast; under QAT its matrices enter as Q(W) with a straight-through gradient). On the H100 a
-    # micro-step's GPU kernels take 30.3 ms with it against 37.7 ms compiled, at half the memory, but the host
-    # enqueues them more slowly than the GPU runs them (57.3 vs 34.3 ms, bench/results/e2e_fused_probe-h100-*);
-    # with CUDA_GRAPHS=1 that host work goes, and 200 steps ran 300.1 ms/step against 362.4 for KERNELS=compile
+    # KERNELS=fused only: every block as pgolf's FusedBlock (fused Triton block kernels, cuDNN attention with
+    # FlashAttention 4's backward where it is installed (pgolf_kernels/attention.py), no autocast; under QAT its
+    # matrices enter as Q(W) with a straight-through gradient). On the H100 a micro-step's GPU kernels take
+    # 30.3 ms with it against 37.7 ms compiled (before FA4), at half the memory, but the host enqueues them more
+    # slowly than the GPU runs them (57.3 vs 34.3 ms, bench/results/e2e_fused_probe-h100-*); with CUDA_GRAPHS=1
+    # that host work goes, and 200 steps ran 300.1 ms/step against 362.4 for KERNELS=compile
     # (bench/results/e2e_cuda_graphs-h100-*.md).
     fused_blocks: bool = False
     # CUDA only, one process: each micro-step (forward, loss, backward into the .grad buffers) is captured once as
