@@ -114,22 +114,27 @@ class _CudnnForwardFa4Backward(torch.autograd.Function):
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+def _why_not_pair(q: Tensor, k: Tensor, train: bool, sdpa_backends: list | None) -> str | None:
+    """None where `attention` takes cuDNN forward + FA4 backward for these inputs now, else why not."""
+    if ATTN_BWD not in ATTN_BWD_CHOICES:
+        raise ValueError(f"PGOLF_ATTN_BWD / attention.ATTN_BWD must be one of {ATTN_BWD_CHOICES}, got {ATTN_BWD!r}")
+    if ATTN_BWD == "sdpa":
+        return "PGOLF_ATTN_BWD=sdpa"
+    from torch.nn.attention import SDPBackend
+    if sdpa_backends is not None and SDPBackend.CUDNN_ATTENTION not in sdpa_backends:
+        return f"sdpa_backends {sdpa_backends} has no cuDNN"
+    return _pair_usable(q, k, train)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, train: bool, sdpa_backends: list | None = None) -> Tensor:
     """Causal attention, q [B, H, T, D], k/v [B, KVH, T, D] (KVH dividing H); cuDNN forward + FA4 backward where
     ATTN_BWD allows (module docstring), else F.scaled_dot_product_attention (within sdpa_kernel(sdpa_backends)
     when given)."""
-    mode = ATTN_BWD
-    if mode not in ATTN_BWD_CHOICES:
-        raise ValueError(f"PGOLF_ATTN_BWD / attention.ATTN_BWD must be one of {ATTN_BWD_CHOICES}, got {mode!r}")
-    if mode != "sdpa":
-        from torch.nn.attention import SDPBackend
-        why = _pair_usable(q, k, train)
-        if why is None and sdpa_backends is not None and SDPBackend.CUDNN_ATTENTION not in sdpa_backends:
-            why = f"sdpa_backends {sdpa_backends} has no cuDNN"
-        if why is None:
-            return _CudnnForwardFa4Backward.apply(q, k, v)
-        if mode == "fa4" and train:
-            raise RuntimeError(f"PGOLF_ATTN_BWD=fa4, but cuDNN forward + FlashAttention 4 backward cannot run: {why}")
+    why = _why_not_pair(q, k, train, sdpa_backends)
+    if why is None:
+        return _CudnnForwardFa4Backward.apply(q, k, v)
+    if ATTN_BWD == "fa4" and train:
+        raise RuntimeError(f"PGOLF_ATTN_BWD=fa4, but cuDNN forward + FlashAttention 4 backward cannot run: {why}")
     gqa = k.shape[1] != q.shape[1]
     if sdpa_backends is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -140,7 +145,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, train: bool, sdpa_backends: list 
 
 def attention_path(q: Tensor, k: Tensor, train: bool, sdpa_backends: list | None = None) -> str:
     """'cudnn+fa4' or 'sdpa': which path `attention` takes for these inputs now (bench rows record it)."""
-    if ATTN_BWD == "sdpa" or _pair_usable(q, k, train) is not None:
-        return "sdpa"
-    from torch.nn.attention import SDPBackend
-    return "sdpa" if sdpa_backends is not None and SDPBackend.CUDNN_ATTENTION not in sdpa_backends else "cudnn+fa4"
+    return "sdpa" if _why_not_pair(q, k, train, sdpa_backends) else "cudnn+fa4"

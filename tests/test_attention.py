@@ -44,6 +44,16 @@ def test_gqa_and_eval_never_take_the_pair(monkeypatch):
     assert attn._pair_usable(q, q, train=False) == "not training"
 
 
+def test_sdpa_setting_and_backends_without_cudnn_say_why(monkeypatch):
+    from torch.nn.attention import SDPBackend
+    q, k, _ = _qkv(1, 4, 4, 16, 8, "cpu", torch.float32)
+    monkeypatch.setattr(attn, "ATTN_BWD", "sdpa")
+    assert attn._why_not_pair(q, k, True, None) == "PGOLF_ATTN_BWD=sdpa"
+    monkeypatch.setattr(attn, "ATTN_BWD", "auto")
+    assert "has no cuDNN" in attn._why_not_pair(q, k, True, [SDPBackend.FLASH_ATTENTION])
+    assert attn.attention_path(q, k, True, [SDPBackend.FLASH_ATTENTION]) == "sdpa"
+
+
 def test_unknown_setting_is_rejected(monkeypatch):
     monkeypatch.setattr(attn, "ATTN_BWD", "fast")
     q, k, v = _qkv(1, 2, 2, 8, 8, "cpu", torch.float32)
