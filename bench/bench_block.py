@@ -67,7 +67,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from pgolf_kernels import block_kernels  # noqa: E402
 from pgolf_kernels.block import BlockConfig, FusedBlock, ReferenceBlock  # noqa: E402
 from pgolf_kernels import attention as attention_settings  # noqa: E402
-from pgolf_kernels.attention import attention_path  # noqa: E402
+from pgolf_kernels.attention import attention_path_for  # noqa: E402
 from results_io import graph_replay_ms, kernel_profile, peak_extra_mib, write_results  # noqa: E402
 
 DEFAULT_CASES = ["B64_T1024_mlp2_relu2", "B64_T1024_mlp3_leaky_relu2", "B32_T2048_mlp2_relu2",
@@ -669,9 +669,8 @@ def main(argv: list[str] | None = None) -> None:
             if is_fused and not smoke and mode == "fwd_bwd":
                 with impl_settings(), sdpa_kernel([backend]):
                     kv_heads = cfg.num_heads if fused.expand_kv else cfg.num_kv_heads
-                    probe_q = torch.empty(1, cfg.num_heads, 8, cfg.head_dim, device=dev, dtype=act_dtype)
-                    probe_k = torch.empty(1, kv_heads, 8, cfg.head_dim, device=dev, dtype=act_dtype)
-                    fn.attn_path = attention_path(probe_q, probe_k, True, fused.sdpa_backends)
+                    fn.attn_path = attention_path_for(cfg.num_heads, kv_heads, cfg.head_dim, act_dtype, dev,
+                                                      sdpa_backends=fused.sdpa_backends)
             return fn
 
         plan = []

@@ -58,7 +58,8 @@ def _host_reason(device_index: int) -> str:
         return "not an sm_90 GPU"
     if not torch.backends.cuda.cudnn_sdp_enabled():
         return "cuDNN SDPA disabled (sdpa_kernel context)"
-    return "" if fa4_status() == "available" else fa4_status()
+    status = fa4_status()
+    return "" if status == "available" else status
 
 
 # torch.compile cannot trace the host queries above; it takes their answer as a constant of the traced graph
@@ -146,3 +147,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, train: bool, sdpa_backends: list 
 def attention_path(q: Tensor, k: Tensor, train: bool, sdpa_backends: list | None = None) -> str:
     """'cudnn+fa4' or 'sdpa': which path `attention` takes for these inputs now (bench rows record it)."""
     return "sdpa" if _why_not_pair(q, k, train, sdpa_backends) else "cudnn+fa4"
+
+
+def attention_path_for(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, train: bool = True,
+                       sdpa_backends: list | None = None) -> str:
+    """attention_path for q/k of these sizes on `device` now (one-element tensors stand in for them)."""
+    q = torch.empty(1, heads, 1, head_dim, device=device, dtype=dtype)
+    k = torch.empty(1, kv_heads, 1, head_dim, device=device, dtype=dtype)
+    return attention_path(q, k, train, sdpa_backends)

@@ -61,6 +61,14 @@ def test_unknown_setting_is_rejected(monkeypatch):
         attn.attention(q, k, v, train=True)
 
 
+def test_attention_path_for_sizes_matches_tensors(monkeypatch):
+    monkeypatch.setattr(attn, "ATTN_BWD", "auto")
+    assert attn.attention_path_for(8, 8, 64, torch.float32, "cpu") == "sdpa"
+    monkeypatch.setattr(attn, "_pair_usable", lambda q, k, train: None if q.shape[1] == k.shape[1] else "GQA")
+    assert attn.attention_path_for(8, 8, 64, torch.bfloat16, "cpu") == "cudnn+fa4"
+    assert attn.attention_path_for(8, 4, 64, torch.bfloat16, "cpu") == "sdpa"
+
+
 def test_fa4_status_is_a_reason_or_available():
     s = attn.fa4_status()
     assert s == "available" or "FlashAttention 4" in s
@@ -83,25 +91,21 @@ def test_gpu_cudnn_forward_fa4_backward_matches_sdpa(monkeypatch, b, t, compiled
     q, k, v = _qkv(b, h, h, t, d, "cuda", torch.bfloat16, seed=b * t)
     dy = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-
-    def step(q_, k_, v_):
-        y_ = attn.attention(q_, k_, v_, train=True)
-        return [y_] + list(torch.autograd.grad(y_, (q_, k_, v_), dy))
+    fn = lambda *a: attn.attention(*a, train=True)
+    if compiled:  # the pair inside a compiled graph: the FA4 backward as the custom op
+        fn = torch.compile(fn, fullgraph=True)
 
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         assert attn.attention_path(*leaves[:2], train=True) == "cudnn+fa4"
-        if compiled:  # the pair inside a compiled graph: the FA4 backward as the custom op
+        y = fn(*leaves)
+        got = [y] + list(torch.autograd.grad(y, leaves, dy))
+        if compiled:
             from torch.profiler import ProfilerActivity, profile
-            fn = torch.compile(lambda *a: attn.attention(*a, train=True), fullgraph=True)
-            y = fn(*leaves)
-            got = [y] + list(torch.autograd.grad(y, leaves, dy))
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 torch.autograd.grad(fn(*leaves), leaves, dy)
                 torch.cuda.synchronize()
             names = [e.name for e in prof.events()]
             assert any("FlashAttentionBackwardSm90" in n for n in names), "compiled backward did not run FA4's"
-        else:
-            got = step(*leaves)
         ref_leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         y_ref = F.scaled_dot_product_attention(*ref_leaves, is_causal=True)
         want = [y_ref] + list(torch.autograd.grad(y_ref, ref_leaves, dy))

@@ -723,9 +723,13 @@ def main() -> None:
     # ---- model
     base_model = GPT(cfg, fused_blocks=fused_blocks).to(device)
     if cfg.kernels == "fused":
-        # FusedBlock's attention backward: FlashAttention 4's where it is installed (pgolf_kernels.attention)
-        attn_bwd = ("fa4" if fused_blocks and device.type == "cuda" and attention.ATTN_BWD != "sdpa"
-                    and attention.fa4_status() == "available" else "sdpa")
+        # FusedBlock's attention backward (it trains with k/v at the query heads): FlashAttention 4's where
+        # pgolf_kernels.attention takes it on this device, else SDPA's
+        attn_bwd = "sdpa"
+        if fused_blocks and device.type == "cuda":
+            hd = cfg.model_dim // cfg.num_heads
+            path = attention.attention_path_for(cfg.num_heads, cfg.num_heads, hd, torch.bfloat16, device)
+            attn_bwd = "fa4" if path == "cudnn+fa4" else "sdpa"
         log(f"kernels:fused blocks:{'FusedBlock' if fused_blocks else 'plain'} sdpa:{'cudnn' if fused_blocks else 'flash'} "
             f"attn_bwd:{attn_bwd} ce:fused_linear_cross_entropy qat_linear:{'int6 kernel' if cfg.qat_start_frac is not None else 'off'}")
     if bf16:
