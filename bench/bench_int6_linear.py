@@ -4,8 +4,11 @@ Implementations (rows' `impl`), all with x bf16 [M, K] (requires grad), W fp32 m
   plain               x @ W.to(bf16)ᵀ — the unquantised linear the model uses without QAT (the bar)
   eager               reference_int6_fake_quant_linear: F.linear(x, STE(quant.fake_quant(W)).to(bf16))
   compile             torch.compile of that function (inductor, dynamic=False)
-  fused_prologue      int6_fake_quant_linear(impl="prologue"): matmuls quantising W tiles on load — on an
-                      H100/H200 the CUDA sm_90a kernels (csrc/qat_linear_sm90.cu), elsewhere Triton
+  fused_prologue      int6_fake_quant_linear(impl="prologue"): matmuls quantising W on chip — on an H100/H200 the
+                      CUDA sm_90a kernels (csrc/qat_linear_sm90.cu, default schedule), elsewhere Triton
+  fused_prologue_tile, fused_prologue_slab, fused_prologue_pair  the same with int6_linear.PROLOGUE_BACKEND =
+                      "sm90_tile" (W quantised again for every 256-token tile), "sm90_slab" (once per CTA and
+                      64-row slab), "sm90_pair" (slab kernel in 2-CTA clusters sharing the activation tiles)
   fused_prologue_triton  the same with int6_linear.PROLOGUE_BACKEND = "triton" (the Triton matmuls everywhere)
   fused_quant_cublas  int6_fake_quant_linear(impl="quant_cublas"): one Triton pass Q(W) -> bf16, then cuBLAS
 Per case: `ms` = median of forward+backward (triton.testing.do_bench, return_mode="median"; x.grad and W.grad
@@ -63,6 +66,8 @@ def make_impls(with_compile: bool):
         torch._dynamo.config.cache_size_limit = 64
         impls["compile"] = torch.compile(L.reference_int6_fake_quant_linear, dynamic=False)
     impls["fused_prologue"] = lambda x, w, bits: L.int6_fake_quant_linear(x, w, bits, impl="prologue")
+    for schedule in ("tile", "slab", "pair"):  # run with PROLOGUE_BACKEND = "sm90_<schedule>"
+        impls[f"fused_prologue_{schedule}"] = impls["fused_prologue"]
     impls["fused_prologue_triton"] = impls["fused_prologue"]  # run with PROLOGUE_BACKEND = "triton"
     impls["fused_quant_cublas"] = lambda x, w, bits: L.int6_fake_quant_linear(x, w, bits, impl="quant_cublas")
     return impls
@@ -143,8 +148,13 @@ def bench_dw_layouts(cases, tokens):
     return out
 
 
-def bench_linear(cases, tokens, bits, with_compile, rows, save):
+def bench_linear(cases, tokens, bits, with_compile, rows, save, only=None):
     impls = make_impls(with_compile)
+    if only:
+        unknown = set(only) - set(impls)
+        if unknown:
+            sys.exit(f"--impls: unknown {sorted(unknown)}; known: {sorted(impls)}")
+        impls = {k: v for k, v in impls.items() if k in only or k == "plain"}
     for case in cases:
         k, n = (int(v) for v in case.split("x"))
         torch.manual_seed(k * 10_000 + n)
@@ -160,7 +170,8 @@ def bench_linear(cases, tokens, bits, with_compile, rows, save):
         for name, fn in impls.items():
             t0 = time.time()
             # the backward runs after fn returns, so the backend is set for the whole measurement
-            L.PROLOGUE_BACKEND = "triton" if name == "fused_prologue_triton" else "auto"
+            L.PROLOGUE_BACKEND = ("triton" if name == "fused_prologue_triton" else
+                                  "sm90_" + name.rsplit("_", 1)[1] if name.startswith("fused_prologue_") else "auto")
             r = measure(name, fn, x, w, gy, bits, refs[name != "plain"])
             L.PROLOGUE_BACKEND = "auto"
             if name == "plain":
@@ -339,6 +350,7 @@ def main():
     ap.add_argument("--bits", type=int, default=6)
     ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated KxN (in x out features)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--impls", default=None, help="comma-separated implementations to time (plain always runs)")
     ap.add_argument("--no-export", action="store_true", help="skip the export quantiser rows")
     ap.add_argument("--compression", action="store_true",
                     help="CPU only: compare int8 containers vs bit-packed codes under zstd-22 / brotli-11 "
@@ -379,7 +391,8 @@ def main():
 
     def save(rows, final=False):
         worst, worst_graph = {}, {}
-        for impl in ("fused_prologue", "fused_prologue_triton", "fused_quant_cublas"):
+        for impl in ("fused_prologue", "fused_prologue_tile", "fused_prologue_slab", "fused_prologue_pair",
+                     "fused_prologue_triton", "fused_quant_cublas"):
             ratios = [r["vs_plain"] for r in rows if r["impl"] == impl]
             if ratios:
                 worst[impl] = max(ratios)
@@ -403,7 +416,8 @@ def main():
 
     rows = [] if args.no_export else bench_export_quant(args.bits)
     dw_layouts.update(bench_dw_layouts(args.cases.split(","), args.tokens))
-    bench_linear(args.cases.split(","), args.tokens, args.bits, not args.no_compile, rows, save)
+    bench_linear(args.cases.split(","), args.tokens, args.bits, not args.no_compile, rows, save,
+                 args.impls.split(",") if args.impls else None)
     save(rows, final=True)
 
 

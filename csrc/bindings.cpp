@@ -21,8 +21,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flce_forward_cuda(
     int64_t reduction, bool need_dh, bool need_dw, int64_t chunk_rows, int64_t dw_splits);
 void flce_scale_inplace_cuda(const at::Tensor& a, const c10::optional<at::Tensor>& b, const at::Tensor& g);
 bool qat_linear_sm90_supported(const at::Tensor& b, const at::Tensor& w, bool trans_w);
+int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool trans_w, int64_t schedule);
 at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const at::Tensor& aux,
-                                const c10::optional<at::Tensor>& bias, bool trans_w);
+                                const c10::optional<at::Tensor>& bias, bool trans_w, int64_t schedule);
 bool block_gemm_sm90_built();
 bool block_gemm_sm90_supported(const at::Tensor& a, const at::Tensor& w, bool w_nk, int64_t n);
 void block_gemm_sm90_cuda(const at::Tensor& a, const at::Tensor& w, bool w_nk, const at::Tensor& out, int64_t epi,
@@ -78,11 +79,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the device); no GPU work when g == 1", py::arg("a"), py::arg("b"), py::arg("g"));
   m.def("qat_linear_sm90", &pgolf::qat_linear_sm90_cuda, "QAT matmul with the quantiser in the prologue (sm_90a "
         "wgmma): trans_w False: b @ Q(W)^T (+ bias), b = x [tokens, in]; True: b @ Q(W), b = dy [tokens, out]. "
-        "aux = int6_linear.row_scales(W, bits) (amax scales)", py::arg("b"), py::arg("w"), py::arg("aux"),
-        py::arg("bias"), py::arg("trans_w"));
+        "aux = int6_linear.row_scales(W, bits) (amax scales); schedule 0 default, 1 per-tile quantisation, 2 slab "
+        "(W quantised once per CTA and 64-row slab), 3 slab in 2-CTA clusters", py::arg("b"), py::arg("w"), py::arg("aux"), py::arg("bias"), py::arg("trans_w"),
+        py::arg("schedule") = 0);
   m.def("qat_linear_sm90_supported", &pgolf::qat_linear_sm90_supported, "Whether qat_linear_sm90 runs these "
-        "operands (sm_90 GPU, bf16 activations, fp32 contiguous W, reduction % 64 == 0, output width % 128 == 0)",
+        "operands (sm_90 GPU, bf16 activations, fp32 contiguous W, reduction % 64 == 0, output width % 64 == 0)",
         py::arg("b"), py::arg("w"), py::arg("trans_w"));
+  m.def("qat_linear_sm90_schedule", &pgolf::qat_linear_sm90_schedule, "Which qat_linear_sm90 schedule runs these "
+        "operands for the requested one (0 default, 1 per-tile, 2 slab, 3 slab pairs): the schedule, 0 none",
+        py::arg("b"), py::arg("w"), py::arg("trans_w"), py::arg("schedule") = 0);
   m.def("block_gemm_sm90", &pgolf::block_gemm_sm90_cuda, "Fused block row GEMM out = epilogue(a @ w) on sm_90a "
         "(CUTLASS ping-pong): epi 1 residual (c_in + col_vec[n]*acc), 3 activation backward (c_in = pre; aux_out = "
         "act(pre), row_out[j, m] = sum of dp*pre over column tile j, fp32 [ceil(N/128), round_up(M, 128)], "

@@ -303,6 +303,435 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif  // PGOLF_SM90A
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// The slab schedule: W quantised once per CTA and slab instead of once per tile.
+//
+// A "slab" is 64 a-rows of A over the whole reduction: forward, W[a0:a0+64, :]; dX, W[:, a0:a0+64]. Each CTA
+// takes a contiguous run of (slab, 256-token tile) units in slab-major order, so it meets one or two slabs. On
+// entering a slab its two consumer warpgroups read the slab's fp32 weights once, quantise them with the exporter's
+// rule and keep the codes in shared memory as bytes (code + 128), laid out in wgmma A-fragment order: the 8 codes a
+// thread needs for one k16 step are one 8-byte load. Then the warpgroups take turns (ping-pong) over the slab's
+// token tiles: warpgroup 0 the CTA's even units, 1 the odd ones, each a 64 x 256 tile through wgmma m64n256k16 with
+// register A, so one warpgroup's epilogue runs under the other's matmuls. A fragments are double-buffered: the
+// next stage's codes are turned into bf16 while this stage's wgmmas run (the A registers of an in-flight wgmma are
+// kept live with empty asm "fences" until the wait that retires it, so the compiler cannot reuse them).
+// Forward: the fragment holds the integer codes (exact in bf16) and the epilogue multiplies by s[a]. dX: the
+// fragment holds bf16(code · s[r]), Q(W) rounded once, with s of the whole reduction in shared memory.
+// A NaN code (a NaN or infinite weight) cannot live in a byte: the slab fill flags its a-row and the epilogue adds
+// NaN to that output column, as the per-tile kernel's NaN code would have made it.
+constexpr int kSlabRows = 64;
+constexpr int kSlabEpiT = 64;                          // tokens per epilogue store (four per tile)
+constexpr int kSlabEpiBytes = kSlabEpiT * kSlabRows * 2;  // per consumer warpgroup
+constexpr int kSlabMaxStages = 6;
+constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared memory per block
+constexpr int kDefaultSchedule = 1;                    // per-tile until the slab kernels are measured
+
+struct SlabLayout {
+  int stages = 0;
+  int smem = 0;
+};
+
+// Shared memory: [stages x B tile][2 x epilogue][slab codes 64 x R bytes][dX: s, R floats][64 NaN flags][barriers]
+__host__ __device__ inline int slab_fixed_bytes(int reduction, bool trans_w) {
+  return 2 * kSlabEpiBytes + kSlabRows * reduction + (trans_w ? 4 * reduction : 0) + 4 * kSlabRows;
+}
+
+inline SlabLayout slab_layout(int64_t reduction, bool trans_w) {
+  SlabLayout l;
+  if (reduction <= 0 || reduction % kTileR != 0 || reduction > 4096) return l;
+  const int fixed = 1024 + slab_fixed_bytes(static_cast<int>(reduction), trans_w) + 2 * kSlabMaxStages * 8;
+  l.stages = std::min(kSlabMaxStages, (kSmemOptin - fixed) / kBBytes);
+  if (l.stages < 2) {
+    l.stages = 0;
+    return l;
+  }
+  l.smem = fixed + l.stages * kBBytes;
+  return l;
+}
+
+struct SlabArgs {
+  const float* w;     // forward: [a_extent, reduction]; dX: [reduction, a_extent]
+  const float* aux;   // [2, rows of W]: s, RN(1/s)
+  const float* bias;  // forward only, [a_extent] fp32 or nullptr
+  int tokens;
+  int a_extent;
+  int reduction;
+  int stages;
+};
+
+#ifdef PGOLF_SM90A
+// Byte offset of A(a, r) (r even: the pair r, r + 1) in the slab's fragment order: k16 step, warp (16 a-rows),
+// lane (g = a % 8, q = r % 8 / 2), then the thread's 8 bytes as its four A registers' bf16 pairs.
+__device__ __forceinline__ int slab_offset(int a, int r) {
+  const int w = a >> 4, g = a & 7, h = (a >> 3) & 1;
+  const int kk = r >> 4, half = (r >> 3) & 1, q = (r & 7) >> 1;
+  return ((((kk << 2) + w) * 32 + 4 * g + q) << 3) + 4 * half + 2 * h;
+}
+
+template <int BIAS = 128>
+__device__ __forceinline__ uint32_t code_byte(float code) {
+  return static_cast<uint32_t>(__float2int_rn(code) + BIAS) & 0xFFu;
+}
+
+// Code byte k (0..3) of `word` as an exact fp32 integer: 2^23 + byte, minus 2^23 + 128.
+template <int K>
+__device__ __forceinline__ float byte_code(uint32_t word) {
+  return __fsub_rn(__uint_as_float(__byte_perm(word, 0x4B000000u, 0x7650 | K)), 8388736.0f);
+}
+
+#ifdef QAT_SLAB_NARROW_FWD
+// Forward codes with |code| <= 63 stored as code + 64 (1..127): bf16 bits 0x4300 | byte are 128 + byte, and one
+// bf16x2 fma takes 192 off, exactly.
+__device__ __forceinline__ uint32_t narrow_pair(uint32_t word, uint32_t sel) {
+  uint32_t out;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(out) : "r"(__byte_perm(word, 0x43434343u, sel)), "r"(0x3F803F80u),
+      "r"(0xC340C340u));
+  return out;
+}
+constexpr int kFwdBias = 64;
+#else
+constexpr int kFwdBias = 128;
+#endif
+
+template <int N>
+__device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// Arrive on the mbarrier at the same shared-memory offset in CTA `rank` of the cluster.
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+
+// A TMA box written to the same shared-memory offset of every CTA in `mask`, each CTA's mbarrier at `bar`'s
+// offset getting the bytes.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+                                                      uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "h"(mask)
+      : "memory");
+}
+
+template <bool TRANS_W>
+__device__ __forceinline__ void slab_fill(uint8_t* slab, uint32_t* nan_rows, const SlabArgs& args, int a0,
+                                          uint32_t mark, int t256) {
+  const int R = args.reduction;
+  const float* w = args.w;
+  const float* s_of = args.aux;
+  const float* r_of = args.aux + (TRANS_W ? R : args.a_extent);
+  if constexpr (!TRANS_W) {
+    // a thread takes 4 consecutive r of one a-row (one float4), 8 at a time for loads in flight
+    const int quads = R / 4, total = kSlabRows * quads;
+    for (int base = t256; base < total; base += 256 * 8) {
+      float4 v[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int idx = base + 256 * j;
+        if (idx < total) v[j] = __ldg(reinterpret_cast<const float4*>(w + int64_t(a0 + idx / quads) * R) + idx % quads);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int idx = base + 256 * j;
+        if (idx >= total) break;
+        const int a = idx / quads, r = 4 * (idx % quads);
+        const float s = __ldg(s_of + a0 + a), rc = __ldg(r_of + a0 + a);
+        const float c0 = quant_code(v[j].x, s, rc), c1 = quant_code(v[j].y, s, rc);
+        const float c2 = quant_code(v[j].z, s, rc), c3 = quant_code(v[j].w, s, rc);
+        if (isnan(c0 + c1 + c2 + c3)) nan_rows[a] = mark;
+        *reinterpret_cast<uint16_t*>(slab + slab_offset(a, r)) =
+            code_byte<kFwdBias>(c0) | (code_byte<kFwdBias>(c1) << 8);
+        *reinterpret_cast<uint16_t*>(slab + slab_offset(a, r + 2)) =
+            code_byte<kFwdBias>(c2) | (code_byte<kFwdBias>(c3) << 8);
+      }
+    }
+  } else {
+    // a thread takes rows r, r + 1 of W and 4 consecutive a (two float4), 4 at a time
+    const int total = (R / 2) * (kSlabRows / 4);
+    for (int base = t256; base < total; base += 256 * 4) {
+      float4 v0[4], v1[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int idx = base + 256 * j;
+        if (idx < total) {
+          const int r = 2 * (idx / 16), aq = idx % 16;
+          v0[j] = __ldg(reinterpret_cast<const float4*>(w + int64_t(r) * args.a_extent + a0) + aq);
+          v1[j] = __ldg(reinterpret_cast<const float4*>(w + int64_t(r + 1) * args.a_extent + a0) + aq);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int idx = base + 256 * j;
+        if (idx >= total) break;
+        const int r = 2 * (idx / 16), a = 4 * (idx % 16);
+        const float s0 = __ldg(s_of + r), q0 = __ldg(r_of + r), s1 = __ldg(s_of + r + 1), q1 = __ldg(r_of + r + 1);
+        const float lo[4] = {v0[j].x, v0[j].y, v0[j].z, v0[j].w}, hi[4] = {v1[j].x, v1[j].y, v1[j].z, v1[j].w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float c0 = quant_code(lo[e], s0, q0), c1 = quant_code(hi[e], s1, q1);
+          if (isnan(c0 + c1)) nan_rows[a + e] = mark;
+          *reinterpret_cast<uint16_t*>(slab + slab_offset(a + e, r)) = code_byte(c0) | (code_byte(c1) << 8);
+        }
+      }
+    }
+  }
+}
+#endif  // PGOLF_SM90A
+
+// CLUSTER 2: two CTAs, slabs 2p and 2p + 1 of the same token tiles, share each B tile: each loads one half and
+// multicasts it to both, so B is read from L2 once per 128 a-rows instead of once per 64. A stage is free again
+// only when the consumers of both CTAs are done with it (they arrive on both CTAs' empty barriers).
+template <bool TRANS_W, int CLUSTER>
+__global__ void __launch_bounds__(kThreads, 1)
+    qat_slab_kernel(const __grid_constant__ CUtensorMap map_b, const __grid_constant__ CUtensorMap map_out,
+                    const SlabArgs args) {
+#ifdef PGOLF_SM90A
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int S = args.stages, R = args.reduction;
+  uint8_t* stage_b = smem;                                  // S x kBBytes
+  uint8_t* epi = smem + S * kBBytes;                        // 2 x kSlabEpiBytes
+  uint8_t* slab = epi + 2 * kSlabEpiBytes;                  // kSlabRows x R code bytes
+  float* scales = reinterpret_cast<float*>(slab + kSlabRows * R);  // dX: s[r]
+  uint32_t* nan_rows = reinterpret_cast<uint32_t*>(scales + (TRANS_W ? R : 0));
+  uint64_t* full = reinterpret_cast<uint64_t*>(nan_rows + kSlabRows);
+  uint64_t* empty = full + S;
+
+  const int warpgroup = threadIdx.x / 128;
+  const int tid = threadIdx.x % 128;
+  const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
+  const int group = blockIdx.x / CLUSTER, groups = gridDim.x / CLUSTER;  // clusters (or CTAs) and their count
+  const int num_t = (args.tokens + kTileT - 1) / kTileT;
+  const int64_t units = int64_t(args.a_extent / (kSlabRows * CLUSTER)) * num_t;
+  const int64_t u_begin = units * group / groups;
+  const int n = static_cast<int>(units * (group + 1) / groups - u_begin);
+  const int num_r = R / kTileR;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 4 * CLUSTER);  // lane 0 of each warp of the consuming warpgroup, in every CTA
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  if (threadIdx.x < kSlabRows) nan_rows[threadIdx.x] = 0;
+  if constexpr (CLUSTER > 1) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
+
+  if (warpgroup == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (tid == 0) {
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int i = 0; i < n; ++i) {
+        const int t0 = static_cast<int>((u_begin + i) % num_t) * kTileT;
+        for (int kr = 0; kr < num_r; ++kr) {
+          mbar_wait(&empty[stage], phase ^ 1);
+          mbar_expect_tx(&full[stage], kBBytes);
+          uint8_t* dst = stage_b + stage * kBBytes;
+          if constexpr (CLUSTER > 1) {
+            constexpr int kPart = kTileT / CLUSTER;
+            tma_load_2d_multicast(dst + rank * (kBBytes / CLUSTER), &map_b, &full[stage], kr * kTileR,
+                                  t0 + rank * kPart, (1u << CLUSTER) - 1);
+          } else {
+            tma_load_2d(dst, &map_b, &full[stage], kr * kTileR, t0);
+          }
+          if (++stage == S) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+    // no thread leaves before its cluster peer is done arriving on this CTA's barriers
+    if constexpr (CLUSTER > 1) cluster_sync();
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int cw = warpgroup - 1;
+  const int t256 = threadIdx.x - 128;
+  const int warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, q = lane % 4;
+  const int row_lo = 16 * warp + g;  // this thread's two slab rows: row_lo, row_lo + 8
+  uint8_t* my_epi = epi + cw * kSlabEpiBytes;
+  const uint8_t* my_frag = slab + (warp * 32 + lane) * 8;  // + 256 * 4 per k16 step
+
+  if constexpr (TRANS_W) {
+    for (int r = t256; r < R; r += 256) scales[r] = __ldg(args.aux + r);
+  }
+  // slab_idx counts this CTA's slabs in steps of CLUSTER (the cluster's slab pairs); a-rows at slab_idx + rank
+  int slab_idx = static_cast<int>(u_begin / num_t) * CLUSTER;
+  int next_boundary = static_cast<int>(int64_t(slab_idx / CLUSTER + 1) * num_t - u_begin);  // local index of the next slab
+  if (n > 0) slab_fill<TRANS_W>(slab, nan_rows, args, (slab_idx + rank) * kSlabRows, slab_idx + 1, t256);
+  named_barrier(1, 256);
+
+  auto enter_next_slab = [&]() {
+    named_barrier(1, 256);  // both warpgroups are done with the old slab
+    slab_idx += CLUSTER;
+    slab_fill<TRANS_W>(slab, nan_rows, args, (slab_idx + rank) * kSlabRows, slab_idx + 1, t256);
+    named_barrier(1, 256);
+    next_boundary += num_t;
+  };
+
+  // A fragment of k16 step `step` (of the whole reduction) from the slab's code bytes: 8 codes, one 8-byte load.
+  auto load_a = [&](uint32_t (&a)[4], int step) {
+    const uint2 c = *reinterpret_cast<const uint2*>(my_frag + step * 1024);
+    if constexpr (!TRANS_W) {
+#ifdef QAT_SLAB_NARROW_FWD
+      a[0] = narrow_pair(c.x, 0x4140);
+      a[1] = narrow_pair(c.x, 0x4342);
+      a[2] = narrow_pair(c.y, 0x4140);
+      a[3] = narrow_pair(c.y, 0x4342);
+#else
+      a[0] = pack_codes_bf16(byte_code<0>(c.x), byte_code<1>(c.x));
+      a[1] = pack_codes_bf16(byte_code<2>(c.x), byte_code<3>(c.x));
+      a[2] = pack_codes_bf16(byte_code<0>(c.y), byte_code<1>(c.y));
+      a[3] = pack_codes_bf16(byte_code<2>(c.y), byte_code<3>(c.y));
+#endif
+    } else {
+      const int r = step * 16 + 2 * q;
+      const float2 s01 = *reinterpret_cast<const float2*>(scales + r);
+      const float2 s89 = *reinterpret_cast<const float2*>(scales + r + 8);
+      a[0] = pack_bf16(__fmul_rn(byte_code<0>(c.x), s01.x), __fmul_rn(byte_code<1>(c.x), s01.y));
+      a[1] = pack_bf16(__fmul_rn(byte_code<2>(c.x), s01.x), __fmul_rn(byte_code<3>(c.x), s01.y));
+      a[2] = pack_bf16(__fmul_rn(byte_code<0>(c.y), s89.x), __fmul_rn(byte_code<1>(c.y), s89.y));
+      a[3] = pack_bf16(__fmul_rn(byte_code<2>(c.y), s89.x), __fmul_rn(byte_code<3>(c.y), s89.y));
+    }
+  };
+
+  const int i_col = lane / 8, rr = lane % 8;
+  const int col_chunk = 2 * warp + (i_col % 2);
+  for (int i = cw;; i += 2) {
+    while (next_boundary <= i && next_boundary < n) enter_next_slab();
+    if (i >= n) break;
+    const int t0 = static_cast<int>((u_begin + i) % num_t) * kTileT;
+    const int a0 = (slab_idx + rank) * kSlabRows;
+    float acc[128];
+#pragma unroll
+    for (int j = 0; j < 128; ++j) acc[j] = 0.f;
+    fence_operands(acc);
+    // k16 steps two at a time through two A register sets: step s's wgmma is in flight while step s + 1's
+    // fragment is converted; wait<1> retires step s - 1, whose registers (kept live by fence_regs until then)
+    // take step s + 1. A stage goes back to the producer once its last step is retired.
+    uint32_t ax[4], ay[4];
+    const int64_t pos0 = int64_t(i) * num_r;  // this unit's first position in the ring of stages
+    int st = static_cast<int>(pos0 % S), prev_st = st;
+    uint32_t ph = static_cast<uint32_t>((pos0 / S) & 1);
+    auto issue = [&](uint32_t (&a)[4], int step) {
+      if ((step & 3) == 0) {  // a new stage
+        if (step != 0) {
+          prev_st = st;
+          if (++st == S) {
+            st = 0;
+            ph ^= 1;
+          }
+        }
+        mbar_wait(&full[st], ph);
+      }
+      const uint64_t desc = smem_desc_sw128(stage_b + st * kBBytes);
+      fence_regs(a);
+      wgmma_fence();
+      wgmma_m64n256k16_rs(acc, a, desc + 2 * (step & 3));  // +32 bytes = 16 bf16 along the reduction
+      wgmma_commit();
+    };
+    auto release = [&](int stage) {
+      if (lane == 0) {
+        if constexpr (CLUSTER > 1) {
+#pragma unroll
+          for (int c = 0; c < CLUSTER; ++c) mbar_arrive_cluster(&empty[stage], c);
+        } else {
+          mbar_arrive(&empty[stage]);
+        }
+      }
+    };
+    const int steps = 4 * num_r;
+    for (int step = 0; step < steps; step += 2) {
+      load_a(ax, step);
+      issue(ax, step);
+      if (step > 0) {
+        wgmma_wait<1>();
+        fence_regs(ay);
+        if ((step & 3) == 0) release(prev_st);  // the previous stage's last step is retired
+      }
+      load_a(ay, step + 1);
+      issue(ay, step + 1);
+      wgmma_wait<1>();
+      fence_regs(ax);
+    }
+    wgmma_wait<0>();
+    fence_operands(acc);
+    fence_regs(ax);
+    fence_regs(ay);
+    release(st);
+
+    // Epilogue: forward · s[a] + bias; a NaN-flagged row adds NaN. bf16, transposed through the warpgroup's
+    // [64 tokens x 64 a] buffer (stmatrix.trans, 128-byte swizzle) and TMA stores, four rounds per tile.
+    const uint32_t mark = slab_idx + 1;
+    float add_lo = nan_rows[row_lo] == mark ? __int_as_float(0x7fc00000) : 0.f;
+    float add_hi = nan_rows[row_lo + 8] == mark ? __int_as_float(0x7fc00000) : 0.f;
+    if constexpr (!TRANS_W) {
+      const float s_lo = __ldg(args.aux + a0 + row_lo), s_hi = __ldg(args.aux + a0 + row_lo + 8);
+      if (args.bias != nullptr) {
+        add_lo += __ldg(args.bias + a0 + row_lo);
+        add_hi += __ldg(args.bias + a0 + row_lo + 8);
+      }
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        acc[4 * j] = __fmaf_rn(acc[4 * j], s_lo, add_lo);
+        acc[4 * j + 1] = __fmaf_rn(acc[4 * j + 1], s_lo, add_lo);
+        acc[4 * j + 2] = __fmaf_rn(acc[4 * j + 2], s_hi, add_hi);
+        acc[4 * j + 3] = __fmaf_rn(acc[4 * j + 3], s_hi, add_hi);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        acc[4 * j] += add_lo;
+        acc[4 * j + 1] += add_lo;
+        acc[4 * j + 2] += add_hi;
+        acc[4 * j + 3] += add_hi;
+      }
+    }
+#pragma unroll
+    for (int round = 0; round < kTileT / kSlabEpiT; ++round) {
+      if (tid == 0) tma_store_wait_read();
+      named_barrier(2 + cw, 128);
+#pragma unroll
+      for (int jj = 0; jj < kSlabEpiT / 8; jj += 2) {
+        const int j = round * (kSlabEpiT / 8) + jj;
+        const int t = 8 * (jj + i_col / 2) + rr;
+        const uint32_t addr = smem_addr(my_epi) + t * 128 + (((col_chunk ^ t) & 7) << 4);
+        stmatrix_x4_trans(addr, pack_bf16(acc[4 * j], acc[4 * j + 1]), pack_bf16(acc[4 * j + 2], acc[4 * j + 3]),
+                          pack_bf16(acc[4 * j + 4], acc[4 * j + 5]), pack_bf16(acc[4 * j + 6], acc[4 * j + 7]));
+      }
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      named_barrier(2 + cw, 128);
+      if (tid == 0) tma_store_2d(&map_out, my_epi, a0, t0 + round * kSlabEpiT);
+    }
+  }
+  if (tid == 0) tma_store_wait_all();
+  if constexpr (CLUSTER > 1) cluster_sync();
+#endif  // PGOLF_SM90A
+}
+
 // The kernels' shared-memory limit raised once per sm_90 device (the op runs once per linear per micro-step, so
 // its host time matters at the small shapes).
 const DeviceInfo& device_info(int device) {
@@ -311,29 +740,55 @@ const DeviceInfo& device_info(int device) {
                                         kSmemBytes));
     C10_CUDA_CHECK(cudaFuncSetAttribute(qat_gemm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         kSmemBytes));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(qat_slab_kernel<false, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        kSmemOptin));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(qat_slab_kernel<true, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        kSmemOptin));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(qat_slab_kernel<false, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        kSmemOptin));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(qat_slab_kernel<true, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        kSmemOptin));
   });
 }
 
 }  // namespace
 
-bool qat_linear_sm90_supported(const at::Tensor& b, const at::Tensor& w, bool trans_w) {
-  if (!b.is_cuda() || !w.is_cuda() || b.scalar_type() != at::kBFloat16 || w.scalar_type() != at::kFloat) return false;
-  if (b.dim() != 2 || w.dim() != 2 || b.stride(1) != 1 || !w.is_contiguous() || b.device() != w.device()) return false;
-  if (!device_info(b.get_device()).sm90) return false;
+// Which schedule runs these operands: 1 the per-tile kernel, 2 the slab kernel, 3 the slab kernel in 2-CTA clusters
+// sharing B, 0 none. `schedule` asks for one (1, 2, 3) or, 0, the default: kDefaultSchedule where it applies, else
+// whichever does.
+int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool trans_w, int64_t schedule) {
+  if (!b.is_cuda() || !w.is_cuda() || b.scalar_type() != at::kBFloat16 || w.scalar_type() != at::kFloat) return 0;
+  if (b.dim() != 2 || w.dim() != 2 || b.stride(1) != 1 || !w.is_contiguous() || b.device() != w.device()) return 0;
+  if (!device_info(b.get_device()).sm90) return 0;
   const int64_t reduction = trans_w ? w.size(0) : w.size(1);
   const int64_t a_extent = trans_w ? w.size(1) : w.size(0);
-  return b.size(1) == reduction && reduction % kTileR == 0 && a_extent % kTileA == 0 && b.size(0) > 0 &&
-         b.size(0) < (int64_t(1) << 31) && a_extent < (int64_t(1) << 24) && (b.stride(0) * 2) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0;
+  const bool common = b.size(1) == reduction && reduction % kTileR == 0 && b.size(0) > 0 &&
+                      b.size(0) < (int64_t(1) << 31) && a_extent < (int64_t(1) << 24) && (b.stride(0) * 2) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0;
+  if (!common) return 0;
+  const bool slab_ok = a_extent % kSlabRows == 0 && slab_layout(reduction, trans_w).stages > 0;
+  const bool pair_ok = slab_ok && a_extent % (2 * kSlabRows) == 0;
+  const bool tile_ok = a_extent % kTileA == 0;
+  const bool ok[4] = {false, tile_ok, slab_ok, pair_ok};
+  if (schedule >= 1 && schedule <= 3) return ok[schedule] ? static_cast<int>(schedule) : 0;
+  if (schedule != 0) return 0;
+  if (ok[kDefaultSchedule]) return kDefaultSchedule;
+  return tile_ok ? 1 : slab_ok ? 2 : 0;
+}
+
+bool qat_linear_sm90_supported(const at::Tensor& b, const at::Tensor& w, bool trans_w) {
+  return qat_linear_sm90_schedule(b, w, trans_w, 0) != 0;
 }
 
 at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const at::Tensor& aux,
-                                const c10::optional<at::Tensor>& bias, bool trans_w) {
-  TORCH_CHECK(qat_linear_sm90_supported(b, w, trans_w),
+                                const c10::optional<at::Tensor>& bias, bool trans_w, int64_t schedule) {
+  const int kind = qat_linear_sm90_schedule(b, w, trans_w, schedule);
+  TORCH_CHECK(kind != 0,
               "qat_linear_sm90: needs an sm_90 GPU, bf16 activations [tokens, reduction] with unit inner stride, a "
-              "contiguous fp32 weight on the same device, reduction % 64 == 0 and output width % 128 == 0; got "
-              "activations ", shape_text(b), " ", c10::toString(b.scalar_type()), ", weight ", shape_text(w), " ",
-              c10::toString(w.scalar_type()));
+              "contiguous fp32 weight on the same device, reduction % 64 == 0 and output width % 64 == 0 (% 128 for "
+              "the per-tile schedule); got activations ", shape_text(b), " ", c10::toString(b.scalar_type()),
+              ", weight ", shape_text(w), " ", c10::toString(w.scalar_type()), ", schedule ", num_text(schedule));
   TORCH_CHECK(aux.device() == w.device() && aux.scalar_type() == at::kFloat && aux.is_contiguous() &&
                   aux.dim() == 2 && aux.size(0) == 2 && aux.size(1) == w.size(0),
               "qat_linear_sm90: aux must be the contiguous fp32 [2, out_features] amax scales and reciprocals of W "
@@ -350,8 +805,51 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
   const int64_t tokens = b.size(0), reduction = b.size(1);
   const int64_t a_extent = trans_w ? w.size(1) : w.size(0);
   at::Tensor out = at::empty({tokens, a_extent}, b.options());
-
+  const DeviceInfo& info = device_info(b.get_device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const CUtensorMap map_b = make_map("qat_linear_sm90", b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, reduction, kTileR, kTileT);
+
+  if (kind >= 2) {
+    const int cluster = kind == 3 ? 2 : 1;
+    const SlabLayout layout = slab_layout(reduction, trans_w);
+    const CUtensorMap map_b_part =
+        cluster == 1 ? map_b
+                     : make_map("qat_linear_sm90", b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, reduction, kTileR,
+                                kTileT / cluster);
+    const CUtensorMap map_out =
+        make_map("qat_linear_sm90", out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, a_extent, kSlabRows, kSlabEpiT);
+    const SlabArgs args{w.data_ptr<float>(), aux.data_ptr<float>(), bias_ptr, static_cast<int>(tokens),
+                        static_cast<int>(a_extent), static_cast<int>(reduction), layout.stages};
+    const int64_t units = (a_extent / (kSlabRows * cluster)) * ((tokens + kTileT - 1) / kTileT);
+    if (cluster == 1) {
+      const int grid = static_cast<int>(std::min<int64_t>(units, info.sms));
+      auto kernel = trans_w ? qat_slab_kernel<true, 1> : qat_slab_kernel<false, 1>;
+      kernel<<<grid, kThreads, layout.smem, stream>>>(map_b, map_out, args);
+    } else {
+      auto kernel = trans_w ? qat_slab_kernel<true, 2> : qat_slab_kernel<false, 2>;
+      cudaLaunchConfig_t config = {};
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = 2;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      config.blockDim = dim3(kThreads);
+      config.dynamicSmemBytes = layout.smem;
+      config.stream = stream;
+      config.attrs = attr;
+      config.numAttrs = 1;
+      // as many clusters as fit on the GPU at once (a GPC with an odd SM count leaves one SM out)
+      config.gridDim = dim3(info.sms);
+      int max_clusters = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &config));
+      TORCH_CHECK(max_clusters > 0, "qat_linear_sm90: no 2-CTA cluster of the slab kernel fits on this GPU");
+      config.gridDim = dim3(static_cast<unsigned>(2 * std::min<int64_t>(units, max_clusters)));
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_b_part, map_out, args));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+
   const CUtensorMap map_w = make_map("qat_linear_sm90", w, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, w.size(0), w.size(1), 32,
                                      trans_w ? kTileR : kTileA);
   const CUtensorMap map_out = make_map("qat_linear_sm90", out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, a_extent, 64, kEpiT);
@@ -361,9 +859,7 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
   const GemmArgs args{aux.data_ptr<float>(), bias_ptr, static_cast<int>(tokens), static_cast<int>(a_extent),
                       static_cast<int>(reduction)};
   const int64_t num_tiles = (a_extent / kTileA) * ((tokens + kTileT - 1) / kTileT);
-  const DeviceInfo& info = device_info(b.get_device());
   const int grid = static_cast<int>(std::min<int64_t>(num_tiles, info.sms));
-  auto stream = c10::cuda::getCurrentCUDAStream();
   auto kernel = trans_w ? qat_gemm_kernel<true> : qat_gemm_kernel<false>;
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(map_b, map_w, map_out, map_aux, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -64,9 +64,13 @@ IMPLS = ("prologue", "quant_cublas", "reference")
 DEFAULT_IMPL = "quant_cublas"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # "auto": the prologue matmuls run on the CUDA extension's sm_90a kernels where they apply (an H100/H200, bf16
-# activations, fp32 W, reduction % 64 == 0, output width % 128 == 0) and on Triton elsewhere; "triton" always uses
-# Triton (the bench times both). PGOLF_QLINEAR_PROLOGUE sets the start value.
-PROLOGUE_BACKENDS = ("auto", "triton")
+# activations, fp32 W, reduction % 64 == 0, output width % 64 == 0) with the extension's default schedule, and on
+# Triton elsewhere. "sm90_tile", "sm90_slab", "sm90_pair" ask for one sm_90a schedule (csrc/qat_linear_sm90.cu):
+# W quantised again for every 256-token tile (output width % 128 == 0); W quantised once per CTA and 64-row slab;
+# the slab kernel in 2-CTA clusters that share the activation tiles (output width % 128 == 0). "triton" always uses
+# Triton. PGOLF_QLINEAR_PROLOGUE sets the start value.
+PROLOGUE_BACKENDS = ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "triton")
+_SM90_SCHEDULE = {"auto": 0, "sm90_tile": 1, "sm90_slab": 2, "sm90_pair": 3}
 PROLOGUE_BACKEND = os.environ.get("PGOLF_QLINEAR_PROLOGUE", "auto")
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |t| < 2**22 half-to-even
 
@@ -317,10 +321,11 @@ def _sm90_kernel(b: Tensor, weight: Tensor, trans_w: bool):
     """The extension module when its sm_90a prologue matmul runs these operands, else None."""
     if PROLOGUE_BACKEND not in PROLOGUE_BACKENDS:
         raise ValueError(f"int6_linear.PROLOGUE_BACKEND must be one of {PROLOGUE_BACKENDS}, got {PROLOGUE_BACKEND!r}")
-    if PROLOGUE_BACKEND != "auto" or not b.is_cuda or not extension_available():
+    if PROLOGUE_BACKEND == "triton" or not b.is_cuda or not extension_available():
         return None
     ext = require_extension("int6_fake_quant_linear")
-    if not hasattr(ext, "qat_linear_sm90") or not ext.qat_linear_sm90_supported(b, weight, trans_w):
+    schedule = _SM90_SCHEDULE[PROLOGUE_BACKEND]
+    if not hasattr(ext, "qat_linear_sm90_schedule") or not ext.qat_linear_sm90_schedule(b, weight, trans_w, schedule):
         return None
     return ext
 
@@ -340,7 +345,8 @@ def _prologue_forward(x2d: Tensor, weight: Tensor, aux: Tensor, bias: Optional[T
     w = weight if weight.stride(1) == 1 else weight.contiguous()
     ext = _sm90_kernel(x, w, trans_w=False)
     if ext is not None:
-        return ext.qat_linear_sm90(x, w, aux, None if bias is None else bias.float().contiguous(), False)
+        return ext.qat_linear_sm90(x, w, aux, None if bias is None else bias.float().contiguous(), False,
+                                   _SM90_SCHEDULE[PROLOGUE_BACKEND])
     b = bias.contiguous() if bias is not None else aux  # any pointer when HAS_BIAS is False
 
     def grid(meta):
@@ -367,7 +373,7 @@ def _prologue_dx(dy: Tensor, weight: Tensor, aux: Tensor, bits: int) -> Tensor:
     w = weight if weight.stride(1) == 1 else weight.contiguous()
     ext = _sm90_kernel(g, w, trans_w=True)
     if ext is not None:
-        return ext.qat_linear_sm90(g, w, aux, None, True)
+        return ext.qat_linear_sm90(g, w, aux, None, True, _SM90_SCHEDULE[PROLOGUE_BACKEND])
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)

@@ -252,13 +252,15 @@ def _on_hopper():
 @pytest.mark.skipif(not _on_hopper(), reason="the sm_90a prologue kernels need an H100/H200")
 @pytest.mark.parametrize("n,k", MODEL_SHAPES)
 def test_gpu_sm90_prologue_matches_triton_prologue_and_reference(n, k, monkeypatch):
-    """The CUDA sm_90a prologue matmuls (auto backend) against the Triton ones and a float64 product, at token
-    counts that are not multiples of the 256-token tile, with a bias; outputs start as NaN (a freed NaN block
-    the caching allocator hands back), so an element the kernel never wrote fails the check."""
-    from pgolf_kernels._extension import extension_available
+    """The CUDA sm_90a prologue matmuls (auto backend: the slab schedule; sm90_tile: the per-tile one) against the
+    Triton ones and a float64 product, at token counts that are not multiples of the 256-token tile, with a bias;
+    outputs start as NaN (a freed NaN block the caching allocator hands back), so an element the kernel never wrote
+    fails the check."""
+    from pgolf_kernels._extension import extension_available, require_extension
 
     if not extension_available():
         pytest.skip("the CUDA extension is not built")
+    ext = require_extension("test")
     torch.manual_seed(n + 3 * k)
     w = torch.randn(n, k, device="cuda") * 0.03
     bias = torch.randn(n, device="cuda")
@@ -270,7 +272,7 @@ def test_gpu_sm90_prologue_matches_triton_prologue_and_reference(n, k, monkeypat
         monkeypatch.setattr(L, "PROLOGUE_BACKEND", "auto")
         assert L._sm90_kernel(x, w, trans_w=False) is not None and L._sm90_kernel(gy, w, trans_w=True) is not None
         outs = {}
-        for backend in ("auto", "triton"):
+        for backend in ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "triton"):
             monkeypatch.setattr(L, "PROLOGUE_BACKEND", backend)
             torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)  # freed at once: poisons y
             y = L._prologue_forward(x, w, aux, bias, 6)
@@ -282,8 +284,11 @@ def test_gpu_sm90_prologue_matches_triton_prologue_and_reference(n, k, monkeypat
         for backend, (y, dx) in outs.items():
             assert y.shape == (m, n) and dx.shape == (m, k)
             assert _rel(y, y_ref) < 1e-2 and _rel(dx, dx_ref) < 1e-2, (backend, m)
-        # and the two backends agree with each other
+        # and the backends agree with each other; the sm_90a schedules sum the same products in the same order
         assert _rel(outs["auto"][0], outs["triton"][0]) < 1e-2 and _rel(outs["auto"][1], outs["triton"][1]) < 1e-2
+        for backend in ("sm90_slab", "sm90_pair"):
+            assert torch.equal(outs[backend][0], outs["sm90_tile"][0]), (backend, m)
+            assert torch.equal(outs[backend][1], outs["sm90_tile"][1]), (backend, m)
 
 
 @gpu
@@ -298,10 +303,11 @@ def test_gpu_sm90_prologue_propagates_nan_and_refuses_bad_operands():
     w[7, 3] = float("nan")
     aux = L.row_scales(w, 6)
     x = torch.randn(300, 512, device="cuda").bfloat16()
-    y = ext.qat_linear_sm90(x, w, aux, None, False)
-    assert torch.isnan(y[:, 7]).all() and not torch.isnan(y[:, 8]).any()
-    dx = ext.qat_linear_sm90(x, w, aux, None, True)
-    assert torch.isnan(dx[:, 3]).all()  # (other columns: NaN too if the row's scale came out NaN)
+    for schedule in (1, 2, 3):  # per-tile (a NaN code), slab and slab pairs (a flagged row: codes are bytes there)
+        y = ext.qat_linear_sm90(x, w, aux, None, False, schedule)
+        assert torch.isnan(y[:, 7]).all() and not torch.isnan(y[:, 8]).any()
+        dx = ext.qat_linear_sm90(x, w, aux, None, True, schedule)
+        assert torch.isnan(dx[:, 3]).all()  # (other columns: NaN too if the row's scale came out NaN)
     # operands the kernel does not take: a clear error, and the Python wrappers fall back to Triton instead
     for bad_x, bad_w in ((x.half(), w), (x, w.bfloat16()), (x[:, :480], w[:, :480].contiguous()),
                          (torch.randn(300, 512, device="cuda").bfloat16(), w[:100].contiguous())):
