@@ -400,6 +400,10 @@ __device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t r;
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
@@ -625,6 +629,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (i >= n) break;
     const int t0 = static_cast<int>((u_begin + i) % num_t) * kTileT;
     const int a0 = (slab_idx + rank) * kSlabRows;
+    // Mainloops take turns: this one starts once the other warpgroup has waited for all stages of the unit before
+    // (its last bar.arrive). A parity wait on an mbarrier is only sound one phase ahead; starting earlier, a
+    // warpgroup would wait on stages whose earlier phases (the other's unit) had not completed yet.
+    if (i > 0) named_barrier(4 + cw, 256);
     float acc[128];
 #pragma unroll
     for (int j = 0; j < 128; ++j) acc[j] = 0.f;
@@ -677,6 +685,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<1>();
       fence_regs(ax);
     }
+    if (i + 1 < n) named_barrier_arrive(4 + (cw ^ 1), 256);  // the other warpgroup's next mainloop may start
     wgmma_wait<0>();
     fence_operands(acc);
     fence_regs(ax);
