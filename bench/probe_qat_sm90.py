@@ -1,0 +1,152 @@
+"""Probe: the sm_90a QAT matmul schedules of csrc/qat_linear_sm90.cu, each kernel alone, against cuBLAS.
+
+For every model shape (W [out, in] = 1536x512, 512x1536, 2048x512, 512x2048, 512x512, 256x512) it checks the forward
+y = x @ Q(W)ᵀ + bias and dX = dy @ Q(W) of schedules 1 (per-tile quantisation), 2 (slab: W quantised once per CTA
+and 64-row slab) and 3 (slab in 2-CTA clusters sharing the activation tiles) against a float64 product at token
+counts 1, 255, 257, 4097 (bits 6 and 8; outputs poisoned with NaN first) and that the schedules agree bit for bit;
+then times each kernel (median of CUDA-graph replays, 10 calls per graph) at --tokens tokens beside cuBLAS on the
+same bf16 Q(W) (F.linear for the forward, dy @ Q(W) for dX).
+
+It uses the built extension when it has qat_linear_sm90_schedule, else builds csrc/qat_linear_sm90.cu alone with
+bench/probe_qat_sm90_bind.cpp (torch.utils.cpp_extension.load, ~20 s).
+
+Usage: python bench/probe_qat_sm90.py [--tokens 65536] [--no-check] > bench/results/qat_sm90_schedules-<gpu>-<date>.txt
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pgolf_kernels import int6_linear as L  # noqa: E402
+from pgolf_kernels import quant  # noqa: E402
+
+SHAPES = [(1536, 512), (512, 1536), (2048, 512), (512, 2048), (512, 512), (256, 512)]  # W [out, in]
+SCHEDULES = {1: "tile", 2: "slab", 3: "pair"}
+
+
+def load_ops():
+    from pgolf_kernels._extension import extension_available, require_extension
+
+    if extension_available():
+        ext = require_extension("probe_qat_sm90")
+        if hasattr(ext, "qat_linear_sm90_schedule"):
+            return ext, "the built extension"
+    from torch.utils.cpp_extension import load
+
+    t0 = time.time()
+    ext = load(name="pgolf_qat_sm90_probe", sources=[str(ROOT / "csrc/qat_linear_sm90.cu"),
+                                                     str(ROOT / "bench/probe_qat_sm90_bind.cpp")],
+               extra_include_paths=[str(ROOT / "csrc")],
+               extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", "-DNDEBUG",
+                                  "-gencode=arch=compute_90a,code=sm_90a"])
+    return ext, f"csrc/qat_linear_sm90.cu built alone in {time.time() - t0:.0f} s"
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def check(ext) -> bool:
+    ok_all = True
+    for bits in (6, 8):
+        for n, k in SHAPES:
+            torch.manual_seed(n + k + bits)
+            w = torch.randn(n, k, device="cuda") * 0.03
+            bias = torch.randn(n, device="cuda")
+            aux = L.row_scales(w, bits)
+            qw = quant.fake_quant(w, bits).double()
+            for m in (1, 255, 257, 4097):
+                x = torch.randn(m, k, device="cuda").bfloat16()
+                gy = torch.randn(m, n, device="cuda").bfloat16()
+                res = {}
+                for sch in SCHEDULES:
+                    if ext.qat_linear_sm90_schedule(x, w, False, sch) != sch:
+                        continue
+                    torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+                    y = ext.qat_linear_sm90(x, w, aux, bias, False, sch)
+                    torch.full((m, k), float("nan"), device="cuda", dtype=torch.bfloat16)
+                    dx = ext.qat_linear_sm90(gy, w, aux, None, True, sch)
+                    res[sch] = (y, dx)
+                y_ref, dx_ref = x.double() @ qw.t() + bias.double(), gy.double() @ qw
+                line = f"bits {bits} W {n}x{k} tokens {m}:"
+                for sch, (y, dx) in res.items():
+                    ey, ed = rel(y, y_ref), rel(dx, dx_ref)
+                    good = ey < 1e-2 and ed < 1e-2 and not (torch.isnan(y).any() or torch.isnan(dx).any())
+                    ok_all &= good
+                    line += f" {SCHEDULES[sch]} y {ey:.2e} dx {ed:.2e} {'ok' if good else 'BAD'};"
+                same = all(torch.equal(res[1][j], res[s][j]) for s in res for j in (0, 1))
+                ok_all &= same
+                line += f" identical: {same}"
+                print(line, flush=True)
+    print("all checks ok" if ok_all else "SOME CHECKS FAILED", flush=True)
+    return ok_all
+
+
+def graph_ms(fn, inner=10):
+    import triton.testing
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(g.replay, warmup=25, rep=300, return_mode="median") / inner
+
+
+def timing(ext, tokens):
+    cols = ["cublas"] + list(SCHEDULES.values())
+    print(f"\nms per kernel at {tokens} tokens (CUDA-graph median); x/cuBLAS = the fastest schedule over cuBLAS")
+    print(f"{'in->out':>11} | fwd " + " ".join(f"{c:>7}" for c in cols) + "  x/cuBLAS | dX  "
+          + " ".join(f"{c:>7}" for c in cols) + "  x/cuBLAS")
+    for n, k in SHAPES:
+        torch.manual_seed(1)
+        w = torch.randn(n, k, device="cuda") * 0.03
+        aux = L.row_scales(w, 6)
+        wb = quant.fake_quant(w, 6).bfloat16()
+        x = torch.randn(tokens, k, device="cuda").bfloat16()
+        gy = torch.randn(tokens, n, device="cuda").bfloat16()
+        parts = []
+        for trans, b, ref in ((False, x, lambda: F.linear(x, wb)), (True, gy, lambda: gy @ wb)):
+            t = {"cublas": graph_ms(ref)}
+            for sch, name in SCHEDULES.items():
+                if ext.qat_linear_sm90_schedule(b, w, trans, sch) == sch:
+                    t[name] = graph_ms(lambda: ext.qat_linear_sm90(b, w, aux, None, trans, sch))
+            best = min(v for c, v in t.items() if c != "cublas")
+            parts.append(" ".join(f"{t[c]:7.4f}" if c in t else f"{'-':>7}" for c in cols) + f"  {best / t['cublas']:8.3f}")
+        print(f"{k:>5}->{n:<5} | fwd {parts[0]} | dX  {parts[1]}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--no-check", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        sys.exit("probe_qat_sm90 needs an sm_90 GPU (H100/H200)")
+    ext, how = load_ops()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; kernels: {how}", flush=True)
+    if not args.no_check and not check(ext):
+        sys.exit(1)
+    timing(ext, args.tokens)
+
+
+if __name__ == "__main__":
+    main()
