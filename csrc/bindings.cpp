@@ -83,7 +83,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(W quantised once per CTA and 64-row slab), 3 slab in 2-CTA clusters", py::arg("b"), py::arg("w"), py::arg("aux"), py::arg("bias"), py::arg("trans_w"),
         py::arg("schedule") = 0);
   m.def("qat_linear_sm90_supported", &pgolf::qat_linear_sm90_supported, "Whether qat_linear_sm90 runs these "
-        "operands (sm_90 GPU, bf16 activations, fp32 contiguous W, reduction % 64 == 0, output width % 64 == 0)",
+        "operands with the default schedule (sm_90 GPU, bf16 activations, fp32 contiguous W, reduction % 64 == 0, "
+        "output width % 128 == 0)",
         py::arg("b"), py::arg("w"), py::arg("trans_w"));
   m.def("qat_linear_sm90_schedule", &pgolf::qat_linear_sm90_schedule, "Which qat_linear_sm90 schedule runs these "
         "operands for the requested one (0 default, 1 per-tile, 2 slab, 3 slab pairs): the schedule, 0 none",
