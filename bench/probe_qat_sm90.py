@@ -25,9 +25,11 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from pgolf_kernels import int6_linear as L  # noqa: E402
 from pgolf_kernels import quant  # noqa: E402
+from results_io import capture_cuda_graph  # noqa: E402
 
 SHAPES = [(1536, 512), (512, 1536), (2048, 512), (512, 2048), (512, 512), (256, 512)]  # W [out, in]
 SCHEDULES = {1: "tile", 2: "slab", 3: "pair"}
@@ -93,22 +95,11 @@ def check(ext) -> bool:
 
 
 def graph_ms(fn, inner=10):
+    """Median ms per call of `inner` calls of fn replayed from one CUDA graph."""
     import triton.testing
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(inner):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=300, return_mode="median") / inner
+    graph = capture_cuda_graph(fn, inner)
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=300, return_mode="median") / inner
 
 
 def timing(ext, tokens):
