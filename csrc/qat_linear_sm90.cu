@@ -313,9 +313,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // rule and keep the codes in shared memory as bytes (code + 128), laid out in wgmma A-fragment order: the 8 codes a
 // thread needs for one k16 step are one 8-byte load. Then the warpgroups take turns (ping-pong) over the slab's
 // token tiles: warpgroup 0 the CTA's even units, 1 the odd ones, each a 64 x 256 tile through wgmma m64n256k16 with
-// register A, so one warpgroup's epilogue runs under the other's matmuls. A fragments are double-buffered: the
-// next stage's codes are turned into bf16 while this stage's wgmmas run (the A registers of an in-flight wgmma are
-// kept live with empty asm "fences" until the wait that retires it, so the compiler cannot reuse them).
+// register A; their mainloops are handed from one to the other, so one warpgroup's epilogue runs under the other's
+// matmuls. A fragments are double-buffered per k16 step: the next step's codes are turned into bf16 while this
+// step's wgmma runs (the A registers of an in-flight wgmma are kept live with empty asm "fences" until the wait
+// that retires it, so the compiler cannot reuse them: the per-tile kernel above got wrong results without that).
 // Forward: the fragment holds the integer codes (exact in bf16) and the epilogue multiplies by s[a]. dX: the
 // fragment holds bf16(code · s[r]), Q(W) rounded once, with s of the whole reduction in shared memory.
 // A NaN code (a NaN or infinite weight) cannot live in a byte: the slab fill flags its a-row and the epilogue adds

@@ -65,12 +65,14 @@ IMPLS = ("prologue", "quant_cublas", "reference")
 # Chosen from bench/bench_int6_linear.py on an H100 (bench/results/int6_linear-h100-*): the module docstring says why.
 DEFAULT_IMPL = "quant_cublas"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# "auto": the prologue matmuls run on the CUDA extension's sm_90a kernels where they apply (an H100/H200, bf16
-# activations, fp32 W, reduction % 64 == 0, output width % 64 == 0) with the extension's default schedule, and on
-# Triton elsewhere. "sm90_tile", "sm90_slab", "sm90_pair" ask for one sm_90a schedule (csrc/qat_linear_sm90.cu):
-# W quantised again for every 256-token tile (output width % 128 == 0); W quantised once per CTA and 64-row slab;
-# the slab kernel in 2-CTA clusters that share the activation tiles (output width % 128 == 0). "triton" always uses
-# Triton. PGOLF_QLINEAR_PROLOGUE sets the start value.
+# "auto": the prologue matmuls run on the CUDA extension's sm_90a kernels with its default schedule where it applies
+# (an H100/H200, bf16 activations, fp32 W, reduction % 64 == 0, output width % 128 == 0) and on Triton elsewhere.
+# "sm90_tile", "sm90_slab", "sm90_pair" ask for one sm_90a schedule of csrc/qat_linear_sm90.cu, again with Triton
+# where it does not apply: W quantised again for every 256-token tile (the default; output width % 128 == 0); W
+# quantised once per CTA and 64-row slab (output width % 64 == 0, reduction <= 2048 or so: the slab's codes must
+# fit in shared memory beside two stages); the slab kernel in 2-CTA clusters that share the activation tiles (output
+# width % 128 == 0). The slab schedules are opt-in until timed. "triton" always uses Triton.
+# PGOLF_QLINEAR_PROLOGUE sets the start value.
 PROLOGUE_BACKENDS = ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "triton")
 _SM90_SCHEDULE = {"auto": 0, "sm90_tile": 1, "sm90_slab": 2, "sm90_pair": 3}
 PROLOGUE_BACKEND = os.environ.get("PGOLF_QLINEAR_PROLOGUE", "auto")
