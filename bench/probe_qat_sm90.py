@@ -10,7 +10,8 @@ same bf16 Q(W) (F.linear for the forward, dy @ Q(W) for dX).
 It uses the built extension when it has qat_linear_sm90_schedule, else builds csrc/qat_linear_sm90.cu alone with
 bench/probe_qat_sm90_bind.cpp (torch.utils.cpp_extension.load, ~20 s).
 
-Usage: python bench/probe_qat_sm90.py [--tokens 65536] [--no-check] > bench/results/qat_sm90_schedules-<gpu>-<date>.txt
+Usage: python bench/probe_qat_sm90.py [--tokens 65536] [--no-check] [--nvcc-flags "-DPGOLF_QAT_SLAB_STAGE_R=32"]
+       > bench/results/qat_sm90_schedules-<gpu>-<date>.txt
 """
 from __future__ import annotations
 
@@ -35,22 +36,26 @@ SHAPES = [(1536, 512), (512, 1536), (2048, 512), (512, 2048), (512, 512), (256, 
 SCHEDULES = {1: "tile", 2: "slab", 3: "pair"}
 
 
-def load_ops():
+def load_ops(nvcc_flags: str = ""):
+    """The built extension, or (no extension, or nvcc_flags given) csrc/qat_linear_sm90.cu built alone."""
     from pgolf_kernels._extension import extension_available, require_extension
 
-    if extension_available():
+    if extension_available() and not nvcc_flags:
         ext = require_extension("probe_qat_sm90")
         if hasattr(ext, "qat_linear_sm90_schedule"):
             return ext, "the built extension"
+    import hashlib
+
     from torch.utils.cpp_extension import load
 
     t0 = time.time()
-    ext = load(name="pgolf_qat_sm90_probe", sources=[str(ROOT / "csrc/qat_linear_sm90.cu"),
-                                                     str(ROOT / "bench/probe_qat_sm90_bind.cpp")],
+    tag = hashlib.sha1(nvcc_flags.encode()).hexdigest()[:8]
+    ext = load(name=f"pgolf_qat_sm90_probe_{tag}", sources=[str(ROOT / "csrc/qat_linear_sm90.cu"),
+                                                            str(ROOT / "bench/probe_qat_sm90_bind.cpp")],
                extra_include_paths=[str(ROOT / "csrc")],
                extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", "-DNDEBUG",
-                                  "-gencode=arch=compute_90a,code=sm_90a"])
-    return ext, f"csrc/qat_linear_sm90.cu built alone in {time.time() - t0:.0f} s"
+                                  "-gencode=arch=compute_90a,code=sm_90a"] + nvcc_flags.split())
+    return ext, f"csrc/qat_linear_sm90.cu built alone in {time.time() - t0:.0f} s, flags {nvcc_flags!r}"
 
 
 def rel(a, b):
@@ -129,10 +134,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--nvcc-flags", default="", help="build the .cu alone with these extra flags (A/B builds, e.g. "
+                    "-DPGOLF_QAT_SLAB_STAGE_R=32)")
     args = ap.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         sys.exit("probe_qat_sm90 needs an sm_90 GPU (H100/H200)")
-    ext, how = load_ops()
+    ext, how = load_ops(args.nvcc_flags)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; kernels: {how}", flush=True)
     if not args.no_check and not check(ext):
         sys.exit(1)

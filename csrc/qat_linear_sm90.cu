@@ -324,7 +324,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 constexpr int kSlabRows = 64;
 constexpr int kSlabEpiT = 64;                          // tokens per epilogue store (four per tile)
 constexpr int kSlabEpiBytes = kSlabEpiT * kSlabRows * 2;  // per consumer warpgroup
-constexpr int kSlabMaxStages = 6;
+// Reduction per B stage of the slab kernel: 64 (32 KB stages, 128-byte swizzle) or, for A/B builds
+// (PGOLF_NVCC_FLAGS=-DPGOLF_QAT_SLAB_STAGE_R=32), 32 (16 KB stages, 64-byte swizzle): twice the stages in the same
+// shared memory, for the long reductions whose codes leave room for only two 32 KB stages.
+#ifndef PGOLF_QAT_SLAB_STAGE_R
+#define PGOLF_QAT_SLAB_STAGE_R 64
+#endif
+constexpr int kSlabStageR = PGOLF_QAT_SLAB_STAGE_R;
+static_assert(kSlabStageR == 64 || kSlabStageR == 32, "PGOLF_QAT_SLAB_STAGE_R must be 64 or 32");
+constexpr int kSlabStageBytes = kTileT * kSlabStageR * 2;
+constexpr int kSlabStepsPerStage = kSlabStageR / 16;
+constexpr int kSlabMaxStages = 12;  // of 32-wide stages; 6 of 64-wide ones
 constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared memory per block
 // The per-tile kernel stays the default: the slab kernels have had one correctness run on an H100 (before the
 // mainloop handoff below was added) and no timing yet.
@@ -344,12 +354,12 @@ inline SlabLayout slab_layout(int64_t reduction, bool trans_w) {
   SlabLayout l;
   if (reduction <= 0 || reduction % kTileR != 0 || reduction > 4096) return l;
   const int fixed = 1024 + slab_fixed_bytes(static_cast<int>(reduction), trans_w) + 2 * kSlabMaxStages * 8;
-  l.stages = std::min(kSlabMaxStages, (kSmemOptin - fixed) / kBBytes);
-  if (l.stages < 2) {
+  l.stages = std::min(kSlabMaxStages * 32 / kSlabStageR, (kSmemOptin - fixed) / kSlabStageBytes);
+  if (l.stages * kSlabStageR < 2 * 64) {  // at least two 64-wide stages' worth
     l.stages = 0;
     return l;
   }
-  l.smem = fixed + l.stages * kBBytes;
+  l.smem = fixed + l.stages * kSlabStageBytes;
   return l;
 }
 
@@ -511,8 +521,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int S = args.stages, R = args.reduction;
-  uint8_t* stage_b = smem;                                  // S x kBBytes
-  uint8_t* epi = smem + S * kBBytes;                        // 2 x kSlabEpiBytes
+  uint8_t* stage_b = smem;                                  // S x kSlabStageBytes
+  uint8_t* epi = smem + S * kSlabStageBytes;                // 2 x kSlabEpiBytes
   uint8_t* slab = epi + 2 * kSlabEpiBytes;                  // kSlabRows x R code bytes
   float* scales = reinterpret_cast<float*>(slab + kSlabRows * R);  // dX: s[r]
   uint32_t* nan_rows = reinterpret_cast<uint32_t*>(scales + (TRANS_W ? R : 0));
@@ -527,7 +537,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t units = int64_t(args.a_extent / (kSlabRows * CLUSTER)) * num_t;
   const int64_t u_begin = units * group / groups;
   const int n = static_cast<int>(units * (group + 1) / groups - u_begin);
-  const int num_r = R / kTileR;
+  const int num_r = R / kSlabStageR;  // stages per unit
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
@@ -552,14 +562,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int t0 = static_cast<int>((u_begin + i) % num_t) * kTileT;
         for (int kr = 0; kr < num_r; ++kr) {
           mbar_wait(&empty[stage], phase ^ 1);
-          mbar_expect_tx(&full[stage], kBBytes);
-          uint8_t* dst = stage_b + stage * kBBytes;
+          mbar_expect_tx(&full[stage], kSlabStageBytes);
+          uint8_t* dst = stage_b + stage * kSlabStageBytes;
           if constexpr (CLUSTER > 1) {
             constexpr int kPart = kTileT / CLUSTER;
-            tma_load_2d_multicast(dst + rank * (kBBytes / CLUSTER), &map_b, &full[stage], kr * kTileR,
+            tma_load_2d_multicast(dst + rank * (kSlabStageBytes / CLUSTER), &map_b, &full[stage], kr * kSlabStageR,
                                   t0 + rank * kPart, (1u << CLUSTER) - 1);
           } else {
-            tma_load_2d(dst, &map_b, &full[stage], kr * kTileR, t0);
+            tma_load_2d(dst, &map_b, &full[stage], kr * kSlabStageR, t0);
           }
           if (++stage == S) {
             stage = 0;
@@ -648,7 +658,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int st = static_cast<int>(pos0 % S), prev_st = st;
     uint32_t ph = static_cast<uint32_t>((pos0 / S) & 1);
     auto issue = [&](uint32_t (&a)[4], int step) {
-      if ((step & 3) == 0) {  // a new stage
+      if (step % kSlabStepsPerStage == 0) {  // a new stage
         if (step != 0) {
           prev_st = st;
           if (++st == S) {
@@ -658,10 +668,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         mbar_wait(&full[st], ph);
       }
-      const uint64_t desc = smem_desc_sw128(stage_b + st * kBBytes);
+      const uint8_t* tile = stage_b + st * kSlabStageBytes;
+      const uint64_t desc = kSlabStageR == 64 ? smem_desc_sw128(tile) : smem_desc_sw64(tile);
       fence_regs(a);
       wgmma_fence();
-      wgmma_m64n256k16_rs(acc, a, desc + 2 * (step & 3));  // +32 bytes = 16 bf16 along the reduction
+      // +32 bytes = 16 bf16 along the reduction
+      wgmma_m64n256k16_rs(acc, a, desc + 2 * (step % kSlabStepsPerStage));
       wgmma_commit();
     };
     auto release = [&](int stage) {
@@ -674,14 +686,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     };
-    const int steps = 4 * num_r;
+    const int steps = kSlabStepsPerStage * num_r;
     for (int step = 0; step < steps; step += 2) {
       load_a(ax, step);
       issue(ax, step);
       if (step > 0) {
         wgmma_wait<1>();
         fence_regs(ay);
-        if ((step & 3) == 0) release(prev_st);  // the previous stage's last step is retired
+        if (step % kSlabStepsPerStage == 0) release(prev_st);  // the previous stage's last step is retired
       }
       load_a(ay, step + 1);
       issue(ay, step + 1);
@@ -817,15 +829,13 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
   at::Tensor out = at::empty({tokens, a_extent}, b.options());
   const DeviceInfo& info = device_info(b.get_device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const CUtensorMap map_b = make_map("qat_linear_sm90", b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, reduction, kTileR, kTileT);
 
   if (kind >= 2) {
     const int cluster = kind == 3 ? 2 : 1;
     const SlabLayout layout = slab_layout(reduction, trans_w);
-    const CUtensorMap map_b_part =
-        cluster == 1 ? map_b
-                     : make_map("qat_linear_sm90", b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, reduction, kTileR,
-                                kTileT / cluster);
+    const CUtensorMap map_b_slab =
+        make_map("qat_linear_sm90", b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, reduction, kSlabStageR,
+                 kTileT / cluster, kSlabStageR == 64 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B);
     const CUtensorMap map_out =
         make_map("qat_linear_sm90", out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, a_extent, kSlabRows, kSlabEpiT);
     const SlabArgs args{w.data_ptr<float>(), aux.data_ptr<float>(), bias_ptr, static_cast<int>(tokens),
@@ -834,7 +844,7 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
     if (cluster == 1) {
       const int grid = static_cast<int>(std::min<int64_t>(units, info.sms));
       auto kernel = trans_w ? qat_slab_kernel<true, 1> : qat_slab_kernel<false, 1>;
-      kernel<<<grid, kThreads, layout.smem, stream>>>(map_b, map_out, args);
+      kernel<<<grid, kThreads, layout.smem, stream>>>(map_b_slab, map_out, args);
     } else {
       auto kernel = trans_w ? qat_slab_kernel<true, 2> : qat_slab_kernel<false, 2>;
       cudaLaunchConfig_t config = {};
@@ -854,12 +864,13 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
       C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &config));
       TORCH_CHECK(max_clusters > 0, "qat_linear_sm90: no 2-CTA cluster of the slab kernel fits on this GPU");
       config.gridDim = dim3(static_cast<unsigned>(2 * std::min<int64_t>(units, max_clusters)));
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_b_part, map_out, args));
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_b_slab, map_out, args));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }
 
+  const CUtensorMap map_b = make_map("qat_linear_sm90", b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, reduction, kTileR, kTileT);
   const CUtensorMap map_w = make_map("qat_linear_sm90", w, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, w.size(0), w.size(1), 32,
                                      trans_w ? kTileR : kTileA);
   const CUtensorMap map_out = make_map("qat_linear_sm90", out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, a_extent, 64, kEpiT);
