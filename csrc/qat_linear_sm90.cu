@@ -35,7 +35,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
 #include <mutex>
+#include <tuple>
 
 #include "cuda_context.h"
 #include "sm90_ptx.cuh"
@@ -858,11 +860,21 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
       config.stream = stream;
       config.attrs = attr;
       config.numAttrs = 1;
-      // as many clusters as fit on the GPU at once (a GPC with an odd SM count leaves one SM out)
-      config.gridDim = dim3(info.sms);
+      // as many clusters as fit on the GPU at once (a GPC with an odd SM count leaves one SM out), asked once per
+      // device, kernel and shared-memory size
+      static std::mutex mutex;
+      static std::map<std::tuple<int, bool, int>, int> cluster_counts;
       int max_clusters = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &config));
-      TORCH_CHECK(max_clusters > 0, "qat_linear_sm90: no 2-CTA cluster of the slab kernel fits on this GPU");
+      {
+        const std::lock_guard<std::mutex> lock(mutex);
+        int& count = cluster_counts[std::make_tuple(b.get_device(), trans_w, layout.smem)];
+        if (count == 0) {
+          config.gridDim = dim3(2 * (info.sms / 2));
+          C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&count, kernel, &config));
+          TORCH_CHECK(count > 0, "qat_linear_sm90: no 2-CTA cluster of the slab kernel fits on this GPU");
+        }
+        max_clusters = count;
+      }
       config.gridDim = dim3(static_cast<unsigned>(2 * std::min<int64_t>(units, max_clusters)));
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_b_slab, map_out, args));
     }
