@@ -57,6 +57,12 @@ def plain(x, w, bits):
     return x @ w.to(x.dtype).t()
 
 
+# impl -> int6_linear.PROLOGUE_BACKEND it runs with (every other impl: "auto")
+PROLOGUE_BACKEND_OF = {"fused_prologue_tile": "sm90_tile", "fused_prologue_slab": "sm90_slab",
+                       "fused_prologue_pair": "sm90_pair", "fused_prologue_triton": "triton"}
+QAT_IMPLS = ("fused_prologue", *PROLOGUE_BACKEND_OF, "fused_quant_cublas")
+
+
 def make_impls(with_compile: bool):
     impls = {
         "plain": plain,
@@ -66,9 +72,8 @@ def make_impls(with_compile: bool):
         torch._dynamo.config.cache_size_limit = 64
         impls["compile"] = torch.compile(L.reference_int6_fake_quant_linear, dynamic=False)
     impls["fused_prologue"] = lambda x, w, bits: L.int6_fake_quant_linear(x, w, bits, impl="prologue")
-    for schedule in ("tile", "slab", "pair"):  # run with PROLOGUE_BACKEND = "sm90_<schedule>"
-        impls[f"fused_prologue_{schedule}"] = impls["fused_prologue"]
-    impls["fused_prologue_triton"] = impls["fused_prologue"]  # run with PROLOGUE_BACKEND = "triton"
+    for name in PROLOGUE_BACKEND_OF:  # the same op, run with another int6_linear.PROLOGUE_BACKEND
+        impls[name] = impls["fused_prologue"]
     impls["fused_quant_cublas"] = lambda x, w, bits: L.int6_fake_quant_linear(x, w, bits, impl="quant_cublas")
     return impls
 
@@ -170,8 +175,7 @@ def bench_linear(cases, tokens, bits, with_compile, rows, save, only=None):
         for name, fn in impls.items():
             t0 = time.time()
             # the backward runs after fn returns, so the backend is set for the whole measurement
-            L.PROLOGUE_BACKEND = ("triton" if name == "fused_prologue_triton" else
-                                  "sm90_" + name.rsplit("_", 1)[1] if name.startswith("fused_prologue_") else "auto")
+            L.PROLOGUE_BACKEND = PROLOGUE_BACKEND_OF.get(name, "auto")
             r = measure(name, fn, x, w, gy, bits, refs[name != "plain"])
             L.PROLOGUE_BACKEND = "auto"
             if name == "plain":
@@ -391,8 +395,7 @@ def main():
 
     def save(rows, final=False):
         worst, worst_graph = {}, {}
-        for impl in ("fused_prologue", "fused_prologue_tile", "fused_prologue_slab", "fused_prologue_pair",
-                     "fused_prologue_triton", "fused_quant_cublas"):
+        for impl in QAT_IMPLS:
             ratios = [r["vs_plain"] for r in rows if r["impl"] == impl]
             if ratios:
                 worst[impl] = max(ratios)

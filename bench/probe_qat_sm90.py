@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pgolf_kernels import int6_linear as L  # noqa: E402
 from pgolf_kernels import quant  # noqa: E402
+from bench_int6_linear import rel_fro as rel  # noqa: E402
 from results_io import capture_cuda_graph  # noqa: E402
 
 SHAPES = [(1536, 512), (512, 1536), (2048, 512), (512, 2048), (512, 512), (256, 512)]  # W [out, in]
@@ -56,11 +57,6 @@ def load_ops(nvcc_flags: str = ""):
                extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", "-DNDEBUG",
                                   "-gencode=arch=compute_90a,code=sm_90a"] + nvcc_flags.split())
     return ext, f"csrc/qat_linear_sm90.cu built alone in {time.time() - t0:.0f} s, flags {nvcc_flags!r}"
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def check(ext) -> bool:

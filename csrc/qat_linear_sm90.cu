@@ -336,7 +336,7 @@ constexpr int kSlabStageR = PGOLF_QAT_SLAB_STAGE_R;
 static_assert(kSlabStageR == 64 || kSlabStageR == 32, "PGOLF_QAT_SLAB_STAGE_R must be 64 or 32");
 constexpr int kSlabStageBytes = kTileT * kSlabStageR * 2;
 constexpr int kSlabStepsPerStage = kSlabStageR / 16;
-constexpr int kSlabMaxStages = 12;  // of 32-wide stages; 6 of 64-wide ones
+constexpr int kSlabMaxStages = 6 * 64 / kSlabStageR;  // six 32 KB stages or twelve 16 KB ones
 constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared memory per block
 // The per-tile kernel stays the default: the slab kernels have had one correctness run on an H100 (before the
 // mainloop handoff below was added) and no timing yet.
@@ -348,7 +348,7 @@ struct SlabLayout {
 };
 
 // Shared memory: [stages x B tile][2 x epilogue][slab codes 64 x R bytes][dX: s, R floats][64 NaN flags][barriers]
-__host__ __device__ inline int slab_fixed_bytes(int reduction, bool trans_w) {
+inline int slab_fixed_bytes(int reduction, bool trans_w) {
   return 2 * kSlabEpiBytes + kSlabRows * reduction + (trans_w ? 4 * reduction : 0) + 4 * kSlabRows;
 }
 
@@ -356,7 +356,7 @@ inline SlabLayout slab_layout(int64_t reduction, bool trans_w) {
   SlabLayout l;
   if (reduction <= 0 || reduction % kTileR != 0 || reduction > 4096) return l;
   const int fixed = 1024 + slab_fixed_bytes(static_cast<int>(reduction), trans_w) + 2 * kSlabMaxStages * 8;
-  l.stages = std::min(kSlabMaxStages * 32 / kSlabStageR, (kSmemOptin - fixed) / kSlabStageBytes);
+  l.stages = std::min(kSlabMaxStages, (kSmemOptin - fixed) / kSlabStageBytes);
   if (l.stages * kSlabStageR < 2 * 64) {  // at least two 64-wide stages' worth
     l.stages = 0;
     return l;
@@ -408,44 +408,6 @@ constexpr int kFwdBias = 64;
 #else
 constexpr int kFwdBias = 128;
 #endif
-
-template <int N>
-__device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
-}
-
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
-// Arrive on the mbarrier at the same shared-memory offset in CTA `rank` of the cluster.
-__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-}
-
-// A TMA box written to the same shared-memory offset of every CTA in `mask`, each CTA's mbarrier at `bar`'s
-// offset getting the bytes.
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
-                                                      uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "h"(mask)
-      : "memory");
-}
 
 template <bool TRANS_W>
 __device__ __forceinline__ void slab_fill(uint8_t* slab, uint32_t* nan_rows, const SlabArgs& args, int a0,
@@ -653,7 +615,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int j = 0; j < 128; ++j) acc[j] = 0.f;
     fence_operands(acc);
     // k16 steps two at a time through two A register sets: step s's wgmma is in flight while step s + 1's
-    // fragment is converted; wait<1> retires step s - 1, whose registers (kept live by fence_regs until then)
+    // fragment is converted; wait<1> retires step s - 1, whose registers (kept live by fence_operands until then)
     // take step s + 1. A stage goes back to the producer once its last step is retired.
     uint32_t ax[4], ay[4];
     const int64_t pos0 = int64_t(i) * num_r;  // this unit's first position in the ring of stages
@@ -672,7 +634,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       const uint8_t* tile = stage_b + st * kSlabStageBytes;
       const uint64_t desc = kSlabStageR == 64 ? smem_desc_sw128(tile) : smem_desc_sw64(tile);
-      fence_regs(a);
+      fence_operands(a);
       wgmma_fence();
       // +32 bytes = 16 bf16 along the reduction
       wgmma_m64n256k16_rs(acc, a, desc + 2 * (step % kSlabStepsPerStage));
@@ -694,19 +656,19 @@ __global__ void __launch_bounds__(kThreads, 1)
       issue(ax, step);
       if (step > 0) {
         wgmma_wait<1>();
-        fence_regs(ay);
+        fence_operands(ay);
         if (step % kSlabStepsPerStage == 0) release(prev_st);  // the previous stage's last step is retired
       }
       load_a(ay, step + 1);
       issue(ay, step + 1);
       wgmma_wait<1>();
-      fence_regs(ax);
+      fence_operands(ax);
     }
     if (i + 1 < n) named_barrier_arrive(4 + (cw ^ 1), 256);  // the other warpgroup's next mainloop may start
     wgmma_wait<0>();
     fence_operands(acc);
-    fence_regs(ax);
-    fence_regs(ay);
+    fence_operands(ax);
+    fence_operands(ay);
     release(st);
 
     // Epilogue: forward · s[a] + bias; a NaN-flagged row adds NaN. bf16, transposed through the warpgroup's
