@@ -123,7 +123,11 @@ def timing(ext, tokens):
                     t[name] = graph_ms(lambda: ext.qat_linear_sm90(b, w, aux, None, trans, sch))
             best = min(v for c, v in t.items() if c != "cublas")
             parts.append(" ".join(f"{t[c]:7.4f}" if c in t else f"{'-':>7}" for c in cols) + f"  {best / t['cublas']:8.3f}")
-        print(f"{k:>5}->{n:<5} | fwd {parts[0]} | dX  {parts[1]}", flush=True)
+        clusters = ""
+        if hasattr(ext, "qat_linear_sm90_pair_clusters"):
+            clusters = "  pair clusters {}/{}".format(ext.qat_linear_sm90_pair_clusters(x, w, False),
+                                                    ext.qat_linear_sm90_pair_clusters(gy, w, True))
+        print(f"{k:>5}->{n:<5} | fwd {parts[0]} | dX  {parts[1]}{clusters}", flush=True)
 
 
 def main():

@@ -338,8 +338,8 @@ constexpr int kSlabStageBytes = kTileT * kSlabStageR * 2;
 constexpr int kSlabStepsPerStage = kSlabStageR / 16;
 constexpr int kSlabMaxStages = 6 * 64 / kSlabStageR;  // six 32 KB stages or twelve 16 KB ones
 constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared memory per block
-// The per-tile kernel stays the default: the slab kernels have had one correctness run on an H100 (before the
-// mainloop handoff below was added) and no timing yet.
+// The per-tile kernel stays the default: on an H100 the slab kernels are bit-identical to it but slower at 65,536
+// tokens (slab 1.03-1.56x its time, pair about twice the slab's; bench/results/qat_sm90_schedules-*-1320d99.txt).
 constexpr int kDefaultSchedule = 1;
 
 struct SlabLayout {
@@ -526,6 +526,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int t0 = static_cast<int>((u_begin + i) % num_t) * kTileT;
         for (int kr = 0; kr < num_r; ++kr) {
           mbar_wait(&empty[stage], phase ^ 1);
+#ifdef QAT_SLAB_PROBE_NO_LOAD
+          // probe build: no B loads at all (wrong results), to time the consumers alone
+          mbar_expect_tx(&full[stage], 0);
+          (void)t0;
+#else
           mbar_expect_tx(&full[stage], kSlabStageBytes);
           uint8_t* dst = stage_b + stage * kSlabStageBytes;
           if constexpr (CLUSTER > 1) {
@@ -535,6 +540,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           } else {
             tma_load_2d(dst, &map_b, &full[stage], kr * kSlabStageR, t0);
           }
+#endif
           if (++stage == S) {
             stage = 0;
             phase ^= 1;
@@ -637,7 +643,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_operands(a);
       wgmma_fence();
       // +32 bytes = 16 bf16 along the reduction
+#ifndef QAT_SLAB_PROBE_NO_MMA  // probe build: no matmuls (wrong results), to time the data movement alone
       wgmma_m64n256k16_rs(acc, a, desc + 2 * (step % kSlabStepsPerStage));
+#else
+      (void)desc;
+#endif
       wgmma_commit();
     };
     auto release = [&](int stage) {
@@ -739,6 +749,39 @@ const DeviceInfo& device_info(int device) {
   });
 }
 
+// A launch of the slab kernel in 2-CTA clusters (`attr` holds the cluster shape the config points to).
+cudaLaunchConfig_t pair_launch_config(cudaLaunchAttribute& attr, unsigned grid, int smem, cudaStream_t stream) {
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 2;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  return config;
+}
+
+// How many 2-CTA clusters of the slab kernel fit on the GPU at once (a GPC with an odd SM count leaves one SM out),
+// asked once per device, kernel and shared-memory size.
+int pair_cluster_count(int device, bool trans_w, int smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, bool, int>, int> counts;
+  const std::lock_guard<std::mutex> lock(mutex);
+  int& count = counts[std::make_tuple(device, trans_w, smem)];
+  if (count == 0) {
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t config = pair_launch_config(attr, 2 * (device_info(device).sms / 2), smem, nullptr);
+    auto kernel = trans_w ? qat_slab_kernel<true, 2> : qat_slab_kernel<false, 2>;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&count, kernel, &config));
+    TORCH_CHECK(count > 0, "qat_linear_sm90: no 2-CTA cluster of the slab kernel fits on this GPU");
+  }
+  return count;
+}
+
 }  // namespace
 
 // Which schedule runs these operands: 1 the per-tile kernel, 2 the slab kernel, 3 the slab kernel in 2-CTA clusters
@@ -761,6 +804,12 @@ int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool tran
   if (schedule >= 1 && schedule <= 3) return ok[schedule] ? static_cast<int>(schedule) : 0;
   if (schedule != 0) return 0;
   return ok[kDefaultSchedule] ? kDefaultSchedule : 0;
+}
+
+// The pair schedule's resident cluster count for these operands (0: the pair schedule does not run them).
+int64_t qat_linear_sm90_pair_clusters(const at::Tensor& b, const at::Tensor& w, bool trans_w) {
+  if (qat_linear_sm90_schedule(b, w, trans_w, 3) != 3) return 0;
+  return pair_cluster_count(b.get_device(), trans_w, slab_layout(b.size(1), trans_w).smem);
 }
 
 bool qat_linear_sm90_supported(const at::Tensor& b, const at::Tensor& w, bool trans_w) {
@@ -811,33 +860,10 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
       kernel<<<grid, kThreads, layout.smem, stream>>>(map_b_slab, map_out, args);
     } else {
       auto kernel = trans_w ? qat_slab_kernel<true, 2> : qat_slab_kernel<false, 2>;
-      cudaLaunchConfig_t config = {};
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = 2;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      config.blockDim = dim3(kThreads);
-      config.dynamicSmemBytes = layout.smem;
-      config.stream = stream;
-      config.attrs = attr;
-      config.numAttrs = 1;
-      // as many clusters as fit on the GPU at once (a GPC with an odd SM count leaves one SM out), asked once per
-      // device, kernel and shared-memory size
-      static std::mutex mutex;
-      static std::map<std::tuple<int, bool, int>, int> cluster_counts;
-      int max_clusters = 0;
-      {
-        const std::lock_guard<std::mutex> lock(mutex);
-        int& count = cluster_counts[std::make_tuple(b.get_device(), trans_w, layout.smem)];
-        if (count == 0) {
-          config.gridDim = dim3(2 * (info.sms / 2));
-          C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&count, kernel, &config));
-          TORCH_CHECK(count > 0, "qat_linear_sm90: no 2-CTA cluster of the slab kernel fits on this GPU");
-        }
-        max_clusters = count;
-      }
-      config.gridDim = dim3(static_cast<unsigned>(2 * std::min<int64_t>(units, max_clusters)));
+      const int max_clusters = pair_cluster_count(b.get_device(), trans_w, layout.smem);
+      cudaLaunchAttribute attr;
+      const cudaLaunchConfig_t config = pair_launch_config(
+          attr, static_cast<unsigned>(2 * std::min<int64_t>(units, max_clusters)), layout.smem, stream);
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_b_slab, map_out, args));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
