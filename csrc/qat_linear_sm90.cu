@@ -325,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // NaN to that output column, as the per-tile kernel's NaN code would have made it.
 constexpr int kSlabRows = 64;
 constexpr int kSlabEpiT = 64;                          // tokens per epilogue store (four per tile)
-constexpr int kSlabEpiBytes = kSlabEpiT * kSlabRows * 2;  // per consumer warpgroup
+constexpr int kSlabEpiBytes = kSlabEpiT * kSlabRows * 2;  // one epilogue buffer (a warpgroup has one or two)
 // Reduction per B stage of the slab kernel: 64 (32 KB stages, 128-byte swizzle) or, for A/B builds
 // (PGOLF_NVCC_FLAGS=-DPGOLF_QAT_SLAB_STAGE_R=32), 32 (16 KB stages, 64-byte swizzle): twice the stages in the same
 // shared memory, for the long reductions whose codes leave room for only two 32 KB stages.
@@ -344,24 +344,30 @@ constexpr int kDefaultSchedule = 1;
 
 struct SlabLayout {
   int stages = 0;
+  int epi_bufs = 0;  // epilogue buffers per consumer warpgroup: two let a store overlap the next round's stmatrix
   int smem = 0;
 };
 
-// Shared memory: [stages x B tile][2 x epilogue][slab codes 64 x R bytes][dX: s, R floats][64 NaN flags][barriers]
-inline int slab_fixed_bytes(int reduction, bool trans_w) {
-  return 2 * kSlabEpiBytes + kSlabRows * reduction + (trans_w ? 4 * reduction : 0) + 4 * kSlabRows;
+// Shared memory: [stages x B tile][2 x epi_bufs epilogue buffers][slab codes 64 x R bytes][dX: s, R floats]
+// [64 NaN flags][barriers]
+inline int slab_fixed_bytes(int reduction, bool trans_w, int epi_bufs) {
+  return 2 * epi_bufs * kSlabEpiBytes + kSlabRows * reduction + (trans_w ? 4 * reduction : 0) + 4 * kSlabRows;
 }
 
 inline SlabLayout slab_layout(int64_t reduction, bool trans_w) {
   SlabLayout l;
   if (reduction <= 0 || reduction % kTileR != 0 || reduction > 4096) return l;
-  const int fixed = 1024 + slab_fixed_bytes(static_cast<int>(reduction), trans_w) + 2 * kSlabMaxStages * 8;
-  l.stages = std::min(kSlabMaxStages, (kSmemOptin - fixed) / kSlabStageBytes);
-  if (l.stages * kSlabStageR < 2 * 64) {  // at least two 64-wide stages' worth
-    l.stages = 0;
-    return l;
+  // two epilogue buffers where at least three 64-wide stages still fit beside them, else one; at least two stages
+  for (int bufs = 2; bufs >= 1; --bufs) {
+    const int fixed = 1024 + slab_fixed_bytes(static_cast<int>(reduction), trans_w, bufs) + 2 * kSlabMaxStages * 8;
+    const int stages = std::min(kSlabMaxStages, (kSmemOptin - fixed) / kSlabStageBytes);
+    if (stages * kSlabStageR >= (bufs == 2 ? 3 : 2) * 64) {
+      l.stages = stages;
+      l.epi_bufs = bufs;
+      l.smem = fixed + stages * kSlabStageBytes;
+      return l;
+    }
   }
-  l.smem = fixed + l.stages * kSlabStageBytes;
   return l;
 }
 
@@ -373,6 +379,7 @@ struct SlabArgs {
   int a_extent;
   int reduction;
   int stages;
+  int epi_bufs;
 };
 
 #ifdef PGOLF_SM90A
@@ -486,8 +493,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int S = args.stages, R = args.reduction;
   uint8_t* stage_b = smem;                                  // S x kSlabStageBytes
-  uint8_t* epi = smem + S * kSlabStageBytes;                // 2 x kSlabEpiBytes
-  uint8_t* slab = epi + 2 * kSlabEpiBytes;                  // kSlabRows x R code bytes
+  uint8_t* epi = smem + S * kSlabStageBytes;                // 2 x epi_bufs x kSlabEpiBytes
+  uint8_t* slab = epi + 2 * args.epi_bufs * kSlabEpiBytes;  // kSlabRows x R code bytes
   float* scales = reinterpret_cast<float*>(slab + kSlabRows * R);  // dX: s[r]
   uint32_t* nan_rows = reinterpret_cast<uint32_t*>(scales + (TRANS_W ? R : 0));
   uint64_t* full = reinterpret_cast<uint64_t*>(nan_rows + kSlabRows);
@@ -559,7 +566,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, q = lane % 4;
   const int row_lo = 16 * warp + g;  // this thread's two slab rows: row_lo, row_lo + 8
-  uint8_t* my_epi = epi + cw * kSlabEpiBytes;
+  uint8_t* my_epi = epi + cw * args.epi_bufs * kSlabEpiBytes;
+  int epi_round = 0;  // this warpgroup's epilogue rounds so far: buffer epi_round % epi_bufs
   const uint8_t* my_frag = slab + (warp * 32 + lane) * 8;  // + 256 * 4 per k16 step
 
   if constexpr (TRANS_W) {
@@ -710,19 +718,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 #pragma unroll
     for (int round = 0; round < kTileT / kSlabEpiT; ++round) {
-      if (tid == 0) tma_store_wait_read();
+      uint8_t* buf = my_epi + (epi_round++ % args.epi_bufs) * kSlabEpiBytes;
+      if (tid == 0) {  // the store that last read `buf` is done reading it
+        if (args.epi_bufs == 2) {
+          tma_store_wait_read<1>();
+        } else {
+          tma_store_wait_read();
+        }
+      }
       named_barrier(2 + cw, 128);
 #pragma unroll
       for (int jj = 0; jj < kSlabEpiT / 8; jj += 2) {
         const int j = round * (kSlabEpiT / 8) + jj;
         const int t = 8 * (jj + i_col / 2) + rr;
-        const uint32_t addr = smem_addr(my_epi) + t * 128 + (((col_chunk ^ t) & 7) << 4);
+        const uint32_t addr = smem_addr(buf) + t * 128 + (((col_chunk ^ t) & 7) << 4);
         stmatrix_x4_trans(addr, pack_bf16(acc[4 * j], acc[4 * j + 1]), pack_bf16(acc[4 * j + 2], acc[4 * j + 3]),
                           pack_bf16(acc[4 * j + 4], acc[4 * j + 5]), pack_bf16(acc[4 * j + 6], acc[4 * j + 7]));
       }
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       named_barrier(2 + cw, 128);
-      if (tid == 0) tma_store_2d(&map_out, my_epi, a0, t0 + round * kSlabEpiT);
+      if (tid == 0) tma_store_2d(&map_out, buf, a0, t0 + round * kSlabEpiT);
     }
   }
   if (tid == 0) tma_store_wait_all();
@@ -852,7 +867,8 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
     const CUtensorMap map_out =
         make_map("qat_linear_sm90", out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, a_extent, kSlabRows, kSlabEpiT);
     const SlabArgs args{w.data_ptr<float>(), aux.data_ptr<float>(), bias_ptr, static_cast<int>(tokens),
-                        static_cast<int>(a_extent), static_cast<int>(reduction), layout.stages};
+                        static_cast<int>(a_extent), static_cast<int>(reduction), layout.stages,
+                        layout.epi_bufs};
     const int64_t units = (a_extent / (kSlabRows * cluster)) * ((tokens + kTileT - 1) / kTileT);
     if (cluster == 1) {
       const int grid = static_cast<int>(std::min<int64_t>(units, info.sms));
