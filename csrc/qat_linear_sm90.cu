@@ -338,8 +338,9 @@ constexpr int kSlabStageBytes = kTileT * kSlabStageR * 2;
 constexpr int kSlabStepsPerStage = kSlabStageR / 16;
 constexpr int kSlabMaxStages = 6 * 64 / kSlabStageR;  // six 32 KB stages or twelve 16 KB ones
 constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared memory per block
-// The per-tile kernel stays the default: on an H100 the slab kernels are bit-identical to it but slower at 65,536
-// tokens (slab 1.03-1.56x its time, pair about twice the slab's; bench/results/qat_sm90_schedules-*-1320d99.txt).
+// The per-tile kernel stays the default: on an H100 the slab kernels are bit-identical to it but mostly slower at
+// 65,536 tokens (the faster of slab and pair 0.95-1.55x its time; bench/results/qat_sm90_schedules-*-f7aa977.txt),
+// and without any B loads (QAT_SLAB_PROBE_NO_LOAD) their consumers alone take longer than cuBLAS.
 constexpr int kDefaultSchedule = 1;
 
 struct SlabLayout {
