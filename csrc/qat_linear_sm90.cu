@@ -337,6 +337,12 @@ static_assert(kSlabStageR == 64 || kSlabStageR == 32, "PGOLF_QAT_SLAB_STAGE_R mu
 constexpr int kSlabStageBytes = kTileT * kSlabStageR * 2;
 constexpr int kSlabStepsPerStage = kSlabStageR / 16;
 constexpr int kSlabMaxStages = 6 * 64 / kSlabStageR;  // six 32 KB stages or twelve 16 KB ones
+// A register sets of the slab mainloop (wgmmas in flight + 1); probe builds may set QAT_SLAB_A_BUFS=4.
+#ifndef QAT_SLAB_A_BUFS
+#define QAT_SLAB_A_BUFS 2
+#endif
+constexpr int kSlabABufs = QAT_SLAB_A_BUFS;
+static_assert(kSlabABufs >= 2 && kSlabStepsPerStage % kSlabABufs == 0, "QAT_SLAB_A_BUFS: 2 or 4 (divides the k16 steps per stage)");
 constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared memory per block
 // The per-tile kernel stays the default: on an H100 the slab kernels are bit-identical to it but mostly slower at
 // 65,536 tokens (the faster of slab and pair 0.95-1.55x its time; bench/results/qat_sm90_schedules-*-f7aa977.txt),
@@ -629,10 +635,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int j = 0; j < 128; ++j) acc[j] = 0.f;
     fence_operands(acc);
-    // k16 steps two at a time through two A register sets: step s's wgmma is in flight while step s + 1's
-    // fragment is converted; wait<1> retires step s - 1, whose registers (kept live by fence_operands until then)
-    // take step s + 1. A stage goes back to the producer once its last step is retired.
-    uint32_t ax[4], ay[4];
+    // k16 steps through kSlabABufs A register sets: up to kSlabABufs - 1 wgmmas stay in flight while the next
+    // step's fragment is converted. A stage goes back to the producer once its last step is retired (then the step
+    // being issued is in the next stage: kSlabABufs <= steps per stage).
+    uint32_t a_frag[kSlabABufs][4];
     const int64_t pos0 = int64_t(i) * num_r;  // this unit's first position in the ring of stages
     int st = static_cast<int>(pos0 % S), prev_st = st;
     uint32_t ph = static_cast<uint32_t>((pos0 / S) & 1);
@@ -670,24 +676,25 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     };
     const int steps = kSlabStepsPerStage * num_r;
-    for (int step = 0; step < steps; step += 2) {
-      load_a(ax, step);
-      issue(ax, step);
-      if (step > 0) {
-        wgmma_wait<1>();
-        fence_operands(ay);
-        if (step % kSlabStepsPerStage == 0) release(prev_st);  // the previous stage's last step is retired
+    for (int step = 0; step < steps; step += kSlabABufs) {
+#pragma unroll
+      for (int b = 0; b < kSlabABufs; ++b) {
+        load_a(a_frag[b], step + b);
+        issue(a_frag[b], step + b);
+        if (step + b >= kSlabABufs - 1) {
+          // retires step `done`, whose registers (kept live by fence_operands until here) take step done + kSlabABufs
+          wgmma_wait<kSlabABufs - 1>();
+          fence_operands(a_frag[(b + 1) % kSlabABufs]);
+          const int done = step + b - (kSlabABufs - 1);
+          if (done % kSlabStepsPerStage == kSlabStepsPerStage - 1) release(prev_st);  // a stage's last step
+        }
       }
-      load_a(ay, step + 1);
-      issue(ay, step + 1);
-      wgmma_wait<1>();
-      fence_operands(ax);
     }
     if (i + 1 < n) named_barrier_arrive(4 + (cw ^ 1), 256);  // the other warpgroup's next mainloop may start
     wgmma_wait<0>();
     fence_operands(acc);
-    fence_operands(ax);
-    fence_operands(ay);
+#pragma unroll
+    for (int b = 0; b < kSlabABufs; ++b) fence_operands(a_frag[b]);
     release(st);
 
     // Epilogue: forward · s[a] + bias; a NaN-flagged row adds NaN. bf16, transposed through the warpgroup's
