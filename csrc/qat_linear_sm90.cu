@@ -342,7 +342,8 @@ constexpr int kSlabMaxStages = 6 * 64 / kSlabStageR;  // six 32 KB stages or twe
 #define QAT_SLAB_A_BUFS 2
 #endif
 constexpr int kSlabABufs = QAT_SLAB_A_BUFS;
-static_assert(kSlabABufs >= 2 && kSlabStepsPerStage % kSlabABufs == 0, "QAT_SLAB_A_BUFS: 2 or 4 (divides the k16 steps per stage)");
+static_assert(kSlabABufs >= 2 && kSlabStepsPerStage % kSlabABufs == 0,
+              "QAT_SLAB_A_BUFS: 2 or 4 (it divides the k16 steps per stage)");
 constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared memory per block
 // The per-tile kernel stays the default: on an H100 the slab kernels are bit-identical to it but mostly slower at
 // 65,536 tokens (the faster of slab and pair 0.95-1.55x its time; bench/results/qat_sm90_schedules-*-f7aa977.txt),
