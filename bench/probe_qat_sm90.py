@@ -12,6 +12,9 @@ bench/probe_qat_sm90_bind.cpp (torch.utils.cpp_extension.load, ~20 s).
 
 Usage: python bench/probe_qat_sm90.py [--tokens 65536] [--no-check] [--nvcc-flags "-DPGOLF_QAT_SLAB_STAGE_R=32"]
        > bench/results/qat_sm90_schedules-<gpu>-<date>.txt
+       python bench/probe_qat_sm90.py --variants "-DNDEBUG;-DQAT_SLAB_A_BUFS=4;-DQAT_SLAB_PROBE_NO_LOAD"
+(several builds at once, then each checked and timed in turn; QAT_SLAB_PROBE_NO_LOAD / NO_MMA / NO_EPI builds skip
+the B loads / the matmuls / the epilogue to time the rest alone, and are not checked)
 """
 from __future__ import annotations
 
@@ -130,20 +133,49 @@ def timing(ext, tokens):
         print(f"{k:>5}->{n:<5} | fwd {parts[0]} | dX  {parts[1]}{clusters}", flush=True)
 
 
+def build_variants(variants):
+    """Build each flag set's .cu alone, all at once in child processes (nvcc is single-threaded per file)."""
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, __file__, "--build-only", f"--nvcc-flags={flags}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for flags in variants]
+    for flags, proc in zip(variants, procs):
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            sys.exit(f"probe_qat_sm90: the build with flags {flags!r} failed:\n{out[-4000:]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--nvcc-flags", default="", help="build the .cu alone with these extra flags (A/B builds, e.g. "
                     "-DPGOLF_QAT_SLAB_STAGE_R=32)")
+    ap.add_argument("--variants", default=None,
+                    help="';'-separated flag sets: build them all at once, then check and time each in turn "
+                    "(probe builds, -DQAT_SLAB_PROBE_*, give wrong results by design: timed only)")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.build_only:
+        load_ops(args.nvcc_flags)
+        return
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         sys.exit("probe_qat_sm90 needs an sm_90 GPU (H100/H200)")
-    ext, how = load_ops(args.nvcc_flags)
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; kernels: {how}", flush=True)
-    if not args.no_check and not check(ext):
+    variants = [args.nvcc_flags]
+    if args.variants is not None:
+        variants = [v.strip() or "-DNDEBUG" for v in args.variants.split(";")]
+        build_variants(variants)
+    ok = True
+    for flags in variants:
+        ext, how = load_ops(flags)
+        print(f"\n# {torch.cuda.get_device_name()}, torch {torch.__version__}; kernels: {how}", flush=True)
+        if not args.no_check and "QAT_SLAB_PROBE_" not in flags:
+            if not check(ext):
+                ok = False
+                continue
+        timing(ext, args.tokens)
+    if not ok:
         sys.exit(1)
-    timing(ext, args.tokens)
 
 
 if __name__ == "__main__":
