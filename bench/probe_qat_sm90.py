@@ -10,9 +10,9 @@ same bf16 Q(W) (F.linear for the forward, dy @ Q(W) for dX).
 It uses the built extension when it has qat_linear_sm90_schedule, else builds csrc/qat_linear_sm90.cu alone with
 bench/probe_qat_sm90_bind.cpp (torch.utils.cpp_extension.load, ~20 s).
 
-Usage: python bench/probe_qat_sm90.py [--tokens 65536] [--no-check] [--nvcc-flags "-DPGOLF_QAT_SLAB_STAGE_R=32"]
+Usage: python bench/probe_qat_sm90.py [--tokens 65536] [--no-check] [--nvcc-flags="-DPGOLF_QAT_SLAB_STAGE_R=32"]
        > bench/results/qat_sm90_schedules-<gpu>-<date>.txt
-       python bench/probe_qat_sm90.py --variants "-DNDEBUG;-DQAT_SLAB_A_BUFS=4;-DQAT_SLAB_PROBE_NO_LOAD"
+       python bench/probe_qat_sm90.py --variants="-DNDEBUG;-DQAT_SLAB_A_BUFS=4;-DQAT_SLAB_PROBE_NO_LOAD"
 (several builds at once, then each checked and timed in turn; QAT_SLAB_PROBE_NO_LOAD / NO_MMA / NO_EPI builds skip
 the B loads / the matmuls / the epilogue to time the rest alone, and are not checked)
 """
