@@ -151,7 +151,7 @@ def attention_path(q: Tensor, k: Tensor, train: bool, sdpa_backends: list | None
 
 def attention_path_for(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, train: bool = True,
                        sdpa_backends: list | None = None) -> str:
-    """attention_path for q/k of these sizes on `device` now (one-element tensors stand in for them)."""
+    """attention_path for q/k of these sizes on `device` now (one-token tensors stand in for them)."""
     q = torch.empty(1, heads, 1, head_dim, device=device, dtype=dtype)
     k = torch.empty(1, kv_heads, 1, head_dim, device=device, dtype=dtype)
     return attention_path(q, k, train, sdpa_backends)

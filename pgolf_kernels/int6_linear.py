@@ -19,7 +19,7 @@ Two implementations, picked with ``impl=`` (default ``DEFAULT_IMPL``):
   wherever they apply (bf16 X, fp32 W, reduction % 64 == 0, output width % 128 == 0); elsewhere, and with
   ``PROLOGUE_BACKEND = "triton"``, Triton kernels. ``PROLOGUE_BACKEND = "sm90_slab"`` (or ``"sm90_pair"``) asks
   for the opt-in slab schedule of the same file, which quantises each 64-row slab of W once per CTA instead of
-  once per 256-token tile (not yet timed; see the PROLOGUE_BACKENDS comment).
+  once per 256-token tile (slower so far; see the PROLOGUE_BACKENDS comment).
 * ``"quant_cublas"`` — one Triton pass writes Q(W) in X's dtype (the same bytes the plain path's
   ``W.to(bf16)`` cast writes every step), then cuBLAS does all three matmuls.
 
@@ -71,7 +71,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # where it does not apply: W quantised again for every 256-token tile (the default; output width % 128 == 0); W
 # quantised once per CTA and 64-row slab (output width % 64 == 0, reduction <= 2048 or so: the slab's codes must
 # fit in shared memory beside two stages); the slab kernel in 2-CTA clusters that share the activation tiles (output
-# width % 128 == 0). The slab schedules are opt-in until timed. "triton" always uses Triton.
+# width % 128 == 0). The slab schedules are opt-in: on an H100 they are mostly slower than the per-tile one
+# (bench/results/qat_sm90_schedules-*). "triton" always uses Triton.
 # PGOLF_QLINEAR_PROLOGUE sets the start value.
 PROLOGUE_BACKENDS = ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "triton")
 _SM90_SCHEDULE = {"auto": 0, "sm90_tile": 1, "sm90_slab": 2, "sm90_pair": 3}

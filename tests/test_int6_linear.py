@@ -252,8 +252,8 @@ def _on_hopper():
 @pytest.mark.skipif(not _on_hopper(), reason="the sm_90a prologue kernels need an H100/H200")
 @pytest.mark.parametrize("n,k", MODEL_SHAPES)
 def test_gpu_sm90_prologue_matches_triton_prologue_and_reference(n, k, monkeypatch):
-    """The CUDA sm_90a prologue matmuls (auto backend: the slab schedule; sm90_tile: the per-tile one) against the
-    Triton ones and a float64 product, at token counts that are not multiples of the 256-token tile, with a bias;
+    """The CUDA sm_90a prologue matmuls (auto and sm90_tile: the per-tile schedule, the default; sm90_slab and
+    sm90_pair: the slab schedules) against the Triton ones and a float64 product, at token counts that are not multiples of the 256-token tile, with a bias;
     outputs start as NaN (a freed NaN block the caching allocator hands back), so an element the kernel never wrote
     fails the check."""
     from pgolf_kernels._extension import extension_available, require_extension
