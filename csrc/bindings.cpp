@@ -15,10 +15,11 @@ at::Tensor unpack_codes_cuda(const at::Tensor& packed, int64_t bits, int64_t num
 std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tensor& target,
                                                      const c10::optional<at::Tensor>& scale, const at::Tensor& nll,
                                                      double cap, int64_t ignore_index, int64_t chunk_rows,
-                                                     bool need_dh, bool need_dw, int64_t dw_splits);
+                                                     bool need_dh, bool need_dw, int64_t dw_splits, bool sm90);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flce_forward_cuda(
     const at::Tensor& h, const at::Tensor& weight, const at::Tensor& target, double cap, int64_t ignore_index,
-    int64_t reduction, bool need_dh, bool need_dw, int64_t chunk_rows, int64_t dw_splits);
+    int64_t reduction, bool need_dh, bool need_dw, int64_t chunk_rows, int64_t dw_splits, bool sm90);
+bool flce_sm90_supported(const at::Tensor& h, int64_t V, double cap);
 void flce_scale_inplace_cuda(const at::Tensor& a, const c10::optional<at::Tensor>& b, const at::Tensor& g);
 bool qat_linear_sm90_supported(const at::Tensor& b, const at::Tensor& w, bool trans_w);
 int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool trans_w, int64_t schedule);
@@ -70,11 +71,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("flce_forward", &pgolf::flce_forward_cuda, "Fused linear + soft-capped CE forward (loss, count, dH, dW); "
         "reduction 0 mean, 1 sum, 2 none; cap 0 = no soft-cap", py::arg("h"), py::arg("weight"), py::arg("target"),
         py::arg("cap"), py::arg("ignore_index"), py::arg("reduction"), py::arg("need_dh"), py::arg("need_dw"),
-        py::arg("chunk_rows"), py::arg("dw_splits"));
+        py::arg("chunk_rows"), py::arg("dw_splits"), py::arg("sm90") = false);
   m.def("flce_chunked", &pgolf::flce_chunked_cuda, "The fused CE chunk loop: fills nll, returns (dH, dW) scaled by "
-        "scale (None: NLL only); weight already in h's dtype", py::arg("h"), py::arg("weight"), py::arg("target"),
+        "scale (None: NLL only); weight already in h's dtype; sm90: the CUTLASS loop that stores no logits "
+        "(csrc/flce_sm90.cu) where flce_sm90_supported", py::arg("h"), py::arg("weight"), py::arg("target"),
         py::arg("scale"), py::arg("nll"), py::arg("cap"), py::arg("ignore_index"), py::arg("chunk_rows"),
-        py::arg("need_dh"), py::arg("need_dw"), py::arg("dw_splits"));
+        py::arg("need_dh"), py::arg("need_dw"), py::arg("dw_splits"), py::arg("sm90") = false);
+  m.def("flce_sm90_supported", &pgolf::flce_sm90_supported, "Whether flce_chunked(sm90=True) runs the CUTLASS loop "
+        "for h and V logits per row (CUTLASS build, sm_90 GPU, contiguous bf16 h, d and V multiples of 8, soft-cap "
+        "in (0, 40])", py::arg("h"), py::arg("V"), py::arg("cap"));
   m.def("flce_scale_inplace", &pgolf::flce_scale_inplace_cuda, "a *= g and b *= g in place (g: one fp32 value on "
         "the device); no GPU work when g == 1", py::arg("a"), py::arg("b"), py::arg("g"));
   m.def("qat_linear_sm90", &pgolf::qat_linear_sm90_cuda, "QAT matmul with the quantiser in the prologue (sm_90a "

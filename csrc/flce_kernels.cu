@@ -235,7 +235,7 @@ void check_cuda(const at::Tensor& t, const char* name) {
 }  // namespace
 
 // dW_out (fp32) += a^T @ b for bf16/fp16 a, b with fp32 accumulation, batched over the leading dim.
-static void baddbmm_f32(at::Tensor& out, const at::Tensor& a_t, const at::Tensor& b) {
+void baddbmm_f32(at::Tensor& out, const at::Tensor& a_t, const at::Tensor& b) {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
   at::baddbmm_out(out, out, a_t, b, at::kFloat, 1, 1);
 #else
@@ -243,12 +243,20 @@ static void baddbmm_f32(at::Tensor& out, const at::Tensor& a_t, const at::Tensor
 #endif
 }
 
+bool flce_sm90_supported(const at::Tensor& h, int64_t V, double cap);  // flce_sm90.cu
+std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, const at::Tensor& w,
+                                                          const at::Tensor& target, const c10::optional<at::Tensor>& scale,
+                                                          const at::Tensor& nll, double cap, int64_t ignore_index,
+                                                          int64_t chunk_rows, bool need_dh, bool need_dw,
+                                                          int64_t dw_splits);
+
 // The chunk loop (see the file comment). scale: undefined for NLL only; else fp32, 0-dim or one per row.
 // Returns (dH, dW): dH in h's dtype, dW fp32, both already multiplied by scale; undefined when not asked for.
+// sm90: flce_sm90.cu's loop (no logits stored) where flce_sm90_supported, else this one.
 std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tensor& target,
                                                      const c10::optional<at::Tensor>& scale, const at::Tensor& nll,
                                                      double cap, int64_t ignore_index, int64_t chunk_rows,
-                                                     bool need_dh, bool need_dw, int64_t dw_splits) {
+                                                     bool need_dh, bool need_dw, int64_t dw_splits, bool sm90) {
   check_cuda(h, "h");
   check_cuda(w, "weight");
   check_cuda(target, "target");
@@ -265,6 +273,9 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const 
   TORCH_CHECK(nll.scalar_type() == at::kFloat && nll.numel() == h.size(0), "flce: nll must be fp32 of N entries");
   TORCH_CHECK(chunk_rows > 0, "flce: chunk_rows must be positive, got ", num_text(chunk_rows));
   TORCH_CHECK(cap >= 0.0 && std::isfinite(cap), "flce: softcap must be 0 (none) or positive, got ", num_text(cap));
+  if (sm90 && h.size(0) > 0 && flce_sm90_supported(h, w.size(0), cap))
+    return flce_chunked_sm90_cuda(h, w, target, scale, nll, cap, ignore_index, chunk_rows, need_dh, need_dw,
+                                  dw_splits);
   const bool grads = scale.has_value() && scale->defined();
   const float* scale_ptr = nullptr;
   int64_t scale_stride = 0;
@@ -324,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const 
 // otherwise they are empty tensors. weight may be fp32 (the master copy): it is cast to h's dtype once.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flce_forward_cuda(
     const at::Tensor& h_in, const at::Tensor& weight, const at::Tensor& target_in, double cap, int64_t ignore_index,
-    int64_t reduction, bool need_dh, bool need_dw, int64_t chunk_rows, int64_t dw_splits) {
+    int64_t reduction, bool need_dh, bool need_dw, int64_t chunk_rows, int64_t dw_splits, bool sm90) {
   check_cuda(h_in, "h");
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "flce: reduction code must be 0 (mean), 1 (sum) or 2 (none)");
   const at::cuda::CUDAGuard guard(h_in.device());
@@ -337,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flce_forward_cuda(
   if (reduction != 2 && (need_dh || need_dw))
     scale = reduction == 0 ? count.clamp_min(1.0).reciprocal() : at::ones({}, count.options());
   auto [dh, dw] = flce_chunked_cuda(h, w, target, scale, nll, cap, ignore_index, chunk_rows, need_dh, need_dw,
-                                    dw_splits);
+                                    dw_splits, sm90);
   at::Tensor loss = reduction == 2 ? nll : (reduction == 1 ? nll.sum() : nll.sum().div_(count));
   // (separate empties: the custom op's outputs may not alias each other)
   if (!dh.defined()) dh = at::empty({0}, h.options());

@@ -128,8 +128,12 @@ _CE_FIXED_MAX_CAP = 40.0
 #   host      "cpp": the chunk loop, the CE rows and the backward scaling run in the CUDA extension
 #             (csrc/flce_kernels.cu) when it is built, for dw="split" and ce="v2" (the only settings it
 #             implements); "python": the loop below with the Triton kernels. Same arithmetic either way.
+#   gemm      "cutlass": on the C++ host path, where the extension's flce_sm90_supported says so (CUTLASS
+#             build, sm_90 GPU, bf16 h, d and V multiples of 8, soft-cap in (0, 40]), the chunk loop of
+#             csrc/flce_sm90.cu: the forward product's epilogue forms the logit gradient up to a per-row
+#             factor (bf16) and the row sums, so no logits are stored; "cublas": flce_kernels.cu's loop.
 TUNING = {"dw": "split", "dw_splits": 0, "ce": "v2", "ce_lpt": 16, "ce_rows": 0, "ce_warps": 0,
-          "path": "function", "host": "cpp"}
+          "path": "function", "host": "cpp", "gemm": "cutlass"}
 
 
 def _parse_tuning(text: str) -> dict:
@@ -549,12 +553,18 @@ _FLCE_EXT = _UNSET
 _CPP_MAX_V = 2048
 
 
-def _cpp_extension(h: Tensor, V: Optional[int] = None):
+def _sm90(ext, h: Tensor, V: int, cap: float) -> bool:
+    """Whether the extension's chunk loop should run csrc/flce_sm90.cu's kernels here (TUNING gemm)."""
+    return (TUNING["gemm"] == "cutlass" and hasattr(ext, "flce_sm90_supported")
+            and ext.flce_sm90_supported(h, V, cap))
+
+
+def _cpp_extension(h: Tensor, V: Optional[int] = None, cap: Optional[float] = None):
     """The compiled extension when this call should run its chunk loop (TUNING host="cpp", a CUDA tensor, the
-    extension built with the flce ops, settings it implements and, when V is given, V <= _CPP_MAX_V), else
-    None."""
+    extension built with the flce ops, settings it implements and, when V is given, V <= _CPP_MAX_V or, with
+    cap given, the sm_90 loop taking it), else None."""
     global _FLCE_EXT
-    if TUNING["host"] != "cpp" or not h.is_cuda or TUNING["ce"] != "v2" or (V is not None and V > _CPP_MAX_V):
+    if TUNING["host"] != "cpp" or not h.is_cuda or TUNING["ce"] != "v2":
         return None
     if _FLCE_EXT is _UNSET:  # looked up once: this runs on every call, and host time is what it saves
         from ._extension import extension_available, require_extension
@@ -564,6 +574,8 @@ def _cpp_extension(h: Tensor, V: Optional[int] = None):
         _FLCE_EXT = ext if hasattr(ext, "flce_forward") else None
     ext = _FLCE_EXT
     if ext is None:
+        return None
+    if V is not None and V > _CPP_MAX_V and not (cap is not None and _sm90(ext, h, V, cap)):
         return None
     if h.dtype != torch.float32 and not (TUNING["dw"] == "split" and _baddbmm_out_dtype_works(h.device)):
         return None
@@ -579,11 +591,12 @@ def _chunked_pass(h: Tensor, w: Tensor, target: Tensor, nll: Tensor, scale: Opti
     """The chunk loop. scale None: NLL only. Otherwise also dH (h's dtype) and dW (fp32), both already
     multiplied by scale (0-dim or per row). w is the weight in h's dtype."""
     N, D = h.shape
-    ext = _cpp_extension(h, w.shape[0])
+    ext = _cpp_extension(h, w.shape[0], cap)
     if ext is not None and N > 0:
         # (dH, dW), None where not asked for, as below
         return tuple(ext.flce_chunked(h, w, target, scale, nll, cap, ignore_index, chunk_rows, need_dh, need_dw,
-                                      _cpp_dw_splits(N, D, w.shape[0], chunk_rows, h)))
+                                      _cpp_dw_splits(N, D, w.shape[0], chunk_rows, h),
+                                      _sm90(ext, h, w.shape[0], cap)))
     _require_triton()
     V = w.shape[0]
     dev = h.device
@@ -634,11 +647,12 @@ def _flce_forward_impl(h: Tensor, weight: Tensor, target: Tensor, softcap: float
     """(loss, count, dH, dW). count: fp32 number of non-ignored targets. For "mean"/"sum" with a gradient
     wanted, dH (h's dtype) and dW (fp32) hold the gradient for an upstream gradient of 1; otherwise they
     are empty (reduction="none" computes its gradient in backward)."""
-    ext = _cpp_extension(h, weight.shape[0])
+    ext = _cpp_extension(h, weight.shape[0], softcap)
     if ext is not None and h.shape[0] > 0:  # the same steps in one C++ call (host time: see TUNING host)
         return tuple(ext.flce_forward(h, weight, target, softcap, ignore_index, _REDUCTIONS.index(reduction),
                                       need_dh, need_dw, chunk_rows,
-                                      _cpp_dw_splits(h.shape[0], h.shape[1], weight.shape[0], chunk_rows, h)))
+                                      _cpp_dw_splits(h.shape[0], h.shape[1], weight.shape[0], chunk_rows, h),
+                                      _sm90(ext, h, weight.shape[0], softcap)))
     h, w, target = _prep(h, weight, target)
     N = h.shape[0]
     count = (target != ignore_index).sum(dtype=torch.float32)

@@ -616,7 +616,8 @@ def test_gpu_peak_memory_bound():
     from pgolf_kernels.fused_ce import DEFAULT_CHUNK_ROWS
 
     # dH + the chunk buffer + up to 4 fp32 dW slabs (or dW and its scaled copy) + the weight cast to bf16
-    bound = N * d * 2 + DEFAULT_CHUNK_ROWS * V * 2 + 4 * V * d * 4 + V * d * 2 + (2 << 20)
+    # + (the sm_90 loop, csrc/flce_sm90.cu) a chunk of h scaled per row
+    bound = N * d * 2 + DEFAULT_CHUNK_ROWS * V * 2 + 4 * V * d * 4 + V * d * 2 + DEFAULT_CHUNK_ROWS * d * 2 + (2 << 20)
     assert peak <= bound, f"peak {peak / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
 
 
@@ -699,6 +700,91 @@ def test_gpu_cpp_host_bad_target_and_all_ignored(monkeypatch):
     assert torch.isnan(loss)  # 0/0, like F.cross_entropy
     assert torch.equal(fused_linear_cross_entropy(h, w, y_ign, 30.0, "sum").detach(),
                        torch.zeros((), device="cuda"))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The sm_90 loop (csrc/flce_sm90.cu): CUTLASS products whose epilogues form the logit gradient, no logits stored
+# ------------------------------------------------------------------------------------------------------
+def _require_sm90(h, V, cap):
+    from pgolf_kernels import extension_status
+    from pgolf_kernels import fused_ce as mod
+
+    if not extension_status()["available"]:
+        pytest.skip(f"CUDA extension not built: {extension_status()['reason']}")
+    ext = mod._cpp_extension(h)
+    if not hasattr(ext, "flce_sm90_supported"):
+        pytest.skip("extension built before csrc/flce_sm90.cu")
+    if not ext.flce_sm90_supported(h.detach(), V, cap):
+        pytest.skip("no sm_90 loop here (needs a CUTLASS build and an sm_90 GPU)")
+    assert mod._cpp_extension(h, V, cap) is not None, "the C++ host path would not be taken"
+
+
+# (N, d, V, softcap, reduction, chunk_rows, target dtype): ragged chunks (4097 rows in 1024, 300 in 64), V not
+# a multiple of 128 (1000, 8200: partial last column tile), reduction "none" (per-row upstream gradients), soft-caps
+# 30, 15 and 40 (the largest the fixed maximum allows)
+_SM90_CASES = [
+    (4097, 512, 1024, 30.0, "mean", 1024, torch.int64),
+    (3000, 256, 1000, 30.0, "sum", None, torch.int32),
+    (300, 128, 8200, 15.0, "mean", 64, torch.int64),
+    (2048, 512, 4096, 40.0, "none", 512, torch.int64),
+    (1, 512, 1024, 30.0, "mean", None, torch.int32),
+]
+
+
+@gpu
+@pytest.mark.parametrize("N,d,V,softcap,reduction,chunk,t_dtype", _SM90_CASES)
+def test_gpu_sm90_matches_reference(monkeypatch, N, d, V, softcap, reduction, chunk, t_dtype):
+    """The sm_90 loop against the rounded-operand oracle, with NaN left in the allocator's free blocks."""
+    from pgolf_kernels import fused_ce as mod
+
+    monkeypatch.setitem(mod.TUNING, "gemm", "cutlass")
+    h, w, y = _make(N, d, V, torch.bfloat16, torch.float32, "cuda", t_dtype=t_dtype)
+    _require_sm90(h, V, softcap)
+    up = (torch.rand(N, device="cuda") + 0.5) if reduction == "none" else torch.tensor(0.7, device="cuda")
+    junk = torch.full((256 << 20,), float("nan"), device="cuda")
+    del junk
+    got = _run(fused_linear_cross_entropy, h, w, y, softcap, reduction, upstream=up, chunk_rows=chunk)
+    _check_lowp(got, _lowp_reference(h, w, y, softcap, reduction, upstream=up))
+
+
+@gpu
+def test_gpu_sm90_matches_cublas_loop_and_is_deterministic(monkeypatch):
+    """Both C++ loops on the same inputs (the gradients' bf16 storage may differ by a rounding), and the sm_90
+    loop twice: bit for bit the same."""
+    from pgolf_kernels import fused_ce as mod
+
+    h, w, y = _make(8192, 512, 1024, torch.bfloat16, torch.float32, "cuda")
+    _require_sm90(h, 1024, 30.0)
+    outs = {}
+    for gemm in ("cublas", "cutlass", "cutlass"):
+        monkeypatch.setitem(mod.TUNING, "gemm", gemm)
+        got = _run(fused_linear_cross_entropy, h, w, y, 30.0, "mean", upstream=torch.tensor(1.3, device="cuda"))
+        if gemm in outs:
+            assert all(torch.equal(a, b) for a, b in zip(got, outs[gemm])), "two runs of the sm_90 loop differ"
+        outs[gemm] = got
+    _check_lowp(outs["cutlass"], outs["cublas"])
+
+
+@gpu
+def test_gpu_sm90_extreme_logits_and_bad_target(monkeypatch):
+    """|logits| in the thousands (the epilogue's tanh from exp(-2|x|/c) stays finite), an out-of-range target
+    (NaN for that row only, as the cuBLAS loop) and rows whose targets are all ignored."""
+    from pgolf_kernels import fused_ce as mod
+
+    monkeypatch.setitem(mod.TUNING, "gemm", "cutlass")
+    h, w, y = _make(2048, 512, 1024, torch.bfloat16, torch.float32, "cuda", scale=300.0)
+    _require_sm90(h, 1024, 30.0)
+    loss, gh, gw = _run(fused_linear_cross_entropy, h, w, y, 30.0, "mean")
+    _assert_finite(loss, gh, gw)
+    torch.testing.assert_close(loss, _lowp_reference(h, w, y, 30.0, "mean")[0], rtol=1e-2, atol=1e-2)
+    y2 = y.clone()
+    y2[5] = 1024
+    nll = fused_linear_cross_entropy(h, w, y2, 30.0, "none").detach()
+    assert torch.isnan(nll[5]) and torch.isfinite(torch.cat([nll[:5], nll[6:]])).all()
+    y_ign = torch.full_like(y, -100)
+    assert torch.isnan(fused_linear_cross_entropy(h, w, y_ign, 30.0, "mean"))  # 0/0, like F.cross_entropy
+    loss, gh, gw = _run(fused_linear_cross_entropy, h, w, y_ign, 30.0, "sum")
+    assert loss.item() == 0.0 and not gh.float().abs().max().item() and not gw.abs().max().item()
 
 
 _CPP_ERRORS_SCRIPT = """

@@ -1,0 +1,308 @@
+// Fused linear + soft-capped cross-entropy on Hopper (sm_90a): the chunk loop of csrc/flce_kernels.cu with the
+// logits never stored, built on the CUTLASS ping-pong GEMM of block_gemm_sm90.cuh.
+//
+// Why: the cuBLAS loop of flce_kernels.cu writes each chunk's logits (h's dtype) and its CE kernel reads them and
+// writes the gradient over them: at N = 65,536, d = 512, V = 1024 its kernels take 0.56 ms against the ≈0.33 ms
+// the three products need (README, bench/results/fused_ce-*). Here the forward product's epilogue does the
+// element-wise work while the other consumer warpgroup's tensor cores run, and the backward products read a
+// bf16 matrix that is already the logit gradient up to a per-row factor.
+//
+// With a soft-cap c (0 < c <= 40) every capped logit z = c tanh(x / c) lies in (-c, c), so e = exp(z - c) needs no
+// running maximum (flce_kernels.cu's kFixedMaxCap). Per chunk of rows (h_c, targets y):
+//   1. G = e * (1 - tanh^2) (bf16, [rows, V]) and per-row partial sums of e over each 128-column tile
+//      (one CUTLASS GEMM h_c @ W^T; its epilogue is ce_fwd's visitor graph below)
+//   2. one warp per row: s = sum of the partials, the target's logit x_y = h_c[i] . W[y] (fp32 dot product),
+//      nll = log(s) + c - z_y, the row factor f = scale / s, and G[i, y] -= s (1 - tanh^2(x_y / c)), so that
+//      f * G[i, :] = (softmax - onehot) * (1 - tanh^2) * scale, the gradient of the logits
+//   3. dH_c = f * (G @ W) and hs = f * h_c (one CUTLASS GEMM, both in its epilogue)
+//   4. dW_slab += G^T @ hs (one batched cuBLAS product into fp32 slabs, as flce_kernels.cu)
+// The tanh is formed from a = exp(-2|x| / c) and r = 1 / (1 + a): tanh(|x| / c) = (1 - a) r, z - c = -2 c a r
+// (x >= 0) or -2 c r (x < 0), 1 - tanh^2 = 4 a r^2, finite for every finite x, with three special-function
+// operations per logit and none of tanh.approx's 2^-11 error (which would move each e by up to c * 2^-11).
+// No float atomics: the result is deterministic.
+#include "block_gemm_sm90.cuh"
+
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+namespace pgolf {
+
+void baddbmm_f32(at::Tensor& out, const at::Tensor& a_t, const at::Tensor& b);  // flce_kernels.cu
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr double kMaxCap = 40.0;  // exp(-2c) stays a normal fp32 number (flce_kernels.cu's kFixedMaxCap)
+constexpr int kRowsPerBlock = 8;  // row kernel: one warp per row
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+}  // namespace
+
+#if defined(PGOLF_WITH_CUTLASS)
+using namespace block_gemm_detail;
+
+namespace {
+
+using namespace cute;
+namespace fu = cutlass::epilogue::fusion;
+
+// ---- the forward epilogue: a visitor graph (a node's value feeds several others, which a tree cannot share) --
+template <class T>
+struct CapA {  // a = exp(-2 |x| / c) = exp2(k1 |x|), k1 = -2 log2(e) / c
+  CUTLASS_DEVICE T operator()(T const& x, T const& k1) const {
+    T o;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < T::kElements; ++i) o[i] = exp2f(k1[i] * fabsf(x[i]));
+    return o;
+  }
+};
+
+template <class T>
+struct CapR {  // r = 1 / (1 + a)
+  CUTLASS_DEVICE T operator()(T const& a) const {
+    T o;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < T::kElements; ++i) o[i] = __fdividef(1.f, 1.f + a[i]);
+    return o;
+  }
+};
+
+template <class T>
+struct CapE {  // e = exp(z - c) = exp2(k2 * (tanh - 1)), tanh - 1 = -2 a r (x >= 0) or -2 r; k2 = c log2(e)
+  CUTLASS_DEVICE T operator()(T const& x, T const& a, T const& r, T const& k2) const {
+    T o;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < T::kElements; ++i) o[i] = exp2f(-2.f * k2[i] * (x[i] >= 0.f ? a[i] * r[i] : r[i]));
+    return o;
+  }
+};
+
+template <class T>
+struct CapG {  // e * (1 - tanh^2) = 4 e a r^2
+  CUTLASS_DEVICE T operator()(T const& e, T const& a, T const& r) const {
+    T o;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < T::kElements; ++i) o[i] = 4.f * e[i] * a[i] * r[i] * r[i];
+    return o;
+  }
+};
+
+template <template <class> class F, class Out = float>
+using Fn = fu::Sm90Compute<F, Out, float, kRound>;
+
+// nodes in topological order: 0 acc, 1 k1, 2 k2, 3 a(0, 1), 4 r(3), 5 e(0, 3, 4, 2), 6 row sums of e (5),
+// 7 G = CapG(5, 3, 4), the output
+using EvtCeFwd = fu::Sm90TopologicalVisitor<
+    float,
+    cute::tuple<cute::seq<>, cute::seq<>, cute::seq<>, cute::seq<0, 1>, cute::seq<3>, cute::seq<0, 3, 4, 2>,
+                cute::seq<5>, cute::seq<5, 3, 4>>,
+    Acc, Scalar, Scalar, Fn<CapA>, Fn<CapR>, Fn<CapE>, RowSumPartials, Fn<CapG, Bf16>>;
+using GemmCeFwd = Gemm<EvtCeFwd, kEpiWide, cutlass::layout::ColumnMajor>;  // W [V, d]: B is [N, K]
+
+// ---- the backward epilogue: dH = f[m] * acc (the output) and hs = f[m] * h (an aux store) ----------------
+using Mul = fu::Sm90Compute<cutlass::multiplies, float, float, kRound>;
+using EvtCeDh = fu::Sm90EVT<
+    fu::Sm90Compute<SecondOf, Bf16, float, kRound>,
+    fu::Sm90EVT<AuxOutOf<kEpiNarrow>, fu::Sm90EVT<Mul, AuxInOf<kEpiNarrow>, PerRow>>,
+    fu::Sm90EVT<Mul, Acc, PerRow>>;
+using GemmCeDh = Gemm<EvtCeDh, kEpiNarrow, cutlass::layout::RowMajor>;  // W [V, d]: B is [K, N]
+
+using Bf16Raw = __nv_bfloat16;
+
+// Step 2 of the file comment, one warp per row. grads: f and the G fix-up are written.
+__global__ void __launch_bounds__(32 * kRowsPerBlock) ce_rows_sm90_kernel(
+    const Bf16Raw* __restrict__ h, const Bf16Raw* __restrict__ w, int64_t D, int64_t V,
+    const void* __restrict__ target, bool target_int32, const float* __restrict__ partials, int64_t n_parts,
+    int64_t ld_parts, Bf16Raw* __restrict__ g, float* __restrict__ nll, float* __restrict__ f,
+    const float* __restrict__ scale, int64_t scale_stride, int64_t n_rows, float cap, int64_t ignore_index,
+    bool grads) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  if (row >= n_rows) return;  // the whole warp leaves together
+  const int64_t t = target_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(target)[row])
+                                 : static_cast<const int64_t*>(target)[row];
+  const bool valid = t != ignore_index;
+  const bool bad = valid && (t < 0 || t >= V);
+  const bool keep = valid && !bad;
+  float s = 0.f;  // each lane adds its partials in order, then a fixed shuffle tree: deterministic
+  for (int64_t j = lane; j < n_parts; j += 32) s += partials[j * ld_parts + row];
+  s = warp_sum(s);
+  float x = 0.f;
+  if (keep) {  // the target's logit: D % 8 == 0, rows 16-byte aligned (checked by the caller)
+    const Bf16Raw* hr = h + row * D;
+    const Bf16Raw* wr = w + t * D;
+    for (int64_t k = lane * 8; k < D; k += 32 * 8) {
+      const uint4 hv = *reinterpret_cast<const uint4*>(hr + k);
+      const uint4 wv = *reinterpret_cast<const uint4*>(wr + k);
+      const __nv_bfloat162* hp = reinterpret_cast<const __nv_bfloat162*>(&hv);
+      const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&wv);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 a2 = __bfloat1622float2(hp[q]);
+        const float2 b2 = __bfloat1622float2(wp[q]);
+        x = fmaf(a2.x, b2.x, x);
+        x = fmaf(a2.y, b2.y, x);
+      }
+    }
+    x = warp_sum(x);
+  }
+  if (lane != 0) return;
+  // as the epilogue: a = exp(-2|x|/c), r = 1/(1+a), tanh - 1 = -2 a r or -2 r, 1 - tanh^2 = 4 a r^2
+  const float a = exp2f(-2.f * kLog2e / cap * fabsf(x));
+  const float r = 1.f / (1.f + a);
+  const float tm1 = x >= 0.f ? -2.f * a * r : -2.f * r;
+  // nll = log(s) + c - z_y = log(s) - c (tanh - 1): no cancellation between c and z_y
+  nll[row] = bad ? NAN : (valid ? logf(s) - cap * tm1 : 0.f);
+  if (!grads) return;
+  const float sc = keep ? scale[row * scale_stride] : 0.f;
+  f[row] = sc / s;
+  if (keep) {
+    const float e = exp2f(cap * kLog2e * tm1);
+    const float d = 4.f * a * r * r;
+    g[row * V + t] = __float2bfloat16_rn((e - s) * d);  // e d (the epilogue's value) minus s d
+  }
+}
+
+}  // namespace
+#endif  // PGOLF_WITH_CUTLASS
+
+// Whether flce_chunked_sm90 runs these operands: built with CUTLASS, an sm_90 GPU, bf16 contiguous h [N, d] with
+// d % 8 == 0 and a 16-byte aligned start, V % 8 == 0, a soft-cap in (0, 40].
+bool flce_sm90_supported(const at::Tensor& h, int64_t V, double cap) {
+#if defined(PGOLF_WITH_CUTLASS)
+  if (!h.is_cuda() || h.scalar_type() != at::kBFloat16 || h.dim() != 2 || !h.is_contiguous()) return false;
+  if (!is_sm90(h.get_device())) return false;
+  const int64_t N = h.size(0), D = h.size(1);
+  if (N < 1 || N >= (int64_t(1) << 31) || D % kAlign != 0 || D < kAlign || V % kAlign != 0 || V < kAlign) return false;
+  if (V >= (int64_t(1) << 31) || reinterpret_cast<uintptr_t>(h.data_ptr()) % 16 != 0) return false;
+  return cap > 0.0 && cap <= kMaxCap;
+#else
+  (void)h, (void)V, (void)cap;
+  return false;
+#endif
+}
+
+// flce_kernels.cu's flce_chunked_cuda contract (fills nll; returns (dH, dW) scaled by scale, undefined where not
+// asked for or scale is undefined), with the steps of the file comment. w: bf16 [V, d], contiguous.
+std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, const at::Tensor& w,
+                                                          const at::Tensor& target, const c10::optional<at::Tensor>& scale,
+                                                          const at::Tensor& nll, double cap, int64_t ignore_index,
+                                                          int64_t chunk_rows, bool need_dh, bool need_dw,
+                                                          int64_t dw_splits) {
+#if defined(PGOLF_WITH_CUTLASS)
+  const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
+  TORCH_CHECK(flce_sm90_supported(h, V, cap),
+              "flce_sm90: needs a CUTLASS build, an sm_90 GPU, contiguous bf16 h with d % 8 == 0, V % 8 == 0 and a "
+              "soft-cap in (0, 40]; got h ", shape_text(h), " ", c10::toString(h.scalar_type()), ", V ", num_text(V),
+              ", cap ", num_text(cap));
+  TORCH_CHECK(w.is_cuda() && w.device() == h.device() && w.scalar_type() == at::kBFloat16 && w.dim() == 2 &&
+                  w.size(1) == D && w.is_contiguous() && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+              "flce_sm90: weight must be a contiguous 16-byte aligned bf16 [V, d] on h's device, got ", shape_text(w),
+              " ", c10::toString(w.scalar_type()));
+  TORCH_CHECK(target.is_cuda() && target.dim() == 1 && target.size(0) == N && target.is_contiguous() &&
+                  (target.scalar_type() == at::kLong || target.scalar_type() == at::kInt),
+              "flce_sm90: target must be contiguous int64/int32 of shape (N,), got ", shape_text(target));
+  TORCH_CHECK(nll.is_cuda() && nll.scalar_type() == at::kFloat && nll.numel() == N && nll.is_contiguous(),
+              "flce_sm90: nll must be contiguous fp32 with N entries");
+  TORCH_CHECK(chunk_rows > 0, "flce_sm90: chunk_rows must be positive, got ", num_text(chunk_rows));
+  const bool grads = scale.has_value() && scale->defined();
+  const float* scale_ptr = nullptr;
+  int64_t scale_stride = 0;
+  if (grads) {
+    const at::Tensor& sc = *scale;
+    TORCH_CHECK(sc.is_cuda() && sc.scalar_type() == at::kFloat &&
+                    (sc.dim() == 0 || (sc.dim() == 1 && sc.size(0) == N)),
+                "flce_sm90: scale must be an fp32 CUDA scalar or one per row, got ", shape_text(sc));
+    scale_ptr = sc.data_ptr<float>();
+    scale_stride = sc.dim() == 1 ? sc.stride(0) : 0;
+  }
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int device = h.get_device();
+  bind_primary_context(device);  // CUTLASS makes its TMA descriptors with a driver call
+  // chunks start at multiples of 8 rows, so every chunk of h and dH stays 16-byte aligned
+  chunk_rows = std::min((chunk_rows + 7) / 8 * 8, (N + 7) / 8 * 8);
+  const int64_t n_parts = (V + kTileN - 1) / kTileN;
+  const int64_t max_ld_parts = (chunk_rows + kTileM - 1) / kTileM * kTileM;
+  const bool want_dh = grads && need_dh, want_dw = grads && need_dw;
+  const int64_t S = std::max<int64_t>(1, dw_splits);
+  at::Tensor dh, slabs, hs, f;
+  if (want_dh || want_dw) {
+    dh = at::empty({want_dh ? N : chunk_rows, D}, h.options());  // a chunk-sized scratch when only dW is wanted
+    f = at::empty({chunk_rows}, h.options().dtype(at::kFloat));
+    hs = at::empty({chunk_rows, D}, h.options());  // written by step 3 even when dW is not wanted
+  }
+  if (want_dw) slabs = at::zeros({S, V, D}, h.options().dtype(at::kFloat));
+  at::Tensor gbuf = at::empty({chunk_rows, V}, h.options());
+  at::Tensor parts = at::empty({n_parts, max_ld_parts}, h.options().dtype(at::kFloat));
+  const float k1 = static_cast<float>(-2.0 * kLog2e / cap), k2 = static_cast<float>(cap * kLog2e);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto* wp = static_cast<const Bf16Raw*>(w.data_ptr());
+  for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
+    const int64_t n = std::min(chunk_rows, N - r0);
+    const void* hc = static_cast<const at::BFloat16*>(h.data_ptr()) + r0 * D;
+    const int64_t ld_parts = (n + kTileM - 1) / kTileM * kTileM;  // the partials' layout for n rows (M = n)
+    // 1. G and the row-sum partials
+    {
+      const Operands ops{hc, w.data_ptr(), D, gbuf.data_ptr(), gbuf.data_ptr(),
+                         static_cast<int>(n), static_cast<int>(V), static_cast<int>(D)};
+      typename GemmCeFwd::Epilogue::FusionCallbacks::Arguments args{
+          {}, {{k1}}, {{k2}}, {}, {}, {}, {parts.data_ptr<float>(), 0.f, {}}, {}};
+      launch<GemmCeFwd>(ops, args, device, h);
+    }
+    // 2. the rows: nll, f, G's target entries
+    {
+      const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
+      ce_rows_sm90_kernel<<<static_cast<unsigned>(blocks), 32 * kRowsPerBlock, 0, stream>>>(
+          static_cast<const Bf16Raw*>(hc), wp, D, V, static_cast<const char*>(target.data_ptr()) +
+          r0 * target.element_size(), target.scalar_type() == at::kInt, parts.data_ptr<float>(), n_parts, ld_parts,
+          static_cast<Bf16Raw*>(gbuf.data_ptr()), nll.data_ptr<float>() + r0, f.defined() ? f.data_ptr<float>() : nullptr,
+          scale_ptr == nullptr ? nullptr : scale_ptr + r0 * scale_stride, scale_stride, n, static_cast<float>(cap),
+          ignore_index, want_dh || want_dw);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (!want_dh && !want_dw) continue;
+    // 3. dH = f * (G @ W) and hs = f * h_c
+    {
+      void* dhc = static_cast<at::BFloat16*>(dh.data_ptr()) + (want_dh ? r0 * D : 0);
+      const Operands ops{gbuf.data_ptr(), w.data_ptr(), D, dhc, dhc,
+                         static_cast<int>(n), static_cast<int>(D), static_cast<int>(V)};
+      auto aux_stride = make_stride(int64_t(D), _1{}, int64_t(0));
+      float* fp = f.data_ptr<float>();
+      typename GemmCeDh::Epilogue::FusionCallbacks::Arguments args{
+          {{{static_cast<const Bf16*>(hc), Bf16(0.f), aux_stride}, {fp, 0.f, {}}, {}},
+           {static_cast<Bf16*>(hs.data_ptr()), aux_stride}},  // hs = h_c * f
+          {{}, {fp, 0.f, {}}, {}},                      // dH = acc * f
+          {}};
+      launch<GemmCeDh>(ops, args, device, h);
+    }
+    // 4. dW slabs += G^T @ hs (S products of n / S rows each; a ragged chunk goes whole into slab 0)
+    if (want_dw) {
+      const int64_t s = n % S == 0 ? S : 1;
+      at::Tensor out = s == S ? slabs : slabs.narrow(0, 0, 1);
+      at::Tensor x = gbuf.narrow(0, 0, n);
+      at::Tensor hsc = hs.narrow(0, 0, n);
+      baddbmm_f32(out, x.view({s, n / s, V}).transpose(1, 2), hsc.view({s, n / s, D}));
+    }
+  }
+  gbuf.reset();  // before the slabs are summed: the peak is the loop's
+  hs.reset();
+  at::Tensor dw;
+  if (want_dw) dw = S == 1 ? slabs.select(0, 0) : slabs.sum(0);
+  if (!want_dh) dh = at::Tensor();
+  return {dh, dw};
+#else
+  (void)h, (void)w, (void)target, (void)scale, (void)nll, (void)cap, (void)ignore_index, (void)chunk_rows;
+  (void)need_dh, (void)need_dw, (void)dw_splits;
+  TORCH_CHECK(false, "flce_sm90: this build of pgolf_kernels._C has no CUTLASS kernels (setup.py found no CUTLASS "
+                     "headers: pip install nvidia-cutlass, or set CUTLASS_HOME, then rebuild)");
+#endif
+}
+
+}  // namespace pgolf
