@@ -1,16 +1,20 @@
-"""Probe: the fused CE's sm_90a chunk loop (csrc/flce_sm90.cu) against the fp64 oracle and the cuBLAS loop, then its
+"""Probe: the fused CE's sm_90a chunk loop (csrc/flce_sm90.cu) against the fp32 oracle and the cuBLAS loop, then its
 pieces' time.
 
 Checks, at shapes with ragged chunks, ignored rows, int32 and int64 targets, reductions mean / sum / none, V not a
 multiple of 128, soft-caps 30 and 15: the loss (or per-row NLL) and both gradients of fused_linear_cross_entropy
-with TUNING gemm="cutlass" against reference_linear_cross_entropy in float64 on the same bf16-rounded operands,
+with TUNING gemm="cutlass" against reference_linear_cross_entropy in fp32 on the same bf16-rounded operands,
 and that the sm_90 loop ran (flce_sm90_supported). Then, with --bench, bench/bench_fused_ce.py's table (eager,
 compile, fused = the sm_90 loop, fused_cublas = the cuBLAS loop) with this build of the extension.
 
 It uses the built extension when it has flce_sm90_supported, else builds csrc/flce_kernels.cu and csrc/flce_sm90.cu
 alone with bench/probe_flce_sm90_bind.cpp (needs CUTLASS's headers: the nvidia-cutlass wheel or CUTLASS_HOME).
 
-Usage: python bench/probe_flce_sm90.py [--no-check] [--bench ARGS...]   (ARGS go to bench_fused_ce.py)
+Usage: python bench/probe_flce_sm90.py [--no-check] [--nvcc-flags=...] [--tuning dw_splits=1] \
+           [--kernels N65536_d512_V1024] [--bench ARGS...]   (ARGS go to bench_fused_ce.py)
+--kernels: the step's GPU time (CUDA-graph replay) and torch.profiler's time per kernel. --nvcc-flags builds the two
+files with those flags (e.g. the probe builds of csrc/flce_sm90.cu: -DPGOLF_FLCE_PROBE_EPI_PLAIN, whose results are
+wrong and only timed: pass --no-check).
 """
 from __future__ import annotations
 
@@ -92,10 +96,10 @@ def check() -> bool:
         out = fused_linear_cross_entropy(h, w, y, cap, red, chunk_rows=chunk)
         up = torch.randn(N, device="cuda", generator=g) if red == "none" else torch.tensor(0.75, device="cuda")
         (out * up).sum().backward()
-        hr = h.detach().double().requires_grad_()
-        wr = w.detach().bfloat16().double().requires_grad_()
+        hr = h.detach().float().requires_grad_()
+        wr = w.detach().bfloat16().float().requires_grad_()
         ref = reference_linear_cross_entropy(hr, wr, y.long(), cap, red)
-        (ref * up.double()).sum().backward()
+        (ref * up).sum().backward()
         err = lambda a, b: ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()  # noqa: E731
         finite = bool(torch.isfinite(out).all() and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all())
         loss_err = (out.double() - ref.detach()).abs().max().item()
@@ -111,11 +115,32 @@ def check() -> bool:
     return ok_all
 
 
+def kernels(case: str, label: str) -> None:
+    """GPU time of a fused forward+backward step (CUDA-graph replay) and its kernels (torch.profiler)."""
+    import bench_fused_ce as B
+    from results_io import graph_replay_ms, kernel_profile
+
+    N, d, V = B.parse_case(case)
+    h, w, y = B.inputs(N, d, V)
+
+    def step():
+        h.grad = None
+        w.grad = None
+        flce_mod.fused_linear_cross_entropy(h, w, y, B.SOFTCAP, "mean").backward()
+
+    g = graph_replay_ms(step)
+    print(f"[{label}] {case} graph ms {g:.4f}; per step:", flush=True)
+    for r in kernel_profile(step, iters=5, top=14):
+        print(f"  {r['ms_per_iter']:8.4f} ms  x{r['calls_per_iter']:<4g} {r['kernel'][:110]}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--nvcc-flags", default="")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--kernels", default="", help="cases to time step and kernels at, e.g. N65536_d512_V1024")
+    ap.add_argument("--tuning", default="", help="TUNING overrides, key=value,... (as PGOLF_FLCE_TUNING)")
     ap.add_argument("--bench", nargs=argparse.REMAINDER, help="the rest goes to bench_fused_ce.py")
     args = ap.parse_args()
     ext, how = load_ops(args.nvcc_flags)
@@ -123,9 +148,12 @@ def main():
     if args.build_only:
         return
     flce_mod._FLCE_EXT = ext  # the fused CE's C++ host path uses this build
+    flce_mod.TUNING.update(flce_mod._parse_tuning(args.tuning))
     print(torch.cuda.get_device_name(0), flush=True)
     if not args.no_check:
         check()
+    for case in filter(None, args.kernels.split(",")):
+        kernels(case, f"flags {args.nvcc_flags!r} tuning {args.tuning!r}")
     if args.bench is not None:
         import bench_fused_ce
 

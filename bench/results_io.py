@@ -125,10 +125,10 @@ def graph_replay_ms(step, warmup: int = 20, rep: int = 200) -> float:
     return ms
 
 
-# Names of the block's CUTLASS epilogue functors and visitors (csrc/block_gemm_sm90.cuh, block_attn_dx_sm90.cu):
+# Names of the CUTLASS epilogue functors and visitors (csrc/block_gemm_sm90.cuh, block_attn_dx_sm90.cu, flce_sm90.cu):
 # every CUTLASS kernel's mangled name starts alike for hundreds of characters, and these tell them apart.
 _CUTLASS_TAGS = ("Sm90SplitTreeVisitor", "NormBwd", "DpScaled", "DpTimesP", "OfScaled", "homogeneous_multiply_add",
-                 "Square", "SecondOf", "ThirdOf")
+                 "Square", "SecondOf", "ThirdOf", "CapG", "Same", "multiplies")
 
 
 def kernel_label(name: str, width: int = 120) -> str:

@@ -13,9 +13,10 @@
 //      (one CUTLASS GEMM h_c @ W^T; its epilogue is ce_fwd's visitor graph below)
 //   2. one warp per row: s = sum of the partials, the target's logit x_y = h_c[i] . W[y] (fp32 dot product),
 //      nll = log(s) + c - z_y, the row factor f = scale / s, and G[i, y] -= s (1 - tanh^2(x_y / c)), so that
-//      f * G[i, :] = (softmax - onehot) * (1 - tanh^2) * scale, the gradient of the logits
-//   3. dH_c = f * (G @ W) and hs = f * h_c (one CUTLASS GEMM, both in its epilogue)
-//   4. dW_slab += G^T @ hs (one batched cuBLAS product into fp32 slabs, as flce_kernels.cu)
+//      f * G[i, :] = (softmax - onehot) * (1 - tanh^2) * scale, the gradient of the logits; and hs = f * h_c
+//      (bf16, read as the row is read for x_y), into the rows of dH that step 4 overwrites
+//   3. dW_slab += G^T @ hs (one batched cuBLAS product into fp32 slabs, as flce_kernels.cu)
+//   4. dH_c = f * (G @ W) (one CUTLASS GEMM, f in its epilogue)
 // The tanh is formed from a = exp(-2|x| / c) and r = 1 / (1 + a): tanh(|x| / c) = (1 - a) r, z - c = -2 c a r
 // (x >= 0) or -2 c r (x < 0), 1 - tanh^2 = 4 a r^2, finite for every finite x, with three special-function
 // operations per logit and none of tanh.approx's 2^-11 error (which would move each e by up to c * 2^-11).
@@ -104,14 +105,31 @@ using EvtCeFwd = fu::Sm90TopologicalVisitor<
     cute::tuple<cute::seq<>, cute::seq<>, cute::seq<>, cute::seq<0, 1>, cute::seq<3>, cute::seq<0, 3, 4, 2>,
                 cute::seq<5>, cute::seq<5, 3, 4>>,
     Acc, Scalar, Scalar, Fn<CapA>, Fn<CapR>, Fn<CapE>, RowSumPartials, Fn<CapG, Bf16>>;
-using GemmCeFwd = Gemm<EvtCeFwd, kEpiWide, cutlass::layout::ColumnMajor>;  // W [V, d]: B is [N, K]
+// Probe builds (bench/probe_flce_sm90.py --variants; their results are wrong, only their time is of use):
+// PGOLF_FLCE_PROBE_EPI_PLAIN stores acc as bf16 (the product alone), PGOLF_FLCE_PROBE_EPI_NO_REDUCE leaves out
+// the row sums. PGOLF_FLCE_FWD_EPI_N: the forward epilogue's subtile 64xN (0: CUTLASS's choice, 64x32).
+#if defined(PGOLF_FLCE_PROBE_EPI_PLAIN)
+template <class T>
+struct Same {
+  CUTLASS_DEVICE T operator()(T const& x) const { return x; }
+};
+using EvtCeFwdRun = fu::Sm90EVT<Fn<Same, Bf16>, Acc>;
+#elif defined(PGOLF_FLCE_PROBE_EPI_NO_REDUCE)
+using EvtCeFwdRun = fu::Sm90TopologicalVisitor<
+    float,
+    cute::tuple<cute::seq<>, cute::seq<>, cute::seq<>, cute::seq<0, 1>, cute::seq<3>, cute::seq<0, 3, 4, 2>,
+                cute::seq<5, 3, 4>>,
+    Acc, Scalar, Scalar, Fn<CapA>, Fn<CapR>, Fn<CapE>, Fn<CapG, Bf16>>;
+#else
+using EvtCeFwdRun = EvtCeFwd;
+#endif
+#if !defined(PGOLF_FLCE_FWD_EPI_N)
+#define PGOLF_FLCE_FWD_EPI_N 64
+#endif
+using GemmCeFwd = Gemm<EvtCeFwdRun, PGOLF_FLCE_FWD_EPI_N, cutlass::layout::ColumnMajor>;  // W [V, d]: B is [N, K]
 
-// ---- the backward epilogue: dH = f[m] * acc (the output) and hs = f[m] * h (an aux store) ----------------
-using Mul = fu::Sm90Compute<cutlass::multiplies, float, float, kRound>;
-using EvtCeDh = fu::Sm90EVT<
-    fu::Sm90Compute<SecondOf, Bf16, float, kRound>,
-    fu::Sm90EVT<AuxOutOf<kEpiNarrow>, fu::Sm90EVT<Mul, AuxInOf<kEpiNarrow>, PerRow>>,
-    fu::Sm90EVT<Mul, Acc, PerRow>>;
+// ---- the backward epilogue: dH = f[m] * acc ------------------------------------------------------------
+using EvtCeDh = fu::Sm90EVT<fu::Sm90Compute<cutlass::multiplies, Bf16, float, kRound>, Acc, PerRow>;
 using GemmCeDh = Gemm<EvtCeDh, kEpiNarrow, cutlass::layout::RowMajor>;  // W [V, d]: B is [K, N]
 
 using Bf16Raw = __nv_bfloat16;
@@ -121,8 +139,8 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock) ce_rows_sm90_kernel(
     const Bf16Raw* __restrict__ h, const Bf16Raw* __restrict__ w, int64_t D, int64_t V,
     const void* __restrict__ target, bool target_int32, const float* __restrict__ partials, int64_t n_parts,
     int64_t ld_parts, Bf16Raw* __restrict__ g, float* __restrict__ nll, float* __restrict__ f,
-    const float* __restrict__ scale, int64_t scale_stride, int64_t n_rows, float cap, int64_t ignore_index,
-    bool grads) {
+    Bf16Raw* __restrict__ hs, const float* __restrict__ scale, int64_t scale_stride, int64_t n_rows, float cap,
+    int64_t ignore_index, bool grads) {
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   if (row >= n_rows) return;  // the whole warp leaves together
@@ -134,24 +152,38 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock) ce_rows_sm90_kernel(
   float s = 0.f;  // each lane adds its partials in order, then a fixed shuffle tree: deterministic
   for (int64_t j = lane; j < n_parts; j += 32) s += partials[j * ld_parts + row];
   s = warp_sum(s);
+  // the row factor f = scale / s (0 for ignored rows and bad targets)
+  const float fr = grads ? (keep ? scale[row * scale_stride] : 0.f) / s : 0.f;
   float x = 0.f;
-  if (keep) {  // the target's logit: D % 8 == 0, rows 16-byte aligned (checked by the caller)
+  if (keep || (grads && hs != nullptr)) {  // D % 8 == 0, rows 16-byte aligned (checked by the caller)
     const Bf16Raw* hr = h + row * D;
-    const Bf16Raw* wr = w + t * D;
+    const Bf16Raw* wr = w + (keep ? t : 0) * D;
     for (int64_t k = lane * 8; k < D; k += 32 * 8) {
       const uint4 hv = *reinterpret_cast<const uint4*>(hr + k);
-      const uint4 wv = *reinterpret_cast<const uint4*>(wr + k);
       const __nv_bfloat162* hp = reinterpret_cast<const __nv_bfloat162*>(&hv);
-      const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&wv);
+      if (keep) {  // the target's logit
+        const uint4 wv = *reinterpret_cast<const uint4*>(wr + k);
+        const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&wv);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 a2 = __bfloat1622float2(hp[q]);
-        const float2 b2 = __bfloat1622float2(wp[q]);
-        x = fmaf(a2.x, b2.x, x);
-        x = fmaf(a2.y, b2.y, x);
+        for (int q = 0; q < 4; ++q) {
+          const float2 a2 = __bfloat1622float2(hp[q]);
+          const float2 b2 = __bfloat1622float2(wp[q]);
+          x = fmaf(a2.x, b2.x, x);
+          x = fmaf(a2.y, b2.y, x);
+        }
+      }
+      if (grads && hs != nullptr) {  // hs = f * h_c, the dW product's right operand
+        uint4 ov;
+        __nv_bfloat162* op = reinterpret_cast<__nv_bfloat162*>(&ov);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float2 a2 = __bfloat1622float2(hp[q]);
+          op[q] = __floats2bfloat162_rn(a2.x * fr, a2.y * fr);
+        }
+        *reinterpret_cast<uint4*>(hs + row * D + k) = ov;
       }
     }
-    x = warp_sum(x);
+    if (keep) x = warp_sum(x);
   }
   if (lane != 0) return;
   // as the epilogue: a = exp(-2|x|/c), r = 1/(1+a), tanh - 1 = -2 a r or -2 r, 1 - tanh^2 = 4 a r^2
@@ -161,8 +193,7 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock) ce_rows_sm90_kernel(
   // nll = log(s) + c - z_y = log(s) - c (tanh - 1): no cancellation between c and z_y
   nll[row] = bad ? NAN : (valid ? logf(s) - cap * tm1 : 0.f);
   if (!grads) return;
-  const float sc = keep ? scale[row * scale_stride] : 0.f;
-  f[row] = sc / s;
+  f[row] = fr;
   if (keep) {
     const float e = exp2f(cap * kLog2e * tm1);
     const float d = 4.f * a * r * r;
@@ -232,11 +263,10 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, c
   const int64_t max_ld_parts = (chunk_rows + kTileM - 1) / kTileM * kTileM;
   const bool want_dh = grads && need_dh, want_dw = grads && need_dw;
   const int64_t S = std::max<int64_t>(1, dw_splits);
-  at::Tensor dh, slabs, hs, f;
+  at::Tensor dh, slabs, f;
   if (want_dh || want_dw) {
     dh = at::empty({want_dh ? N : chunk_rows, D}, h.options());  // a chunk-sized scratch when only dW is wanted
     f = at::empty({chunk_rows}, h.options().dtype(at::kFloat));
-    hs = at::empty({chunk_rows, D}, h.options());  // written by step 3 even when dW is not wanted
   }
   if (want_dw) slabs = at::zeros({S, V, D}, h.options().dtype(at::kFloat));
   at::Tensor gbuf = at::empty({chunk_rows, V}, h.options());
@@ -248,51 +278,53 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, c
     const int64_t n = std::min(chunk_rows, N - r0);
     const void* hc = static_cast<const at::BFloat16*>(h.data_ptr()) + r0 * D;
     const int64_t ld_parts = (n + kTileM - 1) / kTileM * kTileM;  // the partials' layout for n rows (M = n)
+    // dH's rows of this chunk: they hold hs = f * h_c (step 2) until the dW product has read it (step 3), then
+    // dH itself (step 4), so hs needs no memory of its own
+    void* dhc = dh.defined() ? static_cast<void*>(static_cast<at::BFloat16*>(dh.data_ptr()) + (want_dh ? r0 * D : 0))
+                             : nullptr;
     // 1. G and the row-sum partials
     {
       const Operands ops{hc, w.data_ptr(), D, gbuf.data_ptr(), gbuf.data_ptr(),
                          static_cast<int>(n), static_cast<int>(V), static_cast<int>(D)};
+#if defined(PGOLF_FLCE_PROBE_EPI_PLAIN)
+      typename GemmCeFwd::Epilogue::FusionCallbacks::Arguments args{};
+#elif defined(PGOLF_FLCE_PROBE_EPI_NO_REDUCE)
+      typename GemmCeFwd::Epilogue::FusionCallbacks::Arguments args{{}, {{k1}}, {{k2}}, {}, {}, {}, {}};
+#else
       typename GemmCeFwd::Epilogue::FusionCallbacks::Arguments args{
           {}, {{k1}}, {{k2}}, {}, {}, {}, {parts.data_ptr<float>(), 0.f, {}}, {}};
+#endif
       launch<GemmCeFwd>(ops, args, device, h);
     }
-    // 2. the rows: nll, f, G's target entries
+    // 2. the rows: nll, f, G's target entries, hs
     {
       const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
       ce_rows_sm90_kernel<<<static_cast<unsigned>(blocks), 32 * kRowsPerBlock, 0, stream>>>(
           static_cast<const Bf16Raw*>(hc), wp, D, V, static_cast<const char*>(target.data_ptr()) +
           r0 * target.element_size(), target.scalar_type() == at::kInt, parts.data_ptr<float>(), n_parts, ld_parts,
           static_cast<Bf16Raw*>(gbuf.data_ptr()), nll.data_ptr<float>() + r0, f.defined() ? f.data_ptr<float>() : nullptr,
+          want_dw ? static_cast<Bf16Raw*>(dhc) : nullptr,
           scale_ptr == nullptr ? nullptr : scale_ptr + r0 * scale_stride, scale_stride, n, static_cast<float>(cap),
           ignore_index, want_dh || want_dw);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (!want_dh && !want_dw) continue;
-    // 3. dH = f * (G @ W) and hs = f * h_c
-    {
-      void* dhc = static_cast<at::BFloat16*>(dh.data_ptr()) + (want_dh ? r0 * D : 0);
-      const Operands ops{gbuf.data_ptr(), w.data_ptr(), D, dhc, dhc,
-                         static_cast<int>(n), static_cast<int>(D), static_cast<int>(V)};
-      auto aux_stride = make_stride(int64_t(D), _1{}, int64_t(0));
-      float* fp = f.data_ptr<float>();
-      typename GemmCeDh::Epilogue::FusionCallbacks::Arguments args{
-          {{{static_cast<const Bf16*>(hc), Bf16(0.f), aux_stride}, {fp, 0.f, {}}, {}},
-           {static_cast<Bf16*>(hs.data_ptr()), aux_stride}},  // hs = h_c * f
-          {{}, {fp, 0.f, {}}, {}},                      // dH = acc * f
-          {}};
-      launch<GemmCeDh>(ops, args, device, h);
-    }
-    // 4. dW slabs += G^T @ hs (S products of n / S rows each; a ragged chunk goes whole into slab 0)
+    // 3. dW slabs += G^T @ hs (S products of n / S rows each; a ragged chunk goes whole into slab 0)
     if (want_dw) {
       const int64_t s = n % S == 0 ? S : 1;
       at::Tensor out = s == S ? slabs : slabs.narrow(0, 0, 1);
       at::Tensor x = gbuf.narrow(0, 0, n);
-      at::Tensor hsc = hs.narrow(0, 0, n);
+      at::Tensor hsc = dh.narrow(0, want_dh ? r0 : 0, n);
       baddbmm_f32(out, x.view({s, n / s, V}).transpose(1, 2), hsc.view({s, n / s, D}));
+    }
+    // 4. dH = f * (G @ W), over hs
+    if (want_dh) {
+      const Operands ops{gbuf.data_ptr(), w.data_ptr(), D, dhc, dhc,
+                         static_cast<int>(n), static_cast<int>(D), static_cast<int>(V)};
+      typename GemmCeDh::Epilogue::FusionCallbacks::Arguments args{{}, {f.data_ptr<float>(), 0.f, {}}, {}};
+      launch<GemmCeDh>(ops, args, device, h);
     }
   }
   gbuf.reset();  // before the slabs are summed: the peak is the loop's
-  hs.reset();
   at::Tensor dw;
   if (want_dw) dw = S == 1 ? slabs.select(0, 0) : slabs.sum(0);
   if (!want_dh) dh = at::Tensor();
