@@ -141,6 +141,9 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock) ce_rows_sm90_kernel(
     int64_t ld_parts, Bf16Raw* __restrict__ g, float* __restrict__ nll, float* __restrict__ f,
     Bf16Raw* __restrict__ hs, const float* __restrict__ scale, int64_t scale_stride, int64_t n_rows, float cap,
     int64_t ignore_index, bool grads) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // launched programmatically: wait for the grid before
+#endif
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   if (row >= n_rows) return;  // the whole warp leaves together
@@ -274,6 +277,18 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, c
   const float k1 = static_cast<float>(-2.0 * kLog2e / cap), k2 = static_cast<float>(cap * kLog2e);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto* wp = static_cast<const Bf16Raw*>(w.data_ptr());
+  // Programmatic dependent launches for this loop's CUTLASS and row kernels (each waits for the grid before it
+  // before touching memory): a launch's set-up overlaps the previous kernel's tail, which at 8192-row chunks
+  // (4 tiles per SM per product) is a large part of each launch. PGOLF_FLCE_NO_PDL: plain launches.
+  struct PdlScope {
+    bool saved = programmatic_launch();
+    PdlScope() {
+#if !defined(PGOLF_FLCE_NO_PDL)
+      programmatic_launch() = true;
+#endif
+    }
+    ~PdlScope() { programmatic_launch() = saved; }
+  } pdl_scope;
   for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
     const int64_t n = std::min(chunk_rows, N - r0);
     const void* hc = static_cast<const at::BFloat16*>(h.data_ptr()) + r0 * D;
@@ -299,14 +314,15 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, c
     // 2. the rows: nll, f, G's target entries, hs
     {
       const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
-      ce_rows_sm90_kernel<<<static_cast<unsigned>(blocks), 32 * kRowsPerBlock, 0, stream>>>(
-          static_cast<const Bf16Raw*>(hc), wp, D, V, static_cast<const char*>(target.data_ptr()) +
-          r0 * target.element_size(), target.scalar_type() == at::kInt, parts.data_ptr<float>(), n_parts, ld_parts,
-          static_cast<Bf16Raw*>(gbuf.data_ptr()), nll.data_ptr<float>() + r0, f.defined() ? f.data_ptr<float>() : nullptr,
-          want_dw ? static_cast<Bf16Raw*>(dhc) : nullptr,
-          scale_ptr == nullptr ? nullptr : scale_ptr + r0 * scale_stride, scale_stride, n, static_cast<float>(cap),
-          ignore_index, want_dh || want_dw);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(ce_rows_sm90_kernel, dim3(static_cast<unsigned>(blocks)), dim3(32 * kRowsPerBlock), 0, stream,
+                    static_cast<const Bf16Raw*>(hc), wp, D, V,
+                    static_cast<const void*>(static_cast<const char*>(target.data_ptr()) + r0 * target.element_size()),
+                    target.scalar_type() == at::kInt, static_cast<const float*>(parts.data_ptr<float>()), n_parts,
+                    ld_parts, static_cast<Bf16Raw*>(gbuf.data_ptr()), nll.data_ptr<float>() + r0,
+                    f.defined() ? f.data_ptr<float>() : static_cast<float*>(nullptr),
+                    want_dw ? static_cast<Bf16Raw*>(dhc) : static_cast<Bf16Raw*>(nullptr),
+                    scale_ptr == nullptr ? static_cast<const float*>(nullptr) : scale_ptr + r0 * scale_stride,
+                    scale_stride, n, static_cast<float>(cap), ignore_index, want_dh || want_dw);
     }
     // 3. dW slabs += G^T @ hs (S products of n / S rows each; a ragged chunk goes whole into slab 0)
     if (want_dw) {
