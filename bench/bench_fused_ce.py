@@ -5,9 +5,9 @@ Implementations (rows' `impl`):
   compile  torch.compile of that same function (inductor, dynamic=False)
   liger    Liger-Kernel's LigerFusedLinearCrossEntropyLoss(softcap=30) (weight passed as a bf16 cast of the
            fp32 master, since it wants one dtype), when liger_kernel is importable
-  fused    pgolf_kernels.fused_ce.fused_linear_cross_entropy (bf16 h, fp32 master weight, default settings:
-           on an H100 with the extension built with CUTLASS, csrc/flce_sm90.cu's chunk loop)
-  fused_cublas   the same with TUNING gemm="cublas" (csrc/flce_kernels.cu's loop: cuBLAS logits + CE kernel)
+  fused    pgolf_kernels.fused_ce.fused_linear_cross_entropy (bf16 h, fp32 master weight, default settings)
+  fused_sm90     the same with TUNING gemm="cutlass": csrc/flce_sm90.cu's chunk loop where it runs (an sm_90 GPU,
+                 the extension built with CUTLASS), which stores no logits
   fused_python   the same with TUNING host="python" (the chunk loop in Python over the Triton CE kernel)
 For each case: median ms of forward+backward (triton.testing.do_bench, return_mode="median"; `graph_ms`: the
 same step replayed from a CUDA graph, GPU time without the host's launch overhead, or `graph_error`), peak MiB
@@ -87,7 +87,7 @@ def make_impls(with_liger=True):
         except Exception as exc:  # not installed on this machine: say so and go on
             print(f"liger unavailable: {type(exc).__name__}: {exc}", flush=True)
     impls["fused"] = lambda h, w, y: fused_linear_cross_entropy(h, w, y, SOFTCAP, "mean")
-    impls["fused_cublas"] = impls["fused"]  # measured under IMPL_TUNING["fused_cublas"]
+    impls["fused_sm90"] = impls["fused"]  # measured under IMPL_TUNING["fused_sm90"]
     impls["fused_python"] = impls["fused"]  # measured under IMPL_TUNING["fused_python"]
     return impls
 
@@ -95,7 +95,7 @@ def make_impls(with_liger=True):
 # TUNING an impl is measured under (forward and backward): "fused" runs the defaults, whose chunk loop is in
 # the CUDA extension when it is built (TUNING host="cpp"); "fused_python" is the same op with the loop in
 # Python over the Triton CE kernel, the path before csrc/flce_kernels.cu.
-IMPL_TUNING = {"fused_cublas": dict(gemm="cublas"), "fused_python": dict(host="python")}
+IMPL_TUNING = {"fused_sm90": dict(gemm="cutlass"), "fused_python": dict(host="python")}
 
 
 def oracle(h, w, y, chunk=32768):
@@ -393,7 +393,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", action="append", default=[], help="results folder (repeatable)")
     ap.add_argument("--cases", default=",".join(case_name(*c) for c in DEFAULT_CASES))
-    ap.add_argument("--impls", default="eager,compile,liger,fused,fused_cublas,fused_python")
+    ap.add_argument("--impls", default="eager,compile,liger,fused,fused_sm90,fused_python")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-cases", default="N65536_d512_V1024")
     ap.add_argument("--time-budget", type=float, default=1e9,
@@ -416,9 +416,10 @@ def main():
              # which host the "fused" rows ran per case: "cpp" needs the extension built (setup.py build_ext)
              "fused_host": {c: "cpp" if flce_mod._cpp_extension(probe, parse_case(c)[2], SOFTCAP) else "python"
                             for c in args.cases.split(",")},
-             # whether the "fused" rows ran csrc/flce_sm90.cu's loop (TUNING gemm="cutlass" on an sm_90 GPU)
-             "fused_sm90": {c: bool(flce_mod._FLCE_EXT not in (None, flce_mod._UNSET) and flce_mod._sm90(
-                 flce_mod._FLCE_EXT, torch.empty(8, parse_case(c)[1], device="cuda", dtype=torch.bfloat16),
+             # whether the "fused_sm90" rows ran csrc/flce_sm90.cu's loop (an sm_90 GPU, a CUTLASS build)
+             "fused_sm90_ran": {c: bool(flce_mod._FLCE_EXT not in (None, flce_mod._UNSET) and "flce_sm90_supported"
+                 in dir(flce_mod._FLCE_EXT) and flce_mod._FLCE_EXT.flce_sm90_supported(
+                 torch.empty(8, parse_case(c)[1], device="cuda", dtype=torch.bfloat16),
                  parse_case(c)[2], SOFTCAP)) for c in args.cases.split(",")}}
     rows = []
     ratios = {}

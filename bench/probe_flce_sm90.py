@@ -5,7 +5,7 @@ Checks, at shapes with ragged chunks, ignored rows, int32 and int64 targets, red
 multiple of 128, soft-caps 30 and 15: the loss (or per-row NLL) and both gradients of fused_linear_cross_entropy
 with TUNING gemm="cutlass" against reference_linear_cross_entropy in fp32 on the same bf16-rounded operands,
 and that the sm_90 loop ran (flce_sm90_supported). Then, with --bench, bench/bench_fused_ce.py's table (eager,
-compile, fused = the sm_90 loop, fused_cublas = the cuBLAS loop) with this build of the extension.
+compile, Liger, fused = the default cuBLAS loop, fused_sm90 = the sm_90 loop) with this build of the extension.
 
 It uses the built extension when it has flce_sm90_supported, else builds csrc/flce_kernels.cu and csrc/flce_sm90.cu
 alone with bench/probe_flce_sm90_bind.cpp (needs CUTLASS's headers: the nvidia-cutlass wheel or CUTLASS_HOME).
@@ -84,6 +84,8 @@ def check() -> bool:
     from pgolf_kernels.fused_ce import fused_linear_cross_entropy, reference_linear_cross_entropy
 
     ok_all = True
+    saved = flce_mod.TUNING["gemm"]
+    flce_mod.TUNING["gemm"] = "cutlass"
     for N, d, V, chunk, cap, red, tdt, ign in CASES:
         g = torch.Generator(device="cuda")
         g.manual_seed(N + V)
@@ -111,6 +113,7 @@ def check() -> bool:
         print(f"N={N} d={d} V={V} chunk={chunk} cap={cap} {red} {str(tdt)[6:]} ignored {ign:.0%}: sm90 loop {sm90}, "
               f"max |loss - ref| {loss_err:.2e}, dH rel {dh_err:.2e}, dW rel {dw_err:.2e} -> {'ok' if ok else 'FAIL'}",
               flush=True)
+    flce_mod.TUNING["gemm"] = saved
     print("all checks ok" if ok_all else "SOME CHECKS FAILED", flush=True)
     return ok_all
 
@@ -157,7 +160,6 @@ def main():
     if args.bench is not None:
         import bench_fused_ce
 
-        bench_fused_ce.IMPL_TUNING["fused_cublas"] = dict(gemm="cublas")
         sys.argv = ["bench_fused_ce.py"] + args.bench
         bench_fused_ce.main()
 

@@ -131,9 +131,14 @@ _CE_FIXED_MAX_CAP = 40.0
 #   gemm      "cutlass": on the C++ host path, where the extension's flce_sm90_supported says so (CUTLASS
 #             build, sm_90 GPU, bf16 h, d and V multiples of 8, soft-cap in (0, 40]), the chunk loop of
 #             csrc/flce_sm90.cu: the forward product's epilogue forms the logit gradient up to a per-row
-#             factor (bf16) and the row sums, so no logits are stored; "cublas": flce_kernels.cu's loop.
+#             factor (bf16) and the row sums, so no logits are stored; "cublas": flce_kernels.cu's loop (and
+#             above _CPP_MAX_V the Python loop); "auto": "cutlass" above _CPP_MAX_V, "cublas" up to it.
+#             H100, one run (bench/results/fused_ce-h100-80gb-hbm3-2026-12-07-<commit>.md), CUDA-graph ms of
+#             forward+backward, sm_90 loop vs the default before it: N=65,536 V=1024 0.581 vs 0.574, V=4096
+#             1.785 vs 1.819, V=8192 3.427 vs 3.755; N=262,144 V=1024 2.012 vs 1.959, V=4096 7.190 vs 7.201,
+#             V=8192 13.64 vs 14.92.
 TUNING = {"dw": "split", "dw_splits": 0, "ce": "v2", "ce_lpt": 16, "ce_rows": 0, "ce_warps": 0,
-          "path": "function", "host": "cpp", "gemm": "cutlass"}
+          "path": "function", "host": "cpp", "gemm": "auto"}
 
 
 def _parse_tuning(text: str) -> dict:
@@ -555,8 +560,11 @@ _CPP_MAX_V = 2048
 
 def _sm90(ext, h: Tensor, V: int, cap: float) -> bool:
     """Whether the extension's chunk loop should run csrc/flce_sm90.cu's kernels here (TUNING gemm)."""
-    return (TUNING["gemm"] == "cutlass" and hasattr(ext, "flce_sm90_supported")
-            and ext.flce_sm90_supported(h, V, cap))
+    mode = TUNING["gemm"]
+    if mode not in ("cutlass", "auto", "cublas"):
+        raise ValueError(f"TUNING gemm must be 'auto', 'cutlass' or 'cublas', got {mode!r}")
+    wanted = mode == "cutlass" or (mode == "auto" and V > _CPP_MAX_V)
+    return wanted and hasattr(ext, "flce_sm90_supported") and ext.flce_sm90_supported(h, V, cap)
 
 
 def _cpp_extension(h: Tensor, V: Optional[int] = None, cap: Optional[float] = None):

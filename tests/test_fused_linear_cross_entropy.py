@@ -284,6 +284,35 @@ def test_cpp_host_is_not_taken_off_cuda_or_when_disabled(monkeypatch):
     assert mod._parse_tuning("host=python") == {"host": "python"}
 
 
+def test_sm90_loop_choice_by_gemm_setting(monkeypatch):
+    """TUNING gemm: "auto" takes csrc/flce_sm90.cu's loop above _CPP_MAX_V only (where it measured faster),
+    "cutlass" wherever the extension supports it, "cublas" never; the extension's own check always has the last
+    word; a misspelt setting is an error, not a silent fallback."""
+    from pgolf_kernels import fused_ce as mod
+
+    class FakeExt:
+        supported = True
+
+        def flce_sm90_supported(self, h, V, cap):
+            return self.supported
+
+    ext, h = FakeExt(), torch.zeros(2, 8)
+    small, large = mod._CPP_MAX_V, mod._CPP_MAX_V + 8
+    assert mod.TUNING["gemm"] == "auto"
+    assert not mod._sm90(ext, h, small, 30.0) and mod._sm90(ext, h, large, 30.0)
+    monkeypatch.setitem(mod.TUNING, "gemm", "cutlass")
+    assert mod._sm90(ext, h, small, 30.0) and mod._sm90(ext, h, large, 30.0)
+    ext.supported = False
+    assert not mod._sm90(ext, h, large, 30.0)
+    assert not mod._sm90(object(), h, large, 30.0)  # an extension built before flce_sm90.cu
+    ext.supported = True
+    monkeypatch.setitem(mod.TUNING, "gemm", "cublas")
+    assert not mod._sm90(ext, h, large, 30.0)
+    monkeypatch.setitem(mod.TUNING, "gemm", "cutass")
+    with pytest.raises(ValueError, match="TUNING gemm"):
+        mod._sm90(ext, h, large, 30.0)
+
+
 def test_default_chunk_rows_bounds():
     from pgolf_kernels.fused_ce import DEFAULT_CHUNK_ROWS, default_chunk_rows
 
