@@ -2,19 +2,7 @@
 // bench/probe_flce_sm90.py's quick build of those two files (the whole extension with CUTLASS takes minutes).
 #include <torch/extension.h>
 
-#include <tuple>
-
-namespace pgolf {
-std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tensor& target,
-                                                     const c10::optional<at::Tensor>& scale, const at::Tensor& nll,
-                                                     double cap, int64_t ignore_index, int64_t chunk_rows,
-                                                     bool need_dh, bool need_dw, int64_t dw_splits, bool sm90);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flce_forward_cuda(
-    const at::Tensor& h, const at::Tensor& weight, const at::Tensor& target, double cap, int64_t ignore_index,
-    int64_t reduction, bool need_dh, bool need_dw, int64_t chunk_rows, int64_t dw_splits, bool sm90);
-void flce_scale_inplace_cuda(const at::Tensor& a, const c10::optional<at::Tensor>& b, const at::Tensor& g);
-bool flce_sm90_supported(const at::Tensor& h, int64_t V, double cap);
-}  // namespace pgolf
+#include "flce.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("flce_forward", &pgolf::flce_forward_cuda, py::arg("h"), py::arg("weight"), py::arg("target"),

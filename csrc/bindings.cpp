@@ -6,21 +6,13 @@
 #include <tuple>
 
 #include "cuda_context.h"
+#include "flce.h"
 
 namespace pgolf {
 std::tuple<at::Tensor, at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64_t bits, const std::string& rule,
                                                       const at::Tensor& fractions);
 at::Tensor pack_codes_cuda(const at::Tensor& q, int64_t bits);
 at::Tensor unpack_codes_cuda(const at::Tensor& packed, int64_t bits, int64_t numel);
-std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tensor& target,
-                                                     const c10::optional<at::Tensor>& scale, const at::Tensor& nll,
-                                                     double cap, int64_t ignore_index, int64_t chunk_rows,
-                                                     bool need_dh, bool need_dw, int64_t dw_splits, bool sm90);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flce_forward_cuda(
-    const at::Tensor& h, const at::Tensor& weight, const at::Tensor& target, double cap, int64_t ignore_index,
-    int64_t reduction, bool need_dh, bool need_dw, int64_t chunk_rows, int64_t dw_splits, bool sm90);
-bool flce_sm90_supported(const at::Tensor& h, int64_t V, double cap);
-void flce_scale_inplace_cuda(const at::Tensor& a, const c10::optional<at::Tensor>& b, const at::Tensor& g);
 bool qat_linear_sm90_supported(const at::Tensor& b, const at::Tensor& w, bool trans_w);
 int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool trans_w, int64_t schedule);
 at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const at::Tensor& aux,

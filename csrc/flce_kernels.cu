@@ -21,6 +21,8 @@
 #include <torch/version.h>
 
 #include "error_text.h"
+#include "flce.h"
+#include "flce_rows.cuh"
 
 #include <cmath>
 #include <cstdint>
@@ -29,22 +31,16 @@
 namespace pgolf {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kRowsPerBlock = 8;  // one warp per row
-constexpr int kThreads = 32 * kRowsPerBlock;
-// With a soft-cap c every capped logit lies in (-c, c), so exp(z - c) needs no running maximum while exp(-2c)
-// is a normal fp32 number (c <= 40). fused_ce._CE_FIXED_MAX_CAP is the same bound.
-constexpr double kFixedMaxCap = 40.0;
+using flce::kFixedMaxCap;
+using flce::kLog2e;
+using flce::kRowsPerBlock;
+using flce::kThreads;
+using flce::warp_sum;
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
@@ -79,13 +75,10 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(
     const float* __restrict__ scale, int64_t scale_stride, int64_t n_rows, int64_t V, int64_t stride_x,
     float cap, float inv_cap, bool fixed_max, int64_t ignore_index, bool grads) {
   const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
-  if (row >= n_rows) return;  // the whole warp leaves together
-  const int64_t t = target_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(target)[row])
-                                 : static_cast<const int64_t*>(target)[row];
-  const bool valid = t != ignore_index;
-  const bool bad = valid && (t < 0 || t >= V);
-  const bool keep = valid && !bad;
+  flce::RowTarget rt;
+  if (!flce::row_target(rt, target, target_int32, ignore_index, V, n_rows)) return;
+  const int64_t row = rt.row, t = rt.t;
+  const bool valid = rt.valid, bad = rt.bad, keep = rt.keep;
   T* xr = x + row * stride_x;
   // The target logit is read before any lane overwrites the row with gradients.
   const float zt = keep ? capped(static_cast<float>(xr[t]), cap, inv_cap) : 0.f;
@@ -242,13 +235,6 @@ void baddbmm_f32(at::Tensor& out, const at::Tensor& a_t, const at::Tensor& b) {
   out.add_(at::bmm(a_t.to(at::kFloat), b.to(at::kFloat)));
 #endif
 }
-
-bool flce_sm90_supported(const at::Tensor& h, int64_t V, double cap);  // flce_sm90.cu
-std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, const at::Tensor& w,
-                                                          const at::Tensor& target, const c10::optional<at::Tensor>& scale,
-                                                          const at::Tensor& nll, double cap, int64_t ignore_index,
-                                                          int64_t chunk_rows, bool need_dh, bool need_dw,
-                                                          int64_t dw_splits);
 
 // The chunk loop (see the file comment). scale: undefined for NLL only; else fp32, 0-dim or one per row.
 // Returns (dH, dW): dH in h's dtype, dW fp32, both already multiplied by scale; undefined when not asked for.

@@ -8,7 +8,7 @@
 // bf16 matrix that is already the logit gradient up to a per-row factor.
 //
 // With a soft-cap c (0 < c <= 40) every capped logit z = c tanh(x / c) lies in (-c, c), so e = exp(z - c) needs no
-// running maximum (flce_kernels.cu's kFixedMaxCap). Per chunk of rows (h_c, targets y):
+// running maximum (flce_rows.cuh's kFixedMaxCap). Per chunk of rows (h_c, targets y):
 //   1. G = e * (1 - tanh^2) (bf16, [rows, V]) and per-row partial sums of e over each 128-column tile
 //      (one CUTLASS GEMM h_c @ W^T; its epilogue is ce_fwd's visitor graph below)
 //   2. one warp per row: s = sum of the partials, the target's logit x_y = h_c[i] . W[y] (fp32 dot product),
@@ -22,6 +22,8 @@
 // operations per logit and none of tanh.approx's 2^-11 error (which would move each e by up to c * 2^-11).
 // No float atomics: the result is deterministic.
 #include "block_gemm_sm90.cuh"
+#include "flce.h"
+#include "flce_rows.cuh"
 
 #include <c10/cuda/CUDAGuard.h>
 
@@ -31,20 +33,8 @@
 
 namespace pgolf {
 
-void baddbmm_f32(at::Tensor& out, const at::Tensor& a_t, const at::Tensor& b);  // flce_kernels.cu
-
-namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr double kMaxCap = 40.0;  // exp(-2c) stays a normal fp32 number (flce_kernels.cu's kFixedMaxCap)
-constexpr int kRowsPerBlock = 8;  // row kernel: one warp per row
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-}  // namespace
+using flce::kLog2e;
+using flce::kRowsPerBlock;
 
 #if defined(PGOLF_WITH_CUTLASS)
 using namespace block_gemm_detail;
@@ -145,16 +135,13 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock) ce_rows_sm90_kernel(
   asm volatile("griddepcontrol.wait;" ::: "memory");  // launched programmatically: wait for the grid before
 #endif
   const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
-  if (row >= n_rows) return;  // the whole warp leaves together
-  const int64_t t = target_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(target)[row])
-                                 : static_cast<const int64_t*>(target)[row];
-  const bool valid = t != ignore_index;
-  const bool bad = valid && (t < 0 || t >= V);
-  const bool keep = valid && !bad;
+  flce::RowTarget rt;
+  if (!flce::row_target(rt, target, target_int32, ignore_index, V, n_rows)) return;
+  const int64_t row = rt.row, t = rt.t;
+  const bool valid = rt.valid, bad = rt.bad, keep = rt.keep;
   float s = 0.f;  // each lane adds its partials in order, then a fixed shuffle tree: deterministic
   for (int64_t j = lane; j < n_parts; j += 32) s += partials[j * ld_parts + row];
-  s = warp_sum(s);
+  s = flce::warp_sum(s);
   // the row factor f = scale / s (0 for ignored rows and bad targets)
   const float fr = grads ? (keep ? scale[row * scale_stride] : 0.f) / s : 0.f;
   float x = 0.f;
@@ -186,7 +173,7 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock) ce_rows_sm90_kernel(
         *reinterpret_cast<uint4*>(hs + row * D + k) = ov;
       }
     }
-    if (keep) x = warp_sum(x);
+    if (keep) x = flce::warp_sum(x);
   }
   if (lane != 0) return;
   // as the epilogue: a = exp(-2|x|/c), r = 1/(1+a), tanh - 1 = -2 a r or -2 r, 1 - tanh^2 = 4 a r^2
@@ -216,7 +203,7 @@ bool flce_sm90_supported(const at::Tensor& h, int64_t V, double cap) {
   const int64_t N = h.size(0), D = h.size(1);
   if (N < 1 || N >= (int64_t(1) << 31) || D % kAlign != 0 || D < kAlign || V % kAlign != 0 || V < kAlign) return false;
   if (V >= (int64_t(1) << 31) || reinterpret_cast<uintptr_t>(h.data_ptr()) % 16 != 0) return false;
-  return cap > 0.0 && cap <= kMaxCap;
+  return cap > 0.0 && cap <= flce::kFixedMaxCap;
 #else
   (void)h, (void)V, (void)cap;
   return false;
