@@ -11,7 +11,8 @@ It uses the built extension when it has flce_sm90_supported, else builds csrc/fl
 alone with bench/probe_flce_sm90_bind.cpp (needs CUTLASS's headers: the nvidia-cutlass wheel or CUTLASS_HOME).
 
 Usage: python bench/probe_flce_sm90.py [--no-check] [--nvcc-flags=...] [--tuning dw_splits=1] \
-           [--kernels N65536_d512_V1024] [--bench ARGS...]   (ARGS go to bench_fused_ce.py)
+           [--kernels N65536_d512_V1024] [--pytest "sm90 or cpp_host"] [--bench ARGS...]   (ARGS go to bench_fused_ce.py)
+--pytest: the fused CE tests (GPU ones included) with this build standing in for the whole extension.
 --kernels: the step's GPU time (CUDA-graph replay) and torch.profiler's time per kernel. --nvcc-flags builds the two
 files with those flags (e.g. the probe builds of csrc/flce_sm90.cu: -DPGOLF_FLCE_PROBE_EPI_PLAIN, whose results are
 wrong and only timed: pass --no-check).
@@ -144,6 +145,8 @@ def main():
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--kernels", default="", help="cases to time step and kernels at, e.g. N65536_d512_V1024")
     ap.add_argument("--tuning", default="", help="TUNING overrides, key=value,... (as PGOLF_FLCE_TUNING)")
+    ap.add_argument("--pytest", default=None, help="run tests/test_fused_linear_cross_entropy.py in this process with "
+                    "this build as pgolf_kernels._C, pytest's -k expression given here (e.g. 'sm90 or cpp_host')")
     ap.add_argument("--bench", nargs=argparse.REMAINDER, help="the rest goes to bench_fused_ce.py")
     args = ap.parse_args()
     ext, how = load_ops(args.nvcc_flags)
@@ -155,6 +158,16 @@ def main():
     print(torch.cuda.get_device_name(0), flush=True)
     if not args.no_check:
         check()
+    if args.pytest is not None:
+        import pytest
+
+        import pgolf_kernels._extension as extension
+
+        extension._C, extension._REASON = ext, None  # the tests' extension_status() / require_extension see it
+        # (the C++ argument-error test runs a child process, which would not see this build: left out)
+        rc = pytest.main(["-q", "-rs", str(ROOT / "tests/test_fused_linear_cross_entropy.py"),
+                          "-k", f"({args.pytest}) and not argument_errors"])
+        print(f"pytest exit code {int(rc)}", flush=True)
     for case in filter(None, args.kernels.split(",")):
         kernels(case, f"flags {args.nvcc_flags!r} tuning {args.tuning!r}")
     if args.bench is not None:
