@@ -409,18 +409,19 @@ def main():
 
     wanted = args.impls.split(",")
     impls = {k: v for k, v in make_impls("liger" in wanted).items() if k in wanted}
-    probe = torch.empty(1, 1, device="cuda", dtype=torch.bfloat16)
     extra = {"softcap": SOFTCAP, "h_dtype": "bfloat16", "weight_dtype": "float32",
              "fused_chunk_rows": {c: flce_mod.default_chunk_rows(*parse_case(c)) for c in args.cases.split(",")},
              "fused_tuning": dict(flce_mod.TUNING),
-             # which host the "fused" rows ran per case: "cpp" needs the extension built (setup.py build_ext)
-             "fused_host": {c: "cpp" if flce_mod._cpp_extension(probe, parse_case(c)[2], SOFTCAP) else "python"
-                            for c in args.cases.split(",")},
-             # whether the "fused_sm90" rows ran csrc/flce_sm90.cu's loop (an sm_90 GPU, a CUTLASS build)
-             "fused_sm90_ran": {c: bool(flce_mod._FLCE_EXT not in (None, flce_mod._UNSET) and "flce_sm90_supported"
-                 in dir(flce_mod._FLCE_EXT) and flce_mod._FLCE_EXT.flce_sm90_supported(
-                 torch.empty(8, parse_case(c)[1], device="cuda", dtype=torch.bfloat16),
-                 parse_case(c)[2], SOFTCAP)) for c in args.cases.split(",")}}
+             # per case, which host the "fused" rows ran ("cpp" needs the extension built: setup.py build_ext) and
+             # whether the "fused" and "fused_sm90" rows ran csrc/flce_sm90.cu's loop (an sm_90 GPU, a CUTLASS build)
+             "fused_host": {}, "fused_sm90": {}, "fused_sm90_ran": {}}
+    for c in args.cases.split(","):
+        _, d, V = parse_case(c)
+        h_like = torch.empty(8, d, device="cuda", dtype=torch.bfloat16)
+        ext, extra["fused_sm90"][c] = flce_mod._cpp_host(h_like, V, SOFTCAP)
+        extra["fused_host"][c] = "cpp" if ext is not None else "python"
+        with tuning(**IMPL_TUNING["fused_sm90"]):
+            extra["fused_sm90_ran"][c] = flce_mod._cpp_host(h_like, V, SOFTCAP)[1]
     rows = []
     ratios = {}
     extra["ratios"] = ratios

@@ -22,10 +22,11 @@ void baddbmm_f32(at::Tensor& out, const at::Tensor& a_t, const at::Tensor& b);  
 
 // flce_sm90.cu
 bool flce_sm90_supported(const at::Tensor& h, int64_t V, double cap);
+// Called by flce_chunked_cuda, which has checked its arguments (scale: fp32 on the device, nullptr for NLL only).
 std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, const at::Tensor& w,
-                                                          const at::Tensor& target, const c10::optional<at::Tensor>& scale,
-                                                          const at::Tensor& nll, double cap, int64_t ignore_index,
-                                                          int64_t chunk_rows, bool need_dh, bool need_dw,
-                                                          int64_t dw_splits);
+                                                          const at::Tensor& target, const float* scale_ptr,
+                                                          int64_t scale_stride, const at::Tensor& nll, double cap,
+                                                          int64_t ignore_index, int64_t chunk_rows, bool need_dh,
+                                                          bool need_dw, int64_t dw_splits);
 
 }  // namespace pgolf

@@ -259,9 +259,6 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const 
   TORCH_CHECK(nll.scalar_type() == at::kFloat && nll.numel() == h.size(0), "flce: nll must be fp32 of N entries");
   TORCH_CHECK(chunk_rows > 0, "flce: chunk_rows must be positive, got ", num_text(chunk_rows));
   TORCH_CHECK(cap >= 0.0 && std::isfinite(cap), "flce: softcap must be 0 (none) or positive, got ", num_text(cap));
-  if (sm90 && h.size(0) > 0 && flce_sm90_supported(h, w.size(0), cap))
-    return flce_chunked_sm90_cuda(h, w, target, scale, nll, cap, ignore_index, chunk_rows, need_dh, need_dw,
-                                  dw_splits);
   const bool grads = scale.has_value() && scale->defined();
   const float* scale_ptr = nullptr;
   int64_t scale_stride = 0;
@@ -278,6 +275,9 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const 
   const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
   at::Tensor dh, slabs;
   if (N == 0) return {dh, slabs};
+  if (sm90 && flce_sm90_supported(h, V, cap))
+    return flce_chunked_sm90_cuda(h, w, target, scale_ptr, scale_stride, nll, cap, ignore_index, chunk_rows, need_dh,
+                                  need_dw, dw_splits);
   chunk_rows = std::min(chunk_rows, N);
   const bool fp32 = h.scalar_type() == at::kFloat;
   const int64_t S = fp32 ? 1 : std::max<int64_t>(1, dw_splits);

@@ -29,8 +29,6 @@
 #include "flce.h"
 #include "flce_rows.cuh"
 
-#include <c10/cuda/CUDAGuard.h>
-
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -129,7 +127,7 @@ using GemmCeDh = Gemm<EvtCeDh, kEpiNarrow, cutlass::layout::RowMajor>;  // W [V,
 using Bf16Raw = __nv_bfloat16;
 
 // Step 2 of the file comment, one warp per row. grads: f and the G fix-up are written, and hs unless it is null.
-__global__ void __launch_bounds__(32 * kRowsPerBlock) ce_rows_sm90_kernel(
+__global__ void __launch_bounds__(flce::kThreads) ce_rows_sm90_kernel(
     const Bf16Raw* __restrict__ h, const Bf16Raw* __restrict__ w, int64_t D, int64_t V,
     const void* __restrict__ target, bool target_int32, const float* __restrict__ partials, int64_t n_parts,
     int64_t ld_parts, Bf16Raw* __restrict__ g, float* __restrict__ nll, float* __restrict__ f,
@@ -214,41 +212,23 @@ bool flce_sm90_supported(const at::Tensor& h, int64_t V, double cap) {
 #endif
 }
 
-// flce_kernels.cu's flce_chunked_cuda contract (fills nll; returns (dH, dW) scaled by scale, undefined where not
-// asked for or scale is undefined), with the steps of the file comment. w: bf16 [V, d], contiguous.
+// flce_kernels.cu's flce_chunked_cuda contract (fills nll; returns (dH, dW) scaled by the scale, undefined where not
+// asked for or scale_ptr is null), with the steps of the file comment. Its caller, flce_chunked_cuda, has checked the
+// arguments and made h's device current; what this loop needs beyond them is checked here.
 std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, const at::Tensor& w,
-                                                          const at::Tensor& target, const c10::optional<at::Tensor>& scale,
-                                                          const at::Tensor& nll, double cap, int64_t ignore_index,
-                                                          int64_t chunk_rows, bool need_dh, bool need_dw,
-                                                          int64_t dw_splits) {
+                                                          const at::Tensor& target, const float* scale_ptr,
+                                                          int64_t scale_stride, const at::Tensor& nll, double cap,
+                                                          int64_t ignore_index, int64_t chunk_rows, bool need_dh,
+                                                          bool need_dw, int64_t dw_splits) {
 #if defined(PGOLF_WITH_CUTLASS)
   const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
   TORCH_CHECK(flce_sm90_supported(h, V, cap),
               "flce_sm90: needs a CUTLASS build, an sm_90 GPU, contiguous bf16 h with d % 8 == 0, V % 8 == 0 and a "
               "soft-cap in (0, 40]; got h ", shape_text(h), " ", c10::toString(h.scalar_type()), ", V ", num_text(V),
               ", cap ", num_text(cap));
-  TORCH_CHECK(w.is_cuda() && w.device() == h.device() && w.scalar_type() == at::kBFloat16 && w.dim() == 2 &&
-                  w.size(1) == D && w.is_contiguous() && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
-              "flce_sm90: weight must be a contiguous 16-byte aligned bf16 [V, d] on h's device, got ", shape_text(w),
-              " ", c10::toString(w.scalar_type()));
-  TORCH_CHECK(target.is_cuda() && target.dim() == 1 && target.size(0) == N && target.is_contiguous() &&
-                  (target.scalar_type() == at::kLong || target.scalar_type() == at::kInt),
-              "flce_sm90: target must be contiguous int64/int32 of shape (N,), got ", shape_text(target));
-  TORCH_CHECK(nll.is_cuda() && nll.scalar_type() == at::kFloat && nll.numel() == N && nll.is_contiguous(),
-              "flce_sm90: nll must be contiguous fp32 with N entries");
-  TORCH_CHECK(chunk_rows > 0, "flce_sm90: chunk_rows must be positive, got ", num_text(chunk_rows));
-  const bool grads = scale.has_value() && scale->defined();
-  const float* scale_ptr = nullptr;
-  int64_t scale_stride = 0;
-  if (grads) {
-    const at::Tensor& sc = *scale;
-    TORCH_CHECK(sc.is_cuda() && sc.scalar_type() == at::kFloat &&
-                    (sc.dim() == 0 || (sc.dim() == 1 && sc.size(0) == N)),
-                "flce_sm90: scale must be an fp32 CUDA scalar or one per row, got ", shape_text(sc));
-    scale_ptr = sc.data_ptr<float>();
-    scale_stride = sc.dim() == 1 ? sc.stride(0) : 0;
-  }
-  const c10::cuda::CUDAGuard guard(h.device());
+  TORCH_CHECK(w.device() == h.device() && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+              "flce_sm90: weight must be 16-byte aligned and on h's device, got it on ", device_text(w));
+  const bool grads = scale_ptr != nullptr;
   const int device = h.get_device();
   bind_primary_context(device);  // CUTLASS makes its TMA descriptors with a driver call
   // chunks start at multiples of 8 rows, so every chunk of h and dH stays 16-byte aligned
@@ -305,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, c
     // 2. the rows: nll, f, G's target entries, hs
     {
       const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
-      launch_kernel(ce_rows_sm90_kernel, dim3(static_cast<unsigned>(blocks)), dim3(32 * kRowsPerBlock), 0, stream,
+      launch_kernel(ce_rows_sm90_kernel, dim3(static_cast<unsigned>(blocks)), dim3(flce::kThreads), 0, stream,
                     static_cast<const Bf16Raw*>(hc), wp, D, V,
                     static_cast<const void*>(static_cast<const char*>(target.data_ptr()) + r0 * target.element_size()),
                     target.scalar_type() == at::kInt, static_cast<const float*>(parts.data_ptr<float>()), n_parts,
@@ -337,7 +317,8 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, c
   if (!want_dh) dh = at::Tensor();
   return {dh, dw};
 #else
-  (void)h, (void)w, (void)target, (void)scale, (void)nll, (void)cap, (void)ignore_index, (void)chunk_rows;
+  (void)h, (void)w, (void)target, (void)scale_ptr, (void)scale_stride, (void)nll, (void)cap, (void)ignore_index;
+  (void)chunk_rows;
   (void)need_dh, (void)need_dw, (void)dw_splits;
   TORCH_CHECK(false, "flce_sm90: this build of pgolf_kernels._C has no CUTLASS kernels (setup.py found no CUTLASS "
                      "headers: pip install nvidia-cutlass, or set CUTLASS_HOME, then rebuild)");

@@ -577,13 +577,14 @@ def _sm90(ext, h: Tensor, V: int, cap: float) -> bool:
     return wanted and hasattr(ext, "flce_sm90_supported") and ext.flce_sm90_supported(h, V, cap)
 
 
-def _cpp_extension(h: Tensor, V: Optional[int] = None, cap: Optional[float] = None):
-    """The compiled extension when this call should run its chunk loop (TUNING host="cpp", a CUDA tensor, the
-    extension built with the flce ops, settings it implements and, when V is given, V <= _CPP_MAX_V or, with
-    cap given, the sm_90 loop taking it), else None."""
+def _cpp_host(h: Tensor, V: Optional[int] = None, cap: Optional[float] = None):
+    """(ext, sm90): the compiled extension when this call should run its chunk loop (TUNING host="cpp", a CUDA
+    tensor, the extension built with the flce ops, settings it implements and, when V is given, V <= _CPP_MAX_V
+    or, with cap given, the sm_90 loop taking it), else None; sm90: whether that loop is csrc/flce_sm90.cu's
+    (decided once here, it is asked on every call)."""
     global _FLCE_EXT
     if TUNING["host"] != "cpp" or not h.is_cuda or TUNING["ce"] != "v2":
-        return None
+        return None, False
     if _FLCE_EXT is _UNSET:  # looked up once: this runs on every call, and host time is what it saves
         from ._extension import extension_available, require_extension
 
@@ -592,12 +593,18 @@ def _cpp_extension(h: Tensor, V: Optional[int] = None, cap: Optional[float] = No
         _FLCE_EXT = ext if hasattr(ext, "flce_forward") else None
     ext = _FLCE_EXT
     if ext is None:
-        return None
-    if V is not None and V > _CPP_MAX_V and not (cap is not None and _sm90(ext, h, V, cap)):
-        return None
+        return None, False
+    sm90 = V is not None and cap is not None and _sm90(ext, h, V, cap)
+    if V is not None and V > _CPP_MAX_V and not sm90:
+        return None, False
     if h.dtype != torch.float32 and not (TUNING["dw"] == "split" and _baddbmm_out_dtype_works(h.device)):
-        return None
-    return ext
+        return None, False
+    return ext, sm90
+
+
+def _cpp_extension(h: Tensor, V: Optional[int] = None, cap: Optional[float] = None):
+    """The extension of _cpp_host, or None."""
+    return _cpp_host(h, V, cap)[0]
 
 
 def _cpp_dw_splits(N: int, D: int, V: int, chunk_rows: int, h: Tensor) -> int:
@@ -609,12 +616,11 @@ def _chunked_pass(h: Tensor, w: Tensor, target: Tensor, nll: Tensor, scale: Opti
     """The chunk loop. scale None: NLL only. Otherwise also dH (h's dtype) and dW (fp32), both already
     multiplied by scale (0-dim or per row). w is the weight in h's dtype."""
     N, D = h.shape
-    ext = _cpp_extension(h, w.shape[0], cap)
+    ext, sm90 = _cpp_host(h, w.shape[0], cap)
     if ext is not None and N > 0:
         # (dH, dW), None where not asked for, as below
         return tuple(ext.flce_chunked(h, w, target, scale, nll, cap, ignore_index, chunk_rows, need_dh, need_dw,
-                                      _cpp_dw_splits(N, D, w.shape[0], chunk_rows, h),
-                                      _sm90(ext, h, w.shape[0], cap)))
+                                      _cpp_dw_splits(N, D, w.shape[0], chunk_rows, h), sm90))
     _require_triton()
     V = w.shape[0]
     dev = h.device
@@ -665,12 +671,11 @@ def _flce_forward_impl(h: Tensor, weight: Tensor, target: Tensor, softcap: float
     """(loss, count, dH, dW). count: fp32 number of non-ignored targets. For "mean"/"sum" with a gradient
     wanted, dH (h's dtype) and dW (fp32) hold the gradient for an upstream gradient of 1; otherwise they
     are empty (reduction="none" computes its gradient in backward)."""
-    ext = _cpp_extension(h, weight.shape[0], softcap)
+    ext, sm90 = _cpp_host(h, weight.shape[0], softcap)
     if ext is not None and h.shape[0] > 0:  # the same steps in one C++ call (host time: see TUNING host)
         return tuple(ext.flce_forward(h, weight, target, softcap, ignore_index, _REDUCTIONS.index(reduction),
                                       need_dh, need_dw, chunk_rows,
-                                      _cpp_dw_splits(h.shape[0], h.shape[1], weight.shape[0], chunk_rows, h),
-                                      _sm90(ext, h, weight.shape[0], softcap)))
+                                      _cpp_dw_splits(h.shape[0], h.shape[1], weight.shape[0], chunk_rows, h), sm90))
     h, w, target = _prep(h, weight, target)
     N = h.shape[0]
     count = (target != ignore_index).sum(dtype=torch.float32)
