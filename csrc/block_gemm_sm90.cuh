@@ -443,10 +443,20 @@ void launch(const Operands& o, const typename G::Epilogue::FusionCallbacks::Argu
               num_text(int64_t(o.M)), ", N ", num_text(int64_t(o.N)), ", K ", num_text(int64_t(o.K)), "): ",
               cutlassGetStatusString(ok));
   const size_t ws_bytes = Adapter::get_workspace_size(args);
-  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes ? ws_bytes : 1)}, like.options().dtype(at::kByte));
+  at::Tensor ws;
+  if (ws_bytes) ws = at::empty({static_cast<int64_t>(ws_bytes)}, like.options().dtype(at::kByte));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  cutlass::Status st = gemm.initialize(args, ws.data_ptr(), stream);
+  // initialize() also sets the kernel's shared-memory attribute, a runtime call that costs host time on every
+  // launch (16 per fused CE step); that attribute lasts, so after the first launch on a device update() builds the
+  // parameters alone (a kernel with a workspace still gets initialize(), which prepares it). A race between threads
+  // only makes both call initialize().
+  constexpr int kMaxDevices = 64;
+  static bool attr_set[kMaxDevices] = {};
+  const bool first = ws_bytes || device < 0 || device >= kMaxDevices || !attr_set[device];
+  cutlass::Status st = first ? gemm.initialize(args, ws_bytes ? ws.data_ptr() : nullptr, stream)
+                             : gemm.update(args, ws_bytes ? ws.data_ptr() : nullptr);
   TORCH_CHECK(st == cutlass::Status::kSuccess, "block_gemm_sm90: initialize failed: ", cutlassGetStatusString(st));
+  if (first && device >= 0 && device < kMaxDevices) attr_set[device] = true;
   // Programmatic: the kernel's producer warps wait for the grid before (wait_on_dependent_grids) before loading.
   st = gemm.run(stream, nullptr, programmatic_launch());
   TORCH_CHECK(st == cutlass::Status::kSuccess, "block_gemm_sm90: launch failed: ", cutlassGetStatusString(st));

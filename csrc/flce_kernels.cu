@@ -24,6 +24,19 @@
 #include "flce.h"
 #include "flce_rows.cuh"
 
+// The chunk loop's products call cuBLAS directly where its header is there (any CUDA toolkit; a machine with only the
+// CUDA runtime's headers builds the ATen calls instead).
+#if __has_include(<cublas_v2.h>)
+#include <cublas_v2.h>
+#define PGOLF_FLCE_DIRECT_CUBLAS 1
+namespace at {
+namespace cuda {
+cublasHandle_t getCurrentCUDABlasHandle(bool setup);  // ATen/cuda/CUDAContextLight.h (whose includes need cuSPARSE)
+}  // namespace cuda
+}  // namespace at
+#endif
+
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -194,31 +207,117 @@ void ce_rows(const at::Tensor& x, const at::Tensor& target, const at::Tensor& nl
   }
 }
 
-// a *= g[0] in place (g: fp32 on the device); nothing is read or written when g == 1, so the common case
-// (a loss that is the end of the graph) costs one launch and no traffic, and the host never reads g.
-template <typename T>
-__global__ void scale_inplace_kernel(T* __restrict__ a, int64_t n, const float* __restrict__ g) {
+// a *= g[0] and b *= g[0] in place (g: fp32 on the device), one grid-stride loop over both (b may be empty);
+// nothing is read or written when g == 1, so the common case (a loss that is the end of the graph) costs one
+// launch and no traffic, and the host never reads g.
+template <typename TA, typename TB>
+__global__ void scale_inplace_kernel(TA* __restrict__ a, int64_t na, TB* __restrict__ b, int64_t nb,
+                                     const float* __restrict__ g) {
   const float f = *g;
   if (f == 1.f) return;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    a[i] = static_cast<T>(static_cast<float>(a[i]) * f);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < na + nb; i += step) {
+    if (i < na)
+      a[i] = static_cast<TA>(static_cast<float>(a[i]) * f);
+    else
+      b[i - na] = static_cast<TB>(static_cast<float>(b[i - na]) * f);
+  }
 }
 
-template <typename T>
-void launch_scale(const at::Tensor& a, const float* g) {
-  const int64_t n = a.numel();
-  const int threads = 256;
-  static int sms = 0;  // the SM count of the first device used; only sizes the grid of a grid-stride loop
+int sm_count_of_current_device() {
+  static int sms = 0;  // the SM count of the first device used; only sizes grids of grid-stride loops
   if (sms == 0) {
     int dev = 0;
     C10_CUDA_CHECK(cudaGetDevice(&dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   }
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, int64_t{sms} * 8));
-  scale_inplace_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      a.data_ptr<T>(), n, g);
+  return sms;
+}
+
+template <typename TA, typename TB>
+void launch_scale(const at::Tensor& a, const at::Tensor* b, const float* g) {
+  const int64_t na = a.numel(), nb = b != nullptr ? b->numel() : 0;
+  const int threads = 256;
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>((na + nb + threads - 1) / threads, int64_t{sm_count_of_current_device()} * 8));
+  scale_inplace_kernel<TA, TB><<<static_cast<unsigned>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      a.data_ptr<TA>(), na, b != nullptr ? b->data_ptr<TB>() : static_cast<TB*>(nullptr), nb, g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The loss's count and gradient scale in one launch (one block, fixed summation order): count = the number of
+// targets other than ignore_index (as fp32), scale = 1 / max(count, 1) for a mean, 1 for a sum. Replaces
+// ne + sum + clamp_min + reciprocal (four launches, 0.01 ms of GPU time at N = 65,536 on the H100).
+constexpr int kReduceThreads = 1024;
+
+__device__ __forceinline__ int64_t block_sum(int64_t v, int64_t* warp_parts) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) warp_parts[warp] = v;
+  __syncthreads();
+  v = 0;
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x >> 5) ? warp_parts[lane] : 0;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  }
+  return v;  // the block's sum, in thread 0
+}
+
+template <typename TT>
+__global__ void __launch_bounds__(kReduceThreads) count_scale_kernel(const TT* __restrict__ target, int64_t n,
+                                                                     int64_t ignore_index, bool mean,
+                                                                     float* __restrict__ count,
+                                                                     float* __restrict__ scale) {
+  __shared__ int64_t parts[32];
+  int64_t c = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kReduceThreads) c += static_cast<int64_t>(target[i]) != ignore_index;
+  c = block_sum(c, parts);
+  if (threadIdx.x == 0) {
+    const float cf = static_cast<float>(c);
+    *count = cf;
+    if (scale != nullptr) *scale = mean ? 1.f / fmaxf(cf, 1.f) : 1.f;
+  }
+}
+
+// loss = sum(nll) (/ count for a mean: 0/0 = NaN when every target is ignored, as F.cross_entropy), one block in a
+// fixed order (deterministic). Replaces sum + div.
+__global__ void __launch_bounds__(kReduceThreads) nll_total_kernel(const float* __restrict__ nll, int64_t n,
+                                                                   const float* __restrict__ count,
+                                                                   float* __restrict__ loss) {
+  __shared__ float parts[32];
+  float s = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += kReduceThreads) s += nll[i];
+  s = warp_sum(s);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) parts[warp] = s;
+  __syncthreads();
+  if (warp != 0) return;
+  s = warp_sum(lane < kReduceThreads / 32 ? parts[lane] : 0.f);
+  if (lane == 0) *loss = count != nullptr ? s / *count : s;
+}
+
+// out = the sum of the S fp32 slabs [S, n] (float4 loads where n % 4 == 0 and aligned; fixed order). Replaces
+// slabs.sum(0) (a strided ATen reduction: 0.012 ms at S = 4, V = 1024, d = 512 on the H100).
+__global__ void sum_slabs_kernel(const float* __restrict__ slabs, int64_t S, int64_t n, float* __restrict__ out,
+                                 bool vec4) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (vec4) {
+    for (int64_t i = first; i < n / 4; i += step) {
+      float4 acc = reinterpret_cast<const float4*>(slabs)[i];
+      for (int64_t s = 1; s < S; ++s) {
+        const float4 v = reinterpret_cast<const float4*>(slabs + s * n)[i];
+        acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+      }
+      reinterpret_cast<float4*>(out)[i] = acc;
+    }
+  } else {
+    for (int64_t i = first; i < n; i += step) {
+      float acc = slabs[i];
+      for (int64_t s = 1; s < S; ++s) acc += slabs[s * n + i];
+      out[i] = acc;
+    }
+  }
 }
 
 void check_cuda(const at::Tensor& t, const char* name) {
@@ -227,13 +326,108 @@ void check_cuda(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-// dW_out (fp32) += a^T @ b for bf16/fp16 a, b with fp32 accumulation, batched over the leading dim.
-void baddbmm_f32(at::Tensor& out, const at::Tensor& a_t, const at::Tensor& b) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
-  at::baddbmm_out(out, out, a_t, b, at::kFloat, 1, 1);
-#else
-  out.add_(at::bmm(a_t.to(at::kFloat), b.to(at::kFloat)));
+namespace {
+
+#if defined(PGOLF_FLCE_DIRECT_CUBLAS)
+cudaDataType_t cublas_type(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return CUDA_R_16BF;
+    case at::kHalf: return CUDA_R_16F;
+    case at::kFloat: return CUDA_R_32F;
+    default: TORCH_CHECK(false, "flce: no cuBLAS product for dtype ", t);
+  }
+}
 #endif
+
+// C_i = op(A_i) @ op(B_i) (+ C_i when accumulate) for i < batch, every matrix row-major: op(A) is M x K (A stored
+// [M, K], or [K, M] when trans_a), op(B) is K x N (B stored [K, N], or [N, K] when trans_b), C is [M, N]; fp32
+// accumulation; A and B of dtype ab (bf16/fp16), C of dtype c. One cuBLAS call straight from here: through ATen
+// (mm_out, baddbmm_out) the products took most of the host time of a step, which at V = 1024 bounds the step
+// instead of the GPU (torch.profiler on the H100's host: aten::baddbmm 41 us of CPU per call).
+void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, int64_t stride_a,
+             const void* B, int64_t ldb, int64_t stride_b, void* C, int64_t ldc, int64_t stride_c, int64_t batch,
+             at::ScalarType ab, at::ScalarType c, bool accumulate, const at::Tensor& like) {
+  for (int64_t v : {M, N, K, lda, ldb, ldc, batch})
+    TORCH_CHECK(v <= INT_MAX, "flce: a cuBLAS product dimension is over 2^31 - 1: ", num_text(v));
+#if defined(PGOLF_FLCE_DIRECT_CUBLAS)
+  (void)like;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle(true);  // on the current stream, with its workspace
+  const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
+  // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: B's storage is the first operand
+  const cublasOperation_t ob = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, oa = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cudaDataType_t tab = cublas_type(ab), tc = cublas_type(c);
+  const cublasStatus_t st =
+      batch == 1
+          ? cublasGemmEx(handle, ob, oa, static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B, tab,
+                         static_cast<int>(ldb), A, tab, static_cast<int>(lda), &beta, C, tc, static_cast<int>(ldc),
+                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT_TENSOR_OP)
+          : cublasGemmStridedBatchedEx(handle, ob, oa, static_cast<int>(N), static_cast<int>(M), static_cast<int>(K),
+                                       &alpha, B, tab, static_cast<int>(ldb), stride_b, A, tab, static_cast<int>(lda),
+                                       stride_a, &beta, C, tc, static_cast<int>(ldc), stride_c,
+                                       static_cast<int>(batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT_TENSOR_OP);
+  TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "flce: cuBLAS product failed: ", cublasGetStatusString(st));
+#else
+  // The same product through ATen views of the storage (no copies: every view has a unit stride).
+  auto view = [&](const void* p, int64_t rows, int64_t cols, int64_t ld, int64_t stride, bool trans, at::ScalarType t) {
+    at::Tensor m = at::from_blob(const_cast<void*>(p), {batch, rows, cols}, {stride, ld, 1}, like.options().dtype(t));
+    return trans ? m.transpose(1, 2) : m;
+  };
+  at::Tensor a = view(A, trans_a ? K : M, trans_a ? M : K, lda, stride_a, trans_a, ab);
+  at::Tensor b = view(B, trans_b ? N : K, trans_b ? K : N, ldb, stride_b, trans_b, ab);
+  at::Tensor out = view(C, M, N, ldc, stride_c, false, c);
+  if (c == ab) {
+    TORCH_CHECK(!accumulate, "flce: an accumulating product needs an fp32 output");
+    at::bmm_out(out, a, b);
+  } else {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+    at::baddbmm_out(out, out, a, b, c, accumulate ? 1 : 0, 1);
+#else
+    if (accumulate)
+      out.add_(at::bmm(a.to(c), b.to(c)));
+    else
+      out.copy_(at::bmm(a.to(c), b.to(c)));
+#endif
+  }
+#endif
+}
+
+}  // namespace
+
+// slabs[i] (fp32 [S, V, d], i < s <= S) = (accumulate ? slabs[i] : 0) + x_i^T @ hc_i, where x [n, V] and hc [n, d]
+// (bf16/fp16, contiguous rows) are split into s blocks of n / s rows: one batched cuBLAS call, fp32 accumulation.
+// Without accumulate the slabs are not read (they may hold anything, NaN included).
+void dw_slabs_product(at::Tensor& slabs, const at::Tensor& x, const at::Tensor& hc, int64_t s, bool accumulate) {
+  const int64_t n = x.size(0), V = x.size(1), D = hc.size(1), k = n / s;
+  TORCH_CHECK(n % s == 0 && s <= slabs.size(0) && x.stride(1) == 1 && hc.stride(1) == 1 && slabs.is_contiguous(),
+              "flce: dW slab product: bad operands");
+  gemm_rm(true, false, V, D, k, x.data_ptr(), x.stride(0), k * x.stride(0), hc.data_ptr(), hc.stride(0),
+          k * hc.stride(0), slabs.data_ptr(), D, V * D, s, x.scalar_type(), at::kFloat, accumulate, x);
+}
+
+// dW = the sum of the S slabs (a view of slab 0 when S == 1), through sum_slabs_kernel.
+at::Tensor sum_slabs(const at::Tensor& slabs) {
+  const int64_t S = slabs.size(0);
+  if (S == 1) return slabs.select(0, 0);
+  at::Tensor out = at::empty({slabs.size(1), slabs.size(2)}, slabs.options());
+  const int64_t n = out.numel();
+  const bool vec4 = n % 4 == 0 && reinterpret_cast<uintptr_t>(slabs.data_ptr()) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+  const int threads = 256;
+  const int64_t work = vec4 ? n / 4 : n;
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, int64_t{sm_count_of_current_device()} * 8));
+  sum_slabs_kernel<<<static_cast<unsigned>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      slabs.data_ptr<float>(), S, n, out.data_ptr<float>(), vec4);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// dW's S slabs [S, V, d] (fp32). Not zeroed: the first chunk's product writes them with beta = 0 (zero_rest: it
+// covers slab 0 only, so the others are zeroed here).
+at::Tensor new_slabs(int64_t S, int64_t V, int64_t D, const at::Tensor& like, bool zero_rest) {
+  at::Tensor slabs = at::empty({S, V, D}, like.options().dtype(at::kFloat));
+  if (zero_rest && S > 1) slabs.narrow(0, 1, S - 1).zero_();
+  return slabs;
 }
 
 // The chunk loop (see the file comment). scale: undefined for NLL only; else fp32, 0-dim or one per row.
@@ -282,19 +476,29 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const 
   const bool fp32 = h.scalar_type() == at::kFloat;
   const int64_t S = fp32 ? 1 : std::max<int64_t>(1, dw_splits);
   if (grads && need_dh) dh = at::empty({N, D}, h.options());
-  if (grads && need_dw) slabs = at::zeros({S, V, D}, h.options().dtype(at::kFloat));
+  // fp32 products accumulate with addmm_ into a zeroed slab; low-precision ones write the slabs with the first
+  // chunk's batched product (beta = 0), which covers all S slabs when its row count divides by S
+  if (grads && need_dw) slabs = fp32 ? at::zeros({1, V, D}, h.options()) : new_slabs(S, V, D, h, chunk_rows % S != 0);
   at::Tensor buf = at::empty({chunk_rows, V}, h.options());
-  const at::Tensor wt = w.t();
+  const at::Tensor wt = w.t();  // (fp32 only: the other dtypes call cuBLAS directly)
   for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
     const int64_t n = std::min(chunk_rows, N - r0);
     at::Tensor x = n == chunk_rows ? buf : buf.narrow(0, 0, n);
     const at::Tensor hc = h.narrow(0, r0, n);
-    at::mm_out(x, hc, wt);
+    if (fp32)
+      at::mm_out(x, hc, wt);
+    else  // x = hc @ W^T
+      gemm_rm(false, true, n, V, D, hc.data_ptr(), D, 0, w.data_ptr(), D, 0, x.data_ptr(), V, 0, 1, h.scalar_type(),
+              h.scalar_type(), false, h);
     ce_rows(x, target.narrow(0, r0, n), nll.narrow(0, r0, n),
             scale_ptr == nullptr ? nullptr : scale_ptr + r0 * scale_stride, scale_stride, cap, ignore_index);
     if (dh.defined()) {
       at::Tensor dhc = dh.narrow(0, r0, n);
-      at::mm_out(dhc, x, w);
+      if (fp32)
+        at::mm_out(dhc, x, w);
+      else  // dH_c = x @ W
+        gemm_rm(false, false, n, D, V, x.data_ptr(), V, 0, w.data_ptr(), D, 0, dhc.data_ptr(), D, 0, 1,
+                h.scalar_type(), h.scalar_type(), false, h);
     }
     if (slabs.defined()) {
       if (fp32) {
@@ -304,14 +508,13 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const 
         // S independent products of K = n / S rows, one batched call: a V x d output is few tiles, so one
         // product of K = n would leave most SMs idle. A ragged last chunk goes whole into slab 0.
         const int64_t s = n % S == 0 ? S : 1;
-        at::Tensor out = s == S ? slabs : slabs.narrow(0, 0, 1);
-        baddbmm_f32(out, x.view({s, n / s, V}).transpose(1, 2), hc.view({s, n / s, D}));
+        dw_slabs_product(slabs, x, hc, s, r0 > 0);
       }
     }
   }
   buf.reset();  // before the slabs are summed: the peak is the loop's
   at::Tensor dw;
-  if (slabs.defined()) dw = S == 1 ? slabs.select(0, 0) : slabs.sum(0);
+  if (slabs.defined()) dw = sum_slabs(slabs);
   return {dh, dw};
 }
 
@@ -328,35 +531,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flce_forward_cuda(
   const at::Tensor h = h_in.contiguous();
   const at::Tensor w = weight.to(h.scalar_type()).contiguous();
   const at::Tensor target = target_in.contiguous();
-  const at::Tensor count = target.ne(ignore_index).sum(at::kFloat);
-  at::Tensor nll = at::empty({h.size(0)}, h.options().dtype(at::kFloat));
+  check_cuda(target, "target");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == h.size(0) &&
+                  (target.scalar_type() == at::kLong || target.scalar_type() == at::kInt),
+              "flce: target must be int64/int32 of shape (N,), got ", target.scalar_type(), " ", shape_text(target));
+  const int64_t N = target.size(0);
+  const at::TensorOptions f32 = h.options().dtype(at::kFloat);
+  at::Tensor count = at::empty({}, f32);
+  at::Tensor nll = at::empty({h.size(0)}, f32);
   c10::optional<at::Tensor> scale;
-  if (reduction != 2 && (need_dh || need_dw))
-    scale = reduction == 0 ? count.clamp_min(1.0).reciprocal() : at::ones({}, count.options());
+  if (reduction != 2 && (need_dh || need_dw)) scale = at::empty({}, f32);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  float* scale_ptr = scale.has_value() ? scale->data_ptr<float>() : nullptr;
+  if (target.scalar_type() == at::kInt)
+    count_scale_kernel<int32_t><<<1, kReduceThreads, 0, stream>>>(target.data_ptr<int32_t>(), N, ignore_index,
+                                                                 reduction == 0, count.data_ptr<float>(), scale_ptr);
+  else
+    count_scale_kernel<int64_t><<<1, kReduceThreads, 0, stream>>>(target.data_ptr<int64_t>(), N, ignore_index,
+                                                                 reduction == 0, count.data_ptr<float>(), scale_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto [dh, dw] = flce_chunked_cuda(h, w, target, scale, nll, cap, ignore_index, chunk_rows, need_dh, need_dw,
                                     dw_splits, sm90);
-  at::Tensor loss = reduction == 2 ? nll : (reduction == 1 ? nll.sum() : nll.sum().div_(count));
+  at::Tensor loss = nll;
+  if (reduction != 2) {
+    loss = at::empty({}, f32);
+    nll_total_kernel<<<1, kReduceThreads, 0, stream>>>(nll.data_ptr<float>(), nll.numel(),
+                                                       reduction == 0 ? count.data_ptr<float>() : nullptr,
+                                                       loss.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   // (separate empties: the custom op's outputs may not alias each other)
   if (!dh.defined()) dh = at::empty({0}, h.options());
   if (!dw.defined()) dw = at::empty({0}, h.options().dtype(at::kFloat));
   return {loss, count, dh, dw};
 }
 
-// a *= g and b *= g in place (g: fp32 with one element on the device); free on the GPU when g == 1.
+// a *= g and b *= g in place (g: fp32 with one element on the device); free on the GPU when g == 1. One launch for
+// both when b is fp32 (dW) or absent.
 void flce_scale_inplace_cuda(const at::Tensor& a, const c10::optional<at::Tensor>& b, const at::Tensor& g) {
   check_cuda(g, "g");
   TORCH_CHECK(g.scalar_type() == at::kFloat && g.numel() == 1, "flce: g must be one fp32 value");
   const at::cuda::CUDAGuard guard(g.device());
-  for (const at::Tensor* t : {&a, b.has_value() ? &*b : nullptr}) {
-    if (t == nullptr || !t->defined() || t->numel() == 0) continue;
+  const at::Tensor* bt = b.has_value() && b->defined() && b->numel() > 0 ? &*b : nullptr;
+  for (const at::Tensor* t : {&a, bt}) {
+    if (t == nullptr || !t->defined()) continue;
     check_cuda(*t, "scaled tensor");
     TORCH_CHECK(t->is_contiguous(), "flce: scaled tensors must be contiguous");
-    switch (t->scalar_type()) {
-      case at::kBFloat16: launch_scale<at::BFloat16>(*t, g.data_ptr<float>()); break;
-      case at::kHalf: launch_scale<at::Half>(*t, g.data_ptr<float>()); break;
-      case at::kFloat: launch_scale<float>(*t, g.data_ptr<float>()); break;
-      default: TORCH_CHECK(false, "flce: cannot scale a tensor of dtype ", t->scalar_type());
-    }
+    TORCH_CHECK(t->device() == g.device(), "flce: scaled tensors must be on g's device, got one on ", device_text(*t));
+    const auto dt = t->scalar_type();
+    TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, "flce: cannot scale a tensor of dtype ", dt);
+  }
+  const float* gp = g.data_ptr<float>();
+  const bool a_empty = !a.defined() || a.numel() == 0;
+  if (bt != nullptr && bt->scalar_type() != at::kFloat) {  // (no caller does this: each tensor on its own)
+    flce_scale_inplace_cuda(*bt, c10::nullopt, g);
+    bt = nullptr;
+  }
+  if (a_empty) {
+    if (bt != nullptr) launch_scale<float, float>(*bt, nullptr, gp);
+    return;
+  }
+  switch (a.scalar_type()) {
+    case at::kBFloat16: launch_scale<at::BFloat16, float>(a, bt, gp); break;
+    case at::kHalf: launch_scale<at::Half, float>(a, bt, gp); break;
+    default: launch_scale<float, float>(a, bt, gp); break;
   }
 }
 

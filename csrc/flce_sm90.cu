@@ -242,7 +242,8 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, c
     dh = at::empty({want_dh ? N : chunk_rows, D}, h.options());  // a chunk-sized scratch when only dW is wanted
     f = at::empty({chunk_rows}, h.options().dtype(at::kFloat));
   }
-  if (want_dw) slabs = at::zeros({S, V, D}, h.options().dtype(at::kFloat));
+  // written by the first chunk's dW product (beta = 0), which covers all S slabs when its row count divides by S
+  if (want_dw) slabs = new_slabs(S, V, D, h, std::min(chunk_rows, N) % S != 0);
   at::Tensor gbuf = at::empty({chunk_rows, V}, h.options());
   at::Tensor parts = at::empty({n_parts, max_ld_parts}, h.options().dtype(at::kFloat));
   const float k1 = static_cast<float>(-2.0 * kLog2e / cap), k2 = static_cast<float>(cap * kLog2e);
@@ -297,11 +298,7 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, c
     }
     // 3. dW slabs += G^T @ hs (S products of n / S rows each; a ragged chunk goes whole into slab 0)
     if (want_dw) {
-      const int64_t s = n % S == 0 ? S : 1;
-      at::Tensor out = s == S ? slabs : slabs.narrow(0, 0, 1);
-      at::Tensor x = gbuf.narrow(0, 0, n);
-      at::Tensor hsc = dh.narrow(0, want_dh ? r0 : 0, n);
-      baddbmm_f32(out, x.view({s, n / s, V}).transpose(1, 2), hsc.view({s, n / s, D}));
+      dw_slabs_product(slabs, gbuf.narrow(0, 0, n), dh.narrow(0, want_dh ? r0 : 0, n), n % S == 0 ? S : 1, r0 > 0);
     }
     // 4. dH = f * (G @ W), over hs
     if (want_dh) {
@@ -313,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_sm90_cuda(const at::Tensor& h, c
   }
   gbuf.reset();  // before the slabs are summed: the peak is the loop's
   at::Tensor dw;
-  if (want_dw) dw = S == 1 ? slabs.select(0, 0) : slabs.sum(0);
+  if (want_dw) dw = sum_slabs(slabs);
   if (!want_dh) dh = at::Tensor();
   return {dh, dw};
 #else
