@@ -24,16 +24,13 @@
 #include "flce.h"
 #include "flce_rows.cuh"
 
-// The chunk loop's products call cuBLAS directly where its header is there (any CUDA toolkit; a machine with only the
-// CUDA runtime's headers builds the ATen calls instead).
-#if __has_include(<cublas_v2.h>)
+// The chunk loop's products call cuBLAS directly where its headers are there (a CUDA toolkit; a machine with only the
+// CUDA runtime's headers builds the ATen calls instead). ATen's handle header also includes cuSPARSE's and cuSOLVER's.
+#if !defined(PGOLF_FLCE_ATEN_PRODUCTS) && __has_include(<cublas_v2.h>) && __has_include(<cusparse.h>) && \
+    __has_include(<cusolverDn.h>)
+#include <ATen/cuda/CUDAContextLight.h>
 #include <cublas_v2.h>
 #define PGOLF_FLCE_DIRECT_CUBLAS 1
-namespace at {
-namespace cuda {
-cublasHandle_t getCurrentCUDABlasHandle(bool setup);  // ATen/cuda/CUDAContextLight.h (whose includes need cuSPARSE)
-}  // namespace cuda
-}  // namespace at
 #endif
 
 #include <climits>
@@ -337,21 +334,18 @@ cudaDataType_t cublas_type(at::ScalarType t) {
     default: TORCH_CHECK(false, "flce: no cuBLAS product for dtype ", t);
   }
 }
-#endif
 
 // C_i = op(A_i) @ op(B_i) (+ C_i when accumulate) for i < batch, every matrix row-major: op(A) is M x K (A stored
 // [M, K], or [K, M] when trans_a), op(B) is K x N (B stored [K, N], or [N, K] when trans_b), C is [M, N]; fp32
-// accumulation; A and B of dtype ab (bf16/fp16), C of dtype c. One cuBLAS call straight from here: through ATen
-// (mm_out, baddbmm_out) the products took most of the host time of a step, which at V = 1024 bounds the step
-// instead of the GPU (torch.profiler on the H100's host: aten::baddbmm 41 us of CPU per call).
+// accumulation; A and B of dtype ab, C of dtype c. One cuBLAS call straight from here: through ATen (mm_out,
+// baddbmm_out) the products took most of the host time of a step, which at V = 1024 bounds the step instead of the
+// GPU (torch.profiler on the H100's host: aten::baddbmm 41 us of CPU per call).
 void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, int64_t stride_a,
              const void* B, int64_t ldb, int64_t stride_b, void* C, int64_t ldc, int64_t stride_c, int64_t batch,
-             at::ScalarType ab, at::ScalarType c, bool accumulate, const at::Tensor& like) {
+             at::ScalarType ab, at::ScalarType c, bool accumulate) {
   for (int64_t v : {M, N, K, lda, ldb, ldc, batch})
     TORCH_CHECK(v <= INT_MAX, "flce: a cuBLAS product dimension is over 2^31 - 1: ", num_text(v));
-#if defined(PGOLF_FLCE_DIRECT_CUBLAS)
-  (void)like;
-  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle(true);  // on the current stream, with its workspace
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // on the current stream, with its workspace
   const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
   // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: B's storage is the first operand
   const cublasOperation_t ob = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, oa = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -366,42 +360,56 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const 
                                        stride_a, &beta, C, tc, static_cast<int>(ldc), stride_c,
                                        static_cast<int>(batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT_TENSOR_OP);
   TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "flce: cuBLAS product failed: ", cublasGetStatusString(st));
-#else
-  // The same product through ATen views of the storage (no copies: every view has a unit stride).
-  auto view = [&](const void* p, int64_t rows, int64_t cols, int64_t ld, int64_t stride, bool trans, at::ScalarType t) {
-    at::Tensor m = at::from_blob(const_cast<void*>(p), {batch, rows, cols}, {stride, ld, 1}, like.options().dtype(t));
-    return trans ? m.transpose(1, 2) : m;
-  };
-  at::Tensor a = view(A, trans_a ? K : M, trans_a ? M : K, lda, stride_a, trans_a, ab);
-  at::Tensor b = view(B, trans_b ? N : K, trans_b ? K : N, ldb, stride_b, trans_b, ab);
-  at::Tensor out = view(C, M, N, ldc, stride_c, false, c);
-  if (c == ab) {
-    TORCH_CHECK(!accumulate, "flce: an accumulating product needs an fp32 output");
-    at::bmm_out(out, a, b);
-  } else {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
-    at::baddbmm_out(out, out, a, b, c, accumulate ? 1 : 0, 1);
-#else
-    if (accumulate)
-      out.add_(at::bmm(a.to(c), b.to(c)));
-    else
-      out.copy_(at::bmm(a.to(c), b.to(c)));
+}
 #endif
+
+// x [n, V] = hc [n, d] @ w^T (transposed: w.t(), for the ATen call) in h's dtype, fp32 accumulation
+void product_logits(at::Tensor& x, const at::Tensor& hc, const at::Tensor& w, const at::Tensor& transposed) {
+#if defined(PGOLF_FLCE_DIRECT_CUBLAS)
+  if (hc.scalar_type() != at::kFloat) {
+    (void)transposed;
+    return gemm_rm(false, true, x.size(0), x.size(1), hc.size(1), hc.data_ptr(), hc.stride(0), 0, w.data_ptr(),
+                   w.stride(0), 0, x.data_ptr(), x.stride(0), 0, 1, hc.scalar_type(), hc.scalar_type(), false);
   }
 #endif
+  at::mm_out(x, hc, transposed);
+}
+
+// dhc [n, d] = x [n, V] @ w [V, d] in h's dtype, fp32 accumulation
+void product_dh(at::Tensor& dhc, const at::Tensor& x, const at::Tensor& w) {
+#if defined(PGOLF_FLCE_DIRECT_CUBLAS)
+  if (x.scalar_type() != at::kFloat) {
+    return gemm_rm(false, false, x.size(0), w.size(1), x.size(1), x.data_ptr(), x.stride(0), 0, w.data_ptr(),
+                   w.stride(0), 0, dhc.data_ptr(), dhc.stride(0), 0, 1, x.scalar_type(), x.scalar_type(), false);
+  }
+#endif
+  at::mm_out(dhc, x, w);
 }
 
 }  // namespace
 
 // slabs[i] (fp32 [S, V, d], i < s <= S) = (accumulate ? slabs[i] : 0) + x_i^T @ hc_i, where x [n, V] and hc [n, d]
-// (bf16/fp16, contiguous rows) are split into s blocks of n / s rows: one batched cuBLAS call, fp32 accumulation.
+// (bf16/fp16, contiguous rows) are split into s blocks of n / s rows: one batched product, fp32 accumulation.
 // Without accumulate the slabs are not read (they may hold anything, NaN included).
 void dw_slabs_product(at::Tensor& slabs, const at::Tensor& x, const at::Tensor& hc, int64_t s, bool accumulate) {
   const int64_t n = x.size(0), V = x.size(1), D = hc.size(1), k = n / s;
-  TORCH_CHECK(n % s == 0 && s <= slabs.size(0) && x.stride(1) == 1 && hc.stride(1) == 1 && slabs.is_contiguous(),
+  TORCH_CHECK(n % s == 0 && s <= slabs.size(0) && x.is_contiguous() && hc.is_contiguous() && slabs.is_contiguous(),
               "flce: dW slab product: bad operands");
-  gemm_rm(true, false, V, D, k, x.data_ptr(), x.stride(0), k * x.stride(0), hc.data_ptr(), hc.stride(0),
-          k * hc.stride(0), slabs.data_ptr(), D, V * D, s, x.scalar_type(), at::kFloat, accumulate, x);
+#if defined(PGOLF_FLCE_DIRECT_CUBLAS)
+  gemm_rm(true, false, V, D, k, x.data_ptr(), V, k * V, hc.data_ptr(), D, k * D, slabs.data_ptr(), D, V * D, s,
+          x.scalar_type(), at::kFloat, accumulate);
+#else
+  at::Tensor out = s == slabs.size(0) ? slabs : slabs.narrow(0, 0, s);
+  const at::Tensor a_t = x.view({s, k, V}).transpose(1, 2), b = hc.view({s, k, D});
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  at::baddbmm_out(out, out, a_t, b, at::kFloat, accumulate ? 1 : 0, 1);
+#else
+  if (accumulate)
+    out.add_(at::bmm(a_t.to(at::kFloat), b.to(at::kFloat)));
+  else
+    out.copy_(at::bmm(a_t.to(at::kFloat), b.to(at::kFloat)));
+#endif
+#endif
 }
 
 // dW = the sum of the S slabs (a view of slab 0 when S == 1), through sum_slabs_kernel.
@@ -480,25 +488,17 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const 
   // chunk's batched product (beta = 0), which covers all S slabs when its row count divides by S
   if (grads && need_dw) slabs = fp32 ? at::zeros({1, V, D}, h.options()) : new_slabs(S, V, D, h, chunk_rows % S != 0);
   at::Tensor buf = at::empty({chunk_rows, V}, h.options());
-  const at::Tensor wt = w.t();  // (fp32 only: the other dtypes call cuBLAS directly)
+  const at::Tensor wt = w.t();
   for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
     const int64_t n = std::min(chunk_rows, N - r0);
     at::Tensor x = n == chunk_rows ? buf : buf.narrow(0, 0, n);
     const at::Tensor hc = h.narrow(0, r0, n);
-    if (fp32)
-      at::mm_out(x, hc, wt);
-    else  // x = hc @ W^T
-      gemm_rm(false, true, n, V, D, hc.data_ptr(), D, 0, w.data_ptr(), D, 0, x.data_ptr(), V, 0, 1, h.scalar_type(),
-              h.scalar_type(), false, h);
+    product_logits(x, hc, w, wt);
     ce_rows(x, target.narrow(0, r0, n), nll.narrow(0, r0, n),
             scale_ptr == nullptr ? nullptr : scale_ptr + r0 * scale_stride, scale_stride, cap, ignore_index);
     if (dh.defined()) {
       at::Tensor dhc = dh.narrow(0, r0, n);
-      if (fp32)
-        at::mm_out(dhc, x, w);
-      else  // dH_c = x @ W
-        gemm_rm(false, false, n, D, V, x.data_ptr(), V, 0, w.data_ptr(), D, 0, dhc.data_ptr(), D, 0, 1,
-                h.scalar_type(), h.scalar_type(), false, h);
+      product_dh(dhc, x, w);
     }
     if (slabs.defined()) {
       if (fp32) {
