@@ -14,6 +14,8 @@
 //                       dH_c = x @ W                      (cuBLAS, straight into dH's rows)
 //                       dW_slab[i] += x_i^T @ h_c,i       (one batched cuBLAS product, fp32 accumulation)
 //   dW = sum of the S slabs. No float atomics: the result is deterministic.
+// Around the loop (flce_forward_cuda) the loss's count and gradient scale, and its total, are one single-block kernel
+// each, and the slabs are not zeroed (the first chunk's product writes them): launches are host time at small V.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
