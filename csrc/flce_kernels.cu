@@ -341,7 +341,8 @@ cudaDataType_t cublas_type(at::ScalarType t) {
 // [M, K], or [K, M] when trans_a), op(B) is K x N (B stored [K, N], or [N, K] when trans_b), C is [M, N]; fp32
 // accumulation; A and B of dtype ab, C of dtype c. One cuBLAS call straight from here: through ATen (mm_out,
 // baddbmm_out) the products took most of the host time of a step, which at V = 1024 bounds the step instead of the
-// GPU (torch.profiler on the H100's host: aten::baddbmm 41 us of CPU per call).
+// GPU (torch.profiler on the H100's host: aten::baddbmm 34-53 us of CPU per call,
+// bench/results/fused_ce-h100-80gb-hbm3-2026-12-07-170a876-host-profile.txt).
 void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, int64_t stride_a,
              const void* B, int64_t ldb, int64_t stride_b, void* C, int64_t ldc, int64_t stride_c, int64_t batch,
              at::ScalarType ab, at::ScalarType c, bool accumulate) {

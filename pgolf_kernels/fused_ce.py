@@ -68,9 +68,9 @@ V = 2048 by default (``TUNING["gemm"]``), the C++ call runs csrc/flce_sm90.cu's 
 logits: per chunk a CUTLASS product whose epilogue writes the bf16 logit gradient up to a per-row factor and the
 per-row partial sums of the softmax, a row kernel (NLL, the factor, the target's entry, and the factor-scaled
 h_c written into dH's rows), the dW product (cuBLAS, reading those rows) and the dH product (CUTLASS, the factor
-in its epilogue, over them). H100, one run (bench/results/fused_ce-h100-80gb-hbm3-2026-12-07-06f2ddb.md), GPU time
-of forward+backward (CUDA-graph replay) against torch.compile: 1.30–1.41× at V ≥ 4096 and 1.09× at N=262,144,
-V=1024 (the cuBLAS C++ loop there), 0.96× at N=65,536, V=1024; at most 0.46 of compile's extra memory.
+in its epilogue, over them). H100, one run (bench/results/fused_ce-h100-80gb-hbm3-2026-12-07-946f3d8.md), GPU time
+of forward+backward (CUDA-graph replay) against torch.compile: 1.30–1.34× at V ≥ 4096, 1.09× at N=262,144 and
+1.02× at N=65,536, V=1024 (the cuBLAS C++ loop there); at most 0.46 of compile's extra memory.
 
 Limits: a second backward through the same loss (retain_graph) raises, since the gradient was computed in
 forward and dH scaled in place; with fp16 h the logits are fp16 like nn.Linear's, so |logit| must stay
@@ -143,10 +143,11 @@ _CE_FIXED_MAX_CAP = 40.0
 #             csrc/flce_sm90.cu: the forward product's epilogue forms the logit gradient up to a per-row
 #             factor (bf16) and the row sums, so no logits are stored; "cublas": flce_kernels.cu's loop (and
 #             above _CPP_MAX_V the Python loop); "auto": "cutlass" above _CPP_MAX_V, "cublas" up to it.
-#             H100, one run (bench/results/fused_ce-h100-80gb-hbm3-2026-12-07-06f2ddb.md), CUDA-graph ms of
-#             forward+backward, sm_90 loop vs the default before it: N=65,536 V=1024 0.581 vs 0.574, V=4096
-#             1.785 vs 1.819, V=8192 3.427 vs 3.755; N=262,144 V=1024 2.012 vs 1.959, V=4096 7.190 vs 7.201,
-#             V=8192 13.64 vs 14.92.
+#             H100, CUDA-graph ms of forward+backward: at V=1024 the cuBLAS C++ loop is the faster (one run,
+#             bench/results/fused_ce-h100-80gb-hbm3-2026-12-07-946f3d8.md, sm_90 vs cuBLAS loop: N=65,536
+#             0.547 vs 0.536, N=262,144 1.981 vs 1.924); above 2048 the sm_90 loop beats the Python loop that
+#             ran there before it (one run, ...-06f2ddb.md: V=4096 1.785 vs 1.819 and V=8192 3.427 vs 3.755 at
+#             N=65,536; 7.190 vs 7.201 and 13.64 vs 14.92 at N=262,144).
 TUNING = {"dw": "split", "dw_splits": 0, "ce": "v2", "ce_lpt": 16, "ce_rows": 0, "ce_warps": 0,
           "path": "function", "host": "cpp", "gemm": "auto"}
 

@@ -783,8 +783,9 @@ _SM90_CASES = [
 @pytest.mark.parametrize("N,d,V,softcap,reduction,chunk,t_dtype", _SM90_CASES)
 def test_gpu_sm90_matches_reference(monkeypatch, N, d, V, softcap, reduction, chunk, t_dtype):
     """The sm_90 loop against the rounded-operand oracle with fp32 logits (its epilogue works on the fp32
-    accumulators: against bf16-rounded logits, H100 run of 2026-12-07, 13 of 2048 rows' NLL at cap 40 differed by
-    more than 2e-3), with NaN left in the allocator's free blocks."""
+    accumulators: against bf16-rounded logits 13 of 2048 rows' NLL at cap 40 differed by more than 2e-3,
+    bench/results/fused_ce-h100-80gb-hbm3-2026-12-07-170a876-pytest-rounded-oracle.txt), with NaN left in the
+    allocator's free blocks."""
     from pgolf_kernels import fused_ce as mod
 
     monkeypatch.setitem(mod.TUNING, "gemm", "cutlass")
