@@ -56,8 +56,10 @@ is one C++ call (``TUNING["host"] = "cpp"``), and backward's in-place scaling is
 the op is bound by the host, not the GPU, and this is what that buys (H100, bench/results/fused_ce-h100-
 80gb-hbm3-2026-11-23.md, N=65,536, V=1024): 1.39 ms per forward+backward (Python loop: 2.21 ms; torch.compile:
 1.12 ms, whose kernels take 0.52 ms of GPU time to our 0.56), still slower than compile there. The rest of
-that host time is ATen's cuBLAS calls (≈26 µs of host time each there) and autograd
-(bench/probe_fused_ce_host.py).
+that host time was ATen's cuBLAS calls (≈26 µs of host time each there) and autograd
+(bench/probe_fused_ce_host.py); since 946f3d8 the loop calls cuBLAS directly, and the count, scale, loss total
+and dW slab sum are one small kernel each (bench/results/fused_ce-h100-80gb-hbm3-2026-12-07-946f3d8-ab.txt: host
+time 1.02–1.10 → 0.77–0.78 ms, GPU time 0.571 → 0.537 ms at N=65,536, V=1024).
 Above V = 2048 the GPU work hides the host and the Triton CE kernel, several warps per row, is the faster
 of the two cuBLAS loops (``_CPP_MAX_V``).
 
