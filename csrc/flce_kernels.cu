@@ -223,22 +223,22 @@ __global__ void scale_inplace_kernel(TA* __restrict__ a, int64_t na, TB* __restr
   }
 }
 
-int sm_count_of_current_device() {
-  static int sms = 0;  // the SM count of the first device used; only sizes grids of grid-stride loops
+// Blocks of `threads` for a grid-stride loop over `work` items: enough to cover it, at most eight per SM.
+int64_t grid_stride_blocks(int64_t work, int threads) {
+  static int sms = 0;  // the SM count of the first device used; it only sizes these grids
   if (sms == 0) {
     int dev = 0;
     C10_CUDA_CHECK(cudaGetDevice(&dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   }
-  return sms;
+  return std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, int64_t{sms} * 8));
 }
 
 template <typename TA, typename TB>
 void launch_scale(const at::Tensor& a, const at::Tensor* b, const float* g) {
   const int64_t na = a.numel(), nb = b != nullptr ? b->numel() : 0;
   const int threads = 256;
-  const int64_t blocks =
-      std::max<int64_t>(1, std::min<int64_t>((na + nb + threads - 1) / threads, int64_t{sm_count_of_current_device()} * 8));
+  const int64_t blocks = grid_stride_blocks(na + nb, threads);
   scale_inplace_kernel<TA, TB><<<static_cast<unsigned>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       a.data_ptr<TA>(), na, b != nullptr ? b->data_ptr<TB>() : static_cast<TB*>(nullptr), nb, g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -250,17 +250,19 @@ void launch_scale(const at::Tensor& a, const at::Tensor* b, const float* g) {
 // bench/results/fused_ce_sm90-h100-80gb-hbm3-2026-12-07-06f2ddb-variants.txt).
 constexpr int kReduceThreads = 1024;
 
-__device__ __forceinline__ int64_t block_sum(int64_t v, int64_t* warp_parts) {
+// The sum of v over the block, in thread 0 (a fixed shuffle tree per warp, then over the warps' sums: deterministic).
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* warp_parts) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) warp_parts[warp] = v;
   __syncthreads();
-  v = 0;
+  v = T(0);
   if (warp == 0) {
-    v = lane < static_cast<int>(blockDim.x >> 5) ? warp_parts[lane] : 0;
+    v = lane < static_cast<int>(blockDim.x >> 5) ? warp_parts[lane] : T(0);
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   }
-  return v;  // the block's sum, in thread 0
+  return v;
 }
 
 template <typename TT>
@@ -287,13 +289,8 @@ __global__ void __launch_bounds__(kReduceThreads) nll_total_kernel(const float* 
   __shared__ float parts[32];
   float s = 0.f;
   for (int64_t i = threadIdx.x; i < n; i += kReduceThreads) s += nll[i];
-  s = warp_sum(s);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) parts[warp] = s;
-  __syncthreads();
-  if (warp != 0) return;
-  s = warp_sum(lane < kReduceThreads / 32 ? parts[lane] : 0.f);
-  if (lane == 0) *loss = count != nullptr ? s / *count : s;
+  s = block_sum(s, parts);
+  if (threadIdx.x == 0) *loss = count != nullptr ? s / *count : s;
 }
 
 // out = the sum of the S fp32 slabs [S, n] (float4 loads where n % 4 == 0 and aligned; fixed order). Replaces
@@ -323,6 +320,15 @@ __global__ void sum_slabs_kernel(const float* __restrict__ slabs, int64_t S, int
 
 void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "flce: ", name, " must be a CUDA tensor, got one on ", device_text(t));
+}
+
+// target: int64/int32 [N] on h's device (the kernels read it there)
+void check_target(const at::Tensor& target, const at::Tensor& h) {
+  check_cuda(target, "target");
+  TORCH_CHECK(target.device() == h.device(), "flce: target must be on h's device, got it on ", device_text(target));
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == h.size(0) &&
+                  (target.scalar_type() == at::kLong || target.scalar_type() == at::kInt),
+              "flce: target must be int64/int32 of shape (N,), got ", target.scalar_type(), " ", shape_text(target));
 }
 
 }  // namespace
@@ -427,8 +433,7 @@ at::Tensor sum_slabs(const at::Tensor& slabs) {
                     reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
   const int threads = 256;
   const int64_t work = vec4 ? n / 4 : n;
-  const int64_t blocks =
-      std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, int64_t{sm_count_of_current_device()} * 8));
+  const int64_t blocks = grid_stride_blocks(work, threads);
   sum_slabs_kernel<<<static_cast<unsigned>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       slabs.data_ptr<float>(), S, n, out.data_ptr<float>(), vec4);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -452,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const 
                                                      bool need_dh, bool need_dw, int64_t dw_splits, bool sm90) {
   check_cuda(h, "h");
   check_cuda(w, "weight");
-  check_cuda(target, "target");
+  check_target(target, h);
   check_cuda(nll, "nll");
   TORCH_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1), "flce: h (N, d) and weight (V, d) expected, got ",
               shape_text(h), " and ", shape_text(w));
@@ -460,9 +465,6 @@ std::tuple<at::Tensor, at::Tensor> flce_chunked_cuda(const at::Tensor& h, const 
               "), got ", w.scalar_type());
   TORCH_CHECK(h.is_contiguous() && w.is_contiguous() && target.is_contiguous() && nll.is_contiguous(),
               "flce: h, weight, target and nll must be contiguous");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == h.size(0) &&
-                  (target.scalar_type() == at::kLong || target.scalar_type() == at::kInt),
-              "flce: target must be int64/int32 of shape (N,), got ", target.scalar_type(), " ", shape_text(target));
   TORCH_CHECK(nll.scalar_type() == at::kFloat && nll.numel() == h.size(0), "flce: nll must be fp32 of N entries");
   TORCH_CHECK(chunk_rows > 0, "flce: chunk_rows must be positive, got ", num_text(chunk_rows));
   TORCH_CHECK(cap >= 0.0 && std::isfinite(cap), "flce: softcap must be 0 (none) or positive, got ", num_text(cap));
@@ -536,11 +538,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flce_forward_cuda(
   const at::Tensor h = h_in.contiguous();
   const at::Tensor w = weight.to(h.scalar_type()).contiguous();
   const at::Tensor target = target_in.contiguous();
-  check_cuda(target, "target");
-  TORCH_CHECK(target.device() == h.device(), "flce: target must be on h's device, got it on ", device_text(target));
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == h.size(0) &&
-                  (target.scalar_type() == at::kLong || target.scalar_type() == at::kInt),
-              "flce: target must be int64/int32 of shape (N,), got ", target.scalar_type(), " ", shape_text(target));
+  check_target(target, h);
   const int64_t N = target.size(0);
   const at::TensorOptions f32 = h.options().dtype(at::kFloat);
   at::Tensor count = at::empty({}, f32);

@@ -516,7 +516,7 @@ def _runs_sm90_loop(h, V, softcap):
     (the oracle to compare with then keeps them in fp32)."""
     from pgolf_kernels import fused_ce as mod
 
-    return mod._cpp_host(h.detach(), V, 0.0 if softcap is None else float(softcap))[1]
+    return mod._cpp_host(h.detach(), V, mod._softcap_value(softcap))[1]
 
 
 def _gpu_cases(n=14, seed=99):
