@@ -345,6 +345,15 @@ constexpr int kSlabABufs = QAT_SLAB_A_BUFS;
 static_assert(kSlabABufs >= 2 && kSlabStepsPerStage % kSlabABufs == 0,
               "QAT_SLAB_A_BUFS: 2 or 4 (it divides the k16 steps per stage)");
 constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared memory per block
+// Probe builds with -DQAT_SLAB_SS_A keep the slab as bf16 A values instead of code bytes, in wgmma's K-major layout
+// with the 128-byte swizzle (an 8 KB block of 64 a-rows x 64 per 64 of the reduction), and the mainloop reads A
+// straight from shared memory (SS wgmma): no per-step conversion, twice the slab bytes (64 x R x 2), so only
+// reductions up to about 1024 fit. Forward values are the integer codes (s[a] in the epilogue), dX's bf16(code · s[r]).
+#ifdef QAT_SLAB_SS_A
+constexpr int kSlabABytes = 2;
+#else
+constexpr int kSlabABytes = 1;
+#endif
 // The per-tile kernel stays the default: on an H100 the slab kernels are bit-identical to it but mostly slower at
 // 65,536 tokens (the faster of slab and pair 0.95-1.55x its time; bench/results/qat_sm90_schedules-*-f7aa977.txt),
 // and without any B loads (QAT_SLAB_PROBE_NO_LOAD) their consumers alone take longer than cuBLAS.
@@ -359,7 +368,8 @@ struct SlabLayout {
 // Shared memory: [stages x B tile][2 x epi_bufs epilogue buffers][slab codes 64 x R bytes][dX: s, R floats]
 // [64 NaN flags][barriers]
 inline int slab_fixed_bytes(int reduction, bool trans_w, int epi_bufs) {
-  return 2 * epi_bufs * kSlabEpiBytes + kSlabRows * reduction + (trans_w ? 4 * reduction : 0) + 4 * kSlabRows;
+  return 2 * epi_bufs * kSlabEpiBytes + kSlabRows * reduction * kSlabABytes + (trans_w ? 4 * reduction : 0) +
+         4 * kSlabRows;
 }
 
 inline SlabLayout slab_layout(int64_t reduction, bool trans_w) {
@@ -397,6 +407,12 @@ __device__ __forceinline__ int slab_offset(int a, int r) {
   const int w = a >> 4, g = a & 7, h = (a >> 3) & 1;
   const int kk = r >> 4, half = (r >> 3) & 1, q = (r & 7) >> 1;
   return ((((kk << 2) + w) * 32 + 4 * g + q) << 3) + 4 * half + 2 * h;
+}
+
+// Byte offset of bf16 A(a, r) in the QAT_SLAB_SS_A slab: 8 KB block r / 64, row a at 128 bytes, 16-byte chunk
+// (r % 64) / 8 XOR a % 8 (the layout a 128-byte-swizzled TMA box would have).
+__device__ __forceinline__ int slab_ss_offset(int a, int r) {
+  return ((r >> 6) << 13) + (a << 7) + (((((r & 63) >> 3) ^ a) & 7) << 4) + ((r & 7) << 1);
 }
 
 template <int BIAS = 128>
@@ -450,6 +466,11 @@ __device__ __forceinline__ void slab_fill(uint8_t* slab, uint32_t* nan_rows, con
         const float c0 = quant_code(v[j].x, s, rc), c1 = quant_code(v[j].y, s, rc);
         const float c2 = quant_code(v[j].z, s, rc), c3 = quant_code(v[j].w, s, rc);
         if (isnan(c0 + c1 + c2 + c3)) nan_rows[a] = mark;
+#ifdef QAT_SLAB_SS_A
+        *reinterpret_cast<uint2*>(slab + slab_ss_offset(a, r)) = make_uint2(pack_codes_bf16(c0, c1),
+                                                                            pack_codes_bf16(c2, c3));
+        continue;
+#endif
         *reinterpret_cast<uint16_t*>(slab + slab_offset(a, r)) =
             code_byte<kFwdBias>(c0) | (code_byte<kFwdBias>(c1) << 8);
         *reinterpret_cast<uint16_t*>(slab + slab_offset(a, r + 2)) =
@@ -481,6 +502,11 @@ __device__ __forceinline__ void slab_fill(uint8_t* slab, uint32_t* nan_rows, con
         for (int e = 0; e < 4; ++e) {
           const float c0 = quant_code(lo[e], s0, q0), c1 = quant_code(hi[e], s1, q1);
           if (isnan(c0 + c1)) nan_rows[a + e] = mark;
+#ifdef QAT_SLAB_SS_A
+          *reinterpret_cast<uint32_t*>(slab + slab_ss_offset(a + e, r)) =
+              pack_bf16(__fmul_rn(c0, s0), __fmul_rn(c1, s1));
+          continue;
+#endif
           *reinterpret_cast<uint16_t*>(slab + slab_offset(a + e, r)) = code_byte(c0) | (code_byte(c1) << 8);
         }
       }
@@ -503,7 +529,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* stage_b = smem;                                  // S x kSlabStageBytes
   uint8_t* epi = smem + S * kSlabStageBytes;                // 2 x epi_bufs x kSlabEpiBytes
   uint8_t* slab = epi + 2 * args.epi_bufs * kSlabEpiBytes;  // kSlabRows x R code bytes
-  float* scales = reinterpret_cast<float*>(slab + kSlabRows * R);  // dX: s[r]
+  float* scales = reinterpret_cast<float*>(slab + kSlabRows * R * kSlabABytes);  // dX: s[r]
   uint32_t* nan_rows = reinterpret_cast<uint32_t*>(scales + (TRANS_W ? R : 0));
   uint64_t* full = reinterpret_cast<uint64_t*>(nan_rows + kSlabRows);
   uint64_t* empty = full + S;
@@ -676,6 +702,43 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     };
+#ifdef QAT_SLAB_SS_A
+    // A from the bf16 slab: a stage's k16 steps are one commit group; the group before is retired (wait 1) and its
+    // stage released while this one runs.
+    const uint64_t a_desc = smem_desc_sw128(slab);
+    for (int kr = 0; kr < num_r; ++kr) {
+      if (kr != 0) {
+        prev_st = st;
+        if (++st == S) {
+          st = 0;
+          ph ^= 1;
+        }
+      }
+      mbar_wait(&full[st], ph);
+      const uint8_t* tile = stage_b + st * kSlabStageBytes;
+      const uint64_t desc = kSlabStageR == 64 ? smem_desc_sw128(tile) : smem_desc_sw64(tile);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < kSlabStepsPerStage; ++j) {
+        const int step = kr * kSlabStepsPerStage + j;  // +8 KB (512 in 16-byte units) per 64 of the reduction
+#ifndef QAT_SLAB_PROBE_NO_MMA
+        wgmma_m64n256k16_ss(acc, a_desc + ((step >> 2) << 9) + 2 * (step & 3), desc + 2 * j);
+#else
+        (void)desc;
+        (void)step;
+#endif
+      }
+      wgmma_commit();
+      if (kr != 0) {
+        wgmma_wait<1>();
+        fence_operands(acc);
+        release(prev_st);
+      }
+    }
+    (void)a_frag;
+    (void)issue;
+    (void)load_a;
+#else
     const int steps = kSlabStepsPerStage * num_r;
     for (int step = 0; step < steps; step += kSlabABufs) {
 #pragma unroll
@@ -691,6 +754,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+#endif
     if (i + 1 < n) named_barrier_arrive(4 + (cw ^ 1), 256);  // the other warpgroup's next mainloop may start
     wgmma_wait<0>();
     fence_operands(acc);
