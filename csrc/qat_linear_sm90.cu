@@ -323,9 +323,24 @@ __global__ void __launch_bounds__(kThreads, 1)
 // fragment holds bf16(code · s[r]), Q(W) rounded once, with s of the whole reduction in shared memory.
 // A NaN code (a NaN or infinite weight) cannot live in a byte: the slab fill flags its a-row and the epilogue adds
 // NaN to that output column, as the per-tile kernel's NaN code would have made it.
+// Probe builds with -DQAT_SLAB_SS_A keep the slab as bf16 A values instead of code bytes, in wgmma's K-major layout
+// with the 128-byte swizzle (per 64 of the reduction a block of kSlabRows rows x 128 bytes), and the mainloop reads A
+// straight from shared memory (SS wgmma): no per-step conversion. The slab is then 128 a-rows, so that each B tile
+// (128 tokens) serves 128 a-rows as in the per-tile kernel, and a warpgroup's unit is 128 a-rows x 128 tokens (two
+// m64n128 wgmmas per k16 step). 128 x R x 2 bytes: reductions up to 512 fit. Forward values are the integer codes
+// (s[a] in the epilogue), dX's bf16(code · s[r]).
+#ifdef QAT_SLAB_SS_A
+constexpr int kSlabRows = 128;  // a-rows per slab
+constexpr int kSlabT = 128;     // tokens per unit
+constexpr int kSlabABytes = 2;
+#else
 constexpr int kSlabRows = 64;
-constexpr int kSlabEpiT = 64;                          // tokens per epilogue store (four per tile)
-constexpr int kSlabEpiBytes = kSlabEpiT * kSlabRows * 2;  // one epilogue buffer (a warpgroup has one or two)
+constexpr int kSlabT = kTileT;
+constexpr int kSlabABytes = 1;
+#endif
+constexpr int kSlabEpiT = 64;                             // tokens per epilogue store
+constexpr int kSlabEpiA = 64;                             // a-rows per epilogue store
+constexpr int kSlabEpiBytes = kSlabEpiT * kSlabEpiA * 2;  // one epilogue buffer (a warpgroup has one or two)
 // Reduction per B stage of the slab kernel: 64 (32 KB stages, 128-byte swizzle) or, for A/B builds
 // (PGOLF_NVCC_FLAGS=-DPGOLF_QAT_SLAB_STAGE_R=32), 32 (16 KB stages, 64-byte swizzle): twice the stages in the same
 // shared memory, for the long reductions whose codes leave room for only two 32 KB stages.
@@ -334,7 +349,7 @@ constexpr int kSlabEpiBytes = kSlabEpiT * kSlabRows * 2;  // one epilogue buffer
 #endif
 constexpr int kSlabStageR = PGOLF_QAT_SLAB_STAGE_R;
 static_assert(kSlabStageR == 64 || kSlabStageR == 32, "PGOLF_QAT_SLAB_STAGE_R must be 64 or 32");
-constexpr int kSlabStageBytes = kTileT * kSlabStageR * 2;
+constexpr int kSlabStageBytes = kSlabT * kSlabStageR * 2;
 constexpr int kSlabStepsPerStage = kSlabStageR / 16;
 constexpr int kSlabMaxStages = 6 * 64 / kSlabStageR;  // six 32 KB stages or twelve 16 KB ones
 // A register sets of the slab mainloop (wgmmas in flight + 1); probe builds may set QAT_SLAB_A_BUFS=4.
@@ -345,15 +360,6 @@ constexpr int kSlabABufs = QAT_SLAB_A_BUFS;
 static_assert(kSlabABufs >= 2 && kSlabStepsPerStage % kSlabABufs == 0,
               "QAT_SLAB_A_BUFS: 2 or 4 (it divides the k16 steps per stage)");
 constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared memory per block
-// Probe builds with -DQAT_SLAB_SS_A keep the slab as bf16 A values instead of code bytes, in wgmma's K-major layout
-// with the 128-byte swizzle (an 8 KB block of 64 a-rows x 64 per 64 of the reduction), and the mainloop reads A
-// straight from shared memory (SS wgmma): no per-step conversion, twice the slab bytes (64 x R x 2), so only
-// reductions up to about 1024 fit. Forward values are the integer codes (s[a] in the epilogue), dX's bf16(code · s[r]).
-#ifdef QAT_SLAB_SS_A
-constexpr int kSlabABytes = 2;
-#else
-constexpr int kSlabABytes = 1;
-#endif
 // The per-tile kernel stays the default: on an H100 the slab kernels are bit-identical to it but mostly slower at
 // 65,536 tokens (the faster of slab and pair 0.95-1.55x its time; bench/results/qat_sm90_schedules-*-f7aa977.txt),
 // and without any B loads (QAT_SLAB_PROBE_NO_LOAD) their consumers alone take longer than cuBLAS.
@@ -409,10 +415,10 @@ __device__ __forceinline__ int slab_offset(int a, int r) {
   return ((((kk << 2) + w) * 32 + 4 * g + q) << 3) + 4 * half + 2 * h;
 }
 
-// Byte offset of bf16 A(a, r) in the QAT_SLAB_SS_A slab: 8 KB block r / 64, row a at 128 bytes, 16-byte chunk
+// Byte offset of bf16 A(a, r) in the QAT_SLAB_SS_A slab: block r / 64, row a at 128 bytes, 16-byte chunk
 // (r % 64) / 8 XOR a % 8 (the layout a 128-byte-swizzled TMA box would have).
 __device__ __forceinline__ int slab_ss_offset(int a, int r) {
-  return ((r >> 6) << 13) + (a << 7) + (((((r & 63) >> 3) ^ a) & 7) << 4) + ((r & 7) << 1);
+  return (r >> 6) * (kSlabRows * 128) + (a << 7) + (((((r & 63) >> 3) ^ a) & 7) << 4) + ((r & 7) << 1);
 }
 
 template <int BIAS = 128>
@@ -479,14 +485,15 @@ __device__ __forceinline__ void slab_fill(uint8_t* slab, uint32_t* nan_rows, con
     }
   } else {
     // a thread takes rows r, r + 1 of W and 4 consecutive a (two float4), 4 at a time
-    const int total = (R / 2) * (kSlabRows / 4);
+    constexpr int per = kSlabRows / 4;  // float4s per W row of the slab
+    const int total = (R / 2) * per;
     for (int base = t256; base < total; base += 256 * 4) {
       float4 v0[4], v1[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int idx = base + 256 * j;
         if (idx < total) {
-          const int r = 2 * (idx / 16), aq = idx % 16;
+          const int r = 2 * (idx / per), aq = idx % per;
           v0[j] = __ldg(reinterpret_cast<const float4*>(w + int64_t(r) * args.a_extent + a0) + aq);
           v1[j] = __ldg(reinterpret_cast<const float4*>(w + int64_t(r + 1) * args.a_extent + a0) + aq);
         }
@@ -495,7 +502,7 @@ __device__ __forceinline__ void slab_fill(uint8_t* slab, uint32_t* nan_rows, con
       for (int j = 0; j < 4; ++j) {
         const int idx = base + 256 * j;
         if (idx >= total) break;
-        const int r = 2 * (idx / 16), a = 4 * (idx % 16);
+        const int r = 2 * (idx / per), a = 4 * (idx % per);
         const float s0 = __ldg(s_of + r), q0 = __ldg(r_of + r), s1 = __ldg(s_of + r + 1), q1 = __ldg(r_of + r + 1);
         const float lo[4] = {v0[j].x, v0[j].y, v0[j].z, v0[j].w}, hi[4] = {v1[j].x, v1[j].y, v1[j].z, v1[j].w};
 #pragma unroll
@@ -538,7 +545,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x % 128;
   const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
   const int group = blockIdx.x / CLUSTER, groups = gridDim.x / CLUSTER;  // clusters (or CTAs) and their count
-  const int num_t = (args.tokens + kTileT - 1) / kTileT;
+  const int num_t = (args.tokens + kSlabT - 1) / kSlabT;
   const int64_t units = int64_t(args.a_extent / (kSlabRows * CLUSTER)) * num_t;
   const int64_t u_begin = units * group / groups;
   const int n = static_cast<int>(units * (group + 1) / groups - u_begin);
@@ -564,7 +571,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       int stage = 0;
       uint32_t phase = 0;
       for (int i = 0; i < n; ++i) {
-        const int t0 = static_cast<int>((u_begin + i) % num_t) * kTileT;
+        const int t0 = static_cast<int>((u_begin + i) % num_t) * kSlabT;
         for (int kr = 0; kr < num_r; ++kr) {
           mbar_wait(&empty[stage], phase ^ 1);
 #ifdef QAT_SLAB_PROBE_NO_LOAD
@@ -575,7 +582,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_expect_tx(&full[stage], kSlabStageBytes);
           uint8_t* dst = stage_b + stage * kSlabStageBytes;
           if constexpr (CLUSTER > 1) {
-            constexpr int kPart = kTileT / CLUSTER;
+            constexpr int kPart = kSlabT / CLUSTER;
             tma_load_2d_multicast(dst + rank * (kSlabStageBytes / CLUSTER), &map_b, &full[stage], kr * kSlabStageR,
                                   t0 + rank * kPart, (1u << CLUSTER) - 1);
           } else {
@@ -649,10 +656,137 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int i_col = lane / 8, rr = lane % 8;
   const int col_chunk = 2 * warp + (i_col % 2);
+#ifdef QAT_SLAB_SS_A
+  // A unit is 128 a-rows (the whole slab) x 128 tokens: per k16 step two m64n128 SS wgmmas, rows 0-63 and 64-127 of
+  // the slab against the same B tile. A stage's steps are one commit group; the group before is retired (wait 1)
+  // and its stage released while this one runs. The ping-pong between the warpgroups is the RS loop's (below).
+  (void)load_a;
+  const uint64_t a_desc = smem_desc_sw128(slab);
+  constexpr uint64_t kBlockDesc = kSlabRows * 128 / 16;  // one 64-wide block of the reduction, in 16-byte units
   for (int i = cw;; i += 2) {
     while (next_boundary <= i && next_boundary < n) enter_next_slab();
     if (i >= n) break;
-    const int t0 = static_cast<int>((u_begin + i) % num_t) * kTileT;
+    const int t0 = static_cast<int>((u_begin + i) % num_t) * kSlabT;
+    const int a0 = (slab_idx + rank) * kSlabRows;
+    if (i > 0) named_barrier(4 + cw, 256);
+    float acc0[64], acc1[64];
+#pragma unroll
+    for (int j = 0; j < 64; ++j) acc0[j] = acc1[j] = 0.f;
+    fence_operands(acc0);
+    fence_operands(acc1);
+    const int64_t pos0 = int64_t(i) * num_r;
+    int st = static_cast<int>(pos0 % S), prev_st = st;
+    uint32_t ph = static_cast<uint32_t>((pos0 / S) & 1);
+    auto release = [&](int stage) {
+      if (lane == 0) {
+        if constexpr (CLUSTER > 1) {
+#pragma unroll
+          for (int c = 0; c < CLUSTER; ++c) mbar_arrive_cluster(&empty[stage], c);
+        } else {
+          mbar_arrive(&empty[stage]);
+        }
+      }
+    };
+    for (int kr = 0; kr < num_r; ++kr) {
+      if (kr != 0) {
+        prev_st = st;
+        if (++st == S) {
+          st = 0;
+          ph ^= 1;
+        }
+      }
+      mbar_wait(&full[st], ph);
+      const uint8_t* tile = stage_b + st * kSlabStageBytes;
+      const uint64_t desc = kSlabStageR == 64 ? smem_desc_sw128(tile) : smem_desc_sw64(tile);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < kSlabStepsPerStage; ++j) {
+        const int step = kr * kSlabStepsPerStage + j;  // +32 bytes (2) per k16 step inside a 64-wide block
+        const uint64_t da = a_desc + uint64_t(step >> 2) * kBlockDesc + 2 * (step & 3);
+#ifndef QAT_SLAB_PROBE_NO_MMA
+        wgmma_m64n128k16_ss(acc0, da, desc + 2 * j);
+        wgmma_m64n128k16_ss(acc1, da + 64 * 128 / 16, desc + 2 * j);  // slab rows 64-127: 8 KB further
+#else
+        (void)da;
+        (void)desc;
+#endif
+      }
+      wgmma_commit();
+      if (kr != 0) {
+        wgmma_wait<1>();
+        fence_operands(acc0);
+        fence_operands(acc1);
+        release(prev_st);
+      }
+    }
+    if (i + 1 < n) named_barrier_arrive(4 + (cw ^ 1), 256);  // the other warpgroup's next mainloop may start
+    wgmma_wait<0>();
+    fence_operands(acc0);
+    fence_operands(acc1);
+    release(st);
+#ifdef QAT_SLAB_PROBE_NO_EPI
+    continue;
+#endif
+    // Epilogue of one 64-row half: as the RS loop's, two rounds of 64 tokens.
+    const uint32_t mark = slab_idx + 1;
+    auto epilogue_half = [&](float (&acc)[64], int h) {
+      const int ar = 64 * h + row_lo;  // slab row of this thread's low row
+      float add_lo = nan_rows[ar] == mark ? __int_as_float(0x7fc00000) : 0.f;
+      float add_hi = nan_rows[ar + 8] == mark ? __int_as_float(0x7fc00000) : 0.f;
+      if constexpr (!TRANS_W) {
+        const float s_lo = __ldg(args.aux + a0 + ar), s_hi = __ldg(args.aux + a0 + ar + 8);
+        if (args.bias != nullptr) {
+          add_lo += __ldg(args.bias + a0 + ar);
+          add_hi += __ldg(args.bias + a0 + ar + 8);
+        }
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          acc[4 * j] = __fmaf_rn(acc[4 * j], s_lo, add_lo);
+          acc[4 * j + 1] = __fmaf_rn(acc[4 * j + 1], s_lo, add_lo);
+          acc[4 * j + 2] = __fmaf_rn(acc[4 * j + 2], s_hi, add_hi);
+          acc[4 * j + 3] = __fmaf_rn(acc[4 * j + 3], s_hi, add_hi);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          acc[4 * j] += add_lo;
+          acc[4 * j + 1] += add_lo;
+          acc[4 * j + 2] += add_hi;
+          acc[4 * j + 3] += add_hi;
+        }
+      }
+#pragma unroll
+      for (int round = 0; round < kSlabT / kSlabEpiT; ++round) {
+        uint8_t* buf = my_epi + (epi_round++ % args.epi_bufs) * kSlabEpiBytes;
+        if (tid == 0) {
+          if (args.epi_bufs == 2) {
+            tma_store_wait_read<1>();
+          } else {
+            tma_store_wait_read();
+          }
+        }
+        named_barrier(2 + cw, 128);
+#pragma unroll
+        for (int jj = 0; jj < kSlabEpiT / 8; jj += 2) {
+          const int j = round * (kSlabEpiT / 8) + jj;
+          const int t = 8 * (jj + i_col / 2) + rr;
+          const uint32_t addr = smem_addr(buf) + t * 128 + (((col_chunk ^ t) & 7) << 4);
+          stmatrix_x4_trans(addr, pack_bf16(acc[4 * j], acc[4 * j + 1]), pack_bf16(acc[4 * j + 2], acc[4 * j + 3]),
+                            pack_bf16(acc[4 * j + 4], acc[4 * j + 5]), pack_bf16(acc[4 * j + 6], acc[4 * j + 7]));
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        named_barrier(2 + cw, 128);
+        if (tid == 0) tma_store_2d(&map_out, buf, a0 + 64 * h, t0 + round * kSlabEpiT);
+      }
+    };
+    epilogue_half(acc0, 0);
+    epilogue_half(acc1, 1);
+  }
+#else
+  for (int i = cw;; i += 2) {
+    while (next_boundary <= i && next_boundary < n) enter_next_slab();
+    if (i >= n) break;
+    const int t0 = static_cast<int>((u_begin + i) % num_t) * kSlabT;
     const int a0 = (slab_idx + rank) * kSlabRows;
     // Mainloops take turns: this one starts once the other warpgroup has waited for all stages of the unit before
     // (its last bar.arrive). A parity wait on an mbarrier is only sound one phase ahead; starting earlier, a
@@ -702,43 +836,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     };
-#ifdef QAT_SLAB_SS_A
-    // A from the bf16 slab: a stage's k16 steps are one commit group; the group before is retired (wait 1) and its
-    // stage released while this one runs.
-    const uint64_t a_desc = smem_desc_sw128(slab);
-    for (int kr = 0; kr < num_r; ++kr) {
-      if (kr != 0) {
-        prev_st = st;
-        if (++st == S) {
-          st = 0;
-          ph ^= 1;
-        }
-      }
-      mbar_wait(&full[st], ph);
-      const uint8_t* tile = stage_b + st * kSlabStageBytes;
-      const uint64_t desc = kSlabStageR == 64 ? smem_desc_sw128(tile) : smem_desc_sw64(tile);
-      wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < kSlabStepsPerStage; ++j) {
-        const int step = kr * kSlabStepsPerStage + j;  // +8 KB (512 in 16-byte units) per 64 of the reduction
-#ifndef QAT_SLAB_PROBE_NO_MMA
-        wgmma_m64n256k16_ss(acc, a_desc + ((step >> 2) << 9) + 2 * (step & 3), desc + 2 * j);
-#else
-        (void)desc;
-        (void)step;
-#endif
-      }
-      wgmma_commit();
-      if (kr != 0) {
-        wgmma_wait<1>();
-        fence_operands(acc);
-        release(prev_st);
-      }
-    }
-    (void)a_frag;
-    (void)issue;
-    (void)load_a;
-#else
     const int steps = kSlabStepsPerStage * num_r;
     for (int step = 0; step < steps; step += kSlabABufs) {
 #pragma unroll
@@ -754,7 +851,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-#endif
     if (i + 1 < n) named_barrier_arrive(4 + (cw ^ 1), 256);  // the other warpgroup's next mainloop may start
     wgmma_wait<0>();
     fence_operands(acc);
@@ -793,7 +889,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
 #pragma unroll
-    for (int round = 0; round < kTileT / kSlabEpiT; ++round) {
+    for (int round = 0; round < kSlabT / kSlabEpiT; ++round) {
       uint8_t* buf = my_epi + (epi_round++ % args.epi_bufs) * kSlabEpiBytes;
       if (tid == 0) {  // the store that last read `buf` is done reading it
         if (args.epi_bufs == 2) {
@@ -816,6 +912,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tid == 0) tma_store_2d(&map_out, buf, a0, t0 + round * kSlabEpiT);
     }
   }
+#endif  // QAT_SLAB_SS_A
   if (tid == 0) tma_store_wait_all();
   if constexpr (CLUSTER > 1) cluster_sync();
 #endif  // PGOLF_SM90A
@@ -939,13 +1036,13 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
     const SlabLayout layout = slab_layout(reduction, trans_w);
     const CUtensorMap map_b_slab =
         make_map("qat_linear_sm90", b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, reduction, kSlabStageR,
-                 kTileT / cluster, kSlabStageR == 64 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B);
+                 kSlabT / cluster, kSlabStageR == 64 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B);
     const CUtensorMap map_out =
-        make_map("qat_linear_sm90", out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, a_extent, kSlabRows, kSlabEpiT);
+        make_map("qat_linear_sm90", out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, a_extent, kSlabEpiA, kSlabEpiT);
     const SlabArgs args{w.data_ptr<float>(), aux.data_ptr<float>(), bias_ptr, static_cast<int>(tokens),
                         static_cast<int>(a_extent), static_cast<int>(reduction), layout.stages,
                         layout.epi_bufs};
-    const int64_t units = (a_extent / (kSlabRows * cluster)) * ((tokens + kTileT - 1) / kTileT);
+    const int64_t units = (a_extent / (kSlabRows * cluster)) * ((tokens + kSlabT - 1) / kSlabT);
     if (cluster == 1) {
       const int grid = static_cast<int>(std::min<int64_t>(units, info.sms));
       auto kernel = trans_w ? qat_slab_kernel<true, 1> : qat_slab_kernel<false, 1>;
