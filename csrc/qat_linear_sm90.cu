@@ -661,6 +661,72 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int i_col = lane / 8, rr = lane % 8;
   const int col_chunk = 2 * warp + (i_col % 2);
+  // Epilogue of a 64-row accumulator set (an m64nT wgmma result: kN = T / 2 fp32 per thread): forward · s[a] +
+  // bias; a NaN-flagged row (slab mark `mark`) adds NaN. bf16, transposed through the warpgroup's [64 tokens x 64 a]
+  // buffer (stmatrix.trans, 128-byte swizzle) and TMA stores, one per 64 tokens. The set holds slab rows
+  // rows_off..rows_off + 63, output columns a0 + rows_off.., tokens t0..
+  // A stage goes back to the producer(s): lane 0 of each warp arrives on its empty barrier in every CTA of the cluster.
+  auto release = [&](int stage) {
+    if (lane == 0) {
+      if constexpr (CLUSTER > 1) {
+#pragma unroll
+        for (int c = 0; c < CLUSTER; ++c) mbar_arrive_cluster(&empty[stage], c);
+      } else {
+        mbar_arrive(&empty[stage]);
+      }
+    }
+  };
+  auto epilogue = [&](auto& acc, uint32_t mark, int a0, int rows_off, int t0) {
+    constexpr int kN = sizeof(acc) / sizeof(float);
+    const int ar = rows_off + row_lo;  // slab row of this thread's low row (the other: ar + 8)
+    float add_lo = nan_rows[ar] == mark ? __int_as_float(0x7fc00000) : 0.f;
+    float add_hi = nan_rows[ar + 8] == mark ? __int_as_float(0x7fc00000) : 0.f;
+    if constexpr (!TRANS_W) {
+      const float s_lo = __ldg(args.aux + a0 + ar), s_hi = __ldg(args.aux + a0 + ar + 8);
+      if (args.bias != nullptr) {
+        add_lo += __ldg(args.bias + a0 + ar);
+        add_hi += __ldg(args.bias + a0 + ar + 8);
+      }
+#pragma unroll
+      for (int j = 0; j < kN / 4; ++j) {
+        acc[4 * j] = __fmaf_rn(acc[4 * j], s_lo, add_lo);
+        acc[4 * j + 1] = __fmaf_rn(acc[4 * j + 1], s_lo, add_lo);
+        acc[4 * j + 2] = __fmaf_rn(acc[4 * j + 2], s_hi, add_hi);
+        acc[4 * j + 3] = __fmaf_rn(acc[4 * j + 3], s_hi, add_hi);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kN / 4; ++j) {
+        acc[4 * j] += add_lo;
+        acc[4 * j + 1] += add_lo;
+        acc[4 * j + 2] += add_hi;
+        acc[4 * j + 3] += add_hi;
+      }
+    }
+#pragma unroll
+    for (int round = 0; round < 2 * kN / kSlabEpiT; ++round) {
+      uint8_t* buf = my_epi + (epi_round++ % args.epi_bufs) * kSlabEpiBytes;
+      if (tid == 0) {  // the store that last read `buf` is done reading it
+        if (args.epi_bufs == 2) {
+          tma_store_wait_read<1>();
+        } else {
+          tma_store_wait_read();
+        }
+      }
+      named_barrier(2 + cw, 128);
+#pragma unroll
+      for (int jj = 0; jj < kSlabEpiT / 8; jj += 2) {
+        const int j = round * (kSlabEpiT / 8) + jj;
+        const int t = 8 * (jj + i_col / 2) + rr;
+        const uint32_t addr = smem_addr(buf) + t * 128 + (((col_chunk ^ t) & 7) << 4);
+        stmatrix_x4_trans(addr, pack_bf16(acc[4 * j], acc[4 * j + 1]), pack_bf16(acc[4 * j + 2], acc[4 * j + 3]),
+                          pack_bf16(acc[4 * j + 4], acc[4 * j + 5]), pack_bf16(acc[4 * j + 6], acc[4 * j + 7]));
+      }
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      named_barrier(2 + cw, 128);
+      if (tid == 0) tma_store_2d(&map_out, buf, a0 + rows_off, t0 + round * kSlabEpiT);
+    }
+  };
 #ifdef QAT_SLAB_SS_A
   // A unit is 128 a-rows (the whole slab) x 128 tokens: per k16 step two m64n128 SS wgmmas, rows 0-63 and 64-127 of
   // the slab against the same B tile. A stage's steps are one commit group; the group before is retired (wait 1)
@@ -682,16 +748,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t pos0 = int64_t(i) * num_r;
     int st = static_cast<int>(pos0 % S), prev_st = st;
     uint32_t ph = static_cast<uint32_t>((pos0 / S) & 1);
-    auto release = [&](int stage) {
-      if (lane == 0) {
-        if constexpr (CLUSTER > 1) {
-#pragma unroll
-          for (int c = 0; c < CLUSTER; ++c) mbar_arrive_cluster(&empty[stage], c);
-        } else {
-          mbar_arrive(&empty[stage]);
-        }
-      }
-    };
     for (int kr = 0; kr < num_r; ++kr) {
       if (kr != 0) {
         prev_st = st;
@@ -732,60 +788,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #ifdef QAT_SLAB_PROBE_NO_EPI
     continue;
 #endif
-    // Epilogue of one 64-row half: as the RS loop's, two rounds of 64 tokens.
-    const uint32_t mark = slab_idx + 1;
-    auto epilogue_half = [&](float (&acc)[64], int h) {
-      const int ar = 64 * h + row_lo;  // slab row of this thread's low row
-      float add_lo = nan_rows[ar] == mark ? __int_as_float(0x7fc00000) : 0.f;
-      float add_hi = nan_rows[ar + 8] == mark ? __int_as_float(0x7fc00000) : 0.f;
-      if constexpr (!TRANS_W) {
-        const float s_lo = __ldg(args.aux + a0 + ar), s_hi = __ldg(args.aux + a0 + ar + 8);
-        if (args.bias != nullptr) {
-          add_lo += __ldg(args.bias + a0 + ar);
-          add_hi += __ldg(args.bias + a0 + ar + 8);
-        }
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          acc[4 * j] = __fmaf_rn(acc[4 * j], s_lo, add_lo);
-          acc[4 * j + 1] = __fmaf_rn(acc[4 * j + 1], s_lo, add_lo);
-          acc[4 * j + 2] = __fmaf_rn(acc[4 * j + 2], s_hi, add_hi);
-          acc[4 * j + 3] = __fmaf_rn(acc[4 * j + 3], s_hi, add_hi);
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          acc[4 * j] += add_lo;
-          acc[4 * j + 1] += add_lo;
-          acc[4 * j + 2] += add_hi;
-          acc[4 * j + 3] += add_hi;
-        }
-      }
-#pragma unroll
-      for (int round = 0; round < kSlabT / kSlabEpiT; ++round) {
-        uint8_t* buf = my_epi + (epi_round++ % args.epi_bufs) * kSlabEpiBytes;
-        if (tid == 0) {
-          if (args.epi_bufs == 2) {
-            tma_store_wait_read<1>();
-          } else {
-            tma_store_wait_read();
-          }
-        }
-        named_barrier(2 + cw, 128);
-#pragma unroll
-        for (int jj = 0; jj < kSlabEpiT / 8; jj += 2) {
-          const int j = round * (kSlabEpiT / 8) + jj;
-          const int t = 8 * (jj + i_col / 2) + rr;
-          const uint32_t addr = smem_addr(buf) + t * 128 + (((col_chunk ^ t) & 7) << 4);
-          stmatrix_x4_trans(addr, pack_bf16(acc[4 * j], acc[4 * j + 1]), pack_bf16(acc[4 * j + 2], acc[4 * j + 3]),
-                            pack_bf16(acc[4 * j + 4], acc[4 * j + 5]), pack_bf16(acc[4 * j + 6], acc[4 * j + 7]));
-        }
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        named_barrier(2 + cw, 128);
-        if (tid == 0) tma_store_2d(&map_out, buf, a0 + 64 * h, t0 + round * kSlabEpiT);
-      }
-    };
-    epilogue_half(acc0, 0);
-    epilogue_half(acc1, 1);
+    epilogue(acc0, slab_idx + 1, a0, 0, t0);  // slab rows 0-63
+    epilogue(acc1, slab_idx + 1, a0, 64, t0);  // slab rows 64-127
   }
 #else
   for (int i = cw;; i += 2) {
@@ -831,16 +835,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
       wgmma_commit();
     };
-    auto release = [&](int stage) {
-      if (lane == 0) {
-        if constexpr (CLUSTER > 1) {
-#pragma unroll
-          for (int c = 0; c < CLUSTER; ++c) mbar_arrive_cluster(&empty[stage], c);
-        } else {
-          mbar_arrive(&empty[stage]);
-        }
-      }
-    };
     const int steps = kSlabStepsPerStage * num_r;
     for (int step = 0; step < steps; step += kSlabABufs) {
 #pragma unroll
@@ -866,56 +860,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     continue;
 #endif
 
-    // Epilogue: forward · s[a] + bias; a NaN-flagged row adds NaN. bf16, transposed through the warpgroup's
-    // [64 tokens x 64 a] buffer (stmatrix.trans, 128-byte swizzle) and TMA stores, four rounds per tile.
-    const uint32_t mark = slab_idx + 1;
-    float add_lo = nan_rows[row_lo] == mark ? __int_as_float(0x7fc00000) : 0.f;
-    float add_hi = nan_rows[row_lo + 8] == mark ? __int_as_float(0x7fc00000) : 0.f;
-    if constexpr (!TRANS_W) {
-      const float s_lo = __ldg(args.aux + a0 + row_lo), s_hi = __ldg(args.aux + a0 + row_lo + 8);
-      if (args.bias != nullptr) {
-        add_lo += __ldg(args.bias + a0 + row_lo);
-        add_hi += __ldg(args.bias + a0 + row_lo + 8);
-      }
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        acc[4 * j] = __fmaf_rn(acc[4 * j], s_lo, add_lo);
-        acc[4 * j + 1] = __fmaf_rn(acc[4 * j + 1], s_lo, add_lo);
-        acc[4 * j + 2] = __fmaf_rn(acc[4 * j + 2], s_hi, add_hi);
-        acc[4 * j + 3] = __fmaf_rn(acc[4 * j + 3], s_hi, add_hi);
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        acc[4 * j] += add_lo;
-        acc[4 * j + 1] += add_lo;
-        acc[4 * j + 2] += add_hi;
-        acc[4 * j + 3] += add_hi;
-      }
-    }
-#pragma unroll
-    for (int round = 0; round < kSlabT / kSlabEpiT; ++round) {
-      uint8_t* buf = my_epi + (epi_round++ % args.epi_bufs) * kSlabEpiBytes;
-      if (tid == 0) {  // the store that last read `buf` is done reading it
-        if (args.epi_bufs == 2) {
-          tma_store_wait_read<1>();
-        } else {
-          tma_store_wait_read();
-        }
-      }
-      named_barrier(2 + cw, 128);
-#pragma unroll
-      for (int jj = 0; jj < kSlabEpiT / 8; jj += 2) {
-        const int j = round * (kSlabEpiT / 8) + jj;
-        const int t = 8 * (jj + i_col / 2) + rr;
-        const uint32_t addr = smem_addr(buf) + t * 128 + (((col_chunk ^ t) & 7) << 4);
-        stmatrix_x4_trans(addr, pack_bf16(acc[4 * j], acc[4 * j + 1]), pack_bf16(acc[4 * j + 2], acc[4 * j + 3]),
-                          pack_bf16(acc[4 * j + 4], acc[4 * j + 5]), pack_bf16(acc[4 * j + 6], acc[4 * j + 7]));
-      }
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      named_barrier(2 + cw, 128);
-      if (tid == 0) tma_store_2d(&map_out, buf, a0, t0 + round * kSlabEpiT);
-    }
+    epilogue(acc, slab_idx + 1, a0, 0, t0);
   }
 #endif  // QAT_SLAB_SS_A
   if (tid == 0) tma_store_wait_all();
