@@ -420,6 +420,15 @@ __device__ __forceinline__ int slab_offset(int a, int r) {
   return ((((kk << 2) + w) * 32 + 4 * g + q) << 3) + 4 * half + 2 * h;
 }
 
+// The slab mainloops' ring of S B stages: on to the next stage (index st, mbarrier parity ph); prev takes the old one.
+__device__ __forceinline__ void ring_advance(int& st, int& prev, uint32_t& ph, int S) {
+  prev = st;
+  if (++st == S) {
+    st = 0;
+    ph ^= 1;
+  }
+}
+
 // Byte offset of bf16 A(a, r) in the QAT_SLAB_SS_A slab: block r / 64, row a at 128 bytes, 16-byte chunk
 // (r % 64) / 8 XOR a % 8 (the layout a 128-byte-swizzled TMA box would have).
 __device__ __forceinline__ int slab_ss_offset(int a, int r) {
@@ -730,32 +739,31 @@ __global__ void __launch_bounds__(kThreads, 1)
 #ifdef QAT_SLAB_SS_A
   // A unit is 128 a-rows (the whole slab) x 128 tokens: per k16 step two m64n128 SS wgmmas, rows 0-63 and 64-127 of
   // the slab against the same B tile. A stage's steps are one commit group; the group before is retired (wait 1)
-  // and its stage released while this one runs. The ping-pong between the warpgroups is the RS loop's (below).
+  // and its stage released while this one runs. The warpgroups take turns as in the RS loop.
   (void)load_a;
   const uint64_t a_desc = smem_desc_sw128(slab);
   constexpr uint64_t kBlockDesc = kSlabRows * 128 / 16;  // one 64-wide block of the reduction, in 16-byte units
+#endif
   for (int i = cw;; i += 2) {
     while (next_boundary <= i && next_boundary < n) enter_next_slab();
     if (i >= n) break;
     const int t0 = static_cast<int>((u_begin + i) % num_t) * kSlabT;
     const int a0 = (slab_idx + rank) * kSlabRows;
+    // Mainloops take turns: this one starts once the other warpgroup has waited for all stages of the unit before
+    // (its last bar.arrive). A parity wait on an mbarrier is only sound one phase ahead; starting earlier, a
+    // warpgroup would wait on stages whose earlier phases (the other's unit) had not completed yet.
     if (i > 0) named_barrier(4 + cw, 256);
+    const int64_t pos0 = int64_t(i) * num_r;  // this unit's first position in the ring of stages
+    int st = static_cast<int>(pos0 % S), prev_st = st;
+    uint32_t ph = static_cast<uint32_t>((pos0 / S) & 1);
+#ifdef QAT_SLAB_SS_A
     float acc0[64], acc1[64];
 #pragma unroll
     for (int j = 0; j < 64; ++j) acc0[j] = acc1[j] = 0.f;
     fence_operands(acc0);
     fence_operands(acc1);
-    const int64_t pos0 = int64_t(i) * num_r;
-    int st = static_cast<int>(pos0 % S), prev_st = st;
-    uint32_t ph = static_cast<uint32_t>((pos0 / S) & 1);
     for (int kr = 0; kr < num_r; ++kr) {
-      if (kr != 0) {
-        prev_st = st;
-        if (++st == S) {
-          st = 0;
-          ph ^= 1;
-        }
-      }
+      if (kr != 0) ring_advance(st, prev_st, ph, S);
       mbar_wait(&full[st], ph);
       const uint8_t* tile = stage_b + st * kSlabStageBytes;
       const uint64_t desc = kSlabStageR == 64 ? smem_desc_sw128(tile) : smem_desc_sw64(tile);
@@ -790,17 +798,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
     epilogue(acc0, slab_idx + 1, a0, 0, t0);  // slab rows 0-63
     epilogue(acc1, slab_idx + 1, a0, 64, t0);  // slab rows 64-127
-  }
 #else
-  for (int i = cw;; i += 2) {
-    while (next_boundary <= i && next_boundary < n) enter_next_slab();
-    if (i >= n) break;
-    const int t0 = static_cast<int>((u_begin + i) % num_t) * kSlabT;
-    const int a0 = (slab_idx + rank) * kSlabRows;
-    // Mainloops take turns: this one starts once the other warpgroup has waited for all stages of the unit before
-    // (its last bar.arrive). A parity wait on an mbarrier is only sound one phase ahead; starting earlier, a
-    // warpgroup would wait on stages whose earlier phases (the other's unit) had not completed yet.
-    if (i > 0) named_barrier(4 + cw, 256);
     float acc[128];
 #pragma unroll
     for (int j = 0; j < 128; ++j) acc[j] = 0.f;
@@ -809,18 +807,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     // step's fragment is converted. A stage goes back to the producer once its last step is retired (then the step
     // being issued is in the next stage: kSlabABufs <= steps per stage).
     uint32_t a_frag[kSlabABufs][4];
-    const int64_t pos0 = int64_t(i) * num_r;  // this unit's first position in the ring of stages
-    int st = static_cast<int>(pos0 % S), prev_st = st;
-    uint32_t ph = static_cast<uint32_t>((pos0 / S) & 1);
     auto issue = [&](uint32_t (&a)[4], int step) {
       if (step % kSlabStepsPerStage == 0) {  // a new stage
-        if (step != 0) {
-          prev_st = st;
-          if (++st == S) {
-            st = 0;
-            ph ^= 1;
-          }
-        }
+        if (step != 0) ring_advance(st, prev_st, ph, S);
         mbar_wait(&full[st], ph);
       }
       const uint8_t* tile = stage_b + st * kSlabStageBytes;
@@ -861,8 +850,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 
     epilogue(acc, slab_idx + 1, a0, 0, t0);
-  }
 #endif  // QAT_SLAB_SS_A
+  }
   if (tid == 0) tma_store_wait_all();
   if constexpr (CLUSTER > 1) cluster_sync();
 #endif  // PGOLF_SM90A
