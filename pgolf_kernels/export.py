@@ -152,6 +152,19 @@ def _parse_scheme(scheme: str) -> _Scheme:
     raise ValueError(f"unknown scheme {scheme!r}: expected 'int8+zlib' or 'int<N>+zstd' / 'int<N>+brotli' (N in 2..8)")
 
 
+# The package each compressor imports (zlib is in the standard library).
+_COMPRESSOR_PACKAGES = {"zstd": "zstandard", "brotli": "brotli"}
+
+
+def missing_compressor_package(scheme: str):
+    """The pip package that ``scheme``'s compressor imports when it is not installed, else None. The trainer asks
+    at start-up, so that a run without it fails before training instead of at export, ten minutes later."""
+    import importlib.util
+
+    package = _COMPRESSOR_PACKAGES.get(_parse_scheme(scheme).compressor)
+    return package if package is not None and importlib.util.find_spec(package) is None else None
+
+
 def _bits_for(name: str, bits, default: int) -> int:
     if bits is None:
         return default

@@ -282,6 +282,19 @@ def test_config_errors_name_the_variable(data_root, tmp_path, overrides, world_s
         cfg.validate(world_size)
 
 
+def test_missing_compressor_package_refused_before_training(data_root, tmp_path, monkeypatch):
+    """EXPORT_SCHEME=int6+zstd without the zstandard package is refused at start-up, naming the package, instead
+    of failing at export after the whole training run; int8+zlib (standard library) does not care."""
+    mod = load_trainer_module()
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "zstandard" else real_find_spec(name, *a))
+    with pytest.raises(mod.ConfigError, match=re.escape("compresses with the zstandard package, which is not installed")):
+        tiny_config(mod, data_root, tmp_path, EXPORT_SCHEME="int6+zstd").validate(1)
+    tiny_config(mod, data_root, tmp_path).validate(1)
+
+
 def test_fused_blocks_config_errors(data_root, tmp_path, monkeypatch):
     """FUSED_BLOCKS=1 is refused with shapes the fused block cannot run, naming the variables, and accepted with
     QAT (checked as on a CUDA machine: the CUDA check is monkeypatched so the later checks are reached)."""

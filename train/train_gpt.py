@@ -206,6 +206,9 @@ class Config:
              f"hooks would have to be captured too; unset CUDA_GRAPHS for multi-GPU runs")
         need(self.dtype in ("fp32", "bf16"), f"DTYPE={self.dtype!r}: expected fp32 or bf16")
         need(self.export_scheme in EXPORT_SCHEMES, f"EXPORT_SCHEME={self.export_scheme!r}: expected one of {EXPORT_SCHEMES}")
+        missing = export.missing_compressor_package(self.export_scheme)
+        need(missing is None, f"EXPORT_SCHEME={self.export_scheme} compresses with the {missing} package, which is not "
+                              f"installed (pip install {missing}); without it the export after training would fail")
         need(world_size >= 1 and 8 % world_size == 0, f"WORLD_SIZE={world_size} must divide 8 (grad_accum_steps = 8 // WORLD_SIZE)")
         accum = 8 // world_size
         per_step = world_size * accum * self.train_seq_len
