@@ -332,8 +332,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Measured so far (H100, bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-9e63155-ss.txt): the first form,
 // a 64-row bf16 slab with the RS loop's 256-token units, was bit-identical to the per-tile kernel and faster than
 // the byte slab (512->1536 forward: pair 0.220 ms, per-tile 0.251, cuBLAS 0.181), and without B loads its
-// consumers beat cuBLAS (0.171 vs 0.183): what it lacked was B traffic, one B read per 64 a-rows. The 128-row form
-// here answers that; it compiles without spills but has not run on a GPU yet.
+// consumers beat cuBLAS (0.171 vs 0.183): its remaining cost was B traffic, one B read per 64 a-rows. The 128-row
+// form here halves that; it compiles without spills but has not run on a GPU yet.
 #ifdef QAT_SLAB_SS_A
 constexpr int kSlabRows = 128;  // a-rows per slab
 constexpr int kSlabT = 128;     // tokens per unit
