@@ -14,7 +14,10 @@ Usage: python bench/probe_qat_sm90.py [--tokens 65536] [--no-check] [--nvcc-flag
        > bench/results/qat_sm90_schedules-<gpu>-<date>.txt
        python bench/probe_qat_sm90.py --variants="-DNDEBUG;-DQAT_SLAB_A_BUFS=4;-DQAT_SLAB_PROBE_NO_LOAD"
 (several builds at once, then each checked and timed in turn; QAT_SLAB_PROBE_NO_LOAD / NO_MMA / NO_EPI builds skip
-the B loads / the matmuls / the epilogue to time the rest alone, and are not checked)
+the B loads / the matmuls / the epilogue to time the rest alone, and are not checked).
+-DQAT_SLAB_SS_A builds the slab schedules with a bf16 slab read by SS wgmma (128 a-rows, reductions up to 512; the
+other direction of a shape shows '-'):
+       python bench/probe_qat_sm90.py --variants="-DQAT_SLAB_SS_A;-DQAT_SLAB_SS_A -DQAT_SLAB_PROBE_NO_LOAD"
 """
 from __future__ import annotations
 
