@@ -5,8 +5,8 @@ and timed as CUDA-graph replay beside compile and the fused op, in one process, 
 counts, buffer and stream counts.
 
 Answer on an H200 (bench/results/fused_ce-h200-2026-12-07-4f7facc-two-stream-probe.txt): no. Every pipelined
-variant was slower than the serial loop with the same chunk size. The cuBLAS kernels fill every SM, so the second
-stream has nothing to overlap with.
+variant was slower than the serial loop with 8192-row chunks, and at 8192 and 16384 rows slower than the serial
+loop with the same chunks. The cuBLAS kernels fill every SM, so the second stream has nothing to overlap with.
 
 Usage: python bench/probe_flce_streams.py   (an sm_90 GPU; prints one table per case)"""
 import sys

@@ -74,7 +74,8 @@ in its epilogue, over them). H100, one run (bench/results/fused_ce-h100-80gb-hbm
 of forward+backward (CUDA-graph replay) against torch.compile: 1.30–1.34× at V ≥ 4096, 1.09× at N=262,144 and
 1.02× at N=65,536, V=1024 (the cuBLAS C++ loop there); at most 0.46 of compile's extra memory.
 Tried and dropped: running the loop on two streams (chunk i+1's logits product beside chunk i's CE rows and dH/dW
-products) was slower than the serial loop at every chunk size tried, since each cuBLAS product fills every SM
+products) was slower than the serial loop in every variant tried (chunks of 4096-16384 rows, 2-3 buffers and
+streams), since each cuBLAS product fills every SM
 (bench/probe_flce_streams.py; bench/results/fused_ce-h200-2026-12-07-4f7facc-two-stream-probe.txt).
 
 Limits: a second backward through the same loss (retain_graph) raises, since the gradient was computed in
