@@ -139,12 +139,21 @@ def test_reference_equals_trainer_block(bf16_positions):
     x = torch.randn(2, 300, 128, requires_grad=True)
     x0 = torch.randn(2, 300, 128, requires_grad=True)
     y1, y2 = theirs(x, x0), ours(x, x0)
-    assert torch.equal(y1, y2)
+    # The two give bit-identical results in almost every run, but CPU BLAS may round differently for other buffer
+    # alignments or thread splits (one CI run in 2026-12 saw 2e-5 at a few outputs), so each tensor may differ by a
+    # relative error of 1e-5. The difference in function that this test guards against is far larger: bf16
+    # positions move the output by 4e-2 here (test_bf16_positions_change_the_function).
+    def assert_same(a, b, what):
+        err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+        assert err <= 1e-5, f"{what}: relative error {err:.2e} between the trainer's Block and ReferenceBlock"
+
+    assert_same(y1, y2, "output")
     g = torch.randn_like(y1)
     g1 = torch.autograd.grad(y1, [x, x0, *theirs.parameters()], g)
     g2 = torch.autograd.grad(y2, [x, x0, *ours.parameters()], g)
-    for a, b in zip(g1, g2):
-        assert torch.equal(a, b)
+    names = ["x", "x0"] + [n for n, _ in theirs.named_parameters()]
+    for name, a, b in zip(names, g1, g2):
+        assert_same(a, b, f"gradient of {name}")
 
 
 def test_bf16_positions_change_the_function():
