@@ -670,10 +670,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int i_col = lane / 8, rr = lane % 8;
   const int col_chunk = 2 * warp + (i_col % 2);
-  // Epilogue of a 64-row accumulator set (an m64nT wgmma result: kN = T / 2 fp32 per thread): forward · s[a] +
-  // bias; a NaN-flagged row (slab mark `mark`) adds NaN. bf16, transposed through the warpgroup's [64 tokens x 64 a]
-  // buffer (stmatrix.trans, 128-byte swizzle) and TMA stores, one per 64 tokens. The set holds slab rows
-  // rows_off..rows_off + 63, output columns a0 + rows_off.., tokens t0..
   // A stage goes back to the producer(s): lane 0 of each warp arrives on its empty barrier in every CTA of the cluster.
   auto release = [&](int stage) {
     if (lane == 0) {
@@ -685,6 +681,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   };
+  // Epilogue of a 64-row accumulator set (an m64nT wgmma result: kN = T / 2 fp32 per thread): forward · s[a] +
+  // bias; a NaN-flagged row (slab mark `mark`) adds NaN. bf16, transposed through the warpgroup's [64 tokens x 64 a]
+  // buffer (stmatrix.trans, 128-byte swizzle) and TMA stores, one per 64 tokens. The set holds slab rows
+  // rows_off..rows_off + 63, output columns a0 + rows_off.., tokens t0..
   auto epilogue = [&](auto& acc, uint32_t mark, int a0, int rows_off, int t0) {
     constexpr int kN = sizeof(acc) / sizeof(float);
     const int ar = rows_off + row_lo;  // slab row of this thread's low row (the other: ar + 8)
