@@ -32,23 +32,29 @@ def make(N, D, V, chunk, S, nbuf, streams, h, w, y):
     launch = F_._ce_launch(V, 30.0, True)
     side = [torch.cuda.Stream(device=dev) for _ in range(streams - 1)]
     wt = w.t()
+
     def step():
         main = torch.cuda.current_stream()
         done = [None] * nbuf
         slabs.zero_()
-        fork = torch.cuda.Event(); fork.record(main)
-        for s in side: s.wait_event(fork)
+        fork = torch.cuda.Event()
+        fork.record(main)
+        for s in side:
+            s.wait_event(fork)
         for i, r0 in enumerate(range(0, N, chunk)):
             n = min(chunk, N - r0)
             b = i % nbuf
             x = bufs[b][:n]
             hc = h[r0:r0 + n]
-            if done[b] is not None: main.wait_event(done[b])
+            if done[b] is not None:  # the buffer's previous chunk is done with it
+                main.wait_event(done[b])
             torch.mm(hc, wt, out=x)
             st = main
             if side:
-                ev = torch.cuda.Event(); ev.record(main)
-                st = side[i % len(side)]; st.wait_event(ev)
+                ev = torch.cuda.Event()
+                ev.record(main)
+                st = side[i % len(side)]
+                st.wait_event(ev)
             with torch.cuda.stream(st):
                 F_._ce_rows(x, y[r0:r0 + n], nll[r0:r0 + n], scale, 30.0, -100, launch)
                 torch.mm(x, w, out=dh[r0:r0 + n])
@@ -57,10 +63,13 @@ def make(N, D, V, chunk, S, nbuf, streams, h, w, y):
                 torch.baddbmm(out, x.view(s_, n // s_, -1).transpose(1, 2), hc.view(s_, n // s_, -1),
                               out_dtype=torch.float32, beta=1.0, out=out)
                 if side:
-                    done[b] = torch.cuda.Event(); done[b].record(st)
-        for s in side: main.wait_stream(s)
+                    done[b] = torch.cuda.Event()
+                    done[b].record(st)
+        for s in side:
+            main.wait_stream(s)
         return slabs.sum(0) if S > 1 else slabs[0]
     return step, dh, nll
+
 
 def main():
     if not torch.cuda.is_available():
@@ -73,24 +82,29 @@ def main():
         wb = w.detach().to(torch.bfloat16)
         hd = h.detach()
         comp = torch.compile(eager_loss, dynamic=False)
+
         def cstep():
-            h.grad = None; w.grad = None
+            h.grad = w.grad = None
             comp(h, w, y).backward()
-        for _ in range(3): cstep()
-        t_c = graph_replay_ms(cstep)
+
         def fstep():
-            h.grad = None; w.grad = None
+            h.grad = w.grad = None
             F_.fused_linear_cross_entropy(h, w, y, 30.0, "mean").backward()
-        for _ in range(3): fstep()
-        t_f = graph_replay_ms(fstep)
+
+        for fn in (cstep, fstep):  # warm-up (compilation, autotuning) before capture
+            for _ in range(3):
+                fn()
+        t_c, t_f = graph_replay_ms(cstep), graph_replay_ms(fstep)
         print(f"N{N} V{V}: compile {t_c:.4f} ms, fused op (default, this build) {t_f:.4f} ms -> {t_c / t_f:.3f}x", flush=True)
         ref = None
         for chunk, S, nbuf, streams in ((8192, 4, 1, 1), (8192, 4, 2, 2), (8192, 1, 2, 2), (4096, 4, 2, 2),
                                         (4096, 2, 2, 2), (4096, 4, 3, 2), (4096, 4, 3, 3), (6144, 4, 2, 2),
                                         (16384, 4, 1, 1), (16384, 4, 2, 2)):
-            if chunk > N: continue
+            if chunk > N:
+                continue
             step, dh, nll = make(N, D, V, chunk, S, nbuf, streams, hd, wb, y)
-            dw = step(); torch.cuda.synchronize()
+            dw = step()
+            torch.cuda.synchronize()
             if ref is None:
                 ref = (dh.clone(), dw.clone(), nll.clone())
             same = torch.equal(dh, ref[0]) and torch.equal(dw, ref[1]) and torch.equal(nll, ref[2])
@@ -99,6 +113,7 @@ def main():
             print(f"  chunk {chunk:6d} S {S} bufs {nbuf} streams {streams}: {t:.4f} ms  compile/this {t_c / t:.3f}x"
                   f"  buffers {mem:.0f} MiB  bitwise-same-as-first {same}", flush=True)
         del h, w, y
+
 
 if __name__ == "__main__":
     main()
