@@ -253,15 +253,12 @@ constexpr int kReduceThreads = 1024;
 // The sum of v over the block, in thread 0 (a fixed shuffle tree per warp, then over the warps' sums: deterministic).
 template <typename T>
 __device__ __forceinline__ T block_sum(T v, T* warp_parts) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  v = warp_sum(v);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) warp_parts[warp] = v;
   __syncthreads();
   v = T(0);
-  if (warp == 0) {
-    v = lane < static_cast<int>(blockDim.x >> 5) ? warp_parts[lane] : T(0);
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  }
+  if (warp == 0) v = warp_sum(lane < static_cast<int>(blockDim.x >> 5) ? warp_parts[lane] : T(0));
   return v;
 }
 

@@ -14,7 +14,9 @@ constexpr int kThreads = 32 * kRowsPerBlock;
 // is a normal fp32 number (c <= 40). fused_ce._CE_FIXED_MAX_CAP is the same bound.
 constexpr double kFixedMaxCap = 40.0;
 
-__device__ __forceinline__ float warp_sum(float v) {
+// The sum over the warp, the same in every lane (a fixed shuffle tree: deterministic).
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }
