@@ -489,12 +489,12 @@ __device__ __forceinline__ void slab_fill(uint8_t* slab, uint32_t* nan_rows, con
 #ifdef QAT_SLAB_SS_A
         *reinterpret_cast<uint2*>(slab + slab_ss_offset(a, r)) = make_uint2(pack_codes_bf16(c0, c1),
                                                                             pack_codes_bf16(c2, c3));
-        continue;
-#endif
+#else
         *reinterpret_cast<uint16_t*>(slab + slab_offset(a, r)) =
             code_byte<kFwdBias>(c0) | (code_byte<kFwdBias>(c1) << 8);
         *reinterpret_cast<uint16_t*>(slab + slab_offset(a, r + 2)) =
             code_byte<kFwdBias>(c2) | (code_byte<kFwdBias>(c3) << 8);
+#endif
       }
     }
   } else {
@@ -526,9 +526,9 @@ __device__ __forceinline__ void slab_fill(uint8_t* slab, uint32_t* nan_rows, con
 #ifdef QAT_SLAB_SS_A
           *reinterpret_cast<uint32_t*>(slab + slab_ss_offset(a + e, r)) =
               pack_bf16(__fmul_rn(c0, s0), __fmul_rn(c1, s1));
-          continue;
-#endif
+#else
           *reinterpret_cast<uint16_t*>(slab + slab_offset(a + e, r)) = code_byte(c0) | (code_byte(c1) << 8);
+#endif
         }
       }
     }
