@@ -6,9 +6,12 @@ Implementations (rows' `impl`), all with x bf16 [M, K] (requires grad), W fp32 m
   compile             torch.compile of that function (inductor, dynamic=False)
   fused_prologue      int6_fake_quant_linear(impl="prologue"): matmuls quantising W on chip — on an H100/H200 the
                       CUDA sm_90a kernels (csrc/qat_linear_sm90.cu, default schedule), elsewhere Triton
-  fused_prologue_tile, fused_prologue_slab, fused_prologue_pair  the same with int6_linear.PROLOGUE_BACKEND =
-                      "sm90_tile" (W quantised again for every 256-token tile), "sm90_slab" (once per CTA and
-                      64-row slab), "sm90_pair" (slab kernel in 2-CTA clusters sharing the activation tiles)
+  fused_prologue_tile, fused_prologue_slab, fused_prologue_pair, fused_prologue_slab_ss, fused_prologue_pair_ss
+                      the same with int6_linear.PROLOGUE_BACKEND = "sm90_tile" (W quantised again for every
+                      256-token tile), "sm90_slab" (once per CTA and 64-row slab), "sm90_pair" (slab kernel in 2-CTA
+                      clusters sharing the activation tiles), "sm90_slab_ss" / "sm90_pair_ss" (the same two with a
+                      128-row bf16 slab read by the tensor cores from shared memory; reductions <= 512). A direction
+                      that schedule does not run goes to Triton; `config` says which kernel ran each direction
   fused_prologue_triton  the same with int6_linear.PROLOGUE_BACKEND = "triton" (the Triton matmuls everywhere)
   fused_quant_cublas  int6_fake_quant_linear(impl="quant_cublas"): one Triton pass Q(W) -> bf16, then cuBLAS
 Per case: `ms` = median of forward+backward (triton.testing.do_bench, return_mode="median"; x.grad and W.grad
@@ -59,7 +62,26 @@ def plain(x, w, bits):
 
 # impl -> int6_linear.PROLOGUE_BACKEND it runs with (every other impl: "auto")
 PROLOGUE_BACKEND_OF = {"fused_prologue_tile": "sm90_tile", "fused_prologue_slab": "sm90_slab",
-                       "fused_prologue_pair": "sm90_pair", "fused_prologue_triton": "triton"}
+                       "fused_prologue_pair": "sm90_pair", "fused_prologue_slab_ss": "sm90_slab_ss",
+                       "fused_prologue_pair_ss": "sm90_pair_ss", "fused_prologue_triton": "triton"}
+SM90_SCHEDULE_NAMES = {1: "per-tile, 128x256x64 tiles, 3 stages", 2: "slab", 3: "slab pairs", 4: "SS slab",
+                       5: "SS slab pairs"}
+
+
+def prologue_config(x, w, gy) -> str:
+    """Which kernel ran each prologue matmul under the current int6_linear.PROLOGUE_BACKEND: a schedule of
+    csrc/qat_linear_sm90.cu, or Triton with its config (the tuner's pick, or the fixed tiles with PGOLF_AUTOTUNE=0)."""
+    parts = []
+    for what, b, trans in (("fwd", x, False), ("dx", gy, True)):
+        ext = L._sm90_kernel(b, w, trans)
+        if ext is not None:
+            schedule = ext.qat_linear_sm90_schedule(b, w, trans, L._SM90_SCHEDULE[L.PROLOGUE_BACKEND])
+            parts.append(f"{what} CUDA sm_90a wgmma (csrc/qat_linear_sm90.cu) schedule {schedule}: "
+                         f"{SM90_SCHEDULE_NAMES[schedule]}")
+        else:
+            launch, meta = (L._dx_launch, L._DX_META) if trans else (L._fwd_launch, L._FWD_META)
+            parts.append(f"{what} Triton {getattr(launch, 'best_config', meta)}")
+    return " | ".join(parts)
 QAT_IMPLS = ("fused_prologue", *PROLOGUE_BACKEND_OF, "fused_quant_cublas")
 
 
@@ -177,6 +199,7 @@ def bench_linear(cases, tokens, bits, with_compile, rows, save, only=None):
             # the backward runs after fn returns, so the backend is set for the whole measurement
             L.PROLOGUE_BACKEND = PROLOGUE_BACKEND_OF.get(name, "auto")
             r = measure(name, fn, x, w, gy, bits, refs[name != "plain"])
+            config = prologue_config(x.detach(), w.detach(), gy) if name.startswith("fused_prologue") else None
             L.PROLOGUE_BACKEND = "auto"
             if name == "plain":
                 plain_ms = r["ms"]
@@ -189,13 +212,8 @@ def bench_linear(cases, tokens, bits, with_compile, rows, save, only=None):
                    "graph_vs_plain": None if (g is None or not plain_graph) else round(g / plain_graph, 3),
                    "peak_mib": r["peak_mib"], "tokens_per_s": round(tokens / (r["ms"] / 1e3)),
                    "ok": r["ok"], "max_rel_err": float(f"{r['max_rel_err']:.3g}")}
-            sm90 = L._sm90_kernel(x.detach(), w.detach(), False) is not None
-            if name == "fused_prologue" and sm90:
-                row["config"] = "CUDA sm_90a wgmma (csrc/qat_linear_sm90.cu): 128x256x64 tiles, 3 stages"
-            elif name.startswith("fused_prologue") and not L.INTERPRET:
-                # autotuned: the tuner's pick; PGOLF_AUTOTUNE=0: the fixed tiles
-                row["config"] = (f"fwd {getattr(L._fwd_launch, 'best_config', L._FWD_META)} | "
-                                 f"dx {getattr(L._dx_launch, 'best_config', L._DX_META)}")
+            if config is not None and not L.INTERPRET:
+                row["config"] = config
             rows.append(row)
             print(f"{row['case']:>18} {name:>19} {row['ms']:8.4f} ms (fwd {row['fwd_ms']:.4f})  "
                   f"x{row['vs_plain']:.3f} of plain  graph {row['graph_ms']} ms x{row['graph_vs_plain']}  peak {row['peak_mib']:7.1f} MiB  ok={row['ok']} "

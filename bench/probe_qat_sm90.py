@@ -2,10 +2,11 @@
 
 For every model shape (W [out, in] = 1536x512, 512x1536, 2048x512, 512x2048, 512x512, 256x512) it checks the forward
 y = x @ Q(W)ᵀ + bias and dX = dy @ Q(W) of schedules 1 (per-tile quantisation), 2 (slab: W quantised once per CTA
-and 64-row slab) and 3 (slab in 2-CTA clusters sharing the activation tiles) against a float64 product at token
-counts 1, 255, 257, 4097 (bits 6 and 8; outputs poisoned with NaN first) and that the schedules agree bit for bit;
-then times each kernel (median of CUDA-graph replays, 10 calls per graph) at --tokens tokens beside cuBLAS on the
-same bf16 Q(W) (F.linear for the forward, dy @ Q(W) for dX).
+and 64-row slab of code bytes), 3 (slab in 2-CTA clusters sharing the activation tiles), 4 and 5 (the same two with
+the SS form: a 128-row bf16 slab read by the tensor cores from shared memory; reductions up to 512, '-' elsewhere)
+against a float64 product at token counts 1, 255, 257, 4097 (bits 6 and 8; outputs poisoned with NaN first) and
+that the schedules agree bit for bit; then times each kernel (median of CUDA-graph replays, 10 calls per graph) at
+--tokens tokens beside cuBLAS on the same bf16 Q(W) (F.linear for the forward, dy @ Q(W) for dX).
 
 It uses the built extension when it has qat_linear_sm90_schedule, else builds csrc/qat_linear_sm90.cu alone with
 bench/probe_qat_sm90_bind.cpp (torch.utils.cpp_extension.load, ~20 s).
@@ -15,9 +16,6 @@ Usage: python bench/probe_qat_sm90.py [--tokens 65536] [--no-check] [--nvcc-flag
        python bench/probe_qat_sm90.py --variants="-DNDEBUG;-DQAT_SLAB_A_BUFS=4;-DQAT_SLAB_PROBE_NO_LOAD"
 (several builds at once, then each checked and timed in turn; QAT_SLAB_PROBE_NO_LOAD / NO_MMA / NO_EPI builds skip
 the B loads / the matmuls / the epilogue to time the rest alone, and are not checked).
--DQAT_SLAB_SS_A builds the slab schedules with a bf16 slab read by SS wgmma (128 a-rows, reductions up to 512; the
-other direction of a shape shows '-'):
-       python bench/probe_qat_sm90.py --variants="-DQAT_SLAB_SS_A;-DQAT_SLAB_SS_A -DQAT_SLAB_PROBE_NO_LOAD"
 """
 from __future__ import annotations
 
@@ -40,7 +38,7 @@ from bench_int6_linear import rel_fro as rel  # noqa: E402
 from results_io import capture_cuda_graph  # noqa: E402
 
 SHAPES = [(1536, 512), (512, 1536), (2048, 512), (512, 2048), (512, 512), (256, 512)]  # W [out, in]
-SCHEDULES = {1: "tile", 2: "slab", 3: "pair"}
+SCHEDULES = {1: "tile", 2: "slab", 3: "pair", 4: "slab_ss", 5: "pair_ss"}
 
 
 def load_ops(nvcc_flags: str = ""):
@@ -136,8 +134,9 @@ def timing(ext, tokens):
             parts.append(" ".join(f"{t[c]:7.4f}" if c in t else f"{'-':>7}" for c in cols) + f"  {best / t['cublas']:8.3f}")
         clusters = ""
         if hasattr(ext, "qat_linear_sm90_pair_clusters"):
-            clusters = "  pair clusters {}/{}".format(ext.qat_linear_sm90_pair_clusters(x, w, False),
-                                                    ext.qat_linear_sm90_pair_clusters(gy, w, True))
+            clusters = "  pair clusters {}/{}, SS {}/{}".format(
+                *(ext.qat_linear_sm90_pair_clusters(b, w, trans, ss) for ss in (False, True) for b, trans in
+                  ((x, False), (gy, True))))
         print(f"{k:>5}->{n:<5} | fwd {parts[0]} | dX  {parts[1]}{clusters}", flush=True)
 
 

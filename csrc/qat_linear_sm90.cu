@@ -323,8 +323,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // fragment holds bf16(code · s[r]), Q(W) rounded once, with s of the whole reduction in shared memory.
 // A NaN code (a NaN or infinite weight) cannot live in a byte: the slab fill flags its a-row and the epilogue adds
 // NaN to that output column, as the per-tile kernel's NaN code would have made it.
-// Probe builds with -DQAT_SLAB_SS_A keep the slab as bf16 A values instead of code bytes, in wgmma's K-major layout
-// with the 128-byte swizzle (per 64 of the reduction a block of kSlabRows rows x 128 bytes), and the mainloop reads A
+// The SS form (schedules 4 and 5, SlabForm<true>) keeps the slab as bf16 A values instead of code bytes, in wgmma's
+// K-major layout with the 128-byte swizzle (per 64 of the reduction a block of 128 rows x 128 bytes), and the mainloop reads A
 // straight from shared memory (SS wgmma): no per-step conversion. The slab is then 128 a-rows, so that each B tile
 // (128 tokens) serves 128 a-rows as in the per-tile kernel, and a warpgroup's unit is 128 a-rows x 128 tokens (two
 // m64n128 wgmmas per k16 step). 128 x R x 2 bytes: reductions up to 512 fit. Forward values are the integer codes
@@ -334,15 +334,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 // the byte slab (512->1536 forward: pair 0.220 ms, per-tile 0.251, cuBLAS 0.181), and without B loads its
 // consumers beat cuBLAS (0.171 vs 0.183): its remaining cost was B traffic, one B read per 64 a-rows. The 128-row
 // form here halves that; it compiles without spills but has not run on a GPU yet.
-#ifdef QAT_SLAB_SS_A
-constexpr int kSlabRows = 128;  // a-rows per slab
-constexpr int kSlabT = 128;     // tokens per unit
-constexpr int kSlabABytes = 2;
-#else
-constexpr int kSlabRows = 64;
-constexpr int kSlabT = kTileT;
-constexpr int kSlabABytes = 1;
-#endif
 constexpr int kSlabEpiT = 64;                             // tokens per epilogue store
 constexpr int kSlabEpiA = 64;                             // a-rows per epilogue store
 constexpr int kSlabEpiBytes = kSlabEpiT * kSlabEpiA * 2;  // one epilogue buffer (a warpgroup has one or two)
@@ -354,9 +345,19 @@ constexpr int kSlabEpiBytes = kSlabEpiT * kSlabEpiA * 2;  // one epilogue buffer
 #endif
 constexpr int kSlabStageR = PGOLF_QAT_SLAB_STAGE_R;
 static_assert(kSlabStageR == 64 || kSlabStageR == 32, "PGOLF_QAT_SLAB_STAGE_R must be 64 or 32");
-constexpr int kSlabStageBytes = kSlabT * kSlabStageR * 2;
 constexpr int kSlabStepsPerStage = kSlabStageR / 16;
 constexpr int kSlabMaxStages = 6 * 64 / kSlabStageR;  // six 32 KB stages or twelve 16 KB ones
+// The two slab forms (template parameter SS of the slab kernel):
+//   false: 64 a-rows of code bytes in A-fragment order, register-A wgmma m64n256, 256-token units;
+//   true:  128 a-rows of bf16 A values in wgmma's swizzled K-major layout, shared-memory A wgmma (two m64n128 per
+//          k16 step), 128-token units; 128 x R x 2 bytes fit reductions up to 512.
+template <bool SS>
+struct SlabForm {
+  static constexpr int kRows = SS ? 128 : 64;       // a-rows per slab
+  static constexpr int kT = SS ? 128 : kTileT;      // tokens per unit
+  static constexpr int kABytes = SS ? 2 : 1;        // bytes per slab element
+  static constexpr int kStageBytes = kT * kSlabStageR * 2;
+};
 // A register sets of the slab mainloop (wgmmas in flight + 1); probe builds may set QAT_SLAB_A_BUFS=4.
 #ifndef QAT_SLAB_A_BUFS
 #define QAT_SLAB_A_BUFS 2
@@ -378,22 +379,26 @@ struct SlabLayout {
 
 // Shared memory: [stages x B tile][2 x epi_bufs epilogue buffers][slab codes 64 x R bytes][dX: s, R floats]
 // [64 NaN flags][barriers]
-inline int slab_fixed_bytes(int reduction, bool trans_w, int epi_bufs) {
-  return 2 * epi_bufs * kSlabEpiBytes + kSlabRows * reduction * kSlabABytes + (trans_w ? 4 * reduction : 0) +
-         4 * kSlabRows;
+template <bool SS>
+int slab_fixed_bytes(int reduction, bool trans_w, int epi_bufs) {
+  using F = SlabForm<SS>;
+  return 2 * epi_bufs * kSlabEpiBytes + F::kRows * reduction * F::kABytes + (trans_w ? 4 * reduction : 0) +
+         4 * F::kRows;
 }
 
-inline SlabLayout slab_layout(int64_t reduction, bool trans_w) {
+template <bool SS>
+SlabLayout slab_layout(int64_t reduction, bool trans_w) {
+  constexpr int kStageBytes = SlabForm<SS>::kStageBytes;
   SlabLayout l;
   if (reduction <= 0 || reduction % kTileR != 0 || reduction > 4096) return l;
   // two epilogue buffers where at least three 64-wide stages still fit beside them, else one; at least two stages
   for (int bufs = 2; bufs >= 1; --bufs) {
-    const int fixed = 1024 + slab_fixed_bytes(static_cast<int>(reduction), trans_w, bufs) + 2 * kSlabMaxStages * 8;
-    const int stages = std::min(kSlabMaxStages, (kSmemOptin - fixed) / kSlabStageBytes);
+    const int fixed = 1024 + slab_fixed_bytes<SS>(static_cast<int>(reduction), trans_w, bufs) + 2 * kSlabMaxStages * 8;
+    const int stages = std::min(kSlabMaxStages, (kSmemOptin - fixed) / kStageBytes);
     if (stages * kSlabStageR >= (bufs == 2 ? 3 : 2) * 64) {
       l.stages = stages;
       l.epi_bufs = bufs;
-      l.smem = fixed + stages * kSlabStageBytes;
+      l.smem = fixed + stages * kStageBytes;
       return l;
     }
   }
@@ -429,10 +434,10 @@ __device__ __forceinline__ void ring_advance(int& st, int& prev, uint32_t& ph, i
   }
 }
 
-// Byte offset of bf16 A(a, r) in the QAT_SLAB_SS_A slab: block r / 64, row a at 128 bytes, 16-byte chunk
+// Byte offset of bf16 A(a, r) in the SS form's slab: block r / 64, row a at 128 bytes, 16-byte chunk
 // (r % 64) / 8 XOR a % 8 (the layout a 128-byte-swizzled TMA box would have).
 __device__ __forceinline__ int slab_ss_offset(int a, int r) {
-  return (r >> 6) * (kSlabRows * 128) + (a << 7) + (((((r & 63) >> 3) ^ a) & 7) << 4) + ((r & 7) << 1);
+  return (r >> 6) * (SlabForm<true>::kRows * 128) + (a << 7) + (((((r & 63) >> 3) ^ a) & 7) << 4) + ((r & 7) << 1);
 }
 
 template <int BIAS = 128>
@@ -460,16 +465,17 @@ constexpr int kFwdBias = 64;
 constexpr int kFwdBias = 128;
 #endif
 
-template <bool TRANS_W>
+template <bool TRANS_W, bool SS>
 __device__ __forceinline__ void slab_fill(uint8_t* slab, uint32_t* nan_rows, const SlabArgs& args, int a0,
                                           uint32_t mark, int t256) {
+  constexpr int kRows = SlabForm<SS>::kRows;
   const int R = args.reduction;
   const float* w = args.w;
   const float* s_of = args.aux;
   const float* r_of = args.aux + (TRANS_W ? R : args.a_extent);
   if constexpr (!TRANS_W) {
     // a thread takes 4 consecutive r of one a-row (one float4), 8 at a time for loads in flight
-    const int quads = R / 4, total = kSlabRows * quads;
+    const int quads = R / 4, total = kRows * quads;
     for (int base = t256; base < total; base += 256 * 8) {
       float4 v[8];
 #pragma unroll
@@ -486,20 +492,20 @@ __device__ __forceinline__ void slab_fill(uint8_t* slab, uint32_t* nan_rows, con
         const float c0 = quant_code(v[j].x, s, rc), c1 = quant_code(v[j].y, s, rc);
         const float c2 = quant_code(v[j].z, s, rc), c3 = quant_code(v[j].w, s, rc);
         if (isnan(c0 + c1 + c2 + c3)) nan_rows[a] = mark;
-#ifdef QAT_SLAB_SS_A
-        *reinterpret_cast<uint2*>(slab + slab_ss_offset(a, r)) = make_uint2(pack_codes_bf16(c0, c1),
-                                                                            pack_codes_bf16(c2, c3));
-#else
-        *reinterpret_cast<uint16_t*>(slab + slab_offset(a, r)) =
-            code_byte<kFwdBias>(c0) | (code_byte<kFwdBias>(c1) << 8);
-        *reinterpret_cast<uint16_t*>(slab + slab_offset(a, r + 2)) =
-            code_byte<kFwdBias>(c2) | (code_byte<kFwdBias>(c3) << 8);
-#endif
+        if constexpr (SS) {
+          *reinterpret_cast<uint2*>(slab + slab_ss_offset(a, r)) = make_uint2(pack_codes_bf16(c0, c1),
+                                                                              pack_codes_bf16(c2, c3));
+        } else {
+          *reinterpret_cast<uint16_t*>(slab + slab_offset(a, r)) =
+              code_byte<kFwdBias>(c0) | (code_byte<kFwdBias>(c1) << 8);
+          *reinterpret_cast<uint16_t*>(slab + slab_offset(a, r + 2)) =
+              code_byte<kFwdBias>(c2) | (code_byte<kFwdBias>(c3) << 8);
+        }
       }
     }
   } else {
     // a thread takes rows r, r + 1 of W and 4 consecutive a (two float4), 4 at a time
-    constexpr int per = kSlabRows / 4;  // float4s per W row of the slab
+    constexpr int per = kRows / 4;  // float4s per W row of the slab
     const int total = (R / 2) * per;
     for (int base = t256; base < total; base += 256 * 4) {
       float4 v0[4], v1[4];
@@ -523,12 +529,12 @@ __device__ __forceinline__ void slab_fill(uint8_t* slab, uint32_t* nan_rows, con
         for (int e = 0; e < 4; ++e) {
           const float c0 = quant_code(lo[e], s0, q0), c1 = quant_code(hi[e], s1, q1);
           if (isnan(c0 + c1)) nan_rows[a + e] = mark;
-#ifdef QAT_SLAB_SS_A
-          *reinterpret_cast<uint32_t*>(slab + slab_ss_offset(a + e, r)) =
-              pack_bf16(__fmul_rn(c0, s0), __fmul_rn(c1, s1));
-#else
-          *reinterpret_cast<uint16_t*>(slab + slab_offset(a + e, r)) = code_byte(c0) | (code_byte(c1) << 8);
-#endif
+          if constexpr (SS) {
+            *reinterpret_cast<uint32_t*>(slab + slab_ss_offset(a + e, r)) =
+                pack_bf16(__fmul_rn(c0, s0), __fmul_rn(c1, s1));
+          } else {
+            *reinterpret_cast<uint16_t*>(slab + slab_offset(a + e, r)) = code_byte(c0) | (code_byte(c1) << 8);
+          }
         }
       }
     }
@@ -539,18 +545,20 @@ __device__ __forceinline__ void slab_fill(uint8_t* slab, uint32_t* nan_rows, con
 // CLUSTER 2: two CTAs, slabs 2p and 2p + 1 of the same token tiles, share each B tile: each loads one half and
 // multicasts it to both, so B is read from L2 once per 128 a-rows instead of once per 64. A stage is free again
 // only when the consumers of both CTAs are done with it (they arrive on both CTAs' empty barriers).
-template <bool TRANS_W, int CLUSTER>
+template <bool TRANS_W, int CLUSTER, bool SS>
 __global__ void __launch_bounds__(kThreads, 1)
     qat_slab_kernel(const __grid_constant__ CUtensorMap map_b, const __grid_constant__ CUtensorMap map_out,
                     const SlabArgs args) {
 #ifdef PGOLF_SM90A
+  using F = SlabForm<SS>;
+  constexpr int kSlabRows = F::kRows, kSlabT = F::kT, kSlabStageBytes = F::kStageBytes;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int S = args.stages, R = args.reduction;
   uint8_t* stage_b = smem;                                  // S x kSlabStageBytes
   uint8_t* epi = smem + S * kSlabStageBytes;                // 2 x epi_bufs x kSlabEpiBytes
   uint8_t* slab = epi + 2 * args.epi_bufs * kSlabEpiBytes;  // kSlabRows x R code bytes
-  float* scales = reinterpret_cast<float*>(slab + kSlabRows * R * kSlabABytes);  // dX: s[r]
+  float* scales = reinterpret_cast<float*>(slab + kSlabRows * R * F::kABytes);  // dX: s[r]
   uint32_t* nan_rows = reinterpret_cast<uint32_t*>(scales + (TRANS_W ? R : 0));
   uint64_t* full = reinterpret_cast<uint64_t*>(nan_rows + kSlabRows);
   uint64_t* empty = full + S;
@@ -631,13 +639,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   // slab_idx counts this CTA's slabs in steps of CLUSTER (the cluster's slab pairs); a-rows at slab_idx + rank
   int slab_idx = static_cast<int>(u_begin / num_t) * CLUSTER;
   int next_boundary = static_cast<int>(int64_t(slab_idx / CLUSTER + 1) * num_t - u_begin);  // local index of the next slab
-  if (n > 0) slab_fill<TRANS_W>(slab, nan_rows, args, (slab_idx + rank) * kSlabRows, slab_idx + 1, t256);
+  if (n > 0) slab_fill<TRANS_W, SS>(slab, nan_rows, args, (slab_idx + rank) * kSlabRows, slab_idx + 1, t256);
   named_barrier(1, 256);
 
   auto enter_next_slab = [&]() {
     named_barrier(1, 256);  // both warpgroups are done with the old slab
     slab_idx += CLUSTER;
-    slab_fill<TRANS_W>(slab, nan_rows, args, (slab_idx + rank) * kSlabRows, slab_idx + 1, t256);
+    slab_fill<TRANS_W, SS>(slab, nan_rows, args, (slab_idx + rank) * kSlabRows, slab_idx + 1, t256);
     named_barrier(1, 256);
     next_boundary += num_t;
   };
@@ -736,14 +744,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tid == 0) tma_store_2d(&map_out, buf, a0 + rows_off, t0 + round * kSlabEpiT);
     }
   };
-#ifdef QAT_SLAB_SS_A
-  // A unit is 128 a-rows (the whole slab) x 128 tokens: per k16 step two m64n128 SS wgmmas, rows 0-63 and 64-127 of
-  // the slab against the same B tile. A stage's steps are one commit group; the group before is retired (wait 1)
-  // and its stage released while this one runs. The warpgroups take turns as in the RS loop.
-  (void)load_a;
+  // SS form: a unit is 128 a-rows (the whole slab) x 128 tokens, per k16 step two m64n128 SS wgmmas, rows 0-63 and
+  // 64-127 of the slab against the same B tile. A stage's steps are one commit group; the group before is retired
+  // (wait 1) and its stage released while this one runs. The warpgroups take turns as in the RS loop.
   const uint64_t a_desc = smem_desc_sw128(slab);
   constexpr uint64_t kBlockDesc = kSlabRows * 128 / 16;  // one 64-wide block of the reduction, in 16-byte units
-#endif
   for (int i = cw;; i += 2) {
     while (next_boundary <= i && next_boundary < n) enter_next_slab();
     if (i >= n) break;
@@ -756,101 +761,101 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t pos0 = int64_t(i) * num_r;  // this unit's first position in the ring of stages
     int st = static_cast<int>(pos0 % S), prev_st = st;
     uint32_t ph = static_cast<uint32_t>((pos0 / S) & 1);
-#ifdef QAT_SLAB_SS_A
-    float acc0[64], acc1[64];
+    if constexpr (SS) {
+      float acc0[64], acc1[64];
 #pragma unroll
-    for (int j = 0; j < 64; ++j) acc0[j] = acc1[j] = 0.f;
-    fence_operands(acc0);
-    fence_operands(acc1);
-    for (int kr = 0; kr < num_r; ++kr) {
-      if (kr != 0) ring_advance(st, prev_st, ph, S);
-      mbar_wait(&full[st], ph);
-      const uint8_t* tile = stage_b + st * kSlabStageBytes;
-      const uint64_t desc = kSlabStageR == 64 ? smem_desc_sw128(tile) : smem_desc_sw64(tile);
-      wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < kSlabStepsPerStage; ++j) {
-        const int step = kr * kSlabStepsPerStage + j;  // +32 bytes (2) per k16 step inside a 64-wide block
-        const uint64_t da = a_desc + uint64_t(step >> 2) * kBlockDesc + 2 * (step & 3);
-#ifndef QAT_SLAB_PROBE_NO_MMA
-        wgmma_m64n128k16_ss(acc0, da, desc + 2 * j);
-        wgmma_m64n128k16_ss(acc1, da + 64 * 128 / 16, desc + 2 * j);  // slab rows 64-127: 8 KB further
-#else
-        (void)da;
-        (void)desc;
-#endif
-      }
-      wgmma_commit();
-      if (kr != 0) {
-        wgmma_wait<1>();
-        fence_operands(acc0);
-        fence_operands(acc1);
-        release(prev_st);
-      }
-    }
-    if (i + 1 < n) named_barrier_arrive(4 + (cw ^ 1), 256);  // the other warpgroup's next mainloop may start
-    wgmma_wait<0>();
-    fence_operands(acc0);
-    fence_operands(acc1);
-    release(st);
-#ifdef QAT_SLAB_PROBE_NO_EPI
-    continue;
-#endif
-    epilogue(acc0, slab_idx + 1, a0, 0, t0);  // slab rows 0-63
-    epilogue(acc1, slab_idx + 1, a0, 64, t0);  // slab rows 64-127
-#else
-    float acc[128];
-#pragma unroll
-    for (int j = 0; j < 128; ++j) acc[j] = 0.f;
-    fence_operands(acc);
-    // k16 steps through kSlabABufs A register sets: up to kSlabABufs - 1 wgmmas stay in flight while the next
-    // step's fragment is converted. A stage goes back to the producer once its last step is retired (then the step
-    // being issued is in the next stage: kSlabABufs <= steps per stage).
-    uint32_t a_frag[kSlabABufs][4];
-    auto issue = [&](uint32_t (&a)[4], int step) {
-      if (step % kSlabStepsPerStage == 0) {  // a new stage
-        if (step != 0) ring_advance(st, prev_st, ph, S);
+      for (int j = 0; j < 64; ++j) acc0[j] = acc1[j] = 0.f;
+      fence_operands(acc0);
+      fence_operands(acc1);
+      for (int kr = 0; kr < num_r; ++kr) {
+        if (kr != 0) ring_advance(st, prev_st, ph, S);
         mbar_wait(&full[st], ph);
-      }
-      const uint8_t* tile = stage_b + st * kSlabStageBytes;
-      const uint64_t desc = kSlabStageR == 64 ? smem_desc_sw128(tile) : smem_desc_sw64(tile);
-      fence_operands(a);
-      wgmma_fence();
-      // +32 bytes = 16 bf16 along the reduction
-#ifndef QAT_SLAB_PROBE_NO_MMA  // probe build: no matmuls (wrong results), to time the data movement alone
-      wgmma_m64n256k16_rs(acc, a, desc + 2 * (step % kSlabStepsPerStage));
-#else
-      (void)desc;
-#endif
-      wgmma_commit();
-    };
-    const int steps = kSlabStepsPerStage * num_r;
-    for (int step = 0; step < steps; step += kSlabABufs) {
+        const uint8_t* tile = stage_b + st * kSlabStageBytes;
+        const uint64_t desc = kSlabStageR == 64 ? smem_desc_sw128(tile) : smem_desc_sw64(tile);
+        wgmma_fence();
 #pragma unroll
-      for (int b = 0; b < kSlabABufs; ++b) {
-        load_a(a_frag[b], step + b);
-        issue(a_frag[b], step + b);
-        if (step + b >= kSlabABufs - 1) {
-          // retires step `done`, whose registers (kept live by fence_operands until here) take step done + kSlabABufs
-          wgmma_wait<kSlabABufs - 1>();
-          fence_operands(a_frag[(b + 1) % kSlabABufs]);
-          const int done = step + b - (kSlabABufs - 1);
-          if (done % kSlabStepsPerStage == kSlabStepsPerStage - 1) release(prev_st);  // a stage's last step
+        for (int j = 0; j < kSlabStepsPerStage; ++j) {
+          const int step = kr * kSlabStepsPerStage + j;  // +32 bytes (2) per k16 step inside a 64-wide block
+          const uint64_t da = a_desc + uint64_t(step >> 2) * kBlockDesc + 2 * (step & 3);
+#ifndef QAT_SLAB_PROBE_NO_MMA
+          wgmma_m64n128k16_ss(acc0, da, desc + 2 * j);
+          wgmma_m64n128k16_ss(acc1, da + 64 * 128 / 16, desc + 2 * j);  // slab rows 64-127: 8 KB further
+#else
+          (void)da;
+          (void)desc;
+#endif
+        }
+        wgmma_commit();
+        if (kr != 0) {
+          wgmma_wait<1>();
+          fence_operands(acc0);
+          fence_operands(acc1);
+          release(prev_st);
         }
       }
-    }
-    if (i + 1 < n) named_barrier_arrive(4 + (cw ^ 1), 256);  // the other warpgroup's next mainloop may start
-    wgmma_wait<0>();
-    fence_operands(acc);
+      if (i + 1 < n) named_barrier_arrive(4 + (cw ^ 1), 256);  // the other warpgroup's next mainloop may start
+      wgmma_wait<0>();
+      fence_operands(acc0);
+      fence_operands(acc1);
+      release(st);
+#ifdef QAT_SLAB_PROBE_NO_EPI
+      continue;
+#endif
+      epilogue(acc0, slab_idx + 1, a0, 0, t0);  // slab rows 0-63
+      epilogue(acc1, slab_idx + 1, a0, 64, t0);  // slab rows 64-127
+    } else {
+      float acc[128];
 #pragma unroll
-    for (int b = 0; b < kSlabABufs; ++b) fence_operands(a_frag[b]);
-    release(st);
+      for (int j = 0; j < 128; ++j) acc[j] = 0.f;
+      fence_operands(acc);
+      // k16 steps through kSlabABufs A register sets: up to kSlabABufs - 1 wgmmas stay in flight while the next
+      // step's fragment is converted. A stage goes back to the producer once its last step is retired (then the step
+      // being issued is in the next stage: kSlabABufs <= steps per stage).
+      uint32_t a_frag[kSlabABufs][4];
+      auto issue = [&](uint32_t (&a)[4], int step) {
+        if (step % kSlabStepsPerStage == 0) {  // a new stage
+          if (step != 0) ring_advance(st, prev_st, ph, S);
+          mbar_wait(&full[st], ph);
+        }
+        const uint8_t* tile = stage_b + st * kSlabStageBytes;
+        const uint64_t desc = kSlabStageR == 64 ? smem_desc_sw128(tile) : smem_desc_sw64(tile);
+        fence_operands(a);
+        wgmma_fence();
+        // +32 bytes = 16 bf16 along the reduction
+#ifndef QAT_SLAB_PROBE_NO_MMA  // probe build: no matmuls (wrong results), to time the data movement alone
+        wgmma_m64n256k16_rs(acc, a, desc + 2 * (step % kSlabStepsPerStage));
+#else
+        (void)desc;
+#endif
+        wgmma_commit();
+      };
+      const int steps = kSlabStepsPerStage * num_r;
+      for (int step = 0; step < steps; step += kSlabABufs) {
+#pragma unroll
+        for (int b = 0; b < kSlabABufs; ++b) {
+          load_a(a_frag[b], step + b);
+          issue(a_frag[b], step + b);
+          if (step + b >= kSlabABufs - 1) {
+            // retires step `done`, whose registers (kept live by fence_operands until here) take step done + kSlabABufs
+            wgmma_wait<kSlabABufs - 1>();
+            fence_operands(a_frag[(b + 1) % kSlabABufs]);
+            const int done = step + b - (kSlabABufs - 1);
+            if (done % kSlabStepsPerStage == kSlabStepsPerStage - 1) release(prev_st);  // a stage's last step
+          }
+        }
+      }
+      if (i + 1 < n) named_barrier_arrive(4 + (cw ^ 1), 256);  // the other warpgroup's next mainloop may start
+      wgmma_wait<0>();
+      fence_operands(acc);
+#pragma unroll
+      for (int b = 0; b < kSlabABufs; ++b) fence_operands(a_frag[b]);
+      release(st);
 #ifdef QAT_SLAB_PROBE_NO_EPI  // probe build: no output (wrong results), to time the mainloops alone
-    continue;
+      continue;
 #endif
 
-    epilogue(acc, slab_idx + 1, a0, 0, t0);
-#endif  // QAT_SLAB_SS_A
+      epilogue(acc, slab_idx + 1, a0, 0, t0);
+    }
   }
   if (tid == 0) tma_store_wait_all();
   if constexpr (CLUSTER > 1) cluster_sync();
@@ -865,15 +870,28 @@ const DeviceInfo& device_info(int device) {
                                         kSmemBytes));
     C10_CUDA_CHECK(cudaFuncSetAttribute(qat_gemm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         kSmemBytes));
-    C10_CUDA_CHECK(cudaFuncSetAttribute(qat_slab_kernel<false, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        kSmemOptin));
-    C10_CUDA_CHECK(cudaFuncSetAttribute(qat_slab_kernel<true, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        kSmemOptin));
-    C10_CUDA_CHECK(cudaFuncSetAttribute(qat_slab_kernel<false, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        kSmemOptin));
-    C10_CUDA_CHECK(cudaFuncSetAttribute(qat_slab_kernel<true, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        kSmemOptin));
+    for (auto kernel : {qat_slab_kernel<false, 1, false>, qat_slab_kernel<true, 1, false>,
+                        qat_slab_kernel<false, 2, false>, qat_slab_kernel<true, 2, false>,
+                        qat_slab_kernel<false, 1, true>, qat_slab_kernel<true, 1, true>,
+                        qat_slab_kernel<false, 2, true>, qat_slab_kernel<true, 2, true>}) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemOptin));
+    }
   });
+}
+
+// The slab kernel for one direction, cluster size and slab form.
+using SlabKernel = void (*)(CUtensorMap, CUtensorMap, SlabArgs);
+SlabKernel slab_kernel(bool trans_w, int cluster, bool ss) {
+  if (ss) {
+    if (cluster == 2) return trans_w ? qat_slab_kernel<true, 2, true> : qat_slab_kernel<false, 2, true>;
+    return trans_w ? qat_slab_kernel<true, 1, true> : qat_slab_kernel<false, 1, true>;
+  }
+  if (cluster == 2) return trans_w ? qat_slab_kernel<true, 2, false> : qat_slab_kernel<false, 2, false>;
+  return trans_w ? qat_slab_kernel<true, 1, false> : qat_slab_kernel<false, 1, false>;
+}
+
+SlabLayout slab_layout_of(int64_t reduction, bool trans_w, bool ss) {
+  return ss ? slab_layout<true>(reduction, trans_w) : slab_layout<false>(reduction, trans_w);
 }
 
 // A launch of the slab kernel in 2-CTA clusters (`attr` holds the cluster shape the config points to).
@@ -894,16 +912,15 @@ cudaLaunchConfig_t pair_launch_config(cudaLaunchAttribute& attr, unsigned grid, 
 
 // How many 2-CTA clusters of the slab kernel fit on the GPU at once (a GPC with an odd SM count leaves one SM out),
 // asked once per device, kernel and shared-memory size.
-int pair_cluster_count(int device, bool trans_w, int smem) {
+int pair_cluster_count(int device, bool trans_w, bool ss, int smem) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, bool, int>, int> counts;
+  static std::map<std::tuple<int, bool, bool, int>, int> counts;
   const std::lock_guard<std::mutex> lock(mutex);
-  int& count = counts[std::make_tuple(device, trans_w, smem)];
+  int& count = counts[std::make_tuple(device, trans_w, ss, smem)];
   if (count == 0) {
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t config = pair_launch_config(attr, 2 * (device_info(device).sms / 2), smem, nullptr);
-    auto kernel = trans_w ? qat_slab_kernel<true, 2> : qat_slab_kernel<false, 2>;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&count, kernel, &config));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&count, slab_kernel(trans_w, 2, ss), &config));
     TORCH_CHECK(count > 0, "qat_linear_sm90: no 2-CTA cluster of the slab kernel fits on this GPU");
   }
   return count;
@@ -912,7 +929,8 @@ int pair_cluster_count(int device, bool trans_w, int smem) {
 }  // namespace
 
 // Which schedule runs these operands: 1 the per-tile kernel, 2 the slab kernel, 3 the slab kernel in 2-CTA clusters
-// sharing B, 0 none. `schedule` asks for one (1, 2, 3) or, 0, the default (kDefaultSchedule).
+// sharing B, 4 and 5 the same two with the SS slab form (bf16 slab, 128 a-rows), 0 none. `schedule` asks for one
+// (1 to 5) or, 0, the default (kDefaultSchedule).
 int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool trans_w, int64_t schedule) {
   if (!b.is_cuda() || !w.is_cuda() || b.scalar_type() != at::kBFloat16 || w.scalar_type() != at::kFloat) return 0;
   if (b.dim() != 2 || w.dim() != 2 || b.stride(1) != 1 || !w.is_contiguous() || b.device() != w.device()) return 0;
@@ -924,19 +942,23 @@ int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool tran
                       reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0;
   if (!common) return 0;
-  const bool slab_ok = a_extent % kSlabRows == 0 && slab_layout(reduction, trans_w).stages > 0;
-  const bool pair_ok = slab_ok && a_extent % (2 * kSlabRows) == 0;
+  const int rows = SlabForm<false>::kRows, ss_rows = SlabForm<true>::kRows;
+  const bool slab_ok = a_extent % rows == 0 && slab_layout<false>(reduction, trans_w).stages > 0;
+  const bool ss_ok = a_extent % ss_rows == 0 && slab_layout<true>(reduction, trans_w).stages > 0;
   const bool tile_ok = a_extent % kTileA == 0;
-  const bool ok[4] = {false, tile_ok, slab_ok, pair_ok};
-  if (schedule >= 1 && schedule <= 3) return ok[schedule] ? static_cast<int>(schedule) : 0;
+  const bool ok[6] = {false, tile_ok, slab_ok, slab_ok && a_extent % (2 * rows) == 0, ss_ok,
+                      ss_ok && a_extent % (2 * ss_rows) == 0};
+  if (schedule >= 1 && schedule <= 5) return ok[schedule] ? static_cast<int>(schedule) : 0;
   if (schedule != 0) return 0;
   return ok[kDefaultSchedule] ? kDefaultSchedule : 0;
 }
 
 // The pair schedule's resident cluster count for these operands (0: the pair schedule does not run them).
-int64_t qat_linear_sm90_pair_clusters(const at::Tensor& b, const at::Tensor& w, bool trans_w) {
-  if (qat_linear_sm90_schedule(b, w, trans_w, 3) != 3) return 0;
-  return pair_cluster_count(b.get_device(), trans_w, slab_layout(b.size(1), trans_w).smem);
+// (ss: the SS form's pair schedule, 5, instead of 3).
+int64_t qat_linear_sm90_pair_clusters(const at::Tensor& b, const at::Tensor& w, bool trans_w, bool ss) {
+  const int pair = ss ? 5 : 3;
+  if (qat_linear_sm90_schedule(b, w, trans_w, pair) != pair) return 0;
+  return pair_cluster_count(b.get_device(), trans_w, ss, slab_layout_of(b.size(1), trans_w, ss).smem);
 }
 
 bool qat_linear_sm90_supported(const at::Tensor& b, const at::Tensor& w, bool trans_w) {
@@ -971,24 +993,26 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   if (kind >= 2) {
-    const int cluster = kind == 3 ? 2 : 1;
-    const SlabLayout layout = slab_layout(reduction, trans_w);
+    const int cluster = kind == 3 || kind == 5 ? 2 : 1;
+    const bool ss = kind >= 4;
+    const int slab_rows = ss ? SlabForm<true>::kRows : SlabForm<false>::kRows;
+    const int slab_t = ss ? SlabForm<true>::kT : SlabForm<false>::kT;
+    const SlabLayout layout = slab_layout_of(reduction, trans_w, ss);
     const CUtensorMap map_b_slab =
         make_map("qat_linear_sm90", b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, reduction, kSlabStageR,
-                 kSlabT / cluster, kSlabStageR == 64 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B);
+                 slab_t / cluster, kSlabStageR == 64 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B);
     const CUtensorMap map_out =
         make_map("qat_linear_sm90", out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, a_extent, kSlabEpiA, kSlabEpiT);
     const SlabArgs args{w.data_ptr<float>(), aux.data_ptr<float>(), bias_ptr, static_cast<int>(tokens),
                         static_cast<int>(a_extent), static_cast<int>(reduction), layout.stages,
                         layout.epi_bufs};
-    const int64_t units = (a_extent / (kSlabRows * cluster)) * ((tokens + kSlabT - 1) / kSlabT);
+    const int64_t units = (a_extent / (slab_rows * cluster)) * ((tokens + slab_t - 1) / slab_t);
+    const SlabKernel kernel = slab_kernel(trans_w, cluster, ss);
     if (cluster == 1) {
       const int grid = static_cast<int>(std::min<int64_t>(units, info.sms));
-      auto kernel = trans_w ? qat_slab_kernel<true, 1> : qat_slab_kernel<false, 1>;
       kernel<<<grid, kThreads, layout.smem, stream>>>(map_b_slab, map_out, args);
     } else {
-      auto kernel = trans_w ? qat_slab_kernel<true, 2> : qat_slab_kernel<false, 2>;
-      const int max_clusters = pair_cluster_count(b.get_device(), trans_w, layout.smem);
+      const int max_clusters = pair_cluster_count(b.get_device(), trans_w, ss, layout.smem);
       cudaLaunchAttribute attr;
       const cudaLaunchConfig_t config = pair_launch_config(
           attr, static_cast<unsigned>(2 * std::min<int64_t>(units, max_clusters)), layout.smem, stream);

@@ -71,11 +71,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # where it does not apply: W quantised again for every 256-token tile (the default; output width % 128 == 0); W
 # quantised once per CTA and 64-row slab (output width % 64 == 0, reduction <= 2048 or so: the slab's codes must
 # fit in shared memory beside two stages); the slab kernel in 2-CTA clusters that share the activation tiles (output
-# width % 128 == 0). The slab schedules are opt-in: on an H100 they are mostly slower than the per-tile one
+# width % 128 == 0). "sm90_slab_ss" and "sm90_pair_ss" are the two slab schedules with the slab kept as bf16 values
+# of 128 rows that the tensor cores read from shared memory (output width % 128 resp. % 256 == 0, reduction <= 512).
+# The slab schedules are opt-in: on an H100 they are mostly slower than the per-tile one
 # (bench/results/qat_sm90_schedules-*). "triton" always uses Triton.
 # PGOLF_QLINEAR_PROLOGUE sets the start value.
-PROLOGUE_BACKENDS = ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "triton")
-_SM90_SCHEDULE = {"auto": 0, "sm90_tile": 1, "sm90_slab": 2, "sm90_pair": 3}
+PROLOGUE_BACKENDS = ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "sm90_slab_ss", "sm90_pair_ss", "triton")
+_SM90_SCHEDULE = {"auto": 0, "sm90_tile": 1, "sm90_slab": 2, "sm90_pair": 3, "sm90_slab_ss": 4, "sm90_pair_ss": 5}
 PROLOGUE_BACKEND = os.environ.get("PGOLF_QLINEAR_PROLOGUE", "auto")
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |t| < 2**22 half-to-even
 

@@ -252,10 +252,11 @@ def _on_hopper():
 @pytest.mark.skipif(not _on_hopper(), reason="the sm_90a prologue kernels need an H100/H200")
 @pytest.mark.parametrize("n,k", MODEL_SHAPES)
 def test_gpu_sm90_prologue_matches_triton_prologue_and_reference(n, k, monkeypatch):
-    """The CUDA sm_90a prologue matmuls (auto and sm90_tile: the per-tile schedule, the default; sm90_slab and
-    sm90_pair: the slab schedules) against the Triton ones and a float64 product, at token counts that are not multiples of the 256-token tile, with a bias;
-    outputs start as NaN (a freed NaN block the caching allocator hands back), so an element the kernel never wrote
-    fails the check."""
+    """The CUDA sm_90a prologue matmuls (auto and sm90_tile: the per-tile schedule, the default; sm90_slab,
+    sm90_pair and their SS forms: the slab schedules) against the Triton ones and a float64 product, at token counts
+    that are not multiples of the 256-token tile, with a bias; outputs start as NaN (a freed NaN block the caching
+    allocator hands back), so an element the kernel never wrote fails the check. Where a slab schedule runs a
+    direction it must equal the per-tile kernel bit for bit (elsewhere that direction falls back to Triton)."""
     from pgolf_kernels._extension import extension_available, require_extension
 
     if not extension_available():
@@ -272,7 +273,7 @@ def test_gpu_sm90_prologue_matches_triton_prologue_and_reference(n, k, monkeypat
         monkeypatch.setattr(L, "PROLOGUE_BACKEND", "auto")
         assert L._sm90_kernel(x, w, trans_w=False) is not None and L._sm90_kernel(gy, w, trans_w=True) is not None
         outs = {}
-        for backend in ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "triton"):
+        for backend in L.PROLOGUE_BACKENDS:
             monkeypatch.setattr(L, "PROLOGUE_BACKEND", backend)
             torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)  # freed at once: poisons y
             y = L._prologue_forward(x, w, aux, bias, 6)
@@ -286,9 +287,11 @@ def test_gpu_sm90_prologue_matches_triton_prologue_and_reference(n, k, monkeypat
             assert _rel(y, y_ref) < 1e-2 and _rel(dx, dx_ref) < 1e-2, (backend, m)
         # and the backends agree with each other; the sm_90a schedules sum the same products in the same order
         assert _rel(outs["auto"][0], outs["triton"][0]) < 1e-2 and _rel(outs["auto"][1], outs["triton"][1]) < 1e-2
-        for backend in ("sm90_slab", "sm90_pair"):
-            assert torch.equal(outs[backend][0], outs["sm90_tile"][0]), (backend, m)
-            assert torch.equal(outs[backend][1], outs["sm90_tile"][1]), (backend, m)
+        for backend in ("sm90_slab", "sm90_pair", "sm90_slab_ss", "sm90_pair_ss"):
+            schedule = L._SM90_SCHEDULE[backend]
+            for i, (b, trans) in enumerate(((x, False), (gy, True))):
+                if ext.qat_linear_sm90_schedule(b, w, trans, schedule) == schedule:
+                    assert torch.equal(outs[backend][i], outs["sm90_tile"][i]), (backend, m, trans)
 
 
 @gpu
@@ -303,7 +306,9 @@ def test_gpu_sm90_prologue_propagates_nan_and_refuses_bad_operands():
     w[7, 3] = float("nan")
     aux = L.row_scales(w, 6)
     x = torch.randn(300, 512, device="cuda").bfloat16()
-    for schedule in (1, 2, 3):  # per-tile (a NaN code), slab and slab pairs (a flagged row: codes are bytes there)
+    # per-tile (a NaN code), the slab schedules (a flagged row: codes are bytes there, and the SS forms' slab rows
+    # are flagged the same way)
+    for schedule in (1, 2, 3, 4, 5):
         y = ext.qat_linear_sm90(x, w, aux, None, False, schedule)
         assert torch.isnan(y[:, 7]).all() and not torch.isnan(y[:, 8]).any()
         dx = ext.qat_linear_sm90(x, w, aux, None, True, schedule)
