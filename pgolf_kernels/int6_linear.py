@@ -17,9 +17,9 @@ Two implementations, picked with ``impl=`` (default ``DEFAULT_IMPL``):
   written. dW = dYᵀX goes to cuBLAS. On an H100/H200 the two matmuls are the CUDA extension's sm_90a kernels
   (csrc/qat_linear_sm90.cu: TMA loads, warp-specialised wgmma whose register A operand is the quantised W tile)
   wherever they apply (bf16 X, fp32 W, reduction % 64 == 0, output width % 128 == 0); elsewhere, and with
-  ``PROLOGUE_BACKEND = "triton"``, Triton kernels. ``PROLOGUE_BACKEND = "sm90_slab"`` (or ``"sm90_pair"``) asks
-  for the opt-in slab schedule of the same file, which quantises each 64-row slab of W once per CTA instead of
-  once per 256-token tile (slower so far; see the PROLOGUE_BACKENDS comment).
+  ``PROLOGUE_BACKEND = "triton"``, Triton kernels. ``PROLOGUE_BACKEND = "sm90_slab"`` (or ``"sm90_pair"``,
+  ``"sm90_slab_ss"``, ``"sm90_pair_ss"``) asks for an opt-in slab schedule of the same file, which quantises each
+  slab of W once per CTA instead of once per 256-token tile (see the PROLOGUE_BACKENDS comment).
 * ``"quant_cublas"`` — one Triton pass writes Q(W) in X's dtype (the same bytes the plain path's
   ``W.to(bf16)`` cast writes every step), then cuBLAS does all three matmuls.
 

@@ -7,6 +7,8 @@ rounding ties. The matmuls' rounding is checked with tolerances: fp32 (interpret
 1e-2 of the norm against a float64 product of the same operands.
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,6 +249,28 @@ def test_gpu_torch_compile_inductor(impl):
 def _on_hopper():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
+
+
+def test_prologue_backends_name_the_sm90_schedules():
+    """Every PROLOGUE_BACKEND but "triton" names an sm_90a schedule (0 = the default, 1..5 as in
+    csrc/qat_linear_sm90.cu's qat_linear_sm90_schedule), each once, and the bench's rows ask only for known ones;
+    an unknown backend is refused by name."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import bench_int6_linear as B
+
+    assert set(L._SM90_SCHEDULE) == set(L.PROLOGUE_BACKENDS) - {"triton"}
+    assert sorted(L._SM90_SCHEDULE.values()) == [0, 1, 2, 3, 4, 5]
+    assert set(B.PROLOGUE_BACKEND_OF.values()) <= set(L.PROLOGUE_BACKENDS)
+    assert set(B.SM90_SCHEDULE_NAMES) == {1, 2, 3, 4, 5}
+    x, w = torch.randn(4, 64).bfloat16(), torch.randn(128, 64)
+    try:
+        L.PROLOGUE_BACKEND = "sm90_slab_ss"
+        assert L._sm90_kernel(x, w, trans_w=False) is None  # CPU operands: never the CUDA kernels
+        L.PROLOGUE_BACKEND = "sm90_bogus"
+        with pytest.raises(ValueError, match="PROLOGUE_BACKEND must be one of"):
+            L._sm90_kernel(x, w, trans_w=False)
+    finally:
+        L.PROLOGUE_BACKEND = "auto"
 
 @gpu
 @pytest.mark.skipif(not _on_hopper(), reason="the sm_90a prologue kernels need an H100/H200")
