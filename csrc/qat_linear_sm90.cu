@@ -323,12 +323,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 // fragment holds bf16(code · s[r]), Q(W) rounded once, with s of the whole reduction in shared memory.
 // A NaN code (a NaN or infinite weight) cannot live in a byte: the slab fill flags its a-row and the epilogue adds
 // NaN to that output column, as the per-tile kernel's NaN code would have made it.
-// The SS form (schedules 4 and 5, SlabForm<true>) keeps the slab as bf16 A values instead of code bytes, in wgmma's
-// K-major layout with the 128-byte swizzle (per 64 of the reduction a block of 128 rows x 128 bytes), and the mainloop reads A
-// straight from shared memory (SS wgmma): no per-step conversion. The slab is then 128 a-rows, so that each B tile
-// (128 tokens) serves 128 a-rows as in the per-tile kernel, and a warpgroup's unit is 128 a-rows x 128 tokens (two
-// m64n128 wgmmas per k16 step). 128 x R x 2 bytes: reductions up to 512 fit. Forward values are the integer codes
-// (s[a] in the epilogue), dX's bf16(code · s[r]).
+// The SS form (schedules 4 and 5, SlabForm<true>) keeps the slab as bf16 A values instead of code bytes, in
+// wgmma's K-major layout with the 128-byte swizzle (per 64 of the reduction a block of 128 rows x 128 bytes), and the
+// mainloop reads A straight from shared memory (SS wgmma): no per-step conversion. The slab is then 128 a-rows, so
+// that each B tile (128 tokens) serves 128 a-rows as in the per-tile kernel, and a warpgroup's unit is 128 a-rows x
+// 128 tokens (two m64n128 wgmmas per k16 step). 128 x R x 2 bytes: reductions up to 512 fit. Forward values are the
+// integer codes (s[a] in the epilogue), dX's bf16(code · s[r]).
 // Measured so far (H100, bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-9e63155-ss.txt): the first form,
 // a 64-row bf16 slab with the RS loop's 256-token units, was bit-identical to the per-tile kernel and faster than
 // the byte slab (512->1536 forward: pair 0.220 ms, per-tile 0.251, cuBLAS 0.181), and without B loads its
@@ -377,8 +377,8 @@ struct SlabLayout {
   int smem = 0;
 };
 
-// Shared memory: [stages x B tile][2 x epi_bufs epilogue buffers][slab codes 64 x R bytes][dX: s, R floats]
-// [64 NaN flags][barriers]
+// Shared memory: [stages x B tile][2 x epi_bufs epilogue buffers][slab: kRows x R codes, 1 or 2 bytes each]
+// [dX: s, R floats][kRows NaN flags][barriers]
 template <bool SS>
 int slab_fixed_bytes(int reduction, bool trans_w, int epi_bufs) {
   using F = SlabForm<SS>;
@@ -836,7 +836,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           load_a(a_frag[b], step + b);
           issue(a_frag[b], step + b);
           if (step + b >= kSlabABufs - 1) {
-            // retires step `done`, whose registers (kept live by fence_operands until here) take step done + kSlabABufs
+            // retires step `done`, whose registers (kept live by fence_operands until here) take step
+            // done + kSlabABufs
             wgmma_wait<kSlabABufs - 1>();
             fence_operands(a_frag[(b + 1) % kSlabABufs]);
             const int done = step + b - (kSlabABufs - 1);
