@@ -82,6 +82,8 @@ def prologue_config(x, w, gy) -> str:
             launch, meta = (L._dx_launch, L._DX_META) if trans else (L._fwd_launch, L._FWD_META)
             parts.append(f"{what} Triton {getattr(launch, 'best_config', meta)}")
     return " | ".join(parts)
+
+
 QAT_IMPLS = ("fused_prologue", *PROLOGUE_BACKEND_OF, "fused_quant_cublas")
 
 

@@ -250,7 +250,6 @@ def _on_hopper():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-
 def test_prologue_backends_name_the_sm90_schedules():
     """Every PROLOGUE_BACKEND but "triton" names an sm_90a schedule (0 = the default, 1..5 as in
     csrc/qat_linear_sm90.cu's qat_linear_sm90_schedule), each once, and the bench's rows ask only for known ones;
@@ -271,6 +270,7 @@ def test_prologue_backends_name_the_sm90_schedules():
             L._sm90_kernel(x, w, trans_w=False)
     finally:
         L.PROLOGUE_BACKEND = "auto"
+
 
 @gpu
 @pytest.mark.skipif(not _on_hopper(), reason="the sm_90a prologue kernels need an H100/H200")
