@@ -452,6 +452,23 @@ def test_int8_zlib_bytes_within_half_percent_of_official(tmp_path):
     assert 0.98 < ratio <= 1.005
 
 
+def test_missing_compressor_package(monkeypatch):
+    """missing_compressor_package names the package a scheme's compressor needs only when it is absent."""
+    import importlib.util
+
+    from pgolf_kernels import export
+
+    assert export.missing_compressor_package("int8+zlib") is None
+    real_find_spec = importlib.util.find_spec
+    for scheme, package in (("int6+zstd", "zstandard"), ("int5+brotli", "brotli")):
+        assert export.missing_compressor_package(scheme) is None  # both are installed where the tests run
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, p=package: None if name == p else real_find_spec(name, *a))
+        assert export.missing_compressor_package(scheme) == package
+        monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    with pytest.raises(ValueError, match="unknown scheme"):
+        export.missing_compressor_package("int6+gzip")
+
+
 def main():
     import time
 
@@ -477,19 +494,3 @@ def main():
 if __name__ == "__main__":
     main()
 
-
-def test_missing_compressor_package(monkeypatch):
-    """missing_compressor_package names the package a scheme's compressor needs only when it is absent."""
-    import importlib.util
-
-    from pgolf_kernels import export
-
-    assert export.missing_compressor_package("int8+zlib") is None
-    real_find_spec = importlib.util.find_spec
-    for scheme, package in (("int6+zstd", "zstandard"), ("int5+brotli", "brotli")):
-        assert export.missing_compressor_package(scheme) is None  # both are installed where the tests run
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, p=package: None if name == p else real_find_spec(name, *a))
-        assert export.missing_compressor_package(scheme) == package
-        monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
-    with pytest.raises(ValueError, match="unknown scheme"):
-        export.missing_compressor_package("int6+gzip")
