@@ -333,7 +333,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // a 64-row bf16 slab with the RS loop's 256-token units, was bit-identical to the per-tile kernel and faster than
 // the byte slab (512->1536 forward: pair 0.220 ms, per-tile 0.251, cuBLAS 0.181), and without B loads its
 // consumers beat cuBLAS (0.171 vs 0.183): its remaining cost was B traffic, one B read per 64 a-rows. The 128-row
-// form here halves that; it compiles without spills but has not run on a GPU yet.
+// form here halves that: 512->1536 forward 0.202-0.213 ms against cuBLAS's 0.173-0.184 and the per-tile kernel's
+// 0.258-0.261, bit-identical to it (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-9034bbb-ss128.txt).
 constexpr int kSlabEpiT = 64;                             // tokens per epilogue store
 constexpr int kSlabEpiA = 64;                             // a-rows per epilogue store
 constexpr int kSlabEpiBytes = kSlabEpiT * kSlabEpiA * 2;  // one epilogue buffer (a warpgroup has one or two)
@@ -366,10 +367,14 @@ constexpr int kSlabABufs = QAT_SLAB_A_BUFS;
 static_assert(kSlabABufs >= 2 && kSlabStepsPerStage % kSlabABufs == 0,
               "QAT_SLAB_A_BUFS: 2 or 4 (it divides the k16 steps per stage)");
 constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared memory per block
-// The per-tile kernel stays the default: on an H100 the slab kernels are bit-identical to it but mostly slower at
-// 65,536 tokens (the faster of slab and pair 0.95-1.55x its time; bench/results/qat_sm90_schedules-*-f7aa977.txt),
-// and without any B loads (QAT_SLAB_PROBE_NO_LOAD) their consumers alone take longer than cuBLAS.
+// The default (schedule 0): the SS slab (4) where it applies and the output is at least 512 wide, else the per-tile
+// kernel (1). On an H100 at 65,536 tokens the SS slab took 1.11-1.20x cuBLAS's time where it applies at 512 or more
+// a-rows, against 1.39-1.70x for the per-tile kernel, and its 2-CTA pairs (5) were no faster; at 256 a-rows (the K/V
+// forward) only 2 slabs share the GPU and the per-tile kernel was faster (0.050 vs 0.064 ms). The byte slab (2, 3)
+// was slower than the per-tile kernel almost everywhere (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-
+// 9034bbb-ss128.txt; the same file's f7aa977 run for the byte slab).
 constexpr int kDefaultSchedule = 1;
+constexpr int kDefaultSsMinRows = 512;
 
 struct SlabLayout {
   int stages = 0;
@@ -931,7 +936,7 @@ int pair_cluster_count(int device, bool trans_w, bool ss, int smem) {
 
 // Which schedule runs these operands: 1 the per-tile kernel, 2 the slab kernel, 3 the slab kernel in 2-CTA clusters
 // sharing B, 4 and 5 the same two with the SS slab form (bf16 slab, 128 a-rows), 0 none. `schedule` asks for one
-// (1 to 5) or, 0, the default (kDefaultSchedule).
+// (1 to 5) or, 0, the default (see kDefaultSchedule).
 int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool trans_w, int64_t schedule) {
   if (!b.is_cuda() || !w.is_cuda() || b.scalar_type() != at::kBFloat16 || w.scalar_type() != at::kFloat) return 0;
   if (b.dim() != 2 || w.dim() != 2 || b.stride(1) != 1 || !w.is_contiguous() || b.device() != w.device()) return 0;
@@ -951,6 +956,7 @@ int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool tran
                       ss_ok && a_extent % (2 * ss_rows) == 0};
   if (schedule >= 1 && schedule <= 5) return ok[schedule] ? static_cast<int>(schedule) : 0;
   if (schedule != 0) return 0;
+  if (ok[4] && a_extent >= kDefaultSsMinRows) return 4;
   return ok[kDefaultSchedule] ? kDefaultSchedule : 0;
 }
 
