@@ -368,11 +368,12 @@ static_assert(kSlabABufs >= 2 && kSlabStepsPerStage % kSlabABufs == 0,
               "QAT_SLAB_A_BUFS: 2 or 4 (it divides the k16 steps per stage)");
 constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared memory per block
 // The default (schedule 0): the SS slab (4) where it applies and the output is at least 512 wide, else the per-tile
-// kernel (1). On an H100 at 65,536 tokens the SS slab took 1.11-1.20x cuBLAS's time where it applies at 512 or more
-// a-rows, against 1.39-1.70x for the per-tile kernel, and its 2-CTA pairs (5) were no faster; at 256 a-rows (the K/V
-// forward) only 2 slabs share the GPU and the per-tile kernel was faster (0.050 vs 0.064 ms). The byte slab (2, 3)
-// was slower than the per-tile kernel almost everywhere (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-
-// 9034bbb-ss128.txt; the same file's f7aa977 run for the byte slab).
+// kernel (1). On an H100 at 65,536 tokens, where it applies at 512 or more a-rows, the SS slab took 1.12-1.45x
+// cuBLAS's time (1.12-1.19x on the 1536-wide MLP's forward and dX) against 1.34-1.73x for the per-tile kernel in the
+// same directions, and its 2-CTA pairs (5) were no faster; at 256 a-rows (the K/V forward) only 2 slabs share the
+// GPU and the per-tile kernel was faster (1.25x vs 1.58x). The byte slab (2, 3) was slower than the per-tile kernel
+// almost everywhere (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-9034bbb-ss128.txt, two builds, and
+// -f7aa977.txt before the SS form).
 constexpr int kDefaultSchedule = 1;
 constexpr int kDefaultSsMinRows = 512;
 

@@ -17,9 +17,11 @@ Two implementations, picked with ``impl=`` (default ``DEFAULT_IMPL``):
   written. dW = dYᵀX goes to cuBLAS. On an H100/H200 the two matmuls are the CUDA extension's sm_90a kernels
   (csrc/qat_linear_sm90.cu: TMA loads, warp-specialised wgmma whose register A operand is the quantised W tile)
   wherever they apply (bf16 X, fp32 W, reduction % 64 == 0, output width % 128 == 0); elsewhere, and with
-  ``PROLOGUE_BACKEND = "triton"``, Triton kernels. ``PROLOGUE_BACKEND = "sm90_slab"`` (or ``"sm90_pair"``,
-  ``"sm90_slab_ss"``, ``"sm90_pair_ss"``) asks for an opt-in slab schedule of the same file, which quantises each
-  slab of W once per CTA instead of once per 256-token tile (see the PROLOGUE_BACKENDS comment).
+  ``PROLOGUE_BACKEND = "triton"``, Triton kernels. The default schedule quantises each 128-row slab of W once per
+  CTA into shared memory as bf16 where the reduction is at most 512 and that side of W at least 512 wide, and W's
+  tile again for every 256-token tile elsewhere; ``PROLOGUE_BACKEND = "sm90_tile"`` (or ``"sm90_slab"``,
+  ``"sm90_pair"``, ``"sm90_slab_ss"``, ``"sm90_pair_ss"``) asks for one schedule (see the PROLOGUE_BACKENDS
+  comment).
 * ``"quant_cublas"`` — one Triton pass writes Q(W) in X's dtype (the same bytes the plain path's
   ``W.to(bf16)`` cast writes every step), then cuBLAS does all three matmuls.
 
@@ -67,14 +69,16 @@ DEFAULT_IMPL = "quant_cublas"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # "auto": the prologue matmuls run on the CUDA extension's sm_90a kernels with its default schedule where it applies
 # (an H100/H200, bf16 activations, fp32 W, reduction % 64 == 0, output width % 128 == 0) and on Triton elsewhere.
+# The default schedule is "sm90_slab_ss" where it applies and W's output side is at least 512 wide, else "sm90_tile"
+# (csrc/qat_linear_sm90.cu, kDefaultSchedule, says why).
 # "sm90_tile", "sm90_slab", "sm90_pair" ask for one sm_90a schedule of csrc/qat_linear_sm90.cu, again with Triton
-# where it does not apply: W quantised again for every 256-token tile (the default; output width % 128 == 0); W
+# where it does not apply: W quantised again for every 256-token tile (output width % 128 == 0); W
 # quantised once per CTA and 64-row slab (output width % 64 == 0, reduction <= 2048 or so: the slab's codes must
 # fit in shared memory beside two stages); the slab kernel in 2-CTA clusters that share the activation tiles (output
 # width % 128 == 0). "sm90_slab_ss" and "sm90_pair_ss" are the two slab schedules with the slab kept as bf16 values
 # of 128 rows that the tensor cores read from shared memory (output width % 128 resp. % 256 == 0, reduction <= 512).
-# The slab schedules are opt-in: on an H100 they are mostly slower than the per-tile one
-# (bench/results/qat_sm90_schedules-*). "triton" always uses Triton.
+# The byte slab schedules (and the SS pairs) are opt-in: on an H100 they were slower than the per-tile kernel resp.
+# the SS slab (bench/results/qat_sm90_schedules-*). "triton" always uses Triton.
 # PGOLF_QLINEAR_PROLOGUE sets the start value.
 PROLOGUE_BACKENDS = ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "sm90_slab_ss", "sm90_pair_ss", "triton")
 _SM90_SCHEDULE = {"auto": 0, "sm90_tile": 1, "sm90_slab": 2, "sm90_pair": 3, "sm90_slab_ss": 4, "sm90_pair_ss": 5}
