@@ -1017,8 +1017,16 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
     const int64_t units = (a_extent / (slab_rows * cluster)) * ((tokens + slab_t - 1) / slab_t);
     const SlabKernel kernel = slab_kernel(trans_w, cluster, ss);
     if (cluster == 1) {
-      const int grid = static_cast<int>(std::min<int64_t>(units, info.sms));
-      kernel<<<grid, kThreads, layout.smem, stream>>>(map_b_slab, map_out, args);
+      int64_t grid = std::min<int64_t>(units, info.sms);
+#ifdef QAT_SLAB_ALIGN_GRID
+      // probe build: as many CTAs per slab for every slab (a few SMs idle where the slabs do not divide their count),
+      // so that no CTA fills two slabs and the CTAs of all slabs read the same activation tiles at about the same
+      // time (L2 hits). The default grid has that only where the slab count divides the SM count (132 = 12 x 11 =
+      // 4 x 33 on an H100, not 16 x 8.25 for the 2048-wide MLP, whose SS slab was the slowest against cuBLAS).
+      const int64_t slabs = a_extent / slab_rows;
+      if (slabs <= info.sms) grid = std::min<int64_t>(units, slabs * (info.sms / slabs));
+#endif
+      kernel<<<static_cast<unsigned>(grid), kThreads, layout.smem, stream>>>(map_b_slab, map_out, args);
     } else {
       const int max_clusters = pair_cluster_count(b.get_device(), trans_w, ss, layout.smem);
       cudaLaunchAttribute attr;
