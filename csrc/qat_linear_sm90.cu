@@ -397,8 +397,14 @@ SlabLayout slab_layout(int64_t reduction, bool trans_w) {
   constexpr int kStageBytes = SlabForm<SS>::kStageBytes;
   SlabLayout l;
   if (reduction <= 0 || reduction % kTileR != 0 || reduction > 4096) return l;
-  // two epilogue buffers where at least three 64-wide stages still fit beside them, else one; at least two stages
-  for (int bufs = 2; bufs >= 1; --bufs) {
+  // two epilogue buffers where at least three 64-wide stages still fit beside them, else one; at least two stages.
+  // (A/B builds, PGOLF_NVCC_FLAGS=-DQAT_SLAB_MAX_EPI_BUFS=1: always one, for one more stage; at reduction 512 the SS
+  // form has 3 (dX) or 4 (forward) 16 KB stages beside two.)
+#ifndef QAT_SLAB_MAX_EPI_BUFS
+#define QAT_SLAB_MAX_EPI_BUFS 2
+#endif
+  static_assert(QAT_SLAB_MAX_EPI_BUFS == 1 || QAT_SLAB_MAX_EPI_BUFS == 2, "QAT_SLAB_MAX_EPI_BUFS: 1 or 2");
+  for (int bufs = QAT_SLAB_MAX_EPI_BUFS; bufs >= 1; --bufs) {
     const int fixed = 1024 + slab_fixed_bytes<SS>(static_cast<int>(reduction), trans_w, bufs) + 2 * kSlabMaxStages * 8;
     const int stages = std::min(kSlabMaxStages, (kSmemOptin - fixed) / kStageBytes);
     if (stages * kSlabStageR >= (bufs == 2 ? 3 : 2) * 64) {
