@@ -18,8 +18,8 @@ Two implementations, picked with ``impl=`` (default ``DEFAULT_IMPL``):
   (csrc/qat_linear_sm90.cu: TMA loads, warp-specialised wgmma whose register A operand is the quantised W tile)
   wherever they apply (bf16 X, fp32 W, reduction % 64 == 0, output width % 128 == 0); elsewhere, and with
   ``PROLOGUE_BACKEND = "triton"``, Triton kernels. The default schedule quantises each 128-row slab of W once per
-  CTA into shared memory as bf16 where the reduction is at most 512 and that side of W at least 512 wide, and W's
-  tile again for every 256-token tile elsewhere; ``PROLOGUE_BACKEND = "sm90_tile"`` (or ``"sm90_slab"``,
+  CTA into shared memory as bf16 where the matmul's reduction is at most 512 and its output at least 512 wide, and
+  W's tile again for every 256-token tile elsewhere; ``PROLOGUE_BACKEND = "sm90_tile"`` (or ``"sm90_slab"``,
   ``"sm90_pair"``, ``"sm90_slab_ss"``, ``"sm90_pair_ss"``) asks for one schedule (see the PROLOGUE_BACKENDS
   comment).
 * ``"quant_cublas"`` — one Triton pass writes Q(W) in X's dtype (the same bytes the plain path's
@@ -69,7 +69,7 @@ DEFAULT_IMPL = "quant_cublas"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # "auto": the prologue matmuls run on the CUDA extension's sm_90a kernels with its default schedule where it applies
 # (an H100/H200, bf16 activations, fp32 W, reduction % 64 == 0, output width % 128 == 0) and on Triton elsewhere.
-# The default schedule is "sm90_slab_ss" where it applies and W's output side is at least 512 wide, else "sm90_tile"
+# The default schedule is "sm90_slab_ss" where it applies and the output is at least 512 wide, else "sm90_tile"
 # (csrc/qat_linear_sm90.cu, kDefaultSchedule, says why).
 # "sm90_tile", "sm90_slab", "sm90_pair" ask for one sm_90a schedule of csrc/qat_linear_sm90.cu, again with Triton
 # where it does not apply: W quantised again for every 256-token tile (output width % 128 == 0); W
