@@ -30,7 +30,9 @@ GPU time from CUDA-graph replays): "quant_cublas" costs 0.96–1.03× the plain 
 shape (512→1536 1.016, 1536→512 0.960, 512→2048 1.005, 2048→512 1.008, 512→512 1.024, 512→256 0.997), because
 its one quantising pass replaces the cast pass the plain linear makes anyway; "prologue" costs 1.16–1.44× with
 the sm_90a kernels and 1.61–1.85× with the Triton ones: the prologue redoes the quantisation (about ten fp32
-operations per weight, for the exact division) for every 256-token tile, and reads W as fp32. So
+operations per weight, for the exact division) for every 256-token tile, and reads W as fp32. With the 128-row
+bf16 slab as the default schedule where it applies (quantised once per CTA), one later H100 run gave 1.15–1.36×
+(bench/results/int6_linear-h100-80gb-hbm3-2026-12-07-2459dcb.*; quant_cublas 1.00–1.07× there). So
 "quant_cublas" is the default: it writes one bf16 Q(W) per step, the same bytes and memory the plain path's bf16
 cast writes, and no other copy. Called eagerly from Python, the op's Python and launch overhead can exceed its
 GPU time at the small shapes; inside a compiled model or a CUDA graph it runs ahead of the GPU.
