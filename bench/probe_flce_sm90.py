@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pgolf_kernels import fused_ce as flce_mod  # noqa: E402
+from results_io import join_option_values  # noqa: E402
 
 
 def load_ops(nvcc_flags: str = ""):
@@ -148,7 +149,7 @@ def main():
     ap.add_argument("--pytest", default=None, help="run tests/test_fused_linear_cross_entropy.py in this process with "
                     "this build as pgolf_kernels._C, pytest's -k expression given here (e.g. 'sm90 or cpp_host')")
     ap.add_argument("--bench", nargs=argparse.REMAINDER, help="the rest goes to bench_fused_ce.py")
-    args = ap.parse_args()
+    args = ap.parse_args(join_option_values(sys.argv[1:], ("--nvcc-flags",)))
     ext, how = load_ops(args.nvcc_flags)
     print(f"extension: {how}", flush=True)
     if args.build_only:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from pgolf_kernels import int6_linear as L  # noqa: E402
 from pgolf_kernels import quant  # noqa: E402
 from bench_int6_linear import rel_fro as rel  # noqa: E402
-from results_io import capture_cuda_graph  # noqa: E402
+from results_io import capture_cuda_graph, join_option_values  # noqa: E402
 
 SHAPES = [(1536, 512), (512, 1536), (2048, 512), (512, 2048), (512, 512), (256, 512)]  # W [out, in]
 SCHEDULES = {1: "tile", 2: "slab", 3: "pair", 4: "slab_ss", 5: "pair_ss"}
@@ -164,7 +164,7 @@ def main():
                     help="';'-separated flag sets: build them all at once, then check and time each in turn "
                     "(probe builds, -DQAT_SLAB_PROBE_*, give wrong results by design: timed only)")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(join_option_values(sys.argv[1:], ("--variants", "--nvcc-flags")))
     if args.build_only:
         load_ops(args.nvcc_flags)
         return

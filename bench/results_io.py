@@ -131,6 +131,17 @@ _CUTLASS_TAGS = ("Sm90SplitTreeVisitor", "NormBwd", "DpScaled", "DpTimesP", "OfS
                  "Square", "SecondOf", "ThirdOf", "CapG", "Same", "multiplies")
 
 
+def join_option_values(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv with each of `options` and the value after it joined as "option=value". argparse reads a separate value
+    that starts with "-" as another option ("--nvcc-flags -DX" fails; "--nvcc-flags=-DX" is read), and nvcc flags
+    always start with one."""
+    out, rest = [], list(argv)
+    while rest:
+        a = rest.pop(0)
+        out.append(f"{a}={rest.pop(0)}" if a in options and rest else a)
+    return out
+
+
 def kernel_label(name: str, width: int = 120) -> str:
     """A profiler kernel name cut to width; a CUTLASS kernel of the block keeps its epilogue's functor names instead,
     e.g. 'cutlass::device_kernel[NormBwd]' (the mangled names differ only deep inside)."""

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from results_io import kernel_label, peak_extra_mib, source_digest, write_results  # noqa: E402
+from results_io import join_option_values, kernel_label, peak_extra_mib, source_digest, write_results  # noqa: E402
 
 
 def test_peak_extra_mib_is_the_peak_of_one_call_above_the_base(monkeypatch):
@@ -72,6 +72,25 @@ def test_write_results_command_names_the_pgolf_settings(tmp_path, monkeypatch):
     cmd = json.loads(path.read_text())["command"]
     assert cmd.startswith("PGOLF_BLOCK_TILES='{\"attn_epi\": {\"num_warps\": 4}}' ")
     assert cmd.endswith("bench/bench_block.py --impls fused") and "PGOLF_COMMIT" not in cmd
+
+
+def test_join_option_values_lets_argparse_take_nvcc_flags():
+    """The probes' "--variants -DX" (a value starting with '-') reaches argparse as "--variants=-DX"; other
+    arguments, an option already given as option=value, and a trailing option without a value are left alone."""
+    import argparse
+
+    argv = ["--variants", "-DNDEBUG;-DQAT_SLAB_ALIGN_GRID", "--tokens", "5", "--nvcc-flags=-DA", "--no-check"]
+    joined = join_option_values(argv, ("--variants", "--nvcc-flags"))
+    assert joined == ["--variants=-DNDEBUG;-DQAT_SLAB_ALIGN_GRID", "--tokens", "5", "--nvcc-flags=-DA", "--no-check"]
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants")
+    ap.add_argument("--tokens", type=int)
+    ap.add_argument("--nvcc-flags")
+    ap.add_argument("--no-check", action="store_true")
+    args = ap.parse_args(joined)
+    assert (args.variants, args.tokens, args.nvcc_flags, args.no_check) == \
+        ("-DNDEBUG;-DQAT_SLAB_ALIGN_GRID", 5, "-DA", True)
+    assert join_option_values(["--tokens", "--variants"], ("--variants",)) == ["--tokens", "--variants"]
 
 
 def test_kernel_label_tells_cutlass_kernels_apart_by_their_epilogue():
