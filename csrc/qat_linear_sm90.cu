@@ -109,6 +109,15 @@ struct GemmArgs {
   int reduction;      // B's columns
 };
 
+// A ring of S stages (producers and consumers of every kernel here): on to the next stage, index st, whose mbarrier
+// parity ph flips each time the ring wraps.
+__device__ __forceinline__ void ring_advance(int& st, uint32_t& ph, int S) {
+  if (++st == S) {
+    st = 0;
+    ph ^= 1;
+  }
+}
+
 template <bool TRANS_W>
 __global__ void __launch_bounds__(kThreads, 1)
     qat_gemm_kernel(const __grid_constant__ CUtensorMap map_b, const __grid_constant__ CUtensorMap map_w,
@@ -162,10 +171,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int b = 0; b < 4; ++b) tma_load_2d(w + b * (kWBytes / 4), &map_w, &full[stage], a0 + 32 * b, r0);
           tma_load_2d(stage_scales + stage * kScaleBytes, &map_aux, &full[stage], r0, 0);
         }
-        if (++stage == kStages) {
-          stage = 0;
-          phase ^= 1;
-        }
+        ring_advance(stage, phase, kStages);
       }
     }
     return;
@@ -258,10 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait_all();
       fence_operands(acc);
       if (lane == 0) mbar_arrive(&empty[stage]);
-      if (++stage == kStages) {
-        stage = 0;
-        phase ^= 1;
-      }
+      ring_advance(stage, phase, kStages);
     }
 
     // Epilogue: (· s and + bias for the forward), bf16, transposed into [128 tokens x 64 a] (128-byte rows,
@@ -367,14 +370,13 @@ constexpr int kSlabABufs = QAT_SLAB_A_BUFS;
 static_assert(kSlabABufs >= 2 && kSlabStepsPerStage % kSlabABufs == 0,
               "QAT_SLAB_A_BUFS: 2 or 4 (it divides the k16 steps per stage)");
 constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared memory per block
-// The default (schedule 0): the SS slab (4) where it applies and the output is at least 512 wide, else the per-tile
-// kernel (1). On an H100 at 65,536 tokens, where it applies at 512 or more a-rows, the SS slab took 1.12-1.45x
-// cuBLAS's time (1.12-1.19x on the 1536-wide MLP's forward and dX) against 1.34-1.73x for the per-tile kernel in the
-// same directions, and its 2-CTA pairs (5) were no faster; at 256 a-rows (the K/V forward) only 2 slabs share the
-// GPU and the per-tile kernel was faster (1.25x vs 1.58x). The byte slab (2, 3) was slower than the per-tile kernel
-// almost everywhere (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-9034bbb-ss128.txt, two builds, and
-// -f7aa977.txt before the SS form).
-constexpr int kDefaultSchedule = 1;
+// The default (schedule 0): the SS slab (4) where it applies and the output is at least kDefaultSsMinRows wide, else
+// the per-tile kernel (1). On an H100 at 65,536 tokens, where it applies at 512 or more a-rows, the SS slab took
+// 1.12-1.45x cuBLAS's time (1.12-1.19x on the 1536-wide MLP's forward and dX) against 1.34-1.73x for the per-tile
+// kernel in the same directions, and its 2-CTA pairs (5) were no faster; at 256 a-rows (the K/V forward) only 2 slabs
+// share the GPU and the per-tile kernel was faster (1.25x vs 1.58x). The byte slab (2, 3) was slower than the per-tile
+// kernel almost everywhere (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-9034bbb-ss128.txt, two builds,
+// and -f7aa977.txt before the SS form).
 constexpr int kDefaultSsMinRows = 512;
 
 struct SlabLayout {
@@ -435,15 +437,6 @@ __device__ __forceinline__ int slab_offset(int a, int r) {
   const int w = a >> 4, g = a & 7, h = (a >> 3) & 1;
   const int kk = r >> 4, half = (r >> 3) & 1, q = (r & 7) >> 1;
   return ((((kk << 2) + w) * 32 + 4 * g + q) << 3) + 4 * half + 2 * h;
-}
-
-// The slab mainloops' ring of S B stages: on to the next stage (index st, mbarrier parity ph); prev takes the old one.
-__device__ __forceinline__ void ring_advance(int& st, int& prev, uint32_t& ph, int S) {
-  prev = st;
-  if (++st == S) {
-    st = 0;
-    ph ^= 1;
-  }
 }
 
 // Byte offset of bf16 A(a, r) in the SS form's slab: block r / 64, row a at 128 bytes, 16-byte chunk
@@ -623,10 +616,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             tma_load_2d(dst, &map_b, &full[stage], kr * kSlabStageR, t0);
           }
 #endif
-          if (++stage == S) {
-            stage = 0;
-            phase ^= 1;
-          }
+          ring_advance(stage, phase, S);
         }
       }
     }
@@ -780,7 +770,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_operands(acc0);
       fence_operands(acc1);
       for (int kr = 0; kr < num_r; ++kr) {
-        if (kr != 0) ring_advance(st, prev_st, ph, S);
+        if (kr != 0) {
+          prev_st = st;
+          ring_advance(st, ph, S);
+        }
         mbar_wait(&full[st], ph);
         const uint8_t* tile = stage_b + st * kSlabStageBytes;
         const uint64_t desc = kSlabStageR == 64 ? smem_desc_sw128(tile) : smem_desc_sw64(tile);
@@ -826,7 +819,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t a_frag[kSlabABufs][4];
       auto issue = [&](uint32_t (&a)[4], int step) {
         if (step % kSlabStepsPerStage == 0) {  // a new stage
-          if (step != 0) ring_advance(st, prev_st, ph, S);
+          if (step != 0) {
+            prev_st = st;
+            ring_advance(st, ph, S);
+          }
           mbar_wait(&full[st], ph);
         }
         const uint8_t* tile = stage_b + st * kSlabStageBytes;
@@ -943,7 +939,7 @@ int pair_cluster_count(int device, bool trans_w, bool ss, int smem) {
 
 // Which schedule runs these operands: 1 the per-tile kernel, 2 the slab kernel, 3 the slab kernel in 2-CTA clusters
 // sharing B, 4 and 5 the same two with the SS slab form (bf16 slab, 128 a-rows), 0 none. `schedule` asks for one
-// (1 to 5) or, 0, the default (see kDefaultSchedule).
+// (1 to 5) or, 0, the default (see kDefaultSsMinRows).
 int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool trans_w, int64_t schedule) {
   if (!b.is_cuda() || !w.is_cuda() || b.scalar_type() != at::kBFloat16 || w.scalar_type() != at::kFloat) return 0;
   if (b.dim() != 2 || w.dim() != 2 || b.stride(1) != 1 || !w.is_contiguous() || b.device() != w.device()) return 0;
@@ -964,7 +960,7 @@ int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool tran
   if (schedule >= 1 && schedule <= 5) return ok[schedule] ? static_cast<int>(schedule) : 0;
   if (schedule != 0) return 0;
   if (ok[4] && a_extent >= kDefaultSsMinRows) return 4;
-  return ok[kDefaultSchedule] ? kDefaultSchedule : 0;
+  return ok[1] ? 1 : 0;
 }
 
 // The pair schedule's resident cluster count for these operands (0: the pair schedule does not run them).

@@ -72,7 +72,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # "auto": the prologue matmuls run on the CUDA extension's sm_90a kernels with its default schedule where it applies
 # (an H100/H200, bf16 activations, fp32 W, reduction % 64 == 0, output width % 128 == 0) and on Triton elsewhere.
 # The default schedule is "sm90_slab_ss" where it applies and the output is at least 512 wide, else "sm90_tile"
-# (csrc/qat_linear_sm90.cu, kDefaultSchedule, says why).
+# (csrc/qat_linear_sm90.cu, kDefaultSsMinRows, says why).
 # "sm90_tile", "sm90_slab", "sm90_pair" ask for one sm_90a schedule of csrc/qat_linear_sm90.cu, again with Triton
 # where it does not apply: W quantised again for every 256-token tile (output width % 128 == 0); W
 # quantised once per CTA and 64-row slab (output width % 64 == 0, reduction <= 2048 or so: the slab's codes must
