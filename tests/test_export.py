@@ -493,4 +493,3 @@ def main():
 
 if __name__ == "__main__":
     main()
-

@@ -278,10 +278,10 @@ def test_prologue_backends_name_the_sm90_schedules():
 def test_gpu_sm90_prologue_matches_triton_prologue_and_reference(n, k, monkeypatch):
     """The CUDA sm_90a prologue matmuls (auto: the default schedule, the SS slab where it applies at 512 a-rows or
     more, else per-tile; sm90_tile: the per-tile schedule; sm90_slab, sm90_pair and their SS forms: the slab
-    schedules) against the Triton ones and a float64 product, at token counts
-    that are not multiples of the 256-token tile, with a bias; outputs start as NaN (a freed NaN block the caching
-    allocator hands back), so an element the kernel never wrote fails the check. Where a slab schedule runs a
-    direction it must equal the per-tile kernel bit for bit (elsewhere that direction falls back to Triton)."""
+    schedules) against the Triton ones and a float64 product, at token counts that are not multiples of the
+    256-token tile, with a bias; outputs start as NaN (a freed NaN block the caching allocator hands back), so an
+    element the kernel never wrote fails the check. Where a slab schedule (or auto) runs a direction it must equal
+    the per-tile kernel bit for bit (elsewhere that direction falls back to Triton)."""
     from pgolf_kernels._extension import extension_available, require_extension
 
     if not extension_available():
