@@ -15,9 +15,7 @@ Usage: python bench/probe_qat_sm90.py [--tokens 65536] [--no-check] [--nvcc-flag
        > bench/results/qat_sm90_schedules-<gpu>-<date>.txt
        python bench/probe_qat_sm90.py --variants="-DNDEBUG;-DQAT_SLAB_A_BUFS=4;-DQAT_SLAB_PROBE_NO_LOAD"
 (several builds at once, then each checked and timed in turn; QAT_SLAB_PROBE_NO_LOAD / NO_MMA / NO_EPI builds skip
-the B loads / the matmuls / the epilogue to time the rest alone, and are not checked; a QAT_SLAB_ALIGN_GRID build
-launches the unclustered slab schedules with the same number of CTAs for every slab, a QAT_SLAB_MAX_EPI_BUFS=1 build
-gives each consumer warpgroup one epilogue buffer and the slab schedules one more B stage; both are checked).
+the B loads / the matmuls / the epilogue to time the rest alone, and are not checked).
 """
 from __future__ import annotations
 

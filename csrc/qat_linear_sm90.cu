@@ -361,6 +361,12 @@ struct SlabForm {
   static constexpr int kT = SS ? 128 : kTileT;      // tokens per unit
   static constexpr int kABytes = SS ? 2 : 1;        // bytes per slab element
   static constexpr int kStageBytes = kT * kSlabStageR * 2;
+  // Epilogue buffers per consumer warpgroup, at most: two let a store overlap the next round's stmatrix; the SS form
+  // takes one and spends the 16 KB on one more B stage (at reduction 512: 5 stages forward, 4 dX, against 4 and 3),
+  // which took its dX 0.88-0.93x the time with two at 4 or more slabs (1.01x at 2) and its forward 0.98-1.00x on an
+  // H100; the byte slab's time did not move either way
+  // (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-9e1abb9-epi-align.txt).
+  static constexpr int kMaxEpiBufs = SS ? 1 : 2;
 };
 // A register sets of the slab mainloop (wgmmas in flight + 1); probe builds may set QAT_SLAB_A_BUFS=4.
 #ifndef QAT_SLAB_A_BUFS
@@ -399,14 +405,9 @@ SlabLayout slab_layout(int64_t reduction, bool trans_w) {
   constexpr int kStageBytes = SlabForm<SS>::kStageBytes;
   SlabLayout l;
   if (reduction <= 0 || reduction % kTileR != 0 || reduction > 4096) return l;
-  // two epilogue buffers where at least three 64-wide stages still fit beside them, else one; at least two stages.
-  // (A/B builds, PGOLF_NVCC_FLAGS=-DQAT_SLAB_MAX_EPI_BUFS=1: always one, for one more stage; at reduction 512 the SS
-  // form has 3 (dX) or 4 (forward) 16 KB stages beside two.)
-#ifndef QAT_SLAB_MAX_EPI_BUFS
-#define QAT_SLAB_MAX_EPI_BUFS 2
-#endif
-  static_assert(QAT_SLAB_MAX_EPI_BUFS == 1 || QAT_SLAB_MAX_EPI_BUFS == 2, "QAT_SLAB_MAX_EPI_BUFS: 1 or 2");
-  for (int bufs = QAT_SLAB_MAX_EPI_BUFS; bufs >= 1; --bufs) {
+  // kMaxEpiBufs epilogue buffers where at least three 64-wide stages still fit beside two (two beside one), else
+  // one; at least two stages.
+  for (int bufs = SlabForm<SS>::kMaxEpiBufs; bufs >= 1; --bufs) {
     const int fixed = 1024 + slab_fixed_bytes<SS>(static_cast<int>(reduction), trans_w, bufs) + 2 * kSlabMaxStages * 8;
     const int stages = std::min(kSlabMaxStages, (kSmemOptin - fixed) / kStageBytes);
     if (stages * kSlabStageR >= (bufs == 2 ? 3 : 2) * 64) {
@@ -1020,14 +1021,14 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
     const SlabKernel kernel = slab_kernel(trans_w, cluster, ss);
     if (cluster == 1) {
       int64_t grid = std::min<int64_t>(units, info.sms);
-#ifdef QAT_SLAB_ALIGN_GRID
-      // probe build: as many CTAs per slab for every slab (a few SMs idle where the slabs do not divide their count),
-      // so that no CTA fills two slabs and the CTAs of all slabs read the same activation tiles at about the same
-      // time (L2 hits). The default grid has that only where the slab count divides the SM count (132 = 12 x 11 =
-      // 4 x 33 on an H100, not 16 x 8.25 for the 2048-wide MLP, whose SS slab was the slowest against cuBLAS).
+      // As many CTAs for every slab (a few SMs idle where the slab count does not divide theirs), so that no CTA
+      // fills two slabs and the CTAs of all slabs read the same activation tiles at about the same time (L2 hits).
+      // Filling every SM instead took 1.14-1.23x this grid's time in the SS directions with 16 slabs (the 2048-wide
+      // MLP: 132 = 16 x 8.25) and 1.14-1.43x in the byte slab's with 8, 16 or 24; 12, 4 and 2 slabs (132 = 12 x 11
+      // = 4 x 33 = 2 x 66) launch the same grid either way
+      // (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-9e1abb9-epi-align.txt).
       const int64_t slabs = a_extent / slab_rows;
       if (slabs <= info.sms) grid = std::min<int64_t>(units, slabs * (info.sms / slabs));
-#endif
       kernel<<<static_cast<unsigned>(grid), kThreads, layout.smem, stream>>>(map_b_slab, map_out, args);
     } else {
       const int max_clusters = pair_cluster_count(b.get_device(), trans_w, ss, layout.smem);

@@ -79,9 +79,9 @@ def test_join_option_values_lets_argparse_take_nvcc_flags():
     arguments, an option already given as option=value, and a trailing option without a value are left alone."""
     import argparse
 
-    argv = ["--variants", "-DNDEBUG;-DQAT_SLAB_ALIGN_GRID", "--tokens", "5", "--nvcc-flags=-DA", "--no-check"]
+    argv = ["--variants", "-DNDEBUG;-DQAT_SLAB_A_BUFS=4", "--tokens", "5", "--nvcc-flags=-DA", "--no-check"]
     joined = join_option_values(argv, ("--variants", "--nvcc-flags"))
-    assert joined == ["--variants=-DNDEBUG;-DQAT_SLAB_ALIGN_GRID", "--tokens", "5", "--nvcc-flags=-DA", "--no-check"]
+    assert joined == ["--variants=-DNDEBUG;-DQAT_SLAB_A_BUFS=4", "--tokens", "5", "--nvcc-flags=-DA", "--no-check"]
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants")
     ap.add_argument("--tokens", type=int)
@@ -89,7 +89,7 @@ def test_join_option_values_lets_argparse_take_nvcc_flags():
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args(joined)
     assert (args.variants, args.tokens, args.nvcc_flags, args.no_check) == \
-        ("-DNDEBUG;-DQAT_SLAB_ALIGN_GRID", 5, "-DA", True)
+        ("-DNDEBUG;-DQAT_SLAB_A_BUFS=4", 5, "-DA", True)
     assert join_option_values(["--tokens", "--variants"], ("--variants",)) == ["--tokens", "--variants"]
 
 
