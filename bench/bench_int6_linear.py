@@ -16,8 +16,9 @@ Implementations (rows' `impl`), all with x bf16 [M, K] (requires grad), W fp32 m
   fused_quant_cublas  int6_fake_quant_linear(impl="quant_cublas"): one Triton pass Q(W) -> bf16, then cuBLAS
 Per case: `ms` = median of forward+backward (triton.testing.do_bench, return_mode="median"; x.grad and W.grad
 reset before each call), `fwd_ms` forward alone, `vs_plain` = ms / plain's ms in this run, `graph_ms` the same
-forward+backward replayed 20 times from one CUDA graph (median of 15 replays; GPU time without the Python and
-launch overhead), `graph_vs_plain` its ratio to plain's, `peak_mib` = peak
+forward+backward replayed 20 times from one CUDA graph (GPU time without the Python and launch overhead; median of
+15 rounds in which every impl's graph of the case is replayed once, in rotating order, so that a drift of the GPU's
+clock falls on all impls alike), `graph_vs_plain` its ratio to plain's, `peak_mib` = peak
 allocated above what was allocated before one forward+backward, `ok` = y, dX, dW within 1e-2 relative
 Frobenius error of a float64 product of the same operands (bf16 x, bf16-rounded Q(W) resp. W).
 
@@ -48,11 +49,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 import pgolf_kernels  # noqa: E402
 from pgolf_kernels import int6_linear as L  # noqa: E402
 from pgolf_kernels import quant, quant_cuda  # noqa: E402
-from results_io import capture_cuda_graph, peak_extra_mib, write_results  # noqa: E402
+from results_io import capture_cuda_graph, interleaved_graph_ms, peak_extra_mib, write_results  # noqa: E402
 
 BAR = 1.03  # the QAT linear must cost at most this multiple of plain at every shape
 DEFAULT_CASES = ["512x1536", "1536x512", "512x2048", "2048x512", "512x512", "512x256"]  # K x N (in -> out)
 REL_TOL = 1e-2
+GRAPH_INNER, GRAPH_ROUNDS = 20, 15  # forward+backward steps per CUDA graph; rounds of interleaved replays
 BASELINE_SHAPES = [(512, 512), (256, 512), (256, 512), (512, 512), (1024, 512), (512, 1024)] * 9 + [(1024, 512)]
 
 
@@ -134,30 +136,16 @@ def measure(name, fn, x, w, gy, bits, ref):
         fwd_ms = do_bench(fwd, warmup=25, rep=100, return_mode="median")
     ms = do_bench(step, warmup=25, rep=200, return_mode="median")
     try:
-        g_ms = graph_ms(step)
+        # timed later beside the case's other impls (interleaved_graph_ms): the GPU's time alone, without the
+        # Python and launch overhead that dominates the eager timing when the kernels are this short
+        graph = capture_cuda_graph(step, GRAPH_INNER)
     except Exception as exc:  # capture can fail for reasons unrelated to the op's speed: record and go on
-        print(f"  {name}: CUDA-graph timing failed: {type(exc).__name__}: {exc}", flush=True)
-        g_ms = None
+        print(f"  {name}: CUDA-graph capture failed: {type(exc).__name__}: {exc}", flush=True)
+        graph = None
     x.grad = None
     w.grad = None
-    return {"ms": ms, "fwd_ms": fwd_ms, "graph_ms": g_ms, "peak_mib": round(peak, 1), "ok": ok,
+    return {"ms": ms, "fwd_ms": fwd_ms, "graph": graph, "peak_mib": round(peak, 1), "ok": ok,
             "max_rel_err": max(errs)}
-
-
-def graph_ms(step, inner=20, reps=15):
-    """Median ms per step of `step` captured `inner` times in one CUDA graph: the GPU's time alone, without
-    the Python and launch overhead that dominates the eager timing when the kernels are this short."""
-    graph = capture_cuda_graph(step, inner)
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / inner)
-    del graph
-    return statistics.median(times)
 
 
 def bench_dw_layouts(cases, tokens):
@@ -195,31 +183,35 @@ def bench_linear(cases, tokens, bits, with_compile, rows, save, only=None):
         for quantised in (False, True):
             wb = (quant.fake_quant(w.detach(), bits) if quantised else w.detach()).bfloat16().double()
             refs[quantised] = (x64 @ wb.t(), g64 @ wb, g64.t() @ x64)
-        plain_ms = plain_graph = None
+        results, graphs = {}, {}
         for name, fn in impls.items():
             t0 = time.time()
             # the backward runs after fn returns, so the backend is set for the whole measurement
             L.PROLOGUE_BACKEND = PROLOGUE_BACKEND_OF.get(name, "auto")
             r = measure(name, fn, x, w, gy, bits, refs[name != "plain"])
-            config = prologue_config(x.detach(), w.detach(), gy) if name.startswith("fused_prologue") else None
+            r["config"] = prologue_config(x.detach(), w.detach(), gy) if name.startswith("fused_prologue") else None
             L.PROLOGUE_BACKEND = "auto"
-            if name == "plain":
-                plain_ms = r["ms"]
-            if name == "plain":
-                plain_graph = r["graph_ms"]
-            g = r["graph_ms"]
+            r["seconds"] = time.time() - t0
+            results[name] = r
+            if r["graph"] is not None:
+                graphs[name] = r.pop("graph")
+        graph_ms = interleaved_graph_ms(graphs, GRAPH_INNER, GRAPH_ROUNDS)
+        del graphs
+        plain_ms, plain_graph = results["plain"]["ms"], graph_ms.get("plain")
+        for name, r in results.items():
+            g = graph_ms.get(name)
             row = {"case": f"N{tokens}_{k}to{n}", "impl": name, "ms": round(r["ms"], 4),
                    "fwd_ms": round(r["fwd_ms"], 4), "vs_plain": round(r["ms"] / plain_ms, 3),
                    "graph_ms": None if g is None else round(g, 4),
                    "graph_vs_plain": None if (g is None or not plain_graph) else round(g / plain_graph, 3),
                    "peak_mib": r["peak_mib"], "tokens_per_s": round(tokens / (r["ms"] / 1e3)),
                    "ok": r["ok"], "max_rel_err": float(f"{r['max_rel_err']:.3g}")}
-            if config is not None and not L.INTERPRET:
-                row["config"] = config
+            if r["config"] is not None and not L.INTERPRET:
+                row["config"] = r["config"]
             rows.append(row)
             print(f"{row['case']:>18} {name:>19} {row['ms']:8.4f} ms (fwd {row['fwd_ms']:.4f})  "
                   f"x{row['vs_plain']:.3f} of plain  graph {row['graph_ms']} ms x{row['graph_vs_plain']}  peak {row['peak_mib']:7.1f} MiB  ok={row['ok']} "
-                  f"err={row['max_rel_err']:.2e}  [{time.time() - t0:.1f}s]", flush=True)
+                  f"err={row['max_rel_err']:.2e}  [{r['seconds']:.1f}s]", flush=True)
         del x, w, gy, x64, g64, refs
         gc.collect()
         torch.cuda.empty_cache()

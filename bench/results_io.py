@@ -114,6 +114,30 @@ def capture_cuda_graph(step, inner: int = 1):
     return graph
 
 
+def interleaved_graph_ms(graphs: dict, inner: int = 1, rounds: int = 15) -> dict:
+    """Median ms per captured call of each graph in `graphs` (name -> CUDA graph of `inner` calls), timed in
+    `rounds` rounds in which every graph is replayed once, in an order rotated by one each round: a drift of the
+    GPU's clock or temperature over the measurement then falls on every entry alike instead of on whichever was
+    timed last, so the ratios between entries are fair. One warm-up round first."""
+    import statistics
+
+    import torch
+
+    names = list(graphs)
+    times = {n: [] for n in names}
+    for r in range(rounds + 1):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graphs[name].replay()
+            b.record()
+            torch.cuda.synchronize()
+            if r:
+                times[name].append(a.elapsed_time(b) / inner)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def graph_replay_ms(step, warmup: int = 20, rep: int = 200) -> float:
     """Median ms (triton.testing.do_bench) of replaying one call of step captured in a CUDA graph: the GPU's time
     without the host's Python and launch overhead."""

@@ -9,7 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from results_io import join_option_values, kernel_label, peak_extra_mib, source_digest, write_results  # noqa: E402
+from results_io import (interleaved_graph_ms, join_option_values, kernel_label, peak_extra_mib,  # noqa: E402
+                        source_digest, write_results)
 
 
 def test_peak_extra_mib_is_the_peak_of_one_call_above_the_base(monkeypatch):
@@ -30,6 +31,44 @@ def test_peak_extra_mib_is_the_peak_of_one_call_above_the_base(monkeypatch):
     # The earlier, higher peak (900 MiB) must not leak into the measurement: only the call's 48 MiB counts.
     assert peak_extra_mib(call) == 48.0
     assert state["events"] == ["sync", "reset", "call", "sync"]
+
+
+def test_interleaved_graph_ms_rotates_the_order_and_takes_medians_per_call(monkeypatch):
+    """Every round replays each graph once, the order rotated by one per round; the warm-up round is not counted;
+    a clock that drifts over the run (each replay slower than the last) costs every entry the same."""
+    clock = {"t": 0.0, "calls": 0}
+    order = []
+
+    class Graph:
+        def __init__(self, name, ms):
+            self.name, self.ms = name, ms
+
+        def replay(self):
+            order.append(self.name)
+            clock["calls"] += 1
+            clock["t"] += self.ms * (1 + 0.01 * clock["calls"])  # the GPU slows down as it runs
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            self.t = clock["t"]
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    graphs = {"plain": Graph("plain", 2.0), "a": Graph("a", 2.0), "b": Graph("b", 4.0)}
+    ms = interleaved_graph_ms(graphs, inner=2, rounds=6)
+    assert order[:9] == ["plain", "a", "b", "a", "b", "plain", "b", "plain", "a"]
+    assert len(order) == 3 * 7
+    assert set(ms) == {"plain", "a", "b"}
+    # per call (inner=2); equal graphs get nearly equal times despite the drift, the slow one twice theirs
+    assert abs(ms["a"] / ms["plain"] - 1) < 0.02 and abs(ms["b"] / ms["plain"] - 2) < 0.05
+    assert 1.0 < ms["plain"] < 1.2
 
 
 def test_source_digest_follows_the_sources_only(tmp_path):
