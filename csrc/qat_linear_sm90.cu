@@ -382,7 +382,10 @@ constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared 
 // kernel in the same directions, and its 2-CTA pairs (5) were no faster; at 256 a-rows (the K/V forward) only 2 slabs
 // share the GPU and the per-tile kernel was faster (1.25x vs 1.58x). The byte slab (2, 3) was slower than the per-tile
 // kernel almost everywhere (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-9034bbb-ss128.txt, two builds,
-// and -f7aa977.txt before the SS form).
+// and -f7aa977.txt before the SS form). With the grid of as many CTAs per slab and one epilogue buffer (below), each
+// measured alone at 9e1abb9, the SS slab's best directions moved to 1.09-1.11x cuBLAS (512->1536 and 512->2048
+// forward, 1536->512 dX) and the rest to 1.23-1.34x; the byte slab stayed behind the per-tile kernel wherever the
+// SS slab does not apply (-9e1abb9-epi-align.txt). The two together have not run yet.
 constexpr int kDefaultSsMinRows = 512;
 
 struct SlabLayout {
