@@ -5,8 +5,9 @@ y = x @ Q(W)ᵀ + bias and dX = dy @ Q(W) of schedules 1 (per-tile quantisation)
 and 64-row slab of code bytes), 3 (slab in 2-CTA clusters sharing the activation tiles), 4 and 5 (the same two with
 the SS form: a 128-row bf16 slab read by the tensor cores from shared memory; reductions up to 512, '-' elsewhere)
 against a float64 product at token counts 1, 255, 257, 4097 (bits 6 and 8; outputs poisoned with NaN first) and
-that the schedules agree bit for bit; then times each kernel (median of CUDA-graph replays, 10 calls per graph) at
---tokens tokens beside cuBLAS on the same bf16 Q(W) (F.linear for the forward, dy @ Q(W) for dX).
+that the schedules agree bit for bit; then times each kernel at --tokens tokens beside cuBLAS on the same bf16 Q(W)
+(F.linear for the forward, dy @ Q(W) for dX): medians of CUDA-graph replays of 10 calls each, cuBLAS and every
+schedule of a direction replayed in turn for 40 rounds.
 
 It uses the built extension when it has qat_linear_sm90_schedule, else builds csrc/qat_linear_sm90.cu alone with
 bench/probe_qat_sm90_bind.cpp (torch.utils.cpp_extension.load, ~20 s).
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from pgolf_kernels import int6_linear as L  # noqa: E402
 from pgolf_kernels import quant  # noqa: E402
 from bench_int6_linear import rel_fro as rel  # noqa: E402
-from results_io import capture_cuda_graph, join_option_values  # noqa: E402
+from results_io import capture_cuda_graph, interleaved_graph_ms, join_option_values  # noqa: E402
 
 SHAPES = [(1536, 512), (512, 1536), (2048, 512), (512, 2048), (512, 512), (256, 512)]  # W [out, in]
 SCHEDULES = {1: "tile", 2: "slab", 3: "pair", 4: "slab_ss", 5: "pair_ss"}
@@ -104,12 +105,7 @@ def check(ext) -> bool:
     return ok_all
 
 
-def graph_ms(fn, inner=10):
-    """Median ms per call of `inner` calls of fn replayed from one CUDA graph."""
-    import triton.testing
-
-    graph = capture_cuda_graph(fn, inner)
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=300, return_mode="median") / inner
+GRAPH_INNER, GRAPH_ROUNDS = 10, 40  # calls per CUDA graph; rounds of interleaved replays
 
 
 def timing(ext, tokens):
@@ -126,10 +122,14 @@ def timing(ext, tokens):
         gy = torch.randn(tokens, n, device="cuda").bfloat16()
         parts = []
         for trans, b, ref in ((False, x, lambda: F.linear(x, wb)), (True, gy, lambda: gy @ wb)):
-            t = {"cublas": graph_ms(ref)}
+            graphs = {"cublas": capture_cuda_graph(ref, GRAPH_INNER)}
             for sch, name in SCHEDULES.items():
                 if ext.qat_linear_sm90_schedule(b, w, trans, sch) == sch:
-                    t[name] = graph_ms(lambda: ext.qat_linear_sm90(b, w, aux, None, trans, sch))
+                    graphs[name] = capture_cuda_graph(
+                        lambda sch=sch: ext.qat_linear_sm90(b, w, aux, None, trans, sch), GRAPH_INNER)
+            # cuBLAS and every schedule replayed in turn, round after round: a drift of the clock hits all alike
+            t = interleaved_graph_ms(graphs, GRAPH_INNER, GRAPH_ROUNDS)
+            del graphs
             best = min(v for c, v in t.items() if c != "cublas")
             parts.append(" ".join(f"{t[c]:7.4f}" if c in t else f"{'-':>7}" for c in cols) + f"  {best / t['cublas']:8.3f}")
         clusters = ""
