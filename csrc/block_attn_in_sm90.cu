@@ -183,13 +183,6 @@ __device__ __forceinline__ ColTile col_tile(int nt, int nq, int nk) {
   return nt < nq ? ColTile{0, nt} : nt < nq + nk ? ColTile{1, nt - nq} : ColTile{2, nt - nq - nk};
 }
 
-__device__ __forceinline__ void next_stage(int& stage, uint32_t& phase, int n_stages) {
-  if (++stage == n_stages) {
-    stage = 0;
-    phase ^= 1;
-  }
-}
-
 // The producer thread: for each of this CTA's tiles (column tile fastest, so the CTAs on one row tile run together
 // and share its xm through L2), num_k stages of the row tile's xm [128 x 64] (MIX: x and x0) and W [tile_n x 64]
 // into a ring of N_STAGES, `a_bytes` and `b_bytes` per stage slot.
@@ -210,7 +203,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* map_x, const CUtensor
       tma_load_2d(stage_a + stage * kABytes, map_x, &full[stage], kb * kTileK, m0);
       if (MIX) tma_load_2d(stage_a0 + stage * kABytes, map_x0, &full[stage], kb * kTileK, m0);
       tma_load_2d(stage_b + stage * b_bytes, wmap, &full[stage], kb * kTileK, tile_n * c.ct);
-      next_stage(stage, phase, N_STAGES);
+      ring_advance(stage, phase, N_STAGES);
     }
   }
 }
@@ -287,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             tma_store_wait_read();
           }
           mbar_arrive(&empty[stage]);
-          next_stage(stage, phase, S::kStages);
+          ring_advance(stage, phase, S::kStages);
         }
       }
       tma_store_wait_all();
@@ -365,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_operands(acc);
       if (kb > 0 && lane == 0) mbar_arrive(&empty[prev]);
       prev = stage;
-      next_stage(stage, phase, S::kStages);
+      ring_advance(stage, phase, S::kStages);
     }
     wgmma_wait<0>();
     fence_operands(acc);
@@ -487,7 +480,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   int j = 0;
   for (int tile = blockIdx.x; tile < t.num_tiles; tile += gridDim.x, ++j) {
     if ((j & 1) != w) {  // the other warpgroup's tile: its stages pass by
-      for (int kb = 0; kb < t.num_k; ++kb) next_stage(stage, phase, kPPStages);
+      for (int kb = 0; kb < t.num_k; ++kb) ring_advance(stage, phase, kPPStages);
       continue;
     }
     const int m0 = (tile / t.num_n) * kTileM;
@@ -520,7 +513,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_operands(acc[1]);
       if (kb > 0 && lane == 0) mbar_arrive(&empty[prev]);
       prev = stage;
-      next_stage(stage, phase, kPPStages);
+      ring_advance(stage, phase, kPPStages);
     }
     wgmma_wait<0>();
     fence_operands(acc[0]);

@@ -109,15 +109,6 @@ struct GemmArgs {
   int reduction;      // B's columns
 };
 
-// A ring of S stages (producers and consumers of every kernel here): on to the next stage, index st, whose mbarrier
-// parity ph flips each time the ring wraps.
-__device__ __forceinline__ void ring_advance(int& st, uint32_t& ph, int S) {
-  if (++st == S) {
-    st = 0;
-    ph ^= 1;
-  }
-}
-
 template <bool TRANS_W>
 __global__ void __launch_bounds__(kThreads, 1)
     qat_gemm_kernel(const __grid_constant__ CUtensorMap map_b, const __grid_constant__ CUtensorMap map_w,

@@ -129,6 +129,15 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
+// A ring of S stages (the producers and consumers of every kernel): on to the next stage, index st, whose mbarrier
+// parity ph flips each time the ring wraps.
+__device__ __forceinline__ void ring_advance(int& st, uint32_t& ph, int S) {
+  if (++st == S) {
+    st = 0;
+    ph ^= 1;
+  }
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
