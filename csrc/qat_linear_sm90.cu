@@ -354,8 +354,8 @@ struct SlabForm {
   static constexpr int kStageBytes = kT * kSlabStageR * 2;
   // Epilogue buffers per consumer warpgroup, at most: two let a store overlap the next round's stmatrix; the SS form
   // takes one and spends the 16 KB on one more B stage (at reduction 512: 5 stages forward, 4 dX, against 4 and 3),
-  // which took its dX 0.88-0.93x the time with two at 4 or more slabs (1.01x at 2) and its forward 0.98-1.00x on an
-  // H100; the byte slab's time did not move either way
+  // which took its dX 0.88-0.93x the time with two at reduction 512 (1.01x at 256, where the slab is half as large)
+  // and its forward 0.98-1.00x on an H100; the byte slab's time did not move either way
   // (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-9e1abb9-epi-align.txt).
   static constexpr int kMaxEpiBufs = SS ? 1 : 2;
 };
@@ -399,8 +399,8 @@ SlabLayout slab_layout(int64_t reduction, bool trans_w) {
   constexpr int kStageBytes = SlabForm<SS>::kStageBytes;
   SlabLayout l;
   if (reduction <= 0 || reduction % kTileR != 0 || reduction > 4096) return l;
-  // kMaxEpiBufs epilogue buffers where at least three 64-wide stages still fit beside two (two beside one), else
-  // one; at least two stages.
+  // From kMaxEpiBufs epilogue buffers down, the first count beside which enough 64-wide stages fit (three beside
+  // two buffers, two beside one).
   for (int bufs = SlabForm<SS>::kMaxEpiBufs; bufs >= 1; --bufs) {
     const int fixed = 1024 + slab_fixed_bytes<SS>(static_cast<int>(reduction), trans_w, bufs) + 2 * kSlabMaxStages * 8;
     const int stages = std::min(kSlabMaxStages, (kSmemOptin - fixed) / kStageBytes);
