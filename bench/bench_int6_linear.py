@@ -67,7 +67,7 @@ PROLOGUE_BACKEND_OF = {"fused_prologue_tile": "sm90_tile", "fused_prologue_slab"
                        "fused_prologue_pair": "sm90_pair", "fused_prologue_slab_ss": "sm90_slab_ss",
                        "fused_prologue_pair_ss": "sm90_pair_ss", "fused_prologue_triton": "triton"}
 SM90_SCHEDULE_NAMES = {1: "per-tile, 128x256x64 tiles, 3 stages", 2: "slab", 3: "slab pairs", 4: "SS slab",
-                       5: "SS slab pairs"}
+                       5: "SS slab pairs", 6: "shared-A, 64x512x32 tiles, 4 stages", 7: "shared-A pairs"}
 
 
 def prologue_config(x, w, gy) -> str:

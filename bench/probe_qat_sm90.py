@@ -39,7 +39,7 @@ from bench_int6_linear import rel_fro as rel  # noqa: E402
 from results_io import capture_cuda_graph, interleaved_graph_ms, join_option_values  # noqa: E402
 
 SHAPES = [(1536, 512), (512, 1536), (2048, 512), (512, 2048), (512, 512), (256, 512)]  # W [out, in]
-SCHEDULES = {1: "tile", 2: "slab", 3: "pair", 4: "slab_ss", 5: "pair_ss"}
+SCHEDULES = {1: "tile", 2: "slab", 3: "pair", 4: "slab_ss", 5: "pair_ss", 6: "shared_a", 7: "pair_a"}
 
 
 def load_ops(nvcc_flags: str = ""):

@@ -99,6 +99,51 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint3
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 
+// Epilogue of one consumer warpgroup's m64n256 accumulators, 64 a-rows (output columns a_col..) x 256 tokens (t0..):
+// forward · s and + bias per a-row (s_lo, s_hi: this thread's rows 16 warp + lane / 4 and 8 below it), bf16,
+// transposed into the warpgroup's [128 tokens x 64 a] buffer (128-byte rows, swizzled) via stmatrix.trans and
+// TMA-stored; two rounds. `bar` is the warpgroup's named barrier, `tid` the thread's index in it.
+template <bool TRANS_W>
+__device__ __forceinline__ void store_tile_64x256(float (&acc)[128], uint8_t* buf, int bar, int tid,
+                                                  const CUtensorMap* map_out, int a_col, int t0, float s_lo,
+                                                  float s_hi, const float* bias) {
+  const int warp = tid / 32, lane = tid % 32;
+  if constexpr (!TRANS_W) {
+    const int row_lo = 16 * warp + lane / 4;
+    float b_lo = 0.f, b_hi = 0.f;
+    if (bias != nullptr) {
+      b_lo = __ldg(bias + a_col + row_lo);
+      b_hi = __ldg(bias + a_col + row_lo + 8);
+    }
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      acc[4 * j] = __fmaf_rn(acc[4 * j], s_lo, b_lo);
+      acc[4 * j + 1] = __fmaf_rn(acc[4 * j + 1], s_lo, b_lo);
+      acc[4 * j + 2] = __fmaf_rn(acc[4 * j + 2], s_hi, b_hi);
+      acc[4 * j + 3] = __fmaf_rn(acc[4 * j + 3], s_hi, b_hi);
+    }
+  }
+  const int i = lane / 8, rr = lane % 8;
+  const int col_chunk = 2 * warp + (i % 2);  // 16-byte chunk (8 a-values) within the 128-byte token row
+#pragma unroll
+  for (int round = 0; round < kTileT / kEpiT; ++round) {
+    if (tid == 0) tma_store_wait_read();  // the previous store has left the buffer
+    named_barrier(bar, 128);
+#pragma unroll
+    for (int jj = 0; jj < kEpiT / 8; jj += 2) {
+      // matrix i of an x4 store: a-rows (8) x tokens (8) of column group j + i / 2, row half i % 2.
+      const int j = round * (kEpiT / 8) + jj;
+      const int t = 8 * (jj + i / 2) + rr;  // token row (within the round) this lane addresses
+      const uint32_t addr = smem_addr(buf) + t * 128 + (((col_chunk ^ t) & 7) << 4);
+      stmatrix_x4_trans(addr, pack_bf16(acc[4 * j], acc[4 * j + 1]), pack_bf16(acc[4 * j + 2], acc[4 * j + 3]),
+                        pack_bf16(acc[4 * j + 4], acc[4 * j + 5]), pack_bf16(acc[4 * j + 6], acc[4 * j + 7]));
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    named_barrier(bar, 128);
+    if (tid == 0) tma_store_2d(map_out, buf, a_col, t0 + round * kEpiT);
+  }
+}
+
 #endif  // PGOLF_SM90A
 
 struct GemmArgs {
@@ -258,42 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       ring_advance(stage, phase, kStages);
     }
 
-    // Epilogue: (· s and + bias for the forward), bf16, transposed into [128 tokens x 64 a] (128-byte rows,
-    // swizzled) via stmatrix.trans, then a TMA store; two rounds per tile.
-    if constexpr (!TRANS_W) {
-      float b_lo = 0.f, b_hi = 0.f;
-      if (args.bias != nullptr) {
-        b_lo = __ldg(args.bias + a0 + row_lo);
-        b_hi = __ldg(args.bias + a0 + row_lo + 8);
-      }
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        acc[4 * j] = __fmaf_rn(acc[4 * j], rs.s[0], b_lo);
-        acc[4 * j + 1] = __fmaf_rn(acc[4 * j + 1], rs.s[0], b_lo);
-        acc[4 * j + 2] = __fmaf_rn(acc[4 * j + 2], rs.s[1], b_hi);
-        acc[4 * j + 3] = __fmaf_rn(acc[4 * j + 3], rs.s[1], b_hi);
-      }
-    }
-    // Two rounds of 128 tokens each through the warpgroup's [128 x 64] buffer.
-    const int i = lane / 8, rr = lane % 8;
-    const int col_chunk = 2 * warp + (i % 2);     // 16-byte chunk (8 a-values) within the 128-byte token row
-#pragma unroll
-    for (int round = 0; round < kTileT / kEpiT; ++round) {
-      if (tid == 0) tma_store_wait_read();        // the previous store has left the buffer
-      named_barrier(1 + cw, 128);
-#pragma unroll
-      for (int jj = 0; jj < kEpiT / 8; jj += 2) {
-        // matrix i of an x4 store: a-rows (8) x tokens (8) of column group j + i / 2, row half i % 2.
-        const int j = round * (kEpiT / 8) + jj;
-        const int t = 8 * (jj + i / 2) + rr;      // token row (within the round) this lane addresses
-        const uint32_t addr = smem_addr(my_epi) + t * 128 + (((col_chunk ^ t) & 7) << 4);
-        stmatrix_x4_trans(addr, pack_bf16(acc[4 * j], acc[4 * j + 1]), pack_bf16(acc[4 * j + 2], acc[4 * j + 3]),
-                          pack_bf16(acc[4 * j + 4], acc[4 * j + 5]), pack_bf16(acc[4 * j + 6], acc[4 * j + 7]));
-      }
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      named_barrier(1 + cw, 128);
-      if (tid == 0) tma_store_2d(&map_out, my_epi, a0 + 64 * cw, t0 + round * kEpiT);
-    }
+    store_tile_64x256<TRANS_W>(acc, my_epi, 1 + cw, tid, &map_out, a0 + 64 * cw, t0, rs.s[0], rs.s[1], args.bias);
   }
   if (tid == 0) tma_store_wait_all();
 #endif  // PGOLF_SM90A
@@ -866,6 +876,208 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif  // PGOLF_SM90A
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The shared-A schedule (6, and 7 in 2-CTA clusters): W streamed and quantised stage by stage as in the per-tile
+// kernel, for any reduction length, but into shared memory and once per 64 a-rows x 512 tokens instead of once per
+// 128 x 256, so each quantised value feeds twice the tensor-core work. A CTA's tile is 64 a-rows x 512 tokens; per
+// stage (32 of the reduction) its 256 consumer threads quantise the 64 x 32 W tile together, 8 values each, into a
+// bf16 A tile (K-major, 64-byte swizzle), then each consumer warpgroup multiplies it with its own 256-token half of
+// the B stage (SS wgmma m64n256k16, no A registers). The quantisation of stage k + 1 runs while stage k's wgmmas do,
+// three A tiles in flight. Forward A holds the integer codes (s[a] in the epilogue), dX bf16(code · s[r]), as in the
+// per-tile kernel, so the products are the same bit for bit.
+// CLUSTER 2: two CTAs, a-rows 64 apart, share the B stage: each loads one 256-token half and multicasts it to both,
+// so B is read from L2 once per 128 a-rows (as in the per-tile kernel) while W is quantised once per 512 tokens.
+constexpr int kSaA = 64;                        // a-rows per CTA tile
+constexpr int kSaT = 2 * kTileT;                // tokens per CTA tile: one 256-token half per consumer warpgroup
+constexpr int kSaR = 32;                        // reduction per stage: 64-byte bf16 rows (64-byte swizzle)
+constexpr int kSaStages = 4;
+constexpr int kSaABufs = 3;                     // A tiles: stage k + 1 is written while k runs and k - 1 may
+constexpr int kSaBBytes = kSaT * kSaR * 2;      // 32 KB
+constexpr int kSaWBytes = kSaA * kSaR * 4;      // 8 KB fp32
+constexpr int kSaABytes = kSaA * kSaR * 2;      // 4 KB bf16
+constexpr int kSaScaleFloats = 2 * kSaR;        // dX: s and RN(1/s) of the stage's 32 reduction rows
+constexpr int kSaSmemBytes = 1024 /* alignment */ + kSaStages * (kSaBBytes + kSaWBytes + 4 * kSaScaleFloats) +
+                             kSaABufs * kSaABytes + 2 * kEpiBytes + 2 * kSaStages * 8;
+static_assert(kSaSmemBytes <= 232448, "shared-A schedule: shared memory");
+
+template <bool TRANS_W, int CLUSTER>
+__global__ void __launch_bounds__(kThreads, 1)
+    qat_shared_a_kernel(const __grid_constant__ CUtensorMap map_b, const __grid_constant__ CUtensorMap map_w,
+                        const __grid_constant__ CUtensorMap map_out, const __grid_constant__ CUtensorMap map_aux,
+                        const GemmArgs args) {
+#ifdef PGOLF_SM90A
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* stage_b = smem;                                   // kSaStages x kSaBBytes
+  uint8_t* stage_w = stage_b + kSaStages * kSaBBytes;        // kSaStages x kSaWBytes
+  uint8_t* a_tiles = stage_w + kSaStages * kSaWBytes;        // kSaABufs x kSaABytes
+  uint8_t* epi = a_tiles + kSaABufs * kSaABytes;             // 2 x kEpiBytes
+  float* stage_scales = reinterpret_cast<float*>(epi + 2 * kEpiBytes);  // kSaStages x kSaScaleFloats (dX)
+  uint64_t* full = reinterpret_cast<uint64_t*>(stage_scales + kSaStages * kSaScaleFloats);
+  uint64_t* empty = full + kSaStages;
+
+  const int warpgroup = threadIdx.x / 128;
+  const int tid = threadIdx.x % 128;
+  const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
+  const int group = blockIdx.x / CLUSTER, groups = gridDim.x / CLUSTER;  // clusters (or CTAs) and their count
+  const int num_a = args.a_extent / (kSaA * CLUSTER);
+  const int num_t = (args.tokens + kSaT - 1) / kSaT;
+  const int num_tiles = num_a * num_t;
+  const int num_r = args.reduction / kSaR;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kSaStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 8 * CLUSTER);  // lane 0 of each of the 8 consumer warps, in every CTA
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  if constexpr (CLUSTER > 1) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
+
+  if (warpgroup == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (tid == 0) {
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int tile = group; tile < num_tiles; tile += groups) {
+        const int a_cta = ((tile % num_a) * CLUSTER + static_cast<int>(rank)) * kSaA;
+        const int t0 = (tile / num_a) * kSaT;
+        for (int kr = 0; kr < num_r; ++kr) {
+          const int r0 = kr * kSaR;
+          mbar_wait(&empty[stage], phase ^ 1);
+          mbar_expect_tx(&full[stage], kSaBBytes + kSaWBytes + (TRANS_W ? 4 * kSaScaleFloats : 0));
+          uint8_t* b = stage_b + stage * kSaBBytes;
+          if constexpr (CLUSTER > 1) {  // this CTA's half of the tokens, to both CTAs
+            tma_load_2d_multicast(b + rank * (kSaBBytes / 2), &map_b, &full[stage], r0, t0 + rank * kTileT, 3);
+          } else {
+            tma_load_2d(b, &map_b, &full[stage], r0, t0);
+            tma_load_2d(b + kSaBBytes / 2, &map_b, &full[stage], r0, t0 + kTileT);
+          }
+          uint8_t* w = stage_w + stage * kSaWBytes;
+          if constexpr (!TRANS_W) {  // W[a_cta:a_cta+64, r0:r0+32], one [64 x 32] box
+            tma_load_2d(w, &map_w, &full[stage], r0, a_cta);
+          } else {  // W[r0:r0+32, a_cta:a_cta+64] as two [32 x 32] boxes, and s, RN(1/s) of rows r0..r0+31
+            tma_load_2d(w, &map_w, &full[stage], a_cta, r0);
+            tma_load_2d(w + kSaWBytes / 2, &map_w, &full[stage], a_cta + 32, r0);
+            tma_load_2d(stage_scales + stage * kSaScaleFloats, &map_aux, &full[stage], r0, 0);
+          }
+          ring_advance(stage, phase, kSaStages);
+        }
+      }
+    }
+    // no thread leaves before its cluster peer is done arriving on this CTA's barriers
+    if constexpr (CLUSTER > 1) cluster_sync();
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int cw = warpgroup - 1;  // consumer warpgroup: tokens [256 cw, 256 cw + 256) of the tile
+  const int t256 = threadIdx.x - 128;
+  const int warp = tid / 32, lane = tid % 32;
+  const int row_lo = 16 * warp + lane / 4;  // this thread's accumulator a-rows: row_lo, row_lo + 8
+  uint8_t* my_epi = epi + cw * kEpiBytes;
+  // The A values this thread quantises each stage: a-row cv_a, reduction 8 cv_c .. 8 cv_c + 7 of the stage, one
+  // 16-byte chunk of the A tile. Forward: 4 threads per a-row (W's row is contiguous); dX: 32 consecutive a-rows per
+  // warp (W's row r is), all lanes of a warp on the same reduction rows and so the same scales.
+  const int cv_a = TRANS_W ? t256 % kSaA : t256 / 4;
+  const int cv_c = TRANS_W ? t256 / kSaA : t256 % 4;
+  const uint32_t a_chunk = cv_a * 64 + (((cv_c ^ (cv_a >> 1)) & 3) << 4);  // 64-byte swizzle
+
+  auto quantise_stage = [&](int st, int ab, float s_row, float r_row) {
+    const uint8_t* w = stage_w + st * kSaWBytes;
+    uint4 v;
+    if constexpr (!TRANS_W) {
+      const float4 lo = *reinterpret_cast<const float4*>(w + sw128_f32(cv_a, 8 * cv_c));
+      const float4 hi = *reinterpret_cast<const float4*>(w + sw128_f32(cv_a, 8 * cv_c + 4));
+      v.x = pack_codes_bf16(quant_code(lo.x, s_row, r_row), quant_code(lo.y, s_row, r_row));
+      v.y = pack_codes_bf16(quant_code(lo.z, s_row, r_row), quant_code(lo.w, s_row, r_row));
+      v.z = pack_codes_bf16(quant_code(hi.x, s_row, r_row), quant_code(hi.y, s_row, r_row));
+      v.w = pack_codes_bf16(quant_code(hi.z, s_row, r_row), quant_code(hi.w, s_row, r_row));
+    } else {
+      const uint8_t* box = w + (cv_a >> 5) * (kSaWBytes / 2);
+      const float* sc = stage_scales + st * kSaScaleFloats;  // [2][32]: s, RN(1/s)
+      float e[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int r = 8 * cv_c + j;
+        const float x = *reinterpret_cast<const float*>(box + sw128_f32(r, cv_a & 31));
+        e[j] = __fmul_rn(quant_code(x, sc[r], sc[kSaR + r]), sc[r]);
+      }
+      v = make_uint4(pack_bf16(e[0], e[1]), pack_bf16(e[2], e[3]), pack_bf16(e[4], e[5]), pack_bf16(e[6], e[7]));
+    }
+    *reinterpret_cast<uint4*>(a_tiles + ab * kSaABytes + a_chunk) = v;
+    // the generic-proxy stores must be visible to the wgmmas (async proxy) of both warpgroups
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    named_barrier(1, 256);
+  };
+  // A stage goes back to the producer(s): lane 0 of each warp arrives on its empty barrier in every CTA of the cluster.
+  auto release = [&](int st) {
+    if (lane == 0) {
+      if constexpr (CLUSTER > 1) {
+#pragma unroll
+        for (int c = 0; c < CLUSTER; ++c) mbar_arrive_cluster(&empty[st], c);
+      } else {
+        mbar_arrive(&empty[st]);
+      }
+    }
+  };
+
+  int stage = 0, ab = 0;
+  uint32_t phase = 0;
+  for (int tile = group; tile < num_tiles; tile += groups) {
+    const int a_cta = ((tile % num_a) * CLUSTER + static_cast<int>(rank)) * kSaA;
+    const int t0 = (tile / num_a) * kSaT + cw * kTileT;
+    float s_row = 0.f, r_row = 0.f, s_lo = 0.f, s_hi = 0.f;
+    if constexpr (!TRANS_W) {
+      s_row = __ldg(args.aux + a_cta + cv_a);
+      r_row = __ldg(args.aux + args.a_extent + a_cta + cv_a);
+      s_lo = __ldg(args.aux + a_cta + row_lo);
+      s_hi = __ldg(args.aux + a_cta + row_lo + 8);
+    }
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+    fence_operands(acc);
+    mbar_wait(&full[stage], phase);
+    quantise_stage(stage, ab, s_row, r_row);
+    int prev = stage;
+    // Per stage: issue its two k16 steps on A tile `ab`, retire the stage before (wait 1) and hand it back, then
+    // quantise the next stage into the next A tile. That tile was last read by the wgmmas of stage k - 2, which both
+    // warpgroups retired before the barrier ending stage k's quantisation.
+    for (int kr = 0; kr < num_r; ++kr) {
+      const uint64_t da = smem_desc_sw64(a_tiles + ab * kSaABytes);
+      const uint64_t db = smem_desc_sw64(stage_b + stage * kSaBBytes + cw * (kSaBBytes / 2));
+      wgmma_fence();
+      wgmma_m64n256k16_ss(acc, da, db);
+      wgmma_m64n256k16_ss(acc, da + 2, db + 2);  // +32 bytes = 16 bf16 along the reduction
+      wgmma_commit();
+      if (kr > 0) {
+        wgmma_wait<1>();
+        fence_operands(acc);
+        release(prev);
+      }
+      prev = stage;
+      ring_advance(stage, phase, kSaStages);
+      ab = ab + 1 == kSaABufs ? 0 : ab + 1;
+      if (kr + 1 < num_r) {
+        mbar_wait(&full[stage], phase);
+        quantise_stage(stage, ab, s_row, r_row);
+      }
+    }
+    wgmma_wait<0>();
+    fence_operands(acc);
+    release(prev);
+    store_tile_64x256<TRANS_W>(acc, my_epi, 2 + cw, tid, &map_out, a_cta, t0, s_lo, s_hi, args.bias);
+  }
+  if (tid == 0) tma_store_wait_all();
+  if constexpr (CLUSTER > 1) cluster_sync();
+#endif  // PGOLF_SM90A
+}
+
 // The kernels' shared-memory limit raised once per sm_90 device (the op runs once per linear per micro-step, so
 // its host time matters at the small shapes).
 const DeviceInfo& device_info(int device) {
@@ -874,6 +1086,10 @@ const DeviceInfo& device_info(int device) {
                                         kSmemBytes));
     C10_CUDA_CHECK(cudaFuncSetAttribute(qat_gemm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         kSmemBytes));
+    for (auto kernel : {qat_shared_a_kernel<false, 1>, qat_shared_a_kernel<true, 1>, qat_shared_a_kernel<false, 2>,
+                        qat_shared_a_kernel<true, 2>}) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSaSmemBytes));
+    }
     for (auto kernel : {qat_slab_kernel<false, 1, false>, qat_slab_kernel<true, 1, false>,
                         qat_slab_kernel<false, 2, false>, qat_slab_kernel<true, 2, false>,
                         qat_slab_kernel<false, 1, true>, qat_slab_kernel<true, 1, true>,
@@ -898,7 +1114,7 @@ SlabLayout slab_layout_of(int64_t reduction, bool trans_w, bool ss) {
   return ss ? slab_layout<true>(reduction, trans_w) : slab_layout<false>(reduction, trans_w);
 }
 
-// A launch of the slab kernel in 2-CTA clusters (`attr` holds the cluster shape the config points to).
+// A launch of a slab or shared-A kernel in 2-CTA clusters (`attr` holds the cluster shape the config points to).
 cudaLaunchConfig_t pair_launch_config(cudaLaunchAttribute& attr, unsigned grid, int smem, cudaStream_t stream) {
   attr.id = cudaLaunchAttributeClusterDimension;
   attr.val.clusterDim.x = 2;
@@ -914,18 +1130,18 @@ cudaLaunchConfig_t pair_launch_config(cudaLaunchAttribute& attr, unsigned grid, 
   return config;
 }
 
-// How many 2-CTA clusters of the slab kernel fit on the GPU at once (a GPC with an odd SM count leaves one SM out),
-// asked once per device, kernel and shared-memory size.
-int pair_cluster_count(int device, bool trans_w, bool ss, int smem) {
+// How many 2-CTA clusters of `kernel` (a slab or shared-A kernel) fit on the GPU at once (a GPC with an odd SM
+// count leaves one SM out), asked once per device, kernel and shared-memory size.
+int pair_cluster_count(int device, const void* kernel, int smem) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, bool, bool, int>, int> counts;
+  static std::map<std::tuple<int, const void*, int>, int> counts;
   const std::lock_guard<std::mutex> lock(mutex);
-  int& count = counts[std::make_tuple(device, trans_w, ss, smem)];
+  int& count = counts[std::make_tuple(device, kernel, smem)];
   if (count == 0) {
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t config = pair_launch_config(attr, 2 * (device_info(device).sms / 2), smem, nullptr);
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&count, slab_kernel(trans_w, 2, ss), &config));
-    TORCH_CHECK(count > 0, "qat_linear_sm90: no 2-CTA cluster of the slab kernel fits on this GPU");
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&count, kernel, &config));
+    TORCH_CHECK(count > 0, "qat_linear_sm90: no 2-CTA cluster of this kernel fits on this GPU");
   }
   return count;
 }
@@ -933,8 +1149,9 @@ int pair_cluster_count(int device, bool trans_w, bool ss, int smem) {
 }  // namespace
 
 // Which schedule runs these operands: 1 the per-tile kernel, 2 the slab kernel, 3 the slab kernel in 2-CTA clusters
-// sharing B, 4 and 5 the same two with the SS slab form (bf16 slab, 128 a-rows), 0 none. `schedule` asks for one
-// (1 to 5) or, 0, the default (see kDefaultSsMinRows).
+// sharing B, 4 and 5 the same two with the SS slab form (bf16 slab, 128 a-rows), 6 the shared-A kernel and 7 the
+// same in 2-CTA clusters sharing B, 0 none. `schedule` asks for one (1 to 7) or, 0, the default (see
+// kDefaultSsMinRows).
 int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool trans_w, int64_t schedule) {
   if (!b.is_cuda() || !w.is_cuda() || b.scalar_type() != at::kBFloat16 || w.scalar_type() != at::kFloat) return 0;
   if (b.dim() != 2 || w.dim() != 2 || b.stride(1) != 1 || !w.is_contiguous() || b.device() != w.device()) return 0;
@@ -950,9 +1167,9 @@ int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool tran
   const bool slab_ok = a_extent % rows == 0 && slab_layout<false>(reduction, trans_w).stages > 0;
   const bool ss_ok = a_extent % ss_rows == 0 && slab_layout<true>(reduction, trans_w).stages > 0;
   const bool tile_ok = a_extent % kTileA == 0;
-  const bool ok[6] = {false, tile_ok, slab_ok, slab_ok && a_extent % (2 * rows) == 0, ss_ok,
-                      ss_ok && a_extent % (2 * ss_rows) == 0};
-  if (schedule >= 1 && schedule <= 5) return ok[schedule] ? static_cast<int>(schedule) : 0;
+  const bool ok[8] = {false, tile_ok, slab_ok, slab_ok && a_extent % (2 * rows) == 0, ss_ok,
+                      ss_ok && a_extent % (2 * ss_rows) == 0, a_extent % kSaA == 0, a_extent % (2 * kSaA) == 0};
+  if (schedule >= 1 && schedule <= 7) return ok[schedule] ? static_cast<int>(schedule) : 0;
   if (schedule != 0) return 0;
   if (ok[4] && a_extent >= kDefaultSsMinRows) return 4;
   return ok[1] ? 1 : 0;
@@ -963,7 +1180,8 @@ int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool tran
 int64_t qat_linear_sm90_pair_clusters(const at::Tensor& b, const at::Tensor& w, bool trans_w, bool ss) {
   const int pair = ss ? 5 : 3;
   if (qat_linear_sm90_schedule(b, w, trans_w, pair) != pair) return 0;
-  return pair_cluster_count(b.get_device(), trans_w, ss, slab_layout_of(b.size(1), trans_w, ss).smem);
+  return pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(slab_kernel(trans_w, 2, ss)),
+                            slab_layout_of(b.size(1), trans_w, ss).smem);
 }
 
 bool qat_linear_sm90_supported(const at::Tensor& b, const at::Tensor& w, bool trans_w) {
@@ -997,6 +1215,36 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
   const DeviceInfo& info = device_info(b.get_device());
   auto stream = c10::cuda::getCurrentCUDAStream();
 
+  if (kind >= 6) {  // the shared-A kernel
+    const int cluster = kind == 7 ? 2 : 1;
+    const CUtensorMap map_b = make_map("qat_linear_sm90", b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, reduction,
+                                       kSaR, kTileT, CU_TENSOR_MAP_SWIZZLE_64B);
+    const CUtensorMap map_w = make_map("qat_linear_sm90", w, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, w.size(0), w.size(1),
+                                       32, trans_w ? kSaR : kSaA);
+    const CUtensorMap map_out =
+        make_map("qat_linear_sm90", out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, a_extent, 64, kEpiT);
+    const CUtensorMap map_aux = make_map("qat_linear_sm90", aux, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, 2, aux.size(1),
+                                         kSaR, 2, CU_TENSOR_MAP_SWIZZLE_NONE);
+    const GemmArgs args{aux.data_ptr<float>(), bias_ptr, static_cast<int>(tokens), static_cast<int>(a_extent),
+                        static_cast<int>(reduction)};
+    const int64_t tiles = (a_extent / (kSaA * cluster)) * ((tokens + kSaT - 1) / kSaT);
+    if (cluster == 1) {
+      auto kernel = trans_w ? qat_shared_a_kernel<true, 1> : qat_shared_a_kernel<false, 1>;
+      kernel<<<static_cast<unsigned>(std::min<int64_t>(tiles, info.sms)), kThreads, kSaSmemBytes, stream>>>(
+          map_b, map_w, map_out, map_aux, args);
+    } else {
+      auto kernel = trans_w ? qat_shared_a_kernel<true, 2> : qat_shared_a_kernel<false, 2>;
+      const int max_clusters =
+          pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(kernel), kSaSmemBytes);
+      cudaLaunchAttribute attr;
+      const cudaLaunchConfig_t config = pair_launch_config(
+          attr, static_cast<unsigned>(2 * std::min<int64_t>(tiles, max_clusters)), kSaSmemBytes, stream);
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_b, map_w, map_out, map_aux, args));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+
   if (kind >= 2) {
     const int cluster = kind == 3 || kind == 5 ? 2 : 1;
     const bool ss = kind >= 4;
@@ -1025,7 +1273,8 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
       if (slabs <= info.sms) grid = std::min<int64_t>(units, slabs * (info.sms / slabs));
       kernel<<<static_cast<unsigned>(grid), kThreads, layout.smem, stream>>>(map_b_slab, map_out, args);
     } else {
-      const int max_clusters = pair_cluster_count(b.get_device(), trans_w, ss, layout.smem);
+      const int max_clusters =
+          pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(kernel), layout.smem);
       cudaLaunchAttribute attr;
       const cudaLaunchConfig_t config = pair_launch_config(
           attr, static_cast<unsigned>(2 * std::min<int64_t>(units, max_clusters)), layout.smem, stream);

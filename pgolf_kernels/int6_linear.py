@@ -20,8 +20,8 @@ Two implementations, picked with ``impl=`` (default ``DEFAULT_IMPL``):
   ``PROLOGUE_BACKEND = "triton"``, Triton kernels. The default schedule quantises each 128-row slab of W once per
   CTA into shared memory as bf16 where the matmul's reduction is at most 512 and its output at least 512 wide, and
   W's tile again for every 256-token tile elsewhere; ``PROLOGUE_BACKEND = "sm90_tile"`` (or ``"sm90_slab"``,
-  ``"sm90_pair"``, ``"sm90_slab_ss"``, ``"sm90_pair_ss"``) asks for one schedule (see the PROLOGUE_BACKENDS
-  comment).
+  ``"sm90_pair"``, ``"sm90_slab_ss"``, ``"sm90_pair_ss"``, ``"sm90_shared_a"``, ``"sm90_pair_a"``) asks for one
+  schedule (see the PROLOGUE_BACKENDS comment).
 * ``"quant_cublas"`` — one Triton pass writes Q(W) in X's dtype (the same bytes the plain path's
   ``W.to(bf16)`` cast writes every step), then cuBLAS does all three matmuls.
 
@@ -79,11 +79,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # fit in shared memory beside two stages); the slab kernel in 2-CTA clusters that share the activation tiles (output
 # width % 128 == 0). "sm90_slab_ss" and "sm90_pair_ss" are the two slab schedules with the slab kept as bf16 values
 # of 128 rows that the tensor cores read from shared memory (output width % 128 resp. % 256 == 0, reduction <= 512).
+# "sm90_shared_a" and "sm90_pair_a" stream W like the per-tile kernel but quantise each 64 x 32 tile into shared
+# memory once per 512 tokens, for shared-memory A wgmma (output width % 64 resp. % 128 == 0, any reduction).
 # The byte slab schedules (and the SS pairs) are opt-in: on an H100 they were slower than the per-tile kernel resp.
 # the SS slab (bench/results/qat_sm90_schedules-*). "triton" always uses Triton.
 # PGOLF_QLINEAR_PROLOGUE sets the start value.
-PROLOGUE_BACKENDS = ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "sm90_slab_ss", "sm90_pair_ss", "triton")
-_SM90_SCHEDULE = {"auto": 0, "sm90_tile": 1, "sm90_slab": 2, "sm90_pair": 3, "sm90_slab_ss": 4, "sm90_pair_ss": 5}
+PROLOGUE_BACKENDS = ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "sm90_slab_ss", "sm90_pair_ss", "sm90_shared_a",
+                     "sm90_pair_a", "triton")
+_SM90_SCHEDULE = {"auto": 0, "sm90_tile": 1, "sm90_slab": 2, "sm90_pair": 3, "sm90_slab_ss": 4, "sm90_pair_ss": 5,
+                  "sm90_shared_a": 6, "sm90_pair_a": 7}
 PROLOGUE_BACKEND = os.environ.get("PGOLF_QLINEAR_PROLOGUE", "auto")
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |t| < 2**22 half-to-even
 

@@ -251,16 +251,16 @@ def _on_hopper():
 
 
 def test_prologue_backends_name_the_sm90_schedules():
-    """Every PROLOGUE_BACKEND but "triton" names an sm_90a schedule (0 = the default, 1..5 as in
+    """Every PROLOGUE_BACKEND but "triton" names an sm_90a schedule (0 = the default, 1..7 as in
     csrc/qat_linear_sm90.cu's qat_linear_sm90_schedule), each once, and the bench's rows ask only for known ones;
     an unknown backend is refused by name."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import bench_int6_linear as B
 
     assert set(L._SM90_SCHEDULE) == set(L.PROLOGUE_BACKENDS) - {"triton"}
-    assert sorted(L._SM90_SCHEDULE.values()) == [0, 1, 2, 3, 4, 5]
+    assert sorted(L._SM90_SCHEDULE.values()) == [0, 1, 2, 3, 4, 5, 6, 7]
     assert set(B.PROLOGUE_BACKEND_OF.values()) <= set(L.PROLOGUE_BACKENDS)
-    assert set(B.SM90_SCHEDULE_NAMES) == {1, 2, 3, 4, 5}
+    assert set(B.SM90_SCHEDULE_NAMES) == {1, 2, 3, 4, 5, 6, 7}
     x, w = torch.randn(4, 64).bfloat16(), torch.randn(128, 64)
     try:
         L.PROLOGUE_BACKEND = "sm90_slab_ss"
@@ -278,9 +278,10 @@ def test_prologue_backends_name_the_sm90_schedules():
 def test_gpu_sm90_prologue_matches_triton_prologue_and_reference(n, k, monkeypatch):
     """The CUDA sm_90a prologue matmuls (auto: the default schedule, the SS slab where it applies at 512 a-rows or
     more, else per-tile; sm90_tile: the per-tile schedule; sm90_slab, sm90_pair and their SS forms: the slab
-    schedules) against the Triton ones and a float64 product, at token counts that are not multiples of the
-    256-token tile, with a bias; outputs start as NaN (a freed NaN block the caching allocator hands back), so an
-    element the kernel never wrote fails the check. Where a slab schedule (or auto) runs a direction it must equal
+    schedules; sm90_shared_a, sm90_pair_a: the shared-A schedules) against the Triton ones and a float64 product,
+    at token counts that are not multiples of the 256-token tile, with a bias; outputs start as NaN (a freed NaN
+    block the caching allocator hands back), so an element the kernel never wrote fails the check. Where another
+    sm_90a schedule (or auto) runs a direction it must equal
     the per-tile kernel bit for bit (elsewhere that direction falls back to Triton)."""
     from pgolf_kernels._extension import extension_available, require_extension
 
@@ -312,8 +313,7 @@ def test_gpu_sm90_prologue_matches_triton_prologue_and_reference(n, k, monkeypat
             assert _rel(y, y_ref) < 1e-2 and _rel(dx, dx_ref) < 1e-2, (backend, m)
         # and the backends agree with each other; the sm_90a schedules sum the same products in the same order
         assert _rel(outs["auto"][0], outs["triton"][0]) < 1e-2 and _rel(outs["auto"][1], outs["triton"][1]) < 1e-2
-        for backend in ("auto", "sm90_slab", "sm90_pair", "sm90_slab_ss", "sm90_pair_ss"):
-            schedule = L._SM90_SCHEDULE[backend]
+        for backend, schedule in L._SM90_SCHEDULE.items():
             for i, (b, trans) in enumerate(((x, False), (gy, True))):
                 # (auto runs an sm_90a kernel in both directions, asserted above)
                 if schedule == 0 or ext.qat_linear_sm90_schedule(b, w, trans, schedule) == schedule:
@@ -332,9 +332,9 @@ def test_gpu_sm90_prologue_propagates_nan_and_refuses_bad_operands():
     w[7, 3] = float("nan")
     aux = L.row_scales(w, 6)
     x = torch.randn(300, 512, device="cuda").bfloat16()
-    # per-tile (a NaN code), the slab schedules (a flagged row: codes are bytes there, and the SS forms' slab rows
-    # are flagged the same way)
-    for schedule in (1, 2, 3, 4, 5):
+    # per-tile and shared-A (a NaN code), the slab schedules (a flagged row: codes are bytes there, and the SS
+    # forms' slab rows are flagged the same way)
+    for schedule in (1, 2, 3, 4, 5, 6, 7):
         y = ext.qat_linear_sm90(x, w, aux, None, False, schedule)
         assert torch.isnan(y[:, 7]).all() and not torch.isnan(y[:, 8]).any()
         dx = ext.qat_linear_sm90(x, w, aux, None, True, schedule)
