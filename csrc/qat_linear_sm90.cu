@@ -68,6 +68,12 @@ __device__ __forceinline__ uint32_t sw128_f32(int row, int col) {
   return row * 128 + ((((col >> 2) ^ row) & 7) << 4) + ((col & 3) << 2);
 }
 
+// The dynamic shared memory's start rounded up to 1024 bytes (the 128-byte swizzle's period; the launches reserve the
+// extra 1 KB).
+__device__ __forceinline__ uint8_t* align_1024(uint8_t* p) {
+  return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + 1023) & ~uintptr_t(1023));
+}
+
 // code = RN(w / s) from r = RN(1 / s): q0 = w·r is within ~1.5 ulp of w / s; one Newton step on the exact fma
 // residual brings it within 1 ulp and a second gives the correctly rounded quotient (Markstein), so rint(q) is the
 // exporter's code (round half to even) bit for bit.
@@ -161,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     const GemmArgs args) {
 #ifdef PGOLF_SM90A
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* smem = align_1024(smem_raw);
   uint8_t* stage_b = smem;                              // kStages x kBBytes
   uint8_t* stage_w = smem + kStages * kBBytes;          // kStages x kWBytes
   uint8_t* epi = smem + kStages * kStageBytes;          // 2 x kEpiBytes
@@ -176,13 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int num_tiles = num_a * num_t;
   const int num_r = args.reduction / kTileR;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 8);  // lane 0 of each of the 8 consumer warps
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  if (threadIdx.x == 0) init_ring(full, empty, kStages, 8);  // empty: lane 0 of each of the 8 consumer warps
   __syncthreads();
 
   if (warpgroup == 0) {
@@ -378,15 +378,20 @@ static_assert(kSlabABufs >= 2 && kSlabStepsPerStage % kSlabABufs == 0,
               "QAT_SLAB_A_BUFS: 2 or 4 (it divides the k16 steps per stage)");
 constexpr int kSmemOptin = 232448;                     // sm_90's opt-in shared memory per block
 // The default (schedule 0): the SS slab (4) where it applies and the output is at least kDefaultSsMinRows wide, else
-// the per-tile kernel (1). On an H100 at 65,536 tokens, where it applies at 512 or more a-rows, the SS slab took
-// 1.12-1.45x cuBLAS's time (1.12-1.19x on the 1536-wide MLP's forward and dX) against 1.34-1.73x for the per-tile
-// kernel in the same directions, and its 2-CTA pairs (5) were no faster; at 256 a-rows (the K/V forward) only 2 slabs
-// share the GPU and the per-tile kernel was faster (1.25x vs 1.58x). The byte slab (2, 3) was slower than the per-tile
-// kernel almost everywhere (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-9034bbb-ss128.txt, two builds,
-// and -f7aa977.txt before the SS form). With the grid of as many CTAs per slab and one epilogue buffer (below), each
-// measured alone at 9e1abb9, the SS slab's best directions moved to 1.09-1.11x cuBLAS (512->1536 and 512->2048
-// forward, 1536->512 dX) and the rest to 1.23-1.34x; the byte slab stayed behind the per-tile kernel wherever the
-// SS slab does not apply (-9e1abb9-epi-align.txt). The two together have not run yet.
+// at that width the shared-A kernel (6), else the per-tile kernel (1). On an H100 at 65,536 tokens, where it applies
+// at 512 or more a-rows, the SS slab took 1.12-1.45x cuBLAS's time (1.12-1.19x on the 1536-wide MLP's forward and
+// dX) against 1.34-1.73x for the per-tile kernel in the same directions, and its 2-CTA pairs (5) were no faster; at
+// 256 a-rows (the K/V forward) only 2 slabs share the GPU and the per-tile kernel was faster (1.25x vs 1.58x). The
+// byte slab (2, 3) was slower than the per-tile kernel almost everywhere
+// (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-07-9034bbb-ss128.txt, two builds, and -f7aa977.txt before
+// the SS form). With the grid of as many CTAs per slab and one epilogue buffer (SlabForm), first measured one at a
+// time (-9e1abb9-epi-align.txt) and then together (-2026-12-08-fad1466-shared-a.txt), the SS slab took 1.10-1.15x
+// cuBLAS's time on the MLP directions it runs (512->1536 and 512->2048 forward, 1536->512 and 2048->512 dX) and
+// 1.41-1.43x at 512->512. In that run the shared-A kernel took 0.85-0.91x the per-tile kernel's time on the long
+// reductions that the slab cannot hold (1536->512 and 2048->512 forward 0.232 and 0.291 ms against 0.266 and 0.344;
+// 512->1536 and 512->2048 dX 0.266 and 0.336 against 0.293 and 0.376; cuBLAS 0.154, 0.193, 0.149, 0.193), but
+// 1.06x at the K/V forward's 256 a-rows (0.0513 against 0.0485 ms), where the per-tile kernel stays; its 2-CTA
+// pairs (7) took 1.01-1.05x its time.
 constexpr int kDefaultSsMinRows = 512;
 
 struct SlabLayout {
@@ -563,7 +568,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   using F = SlabForm<SS>;
   constexpr int kSlabRows = F::kRows, kSlabT = F::kT, kSlabStageBytes = F::kStageBytes;
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* smem = align_1024(smem_raw);
   const int S = args.stages, R = args.reduction;
   uint8_t* stage_b = smem;                                  // S x kSlabStageBytes
   uint8_t* epi = smem + S * kSlabStageBytes;                // 2 x epi_bufs x kSlabEpiBytes
@@ -583,19 +588,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int n = static_cast<int>(units * (group + 1) / groups - u_begin);
   const int num_r = R / kSlabStageR;  // stages per unit
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 4 * CLUSTER);  // lane 0 of each warp of the consuming warpgroup, in every CTA
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  // empty: lane 0 of each warp of the consuming warpgroup, in every CTA
+  if (threadIdx.x == 0) init_ring(full, empty, S, 4 * CLUSTER);
   if (threadIdx.x < kSlabRows) nan_rows[threadIdx.x] = 0;
-  if constexpr (CLUSTER > 1) {
-    cluster_sync();
-  } else {
-    __syncthreads();
-  }
+  cta_or_cluster_sync<CLUSTER>();
 
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
@@ -686,16 +682,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int i_col = lane / 8, rr = lane % 8;
   const int col_chunk = 2 * warp + (i_col % 2);
   // A stage goes back to the producer(s): lane 0 of each warp arrives on its empty barrier in every CTA of the cluster.
-  auto release = [&](int stage) {
-    if (lane == 0) {
-      if constexpr (CLUSTER > 1) {
-#pragma unroll
-        for (int c = 0; c < CLUSTER; ++c) mbar_arrive_cluster(&empty[stage], c);
-      } else {
-        mbar_arrive(&empty[stage]);
-      }
-    }
-  };
+  auto release = [&](int stage) { arrive_in_every_cta<CLUSTER>(&empty[stage], lane); };
   // Epilogue of a 64-row accumulator set (an m64nT wgmma result: kN = T / 2 fp32 per thread): forward · s[a] +
   // bias; a NaN-flagged row (slab mark `mark`) adds NaN. bf16, transposed through the warpgroup's [64 tokens x 64 a]
   // buffer (stmatrix.trans, 128-byte swizzle) and TMA stores, one per 64 tokens. The set holds slab rows
@@ -887,6 +874,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 // per-tile kernel, so the products are the same bit for bit.
 // CLUSTER 2: two CTAs, a-rows 64 apart, share the B stage: each loads one 256-token half and multicasts it to both,
 // so B is read from L2 once per 128 a-rows (as in the per-tile kernel) while W is quantised once per 512 tokens.
+// Measured on an H100 (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-08-fad1466-shared-a.txt): bit for
+// bit equal to the per-tile kernel (bits 6 and 8, every model shape, 1-4097 tokens); on the long reductions 0.85-0.91x
+// its time but still 1.51-1.78x cuBLAS's; the pairs were 1.01-1.05x slower than the single CTAs. Not yet tried: the
+// two warpgroups run in lockstep (they share each A tile), so their epilogues leave the tensor cores idle, as in the
+// per-tile kernel; and each 32-wide stage costs a named barrier and two mbarrier waits.
 constexpr int kSaA = 64;                        // a-rows per CTA tile
 constexpr int kSaT = 2 * kTileT;                // tokens per CTA tile: one 256-token half per consumer warpgroup
 constexpr int kSaR = 32;                        // reduction per stage: 64-byte bf16 rows (64-byte swizzle)
@@ -907,7 +899,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                         const GemmArgs args) {
 #ifdef PGOLF_SM90A
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* smem = align_1024(smem_raw);
   uint8_t* stage_b = smem;                                   // kSaStages x kSaBBytes
   uint8_t* stage_w = stage_b + kSaStages * kSaBBytes;        // kSaStages x kSaWBytes
   uint8_t* a_tiles = stage_w + kSaStages * kSaWBytes;        // kSaABufs x kSaABytes
@@ -925,18 +917,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int num_tiles = num_a * num_t;
   const int num_r = args.reduction / kSaR;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kSaStages; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 8 * CLUSTER);  // lane 0 of each of the 8 consumer warps, in every CTA
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  if constexpr (CLUSTER > 1) {
-    cluster_sync();
-  } else {
-    __syncthreads();
-  }
+  // empty: lane 0 of each of the 8 consumer warps, in every CTA
+  if (threadIdx.x == 0) init_ring(full, empty, kSaStages, 8 * CLUSTER);
+  cta_or_cluster_sync<CLUSTER>();
 
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
@@ -1015,16 +998,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     named_barrier(1, 256);
   };
   // A stage goes back to the producer(s): lane 0 of each warp arrives on its empty barrier in every CTA of the cluster.
-  auto release = [&](int st) {
-    if (lane == 0) {
-      if constexpr (CLUSTER > 1) {
-#pragma unroll
-        for (int c = 0; c < CLUSTER; ++c) mbar_arrive_cluster(&empty[st], c);
-      } else {
-        mbar_arrive(&empty[st]);
-      }
-    }
-  };
+  auto release = [&](int st) { arrive_in_every_cta<CLUSTER>(&empty[st], lane); };
 
   int stage = 0, ab = 0;
   uint32_t phase = 0;
@@ -1172,6 +1146,7 @@ int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool tran
   if (schedule >= 1 && schedule <= 7) return ok[schedule] ? static_cast<int>(schedule) : 0;
   if (schedule != 0) return 0;
   if (ok[4] && a_extent >= kDefaultSsMinRows) return 4;
+  if (ok[6] && a_extent >= kDefaultSsMinRows) return 6;
   return ok[1] ? 1 : 0;
 }
 

@@ -129,6 +129,40 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
+// The full and empty mbarriers of a ring of S stages, by one thread: a stage fills on one arrival (the producer's
+// expect_tx) and its bytes, and empties on `consumers` arrivals; the fence makes them visible to the cluster.
+__device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty, int S, uint32_t consumers) {
+  for (int s = 0; s < S; ++s) {
+    mbar_init(&full[s], 1);
+    mbar_init(&empty[s], consumers);
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+// All threads of the CTA (CLUSTER 1) or of the whole cluster meet.
+template <int CLUSTER>
+__device__ __forceinline__ void cta_or_cluster_sync() {
+  if constexpr (CLUSTER > 1) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
+}
+
+// Lane 0 of the calling warp arrives on the mbarrier at `bar`'s offset in every CTA of the cluster (CLUSTER 1: its
+// own): a stage that every CTA's producer may refill is free once all of them have been told.
+template <int CLUSTER>
+__device__ __forceinline__ void arrive_in_every_cta(uint64_t* bar, int lane) {
+  if (lane == 0) {
+    if constexpr (CLUSTER > 1) {
+#pragma unroll
+      for (int c = 0; c < CLUSTER; ++c) mbar_arrive_cluster(bar, c);
+    } else {
+      mbar_arrive(bar);
+    }
+  }
+}
+
 // A ring of S stages (the producers and consumers of every kernel): on to the next stage, index st, whose mbarrier
 // parity ph flips each time the ring wraps.
 __device__ __forceinline__ void ring_advance(int& st, uint32_t& ph, int S) {

@@ -18,10 +18,11 @@ Two implementations, picked with ``impl=`` (default ``DEFAULT_IMPL``):
   (csrc/qat_linear_sm90.cu: TMA loads, warp-specialised wgmma whose register A operand is the quantised W tile)
   wherever they apply (bf16 X, fp32 W, reduction % 64 == 0, output width % 128 == 0); elsewhere, and with
   ``PROLOGUE_BACKEND = "triton"``, Triton kernels. The default schedule quantises each 128-row slab of W once per
-  CTA into shared memory as bf16 where the matmul's reduction is at most 512 and its output at least 512 wide, and
-  W's tile again for every 256-token tile elsewhere; ``PROLOGUE_BACKEND = "sm90_tile"`` (or ``"sm90_slab"``,
-  ``"sm90_pair"``, ``"sm90_slab_ss"``, ``"sm90_pair_ss"``, ``"sm90_shared_a"``, ``"sm90_pair_a"``) asks for one
-  schedule (see the PROLOGUE_BACKENDS comment).
+  CTA into shared memory as bf16 where the matmul's reduction is at most 512 and its output at least 512 wide; at
+  that width with a longer reduction, each 64 x 32 tile of W into shared memory once per 512 tokens ("shared-A");
+  and for the narrower K/V forward, W's tile again for every 256-token tile; ``PROLOGUE_BACKEND = "sm90_tile"`` (or
+  ``"sm90_slab"``, ``"sm90_pair"``, ``"sm90_slab_ss"``, ``"sm90_pair_ss"``, ``"sm90_shared_a"``, ``"sm90_pair_a"``)
+  asks for one schedule (see the PROLOGUE_BACKENDS comment).
 * ``"quant_cublas"`` — one Triton pass writes Q(W) in X's dtype (the same bytes the plain path's
   ``W.to(bf16)`` cast writes every step), then cuBLAS does all three matmuls.
 
@@ -32,7 +33,9 @@ its one quantising pass replaces the cast pass the plain linear makes anyway; "p
 the sm_90a kernels and 1.61–1.85× with the Triton ones: the prologue redoes the quantisation (about ten fp32
 operations per weight, for the exact division) for every 256-token tile, and reads W as fp32. With the 128-row
 bf16 slab as the default schedule where it applies (quantised once per CTA), one later H100 run gave 1.15–1.36×
-(bench/results/int6_linear-h100-80gb-hbm3-2026-12-07-2459dcb.*; quant_cublas 1.00–1.07× there). So
+(bench/results/int6_linear-h100-80gb-hbm3-2026-12-07-2459dcb.*; quant_cublas 1.00–1.07× there), and with the slab's
+grid and epilogue changes of cc3e010 a run on 12-08 gave 1.17–1.40× (…-2026-12-08-fad1466.*, before the shared-A
+kernel became the default for the long reductions, where it took 0.85–0.91× the per-tile kernel's time). So
 "quant_cublas" is the default: it writes one bf16 Q(W) per step, the same bytes and memory the plain path's bf16
 cast writes, and no other copy. Called eagerly from Python, the op's Python and launch overhead can exceed its
 GPU time at the small shapes; inside a compiled model or a CUDA graph it runs ahead of the GPU.
@@ -71,8 +74,8 @@ DEFAULT_IMPL = "quant_cublas"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # "auto": the prologue matmuls run on the CUDA extension's sm_90a kernels with its default schedule where it applies
 # (an H100/H200, bf16 activations, fp32 W, reduction % 64 == 0, output width % 128 == 0) and on Triton elsewhere.
-# The default schedule is "sm90_slab_ss" where it applies and the output is at least 512 wide, else "sm90_tile"
-# (csrc/qat_linear_sm90.cu, kDefaultSsMinRows, says why).
+# The default schedule is "sm90_slab_ss" where it applies and the output is at least 512 wide, else at that width
+# "sm90_shared_a", else "sm90_tile" (csrc/qat_linear_sm90.cu, kDefaultSsMinRows, says why).
 # "sm90_tile", "sm90_slab", "sm90_pair" ask for one sm_90a schedule of csrc/qat_linear_sm90.cu, again with Triton
 # where it does not apply: W quantised again for every 256-token tile (output width % 128 == 0); W
 # quantised once per CTA and 64-row slab (output width % 64 == 0, reduction <= 2048 or so: the slab's codes must
