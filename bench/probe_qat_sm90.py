@@ -3,8 +3,9 @@
 For every model shape (W [out, in] = 1536x512, 512x1536, 2048x512, 512x2048, 512x512, 256x512) it checks the forward
 y = x @ Q(W)ᵀ + bias and dX = dy @ Q(W) of schedules 1 (per-tile quantisation), 2 (slab: W quantised once per CTA
 and 64-row slab of code bytes), 3 (slab in 2-CTA clusters sharing the activation tiles), 4 and 5 (the same two with
-the SS form: a 128-row bf16 slab read by the tensor cores from shared memory; reductions up to 512, '-' elsewhere)
-against a float64 product at token counts 1, 255, 257, 4097 (bits 6 and 8; outputs poisoned with NaN first) and
+the SS form: a 128-row bf16 slab read by the tensor cores from shared memory; reductions up to 512, '-' elsewhere),
+6 and 7 (shared-A: W streamed, each 64 x 32 tile quantised into shared memory once per 512 tokens; 7 in 2-CTA
+clusters sharing the activation tiles) against a float64 product at token counts 1, 255, 257, 4097 (bits 6 and 8; outputs poisoned with NaN first) and
 that the schedules agree bit for bit; then times each kernel at --tokens tokens beside cuBLAS on the same bf16 Q(W)
 (F.linear for the forward, dy @ Q(W) for dX): medians of CUDA-graph replays of 10 calls each, cuBLAS and every
 schedule of a direction replayed in turn for 40 rounds.
@@ -16,7 +17,8 @@ Usage: python bench/probe_qat_sm90.py [--tokens 65536] [--no-check] [--nvcc-flag
        > bench/results/qat_sm90_schedules-<gpu>-<date>.txt
        python bench/probe_qat_sm90.py --variants="-DNDEBUG;-DQAT_SLAB_A_BUFS=4;-DQAT_SLAB_PROBE_NO_LOAD"
 (several builds at once, then each checked and timed in turn; QAT_SLAB_PROBE_NO_LOAD / NO_MMA / NO_EPI builds skip
-the B loads / the matmuls / the epilogue to time the rest alone, and are not checked).
+the B loads / the matmuls / the epilogue to time the rest alone, as QAT_SA_PROBE_NO_LOAD / NO_QUANT / NO_MMA / NO_EPI
+do in the shared-A kernels, and are not checked); --schedules=1,4,6 times only those schedules beside cuBLAS.
 """
 from __future__ import annotations
 
@@ -108,8 +110,10 @@ def check(ext) -> bool:
 GRAPH_INNER, GRAPH_ROUNDS = 10, 40  # calls per CUDA graph; rounds of interleaved replays
 
 
-def timing(ext, tokens):
-    cols = ["cublas"] + list(SCHEDULES.values())
+def timing(ext, tokens, only=None):
+    """Time cuBLAS and every schedule (or those in `only`) at each shape, both directions."""
+    schedules = {sch: name for sch, name in SCHEDULES.items() if only is None or sch in only}
+    cols = ["cublas"] + list(schedules.values())
     print(f"\nms per kernel at {tokens} tokens (CUDA-graph median); x/cuBLAS = the fastest schedule over cuBLAS")
     print(f"{'in->out':>11} | fwd " + " ".join(f"{c:>7}" for c in cols) + "  x/cuBLAS | dX  "
           + " ".join(f"{c:>7}" for c in cols) + "  x/cuBLAS")
@@ -123,7 +127,7 @@ def timing(ext, tokens):
         parts = []
         for trans, b, ref in ((False, x, lambda: F.linear(x, wb)), (True, gy, lambda: gy @ wb)):
             graphs = {"cublas": capture_cuda_graph(ref, GRAPH_INNER)}
-            for sch, name in SCHEDULES.items():
+            for sch, name in schedules.items():
                 if ext.qat_linear_sm90_schedule(b, w, trans, sch) == sch:
                     graphs[name] = capture_cuda_graph(
                         lambda sch=sch: ext.qat_linear_sm90(b, w, aux, None, trans, sch), GRAPH_INNER)
@@ -160,9 +164,17 @@ def main():
                     "-DPGOLF_QAT_SLAB_STAGE_R=32)")
     ap.add_argument("--variants", default=None,
                     help="';'-separated flag sets: build them all at once, then check and time each in turn "
-                    "(probe builds, -DQAT_SLAB_PROBE_*, give wrong results by design: timed only)")
+                    "(probe builds, -DQAT_SLAB_PROBE_* and -DQAT_SA_PROBE_*, give wrong results by design: timed "
+                    "only)")
+    ap.add_argument("--schedules", default=None,
+                    help="comma-separated schedule numbers to time (default: all; cuBLAS always runs), e.g. 1,4,6")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(join_option_values(sys.argv[1:], ("--variants", "--nvcc-flags")))
+    only = None
+    if args.schedules is not None:
+        only = {int(v) for v in args.schedules.split(",") if v.strip()}
+        if not only <= set(SCHEDULES):
+            sys.exit(f"--schedules: unknown {sorted(only - set(SCHEDULES))}; known: {sorted(SCHEDULES)}")
     if args.build_only:
         load_ops(args.nvcc_flags)
         return
@@ -176,11 +188,11 @@ def main():
     for flags in variants:
         ext, how = load_ops(flags)
         print(f"\n# {torch.cuda.get_device_name()}, torch {torch.__version__}; kernels: {how}", flush=True)
-        if not args.no_check and "QAT_SLAB_PROBE_" not in flags:
+        if not args.no_check and "_PROBE_" not in flags:
             if not check(ext):
                 ok = False
                 continue
-        timing(ext, args.tokens)
+        timing(ext, args.tokens, only)
     if not ok:
         sys.exit(1)
 

@@ -882,7 +882,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 constexpr int kSaA = 64;                        // a-rows per CTA tile
 constexpr int kSaT = 2 * kTileT;                // tokens per CTA tile: one 256-token half per consumer warpgroup
 constexpr int kSaR = 32;                        // reduction per stage: 64-byte bf16 rows (64-byte swizzle)
-constexpr int kSaStages = 4;
+// Probe builds (bench/probe_qat_sm90.py --variants) may set QAT_SA_STAGES=3 (5 do not fit), and, to time parts of
+// the kernel alone (wrong results by design), QAT_SA_PROBE_NO_LOAD (no TMA loads), QAT_SA_PROBE_NO_QUANT (the A tile
+// is not written: no W reads, quantisation or stores; the fence and barrier stay), QAT_SA_PROBE_NO_MMA (no wgmmas)
+// and QAT_SA_PROBE_NO_EPI (no output).
+#ifndef QAT_SA_STAGES
+#define QAT_SA_STAGES 4
+#endif
+constexpr int kSaStages = QAT_SA_STAGES;
 constexpr int kSaABufs = 3;                     // A tiles: stage k + 1 is written while k runs and k - 1 may
 constexpr int kSaBBytes = kSaT * kSaR * 2;      // 32 KB
 constexpr int kSaWBytes = kSaA * kSaR * 4;      // 8 KB fp32
@@ -932,6 +939,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int kr = 0; kr < num_r; ++kr) {
           const int r0 = kr * kSaR;
           mbar_wait(&empty[stage], phase ^ 1);
+#ifdef QAT_SA_PROBE_NO_LOAD
+          mbar_expect_tx(&full[stage], 0);
+          (void)r0;
+          (void)a_cta;
+          (void)t0;
+          ring_advance(stage, phase, kSaStages);
+          continue;
+#endif
           mbar_expect_tx(&full[stage], kSaBBytes + kSaWBytes + (TRANS_W ? 4 * kSaScaleFloats : 0));
           uint8_t* b = stage_b + stage * kSaBBytes;
           if constexpr (CLUSTER > 1) {  // this CTA's half of the tokens, to both CTAs
@@ -971,6 +986,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t a_chunk = cv_a * 64 + (((cv_c ^ (cv_a >> 1)) & 3) << 4);  // 64-byte swizzle
 
   auto quantise_stage = [&](int st, int ab, float s_row, float r_row) {
+#ifndef QAT_SA_PROBE_NO_QUANT
     const uint8_t* w = stage_w + st * kSaWBytes;
     uint4 v;
     if constexpr (!TRANS_W) {
@@ -993,6 +1009,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       v = make_uint4(pack_bf16(e[0], e[1]), pack_bf16(e[2], e[3]), pack_bf16(e[4], e[5]), pack_bf16(e[6], e[7]));
     }
     *reinterpret_cast<uint4*>(a_tiles + ab * kSaABytes + a_chunk) = v;
+#else
+    (void)st;
+    (void)ab;
+    (void)s_row;
+    (void)r_row;
+#endif
     // the generic-proxy stores must be visible to the wgmmas (async proxy) of both warpgroups
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     named_barrier(1, 256);
@@ -1026,8 +1048,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint64_t da = smem_desc_sw64(a_tiles + ab * kSaABytes);
       const uint64_t db = smem_desc_sw64(stage_b + stage * kSaBBytes + cw * (kSaBBytes / 2));
       wgmma_fence();
+#ifndef QAT_SA_PROBE_NO_MMA
       wgmma_m64n256k16_ss(acc, da, db);
       wgmma_m64n256k16_ss(acc, da + 2, db + 2);  // +32 bytes = 16 bf16 along the reduction
+#else
+      (void)da;
+      (void)db;
+#endif
       wgmma_commit();
       if (kr > 0) {
         wgmma_wait<1>();
@@ -1045,7 +1072,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<0>();
     fence_operands(acc);
     release(prev);
+#ifndef QAT_SA_PROBE_NO_EPI
     store_tile_64x256<TRANS_W>(acc, my_epi, 2 + cw, tid, &map_out, a_cta, t0, s_lo, s_hi, args.bias);
+#else
+    (void)my_epi;
+    (void)s_lo;
+    (void)s_hi;
+#endif
   }
   if (tid == 0) tma_store_wait_all();
   if constexpr (CLUSTER > 1) cluster_sync();

@@ -410,3 +410,19 @@ def test_gpu_sm90_prologue_first_called_inside_a_cuda_graph_capture():
     root = Path(__file__).resolve().parent.parent
     r = subprocess.run([sys.executable, "-c", _CAPTURE_SCRIPT], cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "captured-ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_probe_refuses_unknown_schedules_before_needing_a_gpu():
+    """bench/probe_qat_sm90.py --schedules names schedules of csrc/qat_linear_sm90.cu; an unknown one is refused by
+    number (on any machine), a known list gets as far as the GPU check here."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    probe = str(root / "bench" / "probe_qat_sm90.py")
+    r = subprocess.run([sys.executable, probe, "--schedules", "1,9"], cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "--schedules: unknown [9]" in r.stderr
+    if not _on_hopper():
+        r = subprocess.run([sys.executable, probe, "--schedules", "1,6"], cwd=root, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode != 0 and "needs an sm_90 GPU" in r.stderr
