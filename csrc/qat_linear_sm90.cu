@@ -25,7 +25,9 @@
 // Tried and dropped (bench/results/qat_sm90_probe-*): the consumers converting the next stage while their own
 // wgmmas ran (at most 5% faster, and wrong results once the compiler reused registers under an in-flight wgmma);
 // a converter warpgroup writing the quantised tiles to shared memory for plain SS wgmma (1.4-1.6x slower than this:
-// one warp per scheduler cannot convert a stage in the time the tensor cores take for it);
+// one warp per scheduler cannot convert a stage in the time the tensor cores take for it; the shared-A schedule
+// further down has all 256 consumer threads do it, once per 512 tokens, and took 0.85-0.91x this kernel's time on
+// the long reductions);
 // and 256 threads with no producer warpgroup (thread 0 issuing the copies), which lifts the register cap from 168
 // to 255: slower at every shape.
 // Tile: 128 a-rows x 256 tokens x 64 reduction, 3 stages. Needs a-extent % 128 == 0, reduction % 64 == 0 and bf16

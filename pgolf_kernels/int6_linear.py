@@ -15,9 +15,9 @@ Two implementations, picked with ``impl=`` (default ``DEFAULT_IMPL``):
   scales (and their reciprocals); the forward multiplies X by the integer codes and applies the scales in the
   epilogue (codes are exact in bf16); dX dequantises each tile to bf16 on load. No quantised copy of W is
   written. dW = dYᵀX goes to cuBLAS. On an H100/H200 the two matmuls are the CUDA extension's sm_90a kernels
-  (csrc/qat_linear_sm90.cu: TMA loads, warp-specialised wgmma whose register A operand is the quantised W tile)
-  wherever they apply (bf16 X, fp32 W, reduction % 64 == 0, output width % 128 == 0); elsewhere, and with
-  ``PROLOGUE_BACKEND = "triton"``, Triton kernels. The default schedule quantises each 128-row slab of W once per
+  (csrc/qat_linear_sm90.cu: TMA loads, warp-specialised wgmma on the quantised W tile, in registers or shared memory)
+  wherever they apply (bf16 X, fp32 W, reduction % 64 == 0, output width % 128 == 0, or % 64 == 0 at 512 or more);
+  elsewhere, and with ``PROLOGUE_BACKEND = "triton"``, Triton kernels. The default schedule quantises each 128-row slab of W once per
   CTA into shared memory as bf16 where the matmul's reduction is at most 512 and its output at least 512 wide; at
   that width with a longer reduction, each 64 x 32 tile of W into shared memory once per 512 tokens ("shared-A");
   and for the narrower K/V forward, W's tile again for every 256-token tile; ``PROLOGUE_BACKEND = "sm90_tile"`` (or
@@ -73,7 +73,8 @@ IMPLS = ("prologue", "quant_cublas", "reference")
 DEFAULT_IMPL = "quant_cublas"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # "auto": the prologue matmuls run on the CUDA extension's sm_90a kernels with its default schedule where it applies
-# (an H100/H200, bf16 activations, fp32 W, reduction % 64 == 0, output width % 128 == 0) and on Triton elsewhere.
+# (an H100/H200, bf16 activations, fp32 W, reduction % 64 == 0, output width % 128 == 0, or % 64 == 0 at 512 or
+# more) and on Triton elsewhere.
 # The default schedule is "sm90_slab_ss" where it applies and the output is at least 512 wide, else at that width
 # "sm90_shared_a", else "sm90_tile" (csrc/qat_linear_sm90.cu, kDefaultSsMinRows, says why).
 # "sm90_tile", "sm90_slab", "sm90_pair" ask for one sm_90a schedule of csrc/qat_linear_sm90.cu, again with Triton
