@@ -880,23 +880,30 @@ __global__ void __launch_bounds__(kThreads, 1)
 // bit equal to the per-tile kernel (bits 6 and 8, every model shape, 1-4097 tokens); on the long reductions 0.85-0.91x
 // its time but still 1.51-1.78x cuBLAS's; the pairs were 1.01-1.05x slower than the single CTAs. Not yet tried: the
 // two warpgroups run in lockstep (they share each A tile), so their epilogues leave the tensor cores idle, as in the
-// per-tile kernel; and each 32-wide stage costs a named barrier and two mbarrier waits.
+// per-tile kernel; and each 32-wide stage costs a named barrier and two mbarrier waits (QAT_SA_R=64 below halves
+// their number, with two stages instead of four).
 constexpr int kSaA = 64;                        // a-rows per CTA tile
 constexpr int kSaT = 2 * kTileT;                // tokens per CTA tile: one 256-token half per consumer warpgroup
-constexpr int kSaR = 32;                        // reduction per stage: 64-byte bf16 rows (64-byte swizzle)
-// Probe builds (bench/probe_qat_sm90.py --variants) may set QAT_SA_STAGES=3 (5 do not fit), and, to time parts of
-// the kernel alone (wrong results by design), QAT_SA_PROBE_NO_LOAD (no TMA loads), QAT_SA_PROBE_NO_QUANT (the A tile
-// is not written: no W reads, quantisation or stores; the fence and barrier stay), QAT_SA_PROBE_NO_MMA (no wgmmas)
-// and QAT_SA_PROBE_NO_EPI (no output).
+// Probe builds (bench/probe_qat_sm90.py --variants) may set QAT_SA_R=64 (64 of the reduction per stage: 128-byte
+// rows and swizzle, half the stages and barriers per tile, two stages fit), QAT_SA_STAGES (3 at R 32; 5 do not fit),
+// and, to time parts of the kernel alone (wrong results by design), QAT_SA_PROBE_NO_LOAD (no TMA loads),
+// QAT_SA_PROBE_NO_QUANT (the A tile is not written: no W reads, quantisation or stores; the fence and barrier stay),
+// QAT_SA_PROBE_NO_MMA (no wgmmas) and QAT_SA_PROBE_NO_EPI (no output).
+#ifndef QAT_SA_R
+#define QAT_SA_R 32
+#endif
+constexpr int kSaR = QAT_SA_R;                  // reduction per stage: 64-byte bf16 rows (64-byte swizzle) at 32
+static_assert(kSaR == 32 || kSaR == 64, "QAT_SA_R must be 32 or 64");
+constexpr int kSaChunks = kSaR / 32;            // 8-wide A chunks each consumer thread quantises per stage
 #ifndef QAT_SA_STAGES
-#define QAT_SA_STAGES 4
+#define QAT_SA_STAGES (128 / QAT_SA_R)
 #endif
 constexpr int kSaStages = QAT_SA_STAGES;
 constexpr int kSaABufs = 3;                     // A tiles: stage k + 1 is written while k runs and k - 1 may
-constexpr int kSaBBytes = kSaT * kSaR * 2;      // 32 KB
+constexpr int kSaBBytes = kSaT * kSaR * 2;      // 32 KB at R 32
 constexpr int kSaWBytes = kSaA * kSaR * 4;      // 8 KB fp32
 constexpr int kSaABytes = kSaA * kSaR * 2;      // 4 KB bf16
-constexpr int kSaScaleFloats = 2 * kSaR;        // dX: s and RN(1/s) of the stage's 32 reduction rows
+constexpr int kSaScaleFloats = 2 * kSaR;        // dX: s and RN(1/s) of the stage's reduction rows
 constexpr int kSaSmemBytes = 1024 /* alignment */ + kSaStages * (kSaBBytes + kSaWBytes + 4 * kSaScaleFloats) +
                              kSaABufs * kSaABytes + 2 * kEpiBytes + 2 * kSaStages * 8;
 static_assert(kSaSmemBytes <= 232448, "shared-A schedule: shared memory");
@@ -958,9 +965,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             tma_load_2d(b + kSaBBytes / 2, &map_b, &full[stage], r0, t0 + kTileT);
           }
           uint8_t* w = stage_w + stage * kSaWBytes;
-          if constexpr (!TRANS_W) {  // W[a_cta:a_cta+64, r0:r0+32], one [64 x 32] box
-            tma_load_2d(w, &map_w, &full[stage], r0, a_cta);
-          } else {  // W[r0:r0+32, a_cta:a_cta+64] as two [32 x 32] boxes, and s, RN(1/s) of rows r0..r0+31
+          if constexpr (!TRANS_W) {  // W[a_cta:a_cta+64, r0:r0+R] as R / 32 [64 x 32] boxes
+#pragma unroll
+            for (int c = 0; c < kSaChunks; ++c) tma_load_2d(w + c * (kSaWBytes / kSaChunks), &map_w, &full[stage],
+                                                            r0 + 32 * c, a_cta);
+          } else {  // W[r0:r0+R, a_cta:a_cta+64] as two [R x 32] boxes, and s, RN(1/s) of rows r0..r0+R-1
             tma_load_2d(w, &map_w, &full[stage], a_cta, r0);
             tma_load_2d(w + kSaWBytes / 2, &map_w, &full[stage], a_cta + 32, r0);
             tma_load_2d(stage_scales + stage * kSaScaleFloats, &map_aux, &full[stage], r0, 0);
@@ -980,37 +989,45 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = tid / 32, lane = tid % 32;
   const int row_lo = 16 * warp + lane / 4;  // this thread's accumulator a-rows: row_lo, row_lo + 8
   uint8_t* my_epi = epi + cw * kEpiBytes;
-  // The A values this thread quantises each stage: a-row cv_a, reduction 8 cv_c .. 8 cv_c + 7 of the stage, one
-  // 16-byte chunk of the A tile. Forward: 4 threads per a-row (W's row is contiguous); dX: 32 consecutive a-rows per
-  // warp (W's row r is), all lanes of a warp on the same reduction rows and so the same scales.
+  // The A values this thread quantises each stage: a-row cv_a, reduction 8 c .. 8 c + 7 of the stage for c = cv_c
+  // (and cv_c + 4 at R 64), 16-byte chunks of the A tile. Forward: 4 threads per a-row (W's row is contiguous); dX:
+  // 32 consecutive a-rows per warp (W's row r is), all lanes of a warp on the same reduction rows and scales.
   const int cv_a = TRANS_W ? t256 % kSaA : t256 / 4;
   const int cv_c = TRANS_W ? t256 / kSaA : t256 % 4;
-  const uint32_t a_chunk = cv_a * 64 + (((cv_c ^ (cv_a >> 1)) & 3) << 4);  // 64-byte swizzle
+  auto a_chunk = [&](int c) -> uint32_t {  // the K-major A tile, swizzled as a TMA box of R-wide rows would be
+    if constexpr (kSaR == 32) return cv_a * 64 + (((c ^ (cv_a >> 1)) & 3) << 4);
+    return cv_a * 128 + (((c ^ cv_a) & 7) << 4);
+  };
 
   auto quantise_stage = [&](int st, int ab, float s_row, float r_row) {
 #ifndef QAT_SA_PROBE_NO_QUANT
     const uint8_t* w = stage_w + st * kSaWBytes;
-    uint4 v;
-    if constexpr (!TRANS_W) {
-      const float4 lo = *reinterpret_cast<const float4*>(w + sw128_f32(cv_a, 8 * cv_c));
-      const float4 hi = *reinterpret_cast<const float4*>(w + sw128_f32(cv_a, 8 * cv_c + 4));
-      v.x = pack_codes_bf16(quant_code(lo.x, s_row, r_row), quant_code(lo.y, s_row, r_row));
-      v.y = pack_codes_bf16(quant_code(lo.z, s_row, r_row), quant_code(lo.w, s_row, r_row));
-      v.z = pack_codes_bf16(quant_code(hi.x, s_row, r_row), quant_code(hi.y, s_row, r_row));
-      v.w = pack_codes_bf16(quant_code(hi.z, s_row, r_row), quant_code(hi.w, s_row, r_row));
-    } else {
-      const uint8_t* box = w + (cv_a >> 5) * (kSaWBytes / 2);
-      const float* sc = stage_scales + st * kSaScaleFloats;  // [2][32]: s, RN(1/s)
-      float e[8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int r = 8 * cv_c + j;
-        const float x = *reinterpret_cast<const float*>(box + sw128_f32(r, cv_a & 31));
-        e[j] = __fmul_rn(quant_code(x, sc[r], sc[kSaR + r]), sc[r]);
+    for (int h = 0; h < kSaChunks; ++h) {
+      const int c = cv_c + 4 * h;
+      uint4 v;
+      if constexpr (!TRANS_W) {  // box h: columns 32 h .. 32 h + 31 of the stage
+        const uint8_t* box = w + h * (kSaWBytes / kSaChunks);
+        const float4 lo = *reinterpret_cast<const float4*>(box + sw128_f32(cv_a, 8 * cv_c));
+        const float4 hi = *reinterpret_cast<const float4*>(box + sw128_f32(cv_a, 8 * cv_c + 4));
+        v.x = pack_codes_bf16(quant_code(lo.x, s_row, r_row), quant_code(lo.y, s_row, r_row));
+        v.y = pack_codes_bf16(quant_code(lo.z, s_row, r_row), quant_code(lo.w, s_row, r_row));
+        v.z = pack_codes_bf16(quant_code(hi.x, s_row, r_row), quant_code(hi.y, s_row, r_row));
+        v.w = pack_codes_bf16(quant_code(hi.z, s_row, r_row), quant_code(hi.w, s_row, r_row));
+      } else {
+        const uint8_t* box = w + (cv_a >> 5) * (kSaWBytes / 2);
+        const float* sc = stage_scales + st * kSaScaleFloats;  // [2][R]: s, RN(1/s)
+        float e[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int r = 8 * c + j;
+          const float x = *reinterpret_cast<const float*>(box + sw128_f32(r, cv_a & 31));
+          e[j] = __fmul_rn(quant_code(x, sc[r], sc[kSaR + r]), sc[r]);
+        }
+        v = make_uint4(pack_bf16(e[0], e[1]), pack_bf16(e[2], e[3]), pack_bf16(e[4], e[5]), pack_bf16(e[6], e[7]));
       }
-      v = make_uint4(pack_bf16(e[0], e[1]), pack_bf16(e[2], e[3]), pack_bf16(e[4], e[5]), pack_bf16(e[6], e[7]));
+      *reinterpret_cast<uint4*>(a_tiles + ab * kSaABytes + a_chunk(c)) = v;
     }
-    *reinterpret_cast<uint4*>(a_tiles + ab * kSaABytes + a_chunk) = v;
 #else
     (void)st;
     (void)ab;
@@ -1043,16 +1060,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(&full[stage], phase);
     quantise_stage(stage, ab, s_row, r_row);
     int prev = stage;
-    // Per stage: issue its two k16 steps on A tile `ab`, retire the stage before (wait 1) and hand it back, then
+    // Per stage: issue its k16 steps on A tile `ab`, retire the stage before (wait 1) and hand it back, then
     // quantise the next stage into the next A tile. That tile was last read by the wgmmas of stage k - 2, which both
     // warpgroups retired before the barrier ending stage k's quantisation.
     for (int kr = 0; kr < num_r; ++kr) {
-      const uint64_t da = smem_desc_sw64(a_tiles + ab * kSaABytes);
-      const uint64_t db = smem_desc_sw64(stage_b + stage * kSaBBytes + cw * (kSaBBytes / 2));
+      const uint8_t* a_tile = a_tiles + ab * kSaABytes;
+      const uint8_t* b_half = stage_b + stage * kSaBBytes + cw * (kSaBBytes / 2);
+      const uint64_t da = kSaR == 32 ? smem_desc_sw64(a_tile) : smem_desc_sw128(a_tile);
+      const uint64_t db = kSaR == 32 ? smem_desc_sw64(b_half) : smem_desc_sw128(b_half);
       wgmma_fence();
 #ifndef QAT_SA_PROBE_NO_MMA
-      wgmma_m64n256k16_ss(acc, da, db);
-      wgmma_m64n256k16_ss(acc, da + 2, db + 2);  // +32 bytes = 16 bf16 along the reduction
+#pragma unroll
+      for (int j = 0; j < kSaR / 16; ++j) wgmma_m64n256k16_ss(acc, da + 2 * j, db + 2 * j);  // +32 bytes per k16
 #else
       (void)da;
       (void)db;
@@ -1227,8 +1246,9 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
 
   if (kind >= 6) {  // the shared-A kernel
     const int cluster = kind == 7 ? 2 : 1;
-    const CUtensorMap map_b = make_map("qat_linear_sm90", b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, reduction,
-                                       kSaR, kTileT, CU_TENSOR_MAP_SWIZZLE_64B);
+    const CUtensorMap map_b =
+        make_map("qat_linear_sm90", b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, reduction, kSaR, kTileT,
+                 kSaR == 32 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B);
     const CUtensorMap map_w = make_map("qat_linear_sm90", w, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, w.size(0), w.size(1),
                                        32, trans_w ? kSaR : kSaA);
     const CUtensorMap map_out =
