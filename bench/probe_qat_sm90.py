@@ -1,14 +1,14 @@
 """Probe: the sm_90a QAT matmul schedules of csrc/qat_linear_sm90.cu, each kernel alone, against cuBLAS.
 
-For every model shape (W [out, in] = 1536x512, 512x1536, 2048x512, 512x2048, 512x512, 256x512) it checks the forward
-y = x @ Q(W)ᵀ + bias and dX = dy @ Q(W) of schedules 1 (per-tile quantisation), 2 (slab: W quantised once per CTA
-and 64-row slab of code bytes), 3 (slab in 2-CTA clusters sharing the activation tiles), 4 and 5 (the same two with
-the SS form: a 128-row bf16 slab read by the tensor cores from shared memory; reductions up to 512, '-' elsewhere),
-6 and 7 (shared-A: W streamed, each 64 x 32 tile quantised into shared memory once per 512 tokens; 7 in 2-CTA
-clusters sharing the activation tiles) against a float64 product at token counts 1, 255, 257, 4097 (bits 6 and 8; outputs poisoned with NaN first) and
-that the schedules agree bit for bit; then times each kernel at --tokens tokens beside cuBLAS on the same bf16 Q(W)
-(F.linear for the forward, dy @ Q(W) for dX): medians of CUDA-graph replays of 10 calls each, cuBLAS and every
-schedule of a direction replayed in turn for 40 rounds.
+For every model shape (W [out, in] = 1536x512, 512x1536, 2048x512, 512x2048, 512x512, 256x512) it checks the forward y
+= x @ Q(W)ᵀ + bias and dX = dy @ Q(W) of schedules 1 (per-tile quantisation), 2 (slab: W quantised once per CTA and
+64-row slab of code bytes), 3 (slab in 2-CTA clusters sharing the activation tiles), 4 and 5 (the same two with the SS
+form: a 128-row bf16 slab read by the tensor cores from shared memory; reductions up to 512, '-' elsewhere), 6 and 7
+(shared-A: W streamed, each 64 x 32 tile quantised into shared memory once per 512 tokens; 7 in 2-CTA clusters sharing
+the activation tiles) against a float64 product at token counts 1, 255, 257, 4097 (bits 6 and 8; outputs poisoned with
+NaN first) and that the schedules agree bit for bit; then times each kernel at --tokens tokens beside cuBLAS on the
+same bf16 Q(W) (F.linear for the forward, dy @ Q(W) for dX): medians of CUDA-graph replays of 10 calls each, cuBLAS
+and every schedule of a direction replayed in turn for 40 rounds.
 
 It uses the built extension when it has qat_linear_sm90_schedule, else builds csrc/qat_linear_sm90.cu alone with
 bench/probe_qat_sm90_bind.cpp (torch.utils.cpp_extension.load, ~20 s).

@@ -906,7 +906,7 @@ constexpr int kSaABytes = kSaA * kSaR * 2;      // 4 KB bf16
 constexpr int kSaScaleFloats = 2 * kSaR;        // dX: s and RN(1/s) of the stage's reduction rows
 constexpr int kSaSmemBytes = 1024 /* alignment */ + kSaStages * (kSaBBytes + kSaWBytes + 4 * kSaScaleFloats) +
                              kSaABufs * kSaABytes + 2 * kEpiBytes + 2 * kSaStages * 8;
-static_assert(kSaSmemBytes <= 232448, "shared-A schedule: shared memory");
+static_assert(kSaSmemBytes <= kSmemOptin, "shared-A schedule: shared memory");
 
 template <bool TRANS_W, int CLUSTER>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -1174,6 +1174,24 @@ int pair_cluster_count(int device, const void* kernel, int smem) {
   return count;
 }
 
+// The tensor maps of the streaming kernels (per-tile and shared-A), whose stages are `r_width` of the reduction
+// (64: 128-byte bf16 rows and swizzle; 32: 64-byte) and whose W tiles are `a_rows` tall: B in [256 tokens x r_width]
+// boxes; W's fp32 in 32-wide boxes, a_rows (forward) or r_width (dX) tall; the output in [128 tokens x 64] boxes;
+// aux (s, RN(1/s)) in [2 x r_width] boxes.
+struct StreamMaps {
+  CUtensorMap b, w, out, aux;
+};
+StreamMaps stream_maps(const at::Tensor& b, const at::Tensor& w, const at::Tensor& aux, const at::Tensor& out,
+                       bool trans_w, int r_width, int a_rows) {
+  constexpr const char* kWhat = "qat_linear_sm90";
+  return {make_map(kWhat, b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, b.size(0), b.size(1), r_width, kTileT,
+                   r_width == 64 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B),
+          make_map(kWhat, w, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, w.size(0), w.size(1), 32, trans_w ? r_width : a_rows),
+          make_map(kWhat, out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, out.size(0), out.size(1), 64, kEpiT),
+          make_map(kWhat, aux, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, 2, aux.size(1), r_width, 2,
+                   CU_TENSOR_MAP_SWIZZLE_NONE)};
+}
+
 }  // namespace
 
 // Which schedule runs these operands: 1 the per-tile kernel, 2 the slab kernel, 3 the slab kernel in 2-CTA clusters
@@ -1244,19 +1262,13 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
   const DeviceInfo& info = device_info(b.get_device());
   auto stream = c10::cuda::getCurrentCUDAStream();
 
+  // the streaming kernels' (per-tile and shared-A) arguments
+  const GemmArgs args{aux.data_ptr<float>(), bias_ptr, static_cast<int>(tokens), static_cast<int>(a_extent),
+                      static_cast<int>(reduction)};
+
   if (kind >= 6) {  // the shared-A kernel
     const int cluster = kind == 7 ? 2 : 1;
-    const CUtensorMap map_b =
-        make_map("qat_linear_sm90", b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, reduction, kSaR, kTileT,
-                 kSaR == 32 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B);
-    const CUtensorMap map_w = make_map("qat_linear_sm90", w, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, w.size(0), w.size(1),
-                                       32, trans_w ? kSaR : kSaA);
-    const CUtensorMap map_out =
-        make_map("qat_linear_sm90", out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, a_extent, 64, kEpiT);
-    const CUtensorMap map_aux = make_map("qat_linear_sm90", aux, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, 2, aux.size(1),
-                                         kSaR, 2, CU_TENSOR_MAP_SWIZZLE_NONE);
-    const GemmArgs args{aux.data_ptr<float>(), bias_ptr, static_cast<int>(tokens), static_cast<int>(a_extent),
-                        static_cast<int>(reduction)};
+    const auto [map_b, map_w, map_out, map_aux] = stream_maps(b, w, aux, out, trans_w, kSaR, kSaA);
     const int64_t tiles = (a_extent / (kSaA * cluster)) * ((tokens + kSaT - 1) / kSaT);
     if (cluster == 1) {
       auto kernel = trans_w ? qat_shared_a_kernel<true, 1> : qat_shared_a_kernel<false, 1>;
@@ -1314,15 +1326,7 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
     return out;
   }
 
-  const CUtensorMap map_b = make_map("qat_linear_sm90", b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, reduction, kTileR, kTileT);
-  const CUtensorMap map_w = make_map("qat_linear_sm90", w, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, w.size(0), w.size(1), 32,
-                                     trans_w ? kTileR : kTileA);
-  const CUtensorMap map_out = make_map("qat_linear_sm90", out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tokens, a_extent, 64, kEpiT);
-  const CUtensorMap map_aux =
-      make_map("qat_linear_sm90", aux, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, 2, aux.size(1), kTileR, 2, CU_TENSOR_MAP_SWIZZLE_NONE);
-
-  const GemmArgs args{aux.data_ptr<float>(), bias_ptr, static_cast<int>(tokens), static_cast<int>(a_extent),
-                      static_cast<int>(reduction)};
+  const auto [map_b, map_w, map_out, map_aux] = stream_maps(b, w, aux, out, trans_w, kTileR, kTileA);
   const int64_t num_tiles = (a_extent / kTileA) * ((tokens + kTileT - 1) / kTileT);
   const int grid = static_cast<int>(std::min<int64_t>(num_tiles, info.sms));
   auto kernel = trans_w ? qat_gemm_kernel<true> : qat_gemm_kernel<false>;

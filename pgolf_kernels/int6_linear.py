@@ -11,13 +11,13 @@ identity (the reference below, ``w + (Q(w) - w).detach()``, says the same).
 
 Two implementations, picked with ``impl=`` (default ``DEFAULT_IMPL``):
 
-* ``"prologue"`` — matmuls that quantise W tile by tile as they load it. One small pass computes the per-row
-  scales (and their reciprocals); the forward multiplies X by the integer codes and applies the scales in the
-  epilogue (codes are exact in bf16); dX dequantises each tile to bf16 on load. No quantised copy of W is
-  written. dW = dYᵀX goes to cuBLAS. On an H100/H200 the two matmuls are the CUDA extension's sm_90a kernels
-  (csrc/qat_linear_sm90.cu: TMA loads, warp-specialised wgmma on the quantised W tile, in registers or shared memory)
-  wherever they apply (bf16 X, fp32 W, reduction % 64 == 0, output width % 128 == 0, or % 64 == 0 at 512 or more);
-  elsewhere, and with ``PROLOGUE_BACKEND = "triton"``, Triton kernels. The default schedule quantises each 128-row slab of W once per
+* ``"prologue"`` — matmuls that quantise W tile by tile as they load it. One small pass computes the per-row scales
+  (and their reciprocals); the forward multiplies X by the integer codes and applies the scales in the epilogue (codes
+  are exact in bf16); dX dequantises each tile to bf16 on load. No quantised copy of W is written. dW = dYᵀX goes to
+  cuBLAS. On an H100/H200 the two matmuls are the CUDA extension's sm_90a kernels (csrc/qat_linear_sm90.cu: TMA loads,
+  warp-specialised wgmma on the quantised W tile, in registers or shared memory) wherever they apply (bf16 X, fp32 W,
+  reduction % 64 == 0, output width % 128 == 0, or % 64 == 0 at 512 or more); elsewhere, and with
+  ``PROLOGUE_BACKEND = "triton"``, Triton kernels. The default schedule quantises each 128-row slab of W once per
   CTA into shared memory as bf16 where the matmul's reduction is at most 512 and its output at least 512 wide; at
   that width with a longer reduction, each 64 x 32 tile of W into shared memory once per 512 tokens ("shared-A");
   and for the narrower K/V forward, W's tile again for every 256-token tile; ``PROLOGUE_BACKEND = "sm90_tile"`` (or
@@ -85,8 +85,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # of 128 rows that the tensor cores read from shared memory (output width % 128 resp. % 256 == 0, reduction <= 512).
 # "sm90_shared_a" and "sm90_pair_a" stream W like the per-tile kernel but quantise each 64 x 32 tile into shared
 # memory once per 512 tokens, for shared-memory A wgmma (output width % 64 resp. % 128 == 0, any reduction).
-# The byte slab schedules (and the SS pairs) are opt-in: on an H100 they were slower than the per-tile kernel resp.
-# the SS slab (bench/results/qat_sm90_schedules-*). "triton" always uses Triton.
+# The byte slab schedules and the three pair schedules are opt-in: on an H100 each was slower than the schedule it
+# varies (the byte slab than the per-tile kernel, each pair than its single-CTA form; bench/results/
+# qat_sm90_schedules-*). "triton" always uses Triton.
 # PGOLF_QLINEAR_PROLOGUE sets the start value.
 PROLOGUE_BACKENDS = ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "sm90_slab_ss", "sm90_pair_ss", "sm90_shared_a",
                      "sm90_pair_a", "triton")

@@ -281,8 +281,8 @@ def test_gpu_sm90_prologue_matches_triton_prologue_and_reference(n, k, monkeypat
     schedules; sm90_shared_a, sm90_pair_a: the shared-A schedules) against the Triton ones and a float64 product,
     at token counts that are not multiples of the 256-token tile, with a bias; outputs start as NaN (a freed NaN
     block the caching allocator hands back), so an element the kernel never wrote fails the check. Where another
-    sm_90a schedule (or auto) runs a direction it must equal
-    the per-tile kernel bit for bit (elsewhere that direction falls back to Triton)."""
+    sm_90a schedule (or auto) runs a direction it must equal the per-tile kernel bit for bit (elsewhere that
+    direction falls back to Triton)."""
     from pgolf_kernels._extension import extension_available, require_extension
 
     if not extension_available():
