@@ -878,35 +878,102 @@ __global__ void __launch_bounds__(kThreads, 1)
 // so B is read from L2 once per 128 a-rows (as in the per-tile kernel) while W is quantised once per 512 tokens.
 // Measured on an H100 (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-08-fad1466-shared-a.txt): bit for
 // bit equal to the per-tile kernel (bits 6 and 8, every model shape, 1-4097 tokens); on the long reductions 0.85-0.91x
-// its time but still 1.51-1.78x cuBLAS's; the pairs were 1.01-1.05x slower than the single CTAs. Not yet tried: the
-// two warpgroups run in lockstep (they share each A tile), so their epilogues leave the tensor cores idle, as in the
-// per-tile kernel; and each 32-wide stage costs a named barrier and two mbarrier waits (QAT_SA_R=64 below halves
-// their number, with two stages instead of four).
+// its time but still 1.51-1.78x cuBLAS's; the pairs were 1.01-1.05x slower than the single CTAs. Open questions: the
+// quantisation of each stage sits between two stages' wgmmas with one stage of lookahead (the probe build
+// QAT_SA_QUANT_WG below moves it to the producer warpgroup's idle warps, off the consumers' path; compiled, not yet
+// run); the two warpgroups run in lockstep (they share each A tile), so their epilogues leave the tensor cores idle,
+// as in the per-tile kernel; and each 32-wide stage costs a named barrier and two mbarrier waits (QAT_SA_R=64 below
+// halves their number, with two stages instead of four).
 constexpr int kSaA = 64;                        // a-rows per CTA tile
 constexpr int kSaT = 2 * kTileT;                // tokens per CTA tile: one 256-token half per consumer warpgroup
 // Probe builds (bench/probe_qat_sm90.py --variants) may set QAT_SA_R=64 (64 of the reduction per stage: 128-byte
 // rows and swizzle, half the stages and barriers per tile, two stages fit), QAT_SA_STAGES (3 at R 32; 5 do not fit),
-// and, to time parts of the kernel alone (wrong results by design), QAT_SA_PROBE_NO_LOAD (no TMA loads),
-// QAT_SA_PROBE_NO_QUANT (the A tile is not written: no W reads, quantisation or stores; the fence and barrier stay),
-// QAT_SA_PROBE_NO_MMA (no wgmmas) and QAT_SA_PROBE_NO_EPI (no output).
+// QAT_SA_QUANT_WG (a third warpgroup quantises, see below), and, to time parts of the kernel alone (wrong results by
+// design), QAT_SA_PROBE_NO_LOAD (no TMA loads), QAT_SA_PROBE_NO_QUANT (the A tile is not written: no W reads,
+// quantisation or stores; the fence and barrier stay), QAT_SA_PROBE_NO_MMA (no wgmmas) and QAT_SA_PROBE_NO_EPI (no
+// output).
 #ifndef QAT_SA_R
 #define QAT_SA_R 32
 #endif
 constexpr int kSaR = QAT_SA_R;                  // reduction per stage: 64-byte bf16 rows (64-byte swizzle) at 32
 static_assert(kSaR == 32 || kSaR == 64, "QAT_SA_R must be 32 or 64");
-constexpr int kSaChunks = kSaR / 32;            // 8-wide A chunks each consumer thread quantises per stage
 #ifndef QAT_SA_STAGES
 #define QAT_SA_STAGES (128 / QAT_SA_R)
 #endif
-constexpr int kSaStages = QAT_SA_STAGES;
-constexpr int kSaABufs = 3;                     // A tiles: stage k + 1 is written while k runs and k - 1 may
+constexpr int kSaStages = QAT_SA_STAGES;        // B stages, and (quantiser warpgroup) W stages
+// QAT_SA_QUANT_WG: the producer warpgroup's idle warps quantise. Warp 0 loads the B ring, warp 1 the W ring, warps 2
+// and 3 quantise each W stage into the A ring, and the two consumer warpgroups only wait for A and B and multiply. The
+// quantisation then leaves the consumers' path, runs up to kSaABufs stages ahead of them (also through their
+// epilogues), and the consumers need no barrier with each other: each waits for the A and B stages and releases them
+// by itself. (A fourth warpgroup cannot quantise instead: at 512 threads ptxas allots 128 registers per thread, fewer
+// than the m64n256 accumulators need.)
+#ifdef QAT_SA_QUANT_WG
+constexpr bool kSaQuantWg = true;
+#else
+constexpr bool kSaQuantWg = false;
+#endif
+constexpr int kSaQuantThreads = kSaQuantWg ? 64 : 256;  // threads that quantise each stage together
+// A tiles: with the consumers quantising, stage k + 1 is written while k runs and k - 1 may still be read (see the
+// mainloop); with the quantiser warpgroup, how far it may run ahead.
+constexpr int kSaABufs = kSaQuantWg ? 4 : 3;
 constexpr int kSaBBytes = kSaT * kSaR * 2;      // 32 KB at R 32
 constexpr int kSaWBytes = kSaA * kSaR * 4;      // 8 KB fp32
 constexpr int kSaABytes = kSaA * kSaR * 2;      // 4 KB bf16
 constexpr int kSaScaleFloats = 2 * kSaR;        // dX: s and RN(1/s) of the stage's reduction rows
+constexpr int kSaBarriers = 2 * kSaStages + (kSaQuantWg ? 2 * kSaStages + 2 * kSaABufs : 0);
 constexpr int kSaSmemBytes = 1024 /* alignment */ + kSaStages * (kSaBBytes + kSaWBytes + 4 * kSaScaleFloats) +
-                             kSaABufs * kSaABytes + 2 * kEpiBytes + 2 * kSaStages * 8;
+                             kSaABufs * kSaABytes + 2 * kEpiBytes + 8 * kSaBarriers;
 static_assert(kSaSmemBytes <= kSmemOptin, "shared-A schedule: shared memory");
+
+#ifdef PGOLF_SM90A
+// The a-row whose W values thread t (of kSaQuantThreads) quantises each stage. Forward: G = kSaQuantThreads / 64
+// threads per a-row, 8 consecutive threads on 8 consecutive a-rows (their 16-byte loads from the 128-byte-swizzled W
+// box and stores into the A tile fall in 8 different bank groups); dX: 32 consecutive a-rows per warp (W's row r is
+// contiguous in a), all lanes of a warp on the same reduction rows and scales.
+template <bool TRANS_W>
+__device__ __forceinline__ int sa_quant_row(int t) {
+  constexpr int G = kSaQuantThreads / kSaA;
+  return TRANS_W ? t % kSaA : t % 8 + 8 * (t / (8 * G));
+}
+
+// Thread t's share of one stage's quantisation: W (64 a-rows x kSaR of the reduction, fp32, as TMA wrote it: 32-wide
+// boxes with the 128-byte swizzle) into the bf16 A tile (K-major, swizzled as a TMA box of kSaR-wide rows would be),
+// the 16-byte chunks c = c0, c0 + G, ... of a-row sa_quant_row(t). Forward A holds the integer codes (s[a] in the
+// epilogue; s_row, r_row: this a-row's s and RN(1 / s)), dX bf16(code · s[r]) (sc: the stage's [2][kSaR] s, RN(1/s)).
+template <bool TRANS_W>
+__device__ __forceinline__ void sa_quantise(const uint8_t* w, const float* sc, uint8_t* a_tile, int t, float s_row,
+                                            float r_row) {
+  constexpr int G = kSaQuantThreads / kSaA;
+  const int a = sa_quant_row<TRANS_W>(t);
+  const int c0 = TRANS_W ? t / kSaA : (t / 8) % G;
+#pragma unroll
+  for (int h = 0; h < kSaR / (8 * G); ++h) {
+    const int c = c0 + G * h;
+    uint4 v;
+    if constexpr (!TRANS_W) {  // box c / 4: columns 32 (c / 4) .. + 31 of the stage; chunk c % 4 of it
+      const uint8_t* box = w + (c >> 2) * (kSaA * 32 * 4);
+      const float4 lo = *reinterpret_cast<const float4*>(box + sw128_f32(a, 8 * (c & 3)));
+      const float4 hi = *reinterpret_cast<const float4*>(box + sw128_f32(a, 8 * (c & 3) + 4));
+      v.x = pack_codes_bf16(quant_code(lo.x, s_row, r_row), quant_code(lo.y, s_row, r_row));
+      v.y = pack_codes_bf16(quant_code(lo.z, s_row, r_row), quant_code(lo.w, s_row, r_row));
+      v.z = pack_codes_bf16(quant_code(hi.x, s_row, r_row), quant_code(hi.y, s_row, r_row));
+      v.w = pack_codes_bf16(quant_code(hi.z, s_row, r_row), quant_code(hi.w, s_row, r_row));
+    } else {  // W[r0 + r, a] in box a / 32 ([kSaR x 32])
+      const uint8_t* box = w + (a >> 5) * (kSaWBytes / 2);
+      float e[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int r = 8 * c + j;
+        const float x = *reinterpret_cast<const float*>(box + sw128_f32(r, a & 31));
+        e[j] = __fmul_rn(quant_code(x, sc[r], sc[kSaR + r]), sc[r]);
+      }
+      v = make_uint4(pack_bf16(e[0], e[1]), pack_bf16(e[2], e[3]), pack_bf16(e[4], e[5]), pack_bf16(e[6], e[7]));
+    }
+    const uint32_t chunk = kSaR == 32 ? a * 64 + (((c ^ (a >> 1)) & 3) << 4) : a * 128 + (((c ^ a) & 7) << 4);
+    *reinterpret_cast<uint4*>(a_tile + chunk) = v;
+  }
+}
+#endif  // PGOLF_SM90A
 
 template <bool TRANS_W, int CLUSTER>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -921,11 +988,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* a_tiles = stage_w + kSaStages * kSaWBytes;        // kSaABufs x kSaABytes
   uint8_t* epi = a_tiles + kSaABufs * kSaABytes;             // 2 x kEpiBytes
   float* stage_scales = reinterpret_cast<float*>(epi + 2 * kEpiBytes);  // kSaStages x kSaScaleFloats (dX)
+  // B ring; with the quantiser warpgroup also the W ring and the A ring (without it W travels in the B ring)
   uint64_t* full = reinterpret_cast<uint64_t*>(stage_scales + kSaStages * kSaScaleFloats);
   uint64_t* empty = full + kSaStages;
+  uint64_t* w_full = empty + kSaStages;
+  uint64_t* w_empty = w_full + kSaStages;
+  uint64_t* a_full = w_empty + kSaStages;
+  uint64_t* a_empty = a_full + kSaABufs;
 
   const int warpgroup = threadIdx.x / 128;
   const int tid = threadIdx.x % 128;
+  const int warp = tid / 32, lane = tid % 32;
   const uint32_t rank = CLUSTER > 1 ? cluster_rank() : 0;
   const int group = blockIdx.x / CLUSTER, groups = gridDim.x / CLUSTER;  // clusters (or CTAs) and their count
   const int num_a = args.a_extent / (kSaA * CLUSTER);
@@ -933,13 +1006,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int num_tiles = num_a * num_t;
   const int num_r = args.reduction / kSaR;
 
-  // empty: lane 0 of each of the 8 consumer warps, in every CTA
-  if (threadIdx.x == 0) init_ring(full, empty, kSaStages, 8 * CLUSTER);
+  if (threadIdx.x == 0) {
+    init_ring(full, empty, kSaStages, 8 * CLUSTER);  // B empty: lane 0 of each of the 8 consumer warps, every CTA
+    if constexpr (kSaQuantWg) {
+      init_ring(w_full, w_empty, kSaStages, 2);    // W empty: the 2 quantiser warps
+      init_ring(a_full, a_empty, kSaABufs, 8, 2);  // A full: the 2 quantiser warps; empty: the 8 consumer warps
+    }
+  }
   cta_or_cluster_sync<CLUSTER>();
 
   if (warpgroup == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    if (tid == 0) {
+    // The quantiser warps keep the launch's 168 registers (ptxas gives the consumers' code no more than that either,
+    // and below 72 the dX quantisation spills); without them the producer gives registers back.
+    if constexpr (!kSaQuantWg) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    // warp 0: the B stages (and without the quantiser warps W's); warp 1 (with them): W's stages
+    if (lane == 0 && (warp == 0 || (kSaQuantWg && warp == 1))) {
+      const bool loads_b = warp == 0, loads_w = !kSaQuantWg || warp == 1;
+      uint64_t* ring_full = loads_b ? full : w_full;
+      uint64_t* ring_empty = loads_b ? empty : w_empty;
+      const uint32_t bytes =
+          (loads_b ? kSaBBytes : 0) + (loads_w ? kSaWBytes + (TRANS_W ? 4 * kSaScaleFloats : 0) : 0);
       int stage = 0;
       uint32_t phase = 0;
       for (int tile = group; tile < num_tiles; tile += groups) {
@@ -947,34 +1033,74 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int t0 = (tile / num_a) * kSaT;
         for (int kr = 0; kr < num_r; ++kr) {
           const int r0 = kr * kSaR;
-          mbar_wait(&empty[stage], phase ^ 1);
+          mbar_wait(&ring_empty[stage], phase ^ 1);
 #ifdef QAT_SA_PROBE_NO_LOAD
-          mbar_expect_tx(&full[stage], 0);
+          mbar_expect_tx(&ring_full[stage], 0);
+          (void)bytes;
           (void)r0;
           (void)a_cta;
           (void)t0;
           ring_advance(stage, phase, kSaStages);
           continue;
 #endif
-          mbar_expect_tx(&full[stage], kSaBBytes + kSaWBytes + (TRANS_W ? 4 * kSaScaleFloats : 0));
-          uint8_t* b = stage_b + stage * kSaBBytes;
-          if constexpr (CLUSTER > 1) {  // this CTA's half of the tokens, to both CTAs
-            tma_load_2d_multicast(b + rank * (kSaBBytes / 2), &map_b, &full[stage], r0, t0 + rank * kTileT, 3);
-          } else {
-            tma_load_2d(b, &map_b, &full[stage], r0, t0);
-            tma_load_2d(b + kSaBBytes / 2, &map_b, &full[stage], r0, t0 + kTileT);
+          mbar_expect_tx(&ring_full[stage], bytes);
+          if (loads_b) {
+            uint8_t* b = stage_b + stage * kSaBBytes;
+            if constexpr (CLUSTER > 1) {  // this CTA's half of the tokens, to both CTAs
+              tma_load_2d_multicast(b + rank * (kSaBBytes / 2), &map_b, &full[stage], r0, t0 + rank * kTileT, 3);
+            } else {
+              tma_load_2d(b, &map_b, &full[stage], r0, t0);
+              tma_load_2d(b + kSaBBytes / 2, &map_b, &full[stage], r0, t0 + kTileT);
+            }
           }
-          uint8_t* w = stage_w + stage * kSaWBytes;
-          if constexpr (!TRANS_W) {  // W[a_cta:a_cta+64, r0:r0+R] as R / 32 [64 x 32] boxes
+          if (loads_w) {
+            uint8_t* w = stage_w + stage * kSaWBytes;
+            if constexpr (!TRANS_W) {  // W[a_cta:a_cta+64, r0:r0+R] as R / 32 [64 x 32] boxes
 #pragma unroll
-            for (int c = 0; c < kSaChunks; ++c) tma_load_2d(w + c * (kSaWBytes / kSaChunks), &map_w, &full[stage],
-                                                            r0 + 32 * c, a_cta);
-          } else {  // W[r0:r0+R, a_cta:a_cta+64] as two [R x 32] boxes, and s, RN(1/s) of rows r0..r0+R-1
-            tma_load_2d(w, &map_w, &full[stage], a_cta, r0);
-            tma_load_2d(w + kSaWBytes / 2, &map_w, &full[stage], a_cta + 32, r0);
-            tma_load_2d(stage_scales + stage * kSaScaleFloats, &map_aux, &full[stage], r0, 0);
+              for (int c = 0; c < kSaR / 32; ++c) {
+                tma_load_2d(w + c * (kSaA * 32 * 4), &map_w, &ring_full[stage], r0 + 32 * c, a_cta);
+              }
+            } else {  // W[r0:r0+R, a_cta:a_cta+64] as two [R x 32] boxes, and s, RN(1/s) of rows r0..r0+R-1
+              tma_load_2d(w, &map_w, &ring_full[stage], a_cta, r0);
+              tma_load_2d(w + kSaWBytes / 2, &map_w, &ring_full[stage], a_cta + 32, r0);
+              tma_load_2d(stage_scales + stage * kSaScaleFloats, &map_aux, &ring_full[stage], r0, 0);
+            }
           }
           ring_advance(stage, phase, kSaStages);
+        }
+      }
+    }
+    if constexpr (kSaQuantWg) {
+      if (warp >= 2) {  // the quantiser warps: W stage -> A tile, up to kSaABufs stages ahead of the consumers
+        const int t = tid - 64;
+        int wst = 0, ast = 0;
+        uint32_t wph = 0, aph = 0;
+        for (int tile = group; tile < num_tiles; tile += groups) {
+          const int a_cta = ((tile % num_a) * CLUSTER + static_cast<int>(rank)) * kSaA;
+          float s_row = 0.f, r_row = 0.f;
+          if constexpr (!TRANS_W) {
+            const int a = a_cta + sa_quant_row<TRANS_W>(t);
+            s_row = __ldg(args.aux + a);
+            r_row = __ldg(args.aux + args.a_extent + a);
+          }
+          for (int kr = 0; kr < num_r; ++kr) {
+            mbar_wait(&w_full[wst], wph);
+            mbar_wait(&a_empty[ast], aph ^ 1);
+#ifndef QAT_SA_PROBE_NO_QUANT
+            sa_quantise<TRANS_W>(stage_w + wst * kSaWBytes, stage_scales + wst * kSaScaleFloats,
+                                 a_tiles + ast * kSaABytes, t, s_row, r_row);
+#endif
+            // this thread's generic-proxy stores become visible to the consumers' wgmmas (async proxy); the warp
+            // arrives (release) once all its lanes have fenced
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            __syncwarp();
+            if (lane == 0) {
+              mbar_arrive(&w_empty[wst]);
+              mbar_arrive(&a_full[ast]);
+            }
+            ring_advance(wst, wph, kSaStages);
+            ring_advance(ast, aph, kSaABufs);
+          }
         }
       }
     }
@@ -983,51 +1109,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  if constexpr (!kSaQuantWg) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
   const int cw = warpgroup - 1;  // consumer warpgroup: tokens [256 cw, 256 cw + 256) of the tile
   const int t256 = threadIdx.x - 128;
-  const int warp = tid / 32, lane = tid % 32;
   const int row_lo = 16 * warp + lane / 4;  // this thread's accumulator a-rows: row_lo, row_lo + 8
   uint8_t* my_epi = epi + cw * kEpiBytes;
-  // The A values this thread quantises each stage: a-row cv_a, reduction 8 c .. 8 c + 7 of the stage for c = cv_c
-  // (and cv_c + 4 at R 64), 16-byte chunks of the A tile. Forward: 4 threads per a-row (W's row is contiguous); dX:
-  // 32 consecutive a-rows per warp (W's row r is), all lanes of a warp on the same reduction rows and scales.
-  const int cv_a = TRANS_W ? t256 % kSaA : t256 / 4;
-  const int cv_c = TRANS_W ? t256 / kSaA : t256 % 4;
-  auto a_chunk = [&](int c) -> uint32_t {  // the K-major A tile, swizzled as a TMA box of R-wide rows would be
-    if constexpr (kSaR == 32) return cv_a * 64 + (((c ^ (cv_a >> 1)) & 3) << 4);
-    return cv_a * 128 + (((c ^ cv_a) & 7) << 4);
-  };
 
+  // Without the quantiser warps all 256 consumer threads quantise each stage together, then meet.
   auto quantise_stage = [&](int st, int ab, float s_row, float r_row) {
 #ifndef QAT_SA_PROBE_NO_QUANT
-    const uint8_t* w = stage_w + st * kSaWBytes;
-#pragma unroll
-    for (int h = 0; h < kSaChunks; ++h) {
-      const int c = cv_c + 4 * h;
-      uint4 v;
-      if constexpr (!TRANS_W) {  // box h: columns 32 h .. 32 h + 31 of the stage
-        const uint8_t* box = w + h * (kSaWBytes / kSaChunks);
-        const float4 lo = *reinterpret_cast<const float4*>(box + sw128_f32(cv_a, 8 * cv_c));
-        const float4 hi = *reinterpret_cast<const float4*>(box + sw128_f32(cv_a, 8 * cv_c + 4));
-        v.x = pack_codes_bf16(quant_code(lo.x, s_row, r_row), quant_code(lo.y, s_row, r_row));
-        v.y = pack_codes_bf16(quant_code(lo.z, s_row, r_row), quant_code(lo.w, s_row, r_row));
-        v.z = pack_codes_bf16(quant_code(hi.x, s_row, r_row), quant_code(hi.y, s_row, r_row));
-        v.w = pack_codes_bf16(quant_code(hi.z, s_row, r_row), quant_code(hi.w, s_row, r_row));
-      } else {
-        const uint8_t* box = w + (cv_a >> 5) * (kSaWBytes / 2);
-        const float* sc = stage_scales + st * kSaScaleFloats;  // [2][R]: s, RN(1/s)
-        float e[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int r = 8 * c + j;
-          const float x = *reinterpret_cast<const float*>(box + sw128_f32(r, cv_a & 31));
-          e[j] = __fmul_rn(quant_code(x, sc[r], sc[kSaR + r]), sc[r]);
-        }
-        v = make_uint4(pack_bf16(e[0], e[1]), pack_bf16(e[2], e[3]), pack_bf16(e[4], e[5]), pack_bf16(e[6], e[7]));
-      }
-      *reinterpret_cast<uint4*>(a_tiles + ab * kSaABytes + a_chunk(c)) = v;
-    }
+    sa_quantise<TRANS_W>(stage_w + st * kSaWBytes, stage_scales + st * kSaScaleFloats, a_tiles + ab * kSaABytes, t256,
+                         s_row, r_row);
 #else
     (void)st;
     (void)ab;
@@ -1040,16 +1132,34 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   // A stage goes back to the producer(s): lane 0 of each warp arrives on its empty barrier in every CTA of the cluster.
   auto release = [&](int st) { arrive_in_every_cta<CLUSTER>(&empty[st], lane); };
+  auto mma_stage = [&](float(&acc)[128], int st, int ab) {
+    const uint8_t* a_tile = a_tiles + ab * kSaABytes;
+    const uint8_t* b_half = stage_b + st * kSaBBytes + cw * (kSaBBytes / 2);
+    const uint64_t da = kSaR == 32 ? smem_desc_sw64(a_tile) : smem_desc_sw128(a_tile);
+    const uint64_t db = kSaR == 32 ? smem_desc_sw64(b_half) : smem_desc_sw128(b_half);
+    wgmma_fence();
+#ifndef QAT_SA_PROBE_NO_MMA
+#pragma unroll
+    for (int j = 0; j < kSaR / 16; ++j) wgmma_m64n256k16_ss(acc, da + 2 * j, db + 2 * j);  // +32 bytes per k16
+#else
+    (void)da;
+    (void)db;
+#endif
+    wgmma_commit();
+  };
 
   int stage = 0, ab = 0;
-  uint32_t phase = 0;
+  uint32_t phase = 0, a_phase = 0;
   for (int tile = group; tile < num_tiles; tile += groups) {
     const int a_cta = ((tile % num_a) * CLUSTER + static_cast<int>(rank)) * kSaA;
     const int t0 = (tile / num_a) * kSaT + cw * kTileT;
     float s_row = 0.f, r_row = 0.f, s_lo = 0.f, s_hi = 0.f;
     if constexpr (!TRANS_W) {
-      s_row = __ldg(args.aux + a_cta + cv_a);
-      r_row = __ldg(args.aux + args.a_extent + a_cta + cv_a);
+      if constexpr (!kSaQuantWg) {
+        const int a = a_cta + sa_quant_row<TRANS_W>(t256);
+        s_row = __ldg(args.aux + a);
+        r_row = __ldg(args.aux + args.a_extent + a);
+      }
       s_lo = __ldg(args.aux + a_cta + row_lo);
       s_hi = __ldg(args.aux + a_cta + row_lo + 8);
     }
@@ -1057,42 +1167,55 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
     fence_operands(acc);
-    mbar_wait(&full[stage], phase);
-    quantise_stage(stage, ab, s_row, r_row);
-    int prev = stage;
-    // Per stage: issue its k16 steps on A tile `ab`, retire the stage before (wait 1) and hand it back, then
-    // quantise the next stage into the next A tile. That tile was last read by the wgmmas of stage k - 2, which both
-    // warpgroups retired before the barrier ending stage k's quantisation.
-    for (int kr = 0; kr < num_r; ++kr) {
-      const uint8_t* a_tile = a_tiles + ab * kSaABytes;
-      const uint8_t* b_half = stage_b + stage * kSaBBytes + cw * (kSaBBytes / 2);
-      const uint64_t da = kSaR == 32 ? smem_desc_sw64(a_tile) : smem_desc_sw128(a_tile);
-      const uint64_t db = kSaR == 32 ? smem_desc_sw64(b_half) : smem_desc_sw128(b_half);
-      wgmma_fence();
-#ifndef QAT_SA_PROBE_NO_MMA
-#pragma unroll
-      for (int j = 0; j < kSaR / 16; ++j) wgmma_m64n256k16_ss(acc, da + 2 * j, db + 2 * j);  // +32 bytes per k16
-#else
-      (void)da;
-      (void)db;
-#endif
-      wgmma_commit();
-      if (kr > 0) {
-        wgmma_wait<1>();
-        fence_operands(acc);
-        release(prev);
-      }
-      prev = stage;
-      ring_advance(stage, phase, kSaStages);
-      ab = ab + 1 == kSaABufs ? 0 : ab + 1;
-      if (kr + 1 < num_r) {
+    if constexpr (kSaQuantWg) {
+      // Per stage: wait for its B and A, issue its k16 steps, retire the stage before (wait 1) and release its B
+      // stage and A tile.
+      int prev = stage, prev_ab = ab;
+      for (int kr = 0; kr < num_r; ++kr) {
         mbar_wait(&full[stage], phase);
-        quantise_stage(stage, ab, s_row, r_row);
+        mbar_wait(&a_full[ab], a_phase);
+        mma_stage(acc, stage, ab);
+        if (kr > 0) {
+          wgmma_wait<1>();
+          fence_operands(acc);
+          release(prev);
+          if (lane == 0) mbar_arrive(&a_empty[prev_ab]);
+        }
+        prev = stage;
+        prev_ab = ab;
+        ring_advance(stage, phase, kSaStages);
+        ring_advance(ab, a_phase, kSaABufs);
       }
+      wgmma_wait<0>();
+      fence_operands(acc);
+      release(prev);
+      if (lane == 0) mbar_arrive(&a_empty[prev_ab]);
+    } else {
+      mbar_wait(&full[stage], phase);
+      quantise_stage(stage, ab, s_row, r_row);
+      int prev = stage;
+      // Per stage: issue its k16 steps on A tile `ab`, retire the stage before (wait 1) and hand it back, then
+      // quantise the next stage into the next A tile. That tile was last read by the wgmmas of stage k - 2, which
+      // both warpgroups retired before the barrier ending stage k's quantisation.
+      for (int kr = 0; kr < num_r; ++kr) {
+        mma_stage(acc, stage, ab);
+        if (kr > 0) {
+          wgmma_wait<1>();
+          fence_operands(acc);
+          release(prev);
+        }
+        prev = stage;
+        ring_advance(stage, phase, kSaStages);
+        ab = ab + 1 == kSaABufs ? 0 : ab + 1;
+        if (kr + 1 < num_r) {
+          mbar_wait(&full[stage], phase);
+          quantise_stage(stage, ab, s_row, r_row);
+        }
+      }
+      wgmma_wait<0>();
+      fence_operands(acc);
+      release(prev);
     }
-    wgmma_wait<0>();
-    fence_operands(acc);
-    release(prev);
 #ifndef QAT_SA_PROBE_NO_EPI
     store_tile_64x256<TRANS_W>(acc, my_epi, 2 + cw, tid, &map_out, a_cta, t0, s_lo, s_hi, args.bias);
 #else
@@ -1143,14 +1266,15 @@ SlabLayout slab_layout_of(int64_t reduction, bool trans_w, bool ss) {
 }
 
 // A launch of a slab or shared-A kernel in 2-CTA clusters (`attr` holds the cluster shape the config points to).
-cudaLaunchConfig_t pair_launch_config(cudaLaunchAttribute& attr, unsigned grid, int smem, cudaStream_t stream) {
+cudaLaunchConfig_t pair_launch_config(cudaLaunchAttribute& attr, unsigned grid, int threads, int smem,
+                                      cudaStream_t stream) {
   attr.id = cudaLaunchAttributeClusterDimension;
   attr.val.clusterDim.x = 2;
   attr.val.clusterDim.y = 1;
   attr.val.clusterDim.z = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(grid);
-  config.blockDim = dim3(kThreads);
+  config.blockDim = dim3(threads);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = &attr;
@@ -1160,14 +1284,15 @@ cudaLaunchConfig_t pair_launch_config(cudaLaunchAttribute& attr, unsigned grid, 
 
 // How many 2-CTA clusters of `kernel` (a slab or shared-A kernel) fit on the GPU at once (a GPC with an odd SM
 // count leaves one SM out), asked once per device, kernel and shared-memory size.
-int pair_cluster_count(int device, const void* kernel, int smem) {
+int pair_cluster_count(int device, const void* kernel, int threads, int smem) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, const void*, int>, int> counts;
+  static std::map<std::tuple<int, const void*, int, int>, int> counts;
   const std::lock_guard<std::mutex> lock(mutex);
-  int& count = counts[std::make_tuple(device, kernel, smem)];
+  int& count = counts[std::make_tuple(device, kernel, threads, smem)];
   if (count == 0) {
     cudaLaunchAttribute attr;
-    const cudaLaunchConfig_t config = pair_launch_config(attr, 2 * (device_info(device).sms / 2), smem, nullptr);
+    const cudaLaunchConfig_t config =
+        pair_launch_config(attr, 2 * (device_info(device).sms / 2), threads, smem, nullptr);
     C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&count, kernel, &config));
     TORCH_CHECK(count > 0, "qat_linear_sm90: no 2-CTA cluster of this kernel fits on this GPU");
   }
@@ -1227,7 +1352,7 @@ int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool tran
 int64_t qat_linear_sm90_pair_clusters(const at::Tensor& b, const at::Tensor& w, bool trans_w, bool ss) {
   const int pair = ss ? 5 : 3;
   if (qat_linear_sm90_schedule(b, w, trans_w, pair) != pair) return 0;
-  return pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(slab_kernel(trans_w, 2, ss)),
+  return pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(slab_kernel(trans_w, 2, ss)), kThreads,
                             slab_layout_of(b.size(1), trans_w, ss).smem);
 }
 
@@ -1277,10 +1402,10 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
     } else {
       auto kernel = trans_w ? qat_shared_a_kernel<true, 2> : qat_shared_a_kernel<false, 2>;
       const int max_clusters =
-          pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(kernel), kSaSmemBytes);
+          pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(kernel), kThreads, kSaSmemBytes);
       cudaLaunchAttribute attr;
       const cudaLaunchConfig_t config = pair_launch_config(
-          attr, static_cast<unsigned>(2 * std::min<int64_t>(tiles, max_clusters)), kSaSmemBytes, stream);
+          attr, static_cast<unsigned>(2 * std::min<int64_t>(tiles, max_clusters)), kThreads, kSaSmemBytes, stream);
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_b, map_w, map_out, map_aux, args));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1316,10 +1441,10 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
       kernel<<<static_cast<unsigned>(grid), kThreads, layout.smem, stream>>>(map_b_slab, map_out, args);
     } else {
       const int max_clusters =
-          pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(kernel), layout.smem);
+          pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(kernel), kThreads, layout.smem);
       cudaLaunchAttribute attr;
       const cudaLaunchConfig_t config = pair_launch_config(
-          attr, static_cast<unsigned>(2 * std::min<int64_t>(units, max_clusters)), layout.smem, stream);
+          attr, static_cast<unsigned>(2 * std::min<int64_t>(units, max_clusters)), kThreads, layout.smem, stream);
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_b_slab, map_out, args));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();

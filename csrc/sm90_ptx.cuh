@@ -129,11 +129,13 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
-// The full and empty mbarriers of a ring of S stages, by one thread: a stage fills on one arrival (the producer's
-// expect_tx) and its bytes, and empties on `consumers` arrivals; the fence makes them visible to the cluster.
-__device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty, int S, uint32_t consumers) {
+// The full and empty mbarriers of a ring of S stages, by one thread: a stage fills on `producers` arrivals (by
+// default one, the TMA producer's expect_tx, and its bytes) and empties on `consumers` arrivals; the fence makes them
+// visible to the cluster.
+__device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty, int S, uint32_t consumers,
+                                          uint32_t producers = 1) {
   for (int s = 0; s < S; ++s) {
-    mbar_init(&full[s], 1);
+    mbar_init(&full[s], producers);
     mbar_init(&empty[s], consumers);
   }
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
