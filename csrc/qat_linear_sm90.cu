@@ -888,10 +888,10 @@ constexpr int kSaA = 64;                        // a-rows per CTA tile
 constexpr int kSaT = 2 * kTileT;                // tokens per CTA tile: one 256-token half per consumer warpgroup
 // Probe builds (bench/probe_qat_sm90.py --variants) may set QAT_SA_R=64 (64 of the reduction per stage: 128-byte
 // rows and swizzle, half the stages and barriers per tile, two stages fit), QAT_SA_STAGES (3 at R 32; 5 do not fit),
-// QAT_SA_QUANT_WG (a third warpgroup quantises, see below), and, to time parts of the kernel alone (wrong results by
-// design), QAT_SA_PROBE_NO_LOAD (no TMA loads), QAT_SA_PROBE_NO_QUANT (the A tile is not written: no W reads,
-// quantisation or stores; the fence and barrier stay), QAT_SA_PROBE_NO_MMA (no wgmmas) and QAT_SA_PROBE_NO_EPI (no
-// output).
+// QAT_SA_QUANT_WG (the producer warpgroup's idle warps quantise, see below), QAT_SA_PROBE_CLOCKS (each warp of CTA 0
+// prints where its cycles went: SaClocks), and, to time parts of the kernel alone (wrong results by design),
+// QAT_SA_PROBE_NO_LOAD (no TMA loads), QAT_SA_PROBE_NO_QUANT (the A tile is not written: no W reads, quantisation or
+// stores; the fence and barrier stay), QAT_SA_PROBE_NO_MMA (no wgmmas) and QAT_SA_PROBE_NO_EPI (no output).
 #ifndef QAT_SA_R
 #define QAT_SA_R 32
 #endif
@@ -924,6 +924,12 @@ constexpr int kSaBarriers = 2 * kSaStages + (kSaQuantWg ? 2 * kSaStages + 2 * kS
 constexpr int kSaSmemBytes = 1024 /* alignment */ + kSaStages * (kSaBBytes + kSaWBytes + 4 * kSaScaleFloats) +
                              kSaABufs * kSaABytes + 2 * kEpiBytes + 8 * kSaBarriers;
 static_assert(kSaSmemBytes <= kSmemOptin, "shared-A schedule: shared memory");
+
+#ifdef QAT_SA_PROBE_CLOCKS  // (SaClocks below)
+constexpr int kSaClockSlots = 32;
+__device__ unsigned long long g_sa_clock_keys[kSaClockSlots];  // (shape, direction, cluster) of each slot
+__device__ unsigned g_sa_clock_once[kSaClockSlots][12];         // per slot and warp: printed
+#endif
 
 #ifdef PGOLF_SM90A
 // The a-row whose W values thread t (of kSaQuantThreads) quantises each stage. Forward: G = kSaQuantThreads / 64
@@ -973,6 +979,47 @@ __device__ __forceinline__ void sa_quantise(const uint8_t* w, const float* sc, u
     *reinterpret_cast<uint4*>(a_tile + chunk) = v;
   }
 }
+
+// Probe build QAT_SA_PROBE_CLOCKS: each warp of CTA 0 splits its time into six kinds of wait or work (SM clock
+// cycles, lap by lap), and lane 0 prints them once per shape, direction and warp at 65,536 tokens or more. Kinds:
+// consumers 0 B wait, 1 quantise (lockstep) / A wait (quantiser warps), 2 barrier after quantising, 3 wgmma issue and
+// release, 4 wgmma wait, 5 epilogue; quantiser warps 0 W wait, 1 quantise, 2 A-slot wait, 3 fence and arrive.
+// Otherwise SaClocks does nothing.
+struct SaClocks {
+#ifdef QAT_SA_PROBE_CLOCKS
+  uint32_t t[6] = {0, 0, 0, 0, 0, 0};
+  uint32_t mark = now();
+  __device__ static uint32_t now() {
+    uint32_t c;
+    asm volatile("mov.u32 %0, %%clock;" : "=r"(c)::"memory");
+    return c;
+  }
+  __device__ void lap(int kind) {
+    const uint32_t c = now();
+    t[kind] += c - mark;
+    mark = c;
+  }
+  __device__ void print(const GemmArgs& args, bool trans_w, int cluster, const char* role) const {
+    if (blockIdx.x != 0 || threadIdx.x % 32 != 0 || args.tokens < 65536) return;
+    // the first launch of each (shape, direction, cluster) claims a slot; then each warp prints once
+    const unsigned long long key = (static_cast<unsigned long long>(args.a_extent) << 32) |
+                                   (static_cast<unsigned long long>(args.reduction) << 4) | (trans_w ? 2 : 0) |
+                                   (cluster > 1 ? 1 : 0);
+    int slot = -1;
+    for (int i = 0; i < kSaClockSlots && slot < 0; ++i) {
+      const unsigned long long old = atomicCAS(&g_sa_clock_keys[i], 0ull, key);
+      if (old == 0ull || old == key) slot = i;
+    }
+    if (slot < 0 || atomicAdd(&g_sa_clock_once[slot][threadIdx.x / 32], 1u) != 0) return;
+    printf("clocks %s %d->%d cluster %d warp %2d %-9s: %9u %9u %9u %9u %9u %9u\n", trans_w ? "dX " : "fwd",
+           trans_w ? args.a_extent : args.reduction, trans_w ? args.reduction : args.a_extent, cluster,
+           threadIdx.x / 32, role, t[0], t[1], t[2], t[3], t[4], t[5]);
+  }
+#else
+  __device__ void lap(int) {}
+  __device__ void print(const GemmArgs&, bool, int, const char*) const {}
+#endif
+};
 #endif  // PGOLF_SM90A
 
 template <bool TRANS_W, int CLUSTER>
@@ -1075,6 +1122,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int t = tid - 64;
         int wst = 0, ast = 0;
         uint32_t wph = 0, aph = 0;
+        SaClocks clk;
         for (int tile = group; tile < num_tiles; tile += groups) {
           const int a_cta = ((tile % num_a) * CLUSTER + static_cast<int>(rank)) * kSaA;
           float s_row = 0.f, r_row = 0.f;
@@ -1085,11 +1133,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           for (int kr = 0; kr < num_r; ++kr) {
             mbar_wait(&w_full[wst], wph);
+            clk.lap(0);
             mbar_wait(&a_empty[ast], aph ^ 1);
+            clk.lap(2);
 #ifndef QAT_SA_PROBE_NO_QUANT
             sa_quantise<TRANS_W>(stage_w + wst * kSaWBytes, stage_scales + wst * kSaScaleFloats,
                                  a_tiles + ast * kSaABytes, t, s_row, r_row);
 #endif
+            clk.lap(1);
             // this thread's generic-proxy stores become visible to the consumers' wgmmas (async proxy); the warp
             // arrives (release) once all its lanes have fenced
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -1098,10 +1149,12 @@ __global__ void __launch_bounds__(kThreads, 1)
               mbar_arrive(&w_empty[wst]);
               mbar_arrive(&a_full[ast]);
             }
+            clk.lap(3);
             ring_advance(wst, wph, kSaStages);
             ring_advance(ast, aph, kSaABufs);
           }
         }
+        clk.print(args, TRANS_W, CLUSTER, "quantiser");
       }
     }
     // no thread leaves before its cluster peer is done arriving on this CTA's barriers
@@ -1114,6 +1167,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int t256 = threadIdx.x - 128;
   const int row_lo = 16 * warp + lane / 4;  // this thread's accumulator a-rows: row_lo, row_lo + 8
   uint8_t* my_epi = epi + cw * kEpiBytes;
+  SaClocks clk;
 
   // Without the quantiser warps all 256 consumer threads quantise each stage together, then meet.
   auto quantise_stage = [&](int st, int ab, float s_row, float r_row) {
@@ -1126,9 +1180,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     (void)s_row;
     (void)r_row;
 #endif
+    clk.lap(1);
     // the generic-proxy stores must be visible to the wgmmas (async proxy) of both warpgroups
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     named_barrier(1, 256);
+    clk.lap(2);
   };
   // A stage goes back to the producer(s): lane 0 of each warp arrives on its empty barrier in every CTA of the cluster.
   auto release = [&](int st) { arrive_in_every_cta<CLUSTER>(&empty[st], lane); };
@@ -1173,13 +1229,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       int prev = stage, prev_ab = ab;
       for (int kr = 0; kr < num_r; ++kr) {
         mbar_wait(&full[stage], phase);
+        clk.lap(0);
         mbar_wait(&a_full[ab], a_phase);
+        clk.lap(1);
         mma_stage(acc, stage, ab);
+        clk.lap(3);
         if (kr > 0) {
           wgmma_wait<1>();
           fence_operands(acc);
+          clk.lap(4);
           release(prev);
           if (lane == 0) mbar_arrive(&a_empty[prev_ab]);
+          clk.lap(3);
         }
         prev = stage;
         prev_ab = ab;
@@ -1188,10 +1249,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       wgmma_wait<0>();
       fence_operands(acc);
+      clk.lap(4);
       release(prev);
       if (lane == 0) mbar_arrive(&a_empty[prev_ab]);
     } else {
       mbar_wait(&full[stage], phase);
+      clk.lap(0);
       quantise_stage(stage, ab, s_row, r_row);
       int prev = stage;
       // Per stage: issue its k16 steps on A tile `ab`, retire the stage before (wait 1) and hand it back, then
@@ -1199,21 +1262,26 @@ __global__ void __launch_bounds__(kThreads, 1)
       // both warpgroups retired before the barrier ending stage k's quantisation.
       for (int kr = 0; kr < num_r; ++kr) {
         mma_stage(acc, stage, ab);
+        clk.lap(3);
         if (kr > 0) {
           wgmma_wait<1>();
           fence_operands(acc);
+          clk.lap(4);
           release(prev);
         }
         prev = stage;
         ring_advance(stage, phase, kSaStages);
         ab = ab + 1 == kSaABufs ? 0 : ab + 1;
+        clk.lap(3);
         if (kr + 1 < num_r) {
           mbar_wait(&full[stage], phase);
+          clk.lap(0);
           quantise_stage(stage, ab, s_row, r_row);
         }
       }
       wgmma_wait<0>();
       fence_operands(acc);
+      clk.lap(4);
       release(prev);
     }
 #ifndef QAT_SA_PROBE_NO_EPI
@@ -1223,8 +1291,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     (void)s_lo;
     (void)s_hi;
 #endif
+    clk.lap(5);
   }
   if (tid == 0) tma_store_wait_all();
+  clk.print(args, TRANS_W, CLUSTER, "consumer");
   if constexpr (CLUSTER > 1) cluster_sync();
 #endif  // PGOLF_SM90A
 }
