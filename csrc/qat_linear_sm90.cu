@@ -1203,6 +1203,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
     wgmma_commit();
   };
+  // Retire all but the newest wgmma group and hand the stage before back: its B stage to the producer(s) and, with
+  // the quantiser warps, its A tile (without them the A tiles need no release: see the lockstep loop).
+  auto retire_previous = [&](float(&acc)[128], int st, int ab_prev) {
+    wgmma_wait<1>();
+    fence_operands(acc);
+    clk.lap(4);
+    release(st);
+    if (kSaQuantWg && lane == 0) mbar_arrive(&a_empty[ab_prev]);
+    clk.lap(3);
+  };
 
   int stage = 0, ab = 0;
   uint32_t phase = 0, a_phase = 0;
@@ -1234,14 +1244,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         clk.lap(1);
         mma_stage(acc, stage, ab);
         clk.lap(3);
-        if (kr > 0) {
-          wgmma_wait<1>();
-          fence_operands(acc);
-          clk.lap(4);
-          release(prev);
-          if (lane == 0) mbar_arrive(&a_empty[prev_ab]);
-          clk.lap(3);
-        }
+        if (kr > 0) retire_previous(acc, prev, prev_ab);
         prev = stage;
         prev_ab = ab;
         ring_advance(stage, phase, kSaStages);
@@ -1263,16 +1266,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kr = 0; kr < num_r; ++kr) {
         mma_stage(acc, stage, ab);
         clk.lap(3);
-        if (kr > 0) {
-          wgmma_wait<1>();
-          fence_operands(acc);
-          clk.lap(4);
-          release(prev);
-        }
+        if (kr > 0) retire_previous(acc, prev, ab);
         prev = stage;
         ring_advance(stage, phase, kSaStages);
         ab = ab + 1 == kSaABufs ? 0 : ab + 1;
-        clk.lap(3);
         if (kr + 1 < num_r) {
           mbar_wait(&full[stage], phase);
           clk.lap(0);
