@@ -559,6 +559,71 @@ __device__ __forceinline__ void slab_fill(uint8_t* slab, uint32_t* nan_rows, con
 }
 #endif  // PGOLF_SM90A
 
+#if defined(QAT_SA_PROBE_CLOCKS) || defined(QAT_SLAB_PROBE_CLOCKS)  // ProbeClocks below
+constexpr int kClockSlots = 32;
+__device__ unsigned long long g_clock_keys[kClockSlots];  // (kernel, shape, direction, cluster) of each slot
+__device__ unsigned g_clock_once[kClockSlots][12];         // per slot and warp: printed
+#endif
+
+#ifdef PGOLF_SM90A
+// Probe builds QAT_SA_PROBE_CLOCKS (shared-A kernel) and QAT_SLAB_PROBE_CLOCKS (slab kernel): each warp of CTA 0
+// splits its time into six kinds of wait or work (SM clock cycles, lap by lap: lap(k) adds the time since the last
+// lap to kind k), and lane 0 prints them once per kernel, shape, direction, cluster size and warp at 65,536 tokens or
+// more. The kinds are the kernels' own (see their lap calls). ProbeClocks<false> does nothing.
+template <bool ON>
+struct ProbeClocks {
+  __device__ void lap(int) {}
+  template <class Args>
+  __device__ void print(const Args&, const char*, bool, int, const char*) const {}
+};
+#if defined(QAT_SA_PROBE_CLOCKS) || defined(QAT_SLAB_PROBE_CLOCKS)
+template <>
+struct ProbeClocks<true> {
+  uint32_t t[6] = {0, 0, 0, 0, 0, 0};
+  uint32_t mark = now();
+  __device__ static uint32_t now() {
+    uint32_t c;
+    asm volatile("mov.u32 %0, %%clock;" : "=r"(c)::"memory");
+    return c;
+  }
+  __device__ void lap(int kind) {
+    const uint32_t c = now();
+    t[kind] += c - mark;
+    mark = c;
+  }
+  template <class Args>
+  __device__ void print(const Args& args, const char* kernel, bool trans_w, int cluster, const char* role) const {
+    if (blockIdx.x != 0 || threadIdx.x % 32 != 0 || args.tokens < 65536) return;
+    // the first launch of each (kernel, shape, direction, cluster) claims a slot; then each warp prints once
+    const unsigned long long key = (static_cast<unsigned long long>(kernel[0]) << 56) |
+                                   (static_cast<unsigned long long>(args.a_extent) << 32) |
+                                   (static_cast<unsigned long long>(args.reduction) << 4) | (trans_w ? 2 : 0) |
+                                   (cluster > 1 ? 1 : 0);
+    int slot = -1;
+    for (int i = 0; i < kClockSlots && slot < 0; ++i) {
+      const unsigned long long old = atomicCAS(&g_clock_keys[i], 0ull, key);
+      if (old == 0ull || old == key) slot = i;
+    }
+    if (slot < 0 || atomicAdd(&g_clock_once[slot][threadIdx.x / 32], 1u) != 0) return;
+    printf("clocks %-8s %s %d->%d cluster %d warp %2d %-9s: %9u %9u %9u %9u %9u %9u\n", kernel,
+           trans_w ? "dX " : "fwd", trans_w ? args.a_extent : args.reduction,
+           trans_w ? args.reduction : args.a_extent, cluster, threadIdx.x / 32, role, t[0], t[1], t[2], t[3], t[4],
+           t[5]);
+  }
+};
+#endif
+#ifdef QAT_SA_PROBE_CLOCKS
+constexpr bool kSaClocks = true;
+#else
+constexpr bool kSaClocks = false;
+#endif
+#ifdef QAT_SLAB_PROBE_CLOCKS
+constexpr bool kSlabClocks = true;
+#else
+constexpr bool kSlabClocks = false;
+#endif
+#endif  // PGOLF_SM90A
+
 // CLUSTER 2: two CTAs, slabs 2p and 2p + 1 of the same token tiles, share each B tile: each loads one half and
 // multicasts it to both, so B is read from L2 once per 128 a-rows instead of once per 64. A stage is free again
 // only when the consumers of both CTAs are done with it (they arrive on both CTAs' empty barriers).
@@ -637,6 +702,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* my_epi = epi + cw * args.epi_bufs * kSlabEpiBytes;
   int epi_round = 0;  // this warpgroup's epilogue rounds so far: buffer epi_round % epi_bufs
   const uint8_t* my_frag = slab + (warp * 32 + lane) * 8;  // + 256 * 4 per k16 step
+  // probe build QAT_SLAB_PROBE_CLOCKS: 0 B wait, 1 slab fill, 2 turn wait, 3 wgmma issue and release, 4 wgmma wait,
+  // 5 epilogue
+  ProbeClocks<kSlabClocks> clk;
 
   if constexpr (TRANS_W) {
     for (int r = t256; r < R; r += 256) scales[r] = __ldg(args.aux + r);
@@ -646,6 +714,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   int next_boundary = static_cast<int>(int64_t(slab_idx / CLUSTER + 1) * num_t - u_begin);  // local index of the next slab
   if (n > 0) slab_fill<TRANS_W, SS>(slab, nan_rows, args, (slab_idx + rank) * kSlabRows, slab_idx + 1, t256);
   named_barrier(1, 256);
+  clk.lap(1);
 
   auto enter_next_slab = [&]() {
     named_barrier(1, 256);  // both warpgroups are done with the old slab
@@ -653,6 +722,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     slab_fill<TRANS_W, SS>(slab, nan_rows, args, (slab_idx + rank) * kSlabRows, slab_idx + 1, t256);
     named_barrier(1, 256);
     next_boundary += num_t;
+    clk.lap(1);
   };
 
   // A fragment of k16 step `step` (of the whole reduction) from the slab's code bytes: 8 codes, one 8-byte load.
@@ -754,6 +824,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // (its last bar.arrive). A parity wait on an mbarrier is only sound one phase ahead; starting earlier, a
     // warpgroup would wait on stages whose earlier phases (the other's unit) had not completed yet.
     if (i > 0) named_barrier(4 + cw, 256);
+    clk.lap(2);
     const int64_t pos0 = int64_t(i) * num_r;  // this unit's first position in the ring of stages
     int st = static_cast<int>(pos0 % S), prev_st = st;
     uint32_t ph = static_cast<uint32_t>((pos0 / S) & 1);
@@ -769,6 +840,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           ring_advance(st, ph, S);
         }
         mbar_wait(&full[st], ph);
+        clk.lap(0);
         const uint8_t* tile = stage_b + st * kSlabStageBytes;
         const uint64_t desc = kSlabStageR == 64 ? smem_desc_sw128(tile) : smem_desc_sw64(tile);
         wgmma_fence();
@@ -785,23 +857,28 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
         }
         wgmma_commit();
+        clk.lap(3);
         if (kr != 0) {
           wgmma_wait<1>();
           fence_operands(acc0);
           fence_operands(acc1);
+          clk.lap(4);
           release(prev_st);
+          clk.lap(3);
         }
       }
       if (i + 1 < n) named_barrier_arrive(4 + (cw ^ 1), 256);  // the other warpgroup's next mainloop may start
       wgmma_wait<0>();
       fence_operands(acc0);
       fence_operands(acc1);
+      clk.lap(4);
       release(st);
 #ifdef QAT_SLAB_PROBE_NO_EPI
       continue;
 #endif
       epilogue(acc0, slab_idx + 1, a0, 0, t0);  // slab rows 0-63
       epilogue(acc1, slab_idx + 1, a0, 64, t0);  // slab rows 64-127
+      clk.lap(5);
     } else {
       float acc[128];
 #pragma unroll
@@ -818,6 +895,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             ring_advance(st, ph, S);
           }
           mbar_wait(&full[st], ph);
+          clk.lap(0);
         }
         const uint8_t* tile = stage_b + st * kSlabStageBytes;
         const uint64_t desc = kSlabStageR == 64 ? smem_desc_sw128(tile) : smem_desc_sw64(tile);
@@ -830,6 +908,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         (void)desc;
 #endif
         wgmma_commit();
+        clk.lap(3);
       };
       const int steps = kSlabStepsPerStage * num_r;
       for (int step = 0; step < steps; step += kSlabABufs) {
@@ -842,6 +921,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             // done + kSlabABufs
             wgmma_wait<kSlabABufs - 1>();
             fence_operands(a_frag[(b + 1) % kSlabABufs]);
+            clk.lap(4);
             const int done = step + b - (kSlabABufs - 1);
             if (done % kSlabStepsPerStage == kSlabStepsPerStage - 1) release(prev_st);  // a stage's last step
           }
@@ -852,15 +932,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_operands(acc);
 #pragma unroll
       for (int b = 0; b < kSlabABufs; ++b) fence_operands(a_frag[b]);
+      clk.lap(4);
       release(st);
 #ifdef QAT_SLAB_PROBE_NO_EPI  // probe build: no output (wrong results), to time the mainloops alone
       continue;
 #endif
 
       epilogue(acc, slab_idx + 1, a0, 0, t0);
+      clk.lap(5);
     }
   }
   if (tid == 0) tma_store_wait_all();
+  clk.print(args, SS ? "slab-ss" : "slab", TRANS_W, CLUSTER, "consumer");
   if constexpr (CLUSTER > 1) cluster_sync();
 #endif  // PGOLF_SM90A
 }
@@ -889,7 +972,9 @@ constexpr int kSaT = 2 * kTileT;                // tokens per CTA tile: one 256-
 // Probe builds (bench/probe_qat_sm90.py --variants) may set QAT_SA_R=64 (64 of the reduction per stage: 128-byte
 // rows and swizzle, half the stages and barriers per tile, two stages fit), QAT_SA_STAGES (3 at R 32; 5 do not fit),
 // QAT_SA_QUANT_WG (the producer warpgroup's idle warps quantise, see below), QAT_SA_PROBE_CLOCKS (each warp of CTA 0
-// prints where its cycles went: SaClocks), and, to time parts of the kernel alone (wrong results by design),
+// prints where its cycles went: ProbeClocks; consumers: 0 B wait, 1 quantise (lockstep) or A wait (quantiser warps),
+// 2 barrier after quantising, 3 wgmma issue and release, 4 wgmma wait, 5 epilogue; quantiser warps: 0 W wait,
+// 1 quantise, 2 A-slot wait, 3 fence and arrive), and, to time parts of the kernel alone (wrong results by design),
 // QAT_SA_PROBE_NO_LOAD (no TMA loads), QAT_SA_PROBE_NO_QUANT (the A tile is not written: no W reads, quantisation or
 // stores; the fence and barrier stay), QAT_SA_PROBE_NO_MMA (no wgmmas) and QAT_SA_PROBE_NO_EPI (no output).
 #ifndef QAT_SA_R
@@ -925,11 +1010,6 @@ constexpr int kSaSmemBytes = 1024 /* alignment */ + kSaStages * (kSaBBytes + kSa
                              kSaABufs * kSaABytes + 2 * kEpiBytes + 8 * kSaBarriers;
 static_assert(kSaSmemBytes <= kSmemOptin, "shared-A schedule: shared memory");
 
-#ifdef QAT_SA_PROBE_CLOCKS  // (SaClocks below)
-constexpr int kSaClockSlots = 32;
-__device__ unsigned long long g_sa_clock_keys[kSaClockSlots];  // (shape, direction, cluster) of each slot
-__device__ unsigned g_sa_clock_once[kSaClockSlots][12];         // per slot and warp: printed
-#endif
 
 #ifdef PGOLF_SM90A
 // The a-row whose W values thread t (of kSaQuantThreads) quantises each stage. Forward: G = kSaQuantThreads / 64
@@ -979,47 +1059,6 @@ __device__ __forceinline__ void sa_quantise(const uint8_t* w, const float* sc, u
     *reinterpret_cast<uint4*>(a_tile + chunk) = v;
   }
 }
-
-// Probe build QAT_SA_PROBE_CLOCKS: each warp of CTA 0 splits its time into six kinds of wait or work (SM clock
-// cycles, lap by lap), and lane 0 prints them once per shape, direction and warp at 65,536 tokens or more. Kinds:
-// consumers 0 B wait, 1 quantise (lockstep) / A wait (quantiser warps), 2 barrier after quantising, 3 wgmma issue and
-// release, 4 wgmma wait, 5 epilogue; quantiser warps 0 W wait, 1 quantise, 2 A-slot wait, 3 fence and arrive.
-// Otherwise SaClocks does nothing.
-struct SaClocks {
-#ifdef QAT_SA_PROBE_CLOCKS
-  uint32_t t[6] = {0, 0, 0, 0, 0, 0};
-  uint32_t mark = now();
-  __device__ static uint32_t now() {
-    uint32_t c;
-    asm volatile("mov.u32 %0, %%clock;" : "=r"(c)::"memory");
-    return c;
-  }
-  __device__ void lap(int kind) {
-    const uint32_t c = now();
-    t[kind] += c - mark;
-    mark = c;
-  }
-  __device__ void print(const GemmArgs& args, bool trans_w, int cluster, const char* role) const {
-    if (blockIdx.x != 0 || threadIdx.x % 32 != 0 || args.tokens < 65536) return;
-    // the first launch of each (shape, direction, cluster) claims a slot; then each warp prints once
-    const unsigned long long key = (static_cast<unsigned long long>(args.a_extent) << 32) |
-                                   (static_cast<unsigned long long>(args.reduction) << 4) | (trans_w ? 2 : 0) |
-                                   (cluster > 1 ? 1 : 0);
-    int slot = -1;
-    for (int i = 0; i < kSaClockSlots && slot < 0; ++i) {
-      const unsigned long long old = atomicCAS(&g_sa_clock_keys[i], 0ull, key);
-      if (old == 0ull || old == key) slot = i;
-    }
-    if (slot < 0 || atomicAdd(&g_sa_clock_once[slot][threadIdx.x / 32], 1u) != 0) return;
-    printf("clocks %s %d->%d cluster %d warp %2d %-9s: %9u %9u %9u %9u %9u %9u\n", trans_w ? "dX " : "fwd",
-           trans_w ? args.a_extent : args.reduction, trans_w ? args.reduction : args.a_extent, cluster,
-           threadIdx.x / 32, role, t[0], t[1], t[2], t[3], t[4], t[5]);
-  }
-#else
-  __device__ void lap(int) {}
-  __device__ void print(const GemmArgs&, bool, int, const char*) const {}
-#endif
-};
 #endif  // PGOLF_SM90A
 
 template <bool TRANS_W, int CLUSTER>
@@ -1122,7 +1161,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int t = tid - 64;
         int wst = 0, ast = 0;
         uint32_t wph = 0, aph = 0;
-        SaClocks clk;
+        ProbeClocks<kSaClocks> clk;
         for (int tile = group; tile < num_tiles; tile += groups) {
           const int a_cta = ((tile % num_a) * CLUSTER + static_cast<int>(rank)) * kSaA;
           float s_row = 0.f, r_row = 0.f;
@@ -1154,7 +1193,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             ring_advance(ast, aph, kSaABufs);
           }
         }
-        clk.print(args, TRANS_W, CLUSTER, "quantiser");
+        clk.print(args, "shared-A", TRANS_W, CLUSTER, "quantiser");
       }
     }
     // no thread leaves before its cluster peer is done arriving on this CTA's barriers
@@ -1167,7 +1206,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int t256 = threadIdx.x - 128;
   const int row_lo = 16 * warp + lane / 4;  // this thread's accumulator a-rows: row_lo, row_lo + 8
   uint8_t* my_epi = epi + cw * kEpiBytes;
-  SaClocks clk;
+  ProbeClocks<kSaClocks> clk;
 
   // Without the quantiser warps all 256 consumer threads quantise each stage together, then meet.
   auto quantise_stage = [&](int st, int ab, float s_row, float r_row) {
@@ -1291,7 +1330,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     clk.lap(5);
   }
   if (tid == 0) tma_store_wait_all();
-  clk.print(args, TRANS_W, CLUSTER, "consumer");
+  clk.print(args, "shared-A", TRANS_W, CLUSTER, "consumer");
   if constexpr (CLUSTER > 1) cluster_sync();
 #endif  // PGOLF_SM90A
 }
