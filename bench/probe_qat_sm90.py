@@ -191,6 +191,11 @@ def main():
     for flags in variants:
         ext, how = load_ops(flags)
         print(f"\n# {torch.cuda.get_device_name()}, torch {torch.__version__}; kernels: {how}", flush=True)
+        if "PROBE_CLOCKS" in flags:
+            print("# clocks lines (SM cycles of one CTA's warps, by kind): shared-A consumer: B wait, quantise or A "
+                  "wait, barrier, wgmma issue+release, wgmma wait, epilogue; shared-A quantiser: W wait, quantise, "
+                  "A-slot wait, fence+arrive; slab consumer: B wait, slab fill, turn wait, wgmma issue+release, "
+                  "wgmma wait, epilogue", flush=True)
         if not args.no_check and "_PROBE_" not in flags:
             if not check(ext):
                 ok = False
