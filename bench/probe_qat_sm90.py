@@ -20,8 +20,8 @@ Usage: python bench/probe_qat_sm90.py [--tokens 65536] [--no-check] [--nvcc-flag
 the B loads / the matmuls / the epilogue to time the rest alone, as QAT_SA_PROBE_NO_LOAD / NO_QUANT / NO_MMA / NO_EPI
 do in the shared-A kernels, and are not checked; QAT_SA_PROBE_CLOCKS / QAT_SLAB_PROBE_CLOCKS make each warp of the
 shared-A / slab kernel's first CTA print its cycles by kind of wait or work, once per shape and direction (not
-checked either); QAT_SA_QUANT_WG, QAT_SA_R=64 and QAT_SA_STAGES=3 are other forms of the shared-A kernel and are
-checked); --schedules=1,4,6 times only those schedules beside cuBLAS.
+checked either); QAT_SA_QUANT_WG (=4), QAT_SA_R=64 and QAT_SA_STAGES=3 are other forms of the shared-A kernel and
+are checked); --schedules=1,4,6 times only those schedules beside cuBLAS.
 """
 from __future__ import annotations
 

@@ -990,14 +990,18 @@ constexpr int kSaStages = QAT_SA_STAGES;        // B stages, and (quantiser warp
 // and 3 quantise each W stage into the A ring, and the two consumer warpgroups only wait for A and B and multiply. The
 // quantisation then leaves the consumers' path, runs up to kSaABufs stages ahead of them (also through their
 // epilogues), and the consumers need no barrier with each other: each waits for the A and B stages and releases them
-// by itself. (A fourth warpgroup cannot quantise instead: at 512 threads ptxas allots 128 registers per thread, fewer
-// than the m64n256 accumulators need.)
+// by itself. QAT_SA_QUANT_WG=4: all four warps quantise (twice the throughput) and lane 0 of warp 0 also issues both
+// rings' loads, each as soon as its slot is free, polling between its own waits instead of blocking. (A fourth
+// warpgroup cannot quantise instead: at 512 threads ptxas allots 128 registers per thread, fewer than the m64n256
+// accumulators need.)
 #ifdef QAT_SA_QUANT_WG
 constexpr bool kSaQuantWg = true;
+constexpr int kSaQuantWarps = QAT_SA_QUANT_WG + 0 == 4 ? 4 : 2;
 #else
 constexpr bool kSaQuantWg = false;
+constexpr int kSaQuantWarps = 0;
 #endif
-constexpr int kSaQuantThreads = kSaQuantWg ? 64 : 256;  // threads that quantise each stage together
+constexpr int kSaQuantThreads = kSaQuantWg ? 32 * kSaQuantWarps : 256;  // threads that quantise each stage together
 // A tiles: with the consumers quantising, stage k + 1 is written while k runs and k - 1 may still be read (see the
 // mainloop); with the quantiser warpgroup, how far it may run ahead.
 constexpr int kSaABufs = kSaQuantWg ? 4 : 3;
@@ -1095,8 +1099,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     init_ring(full, empty, kSaStages, 8 * CLUSTER);  // B empty: lane 0 of each of the 8 consumer warps, every CTA
     if constexpr (kSaQuantWg) {
-      init_ring(w_full, w_empty, kSaStages, 2);    // W empty: the 2 quantiser warps
-      init_ring(a_full, a_empty, kSaABufs, 8, 2);  // A full: the 2 quantiser warps; empty: the 8 consumer warps
+      init_ring(w_full, w_empty, kSaStages, kSaQuantWarps);  // W empty: the quantiser warps
+      // A full: the quantiser warps; empty: the 8 consumer warps
+      init_ring(a_full, a_empty, kSaABufs, 8, kSaQuantWarps);
     }
   }
   cta_or_cluster_sync<CLUSTER>();
@@ -1105,60 +1110,88 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The quantiser warps keep the launch's 168 registers (ptxas gives the consumers' code no more than that either,
     // and below 72 the dX quantisation spills); without them the producer gives registers back.
     if constexpr (!kSaQuantWg) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    // warp 0: the B stages (and without the quantiser warps W's); warp 1 (with them): W's stages
-    if (lane == 0 && (warp == 0 || (kSaQuantWg && warp == 1))) {
-      const bool loads_b = warp == 0, loads_w = !kSaQuantWg || warp == 1;
-      uint64_t* ring_full = loads_b ? full : w_full;
-      uint64_t* ring_empty = loads_b ? empty : w_empty;
-      const uint32_t bytes =
-          (loads_b ? kSaBBytes : 0) + (loads_w ? kSaWBytes + (TRANS_W ? 4 * kSaScaleFloats : 0) : 0);
-      int stage = 0;
-      uint32_t phase = 0;
-      for (int tile = group; tile < num_tiles; tile += groups) {
-        const int a_cta = ((tile % num_a) * CLUSTER + static_cast<int>(rank)) * kSaA;
-        const int t0 = (tile / num_a) * kSaT;
-        for (int kr = 0; kr < num_r; ++kr) {
-          const int r0 = kr * kSaR;
-          mbar_wait(&ring_empty[stage], phase ^ 1);
-#ifdef QAT_SA_PROBE_NO_LOAD
-          mbar_expect_tx(&ring_full[stage], 0);
-          (void)bytes;
-          (void)r0;
-          (void)a_cta;
-          (void)t0;
-          ring_advance(stage, phase, kSaStages);
-          continue;
-#endif
-          mbar_expect_tx(&ring_full[stage], bytes);
-          if (loads_b) {
-            uint8_t* b = stage_b + stage * kSaBBytes;
-            if constexpr (CLUSTER > 1) {  // this CTA's half of the tokens, to both CTAs
-              tma_load_2d_multicast(b + rank * (kSaBBytes / 2), &map_b, &full[stage], r0, t0 + rank * kTileT, 3);
-            } else {
-              tma_load_2d(b, &map_b, &full[stage], r0, t0);
-              tma_load_2d(b + kSaBBytes / 2, &map_b, &full[stage], r0, t0 + kTileT);
-            }
-          }
-          if (loads_w) {
-            uint8_t* w = stage_w + stage * kSaWBytes;
-            if constexpr (!TRANS_W) {  // W[a_cta:a_cta+64, r0:r0+R] as R / 32 [64 x 32] boxes
+    // The TMA loads of the stage (tile, kr) into slot st of the B ring, and of the W ring (W's tile and, for dX, the
+    // scales of its reduction rows), completing on the slot's full barrier `bar`.
+    auto load_b = [&](int st, int tile, int kr) {
+      const int t0 = (tile / num_a) * kSaT, r0 = kr * kSaR;
+      uint8_t* b = stage_b + st * kSaBBytes;
+      if constexpr (CLUSTER > 1) {  // this CTA's half of the tokens, to both CTAs
+        tma_load_2d_multicast(b + rank * (kSaBBytes / 2), &map_b, &full[st], r0, t0 + rank * kTileT, 3);
+      } else {
+        tma_load_2d(b, &map_b, &full[st], r0, t0);
+        tma_load_2d(b + kSaBBytes / 2, &map_b, &full[st], r0, t0 + kTileT);
+      }
+    };
+    auto load_w = [&](uint64_t* bar, int st, int tile, int kr) {
+      const int a_cta = ((tile % num_a) * CLUSTER + static_cast<int>(rank)) * kSaA, r0 = kr * kSaR;
+      uint8_t* w = stage_w + st * kSaWBytes;
+      if constexpr (!TRANS_W) {  // W[a_cta:a_cta+64, r0:r0+R] as R / 32 [64 x 32] boxes
 #pragma unroll
-              for (int c = 0; c < kSaR / 32; ++c) {
-                tma_load_2d(w + c * (kSaA * 32 * 4), &map_w, &ring_full[stage], r0 + 32 * c, a_cta);
-              }
-            } else {  // W[r0:r0+R, a_cta:a_cta+64] as two [R x 32] boxes, and s, RN(1/s) of rows r0..r0+R-1
-              tma_load_2d(w, &map_w, &ring_full[stage], a_cta, r0);
-              tma_load_2d(w + kSaWBytes / 2, &map_w, &ring_full[stage], a_cta + 32, r0);
-              tma_load_2d(stage_scales + stage * kSaScaleFloats, &map_aux, &ring_full[stage], r0, 0);
-            }
-          }
-          ring_advance(stage, phase, kSaStages);
+        for (int c = 0; c < kSaR / 32; ++c) tma_load_2d(w + c * (kSaA * 32 * 4), &map_w, bar, r0 + 32 * c, a_cta);
+      } else {  // W[r0:r0+R, a_cta:a_cta+64] as two [R x 32] boxes, and s, RN(1/s) of rows r0..r0+R-1
+        tma_load_2d(w, &map_w, bar, a_cta, r0);
+        tma_load_2d(w + kSaWBytes / 2, &map_w, bar, a_cta + 32, r0);
+        tma_load_2d(stage_scales + st * kSaScaleFloats, &map_aux, bar, r0, 0);
+      }
+    };
+    constexpr uint32_t kWStageBytes = kSaWBytes + (TRANS_W ? 4 * kSaScaleFloats : 0);
+#ifdef QAT_SA_PROBE_NO_LOAD
+    constexpr bool kLoads = false;  // probe build: the full barriers complete with no bytes
+#else
+    constexpr bool kLoads = true;
+#endif
+    // A ring's producer: the next stage it loads, slot and parity; issue() loads it once the slot is free.
+    struct Feed {
+      int tile, kr, st = 0;
+      uint32_t ph = 0;
+    };
+    auto feed_next = [&](Feed& f) {
+      ring_advance(f.st, f.ph, kSaStages);
+      if (++f.kr == num_r) {
+        f.kr = 0;
+        f.tile += groups;
+      }
+    };
+    // Load one stage into ring `f` (B and, without the quantiser warps, W into the B ring; else B or W alone).
+    auto issue = [&](Feed& f, bool b_ring) {
+      uint64_t* bar = b_ring ? &full[f.st] : &w_full[f.st];
+      const bool with_w = !b_ring || !kSaQuantWg;
+      mbar_expect_tx(bar, kLoads ? (b_ring ? kSaBBytes : 0) + (with_w ? kWStageBytes : 0) : 0);
+      if (kLoads && b_ring) load_b(f.st, f.tile, f.kr);
+      if (kLoads && with_w) load_w(bar, f.st, f.tile, f.kr);
+      feed_next(f);
+    };
+
+    if constexpr (kSaQuantWarps != 4) {
+      // warp 0: the B stages (and without the quantiser warps W's); warp 1 (with them): W's stages
+      if (lane == 0 && (warp == 0 || (kSaQuantWg && warp == 1))) {
+        const bool b_ring = warp == 0;
+        Feed f{group, 0};
+        while (f.tile < num_tiles) {
+          mbar_wait(b_ring ? &empty[f.st] : &w_empty[f.st], f.ph ^ 1);
+          issue(f, b_ring);
         }
       }
     }
     if constexpr (kSaQuantWg) {
-      if (warp >= 2) {  // the quantiser warps: W stage -> A tile, up to kSaABufs stages ahead of the consumers
-        const int t = tid - 64;
+      // the quantiser warps: W stage -> A tile, up to kSaABufs stages ahead of the consumers
+      if (warp >= 4 - kSaQuantWarps) {
+        const int t = tid - 32 * (4 - kSaQuantWarps);
+        // QAT_SA_QUANT_WG=4: thread 0 also feeds both rings, polling: whatever slots are free get their loads
+        const bool feeder = kSaQuantWarps == 4 && tid == 0;
+        Feed fb{group, 0}, fw{group, 0};
+        auto pump = [&]() {
+          while (fb.tile < num_tiles && mbar_test(&empty[fb.st], fb.ph ^ 1)) issue(fb, true);
+          while (fw.tile < num_tiles && mbar_test(&w_empty[fw.st], fw.ph ^ 1)) issue(fw, false);
+        };
+        auto wait = [&](uint64_t* bar, uint32_t parity) {
+          if (feeder) {
+            while (!mbar_test(bar, parity)) pump();
+          } else {
+            mbar_wait(bar, parity);
+          }
+        };
+        if (feeder) pump();
         int wst = 0, ast = 0;
         uint32_t wph = 0, aph = 0;
         ProbeClocks<kSaClocks> clk;
@@ -1171,9 +1204,9 @@ __global__ void __launch_bounds__(kThreads, 1)
             r_row = __ldg(args.aux + args.a_extent + a);
           }
           for (int kr = 0; kr < num_r; ++kr) {
-            mbar_wait(&w_full[wst], wph);
+            wait(&w_full[wst], wph);
             clk.lap(0);
-            mbar_wait(&a_empty[ast], aph ^ 1);
+            wait(&a_empty[ast], aph ^ 1);
             clk.lap(2);
 #ifndef QAT_SA_PROBE_NO_QUANT
             sa_quantise<TRANS_W>(stage_w + wst * kSaWBytes, stage_scales + wst * kSaScaleFloats,
@@ -1188,10 +1221,15 @@ __global__ void __launch_bounds__(kThreads, 1)
               mbar_arrive(&w_empty[wst]);
               mbar_arrive(&a_full[ast]);
             }
+            if (feeder) pump();
             clk.lap(3);
             ring_advance(wst, wph, kSaStages);
             ring_advance(ast, aph, kSaABufs);
           }
+        }
+        // the last B stages: their slots free up only as the consumers finish the stages before them
+        if (feeder) {
+          while (fb.tile < num_tiles) pump();
         }
         clk.print(args, "shared-A", TRANS_W, CLUSTER, "quantiser");
       }
