@@ -1140,7 +1140,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #else
     constexpr bool kLoads = true;
 #endif
-    // A ring's producer: the next stage it loads, slot and parity; issue() loads it once the slot is free.
+    // Where the producer of a ring (B or W) stands: the next stage to load, its slot and the slot's parity; the caller
+    // of issue() has seen the slot free.
     struct Feed {
       int tile, kr, st = 0;
       uint32_t ph = 0;
