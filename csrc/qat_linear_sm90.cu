@@ -985,7 +985,7 @@ static_assert(kSaR == 32 || kSaR == 64, "QAT_SA_R must be 32 or 64");
 #ifndef QAT_SA_STAGES
 #define QAT_SA_STAGES (128 / QAT_SA_R)
 #endif
-constexpr int kSaStages = QAT_SA_STAGES;        // B stages, and (quantiser warpgroup) W stages
+constexpr int kSaStages = QAT_SA_STAGES;        // B stages, and (quantiser warps) W stages
 // QAT_SA_QUANT_WG: the producer warpgroup's idle warps quantise. Warp 0 loads the B ring, warp 1 the W ring, warps 2
 // and 3 quantise each W stage into the A ring, and the two consumer warpgroups only wait for A and B and multiply. The
 // quantisation then leaves the consumers' path, runs up to kSaABufs stages ahead of them (also through their
@@ -1003,7 +1003,7 @@ constexpr int kSaQuantWarps = 0;
 #endif
 constexpr int kSaQuantThreads = kSaQuantWg ? 32 * kSaQuantWarps : 256;  // threads that quantise each stage together
 // A tiles: with the consumers quantising, stage k + 1 is written while k runs and k - 1 may still be read (see the
-// mainloop); with the quantiser warpgroup, how far it may run ahead.
+// mainloop); with the quantiser warps, how far they may run ahead.
 constexpr int kSaABufs = kSaQuantWg ? 4 : 3;
 constexpr int kSaBBytes = kSaT * kSaR * 2;      // 32 KB at R 32
 constexpr int kSaWBytes = kSaA * kSaR * 4;      // 8 KB fp32
@@ -1013,7 +1013,6 @@ constexpr int kSaBarriers = 2 * kSaStages + (kSaQuantWg ? 2 * kSaStages + 2 * kS
 constexpr int kSaSmemBytes = 1024 /* alignment */ + kSaStages * (kSaBBytes + kSaWBytes + 4 * kSaScaleFloats) +
                              kSaABufs * kSaABytes + 2 * kEpiBytes + 8 * kSaBarriers;
 static_assert(kSaSmemBytes <= kSmemOptin, "shared-A schedule: shared memory");
-
 
 #ifdef PGOLF_SM90A
 // The a-row whose W values thread t (of kSaQuantThreads) quantises each stage. Forward: G = kSaQuantThreads / 64
