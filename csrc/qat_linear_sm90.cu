@@ -995,12 +995,11 @@ constexpr int kSaStages = QAT_SA_STAGES;        // B stages, and (quantiser warp
 // warpgroup cannot quantise instead: at 512 threads ptxas allots 128 registers per thread, fewer than the m64n256
 // accumulators need.)
 #ifdef QAT_SA_QUANT_WG
-constexpr bool kSaQuantWg = true;
 constexpr int kSaQuantWarps = QAT_SA_QUANT_WG + 0 == 4 ? 4 : 2;
 #else
-constexpr bool kSaQuantWg = false;
-constexpr int kSaQuantWarps = 0;
+constexpr int kSaQuantWarps = 0;  // the consumers quantise
 #endif
+constexpr bool kSaQuantWg = kSaQuantWarps > 0;
 constexpr int kSaQuantThreads = kSaQuantWg ? 32 * kSaQuantWarps : 256;  // threads that quantise each stage together
 // A tiles: with the consumers quantising, stage k + 1 is written while k runs and k - 1 may still be read (see the
 // mainloop); with the quantiser warps, how far they may run ahead.
@@ -1077,7 +1076,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* a_tiles = stage_w + kSaStages * kSaWBytes;        // kSaABufs x kSaABytes
   uint8_t* epi = a_tiles + kSaABufs * kSaABytes;             // 2 x kEpiBytes
   float* stage_scales = reinterpret_cast<float*>(epi + 2 * kEpiBytes);  // kSaStages x kSaScaleFloats (dX)
-  // B ring; with the quantiser warpgroup also the W ring and the A ring (without it W travels in the B ring)
+  // B ring; with the quantiser warps also the W ring and the A ring (without them W travels in the B ring)
   uint64_t* full = reinterpret_cast<uint64_t*>(stage_scales + kSaStages * kSaScaleFloats);
   uint64_t* empty = full + kSaStages;
   uint64_t* w_full = empty + kSaStages;
@@ -1280,15 +1279,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
     wgmma_commit();
   };
-  // Retire all but the newest wgmma group and hand the stage before back: its B stage to the producer(s) and, with
-  // the quantiser warps, its A tile (without them the A tiles need no release: see the lockstep loop).
-  auto retire_previous = [&](float(&acc)[128], int st, int ab_prev) {
-    wgmma_wait<1>();
+  // Retire all but the newest wgmma group (all of them after the last stage) and hand the stage they read back: its B
+  // stage to the producer(s) and, with the quantiser warps, its A tile (without them the A tiles need no release: see
+  // the lockstep loop).
+  auto retire = [&](float(&acc)[128], int st, int ab_prev, bool last) {
+    if (last) {
+      wgmma_wait<0>();
+    } else {
+      wgmma_wait<1>();
+    }
     fence_operands(acc);
     clk.lap(4);
     release(st);
     if (kSaQuantWg && lane == 0) mbar_arrive(&a_empty[ab_prev]);
-    clk.lap(3);
+    if (!last) clk.lap(3);  // (after the last stage the epilogue's lap takes the release)
   };
 
   int stage = 0, ab = 0;
@@ -1321,17 +1325,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         clk.lap(1);
         mma_stage(acc, stage, ab);
         clk.lap(3);
-        if (kr > 0) retire_previous(acc, prev, prev_ab);
+        if (kr > 0) retire(acc, prev, prev_ab, false);
         prev = stage;
         prev_ab = ab;
         ring_advance(stage, phase, kSaStages);
         ring_advance(ab, a_phase, kSaABufs);
       }
-      wgmma_wait<0>();
-      fence_operands(acc);
-      clk.lap(4);
-      release(prev);
-      if (lane == 0) mbar_arrive(&a_empty[prev_ab]);
+      retire(acc, prev, prev_ab, true);
     } else {
       mbar_wait(&full[stage], phase);
       clk.lap(0);
@@ -1343,7 +1343,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kr = 0; kr < num_r; ++kr) {
         mma_stage(acc, stage, ab);
         clk.lap(3);
-        if (kr > 0) retire_previous(acc, prev, ab);
+        if (kr > 0) retire(acc, prev, ab, false);
         prev = stage;
         ring_advance(stage, phase, kSaStages);
         ab = ab + 1 == kSaABufs ? 0 : ab + 1;
@@ -1353,10 +1353,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           quantise_stage(stage, ab, s_row, r_row);
         }
       }
-      wgmma_wait<0>();
-      fence_operands(acc);
-      clk.lap(4);
-      release(prev);
+      retire(acc, prev, ab, true);
     }
 #ifndef QAT_SA_PROBE_NO_EPI
     store_tile_64x256<TRANS_W>(acc, my_epi, 2 + cw, tid, &map_out, a_cta, t0, s_lo, s_hi, args.bias);
@@ -1410,15 +1407,14 @@ SlabLayout slab_layout_of(int64_t reduction, bool trans_w, bool ss) {
 }
 
 // A launch of a slab or shared-A kernel in 2-CTA clusters (`attr` holds the cluster shape the config points to).
-cudaLaunchConfig_t pair_launch_config(cudaLaunchAttribute& attr, unsigned grid, int threads, int smem,
-                                      cudaStream_t stream) {
+cudaLaunchConfig_t pair_launch_config(cudaLaunchAttribute& attr, unsigned grid, int smem, cudaStream_t stream) {
   attr.id = cudaLaunchAttributeClusterDimension;
   attr.val.clusterDim.x = 2;
   attr.val.clusterDim.y = 1;
   attr.val.clusterDim.z = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(grid);
-  config.blockDim = dim3(threads);
+  config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = &attr;
@@ -1428,15 +1424,14 @@ cudaLaunchConfig_t pair_launch_config(cudaLaunchAttribute& attr, unsigned grid, 
 
 // How many 2-CTA clusters of `kernel` (a slab or shared-A kernel) fit on the GPU at once (a GPC with an odd SM
 // count leaves one SM out), asked once per device, kernel and shared-memory size.
-int pair_cluster_count(int device, const void* kernel, int threads, int smem) {
+int pair_cluster_count(int device, const void* kernel, int smem) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, const void*, int, int>, int> counts;
+  static std::map<std::tuple<int, const void*, int>, int> counts;
   const std::lock_guard<std::mutex> lock(mutex);
-  int& count = counts[std::make_tuple(device, kernel, threads, smem)];
+  int& count = counts[std::make_tuple(device, kernel, smem)];
   if (count == 0) {
     cudaLaunchAttribute attr;
-    const cudaLaunchConfig_t config =
-        pair_launch_config(attr, 2 * (device_info(device).sms / 2), threads, smem, nullptr);
+    const cudaLaunchConfig_t config = pair_launch_config(attr, 2 * (device_info(device).sms / 2), smem, nullptr);
     C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&count, kernel, &config));
     TORCH_CHECK(count > 0, "qat_linear_sm90: no 2-CTA cluster of this kernel fits on this GPU");
   }
@@ -1496,7 +1491,7 @@ int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool tran
 int64_t qat_linear_sm90_pair_clusters(const at::Tensor& b, const at::Tensor& w, bool trans_w, bool ss) {
   const int pair = ss ? 5 : 3;
   if (qat_linear_sm90_schedule(b, w, trans_w, pair) != pair) return 0;
-  return pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(slab_kernel(trans_w, 2, ss)), kThreads,
+  return pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(slab_kernel(trans_w, 2, ss)),
                             slab_layout_of(b.size(1), trans_w, ss).smem);
 }
 
@@ -1546,10 +1541,10 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
     } else {
       auto kernel = trans_w ? qat_shared_a_kernel<true, 2> : qat_shared_a_kernel<false, 2>;
       const int max_clusters =
-          pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(kernel), kThreads, kSaSmemBytes);
+          pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(kernel), kSaSmemBytes);
       cudaLaunchAttribute attr;
       const cudaLaunchConfig_t config = pair_launch_config(
-          attr, static_cast<unsigned>(2 * std::min<int64_t>(tiles, max_clusters)), kThreads, kSaSmemBytes, stream);
+          attr, static_cast<unsigned>(2 * std::min<int64_t>(tiles, max_clusters)), kSaSmemBytes, stream);
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_b, map_w, map_out, map_aux, args));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1585,10 +1580,10 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
       kernel<<<static_cast<unsigned>(grid), kThreads, layout.smem, stream>>>(map_b_slab, map_out, args);
     } else {
       const int max_clusters =
-          pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(kernel), kThreads, layout.smem);
+          pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(kernel), layout.smem);
       cudaLaunchAttribute attr;
       const cudaLaunchConfig_t config = pair_launch_config(
-          attr, static_cast<unsigned>(2 * std::min<int64_t>(units, max_clusters)), kThreads, layout.smem, stream);
+          attr, static_cast<unsigned>(2 * std::min<int64_t>(units, max_clusters)), layout.smem, stream);
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_b_slab, map_out, args));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
