@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One H100/H200 study of the sm_90a QAT matmuls (csrc/qat_linear_sm90.cu), end to end and unattended:
+#   1. builds the whole extension (setup.py; CUTLASS from the nvidia-cutlass wheel) in the background,
+#      with PGOLF_NVCC_FLAGS=$FLAGS when FLAGS is set (a kernel form under test as the extension's default);
+#   2. unless VARIANTS is empty: bench/probe_qat_sm90.py --variants="$VARIANTS" --schedules=$SCHEDULES (each flag set
+#      built alone, checked bit for bit against the per-tile kernel and float64 unless it is a _PROBE_ build, and
+#      timed beside cuBLAS) -> $OUT/probe.txt;
+#   3. bench/bench_int6_linear.py --impls $IMPLS (forward+backward against the plain bf16 linear) -> $OUT/int6_linear-*;
+#   4. the int6_linear GPU tests -> $OUT/pytest.txt, cut off at CAP seconds after the script started.
+# Each step has its own time limit, so a slow step still leaves the others' files in $OUT.
+#
+#   OUT=/tmp/study bash bench/qat_sm90_study.sh                    # the default variants, schedules and impls
+#   FLAGS="-DQAT_SA_QUANT_WG=4" VARIANTS= bash bench/qat_sm90_study.sh  # one form as the default: bench and tests
+#
+# Environment: OUT (default ./runs/qat_sm90_study); WHEELS, a folder of wheels to install first with --no-index on
+# machines without network (zstandard, brotli, nvidia-cutlass; default ./.whl when it exists, WHEELS= for none); CAP
+# (seconds, 560), MAX_JOBS (10), PROBE_S (400), BENCH_S (150). The files are raw logs; commit the ones that matter as
+# bench/results/qat_sm90_schedules-<gpu>-<date>-<commit>-<tag>.txt and int6_linear-<gpu>-<date>-<commit>.* with a
+# first line naming the command and commit (../shared/docs/bench-results.md); commit.txt has the source sha256 to
+# match the tree (the machine's .git may name an older commit).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+PY=${PYTHON:-python3}
+OUT=${OUT:-./runs/qat_sm90_study}
+CAP=${CAP:-560}
+PROBE_S=${PROBE_S:-400}
+BENCH_S=${BENCH_S:-150}
+export MAX_JOBS=${MAX_JOBS:-10}
+DEFAULT_VARIANTS="-DNDEBUG;-DQAT_SA_QUANT_WG;-DQAT_SA_QUANT_WG=4;-DQAT_SA_PROBE_CLOCKS;-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QUANT_WG;"
+DEFAULT_VARIANTS+="-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QUANT_WG=4;-DQAT_SLAB_PROBE_CLOCKS;-DQAT_SA_PROBE_NO_QUANT;"
+DEFAULT_VARIANTS+="-DQAT_SA_PROBE_NO_LOAD;-DQAT_SA_QUANT_WG=4 -DQAT_SA_R=64;-DQAT_SA_PROBE_NO_EPI;-DQAT_SA_R=64"
+VARIANTS=${VARIANTS-$DEFAULT_VARIANTS}
+SCHEDULES=${SCHEDULES:-1,4,6,7}
+IMPLS=${IMPLS:-plain,fused_prologue,fused_quant_cublas}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+left() { echo $((CAP - ($(date +%s) - START))); }
+say() { echo "[qat_sm90_study +$(($(date +%s) - START)) s] $*"; }
+
+WHEELS=${WHEELS-$([ -d .whl ] && echo .whl)}
+if [ -n "$WHEELS" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pgolf_site \
+    "$WHEELS"/*.whl || { say "installing the wheels in $WHEELS failed"; exit 1; }
+  export PYTHONPATH=/tmp/pgolf_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ -z "${CUTLASS_HOME:-}" ]; then  # the headers inside the nvidia-cutlass wheel, wherever pip put them
+  CUTLASS_HOME=$("$PY" -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source'))" 2>/dev/null)
+  [ -n "$CUTLASS_HOME" ] && export CUTLASS_HOME
+fi
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee "$OUT/gpu.txt"
+git log -1 --format='commit %H' 2>/dev/null | tee "$OUT/commit.txt"
+echo "source sha256 $("$PY" bench/results_io.py --digest)" | tee -a "$OUT/commit.txt"
+
+say "building the extension (MAX_JOBS=$MAX_JOBS, PGOLF_NVCC_FLAGS='${FLAGS:-}')"
+(PGOLF_NVCC_FLAGS="${FLAGS:-}" PGOLF_REQUIRE_CUDA_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
+  > "$OUT/build.txt" 2>&1; echo "rc=$?" >> "$OUT/build.txt") &
+BUILD=$!
+
+if [ -n "$VARIANTS" ]; then
+  say "probe: variants '$VARIANTS', schedules $SCHEDULES"
+  timeout "$PROBE_S" "$PY" bench/probe_qat_sm90.py --variants="$VARIANTS" --schedules="$SCHEDULES" \
+    > "$OUT/probe.txt" 2>&1
+  say "probe rc=$?"
+fi
+wait "$BUILD"
+say "extension build: $(tail -1 "$OUT/build.txt")"
+grep -q "rc=0" "$OUT/build.txt" || { tail -30 "$OUT/build.txt"; exit 1; }
+
+B=$(($(left) < BENCH_S ? $(left) : BENCH_S))
+if [ "$B" -gt 30 ]; then
+  say "bench_int6_linear --impls $IMPLS (limit $B s)"
+  timeout "$B" "$PY" bench/bench_int6_linear.py --out "$OUT" --no-export --no-compile --impls "$IMPLS" \
+    > "$OUT/bench.txt" 2>&1
+  say "bench rc=$?"
+else
+  say "no time left for the bench"
+fi
+T=$(left)
+if [ "$T" -gt 20 ]; then
+  say "int6_linear GPU tests (limit $T s)"
+  timeout "$T" "$PY" -m pytest -q -ra -m gpu tests/test_int6_linear.py > "$OUT/pytest.txt" 2>&1
+  say "pytest rc=$?"
+else
+  say "no time left for the tests"
+fi
+tail -5 "$OUT/probe.txt" "$OUT/bench.txt" "$OUT/pytest.txt" 2>/dev/null
+say done
