@@ -7,7 +7,8 @@
 #      timed beside cuBLAS) -> $OUT/probe.txt;
 #   3. bench/bench_int6_linear.py --impls $IMPLS (forward+backward against the plain bf16 linear) -> $OUT/int6_linear-*;
 #   4. the int6_linear GPU tests -> $OUT/pytest.txt, cut off at CAP seconds after the script started.
-# Each step has its own time limit, so a slow step still leaves the others' files in $OUT.
+# Each step has its own time limit, so a slow step still leaves the others' files in $OUT. (setup.py finds CUTLASS's
+# headers in the nvidia-cutlass wheel, or under $CUTLASS_HOME.)
 #
 #   OUT=/tmp/study bash bench/qat_sm90_study.sh                    # the default variants, schedules and impls
 #   FLAGS="-DQAT_SA_QUANT_WG=4" VARIANTS= bash bench/qat_sm90_study.sh  # one form as the default: bench and tests
@@ -27,7 +28,8 @@ CAP=${CAP:-560}
 PROBE_S=${PROBE_S:-400}
 BENCH_S=${BENCH_S:-150}
 export MAX_JOBS=${MAX_JOBS:-10}
-DEFAULT_VARIANTS="-DNDEBUG;-DQAT_SA_QUANT_WG;-DQAT_SA_QUANT_WG=4;-DQAT_SA_PROBE_CLOCKS;-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QUANT_WG;"
+DEFAULT_VARIANTS="-DNDEBUG;-DQAT_SA_QUANT_WG;-DQAT_SA_QUANT_WG=4;-DQAT_SA_PROBE_CLOCKS;"
+DEFAULT_VARIANTS+="-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QUANT_WG;"
 DEFAULT_VARIANTS+="-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QUANT_WG=4;-DQAT_SLAB_PROBE_CLOCKS;-DQAT_SA_PROBE_NO_QUANT;"
 DEFAULT_VARIANTS+="-DQAT_SA_PROBE_NO_LOAD;-DQAT_SA_QUANT_WG=4 -DQAT_SA_R=64;-DQAT_SA_PROBE_NO_EPI;-DQAT_SA_R=64"
 VARIANTS=${VARIANTS-$DEFAULT_VARIANTS}
@@ -43,10 +45,6 @@ if [ -n "$WHEELS" ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pgolf_site \
     "$WHEELS"/*.whl || { say "installing the wheels in $WHEELS failed"; exit 1; }
   export PYTHONPATH=/tmp/pgolf_site${PYTHONPATH:+:$PYTHONPATH}
-fi
-if [ -z "${CUTLASS_HOME:-}" ]; then  # the headers inside the nvidia-cutlass wheel, wherever pip put them
-  CUTLASS_HOME=$("$PY" -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source'))" 2>/dev/null)
-  [ -n "$CUTLASS_HOME" ] && export CUTLASS_HOME
 fi
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee "$OUT/gpu.txt"
 git log -1 --format='commit %H' 2>/dev/null | tee "$OUT/commit.txt"

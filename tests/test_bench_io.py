@@ -165,3 +165,22 @@ def test_block_timeline_summary_with_two_streams():
     assert busy_us([(0, 10), (5, 10), (20, 1)]) == 16
     with pytest.raises(RuntimeError, match="different kernel sequences"):
         summarize([r1, [(0.0, 1.0, "x", 7)]])
+
+
+def test_qat_sm90_study_script_parses_and_names_only_flags_the_kernels_know():
+    """bench/qat_sm90_study.sh is run unattended on a GPU machine: a syntax error or a variant flag that no longer
+    exists in csrc/qat_linear_sm90.cu (a form deleted after a study) would cost a whole device call."""
+    import re
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "bench" / "qat_sm90_study.sh"
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    flags = set(re.findall(r"-D(\w+)", "".join(re.findall(r'DEFAULT_VARIANTS\+?="([^"]*)"', text))))
+    assert {"NDEBUG", "QAT_SA_QUANT_WG", "QAT_SA_PROBE_CLOCKS"} <= flags
+    kernels = (root / "csrc" / "qat_linear_sm90.cu").read_text()
+    missing = sorted(f for f in flags - {"NDEBUG"} if not re.search(rf"\b{f}\b", kernels))
+    assert not missing, f"bench/qat_sm90_study.sh names flags csrc/qat_linear_sm90.cu does not use: {missing}"
