@@ -16,7 +16,8 @@ bench/probe_qat_sm90_bind.cpp (torch.utils.cpp_extension.load, ~20 s).
 Usage: python bench/probe_qat_sm90.py [--tokens 65536] [--no-check] [--nvcc-flags="-DPGOLF_QAT_SLAB_STAGE_R=32"]
        > bench/results/qat_sm90_schedules-<gpu>-<date>.txt
        python bench/probe_qat_sm90.py --variants="-DNDEBUG;-DQAT_SLAB_A_BUFS=4;-DQAT_SLAB_PROBE_NO_LOAD"
-(several builds at once, then each checked and timed in turn; QAT_SLAB_PROBE_NO_LOAD / NO_MMA / NO_EPI builds skip
+(several builds at once, then each checked and timed in turn, each in its own process with --variant-timeout
+seconds, so a build that hangs or fails costs only itself; QAT_SLAB_PROBE_NO_LOAD / NO_MMA / NO_EPI builds skip
 the B loads / the matmuls / the epilogue to time the rest alone, as QAT_SA_PROBE_NO_LOAD / NO_QUANT / NO_MMA / NO_EPI
 do in the shared-A kernels, and are not checked; QAT_SA_PROBE_CLOCKS / QAT_SLAB_PROBE_CLOCKS make each warp of the
 shared-A / slab kernel's first CTA print its cycles by kind of wait or work, once per shape and direction (not
@@ -147,16 +148,40 @@ def timing(ext, tokens, only=None):
         print(f"{k:>5}->{n:<5} | fwd {parts[0]} | dX  {parts[1]}{clusters}", flush=True)
 
 
-def build_variants(variants):
-    """Build each flag set's .cu alone, all at once in child processes (nvcc is single-threaded per file)."""
+def build_variants(variants) -> list[str]:
+    """Build each flag set's .cu alone, all at once in child processes (nvcc is single-threaded per file); returns
+    the flag sets that built (a failed build is reported with its log's tail and left out, not fatal)."""
     import subprocess
 
     procs = [subprocess.Popen([sys.executable, __file__, "--build-only", f"--nvcc-flags={flags}"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for flags in variants]
+    built = []
     for flags, proc in zip(variants, procs):
         out, _ = proc.communicate()
         if proc.returncode != 0:
-            sys.exit(f"probe_qat_sm90: the build with flags {flags!r} failed:\n{out[-4000:]}")
+            print(f"# BUILD FAILED with flags {flags!r}, left out:\n{out[-4000:]}", flush=True)
+        else:
+            built.append(flags)
+    return built
+
+
+def run_variant(flags: str, args, timeout: float) -> bool:
+    """Check and time one built flag set in a child process, so that a kernel that hangs (a probe build's
+    barrier bug, say) costs its own time limit and not the variants after it. True when it finished cleanly."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, f"--nvcc-flags={flags}", f"--tokens={args.tokens}"]
+    cmd += ["--no-check"] if args.no_check else []
+    cmd += [f"--schedules={args.schedules}"] if args.schedules is not None else []
+    sys.stdout.flush()
+    try:
+        rc = subprocess.run(cmd, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        print(f"# VARIANT {flags!r}: no result within {timeout:.0f} s (a hang?); killed", flush=True)
+        return False
+    if rc != 0:
+        print(f"# VARIANT {flags!r}: exit status {rc}", flush=True)
+    return rc == 0
 
 
 def main():
@@ -169,6 +194,8 @@ def main():
                     help="';'-separated flag sets: build them all at once, then check and time each in turn "
                     "(probe builds, -DQAT_SLAB_PROBE_* and -DQAT_SA_PROBE_*, give wrong results by design: timed "
                     "only)")
+    ap.add_argument("--variant-timeout", type=float, default=150,
+                    help="with --variants: seconds each flag set's check and timing may take (its own process)")
     ap.add_argument("--schedules", default=None,
                     help="comma-separated schedule numbers to time (default: all; cuBLAS always runs), e.g. 1,4,6")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
@@ -183,27 +210,26 @@ def main():
         return
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         sys.exit("probe_qat_sm90 needs an sm_90 GPU (H100/H200)")
-    variants = [args.nvcc_flags]
     if args.variants is not None:
         variants = [v.strip() or "-DNDEBUG" for v in args.variants.split(";")]
-        build_variants(variants)
-    ok = True
-    for flags in variants:
-        ext, how = load_ops(flags)
-        print(f"\n# {torch.cuda.get_device_name()}, torch {torch.__version__}; kernels: {how}", flush=True)
-        if "PROBE_CLOCKS" in flags:
-            print("# clocks lines (SM cycles of one CTA's warps, by kind): shared-A consumer: B wait, quantise or A "
-                  "wait, barrier, wgmma issue+release, wgmma wait, epilogue; shared-A quantiser: W wait, quantise, "
-                  "A-slot wait, fence+arrive; slab consumer: B wait, slab fill, turn wait, wgmma issue+release, "
-                  "wgmma wait, epilogue", flush=True)
-        if not args.no_check and "_PROBE_" not in flags:
-            if not check(ext):
-                ok = False
-                continue
-        timing(ext, args.tokens, only)
-    if not ok:
+        built = build_variants(variants)
+        ok = len(built) == len(variants)
+        for flags in built:
+            ok &= run_variant(flags, args, args.variant_timeout)
+        if not ok:
+            sys.exit(1)
+        return
+    flags = args.nvcc_flags
+    ext, how = load_ops(flags)
+    print(f"\n# {torch.cuda.get_device_name()}, torch {torch.__version__}; kernels: {how}", flush=True)
+    if "PROBE_CLOCKS" in flags:
+        print("# clocks lines (SM cycles of one CTA's warps, by kind): shared-A consumer: B wait, quantise or A "
+              "wait, barrier, wgmma issue+release, wgmma wait, epilogue; shared-A quantiser: W wait, quantise, "
+              "A-slot wait, fence+arrive; slab consumer: B wait, slab fill, turn wait, wgmma issue+release, "
+              "wgmma wait, epilogue", flush=True)
+    if not args.no_check and "_PROBE_" not in flags and not check(ext):
         sys.exit(1)
-
+    timing(ext, args.tokens, only)
 
 if __name__ == "__main__":
     main()

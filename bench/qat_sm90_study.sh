@@ -15,10 +15,11 @@
 #
 # Environment: OUT (default ./runs/qat_sm90_study); WHEELS, a folder of wheels to install first with --no-index on
 # machines without network (zstandard, brotli, nvidia-cutlass; default ./.whl when it exists, WHEELS= for none); CAP
-# (seconds, 560), MAX_JOBS (10), PROBE_S (400), BENCH_S (150). The files are raw logs; commit the ones that matter as
-# bench/results/qat_sm90_schedules-<gpu>-<date>-<commit>-<tag>.txt and int6_linear-<gpu>-<date>-<commit>.* with a
-# first line naming the command and commit (../shared/docs/bench-results.md); commit.txt has the source sha256 to
-# match the tree (the machine's .git may name an older commit).
+# (seconds, 560), MAX_JOBS (10), PROBE_S (400; VARIANT_S, 90, for each variant), BENCH_S (150). The files are raw
+# logs; commit the ones that matter as bench/results/qat_sm90_schedules-<gpu>-<date>-<commit>-<tag>.txt and
+# int6_linear-<gpu>-<date>-<commit>.* with a first line naming the command and commit
+# (../shared/docs/bench-results.md); commit.txt has the source sha256 to match the tree (the machine's .git may name
+# an older commit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -26,12 +27,15 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-./runs/qat_sm90_study}
 CAP=${CAP:-560}
 PROBE_S=${PROBE_S:-400}
+VARIANT_S=${VARIANT_S:-90}
 BENCH_S=${BENCH_S:-150}
 export MAX_JOBS=${MAX_JOBS:-10}
-DEFAULT_VARIANTS="-DNDEBUG;-DQAT_SA_QUANT_WG;-DQAT_SA_QUANT_WG=4;-DQAT_SA_PROBE_CLOCKS;"
-DEFAULT_VARIANTS+="-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QUANT_WG;"
-DEFAULT_VARIANTS+="-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QUANT_WG=4;-DQAT_SLAB_PROBE_CLOCKS;-DQAT_SA_PROBE_NO_QUANT;"
-DEFAULT_VARIANTS+="-DQAT_SA_PROBE_NO_LOAD;-DQAT_SA_QUANT_WG=4 -DQAT_SA_R=64;-DQAT_SA_PROBE_NO_EPI;-DQAT_SA_R=64"
+# most telling first: the default build (its check confirms the default kernels), the two quantiser-warp forms, then
+# where the cycles go, then the forms and probe builds that time parts alone
+DEFAULT_VARIANTS="-DNDEBUG;-DQAT_SA_QUANT_WG=4;-DQAT_SA_QUANT_WG;-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QUANT_WG=4;"
+DEFAULT_VARIANTS+="-DQAT_SA_PROBE_CLOCKS;-DQAT_SLAB_PROBE_CLOCKS;-DQAT_SA_QUANT_WG=4 -DQAT_SA_R=64;"
+DEFAULT_VARIANTS+="-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QUANT_WG;-DQAT_SA_PROBE_NO_QUANT;-DQAT_SA_PROBE_NO_LOAD;"
+DEFAULT_VARIANTS+="-DQAT_SA_PROBE_NO_EPI;-DQAT_SA_R=64"
 VARIANTS=${VARIANTS-$DEFAULT_VARIANTS}
 SCHEDULES=${SCHEDULES:-1,4,6,7}
 IMPLS=${IMPLS:-plain,fused_prologue,fused_quant_cublas}
@@ -58,7 +62,7 @@ BUILD=$!
 if [ -n "$VARIANTS" ]; then
   say "probe: variants '$VARIANTS', schedules $SCHEDULES"
   timeout "$PROBE_S" "$PY" bench/probe_qat_sm90.py --variants="$VARIANTS" --schedules="$SCHEDULES" \
-    > "$OUT/probe.txt" 2>&1
+    --variant-timeout="$VARIANT_S" > "$OUT/probe.txt" 2>&1
   say "probe rc=$?"
 fi
 wait "$BUILD"
