@@ -595,10 +595,10 @@ struct ProbeClocks<true> {
   __device__ void print(const Args& args, const char* kernel, bool trans_w, int cluster, const char* role) const {
     if (blockIdx.x != 0 || threadIdx.x % 32 != 0 || args.tokens < 65536) return;
     // the first launch of each (kernel, shape, direction, cluster) claims a slot; then each warp prints once
-    const unsigned long long key = (static_cast<unsigned long long>(kernel[0]) << 56) |
-                                   (static_cast<unsigned long long>(args.a_extent) << 32) |
-                                   (static_cast<unsigned long long>(args.reduction) << 4) | (trans_w ? 2 : 0) |
-                                   (cluster > 1 ? 1 : 0);
+    unsigned long long key = 14695981039346656037ull;  // FNV-1a of the kernel's name ("slab", "slab-ss", ...)
+    for (const char* c = kernel; *c; ++c) key = (key ^ static_cast<unsigned char>(*c)) * 1099511628211ull;
+    key ^= (static_cast<unsigned long long>(args.a_extent) << 32) |
+           (static_cast<unsigned long long>(args.reduction) << 4) | (trans_w ? 2 : 0) | (cluster > 1 ? 1 : 0);
     int slot = -1;
     for (int i = 0; i < kClockSlots && slot < 0; ++i) {
       const unsigned long long old = atomicCAS(&g_clock_keys[i], 0ull, key);
