@@ -15,7 +15,9 @@ Usage: python bench/probe_flce_sm90.py [--no-check] [--nvcc-flags=...] [--tuning
 --pytest: the fused CE tests (GPU ones included) with this build standing in for the whole extension.
 --kernels: the step's GPU time (CUDA-graph replay) and torch.profiler's time per kernel. --nvcc-flags builds the two
 files with those flags (e.g. the probe builds of csrc/flce_sm90.cu: -DPGOLF_FLCE_PROBE_EPI_PLAIN, whose results are
-wrong and only timed: pass --no-check).
+wrong and only timed: pass --no-check; or csrc/flce_kernels.cu's -DPGOLF_FLCE_CE_CACHED_EXP, a CE row kernel with one
+exp fewer per logit, whose results are right: the cuBLAS loop at V <= 2048 runs it, so time it with --tuning
+gemm=cublas and check it with --pytest cpp_host).
 """
 from __future__ import annotations
 

@@ -77,6 +77,18 @@ __device__ __forceinline__ void rescale(float& m, float& s, float gmax) {
   }
 }
 
+// Probe build PGOLF_FLCE_CE_CACHED_EXP (bench/probe_flce_sm90.py --nvcc-flags=-DPGOLF_FLCE_CE_CACHED_EXP; not yet run
+// on a GPU). Counting the fast-math code, each logit costs four MUFU operations (the cap's exp and reciprocal, one exp
+// per sweep) against about 22 FP32 ones; at 16 MUFU against 128 FP32 results per clock and SM the MUFU is the bound
+// wherever the kernel does not wait on memory. With the fixed maximum and the row in registers, this build's sweep 1
+// keeps exp(z - c) (1 - tanh^2) in place of the capped logit, and sweep 2 scales it by sc / s (the target's column:
+// minus sc (1 - tanh^2) of the target logit): the same gradient, one exp fewer per logit, no more registers.
+#ifdef PGOLF_FLCE_CE_CACHED_EXP
+constexpr bool kCachedExp = true;
+#else
+constexpr bool kCachedExp = false;
+#endif
+
 // One warp per row of V logits (x, h's dtype) -> nll[row] (fp32) and, with GRADS, x overwritten in place by
 // the scaled logit gradient. VEC logits per load (16-byte loads; 1 when V is not a multiple of 16/sizeof(T)).
 // CACHED > 0: the row's capped logits stay in registers between the two sweeps (CACHED loads per lane cover
@@ -102,6 +114,8 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(
   float s = 0.f;
   float cache[CACHED > 0 ? CACHED * VEC : 1];
   (void)cache;
+  // kCachedExp with the fixed maximum: the cache holds exp(z - c) (1 - (z / c)^2) instead of z (see above)
+  const bool keep_exp = kCachedExp && CACHED > 0 && fixed_max;
   // Sweep 1: sum of exponentials (against the fixed maximum c, or a running maximum).
 #pragma unroll
   for (int i = 0; CACHED > 0 ? i < CACHED : true; ++i) {
@@ -115,12 +129,19 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(
       for (int j = 0; j < VEC; ++j) {
         z[j] = capped(static_cast<float>(p.v[j]), cap, inv_cap);
         gmax = fmaxf(gmax, z[j]);
-        if (CACHED > 0) cache[i * VEC + j] = z[j];
+        if (CACHED > 0 && !keep_exp) cache[i * VEC + j] = z[j];
       }
       if (!fixed_max) rescale(m, s, gmax);
       if (m != -INFINITY) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) s += exp2f((z[j] - m) * kLog2e);
+        for (int j = 0; j < VEC; ++j) {
+          const float e = exp2f((z[j] - m) * kLog2e);
+          s += e;
+          if (CACHED > 0 && keep_exp) {
+            const float tz = z[j] * inv_cap;
+            cache[i * VEC + j] = e * (1.f - tz * tz);
+          }
+        }
       }
     }
   }
@@ -139,6 +160,20 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(
     const int64_t c0 = static_cast<int64_t>(i) * kStep + lane * VEC;
     if (CACHED == 0 && static_cast<int64_t>(i) * kStep >= V) break;
     if (c0 < V) {
+      if (CACHED > 0 && keep_exp) {
+        const float sc_over_s = sc / s;
+        const float tzt = zt * inv_cap;
+        const float gt = sc * (1.f - tzt * tzt);  // the target's column: minus sc (1 - tanh^2)
+        Pack<T, VEC> out;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          float g = cache[i * VEC + j] * sc_over_s;
+          if (c0 + j == t) g -= gt;
+          out.v[j] = static_cast<T>(g);
+        }
+        *reinterpret_cast<Pack<T, VEC>*>(xr + c0) = out;
+        continue;
+      }
       float z[VEC];
       if (CACHED > 0) {
 #pragma unroll
