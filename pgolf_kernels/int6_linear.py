@@ -358,10 +358,12 @@ def _prologue_forward(x2d: Tensor, weight: Tensor, aux: Tensor, bias: Optional[T
     if not _triton_runs_on(x2d):
         wq = (quant.quantize_with_scale(weight, aux[0].half(), bits).float() * aux[0][:, None]).to(x2d.dtype)
         return F.linear(x2d, wq, None if bias is None else bias.to(x2d.dtype))
-    y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
-    if m == 0 or n == 0:
-        return y
-    if k == 0:
+    # (y is allocated where it is written: the sm_90a kernels return their own output, and an unused y of the
+    # output's size would only raise the step's peak memory)
+    if m == 0 or n == 0 or k == 0:
+        y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+        if m == 0 or n == 0:
+            return y
         return y.zero_() if bias is None else y.copy_(bias.to(y.dtype).expand(m, n))
     x = x2d if x2d.stride(1) == 1 else x2d.contiguous()
     w = weight if weight.stride(1) == 1 else weight.contiguous()
@@ -369,6 +371,7 @@ def _prologue_forward(x2d: Tensor, weight: Tensor, aux: Tensor, bias: Optional[T
     if ext is not None:
         return ext.qat_linear_sm90(x, w, aux, None if bias is None else bias.float().contiguous(), False,
                                    _SM90_SCHEDULE[PROLOGUE_BACKEND])
+    y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
     b = bias.contiguous() if bias is not None else aux  # any pointer when HAS_BIAS is False
 
     def grid(meta):
@@ -386,16 +389,14 @@ def _prologue_dx(dy: Tensor, weight: Tensor, aux: Tensor, bits: int) -> Tensor:
     if not _triton_runs_on(dy):
         wq = (quant.quantize_with_scale(weight, aux[0].half(), bits).float() * aux[0][:, None]).to(dy.dtype)
         return dy @ wq
-    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
-    if m == 0 or k == 0:
-        return dx
-    if n == 0:
-        return dx.zero_()
+    if m == 0 or k == 0 or n == 0:
+        return dy.new_zeros(m, k)
     g = dy if dy.stride(1) == 1 else dy.contiguous()
     w = weight if weight.stride(1) == 1 else weight.contiguous()
     ext = _sm90_kernel(g, w, trans_w=True)
-    if ext is not None:
+    if ext is not None:  # (dx below is allocated after this, as y in _prologue_forward)
         return ext.qat_linear_sm90(g, w, aux, None, True, _SM90_SCHEDULE[PROLOGUE_BACKEND])
+    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
@@ -575,7 +576,7 @@ def int6_fake_quant_linear(x: Tensor, weight: Tensor, bits: int = 6, bias: Optio
     if impl == "reference":
         return reference_int6_fake_quant_linear(x, weight, bits, bias)
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(lead.numel(), x.shape[-1])  # (-1 is ambiguous when in_features is 0)
     if torch.compiler.is_compiling():
         op = torch.ops.pgolf.int_qlinear_prologue if impl == "prologue" else torch.ops.pgolf.int_qlinear_quant_cublas
         y, _ = op(x2d, weight, bias, int(bits))

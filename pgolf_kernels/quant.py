@@ -44,12 +44,16 @@ def _check_2d(w: Tensor) -> None:
 def row_clip(w: Tensor, bits: int, rule: str = "amax") -> Tensor:
     """Per-row clip magnitude (fp32, shape [rows]) chosen by `rule`."""
     _check_2d(w)
+    if rule not in CLIP_RULES:
+        raise ValueError(f"unknown clip rule {rule!r}; expected one of {CLIP_RULES}")
     w32 = w.float()
+    if w32.shape[1] == 0:  # rows of no weights: nothing to clip (and amax/quantile of nothing is an error)
+        return torch.zeros(w32.shape[0], dtype=torch.float32, device=w.device)
     if rule == "amax":
         return w32.abs().amax(dim=1)
     if rule == "percentile":
         if w32.numel() == 0:
-            return torch.empty(w32.shape[0], dtype=torch.float32, device=w.device)
+            return torch.empty(0, dtype=torch.float32, device=w.device)
         return torch.quantile(w32.abs(), INT8_CLIP_Q, dim=1)
     if rule == "search":
         return _search_clip(w32, bits)

@@ -96,6 +96,23 @@ def test_forward_backward_match_reference_fp32(impl, shape, bits, with_bias):
 
 @needs_kernels_cpu
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("tokens,k,n", [(0, 32, 16), (5, 32, 0), (5, 0, 16)])
+def test_empty_dimensions_match_reference(impl, tokens, k, n):
+    """No tokens, no outputs, or an empty reduction (y = bias, dX empty or zero, dW = dYᵀX)."""
+    g = torch.Generator().manual_seed(tokens + 7 * k + n)
+    x = torch.randn(tokens, k, generator=g)
+    w = torch.randn(n, k, generator=g) * 0.05
+    bias = torch.randn(n, generator=g)
+    gy = torch.randn(tokens, n, generator=g)
+    got = _run(impl, x, w, 6, bias, gy)
+    ref = _run("reference", x, w, 6, bias, gy)
+    for name, a, b in zip(("y", "dx", "dw", "db"), got, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert torch.equal(a, b), name
+
+
+@needs_kernels_cpu
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_nan_in_weight_reaches_the_output(impl):
     w = torch.randn(32, 32) * 0.05
     w[5, 7] = float("nan")
