@@ -4,8 +4,9 @@ For every model shape (W [out, in] = 1536x512, 512x1536, 2048x512, 512x2048, 512
 = x @ Q(W)ᵀ + bias and dX = dy @ Q(W) of schedules 1 (per-tile quantisation), 2 (slab: W quantised once per CTA and
 64-row slab of code bytes), 3 (slab in 2-CTA clusters sharing the activation tiles), 4 and 5 (the same two with the SS
 form: a 128-row bf16 slab read by the tensor cores from shared memory; reductions up to 512, '-' elsewhere), 6 and 7
-(shared-A: W streamed, each 64 x 32 tile quantised into shared memory once per 512 tokens; 7 in 2-CTA clusters sharing
-the activation tiles) against a float64 product at token counts 1, 255, 257, 4097 (bits 6 and 8; outputs poisoned with
+(shared-A: W streamed, each 64 x 32 tile quantised into shared memory once per 512 tokens by the consumers; 7 in
+2-CTA clusters sharing the activation tiles), 8 and 9 (the same two with the producer warpgroup's warps quantising)
+against a float64 product at token counts 1, 255, 257, 4097 (bits 6 and 8; outputs poisoned with
 NaN first) and that the schedules agree bit for bit; then times each kernel at --tokens tokens beside cuBLAS on the
 same bf16 Q(W) (F.linear for the forward, dy @ Q(W) for dX): medians of CUDA-graph replays of 10 calls each, cuBLAS
 and every schedule of a direction replayed in turn for 40 rounds.
@@ -20,9 +21,10 @@ Usage: python bench/probe_qat_sm90.py [--tokens 65536] [--no-check] [--nvcc-flag
 seconds, so a build that hangs or fails costs only itself; QAT_SLAB_PROBE_NO_LOAD / NO_MMA / NO_EPI builds skip
 the B loads / the matmuls / the epilogue to time the rest alone, as QAT_SA_PROBE_NO_LOAD / NO_QUANT / NO_MMA / NO_EPI
 do in the shared-A kernels, and are not checked; QAT_SA_PROBE_CLOCKS / QAT_SLAB_PROBE_CLOCKS make each warp of the
-shared-A / slab kernel's first CTA print its cycles by kind of wait or work, once per shape and direction (not
-checked either); QAT_SA_QUANT_WG (=4), QAT_SA_R=64 and QAT_SA_STAGES=3 are other forms of the shared-A kernel and
-are checked); --schedules=1,4,6 times only those schedules beside cuBLAS.
+shared-A / slab kernels' first CTA print its cycles by kind of wait or work, once per kernel, shape and direction
+(not checked either); QAT_SA_QW=2 (two quantiser warps in schedules 8 and 9 instead of four), QAT_SA_R=64 and
+QAT_SA_STAGES=3 are other forms of the shared-A kernels and are checked); --schedules=1,4,6 times only those
+schedules beside cuBLAS.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ from bench_int6_linear import rel_fro as rel  # noqa: E402
 from results_io import capture_cuda_graph, interleaved_graph_ms, join_option_values  # noqa: E402
 
 SHAPES = [(1536, 512), (512, 1536), (2048, 512), (512, 2048), (512, 512), (256, 512)]  # W [out, in]
-SCHEDULES = {1: "tile", 2: "slab", 3: "pair", 4: "slab_ss", 5: "pair_ss", 6: "shared_a", 7: "pair_a"}
+SCHEDULES = {1: "tile", 2: "slab", 3: "pair", 4: "slab_ss", 5: "pair_ss", 6: "shared_a", 7: "pair_a", 8: "sa_qw",
+             9: "pair_qw"}
 
 
 def load_ops(nvcc_flags: str = ""):

@@ -11,7 +11,7 @@
 # headers in the nvidia-cutlass wheel, or under $CUTLASS_HOME.)
 #
 #   OUT=/tmp/study bash bench/qat_sm90_study.sh                    # the default variants, schedules and impls
-#   FLAGS="-DQAT_SA_QUANT_WG=4" VARIANTS= bash bench/qat_sm90_study.sh  # one form as the default: bench and tests
+#   FLAGS="-DQAT_SA_QW=2" VARIANTS= bash bench/qat_sm90_study.sh  # the extension built with a form: bench and tests
 #
 # Environment: OUT (default ./runs/qat_sm90_study); WHEELS, a folder of wheels to install first with --no-index on
 # machines without network (zstandard, brotli, nvidia-cutlass; default ./.whl when it exists, WHEELS= for none); CAP
@@ -30,15 +30,14 @@ PROBE_S=${PROBE_S:-400}
 VARIANT_S=${VARIANT_S:-90}
 BENCH_S=${BENCH_S:-150}
 export MAX_JOBS=${MAX_JOBS:-10}
-# most telling first: the default build (its check confirms the default kernels), the two quantiser-warp forms, then
-# where the cycles go, then the forms and probe builds that time parts alone
-DEFAULT_VARIANTS="-DNDEBUG;-DQAT_SA_QUANT_WG=4;-DQAT_SA_QUANT_WG;-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QUANT_WG=4;"
-DEFAULT_VARIANTS+="-DQAT_SA_PROBE_CLOCKS;-DQAT_SLAB_PROBE_CLOCKS;-DQAT_SA_QUANT_WG=4 -DQAT_SA_R=64;"
-DEFAULT_VARIANTS+="-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QUANT_WG;-DQAT_SA_PROBE_NO_QUANT;-DQAT_SA_PROBE_NO_LOAD;"
-DEFAULT_VARIANTS+="-DQAT_SA_PROBE_NO_EPI;-DQAT_SA_R=64"
+# most telling first: the default build (its check confirms every schedule, the quantiser-warp ones 8 and 9 included),
+# where the cycles go, the two-warp quantiser form, then the forms and probe builds that time parts alone
+DEFAULT_VARIANTS="-DNDEBUG;-DQAT_SA_PROBE_CLOCKS;-DQAT_SA_QW=2;-DQAT_SLAB_PROBE_CLOCKS;-DQAT_SA_R=64;"
+DEFAULT_VARIANTS+="-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QW=2;-DQAT_SA_PROBE_NO_QUANT;-DQAT_SA_PROBE_NO_LOAD;"
+DEFAULT_VARIANTS+="-DQAT_SA_PROBE_NO_EPI"
 VARIANTS=${VARIANTS-$DEFAULT_VARIANTS}
-SCHEDULES=${SCHEDULES:-1,4,6,7}
-IMPLS=${IMPLS:-plain,fused_prologue,fused_quant_cublas}
+SCHEDULES=${SCHEDULES:-1,4,6,7,8,9}
+IMPLS=${IMPLS:-plain,fused_prologue,fused_prologue_shared_a_qw,fused_quant_cublas}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 left() { echo $((CAP - ($(date +%s) - START))); }

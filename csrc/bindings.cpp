@@ -77,14 +77,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qat_linear_sm90", &pgolf::qat_linear_sm90_cuda, "QAT matmul with the quantiser in the prologue (sm_90a "
         "wgmma): trans_w False: b @ Q(W)^T (+ bias), b = x [tokens, in]; True: b @ Q(W), b = dy [tokens, out]. "
         "aux = int6_linear.row_scales(W, bits) (amax scales); schedule 0 default, 1 per-tile quantisation, 2 slab "
-        "(W quantised once per CTA and 64-row slab), 3 slab in 2-CTA clusters", py::arg("b"), py::arg("w"), py::arg("aux"), py::arg("bias"), py::arg("trans_w"),
-        py::arg("schedule") = 0);
+        "(W quantised once per CTA and 64-row slab), 3 slab in 2-CTA clusters, 4 and 5 the same with the SS slab, "
+        "6 shared-A, 7 shared-A in 2-CTA clusters, 8 and 9 the same two with quantiser warps",
+        py::arg("b"), py::arg("w"), py::arg("aux"), py::arg("bias"), py::arg("trans_w"), py::arg("schedule") = 0);
   m.def("qat_linear_sm90_supported", &pgolf::qat_linear_sm90_supported, "Whether qat_linear_sm90 runs these "
         "operands with the default schedule (sm_90 GPU, bf16 activations, fp32 contiguous W, reduction % 64 == 0, "
         "output width % 128 == 0)",
         py::arg("b"), py::arg("w"), py::arg("trans_w"));
   m.def("qat_linear_sm90_schedule", &pgolf::qat_linear_sm90_schedule, "Which qat_linear_sm90 schedule runs these "
-        "operands for the requested one (0 default, 1 per-tile, 2 slab, 3 slab pairs): the schedule, 0 none",
+        "operands for the requested one (0 default, 1-9 as qat_linear_sm90's): the schedule, 0 none",
         py::arg("b"), py::arg("w"), py::arg("trans_w"), py::arg("schedule") = 0);
   m.def("block_gemm_sm90", &pgolf::block_gemm_sm90_cuda, "Fused block row GEMM out = epilogue(a @ w) on sm_90a "
         "(CUTLASS ping-pong): epi 1 residual (c_in + col_vec[n]*acc), 3 activation backward (c_in = pre; aux_out = "

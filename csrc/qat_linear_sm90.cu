@@ -962,16 +962,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Measured on an H100 (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-08-fad1466-shared-a.txt): bit for
 // bit equal to the per-tile kernel (bits 6 and 8, every model shape, 1-4097 tokens); on the long reductions 0.85-0.91x
 // its time but still 1.51-1.78x cuBLAS's; the pairs were 1.01-1.05x slower than the single CTAs. Open questions: the
-// quantisation of each stage sits between two stages' wgmmas with one stage of lookahead (the probe build
-// QAT_SA_QUANT_WG below moves it to the producer warpgroup's idle warps, off the consumers' path; compiled, not yet
-// run); the two warpgroups run in lockstep (they share each A tile), so their epilogues leave the tensor cores idle,
+// quantisation of each stage sits between two stages' wgmmas with one stage of lookahead (schedules 8 and 9, SaForm
+// below, move it to the producer warpgroup's idle warps, off the consumers' path; compiled, not yet run); the two
+// warpgroups run in lockstep (they share each A tile), so their epilogues leave the tensor cores idle,
 // as in the per-tile kernel; and each 32-wide stage costs a named barrier and two mbarrier waits (QAT_SA_R=64 below
 // halves their number, with two stages instead of four).
 constexpr int kSaA = 64;                        // a-rows per CTA tile
 constexpr int kSaT = 2 * kTileT;                // tokens per CTA tile: one 256-token half per consumer warpgroup
 // Probe builds (bench/probe_qat_sm90.py --variants) may set QAT_SA_R=64 (64 of the reduction per stage: 128-byte
 // rows and swizzle, half the stages and barriers per tile, two stages fit), QAT_SA_STAGES (3 at R 32; 5 do not fit),
-// QAT_SA_QUANT_WG (the producer warpgroup's idle warps quantise, see below), QAT_SA_PROBE_CLOCKS (each warp of CTA 0
+// QAT_SA_QW=2 (schedules 8 and 9 with two quantiser warps, see SaForm), QAT_SA_PROBE_CLOCKS (each warp of CTA 0
 // prints where its cycles went: ProbeClocks; consumers: 0 B wait, 1 quantise (lockstep) or A wait (quantiser warps),
 // 2 barrier after quantising, 3 wgmma issue and release, 4 wgmma wait, 5 epilogue; quantiser warps: 0 W wait,
 // 1 quantise, 2 A-slot wait, 3 fence and arrive), and, to time parts of the kernel alone (wrong results by design),
@@ -986,53 +986,57 @@ static_assert(kSaR == 32 || kSaR == 64, "QAT_SA_R must be 32 or 64");
 #define QAT_SA_STAGES (128 / QAT_SA_R)
 #endif
 constexpr int kSaStages = QAT_SA_STAGES;        // B stages, and (quantiser warps) W stages
-// QAT_SA_QUANT_WG: the producer warpgroup's idle warps quantise. Warp 0 loads the B ring, warp 1 the W ring, warps 2
-// and 3 quantise each W stage into the A ring, and the two consumer warpgroups only wait for A and B and multiply. The
-// quantisation then leaves the consumers' path, runs up to kSaABufs stages ahead of them (also through their
-// epilogues), and the consumers need no barrier with each other: each waits for the A and B stages and releases them
-// by itself. QAT_SA_QUANT_WG=4: all four warps quantise (twice the throughput) and lane 0 of warp 0 also issues both
-// rings' loads, each as soon as its slot is free, polling between its own waits instead of blocking. (A fourth
-// warpgroup cannot quantise instead: at 512 threads ptxas allots 128 registers per thread, fewer than the m64n256
-// accumulators need.)
-#ifdef QAT_SA_QUANT_WG
-constexpr int kSaQuantWarps = QAT_SA_QUANT_WG + 0 == 4 ? 4 : 2;
-#else
-constexpr int kSaQuantWarps = 0;  // the consumers quantise
-#endif
-constexpr bool kSaQuantWg = kSaQuantWarps > 0;
-constexpr int kSaQuantThreads = kSaQuantWg ? 32 * kSaQuantWarps : 256;  // threads that quantise each stage together
-// A tiles: with the consumers quantising, stage k + 1 is written while k runs and k - 1 may still be read (see the
-// mainloop); with the quantiser warps, how far they may run ahead.
-constexpr int kSaABufs = kSaQuantWg ? 4 : 3;
 constexpr int kSaBBytes = kSaT * kSaR * 2;      // 32 KB at R 32
 constexpr int kSaWBytes = kSaA * kSaR * 4;      // 8 KB fp32
 constexpr int kSaABytes = kSaA * kSaR * 2;      // 4 KB bf16
 constexpr int kSaScaleFloats = 2 * kSaR;        // dX: s and RN(1/s) of the stage's reduction rows
-constexpr int kSaBarriers = 2 * kSaStages + (kSaQuantWg ? 2 * kSaStages + 2 * kSaABufs : 0);
-constexpr int kSaSmemBytes = 1024 /* alignment */ + kSaStages * (kSaBBytes + kSaWBytes + 4 * kSaScaleFloats) +
-                             kSaABufs * kSaABytes + 2 * kEpiBytes + 8 * kSaBarriers;
-static_assert(kSaSmemBytes <= kSmemOptin, "shared-A schedule: shared memory");
+// Who quantises: QW = 0 (schedules 6 and 7), all 256 consumer threads, each stage between two stages' wgmmas; QW > 0
+// (schedules 8 and 9), QW warps of the producer warpgroup, which is otherwise idle. With QW = 4 (the default; the
+// probe build QAT_SA_QW=2 gives 2) all four warps quantise and lane 0 of warp 0 also issues both rings' loads (B, and
+// W with its scales), each as soon as its slot is free, polling between its own waits instead of blocking; with QW = 2
+// warp 0 loads the B ring, warp 1 the W ring and warps 2 and 3 quantise. The quantisation then leaves the consumers'
+// path and runs up to kABufs stages ahead of them (also through their epilogues), and the consumers need no barrier
+// with each other: each waits for its A and B stages and releases them by itself. (A fourth warpgroup cannot quantise
+// instead: at 512 threads ptxas allots 128 registers per thread, fewer than the m64n256 accumulators need.)
+#ifndef QAT_SA_QW
+#define QAT_SA_QW 4
+#endif
+static_assert(QAT_SA_QW == 2 || QAT_SA_QW == 4, "QAT_SA_QW must be 2 or 4");
+constexpr int kSaQw = QAT_SA_QW;  // schedules 8 and 9
+template <int QW>
+struct SaForm {
+  static constexpr bool kQuantWg = QW > 0;
+  static constexpr int kQuantThreads = kQuantWg ? 32 * QW : 256;  // threads that quantise each stage together
+  // A tiles: with the consumers quantising, stage k + 1 is written while k runs and k - 1 may still be read (see the
+  // mainloop); with the quantiser warps, how far they may run ahead.
+  static constexpr int kABufs = kQuantWg ? 4 : 3;
+  static constexpr int kBarriers = 2 * kSaStages + (kQuantWg ? 2 * kSaStages + 2 * kABufs : 0);
+  static constexpr int kSmemBytes = 1024 /* alignment */ + kSaStages * (kSaBBytes + kSaWBytes + 4 * kSaScaleFloats) +
+                                    kABufs * kSaABytes + 2 * kEpiBytes + 8 * kBarriers;
+  static_assert(kSmemBytes <= kSmemOptin, "shared-A schedule: shared memory");
+};
 
 #ifdef PGOLF_SM90A
-// The a-row whose W values thread t (of kSaQuantThreads) quantises each stage. Forward: G = kSaQuantThreads / 64
+// The a-row whose W values thread t (of QT) quantises each stage. Forward: G = QT / 64
 // threads per a-row, 8 consecutive threads on 8 consecutive a-rows (their 16-byte loads from the 128-byte-swizzled W
 // box and stores into the A tile fall in 8 different bank groups); dX: 32 consecutive a-rows per warp (W's row r is
 // contiguous in a), all lanes of a warp on the same reduction rows and scales.
-template <bool TRANS_W>
+template <bool TRANS_W, int QT>
 __device__ __forceinline__ int sa_quant_row(int t) {
-  constexpr int G = kSaQuantThreads / kSaA;
+  constexpr int G = QT / kSaA;
   return TRANS_W ? t % kSaA : t % 8 + 8 * (t / (8 * G));
 }
 
-// Thread t's share of one stage's quantisation: W (64 a-rows x kSaR of the reduction, fp32, as TMA wrote it: 32-wide
-// boxes with the 128-byte swizzle) into the bf16 A tile (K-major, swizzled as a TMA box of kSaR-wide rows would be),
-// the 16-byte chunks c = c0, c0 + G, ... of a-row sa_quant_row(t). Forward A holds the integer codes (s[a] in the
-// epilogue; s_row, r_row: this a-row's s and RN(1 / s)), dX bf16(code · s[r]) (sc: the stage's [2][kSaR] s, RN(1/s)).
-template <bool TRANS_W>
+// Thread t's (of QT) share of one stage's quantisation: W (64 a-rows x kSaR of the reduction, fp32, as TMA wrote
+// it: 32-wide boxes with the 128-byte swizzle) into the bf16 A tile (K-major, swizzled as a TMA box of kSaR-wide rows
+// would be), the 16-byte chunks c = c0, c0 + G, ... of a-row sa_quant_row(t). Forward A holds the integer codes (s[a]
+// in the epilogue; s_row, r_row: this a-row's s and RN(1 / s)), dX bf16(code · s[r]) (sc: the stage's [2][kSaR] s,
+// RN(1/s)).
+template <bool TRANS_W, int QT>
 __device__ __forceinline__ void sa_quantise(const uint8_t* w, const float* sc, uint8_t* a_tile, int t, float s_row,
                                             float r_row) {
-  constexpr int G = kSaQuantThreads / kSaA;
-  const int a = sa_quant_row<TRANS_W>(t);
+  constexpr int G = QT / kSaA;
+  const int a = sa_quant_row<TRANS_W, QT>(t);
   const int c0 = TRANS_W ? t / kSaA : (t / 8) % G;
 #pragma unroll
   for (int h = 0; h < kSaR / (8 * G); ++h) {
@@ -1063,18 +1067,22 @@ __device__ __forceinline__ void sa_quantise(const uint8_t* w, const float* sc, u
 }
 #endif  // PGOLF_SM90A
 
-template <bool TRANS_W, int CLUSTER>
+template <bool TRANS_W, int CLUSTER, int QW>
 __global__ void __launch_bounds__(kThreads, 1)
     qat_shared_a_kernel(const __grid_constant__ CUtensorMap map_b, const __grid_constant__ CUtensorMap map_w,
                         const __grid_constant__ CUtensorMap map_out, const __grid_constant__ CUtensorMap map_aux,
                         const GemmArgs args) {
 #ifdef PGOLF_SM90A
+  using Form = SaForm<QW>;
+  constexpr bool kQuantWg = Form::kQuantWg;
+  constexpr int kABufs = Form::kABufs;
+  constexpr const char* kName = QW > 0 ? "shared-A/qw" : "shared-A";  // (the clocks probe's lines)
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = align_1024(smem_raw);
   uint8_t* stage_b = smem;                                   // kSaStages x kSaBBytes
   uint8_t* stage_w = stage_b + kSaStages * kSaBBytes;        // kSaStages x kSaWBytes
-  uint8_t* a_tiles = stage_w + kSaStages * kSaWBytes;        // kSaABufs x kSaABytes
-  uint8_t* epi = a_tiles + kSaABufs * kSaABytes;             // 2 x kEpiBytes
+  uint8_t* a_tiles = stage_w + kSaStages * kSaWBytes;        // kABufs x kSaABytes
+  uint8_t* epi = a_tiles + kABufs * kSaABytes;               // 2 x kEpiBytes
   float* stage_scales = reinterpret_cast<float*>(epi + 2 * kEpiBytes);  // kSaStages x kSaScaleFloats (dX)
   // B ring; with the quantiser warps also the W ring and the A ring (without them W travels in the B ring)
   uint64_t* full = reinterpret_cast<uint64_t*>(stage_scales + kSaStages * kSaScaleFloats);
@@ -1082,7 +1090,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* w_full = empty + kSaStages;
   uint64_t* w_empty = w_full + kSaStages;
   uint64_t* a_full = w_empty + kSaStages;
-  uint64_t* a_empty = a_full + kSaABufs;
+  uint64_t* a_empty = a_full + kABufs;
 
   const int warpgroup = threadIdx.x / 128;
   const int tid = threadIdx.x % 128;
@@ -1096,10 +1104,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x == 0) {
     init_ring(full, empty, kSaStages, 8 * CLUSTER);  // B empty: lane 0 of each of the 8 consumer warps, every CTA
-    if constexpr (kSaQuantWg) {
-      init_ring(w_full, w_empty, kSaStages, kSaQuantWarps);  // W empty: the quantiser warps
+    if constexpr (kQuantWg) {
+      init_ring(w_full, w_empty, kSaStages, QW);  // W empty: the quantiser warps
       // A full: the quantiser warps; empty: the 8 consumer warps
-      init_ring(a_full, a_empty, kSaABufs, 8, kSaQuantWarps);
+      init_ring(a_full, a_empty, kABufs, 8, QW);
     }
   }
   cta_or_cluster_sync<CLUSTER>();
@@ -1107,7 +1115,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {
     // The quantiser warps keep the launch's 168 registers (ptxas gives the consumers' code no more than that either,
     // and below 72 the dX quantisation spills); without them the producer gives registers back.
-    if constexpr (!kSaQuantWg) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if constexpr (!kQuantWg) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     // The TMA loads of the stage (tile, kr) into slot st of the B ring, and of the W ring (W's tile and, for dX, the
     // scales of its reduction rows), completing on the slot's full barrier `bar`.
     auto load_b = [&](int st, int tile, int kr) {
@@ -1154,16 +1162,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Load one stage into ring `f` (B and, without the quantiser warps, W into the B ring; else B or W alone).
     auto issue = [&](Feed& f, bool b_ring) {
       uint64_t* bar = b_ring ? &full[f.st] : &w_full[f.st];
-      const bool with_w = !b_ring || !kSaQuantWg;
+      const bool with_w = !b_ring || !kQuantWg;
       mbar_expect_tx(bar, kLoads ? (b_ring ? kSaBBytes : 0) + (with_w ? kWStageBytes : 0) : 0);
       if (kLoads && b_ring) load_b(f.st, f.tile, f.kr);
       if (kLoads && with_w) load_w(bar, f.st, f.tile, f.kr);
       feed_next(f);
     };
 
-    if constexpr (kSaQuantWarps != 4) {
+    if constexpr (QW != 4) {
       // warp 0: the B stages (and without the quantiser warps W's); warp 1 (with them): W's stages
-      if (lane == 0 && (warp == 0 || (kSaQuantWg && warp == 1))) {
+      if (lane == 0 && (warp == 0 || (kQuantWg && warp == 1))) {
         const bool b_ring = warp == 0;
         Feed f{group, 0};
         while (f.tile < num_tiles) {
@@ -1172,12 +1180,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-    if constexpr (kSaQuantWg) {
-      // the quantiser warps: W stage -> A tile, up to kSaABufs stages ahead of the consumers
-      if (warp >= 4 - kSaQuantWarps) {
-        const int t = tid - 32 * (4 - kSaQuantWarps);
-        // QAT_SA_QUANT_WG=4: thread 0 also feeds both rings, polling: whatever slots are free get their loads
-        const bool feeder = kSaQuantWarps == 4 && tid == 0;
+    if constexpr (kQuantWg) {
+      // the quantiser warps: W stage -> A tile, up to kABufs stages ahead of the consumers
+      if (warp >= 4 - QW) {
+        const int t = tid - 32 * (4 - QW);
+        // QW 4: thread 0 also feeds both rings, polling: whatever slots are free get their loads
+        const bool feeder = QW == 4 && tid == 0;
         Feed fb{group, 0}, fw{group, 0};
         auto pump = [&]() {
           while (fb.tile < num_tiles && mbar_test(&empty[fb.st], fb.ph ^ 1)) issue(fb, true);
@@ -1198,7 +1206,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int a_cta = ((tile % num_a) * CLUSTER + static_cast<int>(rank)) * kSaA;
           float s_row = 0.f, r_row = 0.f;
           if constexpr (!TRANS_W) {
-            const int a = a_cta + sa_quant_row<TRANS_W>(t);
+            const int a = a_cta + sa_quant_row<TRANS_W, Form::kQuantThreads>(t);
             s_row = __ldg(args.aux + a);
             r_row = __ldg(args.aux + args.a_extent + a);
           }
@@ -1208,8 +1216,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             wait(&a_empty[ast], aph ^ 1);
             clk.lap(2);
 #ifndef QAT_SA_PROBE_NO_QUANT
-            sa_quantise<TRANS_W>(stage_w + wst * kSaWBytes, stage_scales + wst * kSaScaleFloats,
-                                 a_tiles + ast * kSaABytes, t, s_row, r_row);
+            sa_quantise<TRANS_W, Form::kQuantThreads>(stage_w + wst * kSaWBytes, stage_scales + wst * kSaScaleFloats,
+                                                      a_tiles + ast * kSaABytes, t, s_row, r_row);
 #endif
             clk.lap(1);
             // this thread's generic-proxy stores become visible to the consumers' wgmmas (async proxy); the warp
@@ -1223,14 +1231,14 @@ __global__ void __launch_bounds__(kThreads, 1)
             if (feeder) pump();
             clk.lap(3);
             ring_advance(wst, wph, kSaStages);
-            ring_advance(ast, aph, kSaABufs);
+            ring_advance(ast, aph, kABufs);
           }
         }
         // the last B stages: their slots free up only as the consumers finish the stages before them
         if (feeder) {
           while (fb.tile < num_tiles) pump();
         }
-        clk.print(args, "shared-A", TRANS_W, CLUSTER, "quantiser");
+        clk.print(args, kName, TRANS_W, CLUSTER, "quantiser");
       }
     }
     // no thread leaves before its cluster peer is done arriving on this CTA's barriers
@@ -1238,7 +1246,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  if constexpr (!kSaQuantWg) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  if constexpr (!kQuantWg) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
   const int cw = warpgroup - 1;  // consumer warpgroup: tokens [256 cw, 256 cw + 256) of the tile
   const int t256 = threadIdx.x - 128;
   const int row_lo = 16 * warp + lane / 4;  // this thread's accumulator a-rows: row_lo, row_lo + 8
@@ -1248,8 +1256,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Without the quantiser warps all 256 consumer threads quantise each stage together, then meet.
   auto quantise_stage = [&](int st, int ab, float s_row, float r_row) {
 #ifndef QAT_SA_PROBE_NO_QUANT
-    sa_quantise<TRANS_W>(stage_w + st * kSaWBytes, stage_scales + st * kSaScaleFloats, a_tiles + ab * kSaABytes, t256,
-                         s_row, r_row);
+    sa_quantise<TRANS_W, Form::kQuantThreads>(stage_w + st * kSaWBytes, stage_scales + st * kSaScaleFloats,
+                                              a_tiles + ab * kSaABytes, t256, s_row, r_row);
 #else
     (void)st;
     (void)ab;
@@ -1291,7 +1299,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_operands(acc);
     clk.lap(4);
     release(st);
-    if (kSaQuantWg && lane == 0) mbar_arrive(&a_empty[ab_prev]);
+    if (kQuantWg && lane == 0) mbar_arrive(&a_empty[ab_prev]);
     if (!last) clk.lap(3);  // (after the last stage the epilogue's lap takes the release)
   };
 
@@ -1302,8 +1310,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int t0 = (tile / num_a) * kSaT + cw * kTileT;
     float s_row = 0.f, r_row = 0.f, s_lo = 0.f, s_hi = 0.f;
     if constexpr (!TRANS_W) {
-      if constexpr (!kSaQuantWg) {
-        const int a = a_cta + sa_quant_row<TRANS_W>(t256);
+      if constexpr (!kQuantWg) {
+        const int a = a_cta + sa_quant_row<TRANS_W, Form::kQuantThreads>(t256);
         s_row = __ldg(args.aux + a);
         r_row = __ldg(args.aux + args.a_extent + a);
       }
@@ -1314,7 +1322,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
     fence_operands(acc);
-    if constexpr (kSaQuantWg) {
+    if constexpr (kQuantWg) {
       // Per stage: wait for its B and A, issue its k16 steps, retire the stage before (wait 1) and release its B
       // stage and A tile.
       int prev = stage, prev_ab = ab;
@@ -1329,7 +1337,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         prev = stage;
         prev_ab = ab;
         ring_advance(stage, phase, kSaStages);
-        ring_advance(ab, a_phase, kSaABufs);
+        ring_advance(ab, a_phase, kABufs);
       }
       retire(acc, prev, prev_ab, true);
     } else {
@@ -1346,7 +1354,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (kr > 0) retire(acc, prev, ab, false);
         prev = stage;
         ring_advance(stage, phase, kSaStages);
-        ab = ab + 1 == kSaABufs ? 0 : ab + 1;
+        ab = ab + 1 == kABufs ? 0 : ab + 1;
         if (kr + 1 < num_r) {
           mbar_wait(&full[stage], phase);
           clk.lap(0);
@@ -1365,7 +1373,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     clk.lap(5);
   }
   if (tid == 0) tma_store_wait_all();
-  clk.print(args, "shared-A", TRANS_W, CLUSTER, "consumer");
+  clk.print(args, kName, TRANS_W, CLUSTER, "consumer");
   if constexpr (CLUSTER > 1) cluster_sync();
 #endif  // PGOLF_SM90A
 }
@@ -1378,9 +1386,14 @@ const DeviceInfo& device_info(int device) {
                                         kSmemBytes));
     C10_CUDA_CHECK(cudaFuncSetAttribute(qat_gemm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         kSmemBytes));
-    for (auto kernel : {qat_shared_a_kernel<false, 1>, qat_shared_a_kernel<true, 1>, qat_shared_a_kernel<false, 2>,
-                        qat_shared_a_kernel<true, 2>}) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSaSmemBytes));
+    for (auto kernel : {qat_shared_a_kernel<false, 1, 0>, qat_shared_a_kernel<true, 1, 0>,
+                        qat_shared_a_kernel<false, 2, 0>, qat_shared_a_kernel<true, 2, 0>}) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SaForm<0>::kSmemBytes));
+    }
+    for (auto kernel : {qat_shared_a_kernel<false, 1, kSaQw>, qat_shared_a_kernel<true, 1, kSaQw>,
+                        qat_shared_a_kernel<false, 2, kSaQw>, qat_shared_a_kernel<true, 2, kSaQw>}) {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SaForm<kSaQw>::kSmemBytes));
     }
     for (auto kernel : {qat_slab_kernel<false, 1, false>, qat_slab_kernel<true, 1, false>,
                         qat_slab_kernel<false, 2, false>, qat_slab_kernel<true, 2, false>,
@@ -1456,12 +1469,32 @@ StreamMaps stream_maps(const at::Tensor& b, const at::Tensor& w, const at::Tenso
                    CU_TENSOR_MAP_SWIZZLE_NONE)};
 }
 
+// One launch of the shared-A kernel of form QW over `tiles` CTA tiles: one CTA per SM, or (cluster 2) as many 2-CTA
+// clusters as fit.
+template <int QW>
+void launch_shared_a(const StreamMaps& m, const GemmArgs& args, bool trans_w, int cluster, int64_t tiles, int device,
+                     int sms, cudaStream_t stream) {
+  constexpr int smem = SaForm<QW>::kSmemBytes;
+  if (cluster == 1) {
+    auto kernel = trans_w ? qat_shared_a_kernel<true, 1, QW> : qat_shared_a_kernel<false, 1, QW>;
+    kernel<<<static_cast<unsigned>(std::min<int64_t>(tiles, sms)), kThreads, smem, stream>>>(m.b, m.w, m.out, m.aux,
+                                                                                            args);
+    return;
+  }
+  auto kernel = trans_w ? qat_shared_a_kernel<true, 2, QW> : qat_shared_a_kernel<false, 2, QW>;
+  const int max_clusters = pair_cluster_count(device, reinterpret_cast<const void*>(kernel), smem);
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t config =
+      pair_launch_config(attr, static_cast<unsigned>(2 * std::min<int64_t>(tiles, max_clusters)), smem, stream);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, m.b, m.w, m.out, m.aux, args));
+}
+
 }  // namespace
 
 // Which schedule runs these operands: 1 the per-tile kernel, 2 the slab kernel, 3 the slab kernel in 2-CTA clusters
 // sharing B, 4 and 5 the same two with the SS slab form (bf16 slab, 128 a-rows), 6 the shared-A kernel and 7 the
-// same in 2-CTA clusters sharing B, 0 none. `schedule` asks for one (1 to 7) or, 0, the default (see
-// kDefaultSsMinRows).
+// same in 2-CTA clusters sharing B, 8 and 9 those two with the quantiser warps (SaForm), 0 none. `schedule` asks for
+// one (1 to 9) or, 0, the default (see kDefaultSsMinRows).
 int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool trans_w, int64_t schedule) {
   if (!b.is_cuda() || !w.is_cuda() || b.scalar_type() != at::kBFloat16 || w.scalar_type() != at::kFloat) return 0;
   if (b.dim() != 2 || w.dim() != 2 || b.stride(1) != 1 || !w.is_contiguous() || b.device() != w.device()) return 0;
@@ -1477,9 +1510,10 @@ int qat_linear_sm90_schedule(const at::Tensor& b, const at::Tensor& w, bool tran
   const bool slab_ok = a_extent % rows == 0 && slab_layout<false>(reduction, trans_w).stages > 0;
   const bool ss_ok = a_extent % ss_rows == 0 && slab_layout<true>(reduction, trans_w).stages > 0;
   const bool tile_ok = a_extent % kTileA == 0;
-  const bool ok[8] = {false, tile_ok, slab_ok, slab_ok && a_extent % (2 * rows) == 0, ss_ok,
-                      ss_ok && a_extent % (2 * ss_rows) == 0, a_extent % kSaA == 0, a_extent % (2 * kSaA) == 0};
-  if (schedule >= 1 && schedule <= 7) return ok[schedule] ? static_cast<int>(schedule) : 0;
+  const bool sa_ok = a_extent % kSaA == 0, sa_pair_ok = a_extent % (2 * kSaA) == 0;
+  const bool ok[10] = {false, tile_ok, slab_ok, slab_ok && a_extent % (2 * rows) == 0, ss_ok,
+                       ss_ok && a_extent % (2 * ss_rows) == 0, sa_ok, sa_pair_ok, sa_ok, sa_pair_ok};
+  if (schedule >= 1 && schedule <= 9) return ok[schedule] ? static_cast<int>(schedule) : 0;
   if (schedule != 0) return 0;
   if (ok[4] && a_extent >= kDefaultSsMinRows) return 4;
   if (ok[6] && a_extent >= kDefaultSsMinRows) return 6;
@@ -1530,22 +1564,14 @@ at::Tensor qat_linear_sm90_cuda(const at::Tensor& b, const at::Tensor& w, const 
   const GemmArgs args{aux.data_ptr<float>(), bias_ptr, static_cast<int>(tokens), static_cast<int>(a_extent),
                       static_cast<int>(reduction)};
 
-  if (kind >= 6) {  // the shared-A kernel
-    const int cluster = kind == 7 ? 2 : 1;
-    const auto [map_b, map_w, map_out, map_aux] = stream_maps(b, w, aux, out, trans_w, kSaR, kSaA);
+  if (kind >= 6) {  // the shared-A kernel: 6 and 7 quantise in the consumers, 8 and 9 in the quantiser warps
+    const int cluster = kind == 7 || kind == 9 ? 2 : 1;
+    const auto maps = stream_maps(b, w, aux, out, trans_w, kSaR, kSaA);
     const int64_t tiles = (a_extent / (kSaA * cluster)) * ((tokens + kSaT - 1) / kSaT);
-    if (cluster == 1) {
-      auto kernel = trans_w ? qat_shared_a_kernel<true, 1> : qat_shared_a_kernel<false, 1>;
-      kernel<<<static_cast<unsigned>(std::min<int64_t>(tiles, info.sms)), kThreads, kSaSmemBytes, stream>>>(
-          map_b, map_w, map_out, map_aux, args);
+    if (kind <= 7) {
+      launch_shared_a<0>(maps, args, trans_w, cluster, tiles, b.get_device(), info.sms, stream);
     } else {
-      auto kernel = trans_w ? qat_shared_a_kernel<true, 2> : qat_shared_a_kernel<false, 2>;
-      const int max_clusters =
-          pair_cluster_count(b.get_device(), reinterpret_cast<const void*>(kernel), kSaSmemBytes);
-      cudaLaunchAttribute attr;
-      const cudaLaunchConfig_t config = pair_launch_config(
-          attr, static_cast<unsigned>(2 * std::min<int64_t>(tiles, max_clusters)), kSaSmemBytes, stream);
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_b, map_w, map_out, map_aux, args));
+      launch_shared_a<kSaQw>(maps, args, trans_w, cluster, tiles, b.get_device(), info.sms, stream);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;

@@ -21,7 +21,8 @@ Two implementations, picked with ``impl=`` (default ``DEFAULT_IMPL``):
   CTA into shared memory as bf16 where the matmul's reduction is at most 512 and its output at least 512 wide; at
   that width with a longer reduction, each 64 x 32 tile of W into shared memory once per 512 tokens ("shared-A");
   and for the narrower K/V forward, W's tile again for every 256-token tile; ``PROLOGUE_BACKEND = "sm90_tile"`` (or
-  ``"sm90_slab"``, ``"sm90_pair"``, ``"sm90_slab_ss"``, ``"sm90_pair_ss"``, ``"sm90_shared_a"``, ``"sm90_pair_a"``)
+  ``"sm90_slab"``, ``"sm90_pair"``, ``"sm90_slab_ss"``, ``"sm90_pair_ss"``, ``"sm90_shared_a"``, ``"sm90_pair_a"``,
+  ``"sm90_shared_a_qw"``, ``"sm90_pair_a_qw"``)
   asks for one schedule (see the PROLOGUE_BACKENDS comment).
 * ``"quant_cublas"`` — one Triton pass writes Q(W) in X's dtype (the same bytes the plain path's
   ``W.to(bf16)`` cast writes every step), then cuBLAS does all three matmuls.
@@ -84,15 +85,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # width % 128 == 0). "sm90_slab_ss" and "sm90_pair_ss" are the two slab schedules with the slab kept as bf16 values
 # of 128 rows that the tensor cores read from shared memory (output width % 128 resp. % 256 == 0, reduction <= 512).
 # "sm90_shared_a" and "sm90_pair_a" stream W like the per-tile kernel but quantise each 64 x 32 tile into shared
-# memory once per 512 tokens, for shared-memory A wgmma (output width % 64 resp. % 128 == 0, any reduction).
+# memory once per 512 tokens, for shared-memory A wgmma (output width % 64 resp. % 128 == 0, any reduction), all
+# 256 consumer threads quantising each stage between two stages' wgmmas; "sm90_shared_a_qw" and "sm90_pair_a_qw" are
+# the same two with the producer warpgroup's four warps quantising instead, up to four stages ahead (not yet run).
 # The byte slab schedules and the three pair schedules are opt-in: on an H100 each was slower than the schedule it
 # varies (the byte slab than the per-tile kernel, each pair than its single-CTA form; bench/results/
 # qat_sm90_schedules-*). "triton" always uses Triton.
 # PGOLF_QLINEAR_PROLOGUE sets the start value.
 PROLOGUE_BACKENDS = ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "sm90_slab_ss", "sm90_pair_ss", "sm90_shared_a",
-                     "sm90_pair_a", "triton")
+                     "sm90_pair_a", "sm90_shared_a_qw", "sm90_pair_a_qw", "triton")
 _SM90_SCHEDULE = {"auto": 0, "sm90_tile": 1, "sm90_slab": 2, "sm90_pair": 3, "sm90_slab_ss": 4, "sm90_pair_ss": 5,
-                  "sm90_shared_a": 6, "sm90_pair_a": 7}
+                  "sm90_shared_a": 6, "sm90_pair_a": 7, "sm90_shared_a_qw": 8, "sm90_pair_a_qw": 9}
 PROLOGUE_BACKEND = os.environ.get("PGOLF_QLINEAR_PROLOGUE", "auto")
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |t| < 2**22 half-to-even
 

@@ -268,16 +268,20 @@ def _on_hopper():
 
 
 def test_prologue_backends_name_the_sm90_schedules():
-    """Every PROLOGUE_BACKEND but "triton" names an sm_90a schedule (0 = the default, 1..7 as in
+    """Every PROLOGUE_BACKEND but "triton" names an sm_90a schedule (0 = the default, 1..9 as in
     csrc/qat_linear_sm90.cu's qat_linear_sm90_schedule), each once, and the bench's rows ask only for known ones;
     an unknown backend is refused by name."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import bench_int6_linear as B
 
     assert set(L._SM90_SCHEDULE) == set(L.PROLOGUE_BACKENDS) - {"triton"}
-    assert sorted(L._SM90_SCHEDULE.values()) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert sorted(L._SM90_SCHEDULE.values()) == list(range(10))
     assert set(B.PROLOGUE_BACKEND_OF.values()) <= set(L.PROLOGUE_BACKENDS)
-    assert set(B.SM90_SCHEDULE_NAMES) == {1, 2, 3, 4, 5, 6, 7}
+    assert set(B.SM90_SCHEDULE_NAMES) == set(range(1, 10))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import probe_qat_sm90 as P
+
+    assert set(P.SCHEDULES) == set(range(1, 10))
     x, w = torch.randn(4, 64).bfloat16(), torch.randn(128, 64)
     try:
         L.PROLOGUE_BACKEND = "sm90_slab_ss"
@@ -295,8 +299,8 @@ def test_prologue_backends_name_the_sm90_schedules():
 def test_gpu_sm90_prologue_matches_triton_prologue_and_reference(n, k, monkeypatch):
     """The CUDA sm_90a prologue matmuls (auto: the default schedule, the SS slab where it applies at 512 a-rows or
     more, else per-tile; sm90_tile: the per-tile schedule; sm90_slab, sm90_pair and their SS forms: the slab
-    schedules; sm90_shared_a, sm90_pair_a: the shared-A schedules) against the Triton ones and a float64 product,
-    at token counts that are not multiples of the 256-token tile, with a bias; outputs start as NaN (a freed NaN
+    schedules; sm90_shared_a, sm90_pair_a and their _qw forms: the shared-A schedules) against the Triton ones and a
+    float64 product, at token counts that are not multiples of the 256-token tile, with a bias; outputs start as NaN (a freed NaN
     block the caching allocator hands back), so an element the kernel never wrote fails the check. Where another
     sm_90a schedule (or auto) runs a direction it must equal the per-tile kernel bit for bit (elsewhere that
     direction falls back to Triton)."""
@@ -436,9 +440,9 @@ def test_probe_refuses_unknown_schedules_before_needing_a_gpu():
 
     root = Path(__file__).resolve().parent.parent
     probe = str(root / "bench" / "probe_qat_sm90.py")
-    r = subprocess.run([sys.executable, probe, "--schedules", "1,9"], cwd=root, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, probe, "--schedules", "1,10"], cwd=root, capture_output=True, text=True,
                        timeout=300)
-    assert r.returncode != 0 and "--schedules: unknown [9]" in r.stderr
+    assert r.returncode != 0 and "--schedules: unknown [10]" in r.stderr
     if not _on_hopper():
         r = subprocess.run([sys.executable, probe, "--schedules", "1,6"], cwd=root, capture_output=True, text=True,
                            timeout=300)
