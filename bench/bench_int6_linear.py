@@ -7,14 +7,16 @@ Implementations (rows' `impl`), all with x bf16 [M, K] (requires grad), W fp32 m
   fused_prologue      int6_fake_quant_linear(impl="prologue"): matmuls quantising W on chip — on an H100/H200 the
                       CUDA sm_90a kernels (csrc/qat_linear_sm90.cu, default schedule), elsewhere Triton
   fused_prologue_tile, fused_prologue_slab, fused_prologue_pair, fused_prologue_slab_ss, fused_prologue_pair_ss,
-  fused_prologue_shared_a, fused_prologue_pair_a, fused_prologue_shared_a_qw, fused_prologue_pair_a_qw
+  fused_prologue_shared_a, fused_prologue_pair_a, fused_prologue_shared_a_qw, fused_prologue_pair_a_qw,
+  fused_prologue_auto_qw
                       the same with int6_linear.PROLOGUE_BACKEND = "sm90_tile" (W quantised again for every
                       256-token tile), "sm90_slab" (once per CTA and 64-row slab), "sm90_pair" (slab kernel in 2-CTA
                       clusters sharing the activation tiles), "sm90_slab_ss" / "sm90_pair_ss" (the same two with a
                       128-row bf16 slab read by the tensor cores from shared memory; reductions <= 512),
                       "sm90_shared_a" / "sm90_pair_a" (W streamed, quantised into shared memory once per 64 rows x
                       512 tokens; the pairs share the activation tiles), "sm90_shared_a_qw" / "sm90_pair_a_qw"
-                      (the same with the producer warpgroup's warps quantising, off the consumers' path). A direction
+                      (the same with the producer warpgroup's warps quantising, off the consumers' path), "auto_qw"
+                      (the default schedule with those two in place of the other shared-A pair). A direction
                       that schedule does not run goes to Triton; `config` says which kernel ran each direction
   fused_prologue_triton  the same with int6_linear.PROLOGUE_BACKEND = "triton" (the Triton matmuls everywhere)
   fused_quant_cublas  int6_fake_quant_linear(impl="quant_cublas"): one Triton pass Q(W) -> bf16, then cuBLAS
@@ -71,7 +73,8 @@ PROLOGUE_BACKEND_OF = {"fused_prologue_tile": "sm90_tile", "fused_prologue_slab"
                        "fused_prologue_pair": "sm90_pair", "fused_prologue_slab_ss": "sm90_slab_ss",
                        "fused_prologue_pair_ss": "sm90_pair_ss", "fused_prologue_shared_a": "sm90_shared_a",
                        "fused_prologue_pair_a": "sm90_pair_a", "fused_prologue_shared_a_qw": "sm90_shared_a_qw",
-                       "fused_prologue_pair_a_qw": "sm90_pair_a_qw", "fused_prologue_triton": "triton"}
+                       "fused_prologue_pair_a_qw": "sm90_pair_a_qw", "fused_prologue_auto_qw": "auto_qw",
+                       "fused_prologue_triton": "triton"}
 SM90_SCHEDULE_NAMES = {1: "per-tile, 128x256x64 tiles, 3 stages", 2: "slab", 3: "slab pairs", 4: "SS slab",
                        5: "SS slab pairs", 6: "shared-A, 64x512x32 tiles, 4 stages", 7: "shared-A pairs",
                        8: "shared-A with quantiser warps", 9: "shared-A pairs with quantiser warps"}
@@ -84,7 +87,7 @@ def prologue_config(x, w, gy) -> str:
     for what, b, trans in (("fwd", x, False), ("dx", gy, True)):
         ext = L._sm90_kernel(b, w, trans)
         if ext is not None:
-            schedule = ext.qat_linear_sm90_schedule(b, w, trans, L._SM90_SCHEDULE[L.PROLOGUE_BACKEND])
+            schedule = ext.qat_linear_sm90_schedule(b, w, trans, L._sm90_schedule(ext, b, w, trans))
             parts.append(f"{what} CUDA sm_90a wgmma (csrc/qat_linear_sm90.cu) schedule {schedule}: "
                          f"{SM90_SCHEDULE_NAMES[schedule]}")
         else:

@@ -37,7 +37,7 @@ DEFAULT_VARIANTS+="-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QW=2;-DQAT_SA_PROBE_NO_QUANT;-
 DEFAULT_VARIANTS+="-DQAT_SA_PROBE_NO_EPI"
 VARIANTS=${VARIANTS-$DEFAULT_VARIANTS}
 SCHEDULES=${SCHEDULES:-1,4,6,7,8,9}
-IMPLS=${IMPLS:-plain,fused_prologue,fused_prologue_shared_a_qw,fused_quant_cublas}
+IMPLS=${IMPLS:-plain,fused_prologue,fused_prologue_auto_qw,fused_quant_cublas}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 left() { echo $((CAP - ($(date +%s) - START))); }

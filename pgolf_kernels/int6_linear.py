@@ -87,14 +87,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # "sm90_shared_a" and "sm90_pair_a" stream W like the per-tile kernel but quantise each 64 x 32 tile into shared
 # memory once per 512 tokens, for shared-memory A wgmma (output width % 64 resp. % 128 == 0, any reduction), all
 # 256 consumer threads quantising each stage between two stages' wgmmas; "sm90_shared_a_qw" and "sm90_pair_a_qw" are
-# the same two with the producer warpgroup's four warps quantising instead, up to four stages ahead (not yet run).
+# the same two with the producer warpgroup's four warps quantising instead, up to four stages ahead (not yet run);
+# "auto_qw" is the default schedule with those in place of "sm90_shared_a"/"sm90_pair_a" where it picks them.
 # The byte slab schedules and the three pair schedules are opt-in: on an H100 each was slower than the schedule it
 # varies (the byte slab than the per-tile kernel, each pair than its single-CTA form; bench/results/
 # qat_sm90_schedules-*). "triton" always uses Triton.
 # PGOLF_QLINEAR_PROLOGUE sets the start value.
 PROLOGUE_BACKENDS = ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "sm90_slab_ss", "sm90_pair_ss", "sm90_shared_a",
-                     "sm90_pair_a", "sm90_shared_a_qw", "sm90_pair_a_qw", "triton")
-_SM90_SCHEDULE = {"auto": 0, "sm90_tile": 1, "sm90_slab": 2, "sm90_pair": 3, "sm90_slab_ss": 4, "sm90_pair_ss": 5,
+                     "sm90_pair_a", "sm90_shared_a_qw", "sm90_pair_a_qw", "auto_qw", "triton")
+_SM90_SCHEDULE = {"auto": 0, "auto_qw": 0, "sm90_tile": 1, "sm90_slab": 2, "sm90_pair": 3, "sm90_slab_ss": 4, "sm90_pair_ss": 5,
                   "sm90_shared_a": 6, "sm90_pair_a": 7, "sm90_shared_a_qw": 8, "sm90_pair_a_qw": 9}
 PROLOGUE_BACKEND = os.environ.get("PGOLF_QLINEAR_PROLOGUE", "auto")
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |t| < 2**22 half-to-even
@@ -355,6 +356,15 @@ def _sm90_kernel(b: Tensor, weight: Tensor, trans_w: bool):
     return ext
 
 
+def _sm90_schedule(ext, b: Tensor, weight: Tensor, trans_w: bool) -> int:
+    """The schedule to ask the extension for (after _sm90_kernel found one that runs): PROLOGUE_BACKEND's, and for
+    "auto_qw" the default's with the shared-A kernel's quantiser-warp form (8, 9) in place of 6, 7."""
+    if PROLOGUE_BACKEND == "auto_qw":
+        schedule = ext.qat_linear_sm90_schedule(b, weight, trans_w, 0)
+        return {6: 8, 7: 9}.get(schedule, schedule)
+    return _SM90_SCHEDULE[PROLOGUE_BACKEND]
+
+
 def _prologue_forward(x2d: Tensor, weight: Tensor, aux: Tensor, bias: Optional[Tensor], bits: int) -> Tensor:
     m, k = x2d.shape
     n = weight.shape[0]
@@ -373,7 +383,7 @@ def _prologue_forward(x2d: Tensor, weight: Tensor, aux: Tensor, bias: Optional[T
     ext = _sm90_kernel(x, w, trans_w=False)
     if ext is not None:
         return ext.qat_linear_sm90(x, w, aux, None if bias is None else bias.float().contiguous(), False,
-                                   _SM90_SCHEDULE[PROLOGUE_BACKEND])
+                                   _sm90_schedule(ext, x, w, False))
     y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
     b = bias.contiguous() if bias is not None else aux  # any pointer when HAS_BIAS is False
 
@@ -398,7 +408,7 @@ def _prologue_dx(dy: Tensor, weight: Tensor, aux: Tensor, bits: int) -> Tensor:
     w = weight if weight.stride(1) == 1 else weight.contiguous()
     ext = _sm90_kernel(g, w, trans_w=True)
     if ext is not None:  # (dx below is allocated after this, as y in _prologue_forward)
-        return ext.qat_linear_sm90(g, w, aux, None, True, _SM90_SCHEDULE[PROLOGUE_BACKEND])
+        return ext.qat_linear_sm90(g, w, aux, None, True, _sm90_schedule(ext, g, w, True))
     dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
 
     def grid(meta):

@@ -275,7 +275,8 @@ def test_prologue_backends_name_the_sm90_schedules():
     import bench_int6_linear as B
 
     assert set(L._SM90_SCHEDULE) == set(L.PROLOGUE_BACKENDS) - {"triton"}
-    assert sorted(L._SM90_SCHEDULE.values()) == list(range(10))
+    assert sorted(L._SM90_SCHEDULE.values()) == [0] + list(range(10))  # auto and auto_qw both ask for the default
+    assert [b for b, s in L._SM90_SCHEDULE.items() if s == 0] == ["auto", "auto_qw"]
     assert set(B.PROLOGUE_BACKEND_OF.values()) <= set(L.PROLOGUE_BACKENDS)
     assert set(B.SM90_SCHEDULE_NAMES) == set(range(1, 10))
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
