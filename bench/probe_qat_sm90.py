@@ -73,7 +73,10 @@ def load_ops(nvcc_flags: str = ""):
     return ext, f"csrc/qat_linear_sm90.cu built alone in {time.time() - t0:.0f} s, flags {nvcc_flags!r}"
 
 
-def check(ext) -> bool:
+def check(ext, only=None) -> bool:
+    """Each schedule (those in `only` and the per-tile one, their reference, when given) against float64 and the
+    per-tile kernel bit for bit."""
+    schedules = [sch for sch in SCHEDULES if only is None or sch in only or sch == 1]
     ok_all = True
     for bits in (6, 8):
         for n, k in SHAPES:
@@ -86,7 +89,7 @@ def check(ext) -> bool:
                 x = torch.randn(m, k, device="cuda").bfloat16()
                 gy = torch.randn(m, n, device="cuda").bfloat16()
                 res = {}
-                for sch in SCHEDULES:
+                for sch in schedules:
                     # each direction where this schedule runs it (a build may fit only some reductions)
                     y = dx = None
                     if ext.qat_linear_sm90_schedule(x, w, False, sch) == sch:
@@ -175,6 +178,7 @@ def run_variant(flags: str, args, timeout: float) -> bool:
 
     cmd = [sys.executable, __file__, f"--nvcc-flags={flags}", f"--tokens={args.tokens}"]
     cmd += ["--no-check"] if args.no_check else []
+    cmd += ["--check-only"] if args.check_only else []
     cmd += [f"--schedules={args.schedules}"] if args.schedules is not None else []
     sys.stdout.flush()
     try:
@@ -201,20 +205,26 @@ def main():
                     help="with --variants: seconds each flag set's check and timing may take (its own process)")
     ap.add_argument("--schedules", default=None,
                     help="comma-separated schedule numbers to time (default: all; cuBLAS always runs), e.g. 1,4,6")
-    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--check-only", action="store_true",
+                    help="check (the --schedules and the per-tile one), no timing: e.g. a quick first look at new "
+                    "kernels in a process of their own, before anything else depends on them")
+    ap.add_argument("--build-only", action="store_true", help="build (with --variants: every flag set) and exit")
     args = ap.parse_args(join_option_values(sys.argv[1:], ("--variants", "--nvcc-flags")))
     only = None
     if args.schedules is not None:
         only = {int(v) for v in args.schedules.split(",") if v.strip()}
         if not only <= set(SCHEDULES):
             sys.exit(f"--schedules: unknown {sorted(only - set(SCHEDULES))}; known: {sorted(SCHEDULES)}")
+    variants = None if args.variants is None else [v.strip() or "-DNDEBUG" for v in args.variants.split(";")]
     if args.build_only:
-        load_ops(args.nvcc_flags)
+        if variants is None:
+            load_ops(args.nvcc_flags)
+        elif len(build_variants(variants)) < len(variants):
+            sys.exit(1)
         return
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         sys.exit("probe_qat_sm90 needs an sm_90 GPU (H100/H200)")
-    if args.variants is not None:
-        variants = [v.strip() or "-DNDEBUG" for v in args.variants.split(";")]
+    if variants is not None:
         built = build_variants(variants)
         ok = len(built) == len(variants)
         for flags in built:
@@ -230,9 +240,10 @@ def main():
               "wait, barrier, wgmma issue+release, wgmma wait, epilogue; shared-A quantiser: W wait, quantise, "
               "A-slot wait, fence+arrive; slab consumer: B wait, slab fill, turn wait, wgmma issue+release, "
               "wgmma wait, epilogue", flush=True)
-    if not args.no_check and "_PROBE_" not in flags and not check(ext):
+    if not args.no_check and "_PROBE_" not in flags and not check(ext, only):
         sys.exit(1)
-    timing(ext, args.tokens, only)
+    if not args.check_only:
+        timing(ext, args.tokens, only)
 
 if __name__ == "__main__":
     main()
