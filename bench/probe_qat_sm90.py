@@ -23,8 +23,8 @@ the B loads / the matmuls / the epilogue to time the rest alone, as QAT_SA_PROBE
 do in the shared-A kernels, and are not checked; QAT_SA_PROBE_CLOCKS / QAT_SLAB_PROBE_CLOCKS make each warp of the
 shared-A / slab kernels' first CTA print its cycles by kind of wait or work, once per kernel, shape and direction
 (not checked either); QAT_SA_QW=2 (two quantiser warps in schedules 8 and 9 instead of four), QAT_SA_R=64 and
-QAT_SA_STAGES=3 are other forms of the shared-A kernels and are checked); --schedules=1,4,6 times only those
-schedules beside cuBLAS.
+QAT_SA_STAGES=3 are other forms of the shared-A kernels and are checked); --schedules=1,4,6 checks (with the per-tile
+reference) and times (beside cuBLAS) only those schedules; --check-only skips the timing.
 """
 from __future__ import annotations
 
@@ -204,7 +204,8 @@ def main():
     ap.add_argument("--variant-timeout", type=float, default=150,
                     help="with --variants: seconds each flag set's check and timing may take (its own process)")
     ap.add_argument("--schedules", default=None,
-                    help="comma-separated schedule numbers to time (default: all; cuBLAS always runs), e.g. 1,4,6")
+                    help="comma-separated schedule numbers to check (with the per-tile one, their reference) and time "
+                    "(default: all; cuBLAS always runs), e.g. 1,4,6")
     ap.add_argument("--check-only", action="store_true",
                     help="check (the --schedules and the per-tile one), no timing: e.g. a quick first look at new "
                     "kernels in a process of their own, before anything else depends on them")
