@@ -95,8 +95,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # PGOLF_QLINEAR_PROLOGUE sets the start value.
 PROLOGUE_BACKENDS = ("auto", "sm90_tile", "sm90_slab", "sm90_pair", "sm90_slab_ss", "sm90_pair_ss", "sm90_shared_a",
                      "sm90_pair_a", "sm90_shared_a_qw", "sm90_pair_a_qw", "auto_qw", "triton")
-_SM90_SCHEDULE = {"auto": 0, "auto_qw": 0, "sm90_tile": 1, "sm90_slab": 2, "sm90_pair": 3, "sm90_slab_ss": 4, "sm90_pair_ss": 5,
-                  "sm90_shared_a": 6, "sm90_pair_a": 7, "sm90_shared_a_qw": 8, "sm90_pair_a_qw": 9}
+_SM90_SCHEDULE = {"auto": 0, "auto_qw": 0, "sm90_tile": 1, "sm90_slab": 2, "sm90_pair": 3, "sm90_slab_ss": 4,
+                  "sm90_pair_ss": 5, "sm90_shared_a": 6, "sm90_pair_a": 7, "sm90_shared_a_qw": 8, "sm90_pair_a_qw": 9}
 PROLOGUE_BACKEND = os.environ.get("PGOLF_QLINEAR_PROLOGUE", "auto")
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |t| < 2**22 half-to-even
 
