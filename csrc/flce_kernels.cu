@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(
         for (int j = 0; j < VEC; ++j) {
           const float e = exp2f((z[j] - m) * kLog2e);
           s += e;
-          if (CACHED > 0 && keep_exp) {
+          if (keep_exp) {
             const float tz = z[j] * inv_cap;
             cache[i * VEC + j] = e * (1.f - tz * tz);
           }
@@ -155,15 +155,14 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(
   if (lane == 0) nll[row] = bad ? NAN : (valid ? lse - zt : 0.f);
   if (!grads) return;
   // Sweep 2: g = (softmax - onehot) * scale * (1 - tanh^2), written over the logits. Ignored rows get 0.
+  // (keep_exp: softmax * scale = cache * sc / s; the target's column minus sc (1 - tanh^2) of its logit)
+  const float sc_over_s = sc / s, tzt = zt * inv_cap, gt = sc * (1.f - tzt * tzt);
 #pragma unroll
   for (int i = 0; CACHED > 0 ? i < CACHED : true; ++i) {
     const int64_t c0 = static_cast<int64_t>(i) * kStep + lane * VEC;
     if (CACHED == 0 && static_cast<int64_t>(i) * kStep >= V) break;
     if (c0 < V) {
-      if (CACHED > 0 && keep_exp) {
-        const float sc_over_s = sc / s;
-        const float tzt = zt * inv_cap;
-        const float gt = sc * (1.f - tzt * tzt);  // the target's column: minus sc (1 - tanh^2)
+      if (keep_exp) {
         Pack<T, VEC> out;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {

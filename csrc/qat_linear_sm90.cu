@@ -949,14 +949,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The shared-A schedule (6, and 7 in 2-CTA clusters): W streamed and quantised stage by stage as in the per-tile
-// kernel, for any reduction length, but into shared memory and once per 64 a-rows x 512 tokens instead of once per
-// 128 x 256, so each quantised value feeds twice the tensor-core work. A CTA's tile is 64 a-rows x 512 tokens; per
-// stage (32 of the reduction) its 256 consumer threads quantise the 64 x 32 W tile together, 8 values each, into a
-// bf16 A tile (K-major, 64-byte swizzle), then each consumer warpgroup multiplies it with its own 256-token half of
-// the B stage (SS wgmma m64n256k16, no A registers). The quantisation of stage k + 1 runs while stage k's wgmmas do,
-// three A tiles in flight. Forward A holds the integer codes (s[a] in the epilogue), dX bf16(code · s[r]), as in the
-// per-tile kernel, so the products are the same bit for bit.
+// The shared-A schedule (6, and 7 in 2-CTA clusters; 8 and 9 are the same with quantiser warps, SaForm below): W
+// streamed and quantised stage by stage as in the per-tile kernel, for any reduction length, but into shared memory and
+// once per 64 a-rows x 512 tokens instead of once per 128 x 256, so each quantised value feeds twice the tensor-core
+// work. A CTA's tile is 64 a-rows x 512 tokens; per stage (32 of the reduction) its 256 consumer threads quantise the
+// 64 x 32 W tile together, 8 values each, into a bf16 A tile (K-major, 64-byte swizzle), then each consumer warpgroup
+// multiplies it with its own 256-token half of the B stage (SS wgmma m64n256k16, no A registers). The quantisation of
+// stage k + 1 runs while stage k's wgmmas do, three A tiles in flight. Forward A holds the integer codes (s[a] in the
+// epilogue), dX bf16(code · s[r]), as in the per-tile kernel, so the products are the same bit for bit.
 // CLUSTER 2: two CTAs, a-rows 64 apart, share the B stage: each loads one 256-token half and multicasts it to both,
 // so B is read from L2 once per 128 a-rows (as in the per-tile kernel) while W is quantised once per 512 tokens.
 // Measured on an H100 (bench/results/qat_sm90_schedules-h100-80gb-hbm3-2026-12-08-fad1466-shared-a.txt): bit for
