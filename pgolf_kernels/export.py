@@ -165,7 +165,10 @@ def missing_compressor_package(scheme: str):
     return package if package is not None and importlib.util.find_spec(package) is None else None
 
 
-def _bits_for(name: str, bits, default: int) -> int:
+def bits_for(name: str, bits, default: int) -> int:
+    """The bits of tensor `name` under a ``bits`` argument of `export_artifact` (None, an int, or a dict of name
+    substring -> bits with an optional "default"). The trainer's QAT asks here too, so that a matrix trains on
+    the grid it is stored on."""
     if bits is None:
         return default
     if isinstance(bits, int):
@@ -262,7 +265,7 @@ def _quantise(state_dict: Mapping[str, Tensor], sch: _Scheme, bits, clip: str, f
             q, s = quant.official_int8(t)
             e.enc, e.bits, e.codes, e.scale = ("rows" if t.ndim == 2 else "tensor"), 8, q, s
         elif big_float and t.ndim == 2:
-            e.bits = _bits_for(name, bits, sch.bits)
+            e.bits = bits_for(name, bits, sch.bits)
             q, s = quant.quantize_rows(t, e.bits, clip)
             e.enc, e.codes, e.scale = "rows", q, s
         else:

@@ -129,7 +129,7 @@ def eval_state(mod, cfg, state: dict, data_root: Path, qat: bool = False):
     model = mod.GPT(cfg)
     model.load_state_dict(state, strict=True)
     if qat:
-        model.set_qat(cfg.qat_bits, cfg.control_patterns)
+        model.set_qat(cfg.matrix_bits(), cfg.control_patterns)
     model.eval()
     luts = build_bpb_luts(cfg.tokenizer_path, cfg.vocab_size)
     val = load_validation_tokens(cfg.val_files, cfg.train_seq_len, cfg.vocab_size)
@@ -267,6 +267,9 @@ def test_vocab_mismatch_fails_clearly(data_root, tmp_path):
         (dict(CUDA_GRAPHS="1"), 1, "CUDA_GRAPHS=1 needs DEVICE=cuda (got DEVICE=cpu)"),
         (dict(QAT_START_FRAC="1.5", EXPORT_SCHEME="int6+zstd"), 1, "QAT_START_FRAC=1.5 must be in [0, 1]"),
         (dict(QAT_START_FRAC="0.5"), 1, "QAT_START_FRAC is set but EXPORT_SCHEME=int8+zlib"),
+        (dict(MLP_BITS=9, EXPORT_SCHEME="int6+zstd"), 1, "MLP_BITS=9 must be in 2..8"),
+        (dict(MLP_BITS=5), 1, "MLP_BITS=5 sets the MLP matrices' bits of an intN export, but EXPORT_SCHEME=int8+zlib"),
+        (dict(MLP_BITS=5, EXPORT_SCHEME="int6+zstd"), 1, None),
         (dict(EVAL_STRIDE=64), 1, "EVAL_STRIDE=64 must be in 0..TRAIN_SEQ_LEN=32"),
         (dict(VAL_BATCH_SIZE=64), 1, "VAL_BATCH_SIZE=64 must give each rank at least one sequence"),
         (dict(RECORDS_DIR="x", SUBMISSION_AUTHOR=""), 1, "RECORDS_DIR is set: submission.json needs"),
@@ -407,15 +410,19 @@ def test_config_parsing():
 
 
 @pytest.mark.slow
-def test_int6_qat_artifact_matches_in_memory_fake_quant_model(data_root, tmp_path):
+@pytest.mark.parametrize("mlp_bits", [None, 5], ids=["int6", "mlp_int5"])
+def test_int6_qat_artifact_matches_in_memory_fake_quant_model(data_root, tmp_path, mlp_bits):
     from pgolf_kernels import quant
     from pgolf_kernels.export import load_artifact
 
     # MODEL_DIM 192: the MLP matrices (192x384) are big enough for the exporter to quantise (and so for QAT).
     over = dict(EXPORT_SCHEME="int6+zstd", QAT_START_FRAC=0.5, MODEL_DIM=192, ITERATIONS=6, EVAL_STRIDE=0)
+    if mlp_bits:
+        over["MLP_BITS"] = mlp_bits
+    bits = mlp_bits or 6
     proc = run_trainer(tiny_env(data_root, tmp_path, **over))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert re.search(r"^qat:on step:3 bits:6$", proc.stdout, re.M)
+    assert re.search(r"^qat:on step:3 bits:6" + (f" mlp_bits:{mlp_bits}" if mlp_bits else "") + "$", proc.stdout, re.M)
     q_loss, q_bpb = exact_line(proc.stdout, "final_int6_zstd_roundtrip_exact")
 
     mod = load_trainer_module()
@@ -425,11 +432,45 @@ def test_int6_qat_artifact_matches_in_memory_fake_quant_model(data_root, tmp_pat
     qat_names = {n + ".weight" for n, _ in mod.GPT(cfg).qat_matrices(cfg.control_patterns)}
     assert qat_names == {f"blocks.{i}.mlp.{m}.weight" for i in range(2) for m in ("fc", "proj")}
     for name in qat_names:  # the artifact holds exactly the grid QAT trained on
-        assert torch.equal(art[name], quant.fake_quant(raw[name], 6, "amax"))
+        assert torch.equal(art[name], quant.fake_quant(raw[name], bits, "amax"))
     # In-memory model: trained weights under fake-quant for the QAT matrices, exported values elsewhere.
     mixed = {k: (raw[k] if k in qat_names else art[k]) for k in raw}
     res = eval_state(mod, cfg, mixed, data_root, qat=True)
     assert abs(res.val_loss - q_loss) < 1e-5 and abs(res.val_bpb - q_bpb) < 1e-5
+
+
+def test_mlp_bits_reach_qat_and_export_alike(tmp_path):
+    """MLP_BITS: the MLP matrices train and are stored at their bits, the attention matrices at QAT_BITS, the
+    embedding at 8, with one map (Config.matrix_bits) read by both."""
+    from pgolf_kernels import quant
+    from pgolf_kernels.export import export_artifact, load_artifact
+
+    mod = load_trainer_module()
+    # MODEL_DIM 384: the attention matrices too (384x384, 384x192) are big enough to be quantised.
+    cfg = mod.Config.from_env(dict(MODEL_DIM="384", NUM_LAYERS="2", EXPORT_SCHEME="int6+zstd", QAT_START_FRAC="0.5",
+                                   MLP_BITS="5", DEVICE="cpu"))
+    cfg.validate(1)
+    torch.manual_seed(0)
+    model = mod.GPT(cfg)
+    for p in model.parameters():  # the zero-initialised projections would quantise to nothing
+        torch.nn.init.normal_(p, std=0.02)
+    model.set_qat(cfg.matrix_bits(), cfg.control_patterns)
+    trained = {n + ".weight": m.qat_bits for n, m in model.qat_matrices(cfg.control_patterns)}
+    assert trained == {f"blocks.{i}.{m}.weight": (5 if m.startswith("mlp.") else 6)
+                       for i in range(2) for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")}
+    state = model.state_dict()
+    report = export_artifact(state, tmp_path / "m.ptz", scheme=cfg.export_scheme, bits=cfg.matrix_bits(), clip="amax")
+    assert report.details["bits"] == {"int5": "4 tensors", "int6": "8 tensors", "int8": "1 tensors"}, report.details
+    art = load_artifact(tmp_path / "m.ptz")
+    for name, bits in trained.items():
+        assert torch.equal(art[name], quant.fake_quant(state[name], bits, "amax")), name
+    # The model under QAT computes with exactly the artifact's matrices.
+    x = torch.randint(0, cfg.vocab_size, (1, 16))
+    with torch.no_grad():
+        qat_loss = model(x, x)
+        model.set_qat(0, cfg.control_patterns)
+        model.load_state_dict({k: (art[k] if k in trained else v) for k, v in state.items()})
+        assert abs(model(x, x).item() - qat_loss.item()) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------ vs the official script

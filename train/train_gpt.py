@@ -113,6 +113,9 @@ class Config:
     export_scheme: str = "int8+zlib"
     qat_start_frac: float | None = None  # fake-quantise block matrices from this fraction of the run; unset = off
     qat_bits: int = 6
+    # Bits of the MLP matrices (fc, proj) in an intN export and under QAT; 0 = those of the other block matrices.
+    # The records store MLPs at int5 and attention at int6: the MLP holds most of the bytes.
+    mlp_bits: int = 0
     # KERNELS=fused only: every block as pgolf's FusedBlock (fused Triton block kernels, cuDNN attention with
     # FlashAttention 4's backward where it is installed (pgolf_kernels/attention.py), no autocast; under QAT its
     # matrices enter as Q(W) with a straight-through gradient). On the H100 a micro-step's GPU kernels take
@@ -145,6 +148,16 @@ class Config:
     @property
     def control_patterns(self) -> tuple[str, ...]:
         return tuple(p for p in self.control_tensor_name_patterns.split(",") if p)
+
+    def matrix_bits(self) -> dict[str, int]:
+        """Bits per tensor group of the intN export, as export.bits_for reads them. QAT reads the same map, so each
+        matrix trains on the grid it is stored on: embeddings (and an untied head) 8, MLP matrices MLP_BITS when
+        set, every other matrix QAT_BITS under QAT, else the scheme's N."""
+        bits = {"tok_emb": 8, "lm_head": 8}
+        if self.mlp_bits:
+            bits[".mlp."] = self.mlp_bits
+        bits["default"] = self.qat_bits if self.qat_start_frac is not None else int(self.export_scheme.split("+")[0][3:])
+        return bits
 
     @classmethod
     def from_env(cls, env=None) -> Config:
@@ -240,6 +253,12 @@ class Config:
             f"QAT_START_FRAC={self.qat_start_frac} must be in [0, 1] (unset = QAT off)",
         )
         need(2 <= self.qat_bits <= 8, f"QAT_BITS={self.qat_bits} must be in 2..8")
+        need(self.mlp_bits == 0 or 2 <= self.mlp_bits <= 8, f"MLP_BITS={self.mlp_bits} must be in 2..8 (0 = the bits of the other block matrices)")
+        need(
+            self.mlp_bits == 0 or self.export_scheme != "int8+zlib",
+            f"MLP_BITS={self.mlp_bits} sets the MLP matrices' bits of an intN export, but EXPORT_SCHEME=int8+zlib is the "
+            f"official 8-bit rule for every matrix; use EXPORT_SCHEME=int6+zstd (or int6+brotli)",
+        )
         need(
             self.qat_start_frac is None or self.export_scheme != "int8+zlib",
             "QAT_START_FRAC is set but EXPORT_SCHEME=int8+zlib: QAT trains on the per-row amax grid that the intN "
@@ -452,9 +471,11 @@ class GPT(nn.Module):
         so QAT trains exactly the function the artifact will hold."""
         return [(n, m) for n, m in self.block_matrices(control_patterns) if m.weight.numel() > export.KEEP_FLOAT_MAX_NUMEL]
 
-    def set_qat(self, bits: int, control_patterns: tuple[str, ...], op=None) -> None:
-        for _, m in self.qat_matrices(control_patterns):
-            m.qat_bits, m.qat_op = bits, op
+    def set_qat(self, bits: int | dict[str, int], control_patterns: tuple[str, ...], op=None) -> None:
+        """QAT on with `bits` (an int for every matrix, or Config.matrix_bits()'s per-group map), off with 0."""
+        for name, m in self.qat_matrices(control_patterns):
+            m.qat_bits = export.bits_for(name + ".weight", bits, 0) if bits else 0
+            m.qat_op = op
 
 
 def cast_like_official(model: GPT, control_patterns: tuple[str, ...]) -> None:
@@ -751,7 +772,7 @@ def main() -> None:
     qat_state = [False]
 
     def set_qat(on: bool) -> None:
-        base_model.set_qat(cfg.qat_bits if on else 0, cfg.control_patterns, qat_op)
+        base_model.set_qat(cfg.matrix_bits() if on else 0, cfg.control_patterns, qat_op)
         qat_state[0] = on
 
     # ---- optimisers: Muon on block matrices, Adam on the embedding (and untied head) and on scalars/vectors
@@ -777,7 +798,7 @@ def main() -> None:
     log(f"world_size:{world_size} grad_accum_steps:{grad_accum_steps}")
     log(f"device:{device} kernels:{cfg.kernels} autocast:{'bf16' if use_autocast else 'off'} cuda_graphs:{int(cfg.cuda_graphs)} "
         f"export_scheme:{cfg.export_scheme} "
-        f"qat_start_frac:{cfg.qat_start_frac} qat_bits:{cfg.qat_bits}")
+        f"qat_start_frac:{cfg.qat_start_frac} qat_bits:{cfg.qat_bits} mlp_bits:{cfg.mlp_bits or cfg.matrix_bits()['default']}")
     log(f"attention_mode:gqa num_heads:{cfg.num_heads} num_kv_heads:{cfg.num_kv_heads}")
     log(f"tie_embeddings:{cfg.tie_embeddings} embed_lr:{token_lr} head_lr:{cfg.head_lr if base_model.lm_head is not None else 0.0} "
         f"matrix_lr:{cfg.matrix_lr} scalar_lr:{cfg.scalar_lr}")
@@ -938,7 +959,7 @@ def main() -> None:
             if progress >= cfg.qat_start_frac:
                 qat_on = True
                 set_qat(True)
-                log(f"qat:on step:{step} bits:{cfg.qat_bits}")
+                log(f"qat:on step:{step} bits:{cfg.qat_bits}" + (f" mlp_bits:{cfg.mlp_bits}" if cfg.mlp_bits else ""))
         scale = lr_mul(step, elapsed_ms)
         zero_grad_all()
         train_loss = train_step(train_loader)
@@ -984,10 +1005,8 @@ def main() -> None:
         export_kw = {}
         if cfg.export_scheme != "int8+zlib":
             # Embeddings at 8 bits (they are the most sensitive); QAT-trained matrices on exactly the grid they
-            # were trained on (amax clip, QAT_BITS); without QAT, the clip that minimises each row's error.
-            matrix_bits = cfg.qat_bits if cfg.qat_start_frac is not None else int(cfg.export_scheme.split("+")[0][3:])
-            export_kw = dict(bits={"tok_emb": 8, "lm_head": 8, "default": matrix_bits},
-                             clip="amax" if cfg.qat_start_frac is not None else "search")
+            # were trained on (amax clip, the same bits map); without QAT, the clip that minimises each row's error.
+            export_kw = dict(bits=cfg.matrix_bits(), clip="amax" if cfg.qat_start_frac is not None else "search")
         try:
             report = export.export_artifact(
                 base_model.state_dict(), artifact_path, scheme=cfg.export_scheme,
@@ -1027,6 +1046,7 @@ def main() -> None:
         blurb = cfg.submission_blurb or (
             f"pgolf train_gpt.py: {cfg.num_layers}L d{cfg.model_dim} {cfg.num_heads}/{cfg.num_kv_heads} heads, "
             f"MLP x{cfg.mlp_mult}, seq {cfg.train_seq_len}, {step} steps, {cfg.export_scheme}"
+            + (f", MLP int{cfg.mlp_bits}" if cfg.mlp_bits else "")
             + (f", QAT int{cfg.qat_bits} from {cfg.qat_start_frac:g} of the run" if cfg.qat_start_frac is not None else "")
             + (f", sliding-window eval stride {cfg.eval_stride}" if cfg.eval_stride > 0 else "")
         )
