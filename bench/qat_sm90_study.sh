@@ -87,7 +87,7 @@ if [ -n "$VARIANTS" ]; then
 fi
 wait "$BUILD"
 say "extension build: $(tail -1 "$OUT/build.txt")"
-grep -q "rc=0" "$OUT/build.txt" || { tail -30 "$OUT/build.txt"; exit 1; }
+grep -q "rc=0" "$OUT/build.txt" || { tail -n 30 "$OUT/build.txt"; exit 1; }
 
 B=$(($(left) < BENCH_S ? $(left) : BENCH_S))
 if [ "$B" -gt 30 ]; then
@@ -107,5 +107,5 @@ if [ "$T" -gt 20 ]; then
 else
   say "no time left for the tests"
 fi
-tail -5 "$OUT/probe-new.txt" "$OUT/probe.txt" "$OUT/bench.txt" "$OUT/pytest.txt" 2>/dev/null
+tail -n 5 "$OUT/probe-new.txt" "$OUT/probe.txt" "$OUT/bench.txt" "$OUT/pytest.txt" 2>/dev/null
 say done

@@ -171,16 +171,38 @@ def test_qat_sm90_study_script_parses_and_names_only_flags_the_kernels_know():
     """bench/qat_sm90_study.sh is run unattended on a GPU machine: a syntax error or a variant flag that no longer
     exists in csrc/qat_linear_sm90.cu (a form deleted after a study) would cost a whole device call."""
     import re
-    import shutil
-    import subprocess
 
     root = Path(__file__).resolve().parent.parent
-    script = root / "bench" / "qat_sm90_study.sh"
-    if shutil.which("bash"):
-        subprocess.run(["bash", "-n", str(script)], check=True)
-    text = script.read_text()
+    text = _checked_script(root / "bench" / "qat_sm90_study.sh")
     flags = set(re.findall(r"-D(\w+)", "".join(re.findall(r'DEFAULT_VARIANTS\+?="([^"]*)"', text))))
     assert {"NDEBUG", "QAT_SA_QW", "QAT_SA_PROBE_CLOCKS"} <= flags
     kernels = (root / "csrc" / "qat_linear_sm90.cu").read_text()
     missing = sorted(f for f in flags - {"NDEBUG"} if not re.search(rf"\b{f}\b", kernels))
     assert not missing, f"bench/qat_sm90_study.sh names flags csrc/qat_linear_sm90.cu does not use: {missing}"
+
+
+def test_fused_ce_study_script_parses_and_its_flag_exists():
+    """bench/fused_ce_study.sh, the same for the fused CE's probe build."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    text = _checked_script(root / "bench" / "fused_ce_study.sh")
+    flag = re.search(r"FLAG=\$\{FLAG:-(-D\w+)\}", text)
+    assert flag, "no default FLAG in bench/fused_ce_study.sh"
+    sources = (root / "csrc" / "flce_kernels.cu").read_text() + (root / "csrc" / "flce_sm90.cu").read_text()
+    assert re.search(rf"\b{flag[1][2:]}\b", sources), f"{flag[1]} is not used by the fused CE sources"
+
+
+def _checked_script(script: Path) -> str:
+    """The text of a device-study script after `bash -n`; GNU tail's obsolete `-N` form with several files fails
+    ("option used in invalid context"), so the script must spell it `tail -n N`."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    bad = [line for line in text.splitlines() if re.search(r'\btail -\d+(\s+"[^"]+"){2,}', line)]
+    assert not bad, f"tail -N with several files fails in GNU tail: {bad}"
+    return text
