@@ -28,7 +28,7 @@ Two implementations, picked with ``impl=`` (default ``DEFAULT_IMPL``):
   ``W.to(bf16)`` cast writes every step), then cuBLAS does all three matmuls.
 
 Measured on an H100 (bench/results/int6_linear-h100-80gb-hbm3-2026-11-24.*; 65,536 tokens, forward + backward,
-GPU time from CUDA-graph replays): "quant_cublas" costs 0.96–1.03× the plain ``x @ W.to(bf16)ᵀ`` at every model
+GPU time from CUDA-graph replays): "quant_cublas" costs 0.96–1.02× the plain ``x @ W.to(bf16)ᵀ`` at every model
 shape (512→1536 1.016, 1536→512 0.960, 512→2048 1.005, 2048→512 1.008, 512→512 1.024, 512→256 0.997), because
 its one quantising pass replaces the cast pass the plain linear makes anyway; "prologue" costs 1.16–1.44× with
 the sm_90a kernels and 1.61–1.85× with the Triton ones: the prologue redoes the quantisation (about ten fp32
