@@ -195,6 +195,10 @@ def test_records_folder_written(tiny_run):
     assert sub["author"] == "pgolf tests" and sub["github_id"] == "pgolf-ci"
     assert sub["bytes_total"] == (out / "final_model.int8.ptz").stat().st_size + sub["bytes_code"]
     assert (rec / "train_gpt.py").read_bytes() == SCRIPT.read_bytes()
+    # The code the run imported, and only that: a run of the plain blocks does not import the fused block's modules.
+    code = {p.name for p in (rec / "pgolf_kernels").iterdir()}
+    assert {"export.py", "quant.py", "metric.py", "shards.py"} <= code, code
+    assert not {"block.py", "attention.py", "block_kernels.py"} & code, code
 
 
 # ------------------------------------------------------------------------------------------ distributed, warm-up

@@ -37,8 +37,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # The script lives in train/; make the repository's pgolf_kernels importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pgolf_kernels import attention  # noqa: E402
-from pgolf_kernels import block as block_lib  # noqa: E402
+# pgolf_kernels.block and .attention are imported only by runs with FUSED_BLOCKS=1 (see fused_block_lib): every
+# imported pgolf_kernels module counts toward the artifact's code bytes (export.code_files_for_run), and the two
+# hold about 54 KB that a run of the plain blocks does not need.
 from pgolf_kernels import export, quant  # noqa: E402
 from pgolf_kernels.metric import build_bpb_luts, evaluate_bpb  # noqa: E402
 from pgolf_kernels.shards import DistributedTokenLoader, ShardError, check_tokenizer, load_validation_tokens  # noqa: E402
@@ -302,8 +303,18 @@ class CastedLinear(nn.Linear):
         return F.linear(x, w.to(x.dtype), bias)
 
 
-# The block matrices: ours, and those of pgolf's FusedBlock (KERNELS=fused), which Muon, QAT and export treat alike.
-LINEAR_TYPES = (CastedLinear, block_lib.CastedLinear)
+def fused_block_lib():
+    """pgolf_kernels.block (FusedBlock), imported on first use."""
+    from pgolf_kernels import block
+
+    return block
+
+
+def is_block_linear(m: nn.Module) -> bool:
+    """The block matrices: ours, and those of pgolf's FusedBlock (FUSED_BLOCKS=1), which Muon, QAT and export treat
+    alike. (No FusedBlock exists unless pgolf_kernels.block was imported.)"""
+    fused = sys.modules.get("pgolf_kernels.block")
+    return isinstance(m, CastedLinear) or (fused is not None and isinstance(m, fused.CastedLinear))
 
 
 class Rotary(nn.Module):
@@ -417,6 +428,7 @@ class GPT(nn.Module):
         num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim, dtype=torch.float32))
         if fused_blocks:
+            block_lib = fused_block_lib()
             bcfg = block_lib.BlockConfig(d_model=cfg.model_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                                          mlp_mult=cfg.mlp_mult, rope_dims=cfg.model_dim // cfg.num_heads,
                                          rope_base=cfg.rope_base, qk_gain_init=cfg.qk_gain_init)
@@ -463,7 +475,7 @@ class GPT(nn.Module):
         return [
             (f"blocks.{name}", m)
             for name, m in self.blocks.named_modules()
-            if isinstance(m, LINEAR_TYPES) and not any(p in name for p in control_patterns)
+            if is_block_linear(m) and not any(p in name for p in control_patterns)
         ]
 
     def qat_matrices(self, control_patterns: tuple[str, ...]) -> list[tuple[str, CastedLinear]]:
@@ -483,7 +495,7 @@ def cast_like_official(model: GPT, control_patterns: tuple[str, ...]) -> None:
     fp32 (values keep their bf16 rounding). The tied embedding and the rotary buffer stay bf16."""
     model.bfloat16()
     for m in model.modules():
-        if isinstance(m, LINEAR_TYPES):
+        if is_block_linear(m):
             m.float()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -752,6 +764,8 @@ def main() -> None:
         attn_bwd = "sdpa"
         if fused_blocks and device.type == "cuda":
             hd = cfg.model_dim // cfg.num_heads
+            from pgolf_kernels import attention
+
             path = attention.attention_path_for(cfg.num_heads, cfg.num_heads, hd, torch.bfloat16, device)
             attn_bwd = "fa4" if path == "cudnn+fa4" else "sdpa"
         log(f"kernels:fused blocks:{'FusedBlock' if fused_blocks else 'plain'} sdpa:{'cudnn' if fused_blocks else 'flash'} "
