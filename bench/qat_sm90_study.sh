@@ -9,8 +9,9 @@
 #      timed beside cuBLAS, each in its own process) -> $OUT/probe.txt;
 #   4. bench/bench_int6_linear.py --impls $IMPLS (forward+backward against the plain bf16 linear) -> $OUT/int6_linear-*;
 #   5. the int6_linear GPU tests -> $OUT/pytest.txt, cut off at CAP seconds after the script started.
-# Each step has its own time limit, so a slow step still leaves the others' files in $OUT. (setup.py finds CUTLASS's
-# headers in the nvidia-cutlass wheel, or under $CUTLASS_HOME.)
+# Each step has its own time limit, so a slow step still leaves the others' files in $OUT; at the end the logs are
+# packed into $OUT/logs.tgz (the device tool returns at most 8 files). (setup.py finds CUTLASS's headers in the
+# nvidia-cutlass wheel, or under $CUTLASS_HOME.)
 #
 #   OUT=/tmp/study bash bench/qat_sm90_study.sh                    # the default variants, schedules and impls
 #   FLAGS="-DQAT_SA_QW=2" VARIANTS= bash bench/qat_sm90_study.sh  # the extension built with a form: bench and tests
@@ -108,4 +109,6 @@ else
   say "no time left for the tests"
 fi
 tail -n 5 "$OUT/probe-new.txt" "$OUT/probe.txt" "$OUT/bench.txt" "$OUT/pytest.txt" 2>/dev/null
-say done
+# The device tool brings back at most 8 files from $OUT: the logs go back as one archive beside the bench's files.
+(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz --exclude='int6_linear-*' . && find . -maxdepth 1 -type f -name '*.txt' -delete)
+say "done: $(ls "$OUT" | tr '\n' ' ')"

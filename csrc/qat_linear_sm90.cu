@@ -1185,15 +1185,23 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (warp >= 4 - QW) {
         const int t = tid - 32 * (4 - QW);
         // QW 4: thread 0 also feeds both rings, polling: whatever slots are free get their loads
-        const bool feeder = QW == 4 && tid == 0;
+        const bool feeder_warp = QW == 4 && warp == 0;
+        const bool feeder = feeder_warp && lane == 0;
         Feed fb{group, 0}, fw{group, 0};
         auto pump = [&]() {
           while (fb.tile < num_tiles && mbar_test(&empty[fb.st], fb.ph ^ 1)) issue(fb, true);
           while (fw.tile < num_tiles && mbar_test(&w_empty[fw.st], fw.ph ^ 1)) issue(fw, false);
         };
+        // The feeder's warp polls as one: each lane tests the barrier (and so acquires what it guards) and the warp
+        // goes on once all have seen the phase; in between lane 0 pumps while the others wait at the warp's
+        // convergence point. (Lanes 1-31 spinning in mbar_wait while lane 0 polled took turns with it on the same
+        // warp and starved the loads: the quantiser warps then waited most of their cycles, H100 clocks at bab4152.)
         auto wait = [&](uint64_t* bar, uint32_t parity) {
-          if (feeder) {
-            while (!mbar_test(bar, parity)) pump();
+          if (feeder_warp) {
+            while (!__all_sync(0xffffffffu, mbar_test(bar, parity))) {
+              if (lane == 0) pump();
+              __syncwarp();
+            }
           } else {
             mbar_wait(bar, parity);
           }
