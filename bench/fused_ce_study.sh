@@ -30,20 +30,8 @@ CAP=${CAP:-560}
 BUILD_S=${BUILD_S:-240}
 TEST_S=${TEST_S:-150}
 export MAX_JOBS=${MAX_JOBS:-8}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-left() { echo $((CAP - ($(date +%s) - START))); }
-say() { echo "[fused_ce_study +$(($(date +%s) - START)) s] $*"; }
-
-WHEELS=${WHEELS-$([ -d .whl ] && echo .whl)}
-if [ -n "$WHEELS" ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pgolf_site \
-    "$WHEELS"/*.whl || { say "installing the wheels in $WHEELS failed"; exit 1; }
-  export PYTHONPATH=/tmp/pgolf_site${PYTHONPATH:+:$PYTHONPATH}
-fi
-nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee "$OUT/gpu.txt"
-git log -1 --format='commit %H' 2>/dev/null | tee "$OUT/commit.txt"
-echo "source sha256 $("$PY" bench/results_io.py --digest)" | tee -a "$OUT/commit.txt"
+STUDY=fused_ce_study
+. bench/study_common.sh
 
 say "building the default and the '$FLAG' builds (MAX_JOBS=$MAX_JOBS each, limit $BUILD_S s)"
 timeout "$BUILD_S" "$PY" bench/probe_flce_sm90.py --nvcc-flags="$BASE" --build-only > "$OUT/build-default.txt" 2>&1 &

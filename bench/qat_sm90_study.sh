@@ -44,20 +44,8 @@ SCHEDULES=${SCHEDULES:-1,4,6,7,8,9}
 IMPLS=${IMPLS:-plain,fused_prologue,fused_prologue_auto_qw,fused_quant_cublas}
 NEW_SCHEDULES=${NEW_SCHEDULES-8,9}  # never run on a GPU before: checked alone first (empty: skip that)
 PYTEST_K=${PYTEST_K:-}  # a pytest -k expression for the GPU tests (set below if the new schedules fail)
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-left() { echo $((CAP - ($(date +%s) - START))); }
-say() { echo "[qat_sm90_study +$(($(date +%s) - START)) s] $*"; }
-
-WHEELS=${WHEELS-$([ -d .whl ] && echo .whl)}
-if [ -n "$WHEELS" ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pgolf_site \
-    "$WHEELS"/*.whl || { say "installing the wheels in $WHEELS failed"; exit 1; }
-  export PYTHONPATH=/tmp/pgolf_site${PYTHONPATH:+:$PYTHONPATH}
-fi
-nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader | tee "$OUT/gpu.txt"
-git log -1 --format='commit %H' 2>/dev/null | tee "$OUT/commit.txt"
-echo "source sha256 $("$PY" bench/results_io.py --digest)" | tee -a "$OUT/commit.txt"
+STUDY=qat_sm90_study
+. bench/study_common.sh
 
 say "building the extension (MAX_JOBS=$MAX_JOBS, PGOLF_NVCC_FLAGS='${FLAGS:-}')"
 (PGOLF_NVCC_FLAGS="${FLAGS:-}" PGOLF_REQUIRE_CUDA_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . \

@@ -187,6 +187,7 @@ def test_fused_ce_study_script_parses_and_its_flag_exists():
 
     root = Path(__file__).resolve().parent.parent
     text = _checked_script(root / "bench" / "fused_ce_study.sh")
+    _checked_script(root / "bench" / "study_common.sh")  # what both study scripts source
     flag = re.search(r"FLAG=\$\{FLAG:-(-D\w+)\}", text)
     assert flag, "no default FLAG in bench/fused_ce_study.sh"
     sources = (root / "csrc" / "flce_kernels.cu").read_text() + (root / "csrc" / "flce_sm90.cu").read_text()
