@@ -98,5 +98,7 @@ else
 fi
 tail -n 5 "$OUT/probe-new.txt" "$OUT/probe.txt" "$OUT/bench.txt" "$OUT/pytest.txt" 2>/dev/null
 # The device tool brings back at most 8 files from $OUT: the logs go back as one archive beside the bench's files.
-(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz --exclude='int6_linear-*' . && find . -maxdepth 1 -type f -name '*.txt' -delete)
+# (The archive is written outside $OUT first: tar fails on a folder that changes while it reads it.)
+tar czf /tmp/qat_sm90_study_logs.tgz -C "$OUT" --exclude='int6_linear-*' . && mv /tmp/qat_sm90_study_logs.tgz "$OUT/logs.tgz" \
+  && find "$OUT" -maxdepth 1 -type f -name '*.txt' -delete
 say "done: $(ls "$OUT" | tr '\n' ' ')"
