@@ -2,7 +2,7 @@
 # One H100/H200 study of the sm_90a QAT matmuls (csrc/qat_linear_sm90.cu), end to end and unattended:
 #   1. builds the whole extension (setup.py; CUTLASS from the nvidia-cutlass wheel) in the background,
 #      with PGOLF_NVCC_FLAGS=$FLAGS when FLAGS is set (a kernel form under test as the extension's default);
-#   2. checks the schedules that have never run (NEW_SCHEDULES, default 8,9) alone, in a process of their own, and
+#   2. checks the schedules under test (NEW_SCHEDULES, default 8,9) alone, in a process of their own, and
 #      leaves them out of the later steps if that fails or hangs -> $OUT/probe-new.txt;
 #   3. unless VARIANTS is empty: bench/probe_qat_sm90.py --variants="$VARIANTS" --schedules=$SCHEDULES (each flag set
 #      built alone, checked bit for bit against the per-tile kernel and float64 unless it is a _PROBE_ build, and
@@ -42,7 +42,7 @@ DEFAULT_VARIANTS+="-DQAT_SA_PROBE_CLOCKS -DQAT_SA_QW=2"
 VARIANTS=${VARIANTS-$DEFAULT_VARIANTS}
 SCHEDULES=${SCHEDULES:-1,4,6,7,8,9}
 IMPLS=${IMPLS:-plain,fused_prologue,fused_prologue_auto_qw,fused_quant_cublas}
-NEW_SCHEDULES=${NEW_SCHEDULES-8,9}  # never run on a GPU before: checked alone first (empty: skip that)
+NEW_SCHEDULES=${NEW_SCHEDULES-8,9}  # changed since their last GPU run: checked alone first (empty: skip that)
 PYTEST_K=${PYTEST_K:-}  # a pytest -k expression for the GPU tests (set below if the new schedules fail)
 STUDY=qat_sm90_study
 . bench/study_common.sh
@@ -52,7 +52,7 @@ say "building the extension (MAX_JOBS=$MAX_JOBS, PGOLF_NVCC_FLAGS='${FLAGS:-}')"
   > "$OUT/build.txt" 2>&1; echo "rc=$?" >> "$OUT/build.txt") &
 BUILD=$!
 
-# The kernels that have never run come first, alone (schedules 8 and 9, the quantiser-warp form, checked in a process
+# The kernels under test come first, alone (schedules 8 and 9, the quantiser-warp form, checked in a process
 # of their own): if they fail or hang, the later steps leave them out instead of losing their own results to them.
 if [ -n "$NEW_SCHEDULES" ]; then
   say "probe: new schedules $NEW_SCHEDULES, check only (limit $SMOKE_S s)"

@@ -963,7 +963,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 // bit equal to the per-tile kernel (bits 6 and 8, every model shape, 1-4097 tokens); on the long reductions 0.85-0.91x
 // its time but still 1.51-1.78x cuBLAS's; the pairs were 1.01-1.05x slower than the single CTAs. Open questions: the
 // quantisation of each stage sits between two stages' wgmmas with one stage of lookahead (schedules 8 and 9, SaForm
-// below, move it to the producer warpgroup's idle warps, off the consumers' path; compiled, not yet run); the two
+// below, move it to the producer warpgroup's idle warps, off the consumers' path: bit for bit equal, but 1.9-2.6x
+// this form's time on an H100 with four quantiser warps, one of which also feeds the loads, and about equal forward,
+// slower dX with two quantiser warps and two feeders, bench/results/qat_sm90_schedules-*-f6b8597-feeder.txt); the two
 // warpgroups run in lockstep (they share each A tile), so their epilogues leave the tensor cores idle,
 // as in the per-tile kernel; and each 32-wide stage costs a named barrier and two mbarrier waits (QAT_SA_R=64 below
 // halves their number, with two stages instead of four).

@@ -87,7 +87,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # "sm90_shared_a" and "sm90_pair_a" stream W like the per-tile kernel but quantise each 64 x 32 tile into shared
 # memory once per 512 tokens, for shared-memory A wgmma (output width % 64 resp. % 128 == 0, any reduction), all
 # 256 consumer threads quantising each stage between two stages' wgmmas; "sm90_shared_a_qw" and "sm90_pair_a_qw" are
-# the same two with the producer warpgroup's four warps quantising instead, up to four stages ahead (not yet run);
+# the same two with the producer warpgroup's four warps quantising instead, up to four stages ahead (bit for bit
+# equal, but 1.9-2.6x shared-A's time on an H100: bench/results/qat_sm90_schedules-*-f6b8597-feeder.txt);
 # "auto_qw" is the default schedule with those in place of "sm90_shared_a"/"sm90_pair_a" where it picks them.
 # The byte slab schedules and the three pair schedules are opt-in: on an H100 each was slower than the schedule it
 # varies (the byte slab than the per-tile kernel, each pair than its single-CTA form; bench/results/
