@@ -207,3 +207,37 @@ def _checked_script(script: Path) -> str:
     bad = [line for line in text.splitlines() if re.search(r'\btail -\d+(\s+"[^"]+"){2,}', line)]
     assert not bad, f"tail -N with several files fails in GNU tail: {bad}"
     return text
+
+
+def test_results_files_the_readme_cites_exist():
+    """Every number in the README comes from a file in bench/results/ (../shared/docs/bench-results.md): each file the
+    README names in backticks, in full or shortened to `…-<tail>` (or with a `*` or `{a,b}`), must be there."""
+    import fnmatch
+    import itertools
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    results = [p.name for p in (root / "bench" / "results").iterdir()]
+    text = (root / "README.md").read_text()
+
+    def expand(name: str) -> list[str]:
+        m = re.search(r"\{([^}]*)\}", name)
+        if not m:
+            return [name]
+        return list(itertools.chain.from_iterable(expand(name[: m.start()] + alt + name[m.end():]) for alt in m[1].split(",")))
+
+    cited = 0
+    missing = []
+    for token in sorted(set(re.findall(r"`([^`\s]+\.(?:json|md|txt|png))`", text))):
+        if "/" in token and not token.startswith("bench/results/"):
+            continue
+        name = token.rsplit("/", 1)[-1]
+        if not (name.startswith(("…", "...")) or re.search(r"-20\d\d-\d\d-\d\d", name)):
+            continue  # not a results file's name (e.g. a data manifest)
+        cited += 1
+        for candidate in expand(name):
+            pattern = candidate.replace("…", "*").replace("...", "*")
+            if not any(fnmatch.fnmatch(f, pattern) for f in results):
+                missing.append(token)
+    assert cited > 50, f"only {cited} results files found cited in README.md: has the citation style changed?"
+    assert not missing, f"README.md cites results files that bench/results/ does not hold: {missing}"
