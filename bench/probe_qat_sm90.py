@@ -246,5 +246,6 @@ def main():
     if not args.check_only:
         timing(ext, args.tokens, only)
 
+
 if __name__ == "__main__":
     main()

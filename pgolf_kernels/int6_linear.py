@@ -374,11 +374,11 @@ def _prologue_forward(x2d: Tensor, weight: Tensor, aux: Tensor, bias: Optional[T
         return F.linear(x2d, wq, None if bias is None else bias.to(x2d.dtype))
     # (y is allocated where it is written: the sm_90a kernels return their own output, and an unused y of the
     # output's size would only raise the step's peak memory)
-    if m == 0 or n == 0 or k == 0:
-        y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
-        if m == 0 or n == 0:
-            return y
-        return y.zero_() if bias is None else y.copy_(bias.to(y.dtype).expand(m, n))
+    if m == 0 or n == 0:
+        return torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    if k == 0:
+        y = torch.zeros(m, n, dtype=x2d.dtype, device=x2d.device)
+        return y if bias is None else y.copy_(bias.to(y.dtype).expand(m, n))
     x = x2d if x2d.stride(1) == 1 else x2d.contiguous()
     w = weight if weight.stride(1) == 1 else weight.contiguous()
     ext = _sm90_kernel(x, w, trans_w=False)
